@@ -1,0 +1,159 @@
+"""Record contracts between stages: one pyarrow schema and one light dataclass per record.
+
+Every stage writes parquet with these schemas (so DuckDB/pandas can read any intermediate output)
+and a `rejected/` parquet with `REJECTED_SCHEMA`. Dataclasses are for code; `to_row()` gives the
+plain dict that Beam passes around and parquet stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Optional
+
+import pyarrow as pa
+
+# Embeddings are stored as float16 lists: half the bytes of float32, ample for cosine similarity.
+EMBEDDING_TYPE = pa.list_(pa.float16())
+
+
+def stable_id(*parts: str, length: int = 16) -> str:
+    """Deterministic short hex id of the given strings (same input, same id on every worker)."""
+    h = hashlib.sha1("\x1f".join(parts).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:length]
+
+
+LINK_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),  # stable_id(page_url, image_url)
+        ("page_url", pa.string()),
+        ("image_url", pa.string()),  # absolute, normalised
+        ("alt", pa.string()),
+        ("position", pa.int32()),  # order of the image on its page, 0-based
+        ("kind", pa.string()),  # img | srcset | picture | og:image | wat
+        ("width", pa.int32()),  # declared in the HTML, if any
+        ("height", pa.int32()),
+        ("source_file", pa.string()),  # WARC/WAT file
+        ("source_offset", pa.int64()),  # byte offset of the WARC record in that file
+    ]
+)
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),  # content hash: first 16 hex digits of sha256
+        ("page_url", pa.string()),
+        ("image_url", pa.string()),
+        ("alt", pa.string()),
+        ("position", pa.int32()),
+        ("width", pa.int32()),  # decoded pixel size (after EXIF orientation)
+        ("height", pa.int32()),
+        ("format", pa.string()),  # Pillow format name: JPEG, PNG, GIF, WEBP, ...
+        ("sha256", pa.string()),
+        ("phash", pa.string()),  # imagehash pHash as hex
+        ("embedding", EMBEDDING_TYPE),  # L2-normalised encoder embedding
+        ("encoder", pa.string()),
+        ("clip_score", pa.float32()),  # image-alt cosine when the encoder has a text tower
+        ("image_bytes", pa.binary()),  # the original bytes as downloaded
+    ]
+)
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),  # stable_id(cond image_id, target image_id)
+        ("page_url", pa.string()),
+        ("cond_image_id", pa.string()),
+        ("target_image_id", pa.string()),
+        ("similarity", pa.float32()),  # encoder cosine similarity of the two images
+    ]
+)
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("record_id", pa.string()),  # id of the input record (link_id, image key, image_id, ...)
+        ("stage", pa.string()),
+        ("reason", pa.string()),  # one of the stage's closed set of reasons
+        ("detail", pa.string()),  # free text: the error message, the measured value, ...
+        ("url", pa.string()),  # the image or page URL when there is one, for inspection
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkRecord:
+    """One `<img>` (or srcset/picture/og:image/WAT link) found on a crawled page."""
+
+    page_url: str
+    image_url: str
+    alt: str = ""
+    position: int = 0
+    kind: str = "img"
+    width: Optional[int] = None
+    height: Optional[int] = None
+    source_file: str = ""
+    source_offset: int = 0
+
+    @property
+    def link_id(self) -> str:
+        return stable_id(self.page_url, self.image_url)
+
+    def to_row(self) -> dict[str, Any]:
+        return {"link_id": self.link_id, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """A downloaded image that passed validation, with its hashes and embedding."""
+
+    image_id: str
+    page_url: str
+    image_url: str
+    alt: str
+    position: int
+    width: int
+    height: int
+    format: str
+    sha256: str
+    phash: str
+    embedding: Optional[list[float]]
+    encoder: str
+    clip_score: Optional[float]
+    image_bytes: bytes
+
+    def to_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+    """An ordered (condition, target) pair of distinct images from one page."""
+
+    page_url: str
+    cond_image_id: str
+    target_image_id: str
+    similarity: float
+
+    @property
+    def pair_id(self) -> str:
+        return stable_id(self.cond_image_id, self.target_image_id)
+
+    def to_row(self) -> dict[str, Any]:
+        return {"pair_id": self.pair_id, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """An input record that a stage dropped, with a reason from the stage's closed set."""
+
+    record_id: str
+    stage: str
+    reason: str
+    detail: str = ""
+    url: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly `schema`'s columns from plain dict rows."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)

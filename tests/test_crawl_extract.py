@@ -1,0 +1,165 @@
+"""crawl extract: pure URL/HTML functions, then the Beam stage on the real shared WARCs and the test web."""
+
+import glob
+import os
+from html.parser import HTMLParser
+
+import pytest
+
+from core.config import CrawlConfig
+from core.stageio import read_stats, read_table
+from crawl.html import extract_image_links, largest_candidate, parse_srcset
+from crawl.urls import AllowList, normalize_url, policy_reason
+
+
+@pytest.mark.parametrize(
+    "raw,base,expected",
+    [
+        ("../img/a.jpg", "http://Ex.COM:80/p/q.html", "http://ex.com/img/a.jpg"),
+        ("//cdn.ex.com/x.png#frag", "https://ex.com/", "https://cdn.ex.com/x.png"),
+        ("b c.jpg", "https://ex.com:443/dir/", "https://ex.com/dir/b%20c.jpg"),
+        ("/x.jpg?a=1&b=%20", "http://ex.com:8080/", "http://ex.com:8080/x.jpg?a=1&b=%20"),
+        ("http://ex.com", "http://ex.com/", "http://ex.com/"),
+    ],
+)
+def test_normalize_url(raw, base, expected):
+    assert normalize_url(raw, base) == (expected, None)
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [("data:image/png;base64,AAA", "data_uri"), ("ftp://a/b.jpg", "bad_scheme"), ("javascript:void(0)", "bad_scheme"), ("http://u:p@ex.com/a.jpg", "userinfo"), ("http://[::1", "bad_url")],
+)
+def test_normalize_url_rejects(raw, reason):
+    assert normalize_url(raw, "http://ex.com/") == (None, reason)
+
+
+def test_url_policy_blocks_internal_addresses_unless_allowed():
+    deny = AllowList()
+    for url in ["http://127.0.0.1/a", "http://localhost:8000/a", "http://169.254.169.254/latest", "http://10.1.2.3/x", "http://192.168.0.1/", "http://[::1]/a", "http://0.0.0.0/", "http://2130706433/", "http://[::ffff:127.0.0.1]/"]:
+        assert policy_reason(url, deny) == "private_address", url
+    assert policy_reason("https://example.org/a.jpg", deny) is None
+    allow = AllowList(["127.0.0.1", "10.0.0.0/8", "intranet.local"])
+    assert policy_reason("http://127.0.0.1:8000/a", allow) is None
+    assert policy_reason("http://10.9.9.9/a", allow) is None
+    assert policy_reason("http://intranet.local/a", allow) is None
+    assert policy_reason("http://169.254.169.254/", allow) == "private_address"
+
+
+def test_srcset_parsing_takes_largest():
+    assert parse_srcset("a.jpg 1x, b.jpg 2x") == [("a.jpg", 1.0, "x"), ("b.jpg", 2.0, "x")]
+    assert largest_candidate("s.jpg 320w,m.jpg 640w, l.jpg 1280w") == "l.jpg"
+    assert largest_candidate("a,b.jpg 2x") is not None
+    assert largest_candidate("") is None
+
+
+def test_html_extraction_base_picture_og_and_broken_markup():
+    html = """<html><head><base href="https://cdn.ex.com/assets/"><meta property="og:image" content="og.jpg">
+    </head><body><img src="a.jpg" alt=" A  cat " width="300px" height=200><img alt="no src">
+    <picture><source srcset="p1.webp 1x, p2.webp 2x"><img src="p.jpg"></picture>
+    <img srcset="s1.jpg 100w, s2.jpg 900w" src="s0.jpg"><div><img src="broken.jpg" <p>unclosed"""
+    links, base = extract_image_links(html)
+    assert base == "https://cdn.ex.com/assets/"
+    assert [(l.kind, l.url) for l in links] == [("og:image", "og.jpg"), ("img", "a.jpg"), ("picture", "p2.webp"), ("img", "p.jpg"), ("img", "s2.jpg"), ("img", "broken.jpg")]
+    assert (links[1].alt, links[1].width, links[1].height) == ("A cat", 300, 200)
+    assert [l.position for l in links] == list(range(6))
+
+
+class _ImgCounter(HTMLParser):
+    """Independent count: stdlib parser, <img> with a non-empty src or srcset."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img" and ((a.get("src") or "").strip() or (a.get("srcset") or "").strip()):
+            self.n += 1
+
+
+def _independent_img_counts(path):
+    """Count <img> per file with warcio (another WARC reader) and html.parser (another HTML parser)."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    total = 0
+    with open(path, "rb") as fh:
+        for rec in ArchiveIterator(fh):
+            if rec.rec_type != "response" or rec.http_headers is None:
+                continue
+            if not (rec.http_headers.get_header("Content-Type") or "").lower().startswith("text/html"):
+                continue
+            body = rec.content_stream().read()
+            if not body.strip():
+                continue
+            counter = _ImgCounter()
+            counter.feed(body.decode("utf-8", errors="replace"))
+            total += counter.n
+    return total
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, warc_dir):
+    from crawl.extract import run_extract
+
+    out = str(tmp_path_factory.mktemp("extract"))
+    stats = run_extract(warc_dir, out, CrawlConfig())
+    return out, stats
+
+
+def test_link_counts_match_an_independent_count(extracted, warc_dir):
+    out, stats = extracted
+    links = read_table(out, "links").to_pandas()
+    rejected = read_table(out, "rejected").to_pandas()
+    assert stats["input"] == stats["kept"] + sum(stats["rejected"].values()) == len(links) + len(rejected)
+    for path in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))):
+        if path.endswith(".wat"):
+            continue
+        expected = _independent_img_counts(path)
+        from crawl.html import decode_html, extract_image_links as ex
+        from crawl.warc import iter_file
+
+        ours = sum(sum(1 for l in ex(decode_html(p.body, p.charset))[0] if l.kind == "img") for p in iter_file(path))
+        assert ours == expected, os.path.basename(path)
+    # the README's numbers for the shared files
+    assert _independent_img_counts(os.path.join(warc_dir, "books.toscrape.warc")) == 20
+    assert (links.source_file.str.endswith("books.toscrape.warc")).sum() == 20
+
+
+def test_relative_urls_resolve_and_wat_links_match(extracted, warc_dir):
+    out, _ = extracted
+    links = read_table(out, "links").to_pandas()
+    books = links[links.page_url == "http://books.toscrape.com/"]
+    assert books.image_url.str.startswith("http://books.toscrape.com/media/cache/").all()
+    gallery = links[links.page_url == "http://0pointer.de/photos/?gallery=Australia&photo=496"]
+    assert "http://0pointer.de/photos/galleries/Australia/lq/img-496.jpg" in set(gallery.image_url)
+    # every WAT IMG link equals a link found in the matching WARC's HTML (so it collapses as a duplicate)
+    from crawl.urls import normalize_url as norm
+    from crawl.warc import WatLinks, iter_file
+
+    wat = [d for d in iter_file(os.path.join(warc_dir, "cc-2014-35.warc.wat")) if isinstance(d, WatLinks)]
+    wat_links = {(d.url, norm(l["url"], d.url)[0]) for d in wat for l in d.links}
+    assert len(wat_links) >= 4
+    assert wat_links <= set(zip(links.page_url, links.image_url))
+
+
+def test_extract_on_test_web_rejects_refused_links(tmp_path, test_web):
+    from crawl.extract import run_extract
+
+    stats = run_extract(test_web.warc_path, str(tmp_path / "deny"), CrawlConfig())
+    rej = read_table(str(tmp_path / "deny"), "rejected").to_pandas()
+    by_url = dict(zip(rej.url, rej.reason))
+    for url, (stage, reason) in test_web.bad.items():
+        if stage == "extract":
+            assert any(reason == r and (u == url or url.startswith(u[:30])) for u, r in by_url.items()), url
+    # without the allow list the loopback web itself is private: nothing survives
+    assert stats["kept"] == 0 and stats["rejected"]["private_address"] > 0
+    stats = run_extract(test_web.warc_path, str(tmp_path / "allow"), CrawlConfig(allow_hosts=("127.0.0.1",)))
+    links = read_table(str(tmp_path / "allow"), "links").to_pandas()
+    expected = set(test_web.good) | set(test_web.boilerplate) | {u for u, (s, _) in test_web.bad.items() if s != "extract"}
+    expected |= {u for g in test_web.near_duplicate_groups for u in g}
+    assert set(links.image_url) == expected
+    assert not links.image_url.str.contains("/thumbs/").any()  # srcset: the largest candidate only
+    assert links.groupby(["page_url", "image_url"]).size().max() == 1
+    assert stats["rejected"]["duplicate_link"] >= 12  # og:image and <picture> repeats
+    assert read_stats(str(tmp_path / "allow"))["input"] == stats["input"]

@@ -1,0 +1,52 @@
+import gzip
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from webpairs.testweb import serve_test_web
+
+
+def _get(url, timeout=5.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read(), r.headers
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers
+
+
+def test_serves_every_planted_case_and_stops(tmp_path):
+    with serve_test_web(str(tmp_path), slow_delay=0.5) as web:  # generated photos: no shared data
+        assert web.base_url.startswith("http://127.0.0.1:")
+        for url in list(web.good)[:5] + web.boilerplate:
+            status, body, _ = _get(url)
+            assert status == 200 and Image.open(__import__("io").BytesIO(body)).size[0] > 1
+        for url, (stage, reason) in web.bad.items():
+            if stage == "extract":
+                continue  # never served: the crawler must refuse these links
+            status, body, headers = _get(url)
+            route = web.routes[url[len(web.base_url):]]
+            if reason.startswith("http_"):
+                assert status == int(reason[5:])
+            else:
+                assert status == 200 and body == route.body
+            if reason == "opt_out":
+                assert headers["X-Robots-Tag"] == "noai"
+        status, body, _ = _get(web.url("/go/redirect.jpg"))
+        assert status == 200 and body == web.routes["/img/t1/target.jpg"].body
+        with pytest.raises(Exception):  # the slow case really is slower than a short timeout
+            urllib.request.urlopen(web.url("/bad/slow.jpg"), timeout=0.1).read()
+        with gzip.open(web.warc_path, "rb") as fh:
+            warc = fh.read()
+        assert warc.count(b"WARC-Type: response") == len(web.pages) == 12
+        port_url = web.base_url
+    with pytest.raises(OSError):
+        urllib.request.urlopen(port_url + "/static/logo.png", timeout=1)
+
+
+def test_real_photos_topics(test_web, photos_dir):
+    assert len(set(test_web.pages.values())) == 6
+    assert len(test_web.near_duplicate_groups[0]) == 5
+    status, body, _ = _get(next(iter(test_web.good)))
+    assert status == 200 and body[:2] == b"\xff\xd8"

@@ -1,0 +1,137 @@
+"""The `webpairs` command line: one subcommand per stage plus tools around them.
+
+Stage commands take an input path/glob, `--out DIR` and `--config FILE.yaml`; flags they do not
+know are passed to Beam as pipeline options (`--runner`, `--direct_num_workers`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home
+os.environ.setdefault("WANDB_MODE", "disabled")  # wandb (via img2dataset) too
+
+from webpairs.errors import UserError  # noqa: E402
+
+log = logging.getLogger("webpairs")
+
+
+class _DropBeamImportNoise(logging.Filter):
+    """Beam logs a warning about optional GCP clients at import; it is not the user's concern."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("apitools not found")
+
+
+logging.getLogger().addFilter(_DropBeamImportNoise())
+
+BEAM_NOTE = (
+    "Unknown --flags are passed to Apache Beam as pipeline options; the default runner is the "
+    "in-process FnApiRunner (e.g. --direct_num_workers 2, or --runner PortableRunner "
+    "--job_endpoint localhost:8099 --environment_type LOOPBACK)."
+)
+
+
+def _stage_parser(sub, name: str, help_text: str, input_help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{BEAM_NOTE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help=input_help)
+    p.add_argument("--out", required=True, help="output directory (a stage directory: parquet, rejected/, stats.json)")
+    p.add_argument("--config", help="YAML file with this stage's keys (or a section named after the stage)")
+    return p
+
+
+def _print_stats(stats: dict, seconds: float) -> None:
+    rejected = ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()) or "none"
+    print(f"{stats['stage']}: input={stats['input']} kept={stats['kept']} rejected: {rejected} ({seconds:.1f}s)")
+
+
+def cmd_testweb(args, _beam_args) -> int:
+    from webpairs.testweb import serve_test_web
+
+    with serve_test_web(args.out, photos_dir=args.photos, port=args.port) as web:
+        print(f"serving {len(web.pages)} pages and {len(web.routes)} files on {web.base_url}")
+        print(f"WARC: {web.warc_path}")
+        print("press Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_encoders(args, _beam_args) -> int:
+    from core.encoders import REGISTRY, EncoderUnavailable, load_encoder
+
+    for name, text in REGISTRY.items():
+        print(f"{name:22s} {text}")
+    if args.check:
+        try:
+            enc = load_encoder(args.check, args.weights or "")
+        except EncoderUnavailable as err:
+            raise UserError(str(err)) from err
+        print(f"{enc.name}: dim={enc.dim} image_size={enc.image_size} text_tower={enc.has_text}")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    parser = argparse.ArgumentParser(
+        prog="webpairs",
+        description="Web image-pair dataset pipeline: crawl -> filter -> pair -> shards, plus tools.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    handlers: dict[str, Callable] = {}
+
+    p = sub.add_parser("testweb", help="serve the loopback test web on 127.0.0.1 and write its WARC")
+    p.add_argument("--out", required=True, help="directory for warc/testweb.warc.gz")
+    p.add_argument("--photos", help="folder of photos (default: generated images)")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    handlers["testweb"] = cmd_testweb
+
+    p = sub.add_parser("encoders", help="list the frozen encoders, or check that one loads offline")
+    p.add_argument("--check", metavar="NAME", help="load this encoder and print its size")
+    p.add_argument("--weights", help="local weights file for --check")
+    handlers["encoders"] = cmd_encoders
+
+    for register in _stage_registrars():
+        register(sub, handlers)
+    return parser, handlers
+
+
+def _stage_registrars() -> list[Callable]:
+    """Stage command registrars (kept in webpairs.commands so this file stays the entry point)."""
+    from webpairs import commands
+
+    return commands.REGISTRARS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "urllib3", "filelock", "ray", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    stage_cmds = getattr(handlers[args.command], "accepts_beam_args", False)
+    if beam_args and not stage_cmds:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    try:
+        return handlers[args.command](args, beam_args) or 0
+    except UserError as err:
+        print(f"webpairs {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"webpairs {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
