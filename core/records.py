@@ -38,6 +38,18 @@ LINK_SCHEMA = pa.schema(
     ]
 )
 
+DOWNLOAD_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),  # the LinkRecord this download came from
+        ("page_url", pa.string()),
+        ("image_url", pa.string()),
+        ("alt", pa.string()),
+        ("position", pa.int32()),
+        ("image_bytes", pa.binary()),  # bytes as served (or re-encoded when download resizes)
+        ("sha256", pa.string()),
+    ]
+)
+
 IMAGE_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),  # content hash: first 16 hex digits of sha256

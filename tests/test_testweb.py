@@ -25,8 +25,17 @@ def test_serves_every_planted_case_and_stops(tmp_path):
         for url, (stage, reason) in web.bad.items():
             if stage == "extract":
                 continue  # never served: the crawler must refuse these links
-            status, body, headers = _get(url)
             route = web.routes[url[len(web.base_url):]]
+            if reason == "redirect_refused":  # check the 302 without following it
+                import http.client
+
+                conn = http.client.HTTPConnection("127.0.0.1", int(web.base_url.rsplit(":", 1)[1]), timeout=5)
+                conn.request("GET", url[len(web.base_url):])
+                resp = conn.getresponse()
+                assert resp.status == 302 and "169.254.169.254" in resp.getheader("Location")
+                conn.close()
+                continue
+            status, body, headers = _get(url)
             if reason.startswith("http_"):
                 assert status == int(reason[5:])
             else:

@@ -44,6 +44,29 @@ def register_crawl(sub, handlers) -> None:
     _allow_hosts_arg(p)
     p.set_defaults(crawl_handler=cmd_crawl_extract)
 
+    p = crawl_sub.add_parser(
+        "download",
+        help="download the linked images with img2dataset",
+        description=(
+            "Download every link of a `crawl extract` output with img2dataset (page_url, position and alt "
+            "carried along). The URL policy is applied to the links and to redirect targets; X-Robots-Tag "
+            "opt-outs are honoured. Rerunning into the same --out resumes: finished shards are kept."
+        ),
+    )
+    p.add_argument("input", help="a `crawl extract` output directory (or its links/ parquet files)")
+    p.add_argument("--out", required=True, help="output directory: downloads/, rejected/, stats.json, img2dataset/")
+    p.add_argument("--config", help="YAML file with `download` keys (see core/config.py DownloadConfig)")
+    _allow_hosts_arg(p)
+    p.add_argument("--processes", type=int, help="img2dataset processes (default 2)")
+    p.add_argument("--threads", type=int, help="download threads per process (default 16)")
+    p.add_argument("--timeout", type=float, help="seconds per request (default 10)")
+    p.add_argument("--retries", type=int, help="extra attempts per URL (default 0)")
+    p.add_argument("--resize-mode", help="img2dataset resize mode; default 'no' keeps the original bytes for filter")
+    p.add_argument("--image-size", type=int, help="target side when resizing (default 512)")
+    p.add_argument("--samples-per-shard", type=int, help="images per img2dataset shard, the unit of resume (default 1000)")
+    p.add_argument("--distributor", help="multiprocessing (default), ray or pyspark")
+    p.set_defaults(crawl_handler=cmd_crawl_download)
+
     def dispatch(args, beam_args):
         return args.crawl_handler(args, beam_args)
 
@@ -57,6 +80,30 @@ def cmd_crawl_extract(args, beam_args) -> int:
 
     cfg = config.load(config.CrawlConfig, args.config, section="crawl", allow_hosts=args.allow_hosts)
     return _run_stage(run_extract, "crawl extract", args.input, args.out, cfg, beam_args)
+
+
+def cmd_crawl_download(args, beam_args) -> int:
+    from webpairs.errors import UserError
+
+    if beam_args:
+        raise UserError(f"unrecognized arguments: {' '.join(beam_args)} (download runs img2dataset, not Beam)")
+    from crawl.download import run_download
+
+    cfg = config.load(
+        config.DownloadConfig,
+        args.config,
+        section="download",
+        allow_hosts=args.allow_hosts,
+        processes=args.processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
+        resize_mode=args.resize_mode,
+        image_size=args.image_size,
+        samples_per_shard=args.samples_per_shard,
+        distributor=args.distributor,
+    )
+    return _run_stage(run_download, "crawl download", args.input, args.out, cfg)
 
 
 REGISTRARS = [register_crawl]

@@ -189,6 +189,8 @@ def _build_routes(photos: list[list[bytes]], n_pages: int, images_per_page: int,
     routes["/img/t1/target.jpg"] = Route(body=photos[1][-1])
     add(1, "/go/redirect.jpg", Route(status=302, headers={"Location": "/img/t1/target.jpg"}, content_type="text/plain"), None, None)
     good["/go/redirect.jpg"] = 1
+    # a redirect to the cloud metadata address must be refused by the download's URL policy
+    add(2, "/go/internal.jpg", Route(status=302, headers={"Location": "http://169.254.169.254/latest/meta-data/x.jpg"}, content_type="text/plain"), EXPECT_DOWNLOAD, "redirect_refused")
     # links the crawler itself must refuse (never fetched)
     pages["/page/4.html"]["imgs"] += [
         {"src": "data:image/gif;base64,R0lGODlhAQABAAAAACw=", "reason": "data_uri"},

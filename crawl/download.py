@@ -1,0 +1,190 @@
+"""`crawl download`: link parquet -> downloaded image bytes with img2dataset.
+
+1. The URL policy is applied to every link first (rejected with its reason, never fetched).
+2. img2dataset downloads the rest (retries, timeout, X-Robots-Tag opt-out, incremental resume:
+   a shard counts as done once img2dataset wrote its `*_stats.json`, so a rerun after a kill
+   redoes only unfinished shards). Its workers enforce the same policy on redirect targets.
+3. Its parquet shards are converted to `downloads/` (successes, DOWNLOAD_SCHEMA) and `rejected/`
+   (failures, with a reason mapped from img2dataset's error message); stats.json reconciles.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.config import DownloadConfig
+from core.records import DOWNLOAD_SCHEMA, REJECTED_SCHEMA, Rejected
+from core.stageio import STATS_FILE, StageError, finish_stage, read_table
+from crawl.urls import AllowList, policy_reason
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from img2dataset.downloader import Downloader  # noqa: E402
+
+log = logging.getLogger(__name__)
+STAGE = "download"
+RAW_DIR = "img2dataset"  # img2dataset's own output (kept for incremental resume)
+ADDITIONAL_COLUMNS = ["link_id", "page_url", "position"]
+
+
+def reason_for(error_message: str) -> str:
+    """Map an img2dataset error message to this stage's closed set of reasons."""
+    msg = (error_message or "").lower()
+    m = re.search(r"http error (\d{3})", msg)
+    if m:
+        return f"http_{m.group(1)}"
+    if "url policy:" in msg:
+        return "redirect_refused"
+    if "timed out" in msg or "timeout" in msg:
+        return "timeout"
+    if "x-robots-tag" in msg:
+        return "opt_out"
+    if "too small" in msg:
+        return "too_small"
+    if "decode" in msg or "cannot identify" in msg or "image" in msg and "error" in msg:
+        return "decode_error"
+    return "download_error"
+
+
+class _PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only when its target passes the URL policy."""
+
+    def __init__(self, allow: AllowList):
+        super().__init__()
+        self.allow = allow
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        reason = policy_reason(newurl, self.allow)
+        if reason is not None:
+            raise urllib.error.URLError(f"url policy: redirect to {newurl[:200]} refused ({reason})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class PolicyDownloader(Downloader):
+    """img2dataset's Downloader that installs the redirect policy in its worker process first.
+
+    img2dataset spawns its workers and pickles this object into them, so the class lives at module
+    level and the allow list travels as an attribute.
+    """
+
+    def __init__(self, *args, allow_hosts=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allow_hosts = tuple(allow_hosts)
+
+    def __call__(self, row):
+        urllib.request.install_opener(urllib.request.build_opener(_PolicyRedirectHandler(AllowList(self.allow_hosts))))
+        return super().__call__(row)
+
+
+def _prepare_links(links_path: str, out_dir: str, allow: AllowList):
+    """Split links into allowed (written for img2dataset, sorted for stable shards) and refused."""
+    table = read_table(links_path, "links")
+    rows = sorted(table.to_pylist(), key=lambda r: r["link_id"])
+    allowed, refused = [], []
+    for r in rows:
+        reason = policy_reason(r["image_url"], allow)
+        if reason is None:
+            allowed.append(r)
+        else:
+            refused.append(Rejected(r["link_id"], STAGE, reason, "refused by the URL policy", r["image_url"]).to_row())
+    os.makedirs(os.path.join(out_dir, "_input"), exist_ok=True)
+    input_file = os.path.join(out_dir, "_input", "links.parquet")
+    cols = ["image_url", "alt"] + ADDITIONAL_COLUMNS
+    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in allowed]), input_file)
+    return input_file, len(rows), refused, len(allowed)
+
+
+def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None:
+    import sys
+
+    import img2dataset  # noqa: F401 - its __init__ rebinds the name `main`, so take the module:
+
+    i2d_main = sys.modules["img2dataset.main"]
+
+    reencode = cfg.resize_mode != "no"
+    original = i2d_main.Downloader
+    # img2dataset builds its Downloader inside download(); swap in the policy-aware subclass.
+    i2d_main.Downloader = functools.partial(PolicyDownloader, allow_hosts=cfg.allow_hosts)
+    try:
+        i2d_main.download(
+            url_list=input_file,
+            input_format="parquet",
+            url_col="image_url",
+            caption_col="alt",
+            save_additional_columns=ADDITIONAL_COLUMNS,
+            output_format="parquet",
+            output_folder=raw_dir,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            resize_mode=cfg.resize_mode if reencode else "no",
+            image_size=cfg.image_size,
+            resize_only_if_bigger=True,
+            disable_all_reencoding=not reencode,  # raw bytes: filter validates them
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            number_sample_per_shard=cfg.samples_per_shard,
+            distributor=cfg.distributor,
+            incremental_mode="incremental",
+            user_agent_token=cfg.user_agent_token,
+            enable_wandb=False,
+            compute_hash="sha256",
+        )
+    finally:
+        i2d_main.Downloader = original
+
+
+def _convert(raw_dir: str, out_dir: str, refused: list[dict]) -> tuple[int, dict]:
+    """img2dataset shards -> downloads/ and rejected/ parquet; returns (kept, reason counts)."""
+    os.makedirs(os.path.join(out_dir, "downloads"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "rejected"), exist_ok=True)
+    reasons: dict[str, int] = {}
+    for r in refused:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    pq.write_table(pa.Table.from_pylist(refused, schema=REJECTED_SCHEMA), os.path.join(out_dir, "rejected", "policy.parquet"))
+    kept = 0
+    for stats_file in sorted(glob.glob(os.path.join(raw_dir, "*_stats.json"))):  # finished shards only
+        shard = os.path.basename(stats_file).split("_")[0]
+        table = pq.read_table(os.path.join(raw_dir, f"{shard}.parquet"))
+        image_col = "jpg" if "jpg" in table.column_names else [c for c in table.column_names if c in ("png", "webp")][0]
+        ok, bad = [], []
+        for r in table.to_pylist():
+            if r["status"] == "success" and r[image_col] is not None:
+                ok.append({"link_id": r["link_id"], "page_url": r["page_url"], "image_url": r["url"], "alt": r.get("caption") or "", "position": r["position"], "image_bytes": r[image_col], "sha256": r.get("sha256")})
+            else:
+                reason = reason_for(r["error_message"])
+                reasons[reason] = reasons.get(reason, 0) + 1
+                bad.append(Rejected(r["link_id"], STAGE, reason, (r["error_message"] or "")[:500], r["url"]).to_row())
+        pq.write_table(pa.Table.from_pylist(ok, schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{shard}.parquet"))
+        pq.write_table(pa.Table.from_pylist(bad, schema=REJECTED_SCHEMA), os.path.join(out_dir, "rejected", f"part-{shard}.parquet"))
+        kept += len(ok)
+    return kept, reasons
+
+
+def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
+    """Download every allowed link with img2dataset; returns reconciled stats."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    allow = AllowList(cfg.allow_hosts)
+    input_file, n_links, refused, n_allowed = _prepare_links(links_path, out_dir, allow)
+    raw_dir = os.path.join(out_dir, RAW_DIR)
+    if n_allowed:
+        _run_img2dataset(input_file, raw_dir, cfg)
+    kept, reasons = _convert(raw_dir, out_dir, refused)
+    done = kept + sum(reasons.values())
+    if done != n_links:
+        raise StageError(f"download: {n_links - done} of {n_links} links have no result (img2dataset shards failed?); rerun to retry them")
+    stats = {"stage": STAGE, "input": n_links, "kept": kept, "rejected": dict(sorted(reasons.items()))}
+    with open(os.path.join(out_dir, STATS_FILE), "w") as fh:
+        json.dump(stats, fh, indent=2, sort_keys=True)
+    return finish_stage(out_dir)

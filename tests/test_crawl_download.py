@@ -1,0 +1,107 @@
+"""crawl download against the loopback test web: reasons, URL policy, kill-and-rerun resume."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from core.config import CrawlConfig, DownloadConfig
+from core.stageio import read_stats, read_table
+from crawl.download import reason_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "message,reason",
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("timed out", "timeout"),
+        ("<urlopen error timed out>", "timeout"),
+        ("Use of image disallowed by X-Robots-Tag directive", "opt_out"),
+        ("<urlopen error url policy: redirect to http://169.254.169.254/ refused (private_address)>", "redirect_refused"),
+        ("<urlopen error [Errno 111] Connection refused>", "download_error"),
+    ],
+)
+def test_reason_mapping(message, reason):
+    assert reason_for(message) == reason
+
+
+@pytest.fixture(scope="module")
+def links_dir(tmp_path_factory, test_web):
+    from crawl.extract import run_extract
+
+    out = str(tmp_path_factory.mktemp("links"))
+    run_extract(test_web.warc_path, out, CrawlConfig(allow_hosts=("127.0.0.1",)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory, links_dir, test_web):
+    from crawl.download import run_download
+
+    out = str(tmp_path_factory.mktemp("download"))
+    stats = run_download(links_dir, out, DownloadConfig(allow_hosts=("127.0.0.1",), timeout=1.5, processes=1, threads=8))
+    return out, stats
+
+
+def test_every_planted_download_failure_has_its_reason(downloaded, links_dir, test_web):
+    out, stats = downloaded
+    links = read_table(links_dir, "links").to_pandas()
+    kept = read_table(out, "downloads").to_pandas()
+    rejected = read_table(out, "rejected").to_pandas()
+    assert stats["input"] == len(links) == len(kept) + len(rejected)
+    assert sorted(kept.link_id.tolist() + rejected.record_id.tolist()) == sorted(links.link_id)
+    got = dict(zip(rejected.url, rejected.reason))
+    for url, (stage, reason) in test_web.bad.items():
+        if stage == "download":
+            assert got.get(url) == reason, url
+    assert set(got) == {u for u, (s, _) in test_web.bad.items() if s == "download"}
+    # page_url, alt and position travel with the bytes; the redirect was followed
+    row = kept[kept.image_url.str.endswith("/go/redirect.jpg")].iloc[0]
+    assert row.image_bytes == test_web.routes["/img/t1/target.jpg"].body
+    photo = kept[kept.image_url == next(iter(test_web.good))].iloc[0]
+    assert photo.page_url in test_web.pages and photo.alt.startswith("photo")
+    assert read_stats(out)["rejected"] == stats["rejected"]
+
+
+def test_private_links_refused_without_allow_list(tmp_path, links_dir):
+    from crawl.download import run_download
+
+    stats = run_download(links_dir, str(tmp_path), DownloadConfig())
+    assert stats["kept"] == 0 and stats["rejected"] == {"private_address": stats["input"]}
+    assert not glob.glob(str(tmp_path / "img2dataset" / "*.parquet"))  # nothing was fetched
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return [sys.executable, "-m", "webpairs.cli", *args], env
+
+
+def test_kill_and_rerun_has_no_duplicate_and_no_missing_image(tmp_path, links_dir):
+    out = str(tmp_path / "dl")
+    cmd, env = _cli("crawl", "download", links_dir, "--out", out, "--allow-hosts", "127.0.0.1", "--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--timeout", "1.5")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(os.path.join(out, "img2dataset", "*_stats.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: img2dataset's workers too
+    proc.wait()
+    finished_before = set(glob.glob(os.path.join(out, "img2dataset", "*_stats.json")))
+    assert finished_before, "no shard finished before the kill"
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+    mtimes = {f: os.path.getmtime(f) for f in finished_before}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(os.path.getmtime(f) == m for f, m in mtimes.items())  # finished shards were not redone
+    links = read_table(links_dir, "links").to_pandas()
+    kept = read_table(out, "downloads").to_pandas()
+    rejected = read_table(out, "rejected").to_pandas()
+    ids = kept.link_id.tolist() + rejected.record_id.tolist()
+    assert len(ids) == len(set(ids)) == len(links)
+    assert set(ids) == set(links.link_id)
