@@ -166,6 +166,11 @@ class Rejected:
         return dataclasses.asdict(self)
 
 
+def phash_distance(a: str, b: str) -> int:
+    """Hamming distance in bits between two hex pHashes of an ImageRecord (same hash size)."""
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Build a table with exactly `schema`'s columns from plain dict rows."""
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)

@@ -106,4 +106,40 @@ def cmd_crawl_download(args, beam_args) -> int:
     return _run_stage(run_download, "crawl download", args.input, args.out, cfg)
 
 
-REGISTRARS = [register_crawl]
+def register_filter(sub, handlers) -> None:
+    from webpairs.cli import _stage_parser
+
+    p = _stage_parser(
+        sub,
+        "filter",
+        "Validate, hash (sha256 + pHash), embed (frozen encoder via RunInference) and score every downloaded image.",
+        "a `crawl download` output directory (or its downloads/ parquet files)",
+    )
+    p.add_argument("--encoder", help="encoder name (default open_clip:ViT-B-32, needs local weights; efficientnet-lite0 works offline; 'none' skips embedding). See `webpairs encoders`")
+    p.add_argument("--encoder-weights", metavar="FILE", help="local weights file for the encoder")
+    p.add_argument("--batch-size", type=int, help="RunInference batch size (default 32)")
+    p.add_argument("--min-side", type=int, help="reject images whose short side is smaller (default 64)")
+    p.add_argument("--max-aspect", type=float, help="reject long/short side ratios above this (default 3.0)")
+    p.add_argument("--min-clip-score", type=float, help="reject images whose alt-text CLIP score is lower (default off; LAION used 0.28)")
+    handlers["filter"] = cmd_filter
+    cmd_filter.accepts_beam_args = True
+
+
+def cmd_filter(args, beam_args) -> int:
+    from filter.pipeline import run_filter
+
+    cfg = config.load(
+        config.FilterConfig,
+        args.config,
+        section="filter",
+        encoder=args.encoder,
+        encoder_weights=args.encoder_weights,
+        batch_size=args.batch_size,
+        min_side=args.min_side,
+        max_aspect=args.max_aspect,
+        min_clip_score=args.min_clip_score,
+    )
+    return _run_stage(run_filter, "filter", args.input, args.out, cfg, beam_args)
+
+
+REGISTRARS = [register_crawl, register_filter]

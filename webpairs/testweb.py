@@ -106,10 +106,17 @@ def decompression_bomb_png(side: int = 30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
 
 
+def _usable(path: str) -> bool:
+    w, h = Image.open(path).size  # header only
+    return min(w, h) >= 128 and max(w, h) / min(w, h) <= 2.5
+
+
 def _load_photos(photos_dir: Optional[str], n_topics: int, per_topic: int) -> list[list[bytes]]:
     """Topics of JPEG bytes: consecutive sorted files of photos_dir, or generated images."""
     if photos_dir:
         names = sorted(n for n in os.listdir(photos_dir) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        # good photos must pass the filter's default thresholds (min side 64, aspect <= 3)
+        names = [n for n in names if _usable(os.path.join(photos_dir, n))]
         stride = max(per_topic, len(names) // n_topics)  # spread topics over the class range
         topics = []
         for t in range(n_topics):

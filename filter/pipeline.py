@@ -1,0 +1,138 @@
+"""`filter`: downloaded images -> ImageRecords (validated, hashed, embedded, scored) with Beam.
+
+Steps: read downloads parquet -> validate + hash + preprocess (one decode per image) -> embed and
+score with RunInference (skipped with encoder "none") -> optional minimum CLIP score -> write
+images/, rejected/, stats.json.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from core.config import FilterConfig
+from core.encoders import EncoderUnavailable, load_encoder
+from core.records import IMAGE_SCHEMA, Rejected
+from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from filter.embed import EncoderModelHandler
+from filter.hashing import image_id, phash_hex, sha256_hex
+from filter.validate import Invalid, configure_pillow, validate
+
+STAGE = "filter"
+REJECTED = "rejected"
+LOW_CLIP_SCORE = "low_clip_score"
+NO_ENCODER = "none"
+
+
+class ValidateAndHash(beam.DoFn):
+    """Decode once: validate, hash, and preprocess for the encoder; bad images leave tagged `rejected`."""
+
+    def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3):
+        self.cfg, self.image_size, self.mean, self.std = cfg, image_size, mean, std
+        self.kept = Metrics.counter(STAGE, "valid")
+
+    def setup(self):
+        configure_pillow(self.cfg)
+        if self.image_size:
+            from core.encoders import Encoder
+
+            self.pre = Encoder("pre", 0, self.image_size, tuple(self.mean), tuple(self.std), image_fn=None)
+
+    def process(self, row: dict):
+        data = row.get("image_bytes")
+        result = validate(data, self.cfg)
+        if isinstance(result, Invalid):
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(row["link_id"], STAGE, result.reason, result.detail, row["image_url"]).to_row())
+            return
+        digest = sha256_hex(data)
+        record = {
+            "image_id": image_id(digest),
+            "page_url": row["page_url"],
+            "image_url": row["image_url"],
+            "alt": row.get("alt") or "",
+            "position": row.get("position") or 0,
+            "width": result.width,
+            "height": result.height,
+            "format": result.format,
+            "sha256": digest,
+            "phash": phash_hex(result.image, self.cfg.phash_size),
+            "embedding": None,
+            "encoder": None,
+            "clip_score": None,
+            "image_bytes": data,
+            "_link_id": row["link_id"],
+        }
+        self.kept.inc()
+        if self.image_size:
+            yield record, (self.pre.preprocess(result.image), record["alt"])
+        else:
+            yield record, None
+
+
+def _attach(item, encoder_name: str):
+    record, (embedding, score) = item
+    record = dict(record)
+    record["embedding"] = np.asarray(embedding, dtype=np.float16).tolist()
+    record["encoder"] = encoder_name
+    record["clip_score"] = score
+    return record
+
+
+def _check_clip_score(record: dict, min_score):
+    if min_score is not None and record["clip_score"] is not None and record["clip_score"] < min_score:
+        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record["_link_id"], STAGE, LOW_CLIP_SCORE, f"{record['clip_score']:.3f} < {min_score}", record["image_url"]).to_row())
+        return
+    record = dict(record)
+    record.pop("_link_id")
+    yield record
+
+
+class FilterImages(beam.PTransform):
+    """Download rows -> {"input", "kept", "rejected"} PCollections of the filter stage."""
+
+    def __init__(self, cfg: FilterConfig, encoder_info: tuple = ()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_info = encoder_info  # (image_size, mean, std) of the encoder, () when disabled
+
+    def expand(self, rows):
+        size, mean, std = self.encoder_info or (0, (0.5,) * 3, (0.5,) * 3)
+        checked = rows | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std)).with_outputs(REJECTED, main="valid")
+        if size:
+            handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size))
+            embedded = (
+                checked.valid
+                | "Embed" >> RunInference(handler)
+                | "Attach" >> beam.Map(_attach, encoder_name=self.cfg.encoder)
+            )
+        else:
+            embedded = checked.valid | "NoEmbedding" >> beam.Map(lambda item: item[0])
+        scored = embedded | "MinClipScore" >> beam.FlatMap(_check_clip_score, self.cfg.min_clip_score).with_outputs(REJECTED, main="kept")
+        rejected = (checked[REJECTED], scored[REJECTED]) | "AllRejected" >> beam.Flatten()
+        return {"input": rows, "kept": scored.kept, "rejected": rejected}
+
+
+def encoder_info(cfg: FilterConfig) -> tuple:
+    """Load the encoder once in the driver so a missing model fails at start, not per record."""
+    if cfg.encoder == NO_ENCODER:
+        return ()
+    try:
+        enc = load_encoder(cfg.encoder, cfg.encoder_weights)
+    except EncoderUnavailable as err:
+        raise StageError(f"filter: {err}") from err
+    return (enc.image_size, enc.mean, enc.std)
+
+
+def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None) -> dict:
+    """Run the filter pipeline on a download stage directory; returns reconciled stats."""
+    files = stage_files(input_path, "downloads")
+    if not files:
+        raise StageError(f"filter: no downloads parquet under {input_path} (expected a `crawl download` output)")
+    info = encoder_info(cfg)
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        rows = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
+        outputs = rows | "Filter" >> FilterImages(cfg, info)
+        _ = outputs | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder})
+    return finish_stage(out_dir)
