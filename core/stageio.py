@@ -46,8 +46,9 @@ def is_complete(out_dir: str) -> bool:
     return FileSystems.exists(os.path.join(out_dir, SUCCESS_FILE))
 
 
-def _write_stats(_, out_dir: str, stage: str, input_count: int, kept: int, reasons: dict, extra: dict):
+def _write_stats(_, out_dir: str, stage: str, input_count: int, kept: int, reasons: dict, extra: dict, **counts):
     stats = {
+        **{k: int(v) for k, v in counts.items()},
         "stage": stage,
         "input": int(input_count),
         "kept": int(kept),
@@ -63,7 +64,8 @@ class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
     Input: a dict of PCollections `{"input": ..., "kept": ..., "rejected": ...}`; `input` is only
-    counted, `kept` rows follow `schema`, `rejected` rows follow REJECTED_SCHEMA.
+    counted, `kept` rows follow `schema`, `rejected` rows follow REJECTED_SCHEMA. Any other entry
+    is counted too and lands in stats.json under its name (e.g. "pairs").
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None):
@@ -86,6 +88,11 @@ class WriteStageOutputs(beam.PTransform):
             | "Reason" >> beam.Map(lambda r: r["reason"])
             | "CountReasons" >> beam.combiners.Count.PerElement()
         )
+        counts = {
+            name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> beam.combiners.Count.Globally())
+            for name, pc in pcolls.items()
+            if name not in ("input", "kept", "rejected")
+        }
         return (
             kept.pipeline
             | "StatsSeed" >> beam.Create([None])
@@ -98,6 +105,7 @@ class WriteStageOutputs(beam.PTransform):
                 kept=beam.pvalue.AsSingleton(n_kept),
                 reasons=beam.pvalue.AsDict(reasons),
                 extra=self.extra,
+                **counts,
             )
         )
 

@@ -1,0 +1,155 @@
+"""`pair`: ImageRecords -> same-page (condition, target) PairRecords with Beam.
+
+Steps: drop boilerplate (content on more than K pages, found by pHash with LSH banding so only
+band-mates are compared, and image URLs on more than K pages) -> GroupByKey(page_url) -> collapse
+near-duplicates, cap images per page, pick in-band pairs (pairing/select.py) -> keep each
+(condition, target) content pair once across pages -> write pairs/, images/, rejected/, stats.json.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from core.config import PairConfig
+from core.records import IMAGE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
+from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from pairing.select import band_keys, boilerplate_phashes, page_outcome
+
+STAGE = "pair"
+REJECTED = "rejected"
+BOILERPLATE = "boilerplate"
+
+
+def record_id(r: dict) -> str:
+    """Id of one input ImageRecord: an image id is shared by every page that shows the image."""
+    return f"{r['image_id']}@{stable_id(r['page_url'], str(r['position']), length=10)}"
+
+
+class CappedSet(beam.CombineFn):
+    """Distinct values, keeping at most `cap` (enough to tell 'more than K' apart, bounded memory)."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+
+    def create_accumulator(self):
+        return set()
+
+    def add_input(self, acc, value):
+        if len(acc) < self.cap:
+            acc.add(value)
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = set()
+        for a in accs:
+            for v in a:
+                if len(out) >= self.cap:
+                    return out
+                out.add(v)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _mark(item, flag: str):
+    """CoGroupByKey result -> records, each tagged when the key was flagged."""
+    _, groups = item
+    flagged = bool(groups["flag"])
+    for r in groups["records"]:
+        if flagged:
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, BOILERPLATE, flag, r["image_url"]).to_row())
+        else:
+            yield r
+
+
+def _page(item, cfg: PairConfig):
+    page_url, images = item
+    pairs, kept, rejected = page_outcome(page_url, images, cfg)
+    for p in pairs:
+        yield beam.pvalue.TaggedOutput("pairs", p.to_row())
+    for r in kept:
+        yield r
+    for r, reason, detail in rejected:
+        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
+
+
+def _first_page_wins(item):
+    _, pairs = item
+    pairs = sorted(pairs, key=lambda p: p["page_url"])
+    yield pairs[0]
+    for p in pairs[1:]:
+        yield beam.pvalue.TaggedOutput("duplicate_pairs", p)
+
+
+class PairImages(beam.PTransform):
+    """ImageRecords -> {"input", "kept" images, "rejected", "pairs", "duplicate_pairs", "pages"}."""
+
+    def __init__(self, cfg: PairConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, images):
+        cfg, k = self.cfg, self.cfg.boilerplate_pages
+        # 1. boilerplate by content: pages per pHash (capped), then pHash-close neighbours via LSH bands
+        phash_pages = images | "PhashPage" >> beam.Map(lambda r: (r["phash"], r["page_url"])) | "PagesPerPhash" >> beam.CombinePerKey(CappedSet(k + 1))
+        bad_phash = (
+            phash_pages
+            | "Bands" >> beam.FlatMap(lambda kv: [(b, (kv[0], kv[1])) for b in band_keys(kv[0], cfg.boilerplate_phash_distance)])
+            | "GroupBands" >> beam.GroupByKey()
+            | "Neighbourhoods" >> beam.FlatMap(lambda kv: boilerplate_phashes(list(kv[1]), cfg.boilerplate_phash_distance, k))
+            | "DistinctPhash" >> beam.Distinct()
+            | "FlagPhash" >> beam.Map(lambda h: (h, True))
+        )
+        by_phash = (
+            {"records": images | "KeyPhash" >> beam.Map(lambda r: (r["phash"], r)), "flag": bad_phash}
+            | "JoinPhash" >> beam.CoGroupByKey()
+            | "MarkContent" >> beam.FlatMap(_mark, f"content on more than {k} pages").with_outputs(REJECTED, main="ok")
+        )
+        # 2. boilerplate by URL: the same image URL on more than K pages
+        bad_url = (
+            images
+            | "UrlPage" >> beam.Map(lambda r: (r["image_url"], r["page_url"]))
+            | "PagesPerUrl" >> beam.CombinePerKey(CappedSet(k + 1))
+            | "ManyPages" >> beam.Filter(lambda kv: len(kv[1]) > k)
+            | "FlagUrl" >> beam.Map(lambda kv: (kv[0], True))
+        )
+        by_url = (
+            {"records": by_phash.ok | "KeyUrl" >> beam.Map(lambda r: (r["image_url"], r)), "flag": bad_url}
+            | "JoinUrl" >> beam.CoGroupByKey()
+            | "MarkUrl" >> beam.FlatMap(_mark, f"URL on more than {k} pages").with_outputs(REJECTED, main="ok")
+        )
+        # 3. per page: near-duplicates, cap, in-band pairs
+        pages = by_url.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], r)) | "GroupPages" >> beam.GroupByKey()
+        per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg).with_outputs(REJECTED, "pairs", main="kept")
+        # 4. the same (condition, target) contents from several pages: keep one
+        pairs = (
+            per_page.pairs
+            | "KeyContents" >> beam.Map(lambda p: ((p["cond_image_id"], p["target_image_id"]), p))
+            | "GroupContents" >> beam.GroupByKey()
+            | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
+        )
+        rejected = (by_phash[REJECTED], by_url[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
+        return {
+            "input": images,
+            "kept": per_page.kept,
+            "rejected": rejected,
+            "pairs": pairs.unique,
+            "duplicate_pairs": pairs.duplicate_pairs,
+            "pages": pages,
+        }
+
+
+def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> dict:
+    """Run the pairing pipeline on a filter stage directory; returns reconciled stats."""
+    import os
+
+    files = stage_files(input_path, "images")
+    if not files:
+        raise StageError(f"pair: no images parquet under {input_path} (expected a `filter` output)")
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
+        out = images | "Pair" >> PairImages(cfg)
+        _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet")
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": __import__("core.config", fromlist=["to_dict"]).to_dict(cfg)})
+    return finish_stage(out_dir)
