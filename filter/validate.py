@@ -16,6 +16,7 @@ from typing import Optional, Union
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.config import FilterConfig
+from core.sample_layout import to_rgb
 
 # Closed set of reasons of the validation step.
 EMPTY = "empty"
@@ -52,21 +53,6 @@ class ValidImage:
 def _looks_like_svg(data: bytes) -> bool:
     head = data[:512].lstrip().lower()
     return head.startswith((b"<svg", b"<?xml")) and b"<svg" in data[:4096].lower()
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB: alpha on white, 16-bit scaled down, CMYK/palette converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep the top 8 bits
-        img = img.point(lambda v: v / 256).convert("L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode != "RGB":
-        return img.convert("RGB")
-    return img
 
 
 def validate(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invalid]:

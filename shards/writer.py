@@ -1,0 +1,248 @@
+"""`shards`: PairRecords + their images -> webdataset pair shards, a parquet index, manifest.json.
+
+Steps: join each pair with its condition and target image (CoGroupByKey on image_id) -> build the
+sample (layout in core/sample_layout.py) -> assign it to a shard by hashing its key (the shard
+count follows from the sample count and total bytes) -> write each shard as a tar, atomically
+(temp name, then rename), recording byte offsets -> write index/ parquet, manifest.json and stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
+import tarfile
+import time
+import uuid
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from core import sample_layout as layout
+from core.config import ShardConfig, to_dict
+from core.records import Rejected
+from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+
+STAGE = "shards"
+REJECTED = "rejected"
+MISSING_IMAGE = "missing_image"
+BAD_IMAGE = "unreadable_image"
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the pair_id, the webdataset __key__
+        ("shard", pa.string()),  # tar file name, relative to the shards directory
+        ("offset", pa.int64()),  # byte offset of the sample's first tar header
+        ("size", pa.int64()),  # bytes from that header to the end of the sample's last member
+        ("page_url", pa.string()),
+        ("cond_image_id", pa.string()),
+        ("target_image_id", pa.string()),
+        ("similarity", pa.float32()),
+    ]
+)
+
+
+def _join(item, side: str):
+    """(image_id, {"pairs": [...], "image": [...]}) -> pairs with that side's image attached."""
+    image_id, groups = item
+    images = sorted(groups["image"], key=lambda r: r["page_url"])
+    for pair in groups["pairs"]:
+        if not images:
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(pair["pair_id"], STAGE, MISSING_IMAGE, f"{side} image {image_id} not in the images table", pair["page_url"]).to_row())
+            continue
+        yield {**pair, side: images[0]}
+
+
+def build_sample(pair: dict, store_embedding: bool):
+    """A webdataset sample dict for one joined pair, or a rejected row when an image cannot be read."""
+    cond, target = pair["cond"], pair["target"]
+    try:
+        cond_jpg, target_jpg = layout.as_jpeg(cond["image_bytes"]), layout.as_jpeg(target["image_bytes"])
+    except Exception as err:  # noqa: BLE001 - bytes passed filter, but be safe: reject, never crash
+        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(pair["pair_id"], STAGE, BAD_IMAGE, str(err)[:200], pair["page_url"]).to_row())
+        return
+    meta = {
+        "pair_id": pair["pair_id"],
+        "page_url": pair["page_url"],
+        "cond_url": cond["image_url"],
+        "target_url": target["image_url"],
+        "cond_alt": cond["alt"],
+        "target_alt": target["alt"],
+        "cond_image_id": pair["cond_image_id"],
+        "target_image_id": pair["target_image_id"],
+        "similarity": pair["similarity"],
+        "encoder": cond.get("encoder"),
+    }
+    files = {layout.COND_JPG: cond_jpg, layout.TARGET_JPG: target_jpg, layout.META_JSON: json.dumps(meta, sort_keys=True).encode()}
+    if store_embedding and cond.get("embedding") is not None:
+        files[layout.COND_NPY] = layout.npy_bytes(cond["embedding"])
+    yield {"key": pair["pair_id"], "files": files, "meta": meta}
+
+
+def shard_count(n_samples: int, n_bytes: int, cfg: ShardConfig) -> int:
+    """Shards needed so that, on average, none exceeds the sample or byte target."""
+    return max(1, math.ceil(n_samples / cfg.samples_per_shard), math.ceil(n_bytes / cfg.max_shard_bytes))
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that forwards to `fh` and keeps a sha256 and a byte count."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.fh.write(data)
+        self.sha.update(data)
+        self.n += len(data)
+        return len(data)
+
+
+class WriteShard(beam.DoFn):
+    """Write the samples of one shard index as tar file(s): a new part starts at the byte limit."""
+
+    def __init__(self, out_dir: str, cfg: ShardConfig):
+        self.out_dir, self.cfg = out_dir, cfg
+
+    def _write_part(self, name: str, samples: list[dict]):
+        final = os.path.join(self.out_dir, name)
+        tmp = os.path.join(self.out_dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        index = []
+        with FileSystems.create(tmp) as raw:
+            stream = _HashingWriter(raw)
+            with tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for s in samples:
+                    start = None
+                    for ext, data in s["files"].items():
+                        info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: reproducible bytes
+                        tar.addfile(info, io.BytesIO(data))
+                        start = info.offset if start is None else start
+                    end = tar.offset
+                    m = s["meta"]
+                    index.append({"key": s["key"], "shard": name, "offset": start, "size": end - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"]})
+        FileSystems.rename([tmp], [final])  # a killed run never leaves a complete-looking shard
+        return index, {"shard": name, "samples": len(samples), "bytes": stream.n, "sha256": stream.sha.hexdigest()}
+
+    def process(self, item):
+        shard_index, samples = item
+        samples = sorted(samples, key=lambda s: s["key"])
+        part, batch, size = 0, [], 0
+        for s in samples + [None]:
+            n = sum(len(v) + 512 for v in s["files"].values()) if s else 0
+            if s is None or (batch and (size + n > self.cfg.max_shard_bytes or len(batch) >= self.cfg.samples_per_shard)):
+                if batch:
+                    index, summary = self._write_part(layout.SHARD_PATTERN.format(index=shard_index, part=part), batch)
+                    yield beam.pvalue.TaggedOutput("summary", summary)
+                    yield from index
+                part, batch, size = part + 1, [], 0
+            if s is not None:
+                batch.append(s)
+                size += n
+
+
+def _write_manifest(_, out_dir: str, summaries: list, cfg: dict, n_pairs: int, encoder, version: str):
+    summaries = sorted(summaries, key=lambda s: s["shard"])
+    manifest = {
+        "stage": STAGE,
+        "samples": sum(s["samples"] for s in summaries),
+        "pairs_in": n_pairs,
+        "shards": summaries,
+        "config": cfg,
+        "encoder": encoder,
+        "code_version": version,
+        "layout": {"cond": layout.COND_JPG, "target": layout.TARGET_JPG, "embedding": layout.COND_NPY, "meta": layout.META_JSON},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with FileSystems.create(os.path.join(out_dir, layout.MANIFEST)) as fh:
+        fh.write(json.dumps(manifest, indent=2).encode())
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("webpairs")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+g{sha}" if sha else v
+
+
+class WritePairShards(beam.PTransform):
+    """{"pairs", "images"} PCollections -> shards on disk; returns the stage's stat PCollections."""
+
+    def __init__(self, out_dir: str, cfg: ShardConfig):
+        super().__init__()
+        self.out_dir, self.cfg = out_dir, cfg
+
+    def expand(self, pcolls):
+        pairs, images = pcolls["pairs"], pcolls["images"]
+        keyed_images = images | "KeyImages" >> beam.Map(lambda r: (r["image_id"], r))
+        with_cond = (
+            {"pairs": pairs | "KeyCond" >> beam.Map(lambda p: (p["cond_image_id"], p)), "image": keyed_images}
+            | "JoinCond" >> beam.CoGroupByKey()
+            | "AttachCond" >> beam.FlatMap(_join, "cond").with_outputs(REJECTED, main="ok")
+        )
+        with_both = (
+            {"pairs": with_cond.ok | "KeyTarget" >> beam.Map(lambda p: (p["target_image_id"], p)), "image": keyed_images}
+            | "JoinTarget" >> beam.CoGroupByKey()
+            | "AttachTarget" >> beam.FlatMap(_join, "target").with_outputs(REJECTED, main="ok")
+        )
+        samples = with_both.ok | "BuildSample" >> beam.FlatMap(build_sample, self.cfg.store_embedding).with_outputs(REJECTED, main="ok")
+        n = samples.ok | "CountSamples" >> beam.combiners.Count.Globally()
+        nbytes = samples.ok | "SampleBytes" >> beam.Map(lambda s: sum(len(v) + 512 for v in s["files"].values())) | "SumBytes" >> beam.CombineGlobally(sum)
+        written = (
+            samples.ok
+            | "AssignShard" >> beam.Map(lambda s, n, b: (int(s["key"], 16) % shard_count(n, b, self.cfg), s), beam.pvalue.AsSingleton(n), beam.pvalue.AsSingleton(nbytes))
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.cfg)).with_outputs("summary", main="index")
+        )
+        rejected = (with_cond[REJECTED], with_both[REJECTED], samples[REJECTED]) | "AllRejected" >> beam.Flatten()
+        return {"input": pairs, "kept": written.index, "rejected": rejected, "summaries": written.summary}
+
+
+def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) -> dict:
+    """Write pair shards from a pair stage directory; returns reconciled stats."""
+    pair_files, image_files = stage_files(input_path, "pairs"), stage_files(input_path, "images")
+    if not pair_files or not image_files:
+        raise StageError(f"shards: need pairs/ and images/ parquet under {input_path} (expected a `pair` output)")
+    encoder = None
+    import pyarrow.parquet as pq
+
+    for f in image_files:
+        col = pq.read_table(f, columns=["encoder"]).column("encoder")
+        if len(col):
+            encoder = col[0].as_py()
+            break
+    FileSystems.mkdirs(out_dir) if not FileSystems.exists(out_dir) else None
+    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        pairs = p | "PairFiles" >> beam.Create(pair_files) | "ReadPairs" >> beam.io.ReadAllFromParquet()
+        images = p | "ImageFiles" >> beam.Create(image_files) | "ReadImages" >> beam.io.ReadAllFromParquet()
+        out = {"pairs": pairs, "images": images} | "Shards" >> WritePairShards(out_dir, cfg)
+        _ = {"input": out["input"], "kept": out["kept"], "rejected": out["rejected"]} | "Write" >> WriteStageOutputs(out_dir, STAGE, "index", INDEX_SCHEMA)
+        _ = (
+            p
+            | "ManifestSeed" >> beam.Create([None])
+            | "Manifest"
+            >> beam.Map(
+                _write_manifest,
+                out_dir=out_dir,
+                summaries=beam.pvalue.AsList(out["summaries"]),
+                cfg=to_dict(cfg),
+                n_pairs=beam.pvalue.AsSingleton(out["input"] | "CountPairs" >> beam.combiners.Count.Globally()),
+                encoder=encoder,
+                version=code_version(),
+            )
+        )
+    return finish_stage(out_dir)
