@@ -38,3 +38,23 @@ def test_web(tmp_path_factory, photos_dir):
 
     with serve_test_web(str(tmp_path_factory.mktemp("testweb")), photos_dir=photos_dir, slow_delay=3.0) as web:
         yield web
+
+
+@pytest.fixture(scope="session")
+def pipeline_dirs(tmp_path_factory, test_web):
+    """The test web through extract -> download -> filter (tiny-clip) -> pair -> shards, once per session."""
+    from core.config import CrawlConfig, DownloadConfig, FilterConfig, PairConfig, ShardConfig
+    from crawl.download import run_download
+    from crawl.extract import run_extract
+    from filter.pipeline import run_filter
+    from pairing.pipeline import run_pair
+    from shards.writer import run_shards
+
+    d = tmp_path_factory.mktemp("pipeline")
+    dirs = {name: str(d / name) for name in ("links", "download", "filter", "pair", "shards")}
+    run_extract(test_web.warc_path, dirs["links"], CrawlConfig(allow_hosts=("127.0.0.1",)))
+    run_download(dirs["links"], dirs["download"], DownloadConfig(allow_hosts=("127.0.0.1",), timeout=1.5, processes=1))
+    run_filter(dirs["download"], dirs["filter"], FilterConfig(encoder="efficientnet-lite0"))
+    run_pair(dirs["filter"], dirs["pair"], PairConfig())
+    run_shards(dirs["pair"], dirs["shards"], ShardConfig(samples_per_shard=25))
+    return dirs

@@ -110,15 +110,8 @@ def test_missing_model_fails_at_start_with_instructions(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def download_dir(tmp_path_factory, test_web):
-    from core.config import CrawlConfig, DownloadConfig
-    from crawl.download import run_download
-    from crawl.extract import run_extract
-
-    d = str(tmp_path_factory.mktemp("fdl"))
-    run_extract(test_web.warc_path, d + "/links", CrawlConfig(allow_hosts=("127.0.0.1",)))
-    run_download(d + "/links", d + "/dl", DownloadConfig(allow_hosts=("127.0.0.1",), timeout=1.5, processes=1))
-    return d + "/dl"
+def download_dir(pipeline_dirs):
+    return pipeline_dirs["download"]
 
 
 def test_filter_stage_on_test_web(tmp_path, download_dir, test_web):

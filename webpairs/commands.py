@@ -142,4 +142,52 @@ def cmd_filter(args, beam_args) -> int:
     return _run_stage(run_filter, "filter", args.input, args.out, cfg, beam_args)
 
 
-REGISTRARS = [register_crawl, register_filter]
+def register_pair(sub, handlers) -> None:
+    from webpairs.cli import _stage_parser
+
+    p = _stage_parser(
+        sub,
+        "pair",
+        "Group images by page, drop boilerplate (content or URL on more than K pages), collapse near-duplicates, pick (condition, target) pairs whose similarity lies in a band.",
+        "a `filter` output directory (or its images/ parquet files)",
+    )
+    p.add_argument("--boilerplate-pages", type=int, help="content seen on more than this many pages is boilerplate (default 10)")
+    p.add_argument("--sim-low", type=float, help="lower end of the similarity band (default 0.2)")
+    p.add_argument("--sim-high", type=float, help="upper end of the similarity band (default 0.95)")
+    p.add_argument("--max-pairs-per-page", type=int, help="pairs sampled per page (default 16)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    handlers["pair"] = cmd_pair
+    cmd_pair.accepts_beam_args = True
+
+    p = _stage_parser(
+        sub,
+        "shards",
+        "Write webdataset pair shards ({key}.cond.jpg, {key}.target.jpg, {key}.cond.npy, {key}.json), a parquet index and manifest.json.",
+        "a `pair` output directory (pairs/ and images/ parquet)",
+    )
+    p.add_argument("--samples-per-shard", type=int, help="target samples per shard (default 1000)")
+    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file (default 256 MiB)")
+    p.add_argument("--no-embedding", action="store_true", help="do not store the condition embedding ({key}.cond.npy)")
+    handlers["shards"] = cmd_shards
+    cmd_shards.accepts_beam_args = True
+
+
+def cmd_pair(args, beam_args) -> int:
+    from pairing.pipeline import run_pair
+
+    cfg = config.load(config.PairConfig, args.config, section="pair", boilerplate_pages=args.boilerplate_pages, sim_low=args.sim_low, sim_high=args.sim_high, max_pairs_per_page=args.max_pairs_per_page, seed=args.seed)
+    if cfg.sim_low > cfg.sim_high:
+        from webpairs.errors import UserError
+
+        raise UserError(f"pair: empty similarity band [{cfg.sim_low}, {cfg.sim_high}]")
+    return _run_stage(run_pair, "pair", args.input, args.out, cfg, beam_args)
+
+
+def cmd_shards(args, beam_args) -> int:
+    from shards.writer import run_shards
+
+    cfg = config.load(config.ShardConfig, args.config, section="shards", samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes, store_embedding=False if args.no_embedding else None)
+    return _run_stage(run_shards, "shards", args.input, args.out, cfg, beam_args)
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair]

@@ -1,0 +1,132 @@
+"""pair + shards on the test web's pipeline output: ground truth, reconciliation, round trips."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from core.config import PairConfig
+from core.records import phash_distance
+from core.stageio import read_stats, read_table
+from pairing.select import band_keys, collapse_near_duplicates, page_outcome, select_pairs
+
+
+def _img(i, phash, emb, w=100, h=100, pos=0):
+    return {"image_id": f"id{i}", "phash": phash, "embedding": emb, "width": w, "height": h, "position": pos, "page_url": "p", "image_url": f"u{i}"}
+
+
+def test_near_duplicates_keep_the_largest():
+    imgs = [_img(0, "ffff0000ffff0000", [1, 0], 50, 50), _img(1, "ffff0000ffff0001", [1, 0], 200, 100), _img(2, "0000ffff0000ffff", [0, 1])]
+    kept, dropped = collapse_near_duplicates(imgs, 4)
+    assert [k["image_id"] for k in kept] == ["id1", "id2"]
+    assert dropped == [(imgs[0], "id1")]
+
+
+def test_band_keys_find_every_close_pair():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = int(rng.integers(0, 2**63))
+        flips = rng.choice(64, size=4, replace=False)
+        b = a
+        for f in flips:
+            b ^= 1 << int(f)
+        ha, hb = f"{a:016x}", f"{b:016x}"
+        assert phash_distance(ha, hb) == 4
+        assert set(band_keys(ha, 4)) & set(band_keys(hb, 4))
+
+
+def test_pairs_in_band_ordered_capped_and_deterministic():
+    vecs = [[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]]
+    far = ["0000000000000000", "ffffffff00000000", "00000000ffffffff", "ffffffffffffffff"]
+    imgs = [_img(i, far[i], v, pos=i) for i, v in enumerate(vecs)]
+    cfg = PairConfig(sim_low=0.5, sim_high=0.95)
+    pairs, used = select_pairs("p", imgs, cfg)
+    assert {(p.cond_image_id, p.target_image_id) for p in pairs} == {("id0", "id1"), ("id1", "id0"), ("id1", "id2"), ("id2", "id1")}
+    assert used == {"id0", "id1", "id2"}
+    capped = PairConfig(sim_low=-1, sim_high=1, max_pairs_per_page=3)
+    a, _ = select_pairs("p", imgs, capped)
+    b, _ = select_pairs("p", imgs, capped)
+    assert len(a) == 3 and a == b
+    _, kept, rejected = page_outcome("p", imgs, cfg)
+    assert [r[1] for r in rejected] == ["no_pair_in_band"] and len(kept) == 3
+    _, kept, rejected = page_outcome("p", imgs[:1], cfg)
+    assert kept == [] and rejected[0][1] == "page_too_small"
+
+
+def test_pair_stage_on_test_web(pipeline_dirs, test_web):
+    out = pipeline_dirs["pair"]
+    stats = read_stats(out)
+    images_in = read_table(pipeline_dirs["filter"], "images").to_pandas()
+    rejected = read_table(out, "rejected").to_pandas()
+    kept = read_table(out, "images").to_pandas()
+    pairs = read_table(out, "pairs").to_pandas()
+    assert stats["input"] == len(images_in) == len(kept) + len(rejected)
+    assert stats["pairs"] == len(pairs) > 0 and stats["pages"] == len(test_web.pages)
+    # every logo copy is boilerplate, on every page
+    logo = rejected[rejected.url.isin(test_web.boilerplate)]
+    assert (logo.reason == "boilerplate").all() and len(logo) == len(test_web.pages)
+    assert not kept.image_url.isin(test_web.boilerplate).any()
+    # each planted near-duplicate group collapses to one image
+    for group in test_web.near_duplicate_groups:
+        survivors = set(kept.image_url) & set(group)
+        dropped = rejected[rejected.url.isin(group)]
+        assert len(survivors) <= 1 and (dropped.reason == "near_duplicate").all()
+        assert len(dropped) >= len(group) - 1
+    # no pair joins two pages, every similarity is inside the band, no content pair twice
+    cfg = PairConfig()
+    page_of = kept.groupby("image_id").page_url.apply(set)
+    for p in pairs.itertuples():
+        assert p.page_url in page_of[p.cond_image_id] and p.page_url in page_of[p.target_image_id]
+        assert cfg.sim_low <= p.similarity <= cfg.sim_high and p.cond_image_id != p.target_image_id
+    assert not pairs.duplicated(["cond_image_id", "target_image_id"]).any()
+    assert (pairs.groupby("page_url").size() <= cfg.max_pairs_per_page).all()
+
+
+def test_shards_round_trip_with_webdataset_and_index(pipeline_dirs):
+    import webdataset as wds
+
+    out = pipeline_dirs["shards"]
+    pairs = read_table(pipeline_dirs["pair"], "pairs").to_pandas()
+    stats = read_stats(out)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    tars = sorted(glob.glob(os.path.join(out, "*.tar")))
+    assert stats["input"] == len(pairs) == stats["kept"] == manifest["samples"]
+    assert [os.path.basename(t) for t in tars] == [s["shard"] for s in manifest["shards"]]
+    assert all(s["samples"] <= 25 for s in manifest["shards"]) and len(tars) >= 2
+    import hashlib
+
+    for t, s in zip(tars, manifest["shards"]):
+        assert hashlib.sha256(open(t, "rb").read()).hexdigest() == s["sha256"]
+    assert not glob.glob(os.path.join(out, ".*tmp*"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert sorted(s["__key__"] for s in samples) == sorted(pairs.pair_id)
+    by_key = pairs.set_index("pair_id")
+    for s in samples[:10]:
+        meta = s["json"]
+        assert meta["page_url"] == by_key.loc[s["__key__"]].page_url
+        assert s["cond.jpg"].mode == "RGB" and s["target.jpg"].size[0] > 0
+        assert s["cond.npy"].shape == (1280,) and abs(np.linalg.norm(s["cond.npy"].astype(np.float32)) - 1) < 1e-2
+    # the index points at each sample's bytes
+    index = read_table(out, "index").to_pandas()
+    assert len(index) == len(samples)
+    row = index.iloc[0]
+    with open(os.path.join(out, row.shard), "rb") as fh:
+        fh.seek(row.offset)
+        header = fh.read(512)
+    assert header[:100].rstrip(b"\0").decode().startswith(row.key)
+
+
+def test_shards_readable_by_ray_data(pipeline_dirs):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        ds = ray.data.read_webdataset(pipeline_dirs["shards"] + "/", file_extensions=["tar"])
+        rows = ds.take_all()
+    finally:
+        ray.shutdown()
+    pairs = read_table(pipeline_dirs["pair"], "pairs").to_pandas()
+    assert sorted(r["__key__"] for r in rows) == sorted(pairs.pair_id)
+    assert all(r["cond.jpg"].ndim == 3 for r in rows[:5])
