@@ -190,4 +190,28 @@ def cmd_shards(args, beam_args) -> int:
     return _run_stage(run_shards, "shards", args.input, args.out, cfg, beam_args)
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair]
+def register_stats(sub, handlers) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="pair statistics of a run or stage directory (text, and an HTML report with plots)",
+        description="Print counts per stage and per reject reason, images and pairs per page, the similarity distribution, image sizes and top domains. Reads only stage outputs (stats.json, parquet, manifest.json, shards).",
+    )
+    p.add_argument("input", help="a stage directory or a run directory holding several")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report with plots and example pairs")
+    handlers["stats"] = cmd_stats
+
+
+def cmd_stats(args, _beam_args) -> int:
+    from shards.report import write_report
+    from webpairs.errors import UserError
+
+    try:
+        print(write_report(args.input, args.html))
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from err
+    if args.html:
+        print(f"HTML report: {args.html}")
+    return 0
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats]

@@ -1,0 +1,58 @@
+"""webpairs stats: the text summary and the HTML report, rendered in headless Chromium."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_dir(tmp_path, pipeline_dirs):
+    """A run directory that holds every stage output as sub-directories (symlinks)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, path in pipeline_dirs.items():
+        os.symlink(path, run / name)
+    return str(run)
+
+
+def test_stats_summary_on_run_and_single_stage(tmp_path, pipeline_dirs):
+    from core.stageio import read_stats
+
+    run = _run_dir(tmp_path, pipeline_dirs)
+    out = subprocess.run([sys.executable, "-m", "webpairs.cli", "stats", run], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for stage in ("extract", "download", "filter", "pair", "shards"):
+        s = read_stats(pipeline_dirs["links" if stage == "extract" else stage if stage != "download" else "download"])
+        line = next(l for l in out.stdout.splitlines() if l.startswith(stage))
+        assert line.split()[1:3] == [str(s["input"]), str(s["kept"])]
+    assert "similarity:" in out.stdout and "boilerplate=" in out.stdout and "127.0.0.1" in out.stdout
+    # a single stage directory works on its own
+    alone = subprocess.run([sys.executable, "-m", "webpairs.cli", "stats", pipeline_dirs["filter"]], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0 and alone.stdout.count("\n") > 3 and "filter" in alone.stdout
+    missing = subprocess.run([sys.executable, "-m", "webpairs.cli", "stats", str(tmp_path / "nothing")], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no stage output" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_html_report_renders_plots_in_chromium(tmp_path, pipeline_dirs):
+    from shards.report import write_report
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (.ci/run installs it)")
+    report = str(tmp_path / "report.html")
+    write_report(_run_dir(tmp_path, pipeline_dirs), report)
+    html = open(report).read()
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", html)  # self-contained: nothing external
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chr'}", "--virtual-time-budget=5000", "--dump-dom", f"file://{report}"]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    total = int(re.search(r'data-plots-total="(\d+)"', body).group(1))
+    rendered = int(re.search(r'data-plots-rendered="(\d+)"', body).group(1))
+    assert total >= 4 and rendered == total
+    assert "data-errors" not in body
+    assert dom.count("alt=\"condition\"") == 8  # the grid of example pairs
