@@ -167,6 +167,8 @@ def _convert(raw_dir: str, out_dir: str, refused: list[dict]) -> tuple[int, dict
         pq.write_table(pa.Table.from_pylist(ok, schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{shard}.parquet"))
         pq.write_table(pa.Table.from_pylist(bad, schema=REJECTED_SCHEMA), os.path.join(out_dir, "rejected", f"part-{shard}.parquet"))
         kept += len(ok)
+    if not glob.glob(os.path.join(out_dir, "downloads", "*.parquet")):  # no link at all: an empty, valid output
+        pq.write_table(pa.Table.from_pylist([], schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", "part-empty.parquet"))
     return kept, reasons
 
 

@@ -45,7 +45,7 @@ def expand_inputs(pattern: str) -> list[str]:
     fs, _, paths = fsspec.get_fs_token_paths(pattern)
     if len(paths) == 1 and fs.isdir(paths[0]):
         paths = [p for p in fs.find(paths[0]) if any(x in os.path.basename(p) for x in (".warc", ".wat"))]
-    files = sorted(paths)
+    files = sorted(p for p in paths if fs.exists(p) and not fs.isdir(p))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return [p if protocol == "file" or "://" in p else f"{protocol}://{p}" for p in files]
 

@@ -214,4 +214,68 @@ def cmd_stats(args, _beam_args) -> int:
     return 0
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats]
+def register_run(sub, handlers) -> None:
+    from webpairs.cli import BEAM_NOTE
+
+    p = sub.add_parser(
+        "run",
+        help="the main job: extract -> download -> filter -> pair -> shards -> stats, resumable",
+        description="Run every stage on WARC/WAT input, each into its own sub-directory of --out; stages already complete (_SUCCESS) are skipped, so a rerun after a kill continues. Ends with OUT/report.html.\n\n" + BEAM_NOTE,
+    )
+    p.add_argument("input", help="WARC/WAT file, folder or glob (local or fsspec URL)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards")
+    p.add_argument("--allow-hosts", metavar="HOST,IP,CIDR", help="hosts exempt from the private-address rule (default: none)")
+    p.add_argument("--encoder", help="filter encoder (default open_clip:ViT-B-32, needs local weights; efficientnet-lite0 works offline)")
+    p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
+    handlers["run"] = cmd_run
+    cmd_run.accepts_beam_args = True
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job on a loopback test web that webpairs serves itself (works offline)",
+        description="Serve the loopback test web on 127.0.0.1 (generated images, or --photos), then run the main job on it with the offline efficientnet-lite0 encoder. A rerun reuses the port and skips finished stages.\n\n" + BEAM_NOTE,
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--photos", help="folder of real photos, e.g. ../shared/data/photos-imagenet-sample (default: generated images)")
+    p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards")
+    handlers["demo"] = cmd_demo
+    cmd_demo.accepts_beam_args = True
+
+
+def _print_run_end(out: str) -> None:
+    import os
+
+    print(f"\nrun directory: {out}")
+    print(f"pair shards:   {os.path.join(out, 'shards')}")
+    print(f"HTML report:   {os.path.join(out, 'report.html')}")
+
+
+def cmd_run(args, beam_args) -> int:
+    from webpairs.errors import UserError
+    from webpairs.run import RunConfig, run_pipeline
+
+    try:
+        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, encoder=args.encoder, encoder_weights=args.encoder_weights)
+        run_pipeline(args.input, args.out, cfg, beam_args)
+    except (StageError, config.ConfigError) as err:
+        raise UserError(str(err)) from err
+    _print_run_end(args.out)
+    return 0
+
+
+def cmd_demo(args, beam_args) -> int:
+    from webpairs.errors import UserError
+    from webpairs.run import demo
+
+    if args.photos and not __import__("os").path.isdir(args.photos):
+        raise UserError(f"--photos {args.photos} is not a folder")
+    try:
+        demo(args.out, args.photos, beam_args, args.config)
+    except (StageError, config.ConfigError) as err:
+        raise UserError(str(err)) from err
+    _print_run_end(args.out)
+    return 0
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_run]
