@@ -13,10 +13,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from core.config import CrawlConfig
-from core.records import LINK_SCHEMA, LinkRecord, Rejected, stable_id
+from core.records import LINK_SCHEMA, Rejected, stable_id
 from core.stageio import WriteStageOutputs
 from crawl.html import RawLink, decode_html, extract_image_links
-from crawl.urls import AllowList, normalize_url, policy_reason
+from crawl.urls import AllowList, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
@@ -31,20 +31,28 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, source_fi
     base, _ = normalize_url(base_href, page_url) if base_href else (None, None)
     base = base or page_url
     for n, raw in enumerate(raw_links):
-        url, reason = normalize_url(raw.url, base)
-        if url is not None:
-            reason = policy_reason(url, allow)
+        url, reason = normalize_url(raw.url, base, allow)  # resolution, normalisation and URL policy
         if reason is None and n >= cfg.max_links_per_page:
             reason = REASON_TOO_MANY
         if reason is not None:
             yield REJECTED, Rejected(stable_id(page_url, raw.url), STAGE, reason, raw.url[:200], url or raw.url[:2048]).to_row()
             continue
-        rec = LinkRecord(page_url, url, raw.alt, raw.position, raw.kind, raw.width, raw.height, source_file, offset)
-        yield "link", rec.to_row()
+        yield "link", {  # a LinkRecord row, built directly (dataclasses.asdict is slow per link)
+            "link_id": stable_id(page_url, url),
+            "page_url": page_url,
+            "image_url": url,
+            "alt": raw.alt,
+            "position": raw.position,
+            "kind": raw.kind,
+            "width": raw.width,
+            "height": raw.height,
+            "source_file": source_file,
+            "source_offset": offset,
+        }
 
 
 class ExtractFileLinks(beam.DoFn):
-    """Read one WARC/WAT file as a stream and emit its link rows (main) and rejected rows."""
+    """Read one WARC/WAT file as a stream; emit (page_url, link rows) per page and rejected rows."""
 
     def __init__(self, cfg: CrawlConfig):
         self.cfg = cfg
@@ -68,23 +76,36 @@ class ExtractFileLinks(beam.DoFn):
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]
                 base = doc.base
+            rows = []
             for tag, row in page_links(page_url, raw, base, path, doc.offset, self.cfg, self.allow):
-                yield row if tag == "link" else beam.pvalue.TaggedOutput(REJECTED, row)
+                if tag == "link":
+                    rows.append(row)
+                else:
+                    yield beam.pvalue.TaggedOutput(REJECTED, row)
+            if rows:  # one element per page: the shuffle below moves pages, not single links
+                yield page_url, rows
         self.pages.inc(counters.get("html_pages", 0))
         self.wat_pages.inc(counters.get("wat_pages", 0))
         self.broken.inc(counters.get("truncated_files", 0))
 
 
 def _collapse_duplicates(item):
-    """One (page_url, image_url) group -> the best link kept, the others rejected as duplicates."""
-    _, rows = item
-    rows = sorted(rows, key=lambda r: (KIND_RANK.get(r["kind"], 9), r["position"], r["source_file"], r["source_offset"]))
-    best = dict(rows[0])
-    if not best["alt"]:  # an og:image or <source> duplicate may carry no alt: take one that has it
-        best["alt"] = next((r["alt"] for r in rows if r["alt"]), "")
-    yield best
-    for r in rows[1:]:
-        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(r["link_id"] + f":{r['kind']}:{r['position']}", STAGE, REASON_DUPLICATE, r["kind"], r["image_url"]).to_row())
+    """All link rows of one page (from every capture of it) -> one link per image URL, the best
+    one kept (img before picture before WAT before og:image, then page order), the rest rejected."""
+    _, captures = item
+    by_url: dict[str, list] = {}
+    for rows in captures:
+        for r in rows:
+            by_url.setdefault(r["image_url"], []).append(r)
+    for rows in by_url.values():
+        if len(rows) > 1:
+            rows.sort(key=lambda r: (KIND_RANK.get(r["kind"], 9), r["position"], r["source_file"], r["source_offset"]))
+        best = rows[0]
+        if not best["alt"]:  # an og:image or <source> duplicate may carry no alt: take one that has it
+            best = dict(best, alt=next((r["alt"] for r in rows if r["alt"]), ""))
+        yield best
+        for r in rows[1:]:
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(r["link_id"] + f":{r['kind']}:{r['position']}", STAGE, REASON_DUPLICATE, r["kind"], r["image_url"]).to_row())
 
 
 class ExtractLinks(beam.PTransform):
@@ -98,12 +119,12 @@ class ExtractLinks(beam.PTransform):
         found = files | "Spread" >> beam.Reshuffle() | "ReadAndExtract" >> beam.ParDo(ExtractFileLinks(self.cfg)).with_outputs(REJECTED, main="links")
         deduped = (
             found.links
-            | "KeyByPageImage" >> beam.Map(lambda r: ((r["page_url"], r["image_url"]), r))
-            | "GroupDuplicates" >> beam.GroupByKey()
+            | "GroupPages" >> beam.GroupByKey()
             | "Collapse" >> beam.FlatMap(_collapse_duplicates).with_outputs(REJECTED, main="kept")
         )
         rejected = (found[REJECTED], deduped[REJECTED]) | "AllRejected" >> beam.Flatten()
-        inputs = (found.links, found[REJECTED]) | "AllCandidates" >> beam.Flatten()
+        # inputs = every candidate link: accepted ones (counted per page) and refused ones
+        inputs = (found.links | "LinksOfPage" >> beam.FlatMap(lambda kv: kv[1]), found[REJECTED]) | "AllCandidates" >> beam.Flatten()
         return {"input": inputs, "kept": deduped.kept, "rejected": rejected}
 
 

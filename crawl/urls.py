@@ -8,11 +8,14 @@ the host is on an explicit allow list (hosts, IPs or CIDRs), as the loopback tes
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from typing import Iterable, Optional
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_SAFE_URL = re.compile(r"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*\Z")  # nothing to percent-encode
 # Closed set of reasons this module gives (the extract stage adds its own).
 REASON_DATA_URI = "data_uri"
 REASON_BAD_SCHEME = "bad_scheme"
@@ -40,6 +43,8 @@ class AllowList:
         host = host.lower().strip("[]")
         if host in self.hosts:
             return True
+        if not self.networks or not host[:1].isdigit() and ":" not in host:
+            return False
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -50,7 +55,7 @@ class AllowList:
         return bool(self.hosts or self.networks)
 
 
-def normalize_url(raw: str, base: str) -> tuple[Optional[str], Optional[str]]:
+def normalize_url(raw: str, base: str, allow: Optional[AllowList] = None) -> tuple[Optional[str], Optional[str]]:
     """Resolve `raw` against `base` and normalise it; returns (url, None) or (None, reason).
 
     Normalisation: scheme and host lower-cased, default port dropped, fragment removed, empty
@@ -62,7 +67,8 @@ def normalize_url(raw: str, base: str) -> tuple[Optional[str], Optional[str]]:
     if raw[:5].lower() == "data:":
         return None, REASON_DATA_URI
     try:
-        parts = urlsplit(urljoin(base, raw))
+        absolute = raw if raw[:8].lower().startswith(("http://", "https://")) else urljoin(base, raw)
+        parts = urlsplit(absolute)
         port = parts.port
     except ValueError:
         return None, REASON_BAD_URL
@@ -78,11 +84,18 @@ def normalize_url(raw: str, base: str) -> tuple[Optional[str], Optional[str]]:
         host = host.encode("idna").decode("ascii") if not host.isascii() else host.lower()
     except UnicodeError:
         return None, REASON_BAD_URL
+    if allow is not None and not allow.allows(host):
+        reason = _host_reason(host)
+        if reason is not None:
+            return None, reason
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    query = quote(parts.query, safe="=&%:@!$'()*+,;/?-._~")
+    path, query = parts.path or "/", parts.query
+    if not _SAFE_URL.match(path):
+        path = quote(path, safe="/%:@!$&'()*+,;=-._~")
+    if not _SAFE_URL.match(query):
+        query = quote(query, safe="=&%:@!$'()*+,;/?-._~")
     return urlunsplit((scheme, netloc, path, query, "")), None
 
 
@@ -114,15 +127,20 @@ def policy_reason(url: str, allow: AllowList) -> Optional[str]:
         return REASON_BAD_URL
     if allow.allows(host):
         return None
+    return _host_reason(host)
+
+
+@functools.lru_cache(maxsize=65536)
+def _host_reason(host: str) -> Optional[str]:
+    """Private-address verdict for one host (cached: a page's links mostly share a few hosts)."""
     if host == "localhost" or host.endswith(".localhost") or _is_internal_ip(host):
         return REASON_PRIVATE
-    try:  # decimal/hex/octal IPv4 spellings (http://2130706433/) that resolvers accept
-        if host.replace(".", "").replace("x", "").isalnum() and not any(c.isalpha() and c not in "abcdefx" for c in host):
-            import socket
+    if all(c in "0123456789abcdefx." for c in host):  # decimal/hex/octal IPv4 spellings resolvers accept
+        import socket
 
-            packed = socket.inet_aton(host)
-            if _is_internal_ip(socket.inet_ntoa(packed)):
+        try:
+            if _is_internal_ip(socket.inet_ntoa(socket.inet_aton(host))):
                 return REASON_PRIVATE
-    except OSError:
-        pass
+        except OSError:
+            pass
     return None
