@@ -1,0 +1,112 @@
+"""filter throughput: the stage without encoder vs a bare decode+sha256+pHash loop, and the
+RunInference encoder step vs a bare batched forward of the same encoder at the same batch size.
+
+Input: the shared real photos (../shared/data/photos-imagenet-sample), written as a downloads
+parquet (`--repeat` copies so that Beam's fixed start-up is not what gets timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import tempfile
+
+import numpy as np
+
+from _common import need_shared, report, timed
+
+
+def make_downloads(out_dir: str, repeat: int) -> list[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.records import DOWNLOAD_SCHEMA
+
+    folder = need_shared("photos-imagenet-sample")
+    blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
+    rows = [
+        {"link_id": f"{r}-{i}", "page_url": f"http://example.org/p{i // 4}", "image_url": f"http://example.org/{r}/{i}.jpg", "alt": "a photo", "position": i % 4, "image_bytes": b, "sha256": None}
+        for r in range(repeat)
+        for i, b in enumerate(blobs)
+    ]
+    os.makedirs(os.path.join(out_dir, "downloads"))
+    pq.write_table(pa.Table.from_pylist(rows, schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", "part-0.parquet"))
+    return [r["image_bytes"] for r in rows]
+
+
+def bare_checks(blobs: list[bytes]) -> int:
+    """The per-image work without the pipeline: decode, sha256, pHash."""
+    import imagehash
+    from PIL import Image
+
+    for b in blobs:
+        img = Image.open(io.BytesIO(b))
+        img.load()
+        hashlib.sha256(b).hexdigest()
+        str(imagehash.phash(img.convert("RGB")))
+    return len(blobs)
+
+
+def bare_forward(encoder, images: list, batch: int) -> int:
+    """Preprocess + batched forward of the same encoder on already decoded images, no Beam (the
+    stage decodes once for validation, so decoding is not part of its encoder step either)."""
+    for i in range(0, len(images), batch):
+        x = np.stack([encoder.preprocess(img) for img in images[i : i + batch]])
+        encoder.embed_images(x)
+    return len(images)
+
+
+def main() -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeat", type=int, default=4, help="copies of the 300 photos for the no-encoder comparison")
+    ap.add_argument("--encoder", default="efficientnet-lite0", help="encoder of the registry (default works offline)")
+    ap.add_argument("--encoder-images", type=int, default=200, help="images for the encoder comparison")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args, beam_args = ap.parse_known_args()
+    import torch
+
+    from core.config import FilterConfig
+    from core.encoders import load_encoder
+    from filter.pipeline import run_filter
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = make_downloads(tmp, args.repeat)
+        n, bare_s = timed(bare_checks, blobs)
+        stats, stage_s = timed(run_filter, tmp, os.path.join(tmp, "nocode"), FilterConfig(encoder="none"), beam_args)
+        results.append(report("filter without encoder", [("images", n, "images"), ("bare decode+sha256+pHash", n / bare_s, "images/s"), ("webpairs filter --encoder none", stats["input"] / stage_s, "images/s")], (stats["input"] / stage_s) / (n / bare_s), 0.5))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = make_downloads(tmp, 1)[: args.encoder_images]
+        from PIL import Image
+
+        enc = load_encoder(args.encoder)
+        decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+        bare_forward(enc, decoded[:8], 8)  # warm-up
+        # RunInference's BatchElements adapts the batch size up to --batch-size, and on a CPU small
+        # batches can be faster, so the baseline is the bare forward at its best batch size.
+        best = {}
+        for b in sorted({1, 4, 8, 16, args.batch_size}):
+            if b <= args.batch_size:
+                best[b] = timed(bare_forward, enc, decoded, b)[1]
+        best_batch = min(best, key=best.get)
+        n, fwd_s = len(decoded), best[best_batch]
+        _, none_s = timed(run_filter, tmp, os.path.join(tmp, "none"), FilterConfig(encoder="none"), beam_args)
+        stats, full_s = timed(run_filter, tmp, os.path.join(tmp, "enc"), FilterConfig(encoder=args.encoder, batch_size=args.batch_size), beam_args)
+        # the encoder step's share of the stage = full run minus the same run without the encoder
+        step_s = max(full_s - none_s, 1e-9)
+        results.append(
+            report(
+                f"filter encoder step ({args.encoder}, batch {args.batch_size}, {torch.get_num_threads()} threads)",
+                [("images", n, "images"), (f"bare preprocess + forward, best batch {best_batch}", n / fwd_s, "images/s"), (f"bare at batch {args.batch_size}", n / best[args.batch_size], "images/s"), ("RunInference step (stage minus no-encoder stage)", stats["input"] / step_s, "images/s")],
+                (stats["input"] / step_s) / (n / fwd_s),
+                0.8,
+            )
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
