@@ -65,7 +65,9 @@ IMAGE_SCHEMA = pa.schema(
         ("embedding", EMBEDDING_TYPE),  # L2-normalised encoder embedding
         ("encoder", pa.string()),
         ("clip_score", pa.float32()),  # image-alt cosine when the encoder has a text tower
-        ("image_bytes", pa.binary()),  # the original bytes as downloaded
+        ("image_bytes", pa.binary()),  # the original bytes as downloaded (null when only pointed to)
+        ("bytes_file", pa.string()),  # pointer to the bytes: a parquet file of a filter output ...
+        ("bytes_row_group", pa.int32()),  # ... and the row group in it that holds this image
     ]
 )
 
@@ -129,7 +131,9 @@ class ImageRecord:
     embedding: Optional[list[float]]
     encoder: str
     clip_score: Optional[float]
-    image_bytes: bytes
+    image_bytes: Optional[bytes]
+    bytes_file: Optional[str] = None
+    bytes_row_group: Optional[int] = None
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -158,3 +158,35 @@ def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) ->
         raise StageError(f"no {name} parquet files under {path}")
     tables = [pq.read_table(FileSystems.open(f), columns=list(columns) if columns else None) for f in files]
     return pa.concat_tables(tables)
+
+
+class ReadParquetWithPointers(beam.DoFn):
+    """Read parquet files row group by row group, adding to each row a pointer to where it lives
+    (`bytes_file`, `bytes_row_group`), so later steps can drop heavy columns and fetch them back."""
+
+    def __init__(self, columns: Optional[list] = None):
+        self.columns = columns
+
+    def process(self, path: str):
+        with FileSystems.open(path) as fh:
+            pf = pq.ParquetFile(fh)
+            for rg in range(pf.num_row_groups):
+                for row in pf.read_row_group(rg, columns=self.columns).to_pylist():
+                    row["bytes_file"], row["bytes_row_group"] = path, rg
+                    yield row
+
+
+def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str) -> dict:
+    """{key value: column value} for the rows in the given (file, row group) pointers, reading one
+    row group at a time (memory: one row group plus the values asked for)."""
+    out: dict = {}
+    by_file: dict[str, set] = {}
+    for f, rg in pointers:
+        by_file.setdefault(f, set()).add(rg)
+    for f, groups in sorted(by_file.items()):
+        with FileSystems.open(f) as fh:
+            pf = pq.ParquetFile(fh)
+            for rg in sorted(groups):
+                t = pf.read_row_group(rg, columns=[key, column])
+                out.update(zip(t.column(key).to_pylist(), t.column(column).to_pylist()))
+    return out

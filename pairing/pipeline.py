@@ -12,7 +12,7 @@ import apache_beam as beam
 
 from core.config import PairConfig
 from core.records import IMAGE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
-from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from core.stageio import ReadParquetWithPointers, StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
 from pairing.select import band_keys, boilerplate_phashes, page_outcome
 
 STAGE = "pair"
@@ -140,6 +140,26 @@ class PairImages(beam.PTransform):
         }
 
 
+# Pairing never needs the image bytes: records travel without them (a pointer stays), and the
+# embedding travels as a compact float16 array instead of a Python list.
+META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
+
+
+def _compact(row: dict) -> dict:
+    import numpy as np
+
+    row["embedding"] = np.asarray(row["embedding"], dtype=np.float16) if row["embedding"] is not None else None
+    return row
+
+
+def _for_parquet(row: dict) -> dict:
+    row = dict(row)
+    if row.get("embedding") is not None:
+        row["embedding"] = row["embedding"].tolist()
+    row["image_bytes"] = None
+    return row
+
+
 def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> dict:
     """Run the pairing pipeline on a filter stage directory; returns reconciled stats."""
     import os
@@ -148,8 +168,9 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
     if not files:
         raise StageError(f"pair: no images parquet under {input_path} (expected a `filter` output)")
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
+        images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
         out = images | "Pair" >> PairImages(cfg)
+        out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet")
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": __import__("core.config", fromlist=["to_dict"]).to_dict(cfg)})
     return finish_stage(out_dir)

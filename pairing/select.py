@@ -40,7 +40,7 @@ def collapse_near_duplicates(images: list[dict], max_distance: int) -> tuple[lis
 
 def cosine_matrix(images: list[dict]) -> np.ndarray:
     """Cosine similarities of the stored (unit-length, float16) embeddings."""
-    emb = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in images])
+    emb = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in images])  # lists or float16 arrays
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
     return emb @ emb.T
 

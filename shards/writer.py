@@ -1,9 +1,10 @@
 """`shards`: PairRecords + their images -> webdataset pair shards, a parquet index, manifest.json.
 
-Steps: join each pair with its condition and target image (CoGroupByKey on image_id) -> build the
-sample (layout in core/sample_layout.py) -> assign it to a shard by hashing its key (the shard
-count follows from the sample count and total bytes) -> write each shard as a tar, atomically
-(temp name, then rename), recording byte offsets -> write index/ parquet, manifest.json and stats.
+Steps: join each pair with its condition and target image metadata (CoGroupByKey on image_id) ->
+a sample stub holding pointers to the image bytes -> assign it to a shard by hashing its key (the
+shard count follows from the sample count) -> per shard, fetch the bytes one parquet row group at a
+time, build the samples (layout in core/sample_layout.py) and write the tar atomically (temp name,
+then rename), recording byte offsets -> write index/ parquet, manifest.json and stats.
 """
 
 from __future__ import annotations
@@ -57,14 +58,13 @@ def _join(item, side: str):
         yield {**pair, side: images[0]}
 
 
-def build_sample(pair: dict, store_embedding: bool):
-    """A webdataset sample dict for one joined pair, or a rejected row when an image cannot be read."""
+def build_stub(pair: dict, store_embedding: bool) -> dict:
+    """A sample without its image bytes: metadata, embedding and where each image's bytes live.
+
+    The bytes are fetched by the shard writer, one row group at a time, so the shuffle moves ids
+    and metadata, never images.
+    """
     cond, target = pair["cond"], pair["target"]
-    try:
-        cond_jpg, target_jpg = layout.as_jpeg(cond["image_bytes"]), layout.as_jpeg(target["image_bytes"])
-    except Exception as err:  # noqa: BLE001 - bytes passed filter, but be safe: reject, never crash
-        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(pair["pair_id"], STAGE, BAD_IMAGE, str(err)[:200], pair["page_url"]).to_row())
-        return
     meta = {
         "pair_id": pair["pair_id"],
         "page_url": pair["page_url"],
@@ -77,14 +77,43 @@ def build_sample(pair: dict, store_embedding: bool):
         "similarity": pair["similarity"],
         "encoder": cond.get("encoder"),
     }
-    files = {layout.COND_JPG: cond_jpg, layout.TARGET_JPG: target_jpg, layout.META_JSON: json.dumps(meta, sort_keys=True).encode()}
+    stub = {"key": pair["pair_id"], "meta": meta, "npy": None, "sources": {}}
     if store_embedding and cond.get("embedding") is not None:
-        files[layout.COND_NPY] = layout.npy_bytes(cond["embedding"])
-    yield {"key": pair["pair_id"], "files": files, "meta": meta}
+        stub["npy"] = layout.npy_bytes(cond["embedding"])
+    for side, img in (("cond", cond), ("target", target)):
+        # inline bytes when the images table has them, else the pointer to the filter output
+        stub["sources"][side] = img["image_bytes"] if img.get("image_bytes") is not None else (img["bytes_file"], img["bytes_row_group"], img["image_id"])
+    return stub
+
+
+def materialise(stubs: list[dict]):
+    """Fetch the image bytes of a shard's stubs and build full samples; yields samples or
+    ("rejected", row) for a pair whose image cannot be read."""
+    from core.stageio import fetch_column
+
+    pointers = {(src[0], src[1]) for s in stubs for src in s["sources"].values() if isinstance(src, tuple)}
+    blobs = fetch_column(pointers, "image_id", "image_bytes") if pointers else {}
+    for s in stubs:
+        try:
+            jpgs = {}
+            for side, src in s["sources"].items():
+                data = src if isinstance(src, bytes) else blobs.get(src[2])
+                if data is None:
+                    raise KeyError(f"{side} bytes of {src[2]} not found in {src[0]}")
+                jpgs[side] = layout.as_jpeg(data)
+        except Exception as err:  # noqa: BLE001 - reject the pair, never crash the shard
+            reason = MISSING_IMAGE if isinstance(err, KeyError) else BAD_IMAGE
+            yield REJECTED, Rejected(s["key"], STAGE, reason, str(err)[:200], s["meta"]["page_url"]).to_row()
+            continue
+        files = {layout.COND_JPG: jpgs["cond"], layout.TARGET_JPG: jpgs["target"], layout.META_JSON: json.dumps(s["meta"], sort_keys=True).encode()}
+        if s["npy"] is not None:
+            files[layout.COND_NPY] = s["npy"]
+        yield "sample", {"key": s["key"], "files": files, "meta": s["meta"]}
 
 
 def shard_count(n_samples: int, n_bytes: int, cfg: ShardConfig) -> int:
-    """Shards needed so that, on average, none exceeds the sample or byte target."""
+    """Shards needed so that, on average, none exceeds the sample or byte target (the writer also
+    starts a new part file whenever a shard reaches the byte limit)."""
     return max(1, math.ceil(n_samples / cfg.samples_per_shard), math.ceil(n_bytes / cfg.max_shard_bytes))
 
 
@@ -131,8 +160,13 @@ class WriteShard(beam.DoFn):
         return index, {"shard": name, "samples": len(samples), "bytes": stream.n, "sha256": stream.sha.hexdigest()}
 
     def process(self, item):
-        shard_index, samples = item
-        samples = sorted(samples, key=lambda s: s["key"])
+        shard_index, stubs = item
+        samples = []
+        for tag, value in materialise(sorted(stubs, key=lambda s: s["key"])):
+            if tag == REJECTED:
+                yield beam.pvalue.TaggedOutput(REJECTED, value)
+            else:
+                samples.append(value)
         part, batch, size = 0, [], 0
         for s in samples + [None]:
             n = sum(len(v) + 512 for v in s["files"].values()) if s else 0
@@ -199,16 +233,15 @@ class WritePairShards(beam.PTransform):
             | "JoinTarget" >> beam.CoGroupByKey()
             | "AttachTarget" >> beam.FlatMap(_join, "target").with_outputs(REJECTED, main="ok")
         )
-        samples = with_both.ok | "BuildSample" >> beam.FlatMap(build_sample, self.cfg.store_embedding).with_outputs(REJECTED, main="ok")
-        n = samples.ok | "CountSamples" >> beam.combiners.Count.Globally()
-        nbytes = samples.ok | "SampleBytes" >> beam.Map(lambda s: sum(len(v) + 512 for v in s["files"].values())) | "SumBytes" >> beam.CombineGlobally(sum)
+        stubs = with_both.ok | "BuildStub" >> beam.Map(build_stub, self.cfg.store_embedding)
+        n = stubs | "CountSamples" >> beam.combiners.Count.Globally()
         written = (
-            samples.ok
-            | "AssignShard" >> beam.Map(lambda s, n, b: (int(s["key"], 16) % shard_count(n, b, self.cfg), s), beam.pvalue.AsSingleton(n), beam.pvalue.AsSingleton(nbytes))
+            stubs
+            | "AssignShard" >> beam.Map(lambda s, n: (int(s["key"], 16) % shard_count(n, 0, self.cfg), s), beam.pvalue.AsSingleton(n))
             | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.cfg)).with_outputs("summary", main="index")
+            | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.cfg)).with_outputs("summary", REJECTED, main="index")
         )
-        rejected = (with_cond[REJECTED], with_both[REJECTED], samples[REJECTED]) | "AllRejected" >> beam.Flatten()
+        rejected = (with_cond[REJECTED], with_both[REJECTED], written[REJECTED]) | "AllRejected" >> beam.Flatten()
         return {"input": pairs, "kept": written.index, "rejected": rejected, "summaries": written.summary}
 
 

@@ -1,0 +1,118 @@
+"""Scale check of pair + shards: records/s and peak memory on a synthetic record set at 1x and 10x.
+
+Each size runs in a fresh child process so that its peak RSS (ru_maxrss) is its own. Throughput
+must not fall and peak memory must not grow more than 1.5x from 1x to 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from _common import report
+
+
+def synthetic_images(n_pages: int, per_page: int, seed: int = 0) -> list[dict]:
+    """ImageRecords: per page, embeddings scattered around a page topic; distinct pHashes and URLs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for i in range(16):  # a few real small JPEGs (the bytes only travel into the shards)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    rows = []
+    for p in range(n_pages):
+        topic = rng.normal(size=64)
+        for k in range(per_page):
+            e = topic + rng.normal(scale=1.2, size=64)
+            e /= np.linalg.norm(e)
+            h = f"{int(rng.integers(0, 2**63)):016x}"
+            rows.append({
+                "image_id": f"{p:08x}{k:08x}", "page_url": f"http://site{p % 97}.example/page{p}", "image_url": f"http://site{p % 97}.example/img/{p}/{k}.jpg",
+                "alt": "", "position": k, "width": 64, "height": 64, "format": "JPEG", "sha256": h * 4, "phash": h,
+                "embedding": e.astype(np.float16).tolist(), "encoder": "synthetic", "clip_score": None, "image_bytes": blobs[(p + k) % 16],
+            })
+    return rows
+
+
+def generate(tmp: str, n_pages: int, per_page: int) -> None:
+    """Write the synthetic filter output (its own process: its memory is not the pipeline's)."""
+    import pyarrow.parquet as pq
+
+    from core.records import IMAGE_SCHEMA, rows_to_table
+
+    os.makedirs(os.path.join(tmp, "filter", "images"))
+    rows = synthetic_images(n_pages, per_page)
+    for i in range(0, len(rows), 5000):  # several input files, as a real filter output has
+        pq.write_table(rows_to_table(rows[i : i + 5000], IMAGE_SCHEMA), os.path.join(tmp, "filter", "images", f"part-{i:08d}.parquet"), row_group_size=1000)
+
+
+def child(tmp: str) -> None:
+    from core.config import PairConfig, ShardConfig
+    from pairing.pipeline import run_pair
+    from shards.writer import run_shards
+
+    start = time.perf_counter()
+    pair_stats = run_pair(os.path.join(tmp, "filter"), os.path.join(tmp, "pair"), PairConfig(sim_low=0.0, sim_high=0.99))
+    shard_stats = run_shards(os.path.join(tmp, "pair"), os.path.join(tmp, "shards"), ShardConfig(samples_per_shard=2000))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds}))
+
+
+def run_size(n_pages: int, per_page: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, __file__, "--generate", tmp, "--pages", str(n_pages), "--per-page", str(per_page)], check=True)
+        proc = subprocess.Popen([sys.executable, __file__, "--child", tmp], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+        if status != 0:
+            raise SystemExit(f"pipeline child failed with status {status}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def main() -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pages", type=int, default=500, help="pages at 1x")
+    ap.add_argument("--per-page", type=int, default=4)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--generate", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.generate:
+        generate(args.generate, args.pages, args.per_page)
+        return {}
+    if args.child:
+        child(args.child)
+        return {}
+    small = run_size(args.pages, args.per_page)
+    big = run_size(args.pages * 10, args.per_page)
+    r1, r10 = small["images"] / small["seconds"], big["images"] / big["seconds"]
+    mem = big["peak_rss_mb"] / small["peak_rss_mb"]
+    res = report(
+        "pair + shards scale (1x -> 10x)",
+        [
+            ("1x images", small["images"], "records"), ("1x pairs", small["pairs"], "pairs"), ("1x throughput", r1, "records/s"), ("1x peak RSS", small["peak_rss_mb"], "MB"),
+            ("10x images", big["images"], "records"), ("10x pairs", big["pairs"], "pairs"), ("10x throughput", r10, "records/s"), ("10x peak RSS", big["peak_rss_mb"], "MB"),
+            ("peak memory growth 10x/1x (limit 1.5)", mem, "x"),
+        ],
+        r10 / r1,
+        1.0,
+    )
+    print(f"  memory growth {mem:.2f}x ({'within' if mem <= 1.5 else 'ABOVE'} the 1.5x limit)")
+    res["memory_growth"] = mem
+    return res
+
+
+if __name__ == "__main__":
+    main()
