@@ -163,3 +163,21 @@ def test_extract_on_test_web_rejects_refused_links(tmp_path, test_web):
     assert links.groupby(["page_url", "image_url"]).size().max() == 1
     assert stats["rejected"]["duplicate_link"] >= 12  # og:image and <picture> repeats
     assert read_stats(str(tmp_path / "allow"))["input"] == stats["input"]
+
+
+def test_truncated_and_non_html_records_survive(tmp_path, warc_dir):
+    """A WARC cut in the middle keeps the pages before the cut; non-HTML responses are skipped."""
+    from crawl.extract import run_extract
+    from crawl.warc import iter_file
+
+    src = os.path.join(warc_dir, "books.toscrape.warc")  # 1 HTML page + its JPEG, CSS and JS responses
+    counters = {}
+    pages = list(iter_file(src, counters))
+    assert len(pages) == 1 and counters["skipped_non_html"] >= 20  # the 20 JPEGs (and CSS/JS)
+    data = open(src, "rb").read()
+    cut = tmp_path / "cut.warc"
+    cut.write_bytes(data[: len(data) // 3])
+    stats = run_extract(str(cut), str(tmp_path / "out"), CrawlConfig())
+    assert stats["kept"] == 20  # the page came before the cut
+    (tmp_path / "empty.warc").write_bytes(b"")
+    assert run_extract(str(tmp_path / "empty.warc"), str(tmp_path / "out2"), CrawlConfig())["input"] == 0

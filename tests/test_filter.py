@@ -141,3 +141,22 @@ def test_filter_stage_on_test_web(tmp_path, download_dir, test_web):
     # an optional minimum CLIP score rejects with its own reason, and counts still reconcile
     strict = run_filter(download_dir, str(tmp_path / "strict"), FilterConfig(encoder="tiny-clip", min_clip_score=float(np.median(images.clip_score))))
     assert strict["rejected"]["low_clip_score"] >= len(images) // 2 - 1
+
+
+def test_timm_encoder_from_a_local_weights_file(tmp_path, photos_dir):
+    """The timm path of the registry, offline: weights come from a local file, never a hub."""
+    import timm
+    import torch
+
+    from core.encoders import load_encoder
+
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    path = tmp_path / "resnet10t.pth"
+    torch.save(model.state_dict(), path)
+    enc = load_encoder("timm:resnet10t", str(path))
+    x = enc.preprocess(Image.open(os.path.join(photos_dir, "n01440764_tench.JPEG")))
+    emb = enc.embed_images(x[None])
+    assert emb.shape == (1, model.num_features) and abs(np.linalg.norm(emb) - 1) < 1e-5
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(model.eval()(torch.from_numpy(x[None])), dim=-1).numpy()
+    assert np.allclose(emb, ref, atol=1e-5)  # the file's weights were the ones loaded
