@@ -57,7 +57,8 @@ class FilterConfig:
     phash_size: int = 8  # imagehash hash_size: 8 gives 64-bit pHash
     encoder: str = "open_clip:ViT-B-32"  # name in core.encoders; see `webpairs encoders`
     encoder_weights: str = ""  # local weights file; empty means the encoder's default offline source
-    batch_size: int = 32  # RunInference batch size
+    batch_size: int = 32  # RunInference batch size cap (BatchElements adapts below it) ...
+    fixed_batch: bool = False  # ... or exactly this size per batch (the last one may be smaller)
     min_clip_score: Optional[float] = None  # off by default; LAION used 0.28 for ViT-B/32
 
 

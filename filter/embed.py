@@ -35,9 +35,9 @@ def score_batch(encoder: Encoder, pixels: np.ndarray, alts: Sequence[Optional[st
 class EncoderModelHandler(ModelHandler[Example, Prediction, Encoder]):
     """RunInference handler for any encoder of the registry."""
 
-    def __init__(self, name: str, weights: str = "", batch_size: int = 32):
+    def __init__(self, name: str, weights: str = "", batch_size: int = 32, fixed_batch: bool = False):
         super().__init__()
-        self.name, self.weights, self.batch_size = name, weights, batch_size
+        self.name, self.weights, self.batch_size, self.fixed_batch = name, weights, batch_size, fixed_batch
 
     def load_model(self) -> Encoder:
         import torch
@@ -50,7 +50,7 @@ class EncoderModelHandler(ModelHandler[Example, Prediction, Encoder]):
         return score_batch(model, pixels, [b[1] for b in batch])
 
     def batch_elements_kwargs(self) -> dict:
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+        return {"min_batch_size": self.batch_size if self.fixed_batch else 1, "max_batch_size": self.batch_size}
 
     def get_metrics_namespace(self) -> str:
         return "filter_encoder"

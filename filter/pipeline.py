@@ -101,7 +101,7 @@ class FilterImages(beam.PTransform):
         size, mean, std = self.encoder_info or (0, (0.5,) * 3, (0.5,) * 3)
         checked = rows | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std)).with_outputs(REJECTED, main="valid")
         if size:
-            handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size))
+            handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size, self.cfg.fixed_batch))
             embedded = (
                 checked.valid
                 | "Embed" >> RunInference(handler)
