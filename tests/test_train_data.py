@@ -1,0 +1,43 @@
+"""The pair loader: one epoch over all ranks and workers sees every sample exactly once."""
+
+import collections
+
+import pytest
+
+from train.data import DataConfig, PairStream, assign, make_loader
+
+
+def test_assignment_is_disjoint_and_complete():
+    urls = [f"s{i}.tar" for i in range(7)]
+    for world, workers in ((1, 1), (2, 1), (2, 2), (3, 2), (4, 2)):
+        parts = [assign(urls, 0, r, world, w, workers) for r in range(world) for w in range(workers)]
+        if len(urls) >= world * workers:  # whole shards, each to exactly one reader
+            owned = [u for mine, (mod, _) in parts for u in mine]
+            assert sorted(owned) == urls and all(mod == 1 for _, (mod, _) in parts)
+        else:  # every reader opens all shards and keeps every N-th sample: remainders 0..N-1 once each
+            assert sorted(rem for _, (mod, rem) in parts) == list(range(world * workers))
+            assert all(mine == urls and mod == world * workers for mine, (mod, _) in parts)
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (2, 2), (3, 2)])
+def test_one_epoch_every_sample_once_across_ranks(pipeline_dirs, world, workers):
+    import webdataset as wds
+
+    from train.data import shard_urls
+
+    shards = pipeline_dirs["shards"]
+    all_keys = [s["__key__"] for s in wds.WebDataset(shard_urls(shards), shardshuffle=False)]
+    seen = collections.Counter()
+    for rank in range(world):
+        cfg = DataConfig(shards=shards, batch_size=4, num_workers=workers, shuffle_buffer=8)
+        for x, cond, keys in make_loader(cfg, rank, world, epochs=1):
+            assert x.shape[1:] == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+            assert cond.shape[1] == 1280
+            seen.update(keys)
+    assert sorted(seen) == sorted(all_keys) and max(seen.values()) == 1
+
+
+def test_self_pairing_computes_the_targets_own_embedding(pipeline_dirs):
+    cfg = DataConfig(shards=pipeline_dirs["shards"], pairing="self", encoder="tiny-clip", num_workers=0, shuffle_buffer=1)
+    x, cond, key = next(iter(PairStream(cfg, epochs=1)))
+    assert cond.shape == (64,) and abs(float(cond.norm()) - 1) < 1e-4

@@ -1,0 +1,161 @@
+"""Stream pair shards (webdataset, local or fsspec URLs) into training batches.
+
+Every (rank, loader worker) reads a disjoint part of the data: whole shards when there are at
+least as many shards as readers, otherwise every N-th sample of every shard (so a small dataset
+still feeds every rank). A shuffle buffer mixes samples; the target is augmented (random crop and
+horizontal flip). The condition is the stored embedding (`{key}.cond.npy`) when the shard's
+encoder matches, else it is computed on the loader worker by the frozen encoder of the registry;
+with `pairing="self"` the condition is the target image's own embedding (the reconstruction
+baseline of the Semantica paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core import sample_layout as layout
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the loader reads and how."""
+
+    shards: str  # a shards directory, a glob, or a brace pattern / list of URLs
+    image_size: int = 32
+    batch_size: int = 8
+    pairing: str = "same-page"  # or "self"
+    encoder: str = ""  # encoder for computed conditions; "" = the shards' encoder (stored embeddings)
+    encoder_weights: str = ""
+    shuffle_buffer: int = 256
+    num_workers: int = 1  # DataLoader worker processes per rank
+    seed: int = 0
+
+
+def shard_urls(spec: str) -> list[str]:
+    """The tar files of a shards directory or glob; URLs (s3://, http://...) are passed through."""
+    if "://" in spec and not spec.startswith("file://"):
+        return [spec]
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+    return sorted(glob.glob(spec))
+
+
+def shards_encoder(spec: str) -> Optional[str]:
+    """The encoder named in the shards' manifest.json, if there is one."""
+    path = os.path.join(spec, layout.MANIFEST) if os.path.isdir(spec) else None
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh).get("encoder")
+    return None
+
+
+def assign(urls: list[str], n_samples_hint: int, rank: int, world: int, worker: int, workers: int):
+    """(shards this reader opens, (modulus, remainder) of sample indices it keeps within them)."""
+    readers, me = world * workers, rank * workers + worker
+    if len(urls) >= readers:
+        return urls[me::readers], (1, 0)
+    return urls, (readers, me)
+
+
+def augment(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Random square crop (at least 80 % of the short side), resize, random flip -> (3,S,S) in [-1,1]."""
+    w, h = img.size
+    side = int(min(w, h) * rng.uniform(0.8, 1.0))
+    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def center(img: Image.Image, size: int) -> np.ndarray:
+    """Centre square crop, resize -> (3,S,S) in [-1,1] (evaluation and sampling)."""
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)).resize((size, size), Image.BICUBIC)
+    return np.ascontiguousarray((np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1))
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """Yields (target (3,S,S), condition embedding (D,), key) for one rank, endlessly (epochs)."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world: int = 1, epochs: Optional[int] = None):
+        super().__init__()
+        self.cfg, self.rank, self.world, self.epochs = cfg, rank, world, epochs
+        self.urls = shard_urls(cfg.shards)
+        if not self.urls:
+            raise FileNotFoundError(f"no pair shards (*.tar) found at {cfg.shards}")
+        stored = shards_encoder(cfg.shards)
+        self.use_stored = cfg.pairing == "same-page" and (not cfg.encoder or cfg.encoder == stored)
+        self.encoder_name = cfg.encoder or stored or ""
+
+    def _samples(self, urls: list[str]) -> Iterator[dict]:
+        import webdataset as wds
+
+        for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+            yield sample
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        urls, (mod, rem) = assign(self.urls, 0, self.rank, self.world, worker, workers)
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker])
+        encoder = None
+        if not self.use_stored:
+            from core.encoders import load_encoder
+
+            encoder = load_encoder(self.encoder_name, self.cfg.encoder_weights)
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            order = list(urls)
+            rng.shuffle(order)
+            buffer: list = []
+            for i, s in enumerate(self._samples(order if mod == 1 else urls)):
+                if mod > 1 and (i % mod) != rem:
+                    continue
+                buffer.append(s)
+                if len(buffer) >= self.cfg.shuffle_buffer:
+                    yield self._decode(buffer.pop(int(rng.integers(len(buffer)))), rng, encoder)
+            rng.shuffle(buffer)
+            for s in buffer:
+                yield self._decode(s, rng, encoder)
+            epoch += 1
+
+    def _decode(self, s: dict, rng, encoder):
+        target = Image.open(io.BytesIO(s[layout.TARGET_JPG])).convert("RGB")
+        x = augment(target, self.cfg.image_size, rng)
+        if encoder is None:
+            cond = np.load(io.BytesIO(s[layout.COND_NPY])).astype(np.float32)
+        else:
+            source = target if self.cfg.pairing == "self" else Image.open(io.BytesIO(s[layout.COND_JPG])).convert("RGB")
+            cond = encoder.embed_images(encoder.preprocess(source)[None])[0]
+        return torch.from_numpy(x), torch.from_numpy(cond), s["__key__"]
+
+
+def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, epochs: Optional[int] = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over this rank's part of the shards (decoding in `num_workers` processes)."""
+    ds = PairStream(cfg, rank, world, epochs)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0 and epochs is None, prefetch_factor=4 if cfg.num_workers > 0 else None)
+
+
+def condition_dim(cfg: DataConfig) -> int:
+    """Dimension of the condition embeddings this config produces."""
+    ds = PairStream(cfg)
+    if ds.use_stored:
+        import webdataset as wds
+
+        for s in wds.WebDataset(ds.urls[:1], shardshuffle=False, empty_check=False):
+            return int(np.load(io.BytesIO(s[layout.COND_NPY])).shape[0])
+    from core.encoders import load_encoder
+
+    return load_encoder(ds.encoder_name, cfg.encoder_weights).dim
