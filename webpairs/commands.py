@@ -278,4 +278,45 @@ def cmd_demo(args, beam_args) -> int:
     return 0
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_run]
+def register_train(sub, handlers) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the image-conditioned diffusion model on pair shards with Ray Train (DDP)",
+        description=(
+            "Train the Semantica-style diffusion model: it denoises the target image given the frozen embedding of the "
+            "condition image (stored in the shards, or computed with --encoder). Runs a Ray TorchTrainer (an embedded "
+            "ray.init() unless --ray-address). Checkpoints (safetensors + optimizer) go to RUN_DIR/train; rerunning with "
+            "the same --out resumes from the latest one. Logs: RUN_DIR/metrics.jsonl and RUN_DIR/tensorboard."
+        ),
+    )
+    p.add_argument("input", help="a `webpairs shards` output directory (or a glob of .tar shards)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
+    p.add_argument("--config", help="YAML with `train` keys (see train/train.py TrainConfig)")
+    p.add_argument("--workers", type=int, help="Ray Train workers / DDP ranks (default 2)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
+    p.add_argument("--preset", help="model size: tiny (CPU tests), small, base, large")
+    p.add_argument("--batch-size", type=int, help="per worker (default 8)")
+    p.add_argument("--pairing", choices=["same-page", "self"], help="condition on the paired image (default) or on the target itself")
+    p.add_argument("--encoder", help="compute conditions with this encoder instead of the stored embeddings")
+    handlers["train"] = cmd_train
+
+
+def cmd_train(args, _beam_args) -> int:
+    from train.train import TrainConfig, run_training
+    from webpairs.errors import UserError
+
+    try:
+        cfg = config.load(TrainConfig, args.config, section="train", workers=args.workers, use_gpu=True if args.use_gpu else None, steps=args.steps, preset=args.preset, batch_size=args.batch_size, pairing=args.pairing, encoder=args.encoder)
+    except config.ConfigError as err:
+        raise UserError(str(err)) from err
+    try:
+        out = run_training(args.input, args.out, cfg, args.ray_address)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    print(f"trained to step {out['step']} (loss {out['loss']:.4f}); checkpoint: {out['checkpoint']}")
+    return 0
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_run, register_train]

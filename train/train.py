@@ -1,0 +1,213 @@
+"""`webpairs train`: Ray Train (TorchTrainer, DDP) training of the image-conditioned diffusion model.
+
+main phases: (1) config and Ray; (2) TorchTrainer with ScalingConfig/RunConfig; per worker:
+(3) model, EMA, optimizer, restored from the latest checkpoint if any; (4) the step loop:
+stream batches, v-prediction loss with CFG dropout, gradient accumulation and clipping, EMA;
+(5) every `checkpoint_every` steps and at the end: safetensors weights + optimizer + step, reported
+to Ray (every rank reports; rank 0 attaches the checkpoint). A rerun with the same RUN_DIR resumes,
+and so does Ray after a worker dies (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Optional
+
+log = logging.getLogger(__name__)
+RUN_NAME = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Trainer settings (YAML section `train`)."""
+
+    preset: str = "tiny"  # model size, see train/models.py PRESETS
+    steps: int = 200  # optimizer steps in total (a resumed run continues to this number)
+    batch_size: int = 8  # per worker and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 2e-4
+    warmup: int = 20  # linear warm-up steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1  # probability of the null condition (classifier-free guidance)
+    prediction: str = "v_prediction"  # or "epsilon"
+    pairing: str = "same-page"  # or "self": condition on the target itself (reconstruction baseline)
+    encoder: str = ""  # "" = use the embeddings stored in the shards; else compute with this encoder
+    encoder_weights: str = ""
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    loader_workers: int = 1  # DataLoader processes per rank
+    shuffle_buffer: int = 256
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_failures: int = 2  # worker-group restarts Ray may do (resuming from the last checkpoint)
+    seed: int = 0
+    fail_at_step: int = -1  # testing only: rank 1 exits once at this step (fault tolerance test)
+
+
+def _save(folder: str, model, ema, opt, step: int, cfg: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, os.path.join(folder, "ema.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
+    with open(os.path.join(folder, "state.json"), "w") as fh:
+        json.dump({"step": step, "config": cfg}, fh)
+
+
+def load_checkpoint_dir(folder: str, model, ema=None, opt=None) -> int:
+    """Load weights (and EMA, optimizer when given) from a checkpoint folder; returns its step."""
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    if ema is not None:
+        ema.model.load_state_dict(load_file(os.path.join(folder, "ema.safetensors")))
+    if opt is not None:
+        opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=False))
+    with open(os.path.join(folder, "state.json")) as fh:
+        return int(json.load(fh)["step"])
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    from ray.train.torch import prepare_model
+
+    from train.data import DataConfig, make_loader
+    from train.diffusion import EMA, diffusion_loss, make_scheduler
+    from train.models import build_model
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = config["run_dir"]
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
+    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+
+    # (3) model, EMA, optimizer; restore
+    model = build_model(cfg.preset, config["cond_dim"]).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            step = load_checkpoint_dir(folder, model, ema, opt)
+        if rank == 0:
+            log.info("resumed from step %d", step)
+    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup))  # noqa: E731
+    ddp_model = prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    scheduler = make_scheduler(cfg.prediction)
+    data = DataConfig(shards=config["shards"], image_size=model.preset.image_size, batch_size=cfg.batch_size, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights, shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.loader_workers, seed=cfg.seed + step)
+    batches = iter(make_loader(data, rank, world))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank * 100003 + step)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    # (4) step loop
+    start, window = time.time(), []
+    while step < cfg.steps:
+        if cfg.fail_at_step == step and rank == 1 and not os.path.exists(os.path.join(run_dir, ".failed_once")):
+            open(os.path.join(run_dir, ".failed_once"), "w").close()
+            os._exit(1)  # simulate a crashed worker (fault-tolerance test)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, cond, _ = next(batches)
+            with autocast:
+                loss = diffusion_loss(ddp_model, scheduler, x.to(device), cond.to(device), cfg.p_uncond, generator) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        step += 1
+        window.append(total)
+        if rank == 0:
+            writer.add_scalar("loss", total, step)
+            writer.add_scalar("lr", lr_at(step - 1), step)
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps({"step": step, "loss": total}) + "\n")
+            if step % cfg.log_every == 0:
+                dt = time.time() - start
+                sps = len(window) / dt
+                log.info("(step=%07d) loss=%.4f steps/s=%.2f samples/s=%.1f", step, sum(window) / len(window), sps, sps * cfg.batch_size * cfg.grad_accum * world)
+                start, window = time.time(), []
+        # (5) checkpoints
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            metrics = {"step": step, "loss": total}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    _save(folder, model, ema, opt, step, config["train"])
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
+
+
+def run_training(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str] = None) -> dict:
+    """Train with Ray Train; returns {"step", "checkpoint", "loss"} of the final result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from train.data import DataConfig, condition_dim, shard_urls
+
+    # (1) config and Ray
+    if not shard_urls(shards):
+        raise FileNotFoundError(f"no pair shards (*.tar) at {shards} (expected a `webpairs shards` output)")
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    cond_dim = condition_dim(DataConfig(shards=shards, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights))
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}})
+    # (2) the trainer
+    threads = max(1, (os.cpu_count() or 2) // max(1, cfg.workers))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "threads_per_worker": threads},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            storage_path=run_dir,
+            name=RUN_NAME,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    out = {"step": result.metrics.get("step"), "loss": result.metrics.get("loss"), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    with open(os.path.join(run_dir, "latest.json"), "w") as fh:
+        json.dump(out, fh, indent=2)
+    return out
+
+
+def smoothed(losses: list[float], window: int = 10) -> list[float]:
+    """Moving average (for judging a noisy diffusion loss)."""
+    return [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+
+
+def read_losses(run_dir: str) -> list[tuple[int, float]]:
+    """(step, loss) pairs rank 0 logged, in order."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [(d["step"], d["loss"]) for d in map(json.loads, fh)]
+
+
