@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
             writer.add_scalar("loss", total, step)
             writer.add_scalar("lr", lr_at(step - 1), step)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": total}) + "\n")
+                fh.write(json.dumps({"step": step, "loss": total, "time": time.time()}) + "\n")
             if step % cfg.log_every == 0:
                 dt = time.time() - start
                 sps = len(window) / dt
