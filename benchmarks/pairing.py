@@ -66,20 +66,21 @@ def child(tmp: str) -> None:
     pair_stats = run_pair(os.path.join(tmp, "filter"), os.path.join(tmp, "pair"), PairConfig(sim_low=0.0, sim_high=0.99))
     shard_stats = run_shards(os.path.join(tmp, "pair"), os.path.join(tmp, "shards"), ShardConfig(samples_per_shard=2000))
     seconds = time.perf_counter() - start
-    print(json.dumps({"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds}))
+    # VmHWM: peak RSS of this process's own address space (ru_maxrss would include the parent's
+    # peak, which survives fork and exec, so run_all's big parent would leak into it)
+    with open("/proc/self/status") as fh:
+        hwm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    print(json.dumps({"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": hwm_kb / 1024}))
 
 
 def run_size(n_pages: int, per_page: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, __file__, "--generate", tmp, "--pages", str(n_pages), "--per-page", str(per_page)], check=True)
         proc = subprocess.Popen([sys.executable, __file__, "--child", tmp], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-        if status != 0:
-            raise SystemExit(f"pipeline child failed with status {status}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"pipeline child failed with status {proc.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main() -> dict:

@@ -65,3 +65,18 @@ def test_loss_falls_when_overfitting_a_batch_and_ema_follows():
     assert sum(losses[-5:]) / 5 < 0.65 * losses[0]  # 0.78 -> 0.42 seen
     p, e = m.unet.conv_in.weight, ema.model.unet.conv_in.weight
     assert not torch.equal(p, e) and not e.requires_grad
+
+
+def test_sampler_is_deterministic_and_guidance_zero_ignores_the_condition(model):
+    from train.sample import grid, sample, to_pil
+
+    cond = torch.randn(2, 16)
+    a = sample(model, cond, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    b = sample(model, cond, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0), sampler="ddim")
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and a.abs().max() <= 1
+    u1 = sample(model, cond, steps=4, guidance=0.0, generator=torch.Generator().manual_seed(0))
+    u2 = sample(model, torch.randn(2, 16), steps=4, guidance=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(u1, u2, atol=1e-5)  # unconditional: the embedding does not matter
+    assert sample(model, cond, steps=4, sampler="dpm", generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
+    sheet = grid(to_pil(a) + to_pil(u1), cols=2)
+    assert sheet.size == (64, 64)

@@ -21,7 +21,7 @@ def ray_session():
 
 def test_train_checkpoint_and_resume(tmp_path, pipeline_dirs, ray_session):
     run = str(tmp_path / "run")
-    cfg = TrainConfig(steps=40, checkpoint_every=20, log_every=10, seed=0)
+    cfg = TrainConfig(steps=40, checkpoint_every=20, log_every=10, seed=0, sample_every=20, sample_steps=5)
     out = run_training(pipeline_dirs["shards"], run, cfg)
     assert out["step"] == 40 and out["checkpoint"]
     losses = [l for _, l in read_losses(run)]
@@ -39,6 +39,11 @@ def test_train_checkpoint_and_resume(tmp_path, pipeline_dirs, ray_session):
     assert int(next(iter(opt_state["state"].values()))["step"]) == 50  # Adam's count went on: state was restored
     assert len([d for d in glob.glob(os.path.join(run, "train", "checkpoint_*")) if os.path.isdir(d)]) == 2  # num_to_keep
     assert os.listdir(os.path.join(run, "tensorboard"))
+    from PIL import Image
+
+    grids = sorted(os.listdir(os.path.join(run, "samples")))
+    assert grids == ["step_0000020.png", "step_0000040.png"]  # EMA sample grids of fixed conditions
+    assert Image.open(os.path.join(run, "samples", grids[0])).size == (4 * 32, 2 * 32)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, pipeline_dirs, ray_session):

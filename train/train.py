@@ -47,6 +47,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 10
+    sample_every: int = 100  # EMA sample grid of fixed condition images every N steps (0: off)
+    sample_steps: int = 20  # sampler steps for those grids
+    sample_conditions: int = 4  # fixed condition images in the grid
     max_failures: int = 2  # worker-group restarts Ray may do (resuming from the last checkpoint)
     seed: int = 0
     fail_at_step: int = -1  # testing only: rank 1 exits once at this step (fault tolerance test)
@@ -75,6 +78,38 @@ def load_checkpoint_dir(folder: str, model, ema=None, opt=None) -> int:
         opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=False))
     with open(os.path.join(folder, "state.json")) as fh:
         return int(json.load(fh)["step"])
+
+
+def _fixed_conditions(data, n: int, device):
+    """The first n (condition image, embedding) pairs of the shards, in a fixed order."""
+    import dataclasses as dc
+
+    import torch
+
+    from train.data import PairStream
+
+    stream = PairStream(dc.replace(data, num_workers=0, shuffle_buffer=1), epochs=1)
+    conds, targets = [], []
+    for x, cond, _ in stream:
+        conds.append(cond)
+        targets.append(x)
+        if len(conds) == n:
+            break
+    return torch.stack(conds).to(device), torch.stack(targets)
+
+
+def _sample_grid(model, fixed, cfg: TrainConfig, step: int, run_dir: str, writer) -> None:
+    """Row 1: the targets paired with the fixed conditions; row 2: EMA samples for those conditions."""
+    import torch
+
+    from train.sample import as_uint8, grid, sample, to_pil
+
+    cond, targets = fixed
+    images = sample(model, cond, steps=cfg.sample_steps, guidance=3.0, prediction=cfg.prediction, generator=torch.Generator().manual_seed(0))
+    sheet = grid(to_pil(targets) + to_pil(images), cols=len(cond))
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    sheet.save(os.path.join(run_dir, "samples", f"step_{step:07d}.png"))
+    writer.add_image("ema_samples", as_uint8(sheet), step, dataformats="HWC")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -116,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    fixed = _fixed_conditions(data, cfg.sample_conditions, device) if rank == 0 and cfg.sample_every > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     # (4) step loop
@@ -149,6 +185,8 @@ def train_loop_per_worker(config: dict) -> None:
                 sps = len(window) / dt
                 log.info("(step=%07d) loss=%.4f steps/s=%.2f samples/s=%.1f", step, sum(window) / len(window), sps, sps * cfg.batch_size * cfg.grad_accum * world)
                 start, window = time.time(), []
+        if fixed is not None and step % cfg.sample_every == 0:
+            _sample_grid(ema.model, fixed, cfg, step, run_dir, writer)
         # (5) checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {"step": step, "loss": total}
