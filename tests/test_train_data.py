@@ -41,3 +41,27 @@ def test_self_pairing_computes_the_targets_own_embedding(pipeline_dirs):
     cfg = DataConfig(shards=pipeline_dirs["shards"], pairing="self", encoder="tiny-clip", num_workers=0, shuffle_buffer=1)
     x, cond, key = next(iter(PairStream(cfg, epochs=1)))
     assert cond.shape == (64,) and abs(float(cond.norm()) - 1) < 1e-4
+
+
+def test_shards_stream_from_an_fsspec_url(pipeline_dirs):
+    """Shards on a non-local filesystem (fsspec memory://, standing in for s3:// or gs://)."""
+    import glob
+    import os
+
+    import fsspec
+
+    from train.data import condition_dim, shard_urls
+
+    mem = fsspec.filesystem("memory")
+    local = sorted(glob.glob(os.path.join(pipeline_dirs["shards"], "*.tar")))
+    for f in local[:2] + [os.path.join(pipeline_dirs["shards"], "manifest.json")]:
+        mem.pipe(f"/remote-shards/{os.path.basename(f)}", open(f, "rb").read())
+    urls = shard_urls("memory://remote-shards")
+    assert [u.rsplit("/", 1)[-1] for u in urls] == [os.path.basename(f) for f in local[:2]]
+    cfg = DataConfig(shards="memory://remote-shards", num_workers=0, shuffle_buffer=2, batch_size=4)
+    assert condition_dim(cfg) == 1280  # stored embeddings: the manifest's encoder was found remotely
+    keys = [k for _, _, keys in make_loader(cfg, epochs=1) for k in keys]
+    import webdataset as wds
+
+    expected = [s["__key__"] for s in wds.WebDataset(local[:2], shardshuffle=False)]
+    assert sorted(keys) == sorted(expected)

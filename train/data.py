@@ -40,22 +40,56 @@ class DataConfig:
     seed: int = 0
 
 
+def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def register_fsspec_schemes() -> None:
+    """Let webdataset open every fsspec URL (s3://, gs://, az://, memory://, ...) it has no opener for.
+
+    webdataset's own openers shell out to curl/gsutil; fsspec reads through Python clients instead.
+    """
+    import sys
+
+    import fsspec
+    import webdataset  # noqa: F401 - loads webdataset.gopen
+
+    schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    for protocol in fsspec.available_protocols():
+        if protocol not in schemes and protocol not in ("file", "local"):
+            schemes[protocol] = _fsspec_open
+    schemes["gs"] = schemes["gcs"] = _fsspec_open  # instead of a gsutil subprocess
+
+
 def shard_urls(spec: str) -> list[str]:
-    """The tar files of a shards directory or glob; URLs (s3://, http://...) are passed through."""
+    """The tar files of a shards directory, glob or URL (local or any fsspec URL)."""
     if "://" in spec and not spec.startswith("file://"):
-        return [spec]
+        import fsspec
+
+        fs, _, paths = fsspec.get_fs_token_paths(spec)
+        if len(paths) == 1 and fs.isdir(paths[0]):
+            paths = [p for p in fs.ls(paths[0], detail=False) if p.endswith(".tar")]
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return sorted(p if "://" in p else f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}" for p in paths)
+    spec = spec[7:] if spec.startswith("file://") else spec
     if os.path.isdir(spec):
         return sorted(glob.glob(os.path.join(spec, "*.tar")))
     return sorted(glob.glob(spec))
 
 
 def shards_encoder(spec: str) -> Optional[str]:
-    """The encoder named in the shards' manifest.json, if there is one."""
-    path = os.path.join(spec, layout.MANIFEST) if os.path.isdir(spec) else None
-    if path and os.path.exists(path):
-        with open(path) as fh:
+    """The encoder named in the shards' manifest.json (local or fsspec folder), if there is one."""
+    import fsspec
+
+    if any(ch in spec for ch in "*?{"):
+        return None
+    try:
+        with fsspec.open(spec.rstrip("/") + "/" + layout.MANIFEST) as fh:
             return json.load(fh).get("encoder")
-    return None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return None
 
 
 def assign(urls: list[str], n_samples_hint: int, rank: int, world: int, worker: int, workers: int):
@@ -102,6 +136,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def _samples(self, urls: list[str]) -> Iterator[dict]:
         import webdataset as wds
 
+        register_fsspec_schemes()
         for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
             yield sample
 
@@ -154,6 +189,7 @@ def condition_dim(cfg: DataConfig) -> int:
     if ds.use_stored:
         import webdataset as wds
 
+        register_fsspec_schemes()
         for s in wds.WebDataset(ds.urls[:1], shardshuffle=False, empty_check=False):
             return int(np.load(io.BytesIO(s[layout.COND_NPY])).shape[0])
     from core.encoders import load_encoder

@@ -41,11 +41,17 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         self.decay = decay
+        self.updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        """Move towards `model`; the decay warms up as min(decay, (1+n)/(10+n)) so that early
+        EMA weights are not stuck at the random initialisation."""
+        n = self.updates if step is None else step
+        decay = min(self.decay, (1 + n) / (10 + n))
+        self.updates += 1
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
+            e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)

@@ -172,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(model)
+        ema.update(model, step)
         step += 1
         window.append(total)
         if rank == 0:
