@@ -22,6 +22,15 @@ def _run_stage(fn, stage_name: str, *args, **kwargs) -> int:
     return 0
 
 
+def _load_config(cls, args, section: str):
+    """The stage config: YAML file (args.config) overridden by every command-line flag the user
+    gave whose name is a field of `cls` (flags default to None, so an absent flag changes nothing)."""
+    import dataclasses
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return config.load(cls, args.config, section=section, **overrides)
+
+
 def _allow_hosts_arg(p) -> None:
     p.add_argument(
         "--allow-hosts",
@@ -78,7 +87,7 @@ def register_crawl(sub, handlers) -> None:
 def cmd_crawl_extract(args, beam_args) -> int:
     from crawl.extract import run_extract
 
-    cfg = config.load(config.CrawlConfig, args.config, section="crawl", allow_hosts=args.allow_hosts)
+    cfg = _load_config(config.CrawlConfig, args, "crawl")
     return _run_stage(run_extract, "crawl extract", args.input, args.out, cfg, beam_args)
 
 
@@ -89,20 +98,7 @@ def cmd_crawl_download(args, beam_args) -> int:
         raise UserError(f"unrecognized arguments: {' '.join(beam_args)} (download runs img2dataset, not Beam)")
     from crawl.download import run_download
 
-    cfg = config.load(
-        config.DownloadConfig,
-        args.config,
-        section="download",
-        allow_hosts=args.allow_hosts,
-        processes=args.processes,
-        threads=args.threads,
-        timeout=args.timeout,
-        retries=args.retries,
-        resize_mode=args.resize_mode,
-        image_size=args.image_size,
-        samples_per_shard=args.samples_per_shard,
-        distributor=args.distributor,
-    )
+    cfg = _load_config(config.DownloadConfig, args, "download")
     return _run_stage(run_download, "crawl download", args.input, args.out, cfg)
 
 
@@ -128,17 +124,7 @@ def register_filter(sub, handlers) -> None:
 def cmd_filter(args, beam_args) -> int:
     from filter.pipeline import run_filter
 
-    cfg = config.load(
-        config.FilterConfig,
-        args.config,
-        section="filter",
-        encoder=args.encoder,
-        encoder_weights=args.encoder_weights,
-        batch_size=args.batch_size,
-        min_side=args.min_side,
-        max_aspect=args.max_aspect,
-        min_clip_score=args.min_clip_score,
-    )
+    cfg = _load_config(config.FilterConfig, args, "filter")
     return _run_stage(run_filter, "filter", args.input, args.out, cfg, beam_args)
 
 
@@ -167,7 +153,7 @@ def register_pair(sub, handlers) -> None:
     )
     p.add_argument("--samples-per-shard", type=int, help="target samples per shard (default 1000)")
     p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file (default 256 MiB)")
-    p.add_argument("--no-embedding", action="store_true", help="do not store the condition embedding ({key}.cond.npy)")
+    p.add_argument("--no-embedding", dest="store_embedding", action="store_false", default=None, help="do not store the condition embedding ({key}.cond.npy)")
     handlers["shards"] = cmd_shards
     cmd_shards.accepts_beam_args = True
 
@@ -175,7 +161,7 @@ def register_pair(sub, handlers) -> None:
 def cmd_pair(args, beam_args) -> int:
     from pairing.pipeline import run_pair
 
-    cfg = config.load(config.PairConfig, args.config, section="pair", boilerplate_pages=args.boilerplate_pages, sim_low=args.sim_low, sim_high=args.sim_high, max_pairs_per_page=args.max_pairs_per_page, seed=args.seed)
+    cfg = _load_config(config.PairConfig, args, "pair")
     if cfg.sim_low > cfg.sim_high:
         from webpairs.errors import UserError
 
@@ -186,7 +172,7 @@ def cmd_pair(args, beam_args) -> int:
 def cmd_shards(args, beam_args) -> int:
     from shards.writer import run_shards
 
-    cfg = config.load(config.ShardConfig, args.config, section="shards", samples_per_shard=args.samples_per_shard, max_shard_bytes=args.max_shard_bytes, store_embedding=False if args.no_embedding else None)
+    cfg = _load_config(config.ShardConfig, args, "shards")
     return _run_stage(run_shards, "shards", args.input, args.out, cfg, beam_args)
 
 
@@ -293,7 +279,7 @@ def register_train(sub, handlers) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--config", help="YAML with `train` keys (see train/train.py TrainConfig)")
     p.add_argument("--workers", type=int, help="Ray Train workers / DDP ranks (default 2)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
     p.add_argument("--preset", help="model size: tiny (CPU tests), small, base, large")
@@ -308,7 +294,7 @@ def cmd_train(args, _beam_args) -> int:
     from webpairs.errors import UserError
 
     try:
-        cfg = config.load(TrainConfig, args.config, section="train", workers=args.workers, use_gpu=True if args.use_gpu else None, steps=args.steps, preset=args.preset, batch_size=args.batch_size, pairing=args.pairing, encoder=args.encoder)
+        cfg = _load_config(TrainConfig, args, "train")
     except config.ConfigError as err:
         raise UserError(str(err)) from err
     try:
