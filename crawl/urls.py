@@ -59,7 +59,8 @@ def normalize_url(raw: str, base: str, allow: Optional[AllowList] = None) -> tup
     """Resolve `raw` against `base` and normalise it; returns (url, None) or (None, reason).
 
     Normalisation: scheme and host lower-cased, default port dropped, fragment removed, empty
-    path becomes "/", unsafe characters percent-encoded (existing escapes kept).
+    path becomes "/", unsafe characters percent-encoded (existing escapes kept). With `allow`, the
+    fetch policy is applied too (private addresses refused unless allowed), in the same URL split.
     """
     raw = (raw or "").strip()
     if not raw:
@@ -110,24 +111,9 @@ def _is_internal_ip(host: str) -> bool:
 
 
 def policy_reason(url: str, allow: AllowList) -> Optional[str]:
-    """None if `url` may be fetched, else the rejection reason."""
-    if url[:5].lower() == "data:":
-        return REASON_DATA_URI
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        return REASON_BAD_URL
-    if parts.scheme.lower() not in DEFAULT_PORTS:
-        return REASON_BAD_SCHEME
-    if parts.username is not None or parts.password is not None:
-        return REASON_USERINFO
-    host = (parts.hostname or "").rstrip(".").lower()
-    if not host:
-        return REASON_BAD_URL
-    if allow.allows(host):
-        return None
-    return _host_reason(host)
+    """None if `url` (absolute, e.g. a stored link or a redirect target) may be fetched, else the
+    rejection reason: the same checks `normalize_url` applies at extract time."""
+    return normalize_url(url, url, allow)[1]
 
 
 @functools.lru_cache(maxsize=65536)
