@@ -31,6 +31,22 @@ OPEN_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPEN_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def preprocess(image: Image.Image, size: int, mean, std) -> np.ndarray:
+    """PIL image -> (3, size, size) float32: resize the short side (bicubic), centre crop, normalise.
+
+    A plain function so callers that only know an encoder's (size, mean, std) - e.g. filter's
+    decode step, which runs before the model is loaded - need no Encoder object.
+    """
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = image.convert("RGB").resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
 class EncoderUnavailable(RuntimeError):
     """The encoder cannot be built here (unknown name, missing weights); the message says how to fix it."""
 
@@ -52,16 +68,8 @@ class Encoder:
         return self.text_fn is not None
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image -> (3, S, S) float32: resize the short side (bicubic), centre crop, normalise."""
-        s = self.image_size
-        w, h = image.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        img = image.convert("RGB").resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        arr = np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        """RGB PIL image -> (3, S, S) float32 normalised for this encoder (see `preprocess`)."""
+        return preprocess(image, self.image_size, self.mean, self.std)
 
     def embed_images(self, batch) -> "np.ndarray":
         """(B,3,S,S) array or tensor -> (B,D) float32 unit-length embeddings."""

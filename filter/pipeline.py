@@ -13,7 +13,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from core.config import FilterConfig
-from core.encoders import EncoderUnavailable, load_encoder
+from core.encoders import EncoderUnavailable, load_encoder, preprocess
 from core.records import IMAGE_SCHEMA, Rejected
 from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
 from filter.embed import EncoderModelHandler
@@ -35,10 +35,6 @@ class ValidateAndHash(beam.DoFn):
 
     def setup(self):
         configure_pillow(self.cfg)
-        if self.image_size:
-            from core.encoders import Encoder
-
-            self.pre = Encoder("pre", 0, self.image_size, tuple(self.mean), tuple(self.std), image_fn=None)
 
     def process(self, row: dict):
         data = row.get("image_bytes")
@@ -66,7 +62,7 @@ class ValidateAndHash(beam.DoFn):
         }
         self.kept.inc()
         if self.image_size:
-            yield record, (self.pre.preprocess(result.image), record["alt"])
+            yield record, (preprocess(result.image, self.image_size, self.mean, self.std), record["alt"])
         else:
             yield record, None
 
