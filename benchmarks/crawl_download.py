@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 from _common import SHARED, report, timed
@@ -57,6 +56,5 @@ def main() -> dict:
     )
 
 
-if __name__ == "__main__":
-    if sys.platform != "win32":
-        main()
+if __name__ == "__main__":  # img2dataset spawns workers: the guard is required
+    main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from core.config import PairConfig
+from core.config import PairConfig, to_dict
 from core.records import IMAGE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
 from core.stageio import ReadParquetWithPointers, StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
 from pairing.select import band_keys, boilerplate_phashes, page_outcome
@@ -172,5 +172,5 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
         out = images | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet")
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": __import__("core.config", fromlist=["to_dict"]).to_dict(cfg)})
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)})
     return finish_stage(out_dir)

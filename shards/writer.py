@@ -111,10 +111,10 @@ def materialise(stubs: list[dict]):
         yield "sample", {"key": s["key"], "files": files, "meta": s["meta"]}
 
 
-def shard_count(n_samples: int, n_bytes: int, cfg: ShardConfig) -> int:
-    """Shards needed so that, on average, none exceeds the sample or byte target (the writer also
-    starts a new part file whenever a shard reaches the byte limit)."""
-    return max(1, math.ceil(n_samples / cfg.samples_per_shard), math.ceil(n_bytes / cfg.max_shard_bytes))
+def shard_count(n_samples: int, cfg: ShardConfig) -> int:
+    """Shards needed so that, on average, none exceeds the sample target (the byte limit is kept by
+    the writer, which starts a new part file whenever a shard reaches it)."""
+    return max(1, math.ceil(n_samples / cfg.samples_per_shard))
 
 
 class _HashingWriter(io.RawIOBase):
@@ -237,7 +237,7 @@ class WritePairShards(beam.PTransform):
         n = stubs | "CountSamples" >> beam.combiners.Count.Globally()
         written = (
             stubs
-            | "AssignShard" >> beam.Map(lambda s, n: (int(s["key"], 16) % shard_count(n, 0, self.cfg), s), beam.pvalue.AsSingleton(n))
+            | "AssignShard" >> beam.Map(lambda s, n: (int(s["key"], 16) % shard_count(n, self.cfg), s), beam.pvalue.AsSingleton(n))
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.cfg)).with_outputs("summary", REJECTED, main="index")
         )
@@ -258,7 +258,8 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
         if len(col):
             encoder = col[0].as_py()
             break
-    FileSystems.mkdirs(out_dir) if not FileSystems.exists(out_dir) else None
+    if not FileSystems.exists(out_dir):
+        FileSystems.mkdirs(out_dir)
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         pairs = p | "PairFiles" >> beam.Create(pair_files) | "ReadPairs" >> beam.io.ReadAllFromParquet()
         images = p | "ImageFiles" >> beam.Create(image_files) | "ReadImages" >> beam.io.ReadAllFromParquet()

@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from core.config import PairConfig
 from core.records import phash_distance

@@ -10,7 +10,7 @@ from train.data import DataConfig, PairStream, assign, make_loader
 def test_assignment_is_disjoint_and_complete():
     urls = [f"s{i}.tar" for i in range(7)]
     for world, workers in ((1, 1), (2, 1), (2, 2), (3, 2), (4, 2)):
-        parts = [assign(urls, 0, r, world, w, workers) for r in range(world) for w in range(workers)]
+        parts = [assign(urls, r, world, w, workers) for r in range(world) for w in range(workers)]
         if len(urls) >= world * workers:  # whole shards, each to exactly one reader
             owned = [u for mine, (mod, _) in parts for u in mine]
             assert sorted(owned) == urls and all(mod == 1 for _, (mod, _) in parts)

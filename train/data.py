@@ -92,7 +92,7 @@ def shards_encoder(spec: str) -> Optional[str]:
         return None
 
 
-def assign(urls: list[str], n_samples_hint: int, rank: int, world: int, worker: int, workers: int):
+def assign(urls: list[str], rank: int, world: int, worker: int, workers: int):
     """(shards this reader opens, (modulus, remainder) of sample indices it keeps within them)."""
     readers, me = world * workers, rank * workers + worker
     if len(urls) >= readers:
@@ -143,7 +143,7 @@ class PairStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        urls, (mod, rem) = assign(self.urls, 0, self.rank, self.world, worker, workers)
+        urls, (mod, rem) = assign(self.urls, self.rank, self.world, worker, workers)
         rng = np.random.default_rng([self.cfg.seed, self.rank, worker])
         encoder = None
         if not self.use_stored:

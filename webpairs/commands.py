@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from core import config
@@ -230,8 +231,6 @@ def register_run(sub, handlers) -> None:
 
 
 def _print_run_end(out: str) -> None:
-    import os
-
     print(f"\nrun directory: {out}")
     print(f"pair shards:   {os.path.join(out, 'shards')}")
     print(f"HTML report:   {os.path.join(out, 'report.html')}")
@@ -254,7 +253,7 @@ def cmd_demo(args, beam_args) -> int:
     from webpairs.errors import UserError
     from webpairs.run import demo
 
-    if args.photos and not __import__("os").path.isdir(args.photos):
+    if args.photos and not os.path.isdir(args.photos):
         raise UserError(f"--photos {args.photos} is not a folder")
     try:
         demo(args.out, args.photos, beam_args, args.config)
