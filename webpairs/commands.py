@@ -82,7 +82,6 @@ def register_crawl(sub, handlers) -> None:
 
     dispatch.accepts_beam_args = True
     handlers["crawl"] = dispatch
-    register_crawl.subparsers = crawl_sub
 
 
 def cmd_crawl_extract(args, beam_args) -> int:
