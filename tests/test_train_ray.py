@@ -19,10 +19,8 @@ def ray_session():
     ray.shutdown()
 
 
-def test_train_checkpoint_and_resume(tmp_path, pipeline_dirs, ray_session):
-    run = str(tmp_path / "run")
-    cfg = TrainConfig(steps=40, checkpoint_every=20, log_every=10, seed=0, sample_every=20, sample_steps=5)
-    out = run_training(pipeline_dirs["shards"], run, cfg)
+def test_train_checkpoint_and_resume(tiny_run, pipeline_dirs, ray_session):
+    run, out = tiny_run["run"], tiny_run["result"]  # 40 steps, checkpoints every 20 (tests/conftest.py)
     assert out["step"] == 40 and out["checkpoint"]
     losses = [l for _, l in read_losses(run)]
     s = smoothed(losses, 10)

@@ -31,10 +31,22 @@ def sample(model, cond: torch.Tensor, steps: int = 50, guidance: float = 3.0, sa
     sch.set_timesteps(steps)
     size = model.preset.image_size
     x = torch.randn((cond.shape[0], 3, size, size), generator=generator, device=cond.device) * sch.init_noise_sigma
-    for t in sch.timesteps:
-        tt = t.expand(cond.shape[0]).to(cond.device)
-        out = model.forward_with_cfg(sch.scale_model_input(x, t), tt, cond, guidance)
+    return _loop(model, sch, sch.timesteps, x, cond, guidance)
+
+
+def _loop(model, sch, timesteps, x: torch.Tensor, cond: torch.Tensor, guidance: float, x0: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The sampler loop over `timesteps` from x (at the level of timesteps[0]) with CFG; with a mask,
+    the region where mask is 0 is replaced by x0 noised to the next level after every step."""
+    for i, t in enumerate(timesteps):
+        out = model.forward_with_cfg(sch.scale_model_input(x, t), t.expand(len(x)).to(x.device), cond, guidance)
         x = sch.step(out, t, x).prev_sample
+        if mask is not None:
+            if i + 1 < len(timesteps):
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device)
+                known = sch.add_noise(x0, fresh, timesteps[i + 1 : i + 2].repeat(len(x0)))
+            else:
+                known = x0
+            x = mask * x + (1 - mask) * known
     return x.clamp(-1, 1)
 
 
@@ -57,3 +69,74 @@ def grid(images: list[Image.Image], cols: int) -> Image.Image:
 def as_uint8(image: Image.Image) -> np.ndarray:
     """HWC uint8 array (TensorBoard's add_image with dataformats='HWC')."""
     return np.asarray(image.convert("RGB"))
+
+
+# ---- partial denoising: SDEdit edits and interpolations start from a noised image ----------------
+
+
+def _start(sch, strength: float) -> torch.Tensor:
+    """The sampler timesteps left after noising to `strength` of the schedule (diffusers' img2img rule)."""
+    n = len(sch.timesteps)
+    skip = n - min(n, int(round(n * strength)))
+    if hasattr(sch, "set_begin_index"):
+        sch.set_begin_index(skip)
+    return sch.timesteps[skip:]
+
+
+@torch.no_grad()
+def denoise_from(model, x0: torch.Tensor, cond: torch.Tensor, strength: float, noise: torch.Tensor, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim", prediction: str = "v_prediction", mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2021): noise x0 (B,3,S,S in [-1,1]) with `noise` to `strength` (0..1 of the
+    schedule) and denoise it back conditioned on `cond`. Strength 0 returns x0 unchanged.
+
+    mask (B,1,S,S) in [0,1]: 1 = may change. Outside it the image is re-noised from x0 to the current
+    level after every step (fresh noise), so it ends as x0 up to the last step's tiny noise.
+    """
+    sch = make_sampler(sampler, prediction)
+    sch.set_timesteps(steps)
+    timesteps = _start(sch, strength)
+    if len(timesteps) == 0:
+        return x0.clone()
+    x = sch.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))
+    return _loop(model, sch, timesteps, x, cond, guidance, x0, mask, generator)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, u: float) -> torch.Tensor:
+    """Spherical interpolation of two tensors of the same shape (by their flattened direction);
+    falls back to linear interpolation when they are (anti)parallel."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(fa, fb) / (fa.norm() * fb.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1, 1))
+    if omega.abs() < 1e-4 or (torch.pi - omega).abs() < 1e-4:
+        return (1 - u) * a + u * b
+    s = torch.sin(omega)
+    return ((torch.sin((1 - u) * omega) / s) * a.double() + (torch.sin(u * omega) / s) * b.double()).to(a.dtype)
+
+
+def noise_levels(low: float, high: float, k: int) -> list[float]:
+    """The noise level of each of k interpolation candidates: spread over [low, high]."""
+    if k == 1:
+        return [(low + high) / 2]
+    return [low + (high - low) * i / (k - 1) for i in range(k)]
+
+
+@torch.no_grad()
+def interpolate(model, xa: torch.Tensor, xb: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, frames: int = 9, noise: tuple[float, float] = (0.30, 0.55), candidates: int = 4, seed: int = 0, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim", prediction: str = "v_prediction") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Wang & Golland (2023): noise A and B (3,S,S) with *shared* noise, slerp the noisy images and
+    the condition embeddings (D,), denoise. Candidate k uses noise seed `seed + k` and noise level
+    `noise_levels(*noise, candidates)[k]`. Returns, per candidate, the frames (F,3,S,S) and the
+    interpolated conditions (F,D)."""
+    us = [i / (frames - 1) for i in range(frames)] if frames > 1 else [0.0]
+    conds = torch.stack([slerp(ca, cb, u) for u in us])
+    out = []
+    for k, level in enumerate(noise_levels(*noise, candidates)):
+        eps = torch.randn((1, *xa.shape), generator=torch.Generator().manual_seed(seed + k)).to(xa.device)
+        sch = make_sampler(sampler, prediction)
+        sch.set_timesteps(steps)
+        timesteps = _start(sch, level)
+        if len(timesteps) == 0:  # level 0: nothing to denoise, the frames are pixel slerps
+            out.append(torch.stack([slerp(xa, xb, u) for u in us]))
+            continue
+        na, nb = sch.add_noise(xa[None], eps, timesteps[:1]), sch.add_noise(xb[None], eps, timesteps[:1])
+        noisy = torch.cat([slerp(na, nb, u) for u in us])
+        out.append(_loop(model, sch, timesteps, noisy, conds, guidance))
+    return out, conds

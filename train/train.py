@@ -55,7 +55,7 @@ class TrainConfig:
     fail_at_step: int = -1  # testing only: rank 1 exits once at this step (fault tolerance test)
 
 
-def _save(folder: str, model, ema, opt, step: int, cfg: dict) -> None:
+def _save(folder: str, model, ema, opt, step: int, cfg: dict, meta: dict) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -63,7 +63,7 @@ def _save(folder: str, model, ema, opt, step: int, cfg: dict) -> None:
     save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, os.path.join(folder, "ema.safetensors"))
     torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
     with open(os.path.join(folder, "state.json"), "w") as fh:
-        json.dump({"step": step, "config": cfg}, fh)
+        json.dump({"step": step, "config": cfg, **meta}, fh)
 
 
 def load_checkpoint_dir(folder: str, model, ema=None, opt=None) -> int:
@@ -192,7 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {"step": step, "loss": total}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as folder:
-                    _save(folder, model, ema, opt, step, config["train"])
+                    _save(folder, model, ema, opt, step, config["train"], {"cond_dim": config["cond_dim"], "encoder": config["encoder"]})
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
@@ -206,21 +206,23 @@ def run_training(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optio
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from train.data import DataConfig, condition_dim, shard_urls
+    from train.data import DataConfig, condition_dim, shard_urls, shards_encoder
 
     # (1) config and Ray
     if not shard_urls(shards):
         raise FileNotFoundError(f"no pair shards (*.tar) at {shards} (expected a `webpairs shards` output)")
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    cond_dim = condition_dim(DataConfig(shards=shards, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights))
+    data = DataConfig(shards=shards, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights)
+    cond_dim = condition_dim(data)
+    encoder = cfg.encoder or shards_encoder(shards) or ""  # recorded in checkpoints: sampling embeds with it
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}})
     # (2) the trainer
     threads = max(1, (os.cpu_count() or 2) // max(1, cfg.workers))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "threads_per_worker": threads},
+        train_loop_config={"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "encoder": encoder, "threads_per_worker": threads},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             storage_path=run_dir,

@@ -303,4 +303,10 @@ def cmd_train(args, _beam_args) -> int:
     return 0
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_run, register_train]
+def _register_sampling(sub, handlers) -> None:
+    from webpairs.sample_cmds import register_sample
+
+    register_sample(sub, handlers)
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_run, register_train, _register_sampling]

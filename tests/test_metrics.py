@@ -1,0 +1,48 @@
+"""Generation metrics on known cases."""
+
+import numpy as np
+import pytest
+
+from train import metrics as M
+
+
+def _cloud(n, d, center, seed, scale=1.0):
+    return np.random.default_rng(seed).normal(center, scale, size=(n, d))
+
+
+def test_identical_sets():
+    x = _cloud(300, 8, 0.0, 0)
+    assert M.fid(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert M.precision_recall(x, x) == (1.0, 1.0)
+
+
+def test_fid_of_a_shifted_gaussian_is_the_squared_shift():
+    a, b = _cloud(4000, 4, 0.0, 1), _cloud(4000, 4, 0.0, 2) + np.array([3.0, 0, 0, 0])
+    assert M.fid(a, b) == pytest.approx(9.0, rel=0.05)
+    assert M.fid(a, _cloud(4000, 4, 0.0, 3)) < 0.05  # two samples of one distribution
+
+
+def test_disjoint_clusters():
+    real, fake = _cloud(200, 8, 0.0, 4), _cloud(200, 8, 50.0, 5)
+    p, r = M.precision_recall(real, fake)
+    assert p == pytest.approx(0.0, abs=0.01) and r == pytest.approx(0.0, abs=0.01)
+    assert M.fid(real, fake) > 1000
+
+
+def test_mode_collapse_keeps_precision_and_loses_recall():
+    real = _cloud(400, 4, 0.0, 6)
+    collapsed = _cloud(400, 4, 0.0, 7, scale=0.05)  # all samples near one point of the real manifold
+    p, r = M.precision_recall(real, collapsed)
+    assert p > 0.9 and r < 0.2
+
+
+def test_consistency_and_diversity():
+    x = _cloud(10, 16, 0.0, 8)
+    assert M.consistency(x, x) == pytest.approx(1.0)
+    assert M.consistency(x, -x) == pytest.approx(-1.0)
+    same = np.repeat(x[:1], 5, axis=0)
+    assert M.mean_pairwise_distance(same) == pytest.approx(0.0, abs=1e-12)
+    assert M.diversity([same], x) == pytest.approx(0.0, abs=1e-12)
+    assert M.diversity([x], x) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        M.fid(x[:1], x)

@@ -1,0 +1,120 @@
+"""`webpairs eval`: few-shot generation scored against held-out real images (Semantica's protocol).
+
+For each class: `shots` images (seeded choice) condition the model, the class's other images are the
+held-out reals. `samples_per_class` samples are generated per guidance scale (the same seeds for
+every scale, so the rows compare like with like). Samples, reals and conditions are all embedded at
+the model's resolution by one metric encoder (any registry encoder; default: the model's own), and
+scored with `train/metrics.py`. A `real` reference row scores the held-out reals themselves as if
+they were samples: the consistency a perfect model would reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from train import metrics as M
+from train import sample as S
+from train.generate import Loaded, embed, read_image, to_model
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def load_classes(images_dir: str, topics: int = 0) -> dict[str, list[str]]:
+    """Class name -> image paths: one sub-folder per class, or (with `topics`) a flat folder whose
+    sorted file names are cut into that many contiguous groups (ImageNet samples sorted by wnid)."""
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"--images {images_dir} is not a folder")
+
+    def images(folder: str) -> list[str]:
+        return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXT))
+
+    if topics:
+        flat = images(images_dir)
+        if len(flat) < 3 * topics:
+            raise ValueError(f"{images_dir} has {len(flat)} images: too few for {topics} topics of at least 3")
+        per = len(flat) // topics
+        return {f"topic_{t:02d}": flat[t * per : (t + 1) * per] for t in range(topics)}
+    classes = {d: images(os.path.join(images_dir, d)) for d in sorted(os.listdir(images_dir)) if os.path.isdir(os.path.join(images_dir, d))}
+    classes = {k: v for k, v in classes.items() if v}
+    if not classes:
+        raise ValueError(f"{images_dir} has no class sub-folders with images (or pass --topics N for a flat folder)")
+    return classes
+
+
+def _at_model_size(images: list[Image.Image], size: int) -> list[Image.Image]:
+    return S.to_pil(to_model(images, size, "cpu"))
+
+
+def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int = 1, samples_per_class: int = 8, guidances: tuple[float, ...] = (3.0, 0.0), steps: int = 50, sampler: str = "ddim", seed: int = 0, metric_encoder=None, k: int = 3, sheet: Optional[str] = None) -> dict:
+    """Scores per guidance scale plus the `real` reference row; see the module docstring."""
+    metric_encoder = metric_encoder or encoder
+    device = next(loaded.model.parameters()).device
+    size = loaded.size
+    reals, conds_feat, samples = [], {}, {g: [] for g in guidances}  # samples[g]: list per class of (cond_idx, feats)
+    used, skipped, sheet_rows = [], [], []
+    bar = tqdm(total=len(classes) * len(guidances), desc="eval", unit="class")
+    for ci, (name, paths) in enumerate(sorted(classes.items())):
+        rng = np.random.default_rng(seed + ci)
+        order = [paths[i] for i in rng.permutation(len(paths))]
+        cond_paths, real_paths = order[:shots], order[shots:]
+        if len(real_paths) < 2:
+            skipped.append(name)
+            bar.update(len(guidances))
+            continue
+        used.append(name)
+        cond_imgs = [read_image(p) for p in cond_paths]
+        cond = torch.from_numpy(embed(encoder, cond_imgs)).to(device)
+        which = np.arange(samples_per_class) % shots
+        reals.append(embed(metric_encoder, _at_model_size([read_image(p) for p in real_paths], size)))
+        conds_feat[name] = embed(metric_encoder, _at_model_size(cond_imgs, size))
+        row = _at_model_size(cond_imgs[:1], size)
+        for g in guidances:
+            gen = torch.Generator(device=device).manual_seed(seed * 7919 + ci)  # same noise for every scale
+            out = S.to_pil(S.sample(loaded.model, cond[which], steps, g, sampler, loaded.prediction, gen))
+            samples[g].append((which, embed(metric_encoder, out)))
+            row += out if g == guidances[0] else []
+            bar.update(1)
+        sheet_rows.append(row)
+    bar.close()
+    if not used:
+        raise ValueError("no class has more than `shots` + 1 images: nothing held out to compare with")
+    real_all = np.concatenate(reals)
+    rows = []
+    for g in guidances:
+        fake_all = np.concatenate([f for _, f in samples[g]])
+        p, r = M.precision_recall(real_all, fake_all, k)
+        cons = np.concatenate([conds_feat[n][w] for n, (w, _) in zip(used, samples[g])])
+        rows.append({
+            "guidance": g,
+            "fid": M.fid(real_all, fake_all),
+            "precision": p,
+            "recall": r,
+            "consistency": M.consistency(cons, fake_all),
+            "diversity": float(np.nanmean([M.diversity([f[w == j] for j in range(shots)], real) for (w, f), real in zip(samples[g], reals)])),
+        })
+    ref = np.concatenate([conds_feat[n][np.arange(len(real)) % shots] for n, real in zip(used, reals)])
+    rows.append({"guidance": "real", "fid": None, "precision": None, "recall": None, "consistency": M.consistency(ref, real_all), "diversity": 1.0})
+    if sheet:
+        S.grid([im.resize((64, 64), Image.NEAREST) for r in sheet_rows for im in r], cols=1 + samples_per_class).save(sheet)
+    return {"checkpoint": loaded.path, "step": loaded.step, "encoder": loaded.encoder_name, "metric_encoder": metric_encoder.name, "shots": shots, "samples_per_class": samples_per_class, "steps": steps, "sampler": sampler, "seed": seed, "k": k, "classes": used, "skipped_classes": skipped, "real_images": int(len(real_all)), "rows": rows}
+
+
+def table(result: dict) -> str:
+    """The result rows as a fixed-width table."""
+    head = f"{'guidance':>9} {'FID':>9} {'precision':>9} {'recall':>7} {'consistency':>11} {'diversity':>9}"
+    fmt = lambda v, w, d: f"{v:>{w}.{d}f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"  # noqa: E731
+    lines = [head] + [f"{fmt(r['guidance'], 9, 1)} {fmt(r['fid'], 9, 2)} {fmt(r['precision'], 9, 3)} {fmt(r['recall'], 7, 3)} {fmt(r['consistency'], 11, 3)} {fmt(r['diversity'], 9, 3)}" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def write(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)

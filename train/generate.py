@@ -1,0 +1,194 @@
+"""`webpairs sample ...`: image variations, SDEdit edits and interpolations from a trained checkpoint.
+
+Each operation loads the EMA weights of a checkpoint (a RUN_DIR of `webpairs train` or one
+checkpoint folder), embeds its input images with the encoder the model was trained on (recorded in
+the checkpoint), runs the samplers of `train/sample.py` on one device in batches, and writes PNGs at
+the model's resolution plus a contact sheet (`sheet.png`) and `meta.json` (arguments, seeds, scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from train import sample as S
+
+SHEET_CELL = 128  # contact sheets show each image at least this large (nearest-neighbour upscaling)
+
+
+class CheckpointError(ValueError):
+    """The path is not a checkpoint or a run directory with checkpoints."""
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model ready for sampling and what it was trained with."""
+
+    model: torch.nn.Module
+    step: int
+    preset: str
+    prediction: str
+    encoder_name: str
+    path: str
+
+    @property
+    def size(self) -> int:
+        return self.model.preset.image_size
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint folder for a checkpoint folder or a RUN_DIR (its latest checkpoint by step)."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        return path
+    found = [os.path.dirname(p) for p in glob.glob(os.path.join(path, "train", "checkpoint_*", "state.json"))]
+    if not found:
+        raise CheckpointError(f"{path} holds no checkpoint (expected a `webpairs train` run directory or a checkpoint folder with state.json)")
+
+    def step(folder: str) -> int:
+        with open(os.path.join(folder, "state.json")) as fh:
+            return int(json.load(fh)["step"])
+
+    return max(found, key=step)
+
+
+def load_model(path: str, device: str = "cpu", ema: bool = True, encoder: str = "") -> Loaded:
+    """EMA (or raw) weights of the checkpoint at `path` on `device`."""
+    from safetensors.torch import load_file
+
+    from train.models import build_model
+
+    folder = find_checkpoint(path)
+    with open(os.path.join(folder, "state.json")) as fh:
+        state = json.load(fh)
+    weights = load_file(os.path.join(folder, "ema.safetensors" if ema else "model.safetensors"))
+    cfg = state.get("config", {})
+    model = build_model(cfg.get("preset", "tiny"), int(state.get("cond_dim") or weights["null_embedding"].shape[0]))
+    model.load_state_dict(weights)
+    name = encoder or state.get("encoder") or cfg.get("encoder") or ""
+    if not name:
+        raise CheckpointError(f"checkpoint {folder} does not name its encoder; pass --encoder NAME (the encoder of the shards it was trained on)")
+    return Loaded(model.to(device).eval(), int(state["step"]), cfg.get("preset", "tiny"), cfg.get("prediction", "v_prediction"), name, folder)
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB image from a file, with a clear error for anything Pillow cannot read."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def to_model(images: list[Image.Image], size: int, device) -> torch.Tensor:
+    """Centre crops at the model resolution, (B,3,S,S) in [-1,1]."""
+    from train.data import center
+
+    return torch.from_numpy(np.stack([center(im, size) for im in images])).to(device)
+
+
+def embed(encoder, images: list[Image.Image], batch: int = 32) -> np.ndarray:
+    """(N,D) unit embeddings of PIL images with a registry encoder."""
+    out = [encoder.embed_images(np.stack([encoder.preprocess(im) for im in images[i : i + batch]])) for i in range(0, len(images), batch)]
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def _sheet(rows: list[list[Image.Image]], out: str) -> str:
+    cols = max(len(r) for r in rows)
+    cell = max(SHEET_CELL, rows[0][0].size[0])
+    blank = Image.new("RGB", (cell, cell), (255, 255, 255))
+    flat = [(r[i].resize((cell, cell), Image.NEAREST) if i < len(r) else blank) for r in rows for i in range(cols)]
+    path = os.path.join(out, "sheet.png")
+    S.grid(flat, cols).save(path)
+    return path
+
+
+def _write(out: str, name: str, images: list[Image.Image]) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(os.path.join(out, f"{name}_{i:03d}.png"))
+        im.save(paths[-1])
+    return paths
+
+
+def _meta(out: str, loaded: Loaded, **kw) -> None:
+    with open(os.path.join(out, "meta.json"), "w") as fh:
+        json.dump({"checkpoint": loaded.path, "step": loaded.step, "encoder": loaded.encoder_name, **kw}, fh, indent=2)
+
+
+def variations(loaded: Loaded, encoder, image: Image.Image, out: str, n: int = 8, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim", seed: int = 0, batch: int = 16) -> list[str]:
+    """n new images that keep the semantics of `image` (CFG on its embedding; guidance 0 = unconditional)."""
+    device = next(loaded.model.parameters()).device
+    cond = torch.from_numpy(embed(encoder, [image])).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    images = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        images += S.to_pil(S.sample(loaded.model, cond.expand(b, -1), steps, guidance, sampler, loaded.prediction, gen))
+    paths = _write(out, "variation", images)
+    _sheet([S.to_pil(to_model([image], loaded.size, "cpu")) + images], out)
+    _meta(out, loaded, op="variations", n=n, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
+    return paths
+
+
+def edit(loaded: Loaded, encoder, guide: Image.Image, out: str, strength: float = 0.5, mask: Optional[Image.Image] = None, cond_image: Optional[Image.Image] = None, n: int = 4, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim", seed: int = 0) -> list[str]:
+    """SDEdit: n edits of `guide` noised to `strength` and denoised, conditioned on `cond_image` (or the
+    guide). With `mask` (white = may change), the rest stays as the guide."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"--strength must lie in [0, 1], got {strength}")
+    device = next(loaded.model.parameters()).device
+    x0 = to_model([guide], loaded.size, device).expand(n, -1, -1, -1)
+    cond = torch.from_numpy(embed(encoder, [cond_image or guide])).to(device).expand(n, -1)
+    m = None
+    if mask is not None:
+        m = torch.from_numpy(np.asarray(mask.convert("L").resize((loaded.size, loaded.size), Image.NEAREST), np.float32) / 255.0)
+        m = (m > 0.5).float()[None, None].expand(n, 1, -1, -1).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    x = S.denoise_from(loaded.model, x0, cond, strength, noise, steps, guidance, sampler, loaded.prediction, m, gen)
+    images = S.to_pil(x)
+    paths = _write(out, "edit", images)
+    first = S.to_pil(x0[:1]) + ([cond_image.resize((loaded.size, loaded.size))] if cond_image else []) + ([mask.convert("RGB").resize((loaded.size, loaded.size))] if mask else [])
+    _sheet([first, images], out)
+    _meta(out, loaded, op="edit", n=n, strength=strength, masked=mask is not None, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
+    return paths
+
+
+def interpolate(loaded: Loaded, encoder, a: Image.Image, b: Image.Image, out: str, frames: int = 9, noise: tuple[float, float] = (0.30, 0.55), candidates: int = 4, rank_prompt: str = "", negative_prompt: str = "", guidance: float = 3.0, steps: int = 50, sampler: str = "ddim", seed: int = 0) -> list[str]:
+    """Frames from A to B (Wang & Golland 2023), the best of `candidates` per frame: CLIP score
+    prompt - negative when the encoder has a text tower and a prompt is given, else closeness to the
+    interpolated condition embedding."""
+    lo, hi = noise
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"--noise must be LOW..HIGH with 0 <= LOW <= HIGH <= 1, got {lo}..{hi}")
+    if rank_prompt and not encoder.has_text:
+        raise ValueError(f"--rank-prompt needs an encoder with a text tower; {encoder.name} has none")
+    device = next(loaded.model.parameters()).device
+    xa, xb = to_model([a, b], loaded.size, device)
+    ca, cb = torch.from_numpy(embed(encoder, [a, b])).to(device)
+    cands, conds = S.interpolate(loaded.model, xa, xb, ca, cb, frames, noise, candidates, seed, steps, guidance, sampler, loaded.prediction)
+    scores = np.stack([frame_scores(encoder, S.to_pil(c), conds.cpu().numpy(), rank_prompt, negative_prompt) for c in cands])  # (K, F)
+    best = scores.argmax(0)
+    images = [S.to_pil(cands[k][i : i + 1])[0] for i, k in enumerate(best)]
+    paths = _write(out, "frame", images)
+    _sheet([S.to_pil(xa[None]) + images + S.to_pil(xb[None])], out)
+    _meta(out, loaded, op="interpolate", frames=frames, noise=[lo, hi], candidates=candidates, levels=S.noise_levels(lo, hi, candidates), chosen=best.tolist(), scores=scores.tolist(), rank_prompt=rank_prompt, negative_prompt=negative_prompt, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
+    return paths
+
+
+def frame_scores(encoder, images: list[Image.Image], conds: np.ndarray, prompt: str = "", negative: str = "") -> np.ndarray:
+    """Per image: CLIP(prompt) - CLIP(negative) with a prompt, else cosine to its own condition row."""
+    e = embed(encoder, images)
+    if prompt:
+        texts = encoder.embed_texts([prompt] + ([negative] if negative else []))
+        return e @ texts[0] - (e @ texts[1] if negative else 0.0)
+    c = conds / np.linalg.norm(conds, axis=1, keepdims=True).clip(1e-12)
+    return (e * c).sum(1)

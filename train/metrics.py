@@ -1,0 +1,88 @@
+"""Generation metrics on encoder features (numpy in, floats out).
+
+- FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to two feature sets.
+- Precision / recall (Kynkäänniemi et al. 2019): each set's manifold is the union of balls around its
+  points with radius = distance to the k-th nearest neighbour in the same set; precision is the share
+  of generated points inside the real manifold, recall the share of real points inside the generated one.
+- Consistency: mean cosine between each condition and the samples made from it.
+- Diversity: mean pairwise cosine distance between samples of one condition, divided by the same
+  quantity over real images of the class (1.0 = as varied as real photos of the class).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import linalg
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between N(mean_a, cov_a) and N(mean_b, cov_b) of two (N,D) feature sets."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("FID needs at least 2 feature vectors per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # fewer samples than dimensions: singular covariances are expected
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # regularise as the reference implementation does
+            eps = np.eye(len(cov_a)) * 1e-6
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = np.real(covmean)
+    return float(max(0.0, ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)))
+
+
+def _distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
+    return np.sqrt(np.maximum(d, 0.0))
+
+
+def _radii(x: np.ndarray, k: int) -> np.ndarray:
+    d = _distances(x, x)
+    k = min(k, len(x) - 1)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def _coverage(points: np.ndarray, manifold: np.ndarray, k: int) -> float:
+    """Share of `points` inside the k-NN manifold of `manifold`."""
+    inside = _distances(points, manifold) <= _radii(manifold, k)[None, :] + 1e-9
+    return float(inside.any(axis=1).mean())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """(precision, recall) of `fake` against `real` with k-NN manifolds."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("precision/recall need at least 2 feature vectors per set")
+    return _coverage(fake, real, k), _coverage(real, fake, k)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def consistency(conds: np.ndarray, samples: np.ndarray) -> float:
+    """Mean cosine between row i of `conds` and row i of `samples` (the sample made from it)."""
+    return float((_unit(conds) * _unit(samples)).sum(-1).mean())
+
+
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean cosine distance over distinct pairs of rows (0 when fewer than 2)."""
+    if len(x) < 2:
+        return 0.0
+    u = _unit(x)
+    sims = u @ u.T
+    n = len(u)
+    return float((1.0 - sims)[~np.eye(n, dtype=bool)].mean())
+
+
+def diversity(samples_by_condition: list[np.ndarray], real: np.ndarray) -> float:
+    """Mean pairwise distance within each condition's samples, relative to the real images."""
+    base = mean_pairwise_distance(real)
+    within = [mean_pairwise_distance(s) for s in samples_by_condition if len(s) >= 2]
+    if base <= 0 or not within:
+        return float("nan")
+    return float(np.mean(within) / base)
