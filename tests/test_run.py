@@ -14,12 +14,22 @@ def _cli(*args, timeout=600):
 
 
 def test_demo_runs_and_a_rerun_continues_where_it_stopped(tmp_path):
+    from PIL import Image
+
     from core.stageio import read_stats
 
     out = str(tmp_path / "demo")
-    first = _cli("demo", "--out", out)
+    cfg = tmp_path / "short.yaml"  # the demo's job, trained and sampled briefly
+    cfg.write_text("train:\n  steps: 20\n  sample_every: 10\n  checkpoint_every: 10\nsample:\n  steps: 10\n  n: 3\n  frames: 5\n  candidates: 2\n")
+    first = _cli("demo", "--out", out, "--config", str(cfg))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "HTML report:" in first.stdout and os.path.exists(os.path.join(out, "report.html"))
+    assert "(step 20)" in first.stdout  # the checkpoint line
+    for kind, count in (("variations", 3), ("edit", 4), ("interpolate", 5)):
+        assert f"{kind}:" in first.stdout
+        pngs = [n for n in os.listdir(os.path.join(out, "samples", kind)) if n != "sheet.png" and n.endswith(".png")]
+        assert len(pngs) == count and Image.open(os.path.join(out, "samples", kind, pngs[0])).size == (32, 32)
+    assert sorted(os.listdir(os.path.join(out, "train", "samples"))) == ["step_0000010.png", "step_0000020.png"]
     stats = {s: read_stats(os.path.join(out, d)) for s, d in [("extract", "links"), ("download", "download"), ("filter", "filter"), ("pair", "pair"), ("shards", "shards")]}
     assert stats["extract"]["kept"] == stats["download"]["input"]
     assert stats["download"]["kept"] == stats["filter"]["input"]
@@ -28,12 +38,15 @@ def test_demo_runs_and_a_rerun_continues_where_it_stopped(tmp_path):
     # simulate a run killed during `pair`: its marker and everything after it are gone
     os.remove(os.path.join(out, "pair", "_SUCCESS"))
     shutil.rmtree(os.path.join(out, "shards"))
-    second = _cli("demo", "--out", out)
+    second = _cli("demo", "--out", out, "--config", str(cfg))
     assert second.returncode == 0, second.stderr[-3000:]
     text = second.stdout + second.stderr
     for stage in ("extract", "download", "filter"):
         assert f"{stage:9s} already complete, skipped" in text
     assert "pair      input=" in text and "shards    input=" in text
+    assert "train     running" in text and "sample    running" in text  # stale after the shards were rebuilt
+    third = _cli("demo", "--out", out, "--config", str(cfg))
+    assert third.returncode == 0 and "train     already complete, skipped" in third.stdout + third.stderr
     assert read_stats(os.path.join(out, "shards"))["kept"] == stats["shards"]["kept"]
 
 

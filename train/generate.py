@@ -192,3 +192,57 @@ def frame_scores(encoder, images: list[Image.Image], conds: np.ndarray, prompt: 
         return e @ texts[0] - (e @ texts[1] if negative else 0.0)
     c = conds / np.linalg.norm(conds, axis=1, keepdims=True).clip(1e-12)
     return (e * c).sum(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """The `sample` stage of `webpairs run` (YAML section `sample`): one grid of each kind."""
+
+    n: int = 8  # variations
+    steps: int = 50
+    guidance: float = 3.0
+    sampler: str = "ddim"
+    strength: float = 0.5  # SDEdit
+    frames: int = 9  # interpolation
+    candidates: int = 4
+    noise_low: float = 0.30
+    noise_high: float = 0.55
+    seed: int = 0
+
+
+def shard_examples(shards: str, n: int = 2) -> list[dict]:
+    """The first pairs of n different pages in the shards: {"cond", "target" (PIL), "page_url"}."""
+    import io
+
+    import webdataset as wds
+
+    from core import sample_layout as layout
+    from train.data import register_fsspec_schemes, shard_urls
+
+    register_fsspec_schemes()
+    found: dict[str, dict] = {}
+    for s in wds.WebDataset(shard_urls(shards), shardshuffle=False, empty_check=False):
+        page = json.loads(s[layout.META_JSON]).get("page_url", "")
+        if page not in found:
+            found[page] = {"page_url": page, **{k: Image.open(io.BytesIO(s[f])).convert("RGB") for k, f in (("cond", layout.COND_JPG), ("target", layout.TARGET_JPG))}}
+        if len(found) == n:
+            break
+    return list(found.values())
+
+
+def run_samples(run_dir: str, shards: str, out: str, cfg: SampleConfig, device: str = "cpu") -> dict:
+    """Variations of a condition image of the shards, an SDEdit of a target guided by another page's
+    condition, and an interpolation between the conditions of two pages; returns {kind: sheet path}."""
+    from core.encoders import load_encoder
+
+    loaded = load_model(run_dir, device)
+    encoder = load_encoder(loaded.encoder_name)
+    ex = shard_examples(shards, 2)
+    if not ex:
+        raise ValueError(f"no pairs in {shards} to sample from")
+    a, b = ex[0], ex[-1]
+    common = dict(guidance=cfg.guidance, steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed)
+    variations(loaded, encoder, a["cond"], os.path.join(out, "variations"), n=cfg.n, **common)
+    edit(loaded, encoder, a["target"], os.path.join(out, "edit"), strength=cfg.strength, cond_image=b["cond"], **common)
+    interpolate(loaded, encoder, a["cond"], b["cond"], os.path.join(out, "interpolate"), cfg.frames, (cfg.noise_low, cfg.noise_high), cfg.candidates, **common)
+    return {k: os.path.join(out, k, "sheet.png") for k in ("variations", "edit", "interpolate")}

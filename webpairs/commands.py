@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -205,8 +206,8 @@ def register_run(sub, handlers) -> None:
 
     p = sub.add_parser(
         "run",
-        help="the main job: extract -> download -> filter -> pair -> shards -> stats, resumable",
-        description="Run every stage on WARC/WAT input, each into its own sub-directory of --out; stages already complete (_SUCCESS) are skipped, so a rerun after a kill continues. Ends with OUT/report.html.\n\n" + BEAM_NOTE,
+        help="the main job: extract -> download -> filter -> pair -> shards -> stats -> train -> sample, resumable",
+        description="Run every stage on WARC/WAT input, each into its own sub-directory of --out; stages already complete (_SUCCESS) are skipped, so a rerun after a kill continues (training from its last checkpoint). Writes OUT/report.html after the shards, then trains (Ray Train) and samples grids.\n\n" + BEAM_NOTE,
     )
     p.add_argument("input", help="WARC/WAT file, folder or glob (local or fsspec URL)")
     p.add_argument("--out", required=True, help="run directory")
@@ -214,6 +215,8 @@ def register_run(sub, handlers) -> None:
     p.add_argument("--allow-hosts", metavar="HOST,IP,CIDR", help="hosts exempt from the private-address rule (default: none)")
     p.add_argument("--encoder", help="filter encoder (default open_clip:ViT-B-32, needs local weights; efficientnet-lite0 works offline)")
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
+    _model_flags(p)
+    p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
     handlers["run"] = cmd_run
     cmd_run.accepts_beam_args = True
 
@@ -224,15 +227,34 @@ def register_run(sub, handlers) -> None:
     )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--photos", help="folder of real photos, e.g. ../shared/data/photos-imagenet-sample (default: generated images)")
-    p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards")
+    p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards, train, sample")
+    p.add_argument("--pages", type=int, default=12, help="pages of the test web (default 12)")
+    p.add_argument("--topics", type=int, default=6, help="photo topics of the test web (default 6)")
+    _model_flags(p)
     handlers["demo"] = cmd_demo
     cmd_demo.accepts_beam_args = True
 
 
-def _print_run_end(out: str) -> None:
+def _model_flags(p) -> None:
+    p.add_argument("--steps", type=int, help="training steps (default: the train section, else 200; demo 300)")
+    p.add_argument("--preset", help="model size: tiny, small, base, large (default tiny)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    p.add_argument("--no-train", dest="model", action="store_false", help="stop after the shards and the report")
+
+
+def _train_flags(args) -> dict:
+    return {k: v for k, v in (("steps", args.steps), ("preset", args.preset), ("workers", args.workers)) if v is not None}
+
+
+def _print_run_end(out: str, done: dict) -> None:
     print(f"\nrun directory: {out}")
     print(f"pair shards:   {os.path.join(out, 'shards')}")
     print(f"HTML report:   {os.path.join(out, 'report.html')}")
+    if "train" in done:
+        print(f"checkpoint:    {done['train']['checkpoint']} (step {done['train']['step']})")
+        print(f"EMA grids:     {os.path.join(out, 'train', 'samples')}")
+    for kind, sheet in done.get("sample", {}).items():
+        print(f"{kind + ':':14s} {sheet}")
 
 
 def cmd_run(args, beam_args) -> int:
@@ -241,10 +263,11 @@ def cmd_run(args, beam_args) -> int:
 
     try:
         cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, encoder=args.encoder, encoder_weights=args.encoder_weights)
-        run_pipeline(args.input, args.out, cfg, beam_args)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
+        done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address)
     except (StageError, config.ConfigError) as err:
         raise UserError(str(err)) from err
-    _print_run_end(args.out)
+    _print_run_end(args.out, done)
     return 0
 
 
@@ -255,10 +278,10 @@ def cmd_demo(args, beam_args) -> int:
     if args.photos and not os.path.isdir(args.photos):
         raise UserError(f"--photos {args.photos} is not a folder")
     try:
-        demo(args.out, args.photos, beam_args, args.config)
+        done = demo(args.out, args.photos, beam_args, args.config, args.pages, args.topics, args.model, _train_flags(args))
     except (StageError, config.ConfigError) as err:
         raise UserError(str(err)) from err
-    _print_run_end(args.out)
+    _print_run_end(args.out, done)
     return 0
 
 

@@ -1,0 +1,36 @@
+"""`webpairs train --ray-address`: a Ray head and a second Ray node on this machine, one training
+worker on each, trained through the address, then both stopped."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_on_a_two_node_cluster_through_its_address(tmp_path, pipeline_dirs):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run = str(tmp_path / "run")
+        cmd = [sys.executable, "-m", "webpairs.cli", "train", pipeline_dirs["shards"], "--out", run, "--ray-address", cluster.address, "--workers", "2", "--steps", "6"]
+        cfg = tmp_path / "t.yaml"
+        cfg.write_text("train:\n  checkpoint_every: 3\n  log_every: 3\n  sample_every: 0\n")
+        proc = subprocess.run(cmd + ["--config", str(cfg)], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "trained to step 6" in proc.stdout
+        ray.init(address=cluster.address)
+        from ray.util.state import list_actors, list_nodes
+
+        assert len([n for n in list_nodes() if n.state == "ALIVE"]) == 2
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        assert len(workers) == 2 and len({w.node_id for w in workers}) == 2  # one rank on each node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
