@@ -1,6 +1,7 @@
 """`webpairs train --ray-address`: a Ray head and a second Ray node on this machine, one training
 worker on each, trained through the address, then both stopped."""
 
+import json
 import os
 import subprocess
 import sys
@@ -26,11 +27,10 @@ def test_train_on_a_two_node_cluster_through_its_address(tmp_path, pipeline_dirs
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "trained to step 6" in proc.stdout
         ray.init(address=cluster.address)
-        from ray.util.state import list_actors, list_nodes
-
-        assert len([n for n in list_nodes() if n.state == "ALIVE"]) == 2
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
-        assert len(workers) == 2 and len({w.node_id for w in workers}) == 2  # one rank on each node
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        ranks = [json.load(open(os.path.join(run, "workers", f))) for f in sorted(os.listdir(os.path.join(run, "workers")))]
+        assert len(alive) == 2 and [r["rank"] for r in ranks] == [0, 1]
+        assert {r["node_id"] for r in ranks} == alive  # one rank on each node
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -112,6 +112,17 @@ def _sample_grid(model, fixed, cfg: TrainConfig, step: int, run_dir: str, writer
     writer.add_image("ema_samples", as_uint8(sheet), step, dataformats="HWC")
 
 
+def _record_worker(run_dir: str, rank: int, world: int, device) -> None:
+    """RUN_DIR/workers/rank-N.json: which Ray node and host run this rank (for operators and tests)."""
+    import socket
+
+    import ray
+
+    os.makedirs(os.path.join(run_dir, "workers"), exist_ok=True)
+    with open(os.path.join(run_dir, "workers", f"rank-{rank}.json"), "w") as fh:
+        json.dump({"rank": rank, "world": world, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "device": str(device), "time": time.time()}, fh)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -128,6 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    _record_worker(run_dir, rank, world, device)
 
     # (3) model, EMA, optimizer; restore
     model = build_model(cfg.preset, config["cond_dim"]).to(device)
