@@ -64,25 +64,33 @@ class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
     Input: a dict of PCollections `{"input": ..., "kept": ..., "rejected": ...}`; `input` is only
-    counted, `kept` rows follow `schema`, `rejected` rows follow REJECTED_SCHEMA. Any other entry
-    is counted too and lands in stats.json under its name (e.g. "pairs").
+    counted (or give `input_count`, a PCollection of numbers that are summed), `kept` rows follow
+    `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema), `rejected` rows
+    follow REJECTED_SCHEMA. Any other entry is counted too and lands in stats.json under its name
+    (e.g. "pairs").
     """
 
-    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None):
+    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False):
         super().__init__()
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
+        self.kept_tables = kept_tables
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
-        _ = kept | "WriteKept" >> beam.io.WriteToParquet(
-            os.path.join(self.out_dir, self.name, "part"), self.schema, file_name_suffix=".parquet"
-        )
+        write = beam.io.WriteToParquetBatched if self.kept_tables else beam.io.WriteToParquet
+        _ = kept | "WriteKept" >> write(os.path.join(self.out_dir, self.name, "part"), self.schema, file_name_suffix=".parquet")
         _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(
             os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet"
         )
-        n_input = pcolls["input"] | "CountInput" >> beam.combiners.Count.Globally()
-        n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
+        if "input_count" in pcolls:
+            n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
+        else:
+            n_input = pcolls["input"] | "CountInput" >> beam.combiners.Count.Globally()
+        if self.kept_tables:
+            n_kept = kept | "KeptRows" >> beam.Map(lambda t: t.num_rows) | "SumKept" >> beam.CombineGlobally(sum)
+        else:
+            n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
         reasons = (
             rejected
             | "Reason" >> beam.Map(lambda r: r["reason"])
@@ -91,7 +99,7 @@ class WriteStageOutputs(beam.PTransform):
         counts = {
             name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> beam.combiners.Count.Globally())
             for name, pc in pcolls.items()
-            if name not in ("input", "kept", "rejected")
+            if name not in ("input", "input_count", "kept", "rejected")
         }
         return (
             kept.pipeline

@@ -1,8 +1,9 @@
 """`crawl extract`: WARC/WAT files -> LinkRecord parquet (Apache Beam).
 
 Steps: list files -> read each file as a stream and extract image links per page (a file is the
-unit of parallelism) -> reject refused URLs with a reason -> collapse exact duplicate
-(page_url, image_url) links -> write links/, rejected/, stats.json.
+unit of parallelism) -> reject refused URLs with a reason -> group by page and collapse exact
+duplicate (page_url, image_url) links -> write links/ (pyarrow tables, batched), rejected/,
+stats.json.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ REJECTED = "rejected"
 # Closed set of reasons: urls.py's plus these two.
 REASON_DUPLICATE = "duplicate_link"
 REASON_TOO_MANY = "too_many_links"
+CANDIDATES = "candidates"  # per-file count of candidate links
 KIND_RANK = {"img": 0, "picture": 1, "wat": 2, "og:image": 3}  # which duplicate survives
 
 
-def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, source_file: str, offset: int, cfg: CrawlConfig, allow: AllowList) -> Iterator[tuple[str, dict]]:
-    """Resolve and check the links of one page: yields ("link", row) or ("rejected", row)."""
+def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: CrawlConfig, allow: AllowList) -> Iterator[tuple]:
+    """Resolve and check the links of one page.
+
+    Yields ("link", (image_url, alt, position, kind, width, height)) for accepted links and
+    (REJECTED, Rejected row) for refused ones. Link rows are tuples, not dicts: a page's links
+    cross a shuffle, and tuples encode several times faster."""
     base, _ = normalize_url(base_href, page_url) if base_href else (None, None)
     base = base or page_url
     for n, raw in enumerate(raw_links):
@@ -36,23 +42,14 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, source_fi
             reason = REASON_TOO_MANY
         if reason is not None:
             yield REJECTED, Rejected(stable_id(page_url, raw.url), STAGE, reason, raw.url[:200], url or raw.url[:2048]).to_row()
-            continue
-        yield "link", {  # a LinkRecord row, built directly (dataclasses.asdict is slow per link)
-            "link_id": stable_id(page_url, url),
-            "page_url": page_url,
-            "image_url": url,
-            "alt": raw.alt,
-            "position": raw.position,
-            "kind": raw.kind,
-            "width": raw.width,
-            "height": raw.height,
-            "source_file": source_file,
-            "source_offset": offset,
-        }
+        else:
+            yield "link", (url, raw.alt, raw.position, raw.kind, raw.width, raw.height)
 
 
 class ExtractFileLinks(beam.DoFn):
-    """Read one WARC/WAT file as a stream; emit (page_url, link rows) per page and rejected rows."""
+    """Read one WARC/WAT file as a stream. Outputs: per page with accepted links,
+    (page_url, (file, record offset, [link tuple, ...])); rejected rows (tag REJECTED); per file,
+    the number of candidate links it held (tag CANDIDATES, what stats.json calls `input`)."""
 
     def __init__(self, cfg: CrawlConfig):
         self.cfg = cfg
@@ -67,6 +64,7 @@ class ExtractFileLinks(beam.DoFn):
         from crawl.warc import Page, iter_file
 
         counters: dict = {}
+        candidates = 0
         for doc in iter_file(path, counters):
             page_url, _ = normalize_url(doc.url, doc.url)
             if page_url is None:
@@ -76,56 +74,94 @@ class ExtractFileLinks(beam.DoFn):
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]
                 base = doc.base
-            rows = []
-            for tag, row in page_links(page_url, raw, base, path, doc.offset, self.cfg, self.allow):
+            candidates += len(raw)
+            links = []
+            for tag, row in page_links(page_url, raw, base, self.cfg, self.allow):
                 if tag == "link":
-                    rows.append(row)
+                    links.append(row)
                 else:
                     yield beam.pvalue.TaggedOutput(REJECTED, row)
-            if rows:  # one element per page: the shuffle below moves pages, not single links
-                yield page_url, rows
+            if links:  # one element per page: the shuffle below moves pages, not single links
+                yield page_url, (path, doc.offset, links)
+        yield beam.pvalue.TaggedOutput(CANDIDATES, candidates)
         self.pages.inc(counters.get("html_pages", 0))
         self.wat_pages.inc(counters.get("wat_pages", 0))
         self.broken.inc(counters.get("truncated_files", 0))
 
 
-def _collapse_duplicates(item):
-    """All link rows of one page (from every capture of it) -> one link per image URL, the best
-    one kept (img before picture before WAT before og:image, then page order), the rest rejected."""
-    _, captures = item
+def collapse_page(page_url: str, captures: Iterable[tuple]) -> tuple[list[tuple], list[dict]]:
+    """All links of one page (from every capture of it) -> one link per image URL, the best one
+    kept (img before picture before WAT before og:image, then page order), the rest rejected.
+    Returns (LinkRecord tuples in LINK_SCHEMA column order, Rejected rows)."""
     by_url: dict[str, list] = {}
-    for rows in captures:
-        for r in rows:
-            by_url.setdefault(r["image_url"], []).append(r)
-    for rows in by_url.values():
-        if len(rows) > 1:
-            rows.sort(key=lambda r: (KIND_RANK.get(r["kind"], 9), r["position"], r["source_file"], r["source_offset"]))
-        best = rows[0]
-        if not best["alt"]:  # an og:image or <source> duplicate may carry no alt: take one that has it
-            best = dict(best, alt=next((r["alt"] for r in rows if r["alt"]), ""))
-        yield best
-        for r in rows[1:]:
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(r["link_id"] + f":{r['kind']}:{r['position']}", STAGE, REASON_DUPLICATE, r["kind"], r["image_url"]).to_row())
+    for source_file, offset, links in captures:
+        for url, alt, position, kind, width, height in links:
+            by_url.setdefault(url, []).append((KIND_RANK.get(kind, 9), position, source_file, offset, alt, kind, width, height))
+    kept, rejected = [], []
+    for url, found in by_url.items():
+        if len(found) > 1:
+            found.sort(key=lambda f: f[:4])
+        _, position, source_file, offset, alt, kind, width, height = found[0]
+        if not alt:  # an og:image or <source> duplicate may carry no alt: take one that has it
+            alt = next((f[4] for f in found if f[4]), "")
+        link_id = stable_id(page_url, url)
+        kept.append((link_id, page_url, url, alt, position, kind, width, height, source_file, offset))
+        for f in found[1:]:
+            rejected.append(Rejected(f"{link_id}:{f[5]}:{f[1]}", STAGE, REASON_DUPLICATE, f[5], url).to_row())
+    return kept, rejected
+
+
+class CollapseDuplicates(beam.DoFn):
+    """(page_url, captures) groups -> pyarrow tables of kept links (LINK_SCHEMA, about
+    `batch_rows` rows each, the rest at the end of the bundle) and rejected duplicate rows.
+    Batching keeps Beam's per-element cost per table instead of per link."""
+
+    def __init__(self, batch_rows: int = 20000):
+        self.batch_rows = batch_rows
+
+    def start_bundle(self):
+        self.rows: list[tuple] = []
+
+    def process(self, item):
+        kept, rejected = collapse_page(*item)
+        self.rows += kept
+        for row in rejected:
+            yield beam.pvalue.TaggedOutput(REJECTED, row)
+        if len(self.rows) >= self.batch_rows:
+            yield self._table()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.timestamp import MIN_TIMESTAMP
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        if self.rows:
+            yield WindowedValue(self._table(), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _table(self):
+        import pyarrow as pa
+
+        columns = list(zip(*self.rows))
+        self.rows = []
+        return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, LINK_SCHEMA)], schema=LINK_SCHEMA)
 
 
 class ExtractLinks(beam.PTransform):
-    """Files (a PCollection of paths) -> {"input", "kept", "rejected"} link PCollections."""
+    """Files (a PCollection of paths) -> {"input_count", "kept" (pyarrow tables), "rejected"}."""
 
     def __init__(self, cfg: CrawlConfig):
         super().__init__()
         self.cfg = cfg
 
     def expand(self, files):
-        found = files | "Spread" >> beam.Reshuffle() | "ReadAndExtract" >> beam.ParDo(ExtractFileLinks(self.cfg)).with_outputs(REJECTED, main="links")
+        found = files | "Spread" >> beam.Reshuffle() | "ReadAndExtract" >> beam.ParDo(ExtractFileLinks(self.cfg)).with_outputs(REJECTED, CANDIDATES, main="links")
         deduped = (
             found.links
             | "GroupPages" >> beam.GroupByKey()
-            | "Collapse" >> beam.FlatMap(_collapse_duplicates).with_outputs(REJECTED, main="kept")
+            | "Collapse" >> beam.ParDo(CollapseDuplicates()).with_outputs(REJECTED, main="kept")
         )
         rejected = (found[REJECTED], deduped[REJECTED]) | "AllRejected" >> beam.Flatten()
-        # inputs = every candidate link: accepted ones (counted per page) and refused ones
-        inputs = (found.links | "LinksOfPage" >> beam.FlatMap(lambda kv: kv[1]), found[REJECTED]) | "AllCandidates" >> beam.Flatten()
-        return {"input": inputs, "kept": deduped.kept, "rejected": rejected}
+        return {"input_count": found[CANDIDATES], "kept": deduped.kept, "rejected": rejected}
 
 
 def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=None) -> dict:
@@ -138,5 +174,5 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
         raise StageError(f"extract: no WARC/WAT files match {input_pattern}")
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg)
-        _ = outputs | "Write" >> WriteStageOutputs(out_dir, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)})
+        _ = outputs | "Write" >> WriteStageOutputs(out_dir, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True)
     return finish_stage(out_dir)
