@@ -184,9 +184,10 @@ class ReadParquetWithPointers(beam.DoFn):
                     yield row
 
 
-def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str) -> dict:
+def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str, wanted: Optional[set] = None) -> dict:
     """{key value: column value} for the rows in the given (file, row group) pointers, reading one
-    row group at a time (memory: one row group plus the values asked for)."""
+    row group at a time; with `wanted`, only those keys are kept (memory: one row group plus the
+    values asked for)."""
     out: dict = {}
     by_file: dict[str, set] = {}
     for f, rg in pointers:
@@ -196,5 +197,10 @@ def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str) -> 
             pf = pq.ParquetFile(fh)
             for rg in sorted(groups):
                 t = pf.read_row_group(rg, columns=[key, column])
-                out.update(zip(t.column(key).to_pylist(), t.column(column).to_pylist()))
+                keys = t.column(key).to_pylist()
+                if wanted is None:
+                    out.update(zip(keys, t.column(column).to_pylist()))
+                else:
+                    values = t.column(column)
+                    out.update((k, values[i].as_py()) for i, k in enumerate(keys) if k in wanted)
     return out

@@ -1,8 +1,9 @@
 """`shards`: PairRecords + their images -> webdataset pair shards, a parquet index, manifest.json.
 
-Steps: join each pair with its condition and target image metadata (CoGroupByKey on image_id) ->
-a sample stub holding pointers to the image bytes -> assign it to a shard by hashing its key (the
-shard count follows from the sample count) -> per shard, fetch the bytes one parquet row group at a
+Steps: join each pair with its condition and target image info (CoGroupByKey on image_id; only
+the columns a sample needs are read, the embedding travels as .npy bytes) -> a sample stub holding
+pointers to the image bytes -> assign it to a shard by hashing its key (the shard count follows
+from the pair count in the parquet footers) -> per shard, fetch the bytes one parquet row group at a
 time, build the samples (layout in core/sample_layout.py) and write the tar atomically (temp name,
 then rename), recording byte offsets -> write index/ parquet, manifest.json and stats.
 """
@@ -47,8 +48,28 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
+# What the shard writer needs of an image; the rest of the pair stage's image record stays behind.
+IMAGE_COLUMNS = ["image_id", "page_url", "image_url", "alt", "encoder", "image_bytes", "bytes_file", "bytes_row_group"]
+PAIR_COLUMNS = ["pair_id", "page_url", "cond_image_id", "target_image_id", "similarity"]
+
+
+def image_info(row: dict, with_embedding: bool) -> tuple[str, dict]:
+    """(image_id, compact info): url, alt, encoder, where the bytes are and, when asked, the
+    embedding as .npy bytes. This is what crosses the joins, once per pair side."""
+    info = {
+        "page_url": row["page_url"],
+        "url": row["image_url"],
+        "alt": row["alt"],
+        "encoder": row.get("encoder"),
+        # inline bytes when the images table has them, else the pointer to the filter output
+        "source": row["image_bytes"] if row.get("image_bytes") is not None else (row["bytes_file"], row["bytes_row_group"], row["image_id"]),
+        "npy": layout.npy_bytes(row["embedding"]) if with_embedding and row.get("embedding") is not None else None,
+    }
+    return row["image_id"], info
+
+
 def _join(item, side: str):
-    """(image_id, {"pairs": [...], "image": [...]}) -> pairs with that side's image attached."""
+    """(image_id, {"pairs": [...], "image": [...]}) -> pairs with that side's image info attached."""
     image_id, groups = item
     images = sorted(groups["image"], key=lambda r: r["page_url"])
     for pair in groups["pairs"]:
@@ -68,8 +89,8 @@ def build_stub(pair: dict, store_embedding: bool) -> dict:
     meta = {
         "pair_id": pair["pair_id"],
         "page_url": pair["page_url"],
-        "cond_url": cond["image_url"],
-        "target_url": target["image_url"],
+        "cond_url": cond["url"],
+        "target_url": target["url"],
         "cond_alt": cond["alt"],
         "target_alt": target["alt"],
         "cond_image_id": pair["cond_image_id"],
@@ -77,13 +98,8 @@ def build_stub(pair: dict, store_embedding: bool) -> dict:
         "similarity": pair["similarity"],
         "encoder": cond.get("encoder"),
     }
-    stub = {"key": pair["pair_id"], "meta": meta, "npy": None, "sources": {}}
-    if store_embedding and cond.get("embedding") is not None:
-        stub["npy"] = layout.npy_bytes(cond["embedding"])
-    for side, img in (("cond", cond), ("target", target)):
-        # inline bytes when the images table has them, else the pointer to the filter output
-        stub["sources"][side] = img["image_bytes"] if img.get("image_bytes") is not None else (img["bytes_file"], img["bytes_row_group"], img["image_id"])
-    return stub
+    npy = cond["npy"] if store_embedding else None
+    return {"key": pair["pair_id"], "meta": meta, "npy": npy, "sources": {"cond": cond["source"], "target": target["source"]}}
 
 
 def materialise(stubs: list[dict]):
@@ -91,8 +107,8 @@ def materialise(stubs: list[dict]):
     ("rejected", row) for a pair whose image cannot be read."""
     from core.stageio import fetch_column
 
-    pointers = {(src[0], src[1]) for s in stubs for src in s["sources"].values() if isinstance(src, tuple)}
-    blobs = fetch_column(pointers, "image_id", "image_bytes") if pointers else {}
+    refs = [src for s in stubs for src in s["sources"].values() if isinstance(src, tuple)]
+    blobs = fetch_column({(f, rg) for f, rg, _ in refs}, "image_id", "image_bytes", wanted={i for _, _, i in refs}) if refs else {}
     for s in stubs:
         try:
             jpgs = {}
@@ -216,13 +232,14 @@ def code_version() -> str:
 class WritePairShards(beam.PTransform):
     """{"pairs", "images"} PCollections -> shards on disk; returns the stage's stat PCollections."""
 
-    def __init__(self, out_dir: str, cfg: ShardConfig):
+    def __init__(self, out_dir: str, cfg: ShardConfig, n_pairs: int):
         super().__init__()
         self.out_dir, self.cfg = out_dir, cfg
+        self.shards = shard_count(n_pairs, cfg)  # planned from the pair count, known up front
 
     def expand(self, pcolls):
         pairs, images = pcolls["pairs"], pcolls["images"]
-        keyed_images = images | "KeyImages" >> beam.Map(lambda r: (r["image_id"], r))
+        keyed_images = images | "ImageInfo" >> beam.Map(image_info, self.cfg.store_embedding)
         with_cond = (
             {"pairs": pairs | "KeyCond" >> beam.Map(lambda p: (p["cond_image_id"], p)), "image": keyed_images}
             | "JoinCond" >> beam.CoGroupByKey()
@@ -233,11 +250,11 @@ class WritePairShards(beam.PTransform):
             | "JoinTarget" >> beam.CoGroupByKey()
             | "AttachTarget" >> beam.FlatMap(_join, "target").with_outputs(REJECTED, main="ok")
         )
-        stubs = with_both.ok | "BuildStub" >> beam.Map(build_stub, self.cfg.store_embedding)
-        n = stubs | "CountSamples" >> beam.combiners.Count.Globally()
+        shards = self.shards
         written = (
-            stubs
-            | "AssignShard" >> beam.Map(lambda s, n: (int(s["key"], 16) % shard_count(n, self.cfg), s), beam.pvalue.AsSingleton(n))
+            with_both.ok
+            | "BuildStub" >> beam.Map(build_stub, self.cfg.store_embedding)
+            | "AssignShard" >> beam.Map(lambda s: (int(s["key"], 16) % shards, s))
             | "GroupShards" >> beam.GroupByKey()
             | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.cfg)).with_outputs("summary", REJECTED, main="index")
         )
@@ -260,10 +277,13 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
             break
     if not FileSystems.exists(out_dir):
         FileSystems.mkdirs(out_dir)
+    # the shard count follows from the pair count, read from the parquet footers (no data pass)
+    n_pairs = sum(pq.ParquetFile(FileSystems.open(f)).metadata.num_rows for f in pair_files)
+    image_columns = IMAGE_COLUMNS + (["embedding"] if cfg.store_embedding else [])
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        pairs = p | "PairFiles" >> beam.Create(pair_files) | "ReadPairs" >> beam.io.ReadAllFromParquet()
-        images = p | "ImageFiles" >> beam.Create(image_files) | "ReadImages" >> beam.io.ReadAllFromParquet()
-        out = {"pairs": pairs, "images": images} | "Shards" >> WritePairShards(out_dir, cfg)
+        pairs = p | "PairFiles" >> beam.Create(pair_files) | "ReadPairs" >> beam.io.ReadAllFromParquet(columns=PAIR_COLUMNS)
+        images = p | "ImageFiles" >> beam.Create(image_files) | "ReadImages" >> beam.io.ReadAllFromParquet(columns=image_columns)
+        out = {"pairs": pairs, "images": images} | "Shards" >> WritePairShards(out_dir, cfg, n_pairs)
         _ = {"input": out["input"], "kept": out["kept"], "rejected": out["rejected"]} | "Write" >> WriteStageOutputs(out_dir, STAGE, "index", INDEX_SCHEMA)
         _ = (
             p

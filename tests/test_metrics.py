@@ -46,3 +46,18 @@ def test_consistency_and_diversity():
     assert M.diversity([x], x) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         M.fid(x[:1], x)
+
+
+def test_class_match_finds_the_class_and_ignores_a_shared_offset():
+    rng = np.random.default_rng(3)
+    shared = 20 * rng.normal(size=32)  # what every image has in common: cosines are high everywhere
+    centres = rng.normal(size=(4, 32))
+    real = [shared + c + 0.3 * rng.normal(size=(10, 32)) for c in centres]
+    own = np.concatenate([shared + c + 0.3 * rng.normal(size=(5, 32)) for c in centres])
+    labels = np.repeat(np.arange(4), 5)
+    assert M.consistency(own, np.roll(own, 5, axis=0)) > 0.9  # consistency cannot tell the classes apart
+    assert M.class_match(own, labels, real) == 1.0
+    assert M.class_match(own, (labels + 1) % 4, real) == 0.0  # every sample carries another class
+    generic = shared + 0.3 * rng.normal(size=(400, 32))  # samples with no class at all: about chance
+    assert 0.1 < M.class_match(generic, np.arange(400) % 4, real) < 0.4
+    assert M.class_match(np.concatenate(real), np.repeat(np.arange(4), 10), real, leave_one_out=True) == 1.0

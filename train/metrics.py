@@ -86,3 +86,25 @@ def diversity(samples_by_condition: list[np.ndarray], real: np.ndarray) -> float
     if base <= 0 or not within:
         return float("nan")
     return float(np.mean(within) / base)
+
+
+def class_match(features: np.ndarray, labels: np.ndarray, real_by_class: list[np.ndarray], leave_one_out: bool = False) -> float:
+    """Fraction of rows whose nearest class centroid (mean unit feature of each class's real
+    images, by cosine) is their own class `labels[i]`; chance is 1 / number of classes.
+
+    Unlike `consistency`, this cancels what all images share (at low resolution every pair of
+    images has a high cosine), so it shows whether a sample carries its condition's class. With
+    `leave_one_out`, `features` are the real images themselves, in `real_by_class` order, and each
+    is left out of its own class's centroid."""
+    feats = _unit(features)
+    sums = [_unit(r).sum(0) for r in real_by_class]
+    counts = [len(r) for r in real_by_class]
+    hits = 0
+    for i, (f, c) in enumerate(zip(feats, labels)):
+        cents = []
+        for j, (total, n) in enumerate(zip(sums, counts)):
+            if leave_one_out and j == c:
+                total, n = total - f, n - 1
+            cents.append(total / max(n, 1))
+        hits += int(np.argmax(_unit(np.stack(cents)) @ f) == c)
+    return float(hits / max(len(feats), 1))
