@@ -1,7 +1,8 @@
 """`pair`: ImageRecords -> same-page (condition, target) PairRecords with Beam.
 
-Steps: drop boilerplate (content on more than K pages, found by pHash with LSH banding so only
-band-mates are compared, and image URLs on more than K pages) -> GroupByKey(page_url) -> collapse
+Steps: flag boilerplate from a light read of (pHash, page, URL) (content on more than K pages, found
+by pHash with LSH banding so only band-mates are compared, and image URLs on more than K pages) ->
+read the records and drop the flagged ones (the flags are side inputs) -> GroupByKey(page_url) -> collapse
 near-duplicates, cap images per page, pick in-band pairs (pairing/select.py) -> keep each
 (condition, target) content pair once across pages -> write pairs/, images/, rejected/, stats.json.
 """
@@ -52,13 +53,18 @@ class CappedSet(beam.CombineFn):
         return acc
 
 
-def _mark(item, flag: str):
-    """CoGroupByKey result -> records, each tagged when the key was flagged."""
-    _, groups = item
-    flagged = bool(groups["flag"])
-    for r in groups["records"]:
-        if flagged:
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, BOILERPLATE, flag, r["image_url"]).to_row())
+class MarkBoilerplate(beam.DoFn):
+    """Reject records whose pHash or image URL was flagged as boilerplate (side inputs: the flagged
+    keys only, a small fraction of all keys); pass the others through."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def process(self, r, bad_phash, bad_url):
+        if r["phash"] in bad_phash:
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, BOILERPLATE, f"content on more than {self.k} pages", r["image_url"]).to_row())
+        elif r["image_url"] in bad_url:
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, BOILERPLATE, f"URL on more than {self.k} pages", r["image_url"]).to_row())
         else:
             yield r
 
@@ -83,16 +89,21 @@ def _first_page_wins(item):
 
 
 class PairImages(beam.PTransform):
-    """ImageRecords -> {"input", "kept" images, "rejected", "pairs", "duplicate_pairs", "pages"}."""
+    """{"keys": (phash, page_url, image_url) records, "images": ImageRecords} ->
+    {"input", "kept" images, "rejected", "pairs", "duplicate_pairs", "pages"}.
+
+    `keys` is a light second read of the same input: the boilerplate counts come from it, so the
+    full records are shuffled once (by page), not once per boilerplate check."""
 
     def __init__(self, cfg: PairConfig):
         super().__init__()
         self.cfg = cfg
 
-    def expand(self, images):
+    def expand(self, pcolls):
+        keys, images = pcolls["keys"], pcolls["images"]
         cfg, k = self.cfg, self.cfg.boilerplate_pages
         # 1. boilerplate by content: pages per pHash (capped), then pHash-close neighbours via LSH bands
-        phash_pages = images | "PhashPage" >> beam.Map(lambda r: (r["phash"], r["page_url"])) | "PagesPerPhash" >> beam.CombinePerKey(CappedSet(k + 1))
+        phash_pages = keys | "PhashPage" >> beam.Map(lambda r: (r["phash"], r["page_url"])) | "PagesPerPhash" >> beam.CombinePerKey(CappedSet(k + 1))
         bad_phash = (
             phash_pages
             | "Bands" >> beam.FlatMap(lambda kv: [(b, (kv[0], kv[1])) for b in band_keys(kv[0], cfg.boilerplate_phash_distance)])
@@ -101,26 +112,17 @@ class PairImages(beam.PTransform):
             | "DistinctPhash" >> beam.Distinct()
             | "FlagPhash" >> beam.Map(lambda h: (h, True))
         )
-        by_phash = (
-            {"records": images | "KeyPhash" >> beam.Map(lambda r: (r["phash"], r)), "flag": bad_phash}
-            | "JoinPhash" >> beam.CoGroupByKey()
-            | "MarkContent" >> beam.FlatMap(_mark, f"content on more than {k} pages").with_outputs(REJECTED, main="ok")
-        )
         # 2. boilerplate by URL: the same image URL on more than K pages
         bad_url = (
-            images
+            keys
             | "UrlPage" >> beam.Map(lambda r: (r["image_url"], r["page_url"]))
             | "PagesPerUrl" >> beam.CombinePerKey(CappedSet(k + 1))
             | "ManyPages" >> beam.Filter(lambda kv: len(kv[1]) > k)
             | "FlagUrl" >> beam.Map(lambda kv: (kv[0], True))
         )
-        by_url = (
-            {"records": by_phash.ok | "KeyUrl" >> beam.Map(lambda r: (r["image_url"], r)), "flag": bad_url}
-            | "JoinUrl" >> beam.CoGroupByKey()
-            | "MarkUrl" >> beam.FlatMap(_mark, f"URL on more than {k} pages").with_outputs(REJECTED, main="ok")
-        )
+        marked = images | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(k), beam.pvalue.AsDict(bad_phash), beam.pvalue.AsDict(bad_url)).with_outputs(REJECTED, main="ok")
         # 3. per page: near-duplicates, cap, in-band pairs
-        pages = by_url.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], r)) | "GroupPages" >> beam.GroupByKey()
+        pages = marked.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], r)) | "GroupPages" >> beam.GroupByKey()
         per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg).with_outputs(REJECTED, "pairs", main="kept")
         # 4. the same (condition, target) contents from several pages: keep one
         pairs = (
@@ -129,7 +131,7 @@ class PairImages(beam.PTransform):
             | "GroupContents" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
-        rejected = (by_phash[REJECTED], by_url[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
+        rejected = (marked[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
         return {
             "input": images,
             "kept": per_page.kept,
@@ -143,6 +145,7 @@ class PairImages(beam.PTransform):
 # Pairing never needs the image bytes: records travel without them (a pointer stays), and the
 # embedding travels as a compact float16 array instead of a Python list.
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
+KEY_COLUMNS = ["phash", "page_url", "image_url"]  # what the boilerplate counts read
 
 
 def _compact(row: dict) -> dict:
@@ -168,8 +171,11 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
     if not files:
         raise StageError(f"pair: no images parquet under {input_path} (expected a `filter` output)")
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        keys = p | "KeyFiles" >> beam.Create(files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
+        # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
+        # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
-        out = images | "Pair" >> PairImages(cfg)
+        out = {"keys": keys, "images": images} | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet")
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)})
