@@ -167,7 +167,8 @@ class Rejected:
     url: str = ""
 
     def to_row(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # built directly: dataclasses.asdict deep-copies and is slow on a per-record hot path
+        return {"record_id": self.record_id, "stage": self.stage, "reason": self.reason, "detail": self.detail, "url": self.url}
 
 
 def phash_distance(a: str, b: str) -> int:
