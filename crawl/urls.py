@@ -16,6 +16,7 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAFE_URL = re.compile(r"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*\Z")  # nothing to percent-encode
+_SAFE_OR_SPACE = re.compile(r"[A-Za-z0-9/%:@!$&'()*+,;=\-._~? ]*\Z")
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"  # characters quote() leaves alone in a path
 _QUERY_SAFE = "=&%:@!$'()*+,;/?-._~"  # ... and in a query
 # Closed set of reasons this module gives (the extract stage adds its own).
@@ -153,9 +154,10 @@ def _finish_plain(m: re.Match, allow: Optional[AllowList]) -> Optional[tuple[Opt
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     path, query = m["path"] or "/", m["query"] or ""
     if not _SAFE_URL.match(path):
-        path = quote(path, safe=_PATH_SAFE)
+        # spaces are the usual unsafe character: replacing them is what quote() would do
+        path = path.replace(" ", "%20") if _SAFE_OR_SPACE.match(path) else quote(path, safe=_PATH_SAFE)
     if not _SAFE_URL.match(query):
-        query = quote(query, safe=_QUERY_SAFE)
+        query = query.replace(" ", "%20") if _SAFE_OR_SPACE.match(query) else quote(query, safe=_QUERY_SAFE)
     return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else ""), None
 
 
