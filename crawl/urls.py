@@ -12,7 +12,7 @@ import functools
 import ipaddress
 import re
 from typing import Iterable, Optional
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _SAFE_URL = re.compile(r"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*\Z")  # nothing to percent-encode
@@ -90,24 +90,20 @@ _PLAIN_ABSOLUTE = re.compile(
 )
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|\Z)")
 _SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
-_base_cache: tuple[str, Optional[tuple[str, str, str]]] = ("", None)
 
 
+@functools.lru_cache(maxsize=1024)
 def _split_base(base: str) -> Optional[tuple[str, str, str]]:
-    """(scheme, "scheme://netloc", directory path) of a plain base URL, else None. Cached for the
-    last base: a page's links are resolved one after another against the same base."""
-    global _base_cache
-    if _base_cache[0] == base:
-        return _base_cache[1]
+    """(scheme, "scheme://netloc", directory path) of a plain base URL, else None. Cached: a
+    page's links are all resolved against the same base."""
     m = _PLAIN_ABSOLUTE.match(base)
-    split = None
-    if m is not None:
-        path = m["path"] or ""
-        if "//" not in path and ";" not in path and not _DOT_SEGMENT.search(path):
-            origin = base[: m.end("port") if m["port"] is not None else m.end("host")]
-            split = (m["scheme"], origin, path[: path.rfind("/") + 1] or "/")
-    _base_cache = (base, split)
-    return split
+    if m is None:
+        return None
+    path = m["path"] or ""
+    if "//" in path or ";" in path or _DOT_SEGMENT.search(path):
+        return None
+    origin = base[: m.end("port") if m["port"] is not None else m.end("host")]
+    return m["scheme"], origin, path[: path.rfind("/") + 1] or "/"
 
 
 def _resolve_plain(raw: str, base: str) -> Optional[str]:
@@ -142,23 +138,10 @@ def _resolve_plain(raw: str, base: str) -> Optional[str]:
 
 def _finish_plain(m: re.Match, allow: Optional[AllowList]) -> Optional[tuple[Optional[str], Optional[str]]]:
     """Normalise a URL matched by _PLAIN_ABSOLUTE; None when it needs the general path."""
-    host = m["host"].rstrip(".").lower()
     port = int(m["port"]) if m["port"] is not None else None
-    if not host or (port is not None and port > 65535):
-        return None
-    if allow is not None and not allow.allows(host):
-        reason = _host_reason(host)
-        if reason is not None:
-            return None, reason
-    scheme = m["scheme"].lower()
-    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    path, query = m["path"] or "/", m["query"] or ""
-    if not _SAFE_URL.match(path):
-        # spaces are the usual unsafe character: replacing them is what quote() would do
-        path = path.replace(" ", "%20") if _SAFE_OR_SPACE.match(path) else quote(path, safe=_PATH_SAFE)
-    if not _SAFE_URL.match(query):
-        query = query.replace(" ", "%20") if _SAFE_OR_SPACE.match(query) else quote(query, safe=_QUERY_SAFE)
-    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else ""), None
+    if port is not None and port > 65535:
+        return None  # the general path rejects it as bad_url
+    return _assemble(m["scheme"].lower(), m["host"].lower(), port, m["path"], m["query"] or "", allow)
 
 
 def _normalize_general(raw: str, base: str, allow: Optional[AllowList] = None) -> tuple[Optional[str], Optional[str]]:
@@ -186,6 +169,12 @@ def _normalize_general(raw: str, base: str, allow: Optional[AllowList] = None) -
         host = host.encode("idna").decode("ascii") if not host.isascii() else host.lower()
     except UnicodeError:
         return None, REASON_BAD_URL
+    return _assemble(scheme, host, port, parts.path, parts.query, allow)
+
+
+def _assemble(scheme: str, host: str, port: Optional[int], path: Optional[str], query: str, allow: Optional[AllowList]) -> tuple[Optional[str], Optional[str]]:
+    """The fetch policy on a split URL (scheme and host lower-case), then the normalised URL:
+    default port dropped, empty path "/", unsafe characters percent-encoded, no fragment."""
     if allow is not None and not allow.allows(host):
         reason = _host_reason(host)
         if reason is not None:
@@ -193,12 +182,16 @@ def _normalize_general(raw: str, base: str, allow: Optional[AllowList] = None) -
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    path, query = parts.path or "/", parts.query
-    if not _SAFE_URL.match(path):
-        path = quote(path, safe=_PATH_SAFE)
-    if not _SAFE_URL.match(query):
-        query = quote(query, safe=_QUERY_SAFE)
-    return urlunsplit((scheme, netloc, path, query, "")), None
+    path, query = quote_unsafe(path or "/", _PATH_SAFE), quote_unsafe(query, _QUERY_SAFE)
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else ""), None
+
+
+def quote_unsafe(part: str, safe: str) -> str:
+    """`quote(part, safe)`, skipped when nothing needs encoding; spaces, the usual unsafe
+    character, are replaced directly when they are the only one (the result quote() gives)."""
+    if _SAFE_URL.match(part):
+        return part
+    return part.replace(" ", "%20") if _SAFE_OR_SPACE.match(part) else quote(part, safe=safe)
 
 
 def _is_internal_ip(host: str) -> bool:

@@ -58,7 +58,13 @@ def test_fast_url_path_agrees_with_urllib(warc_dir):
     for allow in (None, AllowList(), AllowList(["127.0.0.1"])):
         for raw, base in cases:
             assert normalize_url(raw, base, allow) == _normalize_general(raw, base, allow), (raw, base)
-    from crawl.urls import _resolve_plain
+    from urllib.parse import quote
+
+    from crawl.urls import _PATH_SAFE, _QUERY_SAFE, _resolve_plain, quote_unsafe
+
+    for part in ["/a b/c d.jpg", "/plain/x.jpg", "/é ü", "/%41 %zz", "/a\x00b", "q=1&b=a b", "/[x] y"]:  # both paths quote with it
+        for safe in (_PATH_SAFE, _QUERY_SAFE):
+            assert quote_unsafe(part, safe) == quote(part, safe=safe), part
 
     fast_taken = sum(_resolve_plain(raw.strip(), base) is not None for raw, base in cases[:1000])
     assert fast_taken > 900  # the real links do take the fast path
