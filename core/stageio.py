@@ -198,9 +198,8 @@ def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str, wan
             for rg in sorted(groups):
                 t = pf.read_row_group(rg, columns=[key, column])
                 keys = t.column(key).to_pylist()
-                if wanted is None:
-                    out.update(zip(keys, t.column(column).to_pylist()))
-                else:
-                    values = t.column(column)
-                    out.update((k, values[i].as_py()) for i, k in enumerate(keys) if k in wanted)
+                if wanted is not None:
+                    rows = [i for i, k in enumerate(keys) if k in wanted]
+                    t, keys = t.take(rows), [keys[i] for i in rows]
+                out.update(zip(keys, t.column(column).to_pylist()))
     return out

@@ -97,14 +97,11 @@ def class_match(features: np.ndarray, labels: np.ndarray, real_by_class: list[np
     `leave_one_out`, `features` are the real images themselves, in `real_by_class` order, and each
     is left out of its own class's centroid."""
     feats = _unit(features)
-    sums = [_unit(r).sum(0) for r in real_by_class]
-    counts = [len(r) for r in real_by_class]
-    hits = 0
-    for i, (f, c) in enumerate(zip(feats, labels)):
-        cents = []
-        for j, (total, n) in enumerate(zip(sums, counts)):
-            if leave_one_out and j == c:
-                total, n = total - f, n - 1
-            cents.append(total / max(n, 1))
-        hits += int(np.argmax(_unit(np.stack(cents)) @ f) == c)
-    return float(hits / max(len(feats), 1))
+    labels = np.asarray(labels)
+    sums = np.stack([_unit(r).sum(0) for r in real_by_class])
+    counts = np.array([len(r) for r in real_by_class], dtype=np.float64)
+    scores = feats @ _unit(sums / counts[:, None]).T  # (rows, classes): cosine to each centroid
+    if leave_one_out:  # each row's own-class centroid without the row itself
+        own = (sums[labels] - feats) / np.maximum(counts[labels] - 1, 1)[:, None]
+        scores[np.arange(len(feats)), labels] = (_unit(own) * feats).sum(-1)
+    return float((scores.argmax(1) == labels).mean()) if len(feats) else 0.0
