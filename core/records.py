@@ -78,6 +78,17 @@ PAIR_SCHEMA = pa.schema(
         ("cond_image_id", pa.string()),
         ("target_image_id", pa.string()),
         ("similarity", pa.float32()),  # encoder cosine similarity of the two images
+        # what a shard writer needs of the two images, carried so that `shards` needs no join (the
+        # condition embedding is fetched with the bytes: it would make every pair row ~1-3 KB)
+        ("cond_url", pa.string()),
+        ("target_url", pa.string()),
+        ("cond_alt", pa.string()),
+        ("target_alt", pa.string()),
+        ("encoder", pa.string()),
+        ("cond_bytes_file", pa.string()),  # pointers to each image's bytes (a filter output file ...
+        ("cond_bytes_row_group", pa.int32()),  # ... and its row group), as in IMAGE_SCHEMA
+        ("target_bytes_file", pa.string()),
+        ("target_bytes_row_group", pa.int32()),
     ]
 )
 
@@ -152,8 +163,26 @@ class PairRecord:
     def pair_id(self) -> str:
         return stable_id(self.cond_image_id, self.target_image_id)
 
-    def to_row(self) -> dict[str, Any]:
-        return {"pair_id": self.pair_id, **dataclasses.asdict(self)}
+    def to_row(self, cond: Optional[dict] = None, target: Optional[dict] = None) -> dict[str, Any]:
+        """The PAIR_SCHEMA row; `cond`/`target` are the two images' ImageRecord rows (the image
+        columns stay empty without them)."""
+        cond, target = cond or {}, target or {}
+        return {
+            "pair_id": self.pair_id,
+            "page_url": self.page_url,
+            "cond_image_id": self.cond_image_id,
+            "target_image_id": self.target_image_id,
+            "similarity": self.similarity,
+            "cond_url": cond.get("image_url"),
+            "target_url": target.get("image_url"),
+            "cond_alt": cond.get("alt"),
+            "target_alt": target.get("alt"),
+            "encoder": cond.get("encoder"),
+            "cond_bytes_file": cond.get("bytes_file"),
+            "cond_bytes_row_group": cond.get("bytes_row_group"),
+            "target_bytes_file": target.get("bytes_file"),
+            "target_bytes_row_group": target.get("bytes_row_group"),
+        }
 
 
 @dataclasses.dataclass(frozen=True)

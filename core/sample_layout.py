@@ -8,7 +8,8 @@ One sample per pair, all files sharing the key (the pair_id):
     {key}.json         {"pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt",
                         "cond_image_id", "target_image_id", "similarity", "encoder"}
 
-Shards are named `pairs-{index:06d}-{part:02d}.tar`; beside them `index/*.parquet` (key -> shard, byte
+Shards are named `pairs-{file:06d}-{seq:06d}.tar` (the pair parquet file they come from, then a
+sequence number); beside them `index/*.parquet` (key -> shard, byte
 offsets, metadata) and `manifest.json`.
 """
 
@@ -23,7 +24,8 @@ COND_JPG = "cond.jpg"
 TARGET_JPG = "target.jpg"
 COND_NPY = "cond.npy"
 META_JSON = "json"
-SHARD_PATTERN = "pairs-{index:06d}-{part:02d}.tar"  # part > 0 only when a shard hits the byte limit
+SHARD_PATTERN = "pairs-{file:06d}-{seq:06d}.tar"
+META_FIELDS = ("pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt", "cond_image_id", "target_image_id", "similarity", "encoder")  # {key}.json
 MANIFEST = "manifest.json"
 
 

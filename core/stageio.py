@@ -26,6 +26,9 @@ from core.records import REJECTED_SCHEMA
 # try to fetch a Prism binary at run time.
 DEFAULT_RUNNER = "FnApiRunner"
 STATS_FILE = "stats.json"
+# Parquet row groups of ~8 MiB (Beam's default buffers 64 MiB): writers hold one row group in memory,
+# and readers that fetch by (file, row group) pointer (shards, for the image bytes) read one.
+ROW_GROUP_BYTES = 8 * 1024 * 1024
 SUCCESS_FILE = "_SUCCESS"
 
 
@@ -79,9 +82,9 @@ class WriteStageOutputs(beam.PTransform):
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
         write = beam.io.WriteToParquetBatched if self.kept_tables else beam.io.WriteToParquet
-        _ = kept | "WriteKept" >> write(os.path.join(self.out_dir, self.name, "part"), self.schema, file_name_suffix=".parquet")
+        _ = kept | "WriteKept" >> write(os.path.join(self.out_dir, self.name, "part"), self.schema, file_name_suffix=".parquet", **({} if self.kept_tables else {"row_group_buffer_size": ROW_GROUP_BYTES}))
         _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(
-            os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet"
+            os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
         )
         if "input_count" in pcolls:
             n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
@@ -184,10 +187,12 @@ class ReadParquetWithPointers(beam.DoFn):
                     yield row
 
 
-def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str, wanted: Optional[set] = None) -> dict:
-    """{key value: column value} for the rows in the given (file, row group) pointers, reading one
+def fetch_rows(pointers: Iterable[tuple[str, int]], key: str, columns: list[str], wanted: Optional[set] = None) -> dict:
+    """{key value: {column: value}} for the rows in the given (file, row group) pointers, reading one
     row group at a time; with `wanted`, only those keys are kept (memory: one row group plus the
-    values asked for)."""
+    rows asked for)."""
+    import pyarrow.compute as pc
+
     out: dict = {}
     by_file: dict[str, set] = {}
     for f, rg in pointers:
@@ -196,10 +201,9 @@ def fetch_column(pointers: Iterable[tuple[str, int]], key: str, column: str, wan
         with FileSystems.open(f) as fh:
             pf = pq.ParquetFile(fh)
             for rg in sorted(groups):
-                t = pf.read_row_group(rg, columns=[key, column])
-                keys = t.column(key).to_pylist()
+                t = pf.read_row_group(rg, columns=[key, *columns])
                 if wanted is not None:
-                    rows = [i for i, k in enumerate(keys) if k in wanted]
-                    t, keys = t.take(rows), [keys[i] for i in rows]
-                out.update(zip(keys, t.column(column).to_pylist()))
+                    t = t.filter(pc.is_in(t.column(key), value_set=pa.array(sorted(wanted), type=t.schema.field(key).type)))
+                for row in t.to_pylist():
+                    out[row[key]] = row
     return out

@@ -1,24 +1,30 @@
 """`pair`: ImageRecords -> same-page (condition, target) PairRecords with Beam.
 
-Steps: flag boilerplate from a light read of (pHash, page, URL) (content on more than K pages, found
-by pHash with LSH banding so only band-mates are compared, and image URLs on more than K pages) ->
-read the records and drop the flagged ones (the flags are side inputs) -> GroupByKey(page_url) -> collapse
-near-duplicates, cap images per page, pick in-band pairs (pairing/select.py) -> keep each
-(condition, target) content pair once across pages -> write pairs/, images/, rejected/, stats.json.
+Steps: from a light read of (image id, pHash, page, URL), flag boilerplate (content on more than K
+pages, found by pHash with LSH banding so only band-mates are compared, and image URLs on more than
+K pages) and the images seen on several pages -> read the records and drop the boilerplate (the
+flags are side inputs) -> GroupByKey(page_url) -> collapse near-duplicates, cap images per page,
+pick in-band pairs (pairing/select.py) -> pairs of two shared images go through a GroupByKey on
+their contents so each (condition, target) content pair is kept once across pages; the rest are
+final -> write pairs/ (each row carries what `shards` needs of its two images), images/, rejected/,
+stats.json. Records cross the shuffles packed (one bytes object each).
 """
 
 from __future__ import annotations
+
+import pickle
 
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
 from core.records import IMAGE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
-from core.stageio import ReadParquetWithPointers, StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
 from pairing.select import band_keys, boilerplate_phashes, page_outcome
 
 STAGE = "pair"
 REJECTED = "rejected"
 BOILERPLATE = "boilerplate"
+SHARED_PAIRS = "shared_pairs"
 
 
 def record_id(r: dict) -> str:
@@ -69,11 +75,37 @@ class MarkBoilerplate(beam.DoFn):
             yield r
 
 
-def _page(item, cfg: PairConfig):
-    page_url, images = item
-    pairs, kept, rejected = page_outcome(page_url, images, cfg)
+def pack(row: dict, names: tuple) -> bytes:
+    """A record as one bytes object (its values in `names` order) for a shuffle: the local runner
+    holds shuffled values as Python objects, and a dict with its own key strings costs several
+    times its packed size."""
+    return pickle.dumps(tuple(row[n] for n in names), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes, names: tuple) -> dict:
+    return dict(zip(names, pickle.loads(data)))
+
+
+def _bands(phash_pages: tuple, max_distance: int):
+    """(band key, packed (pHash, its pages)) for each LSH band of the pHash."""
+    packed = pickle.dumps(phash_pages, protocol=pickle.HIGHEST_PROTOCOL)
+    return [(b, packed) for b in band_keys(phash_pages[0], max_distance)]
+
+
+def _page(item, cfg: PairConfig, shared: dict):
+    """One page's outcome. A pair can recur on another page only when both its images are `shared`
+    (seen on several pages): those go to the cross-page dedup, keyed by contents; the rest are
+    final here, so the dedup shuffle carries only the few pairs that may be duplicates."""
+    page_url, packed = item
+    pairs, kept, rejected = page_outcome(page_url, [unpack(b, IMAGE_FIELDS) for b in packed], cfg)
+    by_id = {r["image_id"]: r for r in kept}
     for p in pairs:
-        yield beam.pvalue.TaggedOutput("pairs", p.to_row())
+        # the row carries both images' info for `shards`
+        row = p.to_row(by_id[p.cond_image_id], by_id[p.target_image_id])
+        if p.cond_image_id in shared and p.target_image_id in shared:
+            yield beam.pvalue.TaggedOutput(SHARED_PAIRS, ((p.cond_image_id, p.target_image_id), pack(row, PAIR_FIELDS)))
+        else:
+            yield beam.pvalue.TaggedOutput("pairs", row)
     for r in kept:
         yield r
     for r, reason, detail in rejected:
@@ -81,16 +113,16 @@ def _page(item, cfg: PairConfig):
 
 
 def _first_page_wins(item):
-    _, pairs = item
-    pairs = sorted(pairs, key=lambda p: p["page_url"])
+    _, packed = item
+    pairs = sorted((unpack(b, PAIR_FIELDS) for b in packed), key=lambda p: p["page_url"])
     yield pairs[0]
     for p in pairs[1:]:
-        yield beam.pvalue.TaggedOutput("duplicate_pairs", p)
+        yield beam.pvalue.TaggedOutput("duplicate_pairs", p["pair_id"])
 
 
 class PairImages(beam.PTransform):
-    """{"keys": (phash, page_url, image_url) records, "images": ImageRecords} ->
-    {"input", "kept" images, "rejected", "pairs", "duplicate_pairs", "pages"}.
+    """{"keys": (image_id, phash, page_url, image_url) records, "images": ImageRecords} ->
+    {"input", "kept" images, "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages"}.
 
     `keys` is a light second read of the same input: the boilerplate counts come from it, so the
     full records are shuffled once (by page), not once per boilerplate check."""
@@ -106,9 +138,9 @@ class PairImages(beam.PTransform):
         phash_pages = keys | "PhashPage" >> beam.Map(lambda r: (r["phash"], r["page_url"])) | "PagesPerPhash" >> beam.CombinePerKey(CappedSet(k + 1))
         bad_phash = (
             phash_pages
-            | "Bands" >> beam.FlatMap(lambda kv: [(b, (kv[0], kv[1])) for b in band_keys(kv[0], cfg.boilerplate_phash_distance)])
+            | "Bands" >> beam.FlatMap(_bands, cfg.boilerplate_phash_distance)
             | "GroupBands" >> beam.GroupByKey()
-            | "Neighbourhoods" >> beam.FlatMap(lambda kv: boilerplate_phashes(list(kv[1]), cfg.boilerplate_phash_distance, k))
+            | "Neighbourhoods" >> beam.FlatMap(lambda kv: boilerplate_phashes([pickle.loads(b) for b in kv[1]], cfg.boilerplate_phash_distance, k))
             | "DistinctPhash" >> beam.Distinct()
             | "FlagPhash" >> beam.Map(lambda h: (h, True))
         )
@@ -121,13 +153,20 @@ class PairImages(beam.PTransform):
             | "FlagUrl" >> beam.Map(lambda kv: (kv[0], True))
         )
         marked = images | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(k), beam.pvalue.AsDict(bad_phash), beam.pvalue.AsDict(bad_url)).with_outputs(REJECTED, main="ok")
-        # 3. per page: near-duplicates, cap, in-band pairs
-        pages = marked.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], r)) | "GroupPages" >> beam.GroupByKey()
-        per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg).with_outputs(REJECTED, "pairs", main="kept")
-        # 4. the same (condition, target) contents from several pages: keep one
-        pairs = (
-            per_page.pairs
-            | "KeyContents" >> beam.Map(lambda p: ((p["cond_image_id"], p["target_image_id"]), p))
+        # 3. images seen on several pages (only pairs of two such images can recur on another page)
+        shared = (
+            keys
+            | "ImagePage" >> beam.Map(lambda r: (r["image_id"], r["page_url"]))
+            | "PagesPerImage" >> beam.CombinePerKey(CappedSet(2))
+            | "OnSeveralPages" >> beam.Filter(lambda kv: len(kv[1]) > 1)
+            | "FlagShared" >> beam.Map(lambda kv: (kv[0], True))
+        )
+        # 4. per page: near-duplicates, cap, in-band pairs
+        pages = marked.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], pack(r, IMAGE_FIELDS))) | "GroupPages" >> beam.GroupByKey()
+        per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg, beam.pvalue.AsDict(shared)).with_outputs(REJECTED, "pairs", SHARED_PAIRS, main="kept")
+        # 5. the same (condition, target) contents from several pages: keep one
+        deduped = (
+            per_page[SHARED_PAIRS]
             | "GroupContents" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
@@ -136,8 +175,9 @@ class PairImages(beam.PTransform):
             "input": images,
             "kept": per_page.kept,
             "rejected": rejected,
-            "pairs": pairs.unique,
-            "duplicate_pairs": pairs.duplicate_pairs,
+            "pairs": per_page.pairs,  # final where they are made (not flattened with the next:
+            "deduped_pairs": deduped.unique,  # a flatten across stages would hold every pair)
+            "duplicate_pairs": deduped.duplicate_pairs,
             "pages": pages,
         }
 
@@ -145,7 +185,9 @@ class PairImages(beam.PTransform):
 # Pairing never needs the image bytes: records travel without them (a pointer stays), and the
 # embedding travels as a compact float16 array instead of a Python list.
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
-KEY_COLUMNS = ["phash", "page_url", "image_url"]  # what the boilerplate counts read
+KEY_COLUMNS = ["image_id", "phash", "page_url", "image_url"]  # what the boilerplate and sharing counts read
+IMAGE_FIELDS = tuple(META_COLUMNS) + ("bytes_file", "bytes_row_group")  # a record as it travels
+PAIR_FIELDS = tuple(PAIR_SCHEMA.names)
 
 
 def _compact(row: dict) -> dict:
@@ -177,6 +219,9 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
         out = {"keys": keys, "images": images} | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
-        _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet")
+        _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        _ = out["deduped_pairs"] | "WriteDeduped" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "deduped"), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        ones = [out.pop(name) | f"One_{name}" >> beam.Map(lambda _: 1) for name in ("pairs", "deduped_pairs")]
+        out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)})
     return finish_stage(out_dir)

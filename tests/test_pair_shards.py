@@ -129,3 +129,61 @@ def test_shards_readable_by_ray_data(pipeline_dirs):
     pairs = read_table(pipeline_dirs["pair"], "pairs").to_pandas()
     assert sorted(r["__key__"] for r in rows) == sorted(pairs.pair_id)
     assert all(r["cond.jpg"].ndim == 3 for r in rows[:5])
+
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
+    """Two pages show the same two images (x, y): their pairs are kept once, from the first page.
+    In shards, a pair whose image bytes are not an image, and one whose image cannot be found,
+    are rejected with their reasons, and every pair is accounted for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.config import ShardConfig
+    from core.records import IMAGE_SCHEMA, rows_to_table
+    from pairing.pipeline import run_pair
+    from shards.writer import run_shards
+
+    def image(image_id, page, pos, phash, emb, data):
+        e = np.asarray(emb, dtype=np.float32)
+        return {"image_id": image_id, "page_url": page, "image_url": f"http://h.test/{image_id}.jpg", "alt": image_id, "position": pos, "width": 32, "height": 32,
+                "format": "JPEG", "sha256": image_id * 4, "phash": phash, "embedding": (e / np.linalg.norm(e)).tolist(), "encoder": "test", "clip_score": None, "image_bytes": data}
+
+    x, y = ("0000000000000000", [1, 0.2, 0]), ("ffffffff00000000", [1, 0.4, 0])
+    rows = [
+        image("aaaaaaaaaaaaaaaa", "http://a.test/", 0, *x, _jpeg(0)), image("bbbbbbbbbbbbbbbb", "http://a.test/", 1, *y, _jpeg(1)),
+        image("aaaaaaaaaaaaaaaa", "http://b.test/", 0, *x, _jpeg(0)), image("bbbbbbbbbbbbbbbb", "http://b.test/", 1, *y, _jpeg(1)),
+        image("cccccccccccccccc", "http://b.test/", 2, "00000000ffffffff", [1, 0, 0.3], b"not an image"),
+    ]
+    os.makedirs(tmp_path / "filter" / "images")
+    pq.write_table(rows_to_table(rows, IMAGE_SCHEMA), tmp_path / "filter" / "images" / "part-0.parquet")
+    stats = run_pair(str(tmp_path / "filter"), str(tmp_path / "pair"), PairConfig(sim_low=0.0, sim_high=0.999))
+    pairs = read_table(str(tmp_path / "pair"), "pairs").to_pandas()
+    # a->b, b->a once each (from http://a.test/, the first page), plus 4 pairs with c on page b
+    assert stats["duplicate_pairs"] == 2 and stats["pairs"] == len(pairs) == 6
+    ab = pairs[pairs.cond_image_id.isin(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"]) & pairs.target_image_id.isin(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"])]
+    assert len(ab) == 2 and (ab.page_url == "http://a.test/").all()
+    assert (pairs.cond_url == "http://h.test/" + pairs.cond_image_id + ".jpg").all() and pairs.cond_bytes_file.notna().all()
+    # point one pair at an image that is not in its row group
+    table = pq.read_table(tmp_path / "pair" / "pairs")
+    ids = table.column("target_image_id").to_pylist()
+    lost = next(i for i, (c, t) in enumerate(zip(table.column("cond_image_id").to_pylist(), ids)) if "cccccccccccccccc" not in (c, t))
+    ids[lost] = "dddddddddddddddd"
+    files = sorted(glob.glob(str(tmp_path / "pair" / "pairs" / "*.parquet")))
+    for f in files:
+        os.remove(f)
+    pq.write_table(table.set_column(table.schema.get_field_index("target_image_id"), "target_image_id", pa.array(ids, pa.string())), files[0])
+    stats = run_shards(str(tmp_path / "pair"), str(tmp_path / "shards"), ShardConfig(samples_per_shard=2))
+    assert stats["input"] == 6 and stats["kept"] == 1
+    assert stats["rejected"] == {"missing_image": 1, "unreadable_image": 4}
+    manifest = json.load(open(tmp_path / "shards" / "manifest.json"))
+    assert manifest["samples"] == 1 and manifest["encoder"] == "test" and manifest["pairs_in"] == 6
