@@ -8,6 +8,7 @@ stats.json.
 
 from __future__ import annotations
 
+import pickle
 from typing import Iterable, Iterator
 
 import apache_beam as beam
@@ -81,18 +82,22 @@ class ExtractFileLinks(beam.DoFn):
                     links.append(row)
                 else:
                     yield beam.pvalue.TaggedOutput(REJECTED, row)
-            if links:  # one element per page: the shuffle below moves pages, not single links
-                yield page_url, (path, doc.offset, links)
+            if links:  # one element per page, packed: the shuffle moves one bytes object per page
+                yield page_url, pickle.dumps((path, doc.offset, links), protocol=pickle.HIGHEST_PROTOCOL)
         yield beam.pvalue.TaggedOutput(CANDIDATES, candidates)
         self.pages.inc(counters.get("html_pages", 0))
         self.wat_pages.inc(counters.get("wat_pages", 0))
         self.broken.inc(counters.get("truncated_files", 0))
 
 
-def collapse_page(page_url: str, captures: Iterable[tuple]) -> tuple[list[tuple], list[dict]]:
+def collapse_page(page_url: str, captures: list[tuple]) -> tuple[list[tuple], list[dict]]:
     """All links of one page (from every capture of it) -> one link per image URL, the best one
     kept (img before picture before WAT before og:image, then page order), the rest rejected.
     Returns (LinkRecord tuples in LINK_SCHEMA column order, Rejected rows)."""
+    if len(captures) == 1:  # the common case: one capture whose image URLs are all distinct
+        source_file, offset, links = captures[0]
+        if len({link[0] for link in links}) == len(links):
+            return [(stable_id(page_url, url), page_url, url, alt, position, kind, width, height, source_file, offset) for url, alt, position, kind, width, height in links], []
     by_url: dict[str, list] = {}
     for source_file, offset, links in captures:
         for url, alt, position, kind, width, height in links:
@@ -123,7 +128,8 @@ class CollapseDuplicates(beam.DoFn):
         self.rows: list[tuple] = []
 
     def process(self, item):
-        kept, rejected = collapse_page(*item)
+        page_url, packed = item
+        kept, rejected = collapse_page(page_url, [pickle.loads(b) for b in packed])
         self.rows += kept
         for row in rejected:
             yield beam.pvalue.TaggedOutput(REJECTED, row)

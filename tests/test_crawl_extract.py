@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 import pytest
 
 from core.config import CrawlConfig
+from core.records import stable_id
 from core.stageio import read_stats, read_table
 from crawl.html import extract_image_links, largest_candidate, parse_srcset
 from crawl.urls import AllowList, normalize_url, policy_reason
@@ -217,3 +218,20 @@ def test_truncated_and_non_html_records_survive(tmp_path, warc_dir):
     assert stats["kept"] == 20  # the page came before the cut
     (tmp_path / "empty.warc").write_bytes(b"")
     assert run_extract(str(tmp_path / "empty.warc"), str(tmp_path / "out2"), CrawlConfig())["input"] == 0
+
+
+def test_collapse_page_keeps_one_link_per_image_url():
+    from crawl.extract import collapse_page
+
+    page = "http://a.test/p"
+    img = ("http://a.test/1.jpg", "one", 0, "img", 10, 20)
+    og = ("http://a.test/1.jpg", "", 2, "og:image", None, None)
+    other = ("http://a.test/2.jpg", "", 1, "img", None, None)
+    # one capture, distinct URLs: every link kept, in page order, nothing rejected
+    kept, rejected = collapse_page(page, [("f.warc", 7, [img, other])])
+    assert rejected == [] and [k[2:8] for k in kept] == [img, other]
+    assert kept[0][:2] == (stable_id(page, img[0]), page) and kept[0][8:] == ("f.warc", 7)
+    # the og:image repeat and a second capture of the page collapse onto the <img>
+    kept, rejected = collapse_page(page, [("f.warc", 7, [og, img, other]), ("g.warc", 3, [img])])
+    assert [k[2:8] for k in kept] == [img, other] and kept[0][8:] == ("f.warc", 7)
+    assert sorted(r["detail"] for r in rejected) == ["img", "og:image"] and {r["reason"] for r in rejected} == {"duplicate_link"}
