@@ -56,6 +56,11 @@ def test_class_match_finds_the_class_and_ignores_a_shared_offset():
     own = np.concatenate([shared + c + 0.3 * rng.normal(size=(5, 32)) for c in centres])
     labels = np.repeat(np.arange(4), 5)
     assert M.consistency(own, np.roll(own, 5, axis=0)) > 0.9  # consistency cannot tell the classes apart
+    center = np.concatenate(real).mean(0)  # ... centred on the reals' mean it can:
+    same_class = np.concatenate([shared + c + 0.3 * rng.normal(size=(5, 32)) for c in centres])
+    assert M.consistency(own, same_class, center) > 0.7
+    assert abs(M.consistency(own, np.roll(own, 5, axis=0), center)) < 0.5
+    assert M.consistency(own, own, center) == pytest.approx(1.0)
     assert M.class_match(own, labels, real) == 1.0
     assert M.class_match(own, (labels + 1) % 4, real) == 0.0  # every sample carries another class
     generic = shared + 0.3 * rng.normal(size=(400, 32))  # samples with no class at all: about chance

@@ -4,7 +4,7 @@ For each class: `shots` images (seeded choice) condition the model, the class's 
 held-out reals. `samples_per_class` samples are generated per guidance scale (the same seeds for
 every scale, so the rows compare like with like). Samples, reals and conditions are all embedded at
 the model's resolution by one metric encoder (any registry encoder; default: the model's own), and
-scored with `train/metrics.py` (class match: the share of samples whose nearest real-class centroid
+scored with `train/metrics.py` (consistency raw and centred on the reals' mean feature; class match: the share of samples whose nearest real-class centroid
 is their condition's class; chance is 1/classes). A `real` reference row scores the held-out reals themselves as if
 they were samples: the consistency a perfect model would reach.
 """
@@ -87,6 +87,7 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
     if not used:
         raise ValueError("no class has more than `shots` + 1 images: nothing held out to compare with")
     real_all = np.concatenate(reals)
+    center = real_all.mean(0)  # for the centred consistency: the reals' mean feature (no sample in it)
     rows = []
     for g in guidances:
         fake_all = np.concatenate([f for _, f in samples[g]])
@@ -99,12 +100,13 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
             "precision": p,
             "recall": r,
             "consistency": M.consistency(cons, fake_all),
+            "consistency_centered": M.consistency(cons, fake_all, center),
             "class_match": M.class_match(fake_all, labels, reals),
             "diversity": float(np.nanmean([M.diversity([f[w == j] for j in range(shots)], real) for (w, f), real in zip(samples[g], reals)])),
         })
     ref = np.concatenate([conds_feat[n][np.arange(len(real)) % shots] for n, real in zip(used, reals)])
     real_labels = np.concatenate([np.full(len(r), c) for c, r in enumerate(reals)])
-    rows.append({"guidance": "real", "fid": None, "precision": None, "recall": None, "consistency": M.consistency(ref, real_all), "class_match": M.class_match(real_all, real_labels, reals, leave_one_out=True), "diversity": 1.0})
+    rows.append({"guidance": "real", "fid": None, "precision": None, "recall": None, "consistency": M.consistency(ref, real_all), "consistency_centered": M.consistency(ref, real_all, center), "class_match": M.class_match(real_all, real_labels, reals, leave_one_out=True), "diversity": 1.0})
     if sheet:
         S.grid([im.resize((64, 64), Image.NEAREST) for r in sheet_rows for im in r], cols=1 + samples_per_class).save(sheet)
     return {"checkpoint": loaded.path, "step": loaded.step, "encoder": loaded.encoder_name, "metric_encoder": metric_encoder.name, "shots": shots, "samples_per_class": samples_per_class, "steps": steps, "sampler": sampler, "seed": seed, "k": k, "classes": used, "skipped_classes": skipped, "real_images": int(len(real_all)), "rows": rows}
@@ -112,9 +114,9 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
 
 def table(result: dict) -> str:
     """The result rows as a fixed-width table."""
-    head = f"{'guidance':>9} {'FID':>9} {'precision':>9} {'recall':>7} {'consistency':>11} {'class match':>11} {'diversity':>9}"
+    head = f"{'guidance':>9} {'FID':>9} {'precision':>9} {'recall':>7} {'consistency':>11} {'centred':>8} {'class match':>11} {'diversity':>9}"
     fmt = lambda v, w, d: f"{v:>{w}.{d}f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"  # noqa: E731
-    lines = [head] + [f"{fmt(r['guidance'], 9, 1)} {fmt(r['fid'], 9, 2)} {fmt(r['precision'], 9, 3)} {fmt(r['recall'], 7, 3)} {fmt(r['consistency'], 11, 3)} {fmt(r.get('class_match'), 11, 3)} {fmt(r['diversity'], 9, 3)}" for r in result["rows"]]
+    lines = [head] + [f"{fmt(r['guidance'], 9, 1)} {fmt(r['fid'], 9, 2)} {fmt(r['precision'], 9, 3)} {fmt(r['recall'], 7, 3)} {fmt(r['consistency'], 11, 3)} {fmt(r.get('consistency_centered'), 8, 3)} {fmt(r.get('class_match'), 11, 3)} {fmt(r['diversity'], 9, 3)}" for r in result["rows"]]
     return "\n".join(lines)
 
 

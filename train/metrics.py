@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import warnings
 
+from typing import Optional
+
 import numpy as np
 from scipy import linalg
 
@@ -64,8 +66,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
 
 
-def consistency(conds: np.ndarray, samples: np.ndarray) -> float:
-    """Mean cosine between row i of `conds` and row i of `samples` (the sample made from it)."""
+def consistency(conds: np.ndarray, samples: np.ndarray, center: Optional[np.ndarray] = None) -> float:
+    """Mean cosine between row i of `conds` and row i of `samples` (the sample made from it).
+
+    With `center` (the mean feature of the real images), it is subtracted from both first: the
+    cosine then compares directions away from what every image shares, which at low resolution
+    otherwise dominates (every pair of 32 px images has a cosine near 0.37 on pooled CNN features)."""
+    if center is not None:
+        conds, samples = np.asarray(conds, np.float64) - center, np.asarray(samples, np.float64) - center
     return float((_unit(conds) * _unit(samples)).sum(-1).mean())
 
 
