@@ -61,6 +61,9 @@ def test_class_match_finds_the_class_and_ignores_a_shared_offset():
     assert M.consistency(own, same_class, center) > 0.7
     assert abs(M.consistency(own, np.roll(own, 5, axis=0), center)) < 0.5
     assert M.consistency(own, own, center) == pytest.approx(1.0)
+    gain = M.paired_gain(M.pair_cosines(own, same_class, center), M.pair_cosines(own, np.roll(own, 5, axis=0), center))
+    assert gain["higher"] == 20 and gain["mean_diff"] > 0.5 and gain["p_t"] < 1e-6
+    assert M.paired_gain(np.ones(5), np.ones(5))["p_wilcoxon"] == 1.0  # no difference at all
     assert M.class_match(own, labels, real) == 1.0
     assert M.class_match(own, (labels + 1) % 4, real) == 0.0  # every sample carries another class
     generic = shared + 0.3 * rng.normal(size=(400, 32))  # samples with no class at all: about chance

@@ -88,6 +88,8 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
         raise ValueError("no class has more than `shots` + 1 images: nothing held out to compare with")
     real_all = np.concatenate(reals)
     center = real_all.mean(0)  # for the centred consistency: the reals' mean feature (no sample in it)
+    conds_all = np.concatenate([conds_feat[n][w] for n, (w, _) in zip(used, samples[guidances[0]])])
+    centred = {g: M.pair_cosines(conds_all, np.concatenate([f for _, f in samples[g]]), center) for g in guidances}
     rows = []
     for g in guidances:
         fake_all = np.concatenate([f for _, f in samples[g]])
@@ -100,10 +102,14 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
             "precision": p,
             "recall": r,
             "consistency": M.consistency(cons, fake_all),
-            "consistency_centered": M.consistency(cons, fake_all, center),
+            "consistency_centered": float(centred[g].mean()),
             "class_match": M.class_match(fake_all, labels, reals),
             "diversity": float(np.nanmean([M.diversity([f[w == j] for j in range(shots)], real) for (w, f), real in zip(samples[g], reals)])),
         })
+    if 0.0 in centred:  # same conditions and noise in every row: a paired comparison with guidance 0
+        for row in rows:
+            if row["guidance"] != 0.0:
+                row["centred_vs_unconditional"] = M.paired_gain(centred[row["guidance"]], centred[0.0])
     ref = np.concatenate([conds_feat[n][np.arange(len(real)) % shots] for n, real in zip(used, reals)])
     real_labels = np.concatenate([np.full(len(r), c) for c, r in enumerate(reals)])
     rows.append({"guidance": "real", "fid": None, "precision": None, "recall": None, "consistency": M.consistency(ref, real_all), "consistency_centered": M.consistency(ref, real_all, center), "class_match": M.class_match(real_all, real_labels, reals, leave_one_out=True), "diversity": 1.0})
@@ -117,6 +123,10 @@ def table(result: dict) -> str:
     head = f"{'guidance':>9} {'FID':>9} {'precision':>9} {'recall':>7} {'consistency':>11} {'centred':>8} {'class match':>11} {'diversity':>9}"
     fmt = lambda v, w, d: f"{v:>{w}.{d}f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"  # noqa: E731
     lines = [head] + [f"{fmt(r['guidance'], 9, 1)} {fmt(r['fid'], 9, 2)} {fmt(r['precision'], 9, 3)} {fmt(r['recall'], 7, 3)} {fmt(r['consistency'], 11, 3)} {fmt(r.get('consistency_centered'), 8, 3)} {fmt(r.get('class_match'), 11, 3)} {fmt(r['diversity'], 9, 3)}" for r in result["rows"]]
+    for r in result["rows"]:
+        if "centred_vs_unconditional" in r:
+            c = r["centred_vs_unconditional"]
+            lines.append(f"guidance {r['guidance']} vs 0, centred consistency per sample: {c['mean_diff']:+.3f}, higher in {c['higher']}/{c['n']}, paired t {c['t']:.2f} (p {c['p_t']:.3f}), Wilcoxon p {c['p_wilcoxon']:.3f}")
     return "\n".join(lines)
 
 

@@ -72,9 +72,25 @@ def consistency(conds: np.ndarray, samples: np.ndarray, center: Optional[np.ndar
     With `center` (the mean feature of the real images), it is subtracted from both first: the
     cosine then compares directions away from what every image shares, which at low resolution
     otherwise dominates (every pair of 32 px images has a cosine near 0.37 on pooled CNN features)."""
+    return float(pair_cosines(conds, samples, center).mean())
+
+
+def pair_cosines(conds: np.ndarray, samples: np.ndarray, center: Optional[np.ndarray] = None) -> np.ndarray:
+    """Cosine of each (condition, sample) row pair, optionally centred (see `consistency`)."""
     if center is not None:
         conds, samples = np.asarray(conds, np.float64) - center, np.asarray(samples, np.float64) - center
-    return float((_unit(conds) * _unit(samples)).sum(-1).mean())
+    return (_unit(conds) * _unit(samples)).sum(-1)
+
+
+def paired_gain(a: np.ndarray, b: np.ndarray) -> dict:
+    """How per-sample scores `a` compare with `b` on the same samples (same conditions and noise):
+    mean difference, rows where a > b, paired t-test and Wilcoxon signed-rank p-values."""
+    from scipy import stats
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    t = stats.ttest_rel(a, b)
+    w = stats.wilcoxon(a, b) if np.any(d != 0) else None
+    return {"mean_diff": float(d.mean()), "higher": int((d > 0).sum()), "n": int(len(d)), "t": float(t.statistic), "p_t": float(t.pvalue), "p_wilcoxon": float(w.pvalue) if w is not None else 1.0}
 
 
 def mean_pairwise_distance(x: np.ndarray) -> float:
