@@ -118,7 +118,7 @@ class _ShardFile:
         self.raw = FileSystems.create(self.tmp)
         self.stream = _HashingWriter(self.raw)
         self.tar = tarfile.open(fileobj=self.stream, mode="w|", format=tarfile.USTAR_FORMAT)
-        self.samples, self.index = 0, []
+        self.samples = 0
 
     def add(self, sample: dict) -> dict:
         start = None
@@ -139,8 +139,8 @@ class _ShardFile:
 
 
 class WriteShards(beam.DoFn):
-    """(file number, pair parquet file) -> tar shards, streaming: pair rows are read one row group
-    at a time, their image bytes fetched a shard's worth at a time, and a shard closes at
+    """(file number, pair parquet file) -> tar shards, streaming: pair rows are read in record
+    batches, their image bytes fetched a shard's worth at a time, and a shard closes at
     `samples_per_shard` samples or `max_shard_bytes`, whichever comes first. No shuffle: memory
     holds one shard's samples, whatever the input size. Shards are named by file number and
     sequence (`layout.SHARD_PATTERN`), so a rerun on the same pair files writes the same shards."""
