@@ -65,12 +65,12 @@ def tiny_run(tmp_path_factory, pipeline_dirs):
     """The tiny preset trained 40 steps with Ray Train (2 CPU workers) on the pipeline's shards."""
     import ray
 
-    from train.train import TrainConfig, run_training
+    from train.train import TrainConfig, ray_runtime_env, run_training
 
     run = str(tmp_path_factory.mktemp("tiny") / "run")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}})
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env())
     try:
         result = run_training(pipeline_dirs["shards"], run, TrainConfig(steps=40, checkpoint_every=20, log_every=10, seed=0, sample_every=20, sample_steps=5))
     finally:

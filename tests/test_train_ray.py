@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-from train.train import TrainConfig, read_losses, run_training, smoothed
+from train.train import TrainConfig, ray_runtime_env, read_losses, run_training, smoothed
 
 
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}})
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, runtime_env=ray_runtime_env())
     yield
     ray.shutdown()
 

@@ -212,6 +212,24 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker start-up hook. Ray Train's placement-group cleaner asks the State API every second
+    whether the controller is alive; without the dashboard (a local `ray.init()` here) that API is
+    not served and each poll logs a warning to the console. Locally the placement group goes away
+    with the Ray session anyway, so only the cleaner's errors are kept."""
+    import logging
+
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def ray_runtime_env() -> dict:
+    """The runtime_env every `ray.init()` of the project passes (the trainer's, the tests')."""
+    return {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}, "worker_process_setup_hook": quiet_worker_logs}
+
+
 def run_training(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str] = None) -> dict:
     """Train with Ray Train; returns {"step", "checkpoint", "loss"} of the final result."""
     import ray
@@ -229,7 +247,7 @@ def run_training(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optio
     cond_dim = condition_dim(data)
     encoder = cfg.encoder or shards_encoder(shards) or ""  # recorded in checkpoints: sampling embeds with it
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}})
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
     # (2) the trainer
     threads = max(1, (os.cpu_count() or 2) // max(1, cfg.workers))
     trainer = TorchTrainer(
