@@ -81,8 +81,12 @@ class WriteStageOutputs(beam.PTransform):
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
-        write = beam.io.WriteToParquetBatched if self.kept_tables else beam.io.WriteToParquet
-        _ = kept | "WriteKept" >> write(os.path.join(self.out_dir, self.name, "part"), self.schema, file_name_suffix=".parquet", **({} if self.kept_tables else {"row_group_buffer_size": ROW_GROUP_BYTES}))
+        kept_path = os.path.join(self.out_dir, self.name, "part")
+        if self.kept_tables:  # each table is written as it comes
+            write = beam.io.WriteToParquetBatched(kept_path, self.schema, file_name_suffix=".parquet")
+        else:
+            write = beam.io.WriteToParquet(kept_path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        _ = kept | "WriteKept" >> write
         _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(
             os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
         )

@@ -120,6 +120,25 @@ def _first_page_wins(item):
         yield beam.pvalue.TaggedOutput("duplicate_pairs", p["pair_id"])
 
 
+class _OnMorePages(beam.PTransform):
+    """Key records -> (value, True) for each value of `field` seen on more than `more_than` distinct
+    pages (a capped set of pages per value: bounded memory however common the value)."""
+
+    def __init__(self, field: str, more_than: int):
+        super().__init__()
+        self.field, self.more_than = field, more_than
+
+    def expand(self, keys):
+        field, more_than = self.field, self.more_than
+        return (
+            keys
+            | "ValuePage" >> beam.Map(lambda r: (r[field], r["page_url"]))
+            | "PagesPerValue" >> beam.CombinePerKey(CappedSet(more_than + 1))
+            | "OnMorePages" >> beam.Filter(lambda kv: len(kv[1]) > more_than)
+            | "Flag" >> beam.Map(lambda kv: (kv[0], True))
+        )
+
+
 class PairImages(beam.PTransform):
     """{"keys": (image_id, phash, page_url, image_url) records, "images": ImageRecords} ->
     {"input", "kept" images, "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages"}.
@@ -145,22 +164,10 @@ class PairImages(beam.PTransform):
             | "FlagPhash" >> beam.Map(lambda h: (h, True))
         )
         # 2. boilerplate by URL: the same image URL on more than K pages
-        bad_url = (
-            keys
-            | "UrlPage" >> beam.Map(lambda r: (r["image_url"], r["page_url"]))
-            | "PagesPerUrl" >> beam.CombinePerKey(CappedSet(k + 1))
-            | "ManyPages" >> beam.Filter(lambda kv: len(kv[1]) > k)
-            | "FlagUrl" >> beam.Map(lambda kv: (kv[0], True))
-        )
+        bad_url = keys | "UrlsOnManyPages" >> _OnMorePages("image_url", k)
         marked = images | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(k), beam.pvalue.AsDict(bad_phash), beam.pvalue.AsDict(bad_url)).with_outputs(REJECTED, main="ok")
         # 3. images seen on several pages (only pairs of two such images can recur on another page)
-        shared = (
-            keys
-            | "ImagePage" >> beam.Map(lambda r: (r["image_id"], r["page_url"]))
-            | "PagesPerImage" >> beam.CombinePerKey(CappedSet(2))
-            | "OnSeveralPages" >> beam.Filter(lambda kv: len(kv[1]) > 1)
-            | "FlagShared" >> beam.Map(lambda kv: (kv[0], True))
-        )
+        shared = keys | "SharedImages" >> _OnMorePages("image_id", 1)
         # 4. per page: near-duplicates, cap, in-band pairs
         pages = marked.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], pack(r, IMAGE_FIELDS))) | "GroupPages" >> beam.GroupByKey()
         per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg, beam.pvalue.AsDict(shared)).with_outputs(REJECTED, "pairs", SHARED_PAIRS, main="kept")
@@ -219,9 +226,11 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
         out = {"keys": keys, "images": images} | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
-        _ = out["pairs"] | "WritePairs" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "part"), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-        _ = out["deduped_pairs"] | "WriteDeduped" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", "deduped"), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-        ones = [out.pop(name) | f"One_{name}" >> beam.Map(lambda _: 1) for name in ("pairs", "deduped_pairs")]
+        ones = []
+        for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/
+            pairs = out.pop(name)
+            _ = pairs | f"Write_{name}" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+            ones.append(pairs | f"One_{name}" >> beam.Map(lambda _: 1))
         out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)})
     return finish_stage(out_dir)

@@ -88,20 +88,21 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
         raise ValueError("no class has more than `shots` + 1 images: nothing held out to compare with")
     real_all = np.concatenate(reals)
     center = real_all.mean(0)  # for the centred consistency: the reals' mean feature (no sample in it)
+    # every scale uses the same conditions (`which`) per class: one condition row and label per sample
     conds_all = np.concatenate([conds_feat[n][w] for n, (w, _) in zip(used, samples[guidances[0]])])
-    centred = {g: M.pair_cosines(conds_all, np.concatenate([f for _, f in samples[g]]), center) for g in guidances}
+    labels = np.concatenate([np.full(len(f), c) for c, (_, f) in enumerate(samples[guidances[0]])])
+    fakes = {g: np.concatenate([f for _, f in samples[g]]) for g in guidances}
+    centred = {g: M.pair_cosines(conds_all, fakes[g], center) for g in guidances}
     rows = []
     for g in guidances:
-        fake_all = np.concatenate([f for _, f in samples[g]])
+        fake_all = fakes[g]
         p, r = M.precision_recall(real_all, fake_all, k)
-        cons = np.concatenate([conds_feat[n][w] for n, (w, _) in zip(used, samples[g])])
-        labels = np.concatenate([np.full(len(f), c) for c, (_, f) in enumerate(samples[g])])
         rows.append({
             "guidance": g,
             "fid": M.fid(real_all, fake_all),
             "precision": p,
             "recall": r,
-            "consistency": M.consistency(cons, fake_all),
+            "consistency": M.consistency(conds_all, fake_all),
             "consistency_centered": float(centred[g].mean()),
             "class_match": M.class_match(fake_all, labels, reals),
             "diversity": float(np.nanmean([M.diversity([f[w == j] for j in range(shots)], real) for (w, f), real in zip(samples[g], reals)])),

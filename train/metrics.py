@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import warnings
-
 from typing import Optional
 
 import numpy as np
