@@ -2,14 +2,16 @@
 
 A YAML file may hold one stage's keys at the top level, or sections named after stages
 (`crawl:`, `download:`, `filter:`, `pair:`, `shards:`) so one file configures a whole run.
-Unknown keys are an error (a typo must not silently fall back to a default).
+Unknown keys are an error (a typo must not silently fall back to a default), and so is a value of
+the wrong type or outside its range: every numeric key has a range in its class's `RANGES`, and
+string keys with a closed set of values list it in `CHOICES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Mapping, Optional, TypeVar
+from typing import Any, ClassVar, Mapping, Optional, TypeVar
 
 import yaml
 
@@ -29,6 +31,8 @@ class CrawlConfig:
     include_og_image: bool = True  # <meta property="og:image">
     max_links_per_page: int = 1000  # cap against pathological pages; extra links rejected
 
+    RANGES: ClassVar[dict] = {"max_links_per_page": (1, None)}
+
 
 @dataclasses.dataclass(frozen=True)
 class DownloadConfig:
@@ -44,6 +48,9 @@ class DownloadConfig:
     samples_per_shard: int = 1000  # images per output shard (the unit of resume)
     distributor: str = "multiprocessing"  # or "ray" / "pyspark" on a cluster
     user_agent_token: str = "webpairs"  # identifies the crawler; opt-out headers are honoured
+
+    RANGES: ClassVar[dict] = {"image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "samples_per_shard": (1, 10_000_000)}
+    CHOICES: ClassVar[dict] = {"distributor": ("multiprocessing", "ray", "pyspark"), "resize_mode": ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +68,9 @@ class FilterConfig:
     fixed_batch: bool = False  # ... or exactly this size per batch (the last one may be smaller)
     min_clip_score: Optional[float] = None  # off by default; LAION used 0.28 for ViT-B/32
 
+    RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0)}
+    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject")}
+
 
 @dataclasses.dataclass(frozen=True)
 class PairConfig:
@@ -75,6 +85,11 @@ class PairConfig:
     max_pairs_per_page: int = 16  # sampled deterministically with the seed
     seed: int = 0
 
+    RANGES: ClassVar[dict] = {
+        "boilerplate_pages": (1, None), "boilerplate_phash_distance": (0, 64), "near_duplicate_distance": (0, 64), "sim_low": (-1.0, 1.0), "sim_high": (-1.0, 1.0),
+        "max_images_per_page": (2, 100_000), "max_pairs_per_page": (1, 10_000_000), "seed": (0, 2**32 - 1),
+    }
+
 
 @dataclasses.dataclass(frozen=True)
 class ShardConfig:
@@ -84,37 +99,102 @@ class ShardConfig:
     max_shard_bytes: int = 256 * 1024 * 1024  # ... or at this many bytes, whichever first
     store_embedding: bool = True  # write {key}.cond.npy with the condition embedding
 
+    RANGES: ClassVar[dict] = {"samples_per_shard": (1, 10_000_000), "max_shard_bytes": (1024 * 1024, None)}
+
 
 # sections of a run's YAML file (train: train/train.py TrainConfig, sample: train/generate.py SampleConfig)
 SECTIONS = ("crawl", "download", "filter", "pair", "shards", "train", "sample")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(value: Any, annotation: Any) -> Any:
-    """Turn a YAML/CLI value into the field's type (tuples from lists or comma strings)."""
+    """Turn a YAML/CLI value into the field's type (tuples from lists or comma strings); raises
+    TypeError/ValueError for a value that is not of that type (no silent truncation)."""
     hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
     origin = typing.get_origin(hint)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        return tuple(value)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("a list")
+        return tuple(str(v) for v in value)
     if origin is typing.Union:  # Optional[X]
         if value is None or value == "":
             return None
         hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
-    if hint is bool and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
-    if hint in (int, float, str) and value is not None:
-        return hint(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError("true or false")
+    if hint is int:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise TypeError("a whole number")
+        if isinstance(value, (int, float)):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                raise TypeError("a whole number") from None
+        raise TypeError("a whole number")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError("a number")
+        try:
+            out = float(value)
+        except ValueError:
+            raise TypeError("a number") from None
+        if out != out or out in (float("inf"), float("-inf")):
+            raise TypeError("a finite number")
+        return out
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError("a string")
+        return str(value)
     return value
 
 
+def _check(cls: type, key: str, value: Any) -> None:
+    """Range and choice checks of one coerced value; ConfigError names key, value and what is allowed."""
+    low, high = getattr(cls, "RANGES", {}).get(key, (None, None))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{cls.__name__} key {key!r}: {value!r} is out of range (allowed: {allowed})")
+    choices = getattr(cls, "CHOICES", {}).get(key)
+    if choices and value not in choices:
+        raise ConfigError(f"{cls.__name__} key {key!r}: {value!r} is not one of {', '.join(choices)}")
+
+
+def numeric_fields(cls: type) -> list[str]:
+    """Names of the int/float fields of a config class (each must have a range)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if text in ("int", "float", "Optional[int]", "Optional[float]"):
+            out.append(f.name)
+    return out
+
+
 def build(cls: type[T], values: Mapping[str, Any]) -> T:
-    """Create `cls` from a mapping, rejecting unknown keys with a clear message."""
+    """Create `cls` from a mapping, rejecting unknown keys and bad values with a clear message."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; known: {', '.join(fields)}")
-    return cls(**{k: _coerce(v, fields[k].type) for k, v in values.items()})
+    coerced = {}
+    for key, value in values.items():
+        try:
+            coerced[key] = _coerce(value, fields[key].type)
+        except (TypeError, ValueError) as err:
+            expected = str(err) if str(err).startswith(("a ", "an ", "true")) else fields[key].type
+            raise ConfigError(f"{cls.__name__} key {key!r}: {value!r} is not {expected}") from None
+        _check(cls, key, coerced[key])
+    return cls(**coerced)
 
 
 def load(cls: type[T], path: Optional[str] = None, section: Optional[str] = None, defaults: Optional[dict[str, Any]] = None, **overrides: Any) -> T:
@@ -131,6 +211,8 @@ def load(cls: type[T], path: Optional[str] = None, section: Optional[str] = None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(doc).__name__}")
         if section and section in doc:
+            if not isinstance(doc[section] or {}, dict):
+                raise ConfigError(f"config file {path}: section {section!r} must hold a mapping")
             values.update(doc[section] or {})
         elif not (set(doc) & set(SECTIONS)):
             values.update(doc)

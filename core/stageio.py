@@ -1,17 +1,23 @@
-"""How every Beam stage lays out its output directory, and the pipeline options it runs with.
+"""How every stage lays out and owns its output directory, and the pipeline options it runs with.
 
 A stage directory holds:
     <name>/part-*.parquet      kept records with the stage's schema (links, images, pairs, ...)
     rejected/part-*.parquet    Rejected records (reason from the stage's closed set)
     stats.json                 {"stage", "input", "kept", "rejected": {reason: n}, ...}
-    _SUCCESS                   written last by the driver once the counts reconcile
+    _SUCCESS                   written last, once the counts reconcile: JSON naming the stage and
+                               every file of the output (readers take this list, never a glob)
+
+The integrity contract (`StageOutput`): a stage locks its `--out` (sibling `.NAME.lock` with pid,
+host and start time), writes into the sibling `.NAME.partial/`, and swaps it in only after the
+counts reconcile, so the previous output stays readable until then and two outputs never mix.
 """
 
 from __future__ import annotations
 
-import glob as globlib
 import json
 import os
+import socket
+import time
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
@@ -30,6 +36,8 @@ STATS_FILE = "stats.json"
 # and readers that fetch by (file, row group) pointer (shards, for the image bytes) read one.
 ROW_GROUP_BYTES = 8 * 1024 * 1024
 SUCCESS_FILE = "_SUCCESS"
+# The command that makes each stage's output (named in errors about a missing or wrong input).
+COMMANDS = {"extract": "webpairs crawl extract", "download": "webpairs crawl download", "filter": "webpairs filter", "pair": "webpairs pair", "shards": "webpairs shards", "train": "webpairs train"}
 
 
 class StageError(RuntimeError):
@@ -125,8 +133,10 @@ class WriteStageOutputs(beam.PTransform):
         )
 
 
-def finish_stage(out_dir: str) -> dict:
-    """Check that stats.json reconciles, then mark the stage complete; returns the stats."""
+def finish_stage(out_dir: str, stage: Optional[str] = None) -> dict:
+    """Check that stats.json reconciles, then mark the stage complete with `_SUCCESS` listing every
+    file of the output (leftovers of retried writers, hidden or `beam-temp*`, are removed first);
+    returns the stats."""
     stats = read_stats(out_dir)
     if stats is None:
         raise StageError(f"{out_dir}: the stage wrote no {STATS_FILE}")
@@ -136,8 +146,17 @@ def finish_stage(out_dir: str) -> dict:
             f"{stats['stage']}: counts do not reconcile: input {stats['input']} != kept {stats['kept']}"
             f" + rejected {rejected}"
         )
+    fs, root = _fs(out_dir)
+    files = []
+    for path in sorted(fs.find(root, withdirs=False)):
+        rel = os.path.relpath(path, root) if fs.protocol in _LOCAL else path[len(root.rstrip("/")) + 1 :]
+        if any(part.startswith((".", "beam-temp")) for part in rel.split("/")):
+            fs.rm(path)  # a temporary file of a retried or killed writer: never part of the output
+        elif rel != SUCCESS_FILE:
+            files.append(rel)
+    marker = {"stage": stage or stats["stage"], "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with FileSystems.create(os.path.join(out_dir, SUCCESS_FILE)) as fh:
-        fh.write(b"")
+        fh.write(json.dumps(marker, indent=1).encode())
     return stats
 
 
@@ -150,20 +169,46 @@ def read_stats(out_dir: str) -> Optional[dict]:
         return json.loads(fh.read())
 
 
-def stage_files(path: str, name: str) -> list[str]:
-    """Parquet files of a stage output: `path` may be a stage dir, a folder of parquet, or a glob."""
-    if any(ch in path for ch in "*?["):
-        pattern = path
-    elif os.path.isdir(os.path.join(path, name)):
-        pattern = os.path.join(path, name, "*.parquet")
-    elif os.path.isdir(path):
-        pattern = os.path.join(path, "*.parquet")
-    else:
-        pattern = path
-    files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-    if not files and "://" not in pattern:
-        files = sorted(globlib.glob(pattern))
-    return files
+def read_success(stage_dir: str, expected: Optional[str] = None) -> dict:
+    """The `_SUCCESS` marker of a complete stage output ({"stage", "files"}); a StageError in one
+    sentence, naming the folder and what to run, when it is missing, old or from another stage."""
+    want = COMMANDS.get(expected or "", "the stage that makes it")
+    if not FileSystems.exists(stage_dir.rstrip("/") or "/"):
+        raise StageError(f"{stage_dir} does not exist (expected a `{want}` output)")
+    path = os.path.join(stage_dir, SUCCESS_FILE)
+    if not FileSystems.exists(path):
+        raise StageError(f"{stage_dir} is not a complete stage output (no {SUCCESS_FILE}: the stage was interrupted or never ran); run `{want}` into it first")
+    with FileSystems.open(path) as fh:
+        raw = fh.read()
+    try:
+        marker = json.loads(raw)
+        marker["files"], marker["stage"]  # noqa: B018 - both must be there
+    except (ValueError, TypeError, KeyError):
+        raise StageError(f"{stage_dir} was written by an older webpairs (its {SUCCESS_FILE} lists no files); run `{want}` into it again") from None
+    if expected and marker["stage"] != expected:
+        raise StageError(f"{stage_dir} is a `{COMMANDS.get(marker['stage'], marker['stage'])}` output, but this command reads a `{want}` output")
+    return marker
+
+
+def stage_files(path: str, name: str, expected: Optional[str] = None) -> list[str]:
+    """The parquet files of part `name` (links, images, rejected, ...) of a complete stage output,
+    as its `_SUCCESS` lists them. `path` is the stage directory (or its `name` sub-folder)."""
+    path = path.rstrip("/")
+    if os.path.basename(path) == name and not FileSystems.exists(os.path.join(path, SUCCESS_FILE)):
+        path = os.path.dirname(path)
+    marker = read_success(path, expected)
+    return [os.path.join(path, f) for f in marker["files"] if f.startswith(name + "/") and f.endswith(".parquet")]
+
+
+def check_columns(files: list[str], schema: pa.Schema, stage_dir: str, expected: str) -> None:
+    """Refuse input whose parquet lacks columns of the record contract, naming the stage that makes it."""
+    if not files:
+        return
+    with FileSystems.open(files[0]) as fh:
+        names = set(pq.ParquetFile(fh).schema_arrow.names)
+    missing = [f.name for f in schema if f.name not in names]
+    if missing:
+        raise StageError(f"{stage_dir} lacks the columns {', '.join(missing)} of a `{COMMANDS[expected]}` output; run `{COMMANDS[expected]}` to make this stage's input")
 
 
 def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) -> pa.Table:
@@ -173,6 +218,152 @@ def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) ->
         raise StageError(f"no {name} parquet files under {path}")
     tables = [pq.read_table(FileSystems.open(f), columns=list(columns) if columns else None) for f in files]
     return pa.concat_tables(tables)
+
+
+_LOCAL = ("file", "local", ("file", "local"))
+
+
+def _fs(url: str):
+    """(fsspec filesystem, path) of a local path or URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StageLock:
+    """An exclusive lock on an output folder: the sibling file `.NAME.lock` holding pid, host and
+    start time. A lock left by a dead process on this host is taken over; a live one refuses."""
+
+    def __init__(self, out_dir: str, command: str = ""):
+        out_dir = out_dir.rstrip("/")
+        self.out_dir, self.command = out_dir, command
+        self.path = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.lock")
+        self.held = False
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path) as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written this instant, or garbage: treated as held
+
+    def acquire(self) -> "StageLock":
+        if "://" in self.out_dir and not self.out_dir.startswith("file://"):
+            return self  # object stores have no exclusive create: one writer per --out is the user's rule there
+        os.makedirs(os.path.dirname(os.path.abspath(self.out_dir)), exist_ok=True)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": self.command}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue
+                if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                    return self  # this process holds it already (a run locks its folder, then its stages)
+                stale = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
+                if not stale:
+                    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+                    raise StageError(f"{self.out_dir} is being written by another webpairs run ({who}); wait for it to end, or delete {self.path} if that run is gone") from None
+                os.remove(self.path)  # a dead run's lock: take it over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(mine, fh)
+            self.held = True
+            return self
+        raise StageError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            holder = self._holder()
+            if holder and holder.get("pid") == os.getpid():
+                os.remove(self.path)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class StageOutput:
+    """Owns a stage's `--out` while the stage runs (use as a context manager):
+
+    * locks it (`StageLock`);
+    * removes what a killed run left (`.NAME.partial/`, unless the stage resumes from it, and the
+      old output parked by an interrupted swap, which is put back when the output is missing);
+    * gives `path`, the sibling `.NAME.partial/` the stage writes into;
+    * `commit()` reconciles the counts, writes `_SUCCESS` with the file list and swaps the partial
+      folder in place of the old output (readable until that moment); on an error the partial
+      folder is removed, unless `resumable` (download keeps img2dataset's finished shards there).
+    """
+
+    def __init__(self, out_dir: str, stage: str, resumable: bool = False):
+        self.out_dir = out_dir.rstrip("/")
+        self.stage, self.resumable = stage, resumable
+        parent, name = os.path.dirname(self.out_dir), os.path.basename(self.out_dir)
+        if not name:
+            raise StageError(f"--out {out_dir!r} names no folder")
+        self.path = os.path.join(parent, f".{name}.partial")
+        self._old = os.path.join(parent, f".{name}.old")
+        self.lock = StageLock(self.out_dir, COMMANDS.get(stage, stage))
+        self.fs, _ = _fs(self.out_dir)
+        self.committed = False
+
+    def _p(self, url: str) -> str:
+        return _fs(url)[1]
+
+    def __enter__(self) -> "StageOutput":
+        self.lock.acquire()
+        try:
+            fs, out, old, partial = self.fs, self._p(self.out_dir), self._p(self._old), self._p(self.path)
+            if fs.exists(out) and not fs.isdir(out):
+                raise StageError(f"--out {self.out_dir} is a file, not a folder")
+            if fs.exists(old):
+                if fs.exists(out):
+                    fs.rm(old, recursive=True)
+                else:
+                    fs.mv(old, out, recursive=True)  # a swap was interrupted between its two moves
+            if fs.exists(partial) and not self.resumable:
+                fs.rm(partial, recursive=True)
+            fs.makedirs(partial, exist_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def commit(self) -> dict:
+        """Reconcile, mark complete and swap the new output in; returns the stats."""
+        stats = finish_stage(self.path, self.stage)
+        fs, out, old, partial = self.fs, self._p(self.out_dir), self._p(self._old), self._p(self.path)
+        if fs.exists(out):
+            fs.mv(out, old, recursive=True)
+        fs.mv(partial, out, recursive=True)
+        if fs.exists(old):
+            fs.rm(old, recursive=True)
+        self.committed = True
+        return stats
+
+    def __exit__(self, exc_type, *_):
+        try:
+            partial = self._p(self.path)
+            if not self.committed and not self.resumable and self.fs.exists(partial):
+                self.fs.rm(partial, recursive=True)
+        finally:
+            self.lock.release()
 
 
 class ReadParquetWithPointers(beam.DoFn):

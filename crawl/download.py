@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import logging
 import os
 import re
@@ -22,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.config import DownloadConfig
-from core.records import DOWNLOAD_SCHEMA, REJECTED_SCHEMA, Rejected
-from core.stageio import STATS_FILE, StageError, finish_stage, read_table
+from core.records import DOWNLOAD_SCHEMA, LINK_SCHEMA, REJECTED_SCHEMA, Rejected
+from core.stageio import STATS_FILE, StageError, StageOutput, check_columns, read_success, read_table, stage_files
 from crawl.urls import AllowList, policy_reason
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
@@ -172,21 +173,54 @@ def _convert(raw_dir: str, out_dir: str, refused: list[dict]) -> tuple[int, dict
     return kept, reasons
 
 
-def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
-    """Download every allowed link with img2dataset; returns reconciled stats."""
-    import json
+def _input_fingerprint(links_path: str, cfg: DownloadConfig) -> str:
+    """What a resumed download must share with the run it continues: the links output (its
+    `_SUCCESS` marker names its files and finish time) and the settings that shape the shards."""
+    import hashlib
 
-    os.makedirs(out_dir, exist_ok=True)
-    allow = AllowList(cfg.allow_hosts)
-    input_file, n_links, refused, n_allowed = _prepare_links(links_path, out_dir, allow)
-    raw_dir = os.path.join(out_dir, RAW_DIR)
-    if n_allowed:
-        _run_img2dataset(input_file, raw_dir, cfg)
-    kept, reasons = _convert(raw_dir, out_dir, refused)
-    done = kept + sum(reasons.values())
-    if done != n_links:
-        raise StageError(f"download: {n_links - done} of {n_links} links have no result (img2dataset shards failed?); rerun to retry them")
-    stats = {"stage": STAGE, "input": n_links, "kept": kept, "rejected": dict(sorted(reasons.items()))}
-    with open(os.path.join(out_dir, STATS_FILE), "w") as fh:
-        json.dump(stats, fh, indent=2, sort_keys=True)
-    return finish_stage(out_dir)
+    marker = read_success(links_path, "extract")
+    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard")}
+    return hashlib.sha256(json.dumps([marker, {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resume_or_reset(partial: str, fingerprint: str) -> None:
+    """Keep the finished img2dataset shards of a killed run of the same input; drop anything else."""
+    import shutil
+
+    stamp = os.path.join(partial, "_input", "fingerprint")
+    if os.path.exists(stamp) and open(stamp).read() == fingerprint:
+        for name in ("downloads", "rejected", STATS_FILE):  # remade from img2dataset's shards
+            path = os.path.join(partial, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        log.info("download: resuming the interrupted download in %s", partial)
+        return
+    for name in os.listdir(partial):
+        path = os.path.join(partial, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(os.path.dirname(stamp))
+    with open(stamp, "w") as fh:
+        fh.write(fingerprint)
+
+
+def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
+    """Download every allowed link with img2dataset; returns reconciled stats. A killed run leaves
+    `.NAME.partial/` behind, and the next run of the same input resumes from its finished shards."""
+    files = stage_files(links_path, "links", expected="extract")
+    check_columns(files, LINK_SCHEMA, links_path, "extract")
+    if "://" in out_dir:
+        raise StageError(f"download: --out must be a local or mounted folder (img2dataset resumes from it), not {out_dir}")
+    with StageOutput(out_dir, STAGE, resumable=True) as out:
+        _resume_or_reset(out.path, _input_fingerprint(links_path, cfg))
+        allow = AllowList(cfg.allow_hosts)
+        input_file, n_links, refused, n_allowed = _prepare_links(links_path, out.path, allow)
+        raw_dir = os.path.join(out.path, RAW_DIR)
+        if n_allowed:
+            _run_img2dataset(input_file, raw_dir, cfg)
+        kept, reasons = _convert(raw_dir, out.path, refused)
+        done = kept + sum(reasons.values())
+        if done != n_links:
+            raise StageError(f"download: {n_links - done} of {n_links} links have no result (img2dataset shards failed?); rerun to retry them")
+        stats = {"stage": STAGE, "input": n_links, "kept": kept, "rejected": dict(sorted(reasons.items()))}
+        with open(os.path.join(out.path, STATS_FILE), "w") as fh:
+            json.dump(stats, fh, indent=2, sort_keys=True)
+        return out.commit()

@@ -172,13 +172,14 @@ class ExtractLinks(beam.PTransform):
 
 def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=None) -> dict:
     """Run the extract pipeline and return its reconciled stats."""
-    from core.stageio import StageError, finish_stage, pipeline_options
+    from core.stageio import StageError, StageOutput, pipeline_options
     from crawl.warc import expand_inputs
 
     files = expand_inputs(input_pattern)
     if not files:
         raise StageError(f"extract: no WARC/WAT files match {input_pattern}")
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg)
-        _ = outputs | "Write" >> WriteStageOutputs(out_dir, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True)
-    return finish_stage(out_dir)
+    with StageOutput(out_dir, STAGE) as out:
+        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+            outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg)
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True)
+        return out.commit()

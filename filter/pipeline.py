@@ -14,8 +14,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
-from core.records import IMAGE_SCHEMA, Rejected
-from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from core.records import DOWNLOAD_SCHEMA, IMAGE_SCHEMA, Rejected
+from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
 from filter.embed import EncoderModelHandler
 from filter.hashing import image_id, phash_hex, sha256_hex
 from filter.validate import Invalid, configure_pillow, validate
@@ -123,12 +123,12 @@ def encoder_info(cfg: FilterConfig) -> tuple:
 
 def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None) -> dict:
     """Run the filter pipeline on a download stage directory; returns reconciled stats."""
-    files = stage_files(input_path, "downloads")
-    if not files:
-        raise StageError(f"filter: no downloads parquet under {input_path} (expected a `crawl download` output)")
+    files = stage_files(input_path, "downloads", expected="download")
+    check_columns(files, DOWNLOAD_SCHEMA, input_path, "download")
     info = encoder_info(cfg)
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        rows = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
-        outputs = rows | "Filter" >> FilterImages(cfg, info)
-        _ = outputs | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder})
-    return finish_stage(out_dir)
+    with StageOutput(out_dir, STAGE) as out:
+        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+            rows = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
+            outputs = rows | "Filter" >> FilterImages(cfg, info)
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder})
+        return out.commit()

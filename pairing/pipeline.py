@@ -18,7 +18,7 @@ import apache_beam as beam
 
 from core.config import PairConfig, to_dict
 from core.records import IMAGE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
-from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
 from pairing.select import band_keys, boilerplate_phashes, page_outcome
 
 STAGE = "pair"
@@ -214,11 +214,16 @@ def _for_parquet(row: dict) -> dict:
 
 def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> dict:
     """Run the pairing pipeline on a filter stage directory; returns reconciled stats."""
+    files = stage_files(input_path, "images", expected="filter")
+    check_columns(files, IMAGE_SCHEMA, input_path, "filter")
+    with StageOutput(out_dir, STAGE) as stage_out:
+        _pair_pipeline(files, stage_out.path, cfg, beam_args)
+        return stage_out.commit()
+
+
+def _pair_pipeline(files: list[str], out_dir: str, cfg: PairConfig, beam_args) -> None:
     import os
 
-    files = stage_files(input_path, "images")
-    if not files:
-        raise StageError(f"pair: no images parquet under {input_path} (expected a `filter` output)")
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         keys = p | "KeyFiles" >> beam.Create(files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
@@ -233,4 +238,3 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
             ones.append(pairs | f"One_{name}" >> beam.Map(lambda _: 1))
         out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)})
-    return finish_stage(out_dir)

@@ -19,17 +19,17 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from core.stageio import read_stats, stage_files, read_table
+from core.stageio import is_complete, read_stats, read_table, stage_files
 
 STAGE_ORDER = ["extract", "download", "filter", "pair", "shards"]
 
 
 def find_stage_dirs(root: str) -> dict[str, str]:
-    """Stage name -> directory, for `root` itself and its sub-directories (two levels)."""
+    """Stage name -> complete stage directory, for `root` itself and its sub-directories (two levels)."""
     found: dict[str, str] = {}
     candidates = [root] + sorted(glob.glob(os.path.join(root, "*"))) + sorted(glob.glob(os.path.join(root, "*", "*")))
     for d in candidates:
-        stats = read_stats(d) if os.path.isdir(d) else None
+        stats = read_stats(d) if os.path.isdir(d) and is_complete(d) else None
         if stats and stats.get("stage") and stats["stage"] not in found:
             found[stats["stage"]] = d
     return found
@@ -135,7 +135,9 @@ def example_pairs(shards_dir: str, n: int = 8) -> list[dict]:
     from PIL import Image
 
     samples: dict[str, dict] = collections.OrderedDict()
-    for tar_path in sorted(glob.glob(os.path.join(shards_dir, "*.tar"))):
+    with open(os.path.join(shards_dir, "manifest.json")) as fh:  # the shards it lists, never a glob
+        tars = [os.path.join(shards_dir, s["shard"]) for s in json.load(fh)["shards"]]
+    for tar_path in tars:
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")

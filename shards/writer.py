@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
 from core.records import Rejected
-from core.stageio import StageError, WriteStageOutputs, finish_stage, pipeline_options, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, pipeline_options, stage_files
 
 STAGE = "shards"
 REJECTED = "rejected"
@@ -235,25 +235,22 @@ def _pair_files_info(pair_files: list[str]) -> tuple[int, object]:
 
 def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) -> dict:
     """Write pair shards from a pair stage directory; returns reconciled stats."""
-    pair_files = stage_files(input_path, "pairs")
-    if not pair_files:
-        raise StageError(f"shards: no pairs/ parquet under {input_path} (expected a `pair` output)")
+    pair_files = stage_files(input_path, "pairs", expected="pair")
     n_pairs, encoder = _pair_files_info(pair_files)  # footers only, no data pass
-    if not FileSystems.exists(out_dir):
-        FileSystems.mkdirs(out_dir)
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-        written = (
-            p
-            | "PairFiles" >> beam.Create(list(enumerate(pair_files)))
-            | "Spread" >> beam.Reshuffle()  # one writer per pair file, on any worker
-            | "WriteShards" >> beam.ParDo(WriteShards(out_dir, cfg)).with_outputs("summary", REJECTED, main="index")
-        )
-        counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
-        _ = counts | "Write" >> WriteStageOutputs(out_dir, STAGE, "index", INDEX_SCHEMA)
-        _ = (
-            p
-            | "ManifestSeed" >> beam.Create([None])
-            | "Manifest"
-            >> beam.Map(_write_manifest, out_dir=out_dir, summaries=beam.pvalue.AsList(written.summary), cfg=to_dict(cfg), n_pairs=n_pairs, encoder=encoder, version=code_version())
-        )
-    return finish_stage(out_dir)
+    with StageOutput(out_dir, STAGE) as out:
+        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+            written = (
+                p
+                | "PairFiles" >> beam.Create(list(enumerate(pair_files)))
+                | "Spread" >> beam.Reshuffle()  # one writer per pair file, on any worker
+                | "WriteShards" >> beam.ParDo(WriteShards(out.path, cfg)).with_outputs("summary", REJECTED, main="index")
+            )
+            counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
+            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA)
+            _ = (
+                p
+                | "ManifestSeed" >> beam.Create([None])
+                | "Manifest"
+                >> beam.Map(_write_manifest, out_dir=out.path, summaries=beam.pvalue.AsList(written.summary), cfg=to_dict(cfg), n_pairs=n_pairs, encoder=encoder, version=code_version())
+            )
+        return out.commit()

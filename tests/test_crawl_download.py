@@ -85,20 +85,23 @@ def _cli(*args):
 
 def test_kill_and_rerun_has_no_duplicate_and_no_missing_image(tmp_path, links_dir):
     out = str(tmp_path / "dl")
+    partial = str(tmp_path / ".dl.partial")  # where a running download writes (swapped in at the end)
     cmd, env = _cli("crawl", "download", links_dir, "--out", out, "--allow-hosts", "127.0.0.1", "--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--timeout", "1.5")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not glob.glob(os.path.join(out, "img2dataset", "*_stats.json")):
+    while time.time() < deadline and not glob.glob(os.path.join(partial, "img2dataset", "*_stats.json")):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: img2dataset's workers too
     proc.wait()
-    finished_before = set(glob.glob(os.path.join(out, "img2dataset", "*_stats.json")))
+    finished_before = set(glob.glob(os.path.join(partial, "img2dataset", "*_stats.json")))
     assert finished_before, "no shard finished before the kill"
-    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    mtimes = {f: os.path.getmtime(f) for f in finished_before}
+    assert not os.path.exists(out) and os.path.exists(os.path.join(tmp_path, ".dl.lock"))  # nothing complete-looking
+    mtimes = {os.path.basename(f): os.path.getmtime(f) for f in finished_before}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert all(os.path.getmtime(f) == m for f, m in mtimes.items())  # finished shards were not redone
+    # finished shards were not redone: the rerun resumed in the partial folder, then swapped it in
+    assert all(os.path.getmtime(os.path.join(out, "img2dataset", f)) == m for f, m in mtimes.items())
+    assert sorted(os.listdir(tmp_path)) == ["dl"]
     links = read_table(links_dir, "links").to_pandas()
     kept = read_table(out, "downloads").to_pandas()
     rejected = read_table(out, "rejected").to_pandas()

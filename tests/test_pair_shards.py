@@ -8,7 +8,7 @@ import numpy as np
 
 from core.config import PairConfig
 from core.records import phash_distance
-from core.stageio import read_stats, read_table
+from core.stageio import finish_stage, read_stats, read_table
 from pairing.select import band_keys, collapse_near_duplicates, page_outcome, select_pairs
 
 
@@ -141,6 +141,13 @@ def _jpeg(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def _mark_complete(folder, stage: str, n: int) -> None:
+    """Mark a hand-made stage folder complete the way a stage does (reconciled stats, _SUCCESS)."""
+    with open(folder / "stats.json", "w") as fh:
+        json.dump({"stage": stage, "input": n, "kept": n, "rejected": {}}, fh)
+    finish_stage(str(folder), stage)
+
+
 def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     """Two pages show the same two images (x, y): their pairs are kept once, from the first page.
     In shards, a pair whose image bytes are not an image, and one whose image cannot be found,
@@ -166,6 +173,7 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     ]
     os.makedirs(tmp_path / "filter" / "images")
     pq.write_table(rows_to_table(rows, IMAGE_SCHEMA), tmp_path / "filter" / "images" / "part-0.parquet")
+    _mark_complete(tmp_path / "filter", "filter", len(rows))
     stats = run_pair(str(tmp_path / "filter"), str(tmp_path / "pair"), PairConfig(sim_low=0.0, sim_high=0.999))
     pairs = read_table(str(tmp_path / "pair"), "pairs").to_pandas()
     # a->b, b->a once each (from http://a.test/, the first page), plus 4 pairs with c on page b
@@ -182,6 +190,7 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     for f in files:
         os.remove(f)
     pq.write_table(table.set_column(table.schema.get_field_index("target_image_id"), "target_image_id", pa.array(ids, pa.string())), files[0])
+    finish_stage(str(tmp_path / "pair"))  # the edited folder lists its files again
     stats = run_shards(str(tmp_path / "pair"), str(tmp_path / "shards"), ShardConfig(samples_per_shard=2))
     assert stats["input"] == 6 and stats["kept"] == 1
     assert stats["rejected"] == {"missing_image": 1, "unreadable_image": 4}

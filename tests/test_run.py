@@ -35,8 +35,10 @@ def test_demo_runs_and_a_rerun_continues_where_it_stopped(tmp_path):
     assert stats["download"]["kept"] == stats["filter"]["input"]
     assert stats["filter"]["kept"] == stats["pair"]["input"]
     assert stats["pair"]["pairs"] == stats["shards"]["input"] == stats["shards"]["kept"] > 0
-    # simulate a run killed during `pair`: its marker and everything after it are gone
-    os.remove(os.path.join(out, "pair", "_SUCCESS"))
+    # simulate a run killed during `pair`: what a kill leaves is pair's partial folder (the old
+    # output is swapped out only at the end) and nothing after it
+    os.rename(os.path.join(out, "pair"), os.path.join(out, ".pair.partial"))
+    os.remove(os.path.join(out, ".pair.partial", "_SUCCESS"))
     shutil.rmtree(os.path.join(out, "shards"))
     second = _cli("demo", "--out", out, "--config", str(cfg))
     assert second.returncode == 0, second.stderr[-3000:]
@@ -48,6 +50,7 @@ def test_demo_runs_and_a_rerun_continues_where_it_stopped(tmp_path):
     third = _cli("demo", "--out", out, "--config", str(cfg))
     assert third.returncode == 0 and "train     already complete, skipped" in third.stdout + third.stderr
     assert read_stats(os.path.join(out, "shards"))["kept"] == stats["shards"]["kept"]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no partial folder or lock left
 
 
 def test_run_errors_are_one_clear_line(tmp_path):

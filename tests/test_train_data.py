@@ -54,14 +54,19 @@ def test_shards_stream_from_an_fsspec_url(pipeline_dirs):
 
     mem = fsspec.filesystem("memory")
     local = sorted(glob.glob(os.path.join(pipeline_dirs["shards"], "*.tar")))
-    for f in local[:2] + [os.path.join(pipeline_dirs["shards"], "manifest.json")]:
+    for f in local + [os.path.join(pipeline_dirs["shards"], n) for n in ("manifest.json", "_SUCCESS")]:
         mem.pipe(f"/remote-shards/{os.path.basename(f)}", open(f, "rb").read())
+    mem.pipe("/remote-shards/pairs-999999-000000.tar", b"a stale shard the manifest does not list")
     urls = shard_urls("memory://remote-shards")
-    assert [u.rsplit("/", 1)[-1] for u in urls] == [os.path.basename(f) for f in local[:2]]
+    assert [u.rsplit("/", 1)[-1] for u in urls] == [os.path.basename(f) for f in local]  # the manifest's list
+    mem.rm("/remote-shards/_SUCCESS")
+    with pytest.raises(FileNotFoundError, match="not a complete shards output"):
+        shard_urls("memory://remote-shards")
+    mem.pipe("/remote-shards/_SUCCESS", open(os.path.join(pipeline_dirs["shards"], "_SUCCESS"), "rb").read())
     cfg = DataConfig(shards="memory://remote-shards", num_workers=0, shuffle_buffer=2, batch_size=4)
     assert condition_dim(cfg) == 1280  # stored embeddings: the manifest's encoder was found remotely
     keys = [k for _, _, keys in make_loader(cfg, epochs=1) for k in keys]
     import webdataset as wds
 
-    expected = [s["__key__"] for s in wds.WebDataset(local[:2], shardshuffle=False)]
+    expected = [s["__key__"] for s in wds.WebDataset(local, shardshuffle=False)]
     assert sorted(keys) == sorted(expected)

@@ -64,19 +64,29 @@ def register_fsspec_schemes() -> None:
 
 
 def shard_urls(spec: str) -> list[str]:
-    """The tar files of a shards directory, glob or URL (local or any fsspec URL)."""
-    if "://" in spec and not spec.startswith("file://"):
-        import fsspec
+    """The tar files of a shards output (local or any fsspec URL): the shards its manifest.json
+    lists, once its `_SUCCESS` marker says it is complete; never a glob of the folder, which could
+    hold stale shards. An explicit glob of tar files is taken as given."""
+    import fsspec
 
-        fs, _, paths = fsspec.get_fs_token_paths(spec)
-        if len(paths) == 1 and fs.isdir(paths[0]):
-            paths = [p for p in fs.ls(paths[0], detail=False) if p.endswith(".tar")]
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        return sorted(p if "://" in p else f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}" for p in paths)
-    spec = spec[7:] if spec.startswith("file://") else spec
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
-    return sorted(glob.glob(spec))
+    if any(ch in spec for ch in "*?["):
+        if "://" in spec and not spec.startswith("file://"):
+            fs, _, paths = fsspec.get_fs_token_paths(spec)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            return sorted(p if "://" in p else f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}" for p in paths)
+        return sorted(glob.glob(spec[7:] if spec.startswith("file://") else spec))
+    root = spec.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{spec} is not a shards folder (expected a `webpairs shards` output)")
+    if not fs.exists(f"{path}/_SUCCESS"):
+        raise FileNotFoundError(f"{spec} is not a complete shards output (no _SUCCESS: `webpairs shards` was interrupted or never ran); run `webpairs shards` into it first")
+    try:
+        with fs.open(f"{path}/{layout.MANIFEST}") as fh:
+            shards = [s["shard"] for s in json.load(fh)["shards"]]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        raise FileNotFoundError(f"{spec} has no readable {layout.MANIFEST}; run `webpairs shards` into it again") from None
+    return [f"{root}/{name}" for name in shards]
 
 
 def shards_encoder(spec: str) -> Optional[str]:

@@ -9,22 +9,18 @@ the model's resolution plus a contact sheet (`sheet.png`) and `meta.json` (argum
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from train import sample as S
+from train.train import CheckpointError, checkpoint_folders, read_checkpoint  # one checkpoint format, read in one place
 
 SHEET_CELL = 128  # contact sheets show each image at least this large (nearest-neighbour upscaling)
-
-
-class CheckpointError(ValueError):
-    """The path is not a checkpoint or a run directory with checkpoints."""
 
 
 @dataclasses.dataclass
@@ -47,30 +43,26 @@ def find_checkpoint(path: str) -> str:
     """The checkpoint folder for a checkpoint folder or a RUN_DIR (its latest checkpoint by step)."""
     if os.path.exists(os.path.join(path, "state.json")):
         return path
-    found = [os.path.dirname(p) for p in glob.glob(os.path.join(path, "train", "checkpoint_*", "state.json"))]
+    found = checkpoint_folders(path)
     if not found:
         raise CheckpointError(f"{path} holds no checkpoint (expected a `webpairs train` run directory or a checkpoint folder with state.json)")
-
-    def step(folder: str) -> int:
-        with open(os.path.join(folder, "state.json")) as fh:
-            return int(json.load(fh)["step"])
-
-    return max(found, key=step)
+    return found[0]
 
 
 def load_model(path: str, device: str = "cpu", ema: bool = True, encoder: str = "") -> Loaded:
     """EMA (or raw) weights of the checkpoint at `path` on `device`."""
-    from safetensors.torch import load_file
-
     from train.models import build_model
 
     folder = find_checkpoint(path)
-    with open(os.path.join(folder, "state.json")) as fh:
-        state = json.load(fh)
-    weights = load_file(os.path.join(folder, "ema.safetensors" if ema else "model.safetensors"))
+    part = "ema" if ema else "model"
+    ckpt = read_checkpoint(folder, (part,))
+    state, weights = ckpt["state"], ckpt[part]
     cfg = state.get("config", {})
-    model = build_model(cfg.get("preset", "tiny"), int(state.get("cond_dim") or weights["null_embedding"].shape[0]))
-    model.load_state_dict(weights)
+    try:
+        model = build_model(cfg.get("preset", "tiny"), int(state.get("cond_dim") or weights["null_embedding"].shape[0]))
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {folder} does not fit its recorded model ({str(err)[:200]})") from None
     name = encoder or state.get("encoder") or cfg.get("encoder") or ""
     if not name:
         raise CheckpointError(f"checkpoint {folder} does not name its encoder; pass --encoder NAME (the encoder of the shards it was trained on)")
@@ -208,6 +200,9 @@ class SampleConfig:
     noise_low: float = 0.30
     noise_high: float = 0.55
     seed: int = 0
+
+    RANGES: ClassVar[dict] = {"n": (1, 1024), "steps": (1, 1000), "guidance": (0.0, 100.0), "strength": (0.0, 1.0), "frames": (2, 1000), "candidates": (1, 256), "noise_low": (0.0, 1.0), "noise_high": (0.0, 1.0), "seed": (0, 2**32 - 1)}
+    CHOICES: ClassVar[dict] = {"sampler": ("ddim", "dpm")}
 
 
 def shard_examples(shards: str, n: int = 2) -> list[dict]:

@@ -10,13 +10,14 @@ and so does Ray after a worker dies (FailureConfig).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import tempfile
 import time
-from typing import Optional
+from typing import ClassVar, Optional
 
 log = logging.getLogger(__name__)
 RUN_NAME = "train"
@@ -54,30 +55,167 @@ class TrainConfig:
     seed: int = 0
     fail_at_step: int = -1  # testing only: rank 1 exits once at this step (fault tolerance test)
 
+    RANGES: ClassVar[dict] = {
+        "steps": (1, 10**9), "batch_size": (1, 65536), "grad_accum": (1, 4096), "lr": (1e-8, 1.0), "warmup": (0, 10**9), "weight_decay": (0.0, 1.0),
+        "grad_clip": (0.0, 1e6), "ema_decay": (0.0, 1.0), "p_uncond": (0.0, 1.0), "workers": (1, 100_000), "loader_workers": (0, 256),
+        "shuffle_buffer": (1, 10**7), "checkpoint_every": (1, 10**9), "keep_checkpoints": (1, 1000), "log_every": (1, 10**9), "sample_every": (0, 10**9),
+        "sample_steps": (1, 1000), "sample_conditions": (1, 64), "max_failures": (-1, 1000), "seed": (0, 2**32 - 1), "fail_at_step": (-1, 10**9),
+    }
+    CHOICES: ClassVar[dict] = {"preset": ("tiny", "small", "base", "large"), "prediction": ("v_prediction", "epsilon"), "pairing": ("same-page", "self")}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files cannot be read; the message names the file."""
+
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _optimizer_parts(state: dict) -> tuple[dict, dict]:
+    """An optimizer state_dict as (tensors for safetensors, plain JSON): nothing needs pickle."""
+    import torch
+
+    tensors, plain = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                plain["scalars"].setdefault(str(idx), {})[name] = value
+    return tensors, plain
+
+
+def _optimizer_state(tensors: dict, plain: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in plain["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
 
 def _save(folder: str, model, ema, opt, step: int, cfg: dict, meta: dict) -> None:
-    import torch
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
     save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, os.path.join(folder, "ema.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(folder, "optimizer.pt"))
+    tensors, plain = _optimizer_parts(opt.state_dict())
+    save_file(tensors, os.path.join(folder, OPTIMIZER_FILE))
     with open(os.path.join(folder, "state.json"), "w") as fh:
-        json.dump({"step": step, "config": cfg, **meta}, fh)
+        json.dump({"step": step, "config": cfg, "optimizer": plain, **meta}, fh)
+
+
+def read_checkpoint(folder: str, parts: tuple = ("model", "ema", "optimizer")) -> dict:
+    """Everything a checkpoint folder holds, read and checked before any of it is applied:
+    {"step", "state" (state.json), "model", "ema", "optimizer" (state dicts)}. Nothing is unpickled:
+    weights and optimizer tensors are safetensors, the rest JSON. CheckpointError names the file."""
+    from safetensors.torch import load_file
+
+    def read(name: str, loader):
+        path = os.path.join(folder, name)
+        try:
+            return loader(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {path} is missing") from None
+        except Exception as err:  # noqa: BLE001 - any decoding failure means an unreadable file
+            raise CheckpointError(f"checkpoint file {path} is corrupt or unreadable ({type(err).__name__}: {str(err)[:200]})") from None
+
+    def read_json(path):
+        with open(path) as fh:
+            doc = json.load(fh)
+        int(doc["step"])
+        return doc
+
+    state = read("state.json", read_json)
+    out = {"step": int(state["step"]), "state": state}
+    for part in parts:
+        if part == "optimizer":
+            if "optimizer" in state:
+                out["optimizer"] = _optimizer_state(read(OPTIMIZER_FILE, load_file), state["optimizer"])
+            else:  # checkpoints of earlier versions: tensors and plain types only, never code
+                import torch
+
+                out["optimizer"] = read("optimizer.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+        else:
+            out[part] = read(f"{part}.safetensors", load_file)
+    return out
 
 
 def load_checkpoint_dir(folder: str, model, ema=None, opt=None) -> int:
     """Load weights (and EMA, optimizer when given) from a checkpoint folder; returns its step."""
-    import torch
-    from safetensors.torch import load_file
+    parts = ("model",) + (("ema",) if ema is not None else ()) + (("optimizer",) if opt is not None else ())
+    ckpt = read_checkpoint(folder, parts)
+    try:
+        model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.model.load_state_dict(ckpt["ema"])
+        if opt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {folder} does not fit this model ({str(err)[:200]})") from None
+    return ckpt["step"]
 
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    if ema is not None:
-        ema.model.load_state_dict(load_file(os.path.join(folder, "ema.safetensors")))
-    if opt is not None:
-        opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=False))
-    with open(os.path.join(folder, "state.json")) as fh:
-        return int(json.load(fh)["step"])
+
+def checkpoint_folders(run_dir: str) -> list[str]:
+    """Checkpoint folders of a run directory, newest (highest step) first."""
+    import glob
+    import re
+
+    def step(folder: str) -> int:
+        try:
+            with open(os.path.join(folder, "state.json")) as fh:
+                return int(json.load(fh)["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            m = re.search(r"(\d+)$", folder)
+            return int(m.group(1)) if m else -1
+
+    folders = [f for f in glob.glob(os.path.join(run_dir, RUN_NAME, "checkpoint_*")) if os.path.isdir(f)]
+    return sorted(folders, key=step, reverse=True)
+
+
+def readable_checkpoints(run_dir: str) -> tuple[list[str], list[str]]:
+    """(readable checkpoint folders newest first, one message per unreadable one)."""
+    good, bad = [], []
+    for folder in checkpoint_folders(run_dir):
+        try:
+            read_checkpoint(folder)
+            good.append(folder)
+        except CheckpointError as err:
+            bad.append(str(err))
+    return good, bad
+
+
+def _restore(candidates: list[str], model, ema, opt, rank: int) -> int:
+    """Step of the first candidate checkpoint that loads (0 when there is none); says which was skipped."""
+    for folder in candidates:
+        try:
+            return load_checkpoint_dir(folder, model, ema, opt)
+        except CheckpointError as err:
+            if rank == 0:
+                log.warning("%s; trying the previous checkpoint", err)
+    if candidates:
+        raise CheckpointError(f"no readable checkpoint among {', '.join(candidates)}")
+    return 0
+
+
+def _trim_metrics(run_dir: str, step: int) -> None:
+    """Drop metric lines past the resumed step, so a step killed and redone is logged once."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    with open(path + ".tmp", "w") as fh:
+        fh.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def _fixed_conditions(data, n: int, device):
@@ -145,13 +283,14 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(cfg.preset, config["cond_dim"]).to(device)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            step = load_checkpoint_dir(folder, model, ema, opt)
-        if rank == 0:
-            log.info("resumed from step %d", step)
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
+        # Ray's latest checkpoint first, then the newest one the driver found readable
+        candidates = [f for f in (folder, config.get("resume_from")) if f]
+        step = _restore(list(dict.fromkeys(candidates)), model, ema, opt, rank)
+    if rank == 0 and step:
+        log.info("resumed from step %d", step)
+        _trim_metrics(run_dir, step)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup))  # noqa: E731
     ddp_model = prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
     scheduler = make_scheduler(cfg.prediction)
@@ -230,29 +369,52 @@ def ray_runtime_env() -> dict:
     return {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}, "worker_process_setup_hook": quiet_worker_logs}
 
 
+TRAIN_MARKER = "webpairs-train.json"  # marks a folder as a training run of this project
+
+
 def run_training(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str] = None) -> dict:
-    """Train with Ray Train; returns {"step", "checkpoint", "loss"} of the final result."""
+    """Train with Ray Train; returns {"step", "checkpoint", "loss"} of the final result. The run
+    directory is locked while training (one trainer per RUN_DIR)."""
+    from core.stageio import StageLock
+
+    from train.data import shard_urls
+
+    if not shard_urls(shards):  # also refuses an incomplete shards folder, in one sentence
+        raise FileNotFoundError(f"no pair shards at {shards} (expected a `webpairs shards` output)")
+    run_dir = os.path.abspath(run_dir)
+    with StageLock(run_dir, "webpairs train"):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, TRAIN_MARKER), "w") as fh:
+            json.dump({"shards": shards, "config": dataclasses.asdict(cfg)}, fh, indent=1)
+        return _fit(shards, run_dir, cfg, ray_address)
+
+
+def _fit(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str]) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from train.data import DataConfig, condition_dim, shard_urls, shards_encoder
+    from train.data import DataConfig, condition_dim, shards_encoder
 
-    # (1) config and Ray
-    if not shard_urls(shards):
-        raise FileNotFoundError(f"no pair shards (*.tar) at {shards} (expected a `webpairs shards` output)")
-    run_dir = os.path.abspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    # (1) config, the checkpoint to resume from, and Ray
     data = DataConfig(shards=shards, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights)
     cond_dim = condition_dim(data)
     encoder = cfg.encoder or shards_encoder(shards) or ""  # recorded in checkpoints: sampling embeds with it
+    good, bad = readable_checkpoints(run_dir)
+    for message in bad:
+        log.warning("%s; skipped", message)
+    if bad and not good:
+        raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, RUN_NAME)} ({len(bad)} unreadable); delete that folder to train from scratch")
+    if bad and good:
+        log.warning("resuming from the previous good checkpoint %s", good[0])
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
     # (2) the trainer
     threads = max(1, (os.cpu_count() or 2) // max(1, cfg.workers))
+    config = {"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "encoder": encoder, "threads_per_worker": threads, "resume_from": good[0] if good else None}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "encoder": encoder, "threads_per_worker": threads},
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             storage_path=run_dir,

@@ -30,26 +30,6 @@ class _DropBeamImportNoise(logging.Filter):
 
 logging.getLogger().addFilter(_DropBeamImportNoise())
 
-BEAM_NOTE = (
-    "Unknown --flags are passed to Apache Beam as pipeline options; the default runner is the "
-    "in-process FnApiRunner (e.g. --direct_num_workers 2, or --runner PortableRunner "
-    "--job_endpoint localhost:8099 --environment_type LOOPBACK)."
-)
-
-
-def _stage_parser(sub, name: str, help_text: str, input_help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{BEAM_NOTE}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help=input_help)
-    p.add_argument("--out", required=True, help="output directory (a stage directory: parquet, rejected/, stats.json)")
-    p.add_argument("--config", help="YAML file with this stage's keys (or a section named after the stage)")
-    return p
-
-
-def _print_stats(stats: dict, seconds: float) -> None:
-    rejected = ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()) or "none"
-    print(f"{stats['stage']}: input={stats['input']} kept={stats['kept']} rejected: {rejected} ({seconds:.1f}s)")
-
-
 def cmd_testweb(args, _beam_args) -> int:
     from webpairs.testweb import serve_test_web
 
@@ -111,6 +91,14 @@ def _stage_registrars() -> list[Callable]:
     return commands.REGISTRARS
 
 
+def _known_errors() -> tuple:
+    """Errors a user can cause (bad input, config, a locked or incomplete folder, a bad checkpoint)."""
+    from core.config import ConfigError
+    from core.stageio import StageError
+
+    return (UserError, ConfigError, StageError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args, beam_args = parser.parse_known_args(argv)
@@ -123,14 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     stage_cmds = getattr(handlers[args.command], "accepts_beam_args", False)
     if beam_args and not stage_cmds:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    name = args.command + (f" {args.crawl_command}" if getattr(args, "crawl_command", None) else "")
     try:
         return handlers[args.command](args, beam_args) or 0
-    except UserError as err:
-        print(f"webpairs {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"webpairs {args.command}: interrupted", file=sys.stderr)
+        print(f"webpairs {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - one line on stderr, the traceback only with -v
+        if args.verbose:
+            raise
+        known = isinstance(err, _known_errors()) or type(err).__name__ == "CheckpointError"
+        text = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+        if not known:
+            text = f"{type(err).__name__}: {text} (rerun with -v for the traceback)"
+        print(f"webpairs {name}: error: {text}", file=sys.stderr)
+        return 2 if known else 1
 
 
 if __name__ == "__main__":

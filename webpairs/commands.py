@@ -8,26 +8,24 @@ import time
 
 from core import config
 from core.stageio import StageError
+from webpairs.common import BEAM_NOTE, print_stats, stage_parser
+from webpairs.errors import UserError
 
 
 def _run_stage(fn, stage_name: str, *args, **kwargs) -> int:
     """Run a stage function, print its reconciled counts; turn known failures into one-line errors."""
-    from webpairs.cli import _print_stats
-    from webpairs.errors import UserError
-
     start = time.time()
     try:
         stats = fn(*args, **kwargs)
     except (StageError, config.ConfigError, FileNotFoundError) as err:
         raise UserError(str(err)) from err
-    _print_stats(stats, time.time() - start)
+    print_stats(stats, time.time() - start)
     return 0
 
 
 def _load_config(cls, args, section: str):
     """The stage config: YAML file (args.config) overridden by every command-line flag the user
     gave whose name is a field of `cls` (flags default to None, so an absent flag changes nothing)."""
-    import dataclasses
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     return config.load(cls, args.config, section=section, **overrides)
@@ -42,11 +40,9 @@ def _allow_hosts_arg(p) -> None:
 
 
 def register_crawl(sub, handlers) -> None:
-    from webpairs.cli import _stage_parser
-
     crawl = sub.add_parser("crawl", help="crawl stage: extract image links from WARC/WAT, download the images")
     crawl_sub = crawl.add_subparsers(dest="crawl_command", metavar="STEP", required=True)
-    p = _stage_parser(
+    p = stage_parser(
         crawl_sub,
         "extract",
         "Extract one link record per <img> (src/srcset), <picture><source> and og:image from WARC/WAT files.",
@@ -93,8 +89,6 @@ def cmd_crawl_extract(args, beam_args) -> int:
 
 
 def cmd_crawl_download(args, beam_args) -> int:
-    from webpairs.errors import UserError
-
     if beam_args:
         raise UserError(f"unrecognized arguments: {' '.join(beam_args)} (download runs img2dataset, not Beam)")
     from crawl.download import run_download
@@ -104,9 +98,7 @@ def cmd_crawl_download(args, beam_args) -> int:
 
 
 def register_filter(sub, handlers) -> None:
-    from webpairs.cli import _stage_parser
-
-    p = _stage_parser(
+    p = stage_parser(
         sub,
         "filter",
         "Validate, hash (sha256 + pHash), embed (frozen encoder via RunInference) and score every downloaded image.",
@@ -130,9 +122,7 @@ def cmd_filter(args, beam_args) -> int:
 
 
 def register_pair(sub, handlers) -> None:
-    from webpairs.cli import _stage_parser
-
-    p = _stage_parser(
+    p = stage_parser(
         sub,
         "pair",
         "Group images by page, drop boilerplate (content or URL on more than K pages), collapse near-duplicates, pick (condition, target) pairs whose similarity lies in a band.",
@@ -146,7 +136,7 @@ def register_pair(sub, handlers) -> None:
     handlers["pair"] = cmd_pair
     cmd_pair.accepts_beam_args = True
 
-    p = _stage_parser(
+    p = stage_parser(
         sub,
         "shards",
         "Write webdataset pair shards ({key}.cond.jpg, {key}.target.jpg, {key}.cond.npy, {key}.json), a parquet index and manifest.json.",
@@ -164,9 +154,7 @@ def cmd_pair(args, beam_args) -> int:
 
     cfg = _load_config(config.PairConfig, args, "pair")
     if cfg.sim_low > cfg.sim_high:
-        from webpairs.errors import UserError
-
-        raise UserError(f"pair: empty similarity band [{cfg.sim_low}, {cfg.sim_high}]")
+            raise UserError(f"pair: empty similarity band [{cfg.sim_low}, {cfg.sim_high}]")
     return _run_stage(run_pair, "pair", args.input, args.out, cfg, beam_args)
 
 
@@ -190,8 +178,6 @@ def register_stats(sub, handlers) -> None:
 
 def cmd_stats(args, _beam_args) -> int:
     from shards.report import write_report
-    from webpairs.errors import UserError
-
     try:
         print(write_report(args.input, args.html))
     except FileNotFoundError as err:
@@ -202,8 +188,6 @@ def cmd_stats(args, _beam_args) -> int:
 
 
 def register_run(sub, handlers) -> None:
-    from webpairs.cli import BEAM_NOTE
-
     p = sub.add_parser(
         "run",
         help="the main job: extract -> download -> filter -> pair -> shards -> stats -> train -> sample, resumable",
@@ -240,6 +224,7 @@ def _model_flags(p) -> None:
     p.add_argument("--preset", help="model size: tiny, small, base, large (default tiny)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--no-train", dest="model", action="store_false", help="stop after the shards and the report")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out that holds files this project did not make (default: refuse)")
 
 
 def _train_flags(args) -> dict:
@@ -258,13 +243,12 @@ def _print_run_end(out: str, done: dict) -> None:
 
 
 def cmd_run(args, beam_args) -> int:
-    from webpairs.errors import UserError
     from webpairs.run import RunConfig, run_pipeline
 
     try:
         cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, encoder=args.encoder, encoder_weights=args.encoder_weights)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
-        done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address)
+        done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
     except (StageError, config.ConfigError) as err:
         raise UserError(str(err)) from err
     _print_run_end(args.out, done)
@@ -272,13 +256,12 @@ def cmd_run(args, beam_args) -> int:
 
 
 def cmd_demo(args, beam_args) -> int:
-    from webpairs.errors import UserError
     from webpairs.run import demo
 
     if args.photos and not os.path.isdir(args.photos):
         raise UserError(f"--photos {args.photos} is not a folder")
     try:
-        done = demo(args.out, args.photos, beam_args, args.config, args.pages, args.topics, args.model, _train_flags(args))
+        done = demo(args.out, args.photos, beam_args, args.config, args.pages, args.topics, args.model, _train_flags(args), overwrite=args.overwrite)
     except (StageError, config.ConfigError) as err:
         raise UserError(str(err)) from err
     _print_run_end(args.out, done)
@@ -312,8 +295,6 @@ def register_train(sub, handlers) -> None:
 
 def cmd_train(args, _beam_args) -> int:
     from train.train import TrainConfig, run_training
-    from webpairs.errors import UserError
-
     try:
         cfg = _load_config(TrainConfig, args, "train")
     except config.ConfigError as err:

@@ -11,14 +11,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from tqdm import tqdm
 
 from core import config
-from core.stageio import StageError, is_complete, read_stats
+from core.stageio import StageError, StageLock, is_complete, read_stats
 
 if TYPE_CHECKING:
     from train.generate import SampleConfig
@@ -28,6 +27,44 @@ log = logging.getLogger(__name__)
 
 STAGES = ["extract", "download", "filter", "pair", "shards"]  # Beam/img2dataset stages with stats.json
 DIRS = {"extract": "links", "download": "download", "filter": "filter", "pair": "pair", "shards": "shards", "train": "train", "sample": "samples"}
+RUN_MARKER = "webpairs-run.json"  # marks a folder as a run directory of this project
+OWN_FILES = {RUN_MARKER, "report.html", "testweb", "testweb.json"}  # what `run`/`demo` write besides DIRS
+
+
+def _foreign_entries(out: str) -> list[str]:
+    """Entries of `out` that are not this project's own run output (recognised by its markers)."""
+    from train.train import TRAIN_MARKER
+
+    entries = [e for e in sorted(os.listdir(out)) if not (e.startswith(".") and e.endswith((".lock", ".partial", ".old")))]
+    if entries and RUN_MARKER not in entries:
+        return entries
+    foreign = []
+    for e in entries:
+        path = os.path.join(out, e)
+        if e in (DIRS[s] for s in STAGES):
+            ours = is_complete(path)  # stage outputs appear only complete (swapped in)
+        elif e == DIRS["train"]:
+            ours = os.path.exists(os.path.join(path, TRAIN_MARKER)) or is_complete(path)
+        else:
+            ours = e in OWN_FILES or e == DIRS["sample"]
+        if not ours:
+            foreign.append(e)
+    return foreign
+
+
+def claim_run_dir(out: str, overwrite: bool = False) -> None:
+    """Refuse an --out that holds anything this project did not write (unless `overwrite`), then
+    mark it as a run directory."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise StageError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and not overwrite:
+        foreign = _foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise StageError(f"--out {out} holds files that are not webpairs run output ({shown}); choose an empty or new folder, or pass --overwrite to write into it anyway")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, RUN_MARKER), "w") as fh:
+        json.dump({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, fh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +112,16 @@ def _stage_calls(warcs: str, out: str, cfg: RunConfig, beam_args) -> dict[str, C
     }
 
 
-def run_pipeline(warcs: str, out: str, cfg: RunConfig, beam_args=None, html: bool = True, model: bool = True, ray_address: Optional[str] = None) -> dict:
+def run_pipeline(warcs: str, out: str, cfg: RunConfig, beam_args=None, html: bool = True, model: bool = True, ray_address: Optional[str] = None, overwrite: bool = False) -> dict:
     """Run every stage not yet complete; returns {stage: stats (data stages) or result (train, sample)}
-    and writes out/report.html after the shards. `model=False` stops after the report."""
-    os.makedirs(out, exist_ok=True)
+    and writes out/report.html after the shards. `model=False` stops after the report. The run
+    directory is locked while it runs; an --out with foreign files is refused unless `overwrite`."""
+    with StageLock(out, "webpairs run"):
+        claim_run_dir(out, overwrite)
+        return _run_stages(warcs, out, cfg, beam_args, html, model, ray_address)
+
+
+def _run_stages(warcs: str, out: str, cfg: RunConfig, beam_args, html: bool, model: bool, ray_address: Optional[str]) -> dict:
     calls = _stage_calls(warcs, out, cfg, beam_args)
     done: dict[str, dict] = {}
     bar = tqdm(STAGES, desc="webpairs run", unit="stage")
@@ -90,14 +133,12 @@ def run_pipeline(warcs: str, out: str, cfg: RunConfig, beam_args=None, html: boo
             done[stage] = read_stats(stage_dir)
             tqdm.write(f"{stage:9s} already complete, skipped ({done[stage]['kept']} kept)")
             continue
-        if os.path.isdir(stage_dir) and (upstream_ran or stage != "download"):
-            shutil.rmtree(stage_dir)  # partial or stale output (a partial download resumes instead)
         start = time.time()
         try:
             done[stage] = calls[stage]()
         except Exception as err:
             so_far = "; ".join(f"{s}: input={v['input']} kept={v['kept']}" for s, v in done.items()) or "none"
-            raise StageError(f"stage '{stage}' failed: {err}\n  stages completed so far: {so_far}\n  rerun the same command to continue from '{stage}'") from err
+            raise StageError(f"stage '{stage}' failed: {_one_line(err)} (completed so far: {so_far}; rerun the same command to continue from '{stage}')") from err
         upstream_ran = True
         s = done[stage]
         tqdm.write(f"{stage:9s} input={s['input']} kept={s['kept']} rejected={sum(s['rejected'].values())} ({time.time() - start:.1f}s)")
@@ -108,6 +149,10 @@ def run_pipeline(warcs: str, out: str, cfg: RunConfig, beam_args=None, html: boo
     if model:
         done.update(_model_stages(out, cfg, done, ray_address, upstream_ran))
     return done
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split("\n")[0].split()) or type(err).__name__
 
 
 def _model_stages(out: str, cfg: RunConfig, done: dict, ray_address: Optional[str] = None, upstream_ran: bool = False) -> dict:
@@ -133,7 +178,7 @@ def _model_stages(out: str, cfg: RunConfig, done: dict, ray_address: Optional[st
         try:
             results[stage] = call()
         except Exception as err:
-            raise StageError(f"stage '{stage}' failed: {err}\n  stages completed so far: {so_far}\n  rerun the same command to continue from '{stage}'") from err
+            raise StageError(f"stage '{stage}' failed: {_one_line(err)} (completed so far: {so_far}; rerun the same command to continue from '{stage}')") from err
         with open(os.path.join(target, "result.json"), "w") as fh:
             json.dump(results[stage], fh, indent=2)
         open(os.path.join(target, "_SUCCESS"), "w").close()
@@ -147,8 +192,14 @@ def _model_stages(out: str, cfg: RunConfig, done: dict, ray_address: Optional[st
 DEMO_TRAIN = {"preset": "tiny", "steps": 300, "lr": 1e-3, "sample_every": 100, "checkpoint_every": 100}
 
 
-def demo(out: str, photos: Optional[str] = None, beam_args=None, config_path: Optional[str] = None, pages: int = 12, topics: int = 6, model: bool = True, train_overrides: Optional[dict] = None) -> dict:
+def demo(out: str, photos: Optional[str] = None, beam_args=None, config_path: Optional[str] = None, pages: int = 12, topics: int = 6, model: bool = True, train_overrides: Optional[dict] = None, overwrite: bool = False) -> dict:
     """The main job on the loopback test web (127.0.0.1), with an encoder that works offline."""
+    with StageLock(out, "webpairs demo"):
+        claim_run_dir(out, overwrite)
+        return _demo(out, photos, beam_args, config_path, pages, topics, model, train_overrides)
+
+
+def _demo(out: str, photos: Optional[str], beam_args, config_path: Optional[str], pages: int, topics: int, model: bool, train_overrides: Optional[dict]) -> dict:
     from webpairs.testweb import serve_test_web
 
     state_file = os.path.join(out, "testweb.json")
@@ -163,5 +214,5 @@ def demo(out: str, photos: Optional[str] = None, beam_args=None, config_path: Op
         with open(state_file, "w") as fh:
             json.dump({"port": int(web.base_url.rsplit(":", 1)[1]), "photos": photos}, fh)
         tqdm.write(f"loopback test web on {web.base_url}: {len(web.pages)} pages, WARC {web.warc_path}")
-        return run_pipeline(web.warc_path, out, cfg, beam_args, model=model)
+        return _run_stages(web.warc_path, out, cfg, beam_args, True, model, None)
 

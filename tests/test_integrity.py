@@ -1,0 +1,317 @@
+"""Stage integrity (issue 15): safe resume, outputs that cannot mix, complete upstreams only, one
+writer per --out, input checks, config errors in one sentence, corrupt checkpoints, leftovers."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from core.stageio import StageError, StageLock, StageOutput, read_stats, read_table, stage_files
+from webpairs.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def _one_error_line(capsys, command: str) -> str:
+    """The whole stderr of a failed command: exactly one line `webpairs <command>: error: ...`."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"webpairs {command}: error: "), err[-2000:]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _copy(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# 1. nothing under a run directory is unpickled ---------------------------------------------------
+
+
+def test_a_planted_pickle_in_a_checkpoint_does_not_run(tmp_path):
+    import pickle
+
+    import torch
+
+    from train.diffusion import EMA
+    from train.models import build_model
+    from train.train import CheckpointError, _save, load_checkpoint_dir
+
+    model = build_model("tiny", 8)
+    ema, opt = EMA(model), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]), torch.randn(2, 8)).mean().backward()
+    opt.step()
+    good = tmp_path / "good"
+    good.mkdir()
+    _save(str(good), model, ema, opt, 7, {"preset": "tiny"}, {"cond_dim": 8})
+    assert not [n for n in os.listdir(good) if n.endswith((".pt", ".pkl"))]
+    fresh = build_model("tiny", 8)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert load_checkpoint_dir(str(good), fresh, EMA(fresh), fresh_opt) == 7
+    k = next(iter(opt.state_dict()["state"]))
+    a, b = opt.state_dict()["state"][k], fresh_opt.state_dict()["state"][k]
+    assert torch.equal(a["exp_avg"], b["exp_avg"]) and float(a["step"]) == float(b["step"]) == 1.0
+
+    # an old-format checkpoint whose optimizer.pt is a pickle that runs a command when loaded
+    evil = tmp_path / "evil"
+    shutil.copytree(good, evil)
+    os.remove(evil / "optimizer.safetensors")
+    state = json.loads((evil / "state.json").read_text())
+    del state["optimizer"]
+    (evil / "state.json").write_text(json.dumps(state))
+    proof = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    (evil / "optimizer.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_checkpoint_dir(str(evil), fresh, EMA(fresh), fresh_opt)
+    assert not proof.exists()
+
+
+def test_no_code_unpickles_with_weights_only_false():
+    found = subprocess.run(["git", "grep", "-n", "weights_only=False", "--", "*.py", ":!tests/*"], cwd=ROOT, capture_output=True, text=True)
+    assert found.stdout == ""
+
+
+# 2. a rerun into the same --out replaces the output whole; readers take the stage's file list ------
+
+
+def test_rerun_of_shards_leaves_no_stale_shards(pipeline_dirs, tmp_path):
+    from shards.writer import run_shards
+    from core.config import ShardConfig
+    from train.data import shard_urls
+
+    out = str(tmp_path / "shards")
+    first = run_shards(pipeline_dirs["pair"], out, ShardConfig(samples_per_shard=5))
+    n_first = len([n for n in os.listdir(out) if n.endswith(".tar")])
+    second = run_shards(pipeline_dirs["pair"], out, ShardConfig(samples_per_shard=40))
+    tars = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert n_first > len(tars) and [s["shard"] for s in manifest["shards"]] == tars
+    assert first["kept"] == second["kept"] == manifest["samples"]
+    import webdataset as wds
+
+    keys = [s["__key__"] for s in wds.WebDataset(shard_urls(out), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == second["kept"]  # no duplicate, nothing stale
+
+
+def test_rerun_into_a_folder_with_an_old_parquet_reads_only_its_own_files(warc_dir, tmp_path):
+    from core.config import CrawlConfig
+    from crawl.extract import run_extract
+
+    warc = os.path.join(warc_dir, "whirlwind.warc.gz")
+    out = tmp_path / "links"
+    run_extract(warc, str(out), CrawlConfig())
+    shutil.copy(stage_files(str(out), "links")[0], out / "links" / "stray.parquet")  # an old file beside
+    stats = run_extract(warc, str(out), CrawlConfig())
+    assert not (out / "links" / "stray.parquet").exists()
+    assert read_table(str(out), "links").num_rows == stats["kept"]
+
+
+# 3. `run` refuses a folder it did not make --------------------------------------------------------
+
+
+def test_run_refuses_an_out_with_foreign_files(tmp_path, capsys, warc_dir):
+    from webpairs.run import claim_run_dir
+
+    out = tmp_path / "mine"
+    (out / "links").mkdir(parents=True)
+    (out / "links" / "thesis.txt").write_text("a year of work")
+    (out / "notes.txt").write_text("x")
+    assert main(["run", os.path.join(warc_dir, "whirlwind.warc.gz"), "--out", str(out), "--no-train"]) == 2
+    line = _one_error_line(capsys, "run")
+    assert "not webpairs run output" in line and "links" in line and "--overwrite" in line
+    assert (out / "links" / "thesis.txt").read_text() == "a year of work"
+    claim_run_dir(str(out), overwrite=True)  # asked for: allowed, and nothing is deleted
+    assert (out / "notes.txt").exists() and (out / "webpairs-run.json").exists()
+    # a folder this project made is recognised by its markers
+    own = tmp_path / "own"
+    claim_run_dir(str(own))
+    (own / "links").mkdir()
+    with pytest.raises(StageError, match="links"):  # a stage folder without _SUCCESS is not ours
+        claim_run_dir(str(own))
+
+
+# 4. incomplete upstreams are refused --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command,upstream",
+    [(["filter"], "download"), (["pair"], "filter"), (["shards"], "pair"), (["train"], "shards")],
+)
+def test_incomplete_upstream_is_refused(command, upstream, pipeline_dirs, tmp_path, capsys):
+    src = _copy(pipeline_dirs[upstream], tmp_path / upstream)
+    os.remove(os.path.join(src, "_SUCCESS"))  # what an interrupted stage looks like to an old reader
+    assert main([*command, src, "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys, command[0])
+    assert src in line and "not a complete" in line and "run `webpairs" in line
+    assert not (tmp_path / "out").exists()
+
+
+# 5. one writer per --out --------------------------------------------------------------------------
+
+
+def test_two_pair_runs_on_one_out(pipeline_dirs, tmp_path):
+    out = str(tmp_path / "pair")
+    cmd = [sys.executable, "-m", "webpairs.cli", "pair", pipeline_dirs["filter"], "--out", out]
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".pair.lock"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1[-2000:]
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1 and lines[0].startswith("webpairs pair: error: ")
+    assert "being written by another webpairs run" in lines[0] and str(first.pid) in lines[0]
+    assert read_stats(out) == read_stats(pipeline_dirs["pair"]) and not lock.exists()
+
+
+def test_a_dead_runs_lock_is_taken_over_and_a_live_one_refuses(tmp_path):
+    out = tmp_path / "x"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / ".x.lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "started": "then"}))
+    with StageLock(str(out)) as lock:
+        assert json.load(open(lock.path))["pid"] == os.getpid()
+    assert not (tmp_path / ".x.lock").exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / ".x.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "now"}))
+        with pytest.raises(StageError, match=f"pid {sleeper.pid}"):
+            StageLock(str(out)).acquire()
+    finally:
+        sleeper.kill()
+
+
+# 6. wrong input -----------------------------------------------------------------------------------
+
+
+def test_wrong_input_names_the_stage_that_makes_it(pipeline_dirs, tmp_path, capsys):
+    assert main(["filter", pipeline_dirs["links"], "--out", str(tmp_path / "f"), "--encoder", "none"]) == 2
+    line = _one_error_line(capsys, "filter")
+    assert "`webpairs crawl extract` output" in line and "`webpairs crawl download` output" in line
+    assert main(["pair", pipeline_dirs["download"], "--out", str(tmp_path / "p")]) == 2
+    assert "`webpairs filter` output" in _one_error_line(capsys, "pair")
+    # a folder marked as a filter output whose parquet lacks the contract's columns
+    fake = _copy(pipeline_dirs["download"], tmp_path / "fake")
+    marker = json.load(open(os.path.join(fake, "_SUCCESS")))
+    marker["stage"] = "filter"
+    marker["files"] = [f.replace("downloads/", "images/") for f in marker["files"]]
+    os.rename(os.path.join(fake, "downloads"), os.path.join(fake, "images"))
+    json.dump(marker, open(os.path.join(fake, "_SUCCESS"), "w"))
+    assert main(["pair", fake, "--out", str(tmp_path / "p2")]) == 2
+    line = _one_error_line(capsys, "pair")
+    assert "lacks the columns" in line and "image_id" in line
+
+
+# 7. config errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command,yaml_text,expect",
+    [
+        (["crawl", "extract"], "max_links_per_pagee: 3", "max_links_per_pagee"),
+        (["crawl", "download"], "timeout: soon", "'timeout': 'soon' is not a number"),
+        (["filter"], "min_side: abc", "'min_side': 'abc' is not a whole number"),
+        (["filter"], "min_side: 0", "out of range"),
+        (["pair"], "sim_low: [1]", "'sim_low'"),
+        (["shards"], "samples_per_shard: 0", "'samples_per_shard': 0 is out of range"),
+        (["train"], "steps: -5", "'steps': -5 is out of range"),
+        (["run"], "shards:\n  samples_per_shard: 0", "samples_per_shard"),
+    ],
+)
+def test_config_errors_are_one_sentence(command, yaml_text, expect, tmp_path, capsys, pipeline_dirs):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text + "\n")
+    assert main([*command, pipeline_dirs["links"], "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert expect in _one_error_line(capsys, " ".join(command))
+
+
+def test_every_numeric_config_key_has_a_range():
+    from core import config
+    from train.generate import SampleConfig
+    from train.train import TrainConfig
+
+    for cls in (config.CrawlConfig, config.DownloadConfig, config.FilterConfig, config.PairConfig, config.ShardConfig, TrainConfig, SampleConfig):
+        missing = set(config.numeric_fields(cls)) - set(cls.RANGES)
+        assert not missing, f"{cls.__name__}: {missing}"
+        for key in config.numeric_fields(cls):  # and the default lies inside it
+            config.build(cls, {key: getattr(cls(), key)}) if getattr(cls(), key) is not None else None
+
+
+# 8. corrupt checkpoints -------------------------------------------------------------------------------
+
+
+def test_sample_names_a_corrupt_checkpoint_file(tiny_run, photos_dir, tmp_path, capsys):
+    run = _copy(tiny_run["run"], tmp_path / "run")
+    from train.train import checkpoint_folders
+
+    latest = checkpoint_folders(run)[0]
+    with open(os.path.join(latest, "ema.safetensors"), "r+b") as fh:
+        fh.write(b"\xff" * 64)
+    image = os.path.join(photos_dir, "n01440764_tench.JPEG")
+    assert main(["sample", "variations", run, "--image", image, "--n", "1", "--steps", "2", "--out", str(tmp_path / "g")]) == 2
+    line = _one_error_line(capsys, "sample")
+    assert os.path.join(latest, "ema.safetensors") in line and "corrupt" in line
+
+
+# 9 + lock: what a killed stage leaves is removed by the next run -------------------------------------
+
+
+def test_leftovers_of_a_killed_stage_are_removed(pipeline_dirs, tmp_path):
+    from core.config import ShardConfig
+    from shards.writer import run_shards
+
+    partial = tmp_path / ".shards.partial"
+    (partial / "beam-temp-index-123").mkdir(parents=True)
+    (partial / "beam-temp-index-123" / "x.parquet").write_bytes(b"half")
+    (partial / ".pairs-000000-000000.tar.tmp-abcd").write_bytes(b"half a tar")
+    (partial / "pairs-000000-000000.tar").write_bytes(b"a tar from another run")
+    (tmp_path / ".shards.lock").write_text(json.dumps({"pid": 999999999, "host": socket.gethostname()}))
+    run_shards(pipeline_dirs["pair"], str(tmp_path / "shards"), ShardConfig(samples_per_shard=25))
+    assert sorted(os.listdir(tmp_path)) == ["shards"]
+    names = os.listdir(tmp_path / "shards")
+    assert not [n for n in names if n.startswith((".", "beam-temp"))]
+    marker = json.load(open(tmp_path / "shards" / "_SUCCESS"))
+    assert marker["stage"] == "shards" and sorted(n for n in names if n.endswith(".tar")) == sorted(f for f in marker["files"] if f.endswith(".tar"))
+
+
+def test_a_failed_stage_keeps_the_previous_output(pipeline_dirs, tmp_path, monkeypatch):
+    from core.config import ShardConfig
+    from shards import writer
+
+    out = str(tmp_path / "shards")
+    before = writer.run_shards(pipeline_dirs["pair"], out, ShardConfig(samples_per_shard=25))
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(writer, "_write_manifest", boom)
+    with pytest.raises(Exception, match="disk full"):
+        writer.run_shards(pipeline_dirs["pair"], out, ShardConfig(samples_per_shard=3))
+    assert read_stats(out) == before and sorted(os.listdir(tmp_path)) == ["shards"]
+
+
+def test_stage_output_commit_swaps_whole_folders(tmp_path):
+    out = tmp_path / "s"
+    for n in (1, 2):
+        with StageOutput(str(out), "extract") as stage:
+            assert stage.path.endswith(".s.partial") and os.path.isdir(stage.path)
+            os.makedirs(os.path.join(stage.path, "links"))
+            pq.write_table(__import__("pyarrow").table({"a": list(range(n))}), os.path.join(stage.path, "links", f"part-{n}.parquet"))
+            json.dump({"stage": "extract", "input": n, "kept": n, "rejected": {}}, open(os.path.join(stage.path, "stats.json"), "w"))
+            stage.commit()
+    assert sorted(os.listdir(out / "links")) == ["part-2.parquet"] and sorted(os.listdir(tmp_path)) == ["s"]
+    assert stage_files(str(out), "links", expected="extract") == [str(out / "links" / "part-2.parquet")]
