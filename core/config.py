@@ -30,8 +30,14 @@ class CrawlConfig:
     include_srcset: bool = True  # take the largest srcset candidate of <img> and <picture><source>
     include_og_image: bool = True  # <meta property="og:image">
     max_links_per_page: int = 1000  # cap against pathological pages; extra links rejected
+    max_page_depth: int = 512  # element nesting beyond this rejects the page (Blink stops at 512)
+    max_page_elements: int = 200_000  # tags per page beyond this reject the page
+    paths_prefix: str = ""  # root for the relative paths of a *.paths(.gz) manifest (default: its own URL's)
+    max_files: int = 0  # read at most this many input files (0: all) ...
+    files_from: int = 0  # ... starting at this index of the sorted list or manifest
+    retries: int = 5  # attempts after a transient read error (reset, 5xx, S3 SlowDown), with backoff
 
-    RANGES: ClassVar[dict] = {"max_links_per_page": (1, None)}
+    RANGES: ClassVar[dict] = {"max_links_per_page": (1, None), "max_page_depth": (16, 100_000), "max_page_elements": (100, 100_000_000), "max_files": (0, None), "files_from": (0, None), "retries": (0, 100)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +50,15 @@ class DownloadConfig:
     processes: int = 2  # img2dataset processes_count
     threads: int = 16  # img2dataset thread_count per process
     retries: int = 0  # extra attempts per URL
-    timeout: float = 10.0  # seconds per request
+    timeout: float = 10.0  # seconds a connect or a read may wait
+    deadline: float = 30.0  # seconds one image may take in all (redirects and a dripping body included)
+    max_image_bytes: int = 20 * 1024 * 1024  # larger bodies are cut off and rejected as too_large
+    resolve: tuple[str, ...] = ()  # HOST:ADDR pins (curl's --resolve); the URL policy still applies
     samples_per_shard: int = 1000  # images per output shard (the unit of resume)
     distributor: str = "multiprocessing"  # or "ray" / "pyspark" on a cluster
     user_agent_token: str = "webpairs"  # identifies the crawler; opt-out headers are honoured
 
-    RANGES: ClassVar[dict] = {"image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "samples_per_shard": (1, 10_000_000)}
+    RANGES: ClassVar[dict] = {"image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "deadline": (0.1, 86400), "max_image_bytes": (1024, 2**31), "samples_per_shard": (1, 10_000_000)}
     CHOICES: ClassVar[dict] = {"distributor": ("multiprocessing", "ray", "pyspark"), "resize_mode": ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")}
 
 

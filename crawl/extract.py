@@ -22,9 +22,12 @@ from crawl.urls import AllowList, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
-# Closed set of reasons: urls.py's plus these two.
+# Closed set of reasons: urls.py's, these two, the file and record problems of crawl/warc.py
+# (failed_file, not_a_warc, truncated_file, bad_record, page_too_large) and page_too_complex.
 REASON_DUPLICATE = "duplicate_link"
 REASON_TOO_MANY = "too_many_links"
+REASON_COMPLEX = "page_too_complex"
+FILE_STATS = {"failed_file": "failed_files", "not_a_warc": "not_warc_files", "truncated_file": "truncated_files", "bad_record": "bad_records"}
 CANDIDATES = "candidates"  # per-file count of candidate links
 KIND_RANK = {"img": 0, "picture": 1, "wat": 2, "og:image": 3}  # which duplicate survives
 
@@ -62,15 +65,26 @@ class ExtractFileLinks(beam.DoFn):
         self.allow = AllowList(self.cfg.allow_hosts)
 
     def process(self, path: str):
-        from crawl.warc import Page, iter_file
+        from crawl.html import page_complexity
+        from crawl.warc import Page, Problem, iter_file
 
         counters: dict = {}
         candidates = 0
-        for doc in iter_file(path, counters):
+        for doc in iter_file(path, counters, self.cfg.retries):
+            if isinstance(doc, Problem):  # one record in, one rejected row out: the counts still reconcile
+                candidates += 1
+                detail = f"{doc.file} @ {doc.offset}: {doc.detail}"
+                yield beam.pvalue.TaggedOutput(REJECTED, Rejected(stable_id(doc.file, str(doc.offset), doc.reason), STAGE, doc.reason, detail[:1000], doc.url or doc.file).to_row())
+                continue
             page_url, _ = normalize_url(doc.url, doc.url)
             if page_url is None:
                 continue
             if isinstance(doc, Page):
+                too_complex = page_complexity(doc.body, self.cfg.max_page_depth, self.cfg.max_page_elements)
+                if too_complex:
+                    candidates += 1
+                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(stable_id(page_url, path, str(doc.offset)), STAGE, REASON_COMPLEX, f"{path} @ {doc.offset}: {too_complex}", page_url).to_row())
+                    continue
                 raw, base = extract_image_links(decode_html(doc.body, doc.charset), self.cfg.include_srcset, self.cfg.include_og_image)
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]
@@ -171,15 +185,27 @@ class ExtractLinks(beam.PTransform):
 
 
 def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=None) -> dict:
-    """Run the extract pipeline and return its reconciled stats."""
+    """Run the extract pipeline and return its reconciled stats. A file that cannot be read is a
+    rejected row (and counted in stats), not the end of the job; only when no file could be read
+    at all does this raise, after writing the output that says why."""
     from core.stageio import StageError, StageOutput, pipeline_options
     from crawl.warc import expand_inputs
 
-    files = expand_inputs(input_pattern)
+    try:
+        files = expand_inputs(input_pattern, cfg.paths_prefix, cfg.max_files, cfg.files_from)
+    except (OSError, ValueError) as err:
+        raise StageError(f"extract: cannot list {input_pattern}: {' '.join(str(err).split())[:300]}") from None
     if not files:
         raise StageError(f"extract: no WARC/WAT files match {input_pattern}")
     with StageOutput(out_dir, STAGE) as out:
         with beam.Pipeline(options=pipeline_options(beam_args)) as p:
             outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg)
+            rejected = outputs["rejected"]
+            for reason, key in FILE_STATS.items():  # counted apart in stats.json too
+                outputs[key] = rejected | f"Only_{reason}" >> beam.Filter(lambda r, reason=reason: r["reason"] == reason)
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True)
-        return out.commit()
+        stats = out.commit()
+    unreadable = stats.get("failed_files", 0) + stats.get("not_warc_files", 0)
+    if unreadable == len(files):
+        raise StageError(f"extract: none of the {len(files)} input files could be read ({unreadable} failed or not WARC/WAT; reasons in {out_dir}/rejected)")
+    return stats

@@ -1,23 +1,41 @@
 """Stream pages out of WARC and WAT files (local paths or any fsspec URL) with fastwarc.
 
-A file is read as a stream, record by record: a multi-GB WARC never sits in memory whole.
+A file is read as a stream, record by record, through `core.remote.open_input` (ranged reads with
+retries): a multi-GB WARC never sits in memory or on disk whole. What goes wrong with a file is
+reported as a `Problem` (one per file or bad record) instead of failing the job or passing silently:
+
+    failed_file     cannot be read (missing, access denied, still failing after the retries)
+    not_a_warc      empty, random bytes, plain text: no WARC record at its start
+    truncated_file  the last record is cut (a WARC cut inside a gzip member, a short download)
+    bad_record      one record cannot be parsed (e.g. a 100 KB header line); reading goes on
+                    with the next record (the next gzip member, or the next `WARC/1.` line)
+    page_too_large  an HTML body over the limit, before or after its Content-Encoding is undone
+
+A `*.paths` / `*.paths.gz` input is a Common Crawl manifest: one path per line, relative to the
+snapshot's root (`crawl-data/CC-MAIN-.../x.warc.gz`), resolved against the manifest's own URL
+prefix (what precedes `crawl-data/`) unless a prefix is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import logging
 import os
+import zlib
 from typing import Iterator, Optional
 
-import fsspec
 from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+from core.remote import DEFAULT_RETRIES, InputError, filesystem, open_input, read_bytes
 
 log = logging.getLogger(__name__)
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-MAX_HTML_BYTES = 20 * 1024 * 1024  # larger HTML bodies are skipped (counted as oversized)
+MAX_HTML_BYTES = 20 * 1024 * 1024  # larger HTML bodies (before or after decoding) are rejected
+GZIP_MAGIC = b"\x1f\x8b"
+CC_ROOT = "crawl-data/"  # where paths in Common Crawl's *.paths manifests start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,55 +58,210 @@ class WatLinks:
     offset: int
 
 
-def expand_inputs(pattern: str) -> list[str]:
-    """Files named by a path, folder or glob (local or fsspec URL), in sorted order."""
-    fs, _, paths = fsspec.get_fs_token_paths(pattern)
-    if len(paths) == 1 and fs.isdir(paths[0]):
-        paths = [p for p in fs.find(paths[0]) if any(x in os.path.basename(p) for x in (".warc", ".wat"))]
-    files = sorted(p for p in paths if fs.exists(p) and not fs.isdir(p))
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if protocol == "file" or "://" in p else f"{protocol}://{p}" for p in files]
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Something wrong with a file or one of its records (reasons: see the module docstring)."""
+
+    reason: str
+    file: str
+    offset: int
+    detail: str
+    url: str = ""  # the page, for page-level problems
 
 
-def iter_file(path: str, counters: Optional[dict] = None) -> Iterator[object]:
-    """Yield Page (HTML responses) and WatLinks (WAT metadata) records of one file.
+def is_manifest(path: str) -> bool:
+    return os.path.basename(path.split("?", 1)[0]).endswith((".paths", ".paths.gz"))
 
-    Non-HTML, empty and oversized responses are skipped and counted in `counters`; a truncated
-    or corrupt file stops at the last good record with a warning instead of failing the job.
-    """
+
+def manifest_prefix(manifest: str) -> str:
+    """The snapshot root a Common Crawl manifest's relative paths hang from: the part of its own
+    URL before `crawl-data/`, else its folder."""
+    i = manifest.find("/" + CC_ROOT)
+    return manifest[: i + 1] if i >= 0 else manifest.rsplit("/", 1)[0] + "/"
+
+
+def read_manifest(manifest: str, prefix: Optional[str] = None) -> list[str]:
+    """The files a *.paths(.gz) manifest lists, as URLs (in its order)."""
+    data = read_bytes(manifest)
+    if data[:2] == GZIP_MAGIC:
+        data = gzip.decompress(data)
+    root = prefix or manifest_prefix(manifest)
+    root = root if root.endswith("/") else root + "/"
+    lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
+    return [line if "://" in line else root + line.lstrip("/") for line in lines if line and not line.startswith("#")]
+
+
+def expand_inputs(pattern: str, paths_prefix: str = "", max_files: int = 0, files_from: int = 0) -> list[str]:
+    """Files named by a path, folder, glob or *.paths manifest (local or fsspec URL), sorted
+    (a manifest keeps its order); `files_from`/`max_files` take a slice of them."""
+    if is_manifest(pattern) and not any(ch in pattern for ch in "*?["):
+        files = read_manifest(pattern, paths_prefix or None)
+    else:
+        fs, path = filesystem(pattern)
+        paths = fs.glob(path) if any(ch in pattern for ch in "*?[") else [path]
+        if len(paths) == 1 and fs.isdir(paths[0]):
+            paths = [p for p in fs.find(paths[0]) if any(x in os.path.basename(p) for x in (".warc", ".wat"))]
+        elif len(paths) == 1 and not any(ch in pattern for ch in "*?[") and not fs.exists(paths[0]):
+            paths = []
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        files = sorted(p if protocol in ("file", "local") or "://" in p else f"{protocol}://{p}" for p in paths if not fs.isdir(p))
+        if protocol in ("http", "https") and "://" in pattern and not files:
+            files = [pattern]  # an HTTP server lists no folders: take the URL as one file
+    files = files[files_from:]
+    return files[:max_files] if max_files else files
+
+
+def _record_end(fh, pos: int, size: int, gz: bool) -> Optional[int]:
+    """Offset just after the record that starts at `pos` (a gzip member, or a plain WARC record by
+    its Content-Length), or None when it does not end cleanly (cut, corrupt)."""
+    fh.seek(pos)
+    if gz:
+        d, consumed = zlib.decompressobj(31), 0
+        while not d.eof:
+            chunk = fh.read(1 << 20)
+            if not chunk:
+                return None
+            try:
+                d.decompress(chunk, 1)  # output is thrown away: only where the member ends matters
+                while d.unconsumed_tail and not d.eof:
+                    d.decompress(d.unconsumed_tail, 1 << 20)
+            except zlib.error:
+                return None
+            consumed += len(chunk) - len(d.unused_data)
+        return pos + consumed
+    head = fh.read(1 << 20)
+    end = head.find(b"\r\n\r\n")
+    if not head.startswith(b"WARC/") or end < 0:
+        return None
+    length = None
+    for line in head[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return None
+    if length is None:
+        return None
+    stop = pos + end + 4 + length + 4  # header, blank line, block, the record's closing CRLF CRLF
+    return stop if stop <= size + 2 else None
+
+
+def _ends_file(fh, last: int, size: int, gz: bool) -> bool:
+    """True when the record at `last` ends cleanly and nothing but padding follows it."""
+    end = _record_end(fh, last, size, gz)
+    if end is None:
+        return False
+    if end >= size:
+        return True
+    fh.seek(end)
+    return not fh.read(min(size - end, 4096)).strip(b"\r\n\x00 ")
+
+
+def _next_start(fh, pos: int, size: int, gz: bool) -> Optional[int]:
+    """Where the next record after a bad one at `pos` may start: its end, else the next gzip member
+    header or `WARC/1.` line after `pos`."""
+    end = _record_end(fh, pos, size, gz)
+    if end is not None:
+        return end
+    marker = b"\x1f\x8b\x08" if gz else b"\nWARC/1."
+    at, window = pos + 1, 1 << 20
+    while at < size:
+        fh.seek(at)
+        chunk = fh.read(window + len(marker))
+        i = chunk.find(marker)
+        if i >= 0:
+            return at + i + (0 if gz else 1)
+        at += window
+    return None
+
+
+def iter_file(path: str, counters: Optional[dict] = None, retries: int = DEFAULT_RETRIES) -> Iterator[object]:
+    """Yield Page (HTML responses), WatLinks (WAT metadata) and Problem records of one file.
+
+    Non-HTML and empty responses are skipped and counted in `counters`; see the module docstring for
+    the problems. A bad record is skipped and reading goes on after it."""
     counters = counters if counters is not None else {}
 
     def bump(key: str) -> None:
         counters[key] = counters.get(key, 0) + 1
 
     try:
-        with fsspec.open(path, "rb") as fh:
-            for record in ArchiveIterator(fh, record_types=WarcRecordType.response | WarcRecordType.metadata):
-                bump("records")
-                url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")  # WARC/1.0 wraps it
-                if record.record_type == WarcRecordType.metadata:
-                    wat = _wat_links(record, url)
-                    if wat is not None:
-                        bump("wat_pages")
-                        yield wat
-                    continue
-                if record.content_length > MAX_HTML_BYTES:
-                    bump("skipped_oversized")
-                    continue
-                record.parse_http()
-                content_type = (record.http_content_type or "").lower()
-                if not content_type.startswith(HTML_TYPES):
-                    bump("skipped_non_html")
-                    continue
-                body = decode_body(record.reader.read(), record.http_headers)
-                if not body.strip():
-                    bump("skipped_empty")
-                    continue
-                bump("html_pages")
-                yield Page(url, body, record.http_charset, record.stream_pos)
-    except Exception as err:  # noqa: BLE001 - a broken archive must not kill the whole job
-        bump("truncated_files")
-        log.warning("%s: stopped reading at a broken record: %s", path, err)
+        fh = open_input(path, retries)
+        size = fh.size()
+    except InputError as err:
+        yield Problem("failed_file", path, 0, str(err)[:500])
+        return
+    with fh:
+        try:
+            if size == 0:
+                yield Problem("not_a_warc", path, 0, "empty file")
+                return
+            gz = fh.read(2) == GZIP_MAGIC
+            start, seen = 0, 0
+            while start < size:
+                fh.seek(start)
+                last = None
+                try:
+                    for record in ArchiveIterator(fh, parse_http=False):
+                        last = record.stream_pos  # absolute: fastwarc asks the stream where it is
+                        seen += 1
+                        yield from _read_record(record, path, last, bump)
+                    error = None
+                except InputError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - fastwarc's parse errors are OSError/ValueError
+                    error = err
+                if error is None:
+                    if seen == 0:
+                        yield Problem("not_a_warc", path, 0, "no WARC record found")
+                    elif not _ends_file(fh, last, size, gz):
+                        yield Problem("truncated_file", path, last, "the last record is cut short")
+                    return
+                if seen == 0:
+                    yield Problem("not_a_warc", path, 0, f"{type(error).__name__}: {error}"[:500])
+                    return
+                bad = start if last is None else _record_end(fh, last, size, gz)
+                nxt = _next_start(fh, bad, size, gz) if bad is not None else None
+                yield Problem("bad_record", path, bad if bad is not None else last, f"{type(error).__name__}: {error}"[:500])
+                bump("bad_records")
+                if nxt is None or nxt <= start:
+                    return
+                start = nxt
+        except InputError as err:
+            yield Problem("failed_file", path, fh.tell(), str(err)[:500])
+
+
+def _read_record(record, path: str, offset: int, bump) -> Iterator[object]:
+    """Page / WatLinks / Problem for one WARC record (nothing for other record types)."""
+    rtype = record.record_type
+    if rtype not in (WarcRecordType.response, WarcRecordType.metadata):
+        return
+    bump("records")
+    url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")  # WARC/1.0 wraps it
+    if rtype == WarcRecordType.metadata:
+        wat = _wat_links(record, url, offset)
+        if wat is not None:
+            bump("wat_pages")
+            yield wat
+        return
+    if record.content_length > MAX_HTML_BYTES:
+        yield Problem("page_too_large", path, offset, f"record of {record.content_length} bytes > {MAX_HTML_BYTES}", url)
+        return
+    record.parse_http()
+    content_type = (record.http_content_type or "").lower()
+    if not content_type.startswith(HTML_TYPES):
+        bump("skipped_non_html")
+        return
+    body = decode_body(record.reader.read(), record.http_headers, MAX_HTML_BYTES)
+    if body is None:
+        yield Problem("page_too_large", path, offset, f"decodes to more than {MAX_HTML_BYTES} bytes", url)
+        return
+    if not body.strip():
+        bump("skipped_empty")
+        return
+    bump("html_pages")
+    yield Page(url, body, record.http_charset, offset)
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -109,27 +282,33 @@ def _dechunk(body: bytes) -> bytes:
     return bytes(out)
 
 
-def decode_body(body: bytes, headers) -> bytes:
-    """The entity body as the server meant it: chunked and gzip/deflate/br encodings undone."""
+def decode_body(body: bytes, headers, limit: int = MAX_HTML_BYTES) -> Optional[bytes]:
+    """The entity body as the server meant it: chunked and gzip/deflate/br encodings undone, never
+    more than `limit` bytes of output (None when the body is, or decodes to, more than that)."""
     get = (lambda k: (headers.get(k) or "").lower()) if headers is not None else (lambda k: "")
     if "chunked" in get("Transfer-Encoding"):
         body = _dechunk(body)
-    encoding = get("Content-Encoding")
+    encoding = get("Content-Encoding").strip()
     try:
         if encoding in ("gzip", "x-gzip", "deflate"):
-            import zlib
-
-            body = zlib.decompressobj(47 if encoding != "deflate" else 15).decompress(body)
+            d = zlib.decompressobj(47 if encoding != "deflate" else 15)
+            out = d.decompress(body, limit + 1)
+            if len(out) > limit:
+                return None
+            body = out
         elif encoding == "br":
             import brotli
 
-            body = brotli.decompress(body)
+            out = brotli.Decompressor().process(body, output_buffer_limit=limit + 1)
+            if len(out) > limit:
+                return None
+            body = out
     except Exception:  # noqa: BLE001 - keep the raw bytes; the HTML parser copes with noise
         pass
-    return body
+    return body if len(body) <= limit else None
 
 
-def _wat_links(record, url: str) -> Optional[WatLinks]:
+def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
     """Parse one WAT JSON metadata record; None when it is not a response's HTML metadata."""
     try:
         doc = json.loads(record.reader.read())
@@ -146,4 +325,4 @@ def _wat_links(record, url: str) -> Optional[WatLinks]:
         if link.get("path") == "IMG@/src"
     ]
     base = html.get("Head", {}).get("Base")
-    return WatLinks(header.get("WARC-Target-URI") or url, links, base, record.stream_pos)
+    return WatLinks(header.get("WARC-Target-URI") or url, links, base, offset)

@@ -46,10 +46,17 @@ def cmd_testweb(args, _beam_args) -> int:
 
 
 def cmd_encoders(args, _beam_args) -> int:
-    from core.encoders import REGISTRY, EncoderUnavailable, load_encoder
+    from core.encoders import LISTED, REGISTRY, EncoderUnavailable, describe, hub_offline, load_encoder
 
-    for name, text in REGISTRY.items():
-        print(f"{name:22s} {text}")
+    print(f"{'encoder':40s} {'dim':>5s}  {'text tower':10s}  weights on this machine")
+    for name in (args.names or LISTED):
+        try:
+            d = describe(name)
+        except EncoderUnavailable as err:
+            raise UserError(str(err)) from err
+        print(f"{d['name']:40s} {d['dim'] or '?':>5}  {'yes' if d['text'] else 'no':10s}  {d['local']}")
+    print("\nnames: " + "; ".join(f"{k}: {v}" for k, v in REGISTRY.items()))
+    print("mode: " + ("offline (cache only)" if hub_offline() else "online (missing weights download on first use; --offline for cache only)"))
     if args.check:
         try:
             enc = load_encoder(args.check, args.weights or "")
@@ -64,7 +71,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         prog="webpairs",
         description="Web image-pair dataset pipeline: crawl -> filter -> pair -> shards, plus tools.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks of unexpected errors)")
+    parser.add_argument("--offline", action="store_true", help="never download model weights: hub caches only (same as HF_HUB_OFFLINE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: dict[str, Callable] = {}
 
@@ -74,8 +82,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     handlers["testweb"] = cmd_testweb
 
-    p = sub.add_parser("encoders", help="list the frozen encoders, or check that one loads offline")
-    p.add_argument("--check", metavar="NAME", help="load this encoder and print its size")
+    p = sub.add_parser("encoders", help="list the frozen encoders: embedding size, text tower, weights present locally")
+    p.add_argument("names", nargs="*", help="encoders to describe (default: the usual ones)")
+    p.add_argument("--check", metavar="NAME", help="load this encoder (downloading its weights unless --offline) and print its size")
     p.add_argument("--weights", help="local weights file for --check")
     handlers["encoders"] = cmd_encoders
 
@@ -108,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.offline:
+        from core.encoders import set_offline
+
+        set_offline()
     stage_cmds = getattr(handlers[args.command], "accepts_beam_args", False)
     if beam_args and not stage_cmds:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")

@@ -31,6 +31,12 @@ def _load_config(cls, args, section: str):
     return config.load(cls, args.config, section=section, **overrides)
 
 
+def _input_slice_args(p) -> None:
+    p.add_argument("--paths-prefix", metavar="URL", help="root for the relative paths of a *.paths(.gz) manifest (default: the manifest's own, e.g. https://data.commoncrawl.org/ or s3://commoncrawl/)")
+    p.add_argument("--max-files", type=int, metavar="N", help="read at most N input files (default: all)")
+    p.add_argument("--files-from", type=int, metavar="K", help="skip the first K input files of the sorted list or manifest (default 0)")
+
+
 def _allow_hosts_arg(p) -> None:
     p.add_argument(
         "--allow-hosts",
@@ -46,9 +52,11 @@ def register_crawl(sub, handlers) -> None:
         crawl_sub,
         "extract",
         "Extract one link record per <img> (src/srcset), <picture><source> and og:image from WARC/WAT files.",
-        "WARC/WAT file, folder or glob; local or any fsspec URL (gzip or plain)",
+        "WARC/WAT file, folder, glob or Common Crawl *.paths(.gz) manifest; local or any fsspec URL "
+        "(https://data.commoncrawl.org/..., s3://commoncrawl/..., gs://...; gzip or plain)",
     )
     _allow_hosts_arg(p)
+    _input_slice_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_extract)
 
     p = crawl_sub.add_parser(
@@ -66,7 +74,10 @@ def register_crawl(sub, handlers) -> None:
     _allow_hosts_arg(p)
     p.add_argument("--processes", type=int, help="img2dataset processes (default 2)")
     p.add_argument("--threads", type=int, help="download threads per process (default 16)")
-    p.add_argument("--timeout", type=float, help="seconds per request (default 10)")
+    p.add_argument("--timeout", type=float, help="seconds a connect or read may wait (default 10)")
+    p.add_argument("--deadline", type=float, help="seconds one image may take in all, redirects included (default 30)")
+    p.add_argument("--max-image-bytes", type=int, help="larger images are cut off and rejected as too_large (default 20 MiB)")
+    p.add_argument("--resolve", metavar="HOST:ADDR[,...]", help="pin host names to addresses, as curl's --resolve (the URL policy applies to ADDR)")
     p.add_argument("--retries", type=int, help="extra attempts per URL (default 0)")
     p.add_argument("--resize-mode", help="img2dataset resize mode; default 'no' keeps the original bytes for filter")
     p.add_argument("--image-size", type=int, help="target side when resizing (default 512)")
@@ -104,7 +115,7 @@ def register_filter(sub, handlers) -> None:
         "Validate, hash (sha256 + pHash), embed (frozen encoder via RunInference) and score every downloaded image.",
         "a `crawl download` output directory (or its downloads/ parquet files)",
     )
-    p.add_argument("--encoder", help="encoder name (default open_clip:ViT-B-32, needs local weights; efficientnet-lite0 works offline; 'none' skips embedding). See `webpairs encoders`")
+    p.add_argument("--encoder", help="encoder name (default open_clip:ViT-B-32, downloaded on first use unless --offline; efficientnet-lite0 works offline; 'none' skips embedding). See `webpairs encoders`")
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights file for the encoder")
     p.add_argument("--batch-size", type=int, help="RunInference batch size (default 32)")
     p.add_argument("--min-side", type=int, help="reject images whose short side is smaller (default 64)")
@@ -197,7 +208,8 @@ def register_run(sub, handlers) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards")
     p.add_argument("--allow-hosts", metavar="HOST,IP,CIDR", help="hosts exempt from the private-address rule (default: none)")
-    p.add_argument("--encoder", help="filter encoder (default open_clip:ViT-B-32, needs local weights; efficientnet-lite0 works offline)")
+    _input_slice_args(p)
+    p.add_argument("--encoder", help="filter encoder (default open_clip:ViT-B-32, downloaded on first use; efficientnet-lite0 works offline)")
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
     _model_flags(p)
     p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
@@ -246,7 +258,8 @@ def cmd_run(args, beam_args) -> int:
     from webpairs.run import RunConfig, run_pipeline
 
     try:
-        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, encoder=args.encoder, encoder_weights=args.encoder_weights)
+        crawl = {k: getattr(args, k) for k in ("paths_prefix", "max_files", "files_from") if getattr(args, k) is not None}
+        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, encoder=args.encoder, encoder_weights=args.encoder_weights)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
         done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
     except (StageError, config.ConfigError) as err:

@@ -80,12 +80,12 @@ class RunConfig:
     sample: "SampleConfig"
 
     @classmethod
-    def load(cls, path: Optional[str] = None, allow_hosts: Optional[str] = None, train_defaults: Optional[dict] = None, **filter_overrides) -> "RunConfig":
+    def load(cls, path: Optional[str] = None, allow_hosts: Optional[str] = None, train_defaults: Optional[dict] = None, crawl_overrides: Optional[dict] = None, **filter_overrides) -> "RunConfig":
         from train.generate import SampleConfig
         from train.train import TrainConfig
 
         return cls(
-            crawl=config.load(config.CrawlConfig, path, section="crawl", allow_hosts=allow_hosts),
+            crawl=config.load(config.CrawlConfig, path, section="crawl", allow_hosts=allow_hosts, **(crawl_overrides or {})),
             download=config.load(config.DownloadConfig, path, section="download", allow_hosts=allow_hosts),
             filter=config.load(config.FilterConfig, path, section="filter", **filter_overrides),
             pair=config.load(config.PairConfig, path, section="pair"),
