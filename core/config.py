@@ -30,7 +30,7 @@ class CrawlConfig:
     include_srcset: bool = True  # take the largest srcset candidate of <img> and <picture><source>
     include_og_image: bool = True  # <meta property="og:image">
     max_links_per_page: int = 1000  # cap against pathological pages; extra links rejected
-    max_page_depth: int = 512  # element nesting beyond this rejects the page (Blink stops at 512)
+    max_page_depth: int = 4096  # element nesting beyond this rejects the page (parse time grows with its square)
     max_page_elements: int = 200_000  # tags per page beyond this reject the page
     paths_prefix: str = ""  # root for the relative paths of a *.paths(.gz) manifest (default: its own URL's)
     max_files: int = 0  # read at most this many input files (0: all) ...

@@ -62,7 +62,8 @@ def test_junk_charsets_fall_back_instead_of_crashing(tmp_path):
 
 def test_a_deeply_nested_page_is_rejected_and_the_job_goes_on(tmp_path):
     deep = b"<html><body>" + b"<div>" * 100_000 + b'<img src="/deep.jpg">' + b"</div>" * 100_000 + b"</body></html>"
-    nested = b"<html><body>" + b"<span>" * 20_000 + b'<img src="/nested.jpg">' + b"</body></html>"  # few tags, deep
+    # stray end tags of another name do not close anything: still 20,000 deep
+    nested = b"<html><body>" + b"<span></b>" * 20_000 + b'<img src="/nested.jpg">' + b"</body></html>"
     warc = _warc(tmp_path / "deep.warc.gz", [("http://a.test/deep", deep, None), ("http://a.test/nested", nested, None), ("http://a.test/ok", _page(1), None)])
     start = time.monotonic()
     stats = run_extract(warc, str(tmp_path / "out"), CrawlConfig())
@@ -82,6 +83,20 @@ def test_a_gzip_bomb_payload_is_capped(tmp_path):
     stats = run_extract(warc, str(tmp_path / "out"), CrawlConfig())
     assert stats["rejected"]["page_too_large"] == 1 and stats["kept"] == 2
     assert set(_links(str(tmp_path / "out")).page_url) == {"http://a.test/ok"}
+
+
+def test_page_complexity_rules():
+    from crawl.html import page_complexity
+
+    def nested(n, tag=b"div"):
+        return b"<html><body>" + (b"<" + tag + b">") * n + b'<img src="x.jpg">' + (b"</" + tag + b">") * n + b"</body></html>"
+
+    assert page_complexity(nested(4000)) is None  # at most the limit: parsed as it is
+    assert page_complexity(nested(5000)) == "nesting depth over 4096"
+    assert page_complexity(nested(5000), max_depth=8000) is None
+    assert page_complexity(nested(100_000)).endswith("tags > 200000")
+    flat = b"<html><body>" + b"<p>x<br><img src=x><b>y</b><li>z" * 3000 + b"<script>if (a<b && c<d) {}</script></body></html>"
+    assert page_complexity(flat) is None  # 15,000 tags, none of them nested deeply
 
 
 def test_decode_body_never_produces_more_than_the_limit():
