@@ -94,19 +94,20 @@ def read_manifest(manifest: str, prefix: Optional[str] = None) -> list[str]:
 def expand_inputs(pattern: str, paths_prefix: str = "", max_files: int = 0, files_from: int = 0) -> list[str]:
     """Files named by a path, folder, glob or *.paths manifest (local or fsspec URL), sorted
     (a manifest keeps its order); `files_from`/`max_files` take a slice of them."""
-    if is_manifest(pattern) and not any(ch in pattern for ch in "*?["):
+    globbing = any(ch in pattern for ch in "*?[")
+    if is_manifest(pattern) and not globbing:
         files = read_manifest(pattern, paths_prefix or None)
+    elif pattern.lower().startswith(("http://", "https://")) and not globbing:
+        files = [pattern]  # HTTP has no folders: a URL names one file (no listing request)
     else:
         fs, path = filesystem(pattern)
-        paths = fs.glob(path) if any(ch in pattern for ch in "*?[") else [path]
+        paths = fs.glob(path) if globbing else [path]
         if len(paths) == 1 and fs.isdir(paths[0]):
             paths = [p for p in fs.find(paths[0]) if any(x in os.path.basename(p) for x in (".warc", ".wat"))]
-        elif len(paths) == 1 and not any(ch in pattern for ch in "*?[") and not fs.exists(paths[0]):
+        elif len(paths) == 1 and not globbing and not fs.exists(paths[0]):
             paths = []
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         files = sorted(p if protocol in ("file", "local") or "://" in p else f"{protocol}://{p}" for p in paths if not fs.isdir(p))
-        if protocol in ("http", "https") and "://" in pattern and not files:
-            files = [pattern]  # an HTTP server lists no folders: take the URL as one file
     files = files[files_from:]
     return files[:max_files] if max_files else files
 

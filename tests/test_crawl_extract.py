@@ -215,9 +215,13 @@ def test_truncated_and_non_html_records_survive(tmp_path, warc_dir):
     cut = tmp_path / "cut.warc"
     cut.write_bytes(data[: len(data) // 3])
     stats = run_extract(str(cut), str(tmp_path / "out"), CrawlConfig())
-    assert stats["kept"] == 20  # the page came before the cut
+    assert stats["kept"] == 20 and stats["truncated_files"] == 1  # the page came before the cut, which is counted
     (tmp_path / "empty.warc").write_bytes(b"")
-    assert run_extract(str(tmp_path / "empty.warc"), str(tmp_path / "out2"), CrawlConfig())["input"] == 0
+    from core.stageio import StageError
+
+    with pytest.raises(StageError, match="none of the 1 input files"):  # an empty "WARC" is not one
+        run_extract(str(tmp_path / "empty.warc"), str(tmp_path / "out2"), CrawlConfig())
+    assert read_stats(str(tmp_path / "out2"))["rejected"] == {"not_a_warc": 1}
 
 
 def test_collapse_page_keeps_one_link_per_image_url():

@@ -71,10 +71,10 @@ def test_weights_download_when_online_and_come_from_the_cache_offline(hub, tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(PYTHONPATH=ROOT, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
     name = f"timm:{MODEL}"
-    before = _webpairs(env, "encoders", name)
-    assert before.returncode == 0 and name in before.stdout and " no" in before.stdout.split(name)[1].splitlines()[0]
-    # offline and not cached: one sentence, nothing requested from the hub
-    offline = _webpairs(env, "--offline", "encoders", "--check", name)
+    # offline and not cached: listed as absent, then one sentence, nothing requested from the hub
+    offline = _webpairs(env, "--offline", "encoders", name, "--check", name)
+    listed = next(line for line in offline.stdout.splitlines() if line.startswith(name + " "))
+    assert listed.split()[1:] == ["512", "no", "no"]  # dim, text tower, weights on this machine
     lines = offline.stderr.strip().splitlines()
     assert offline.returncode == 2 and len(lines) == 1 and "offline mode is on" in lines[0] and not served
     # online: downloaded into the usual cache

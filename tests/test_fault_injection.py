@@ -131,7 +131,7 @@ def test_killed_training_resumes_to_the_same_steps(pipeline_dirs, tmp_path):
 
     run = str(tmp_path / "run")
     cfg_file = tmp_path / "t.yaml"
-    cfg_file.write_text("steps: 30\ncheckpoint_every: 10\nlog_every: 10\nsample_every: 0\n")
+    cfg_file.write_text("steps: 30\ncheckpoint_every: 5\nlog_every: 10\nsample_every: 0\n")
     ckpt_dir = os.path.join(run, "train")
     has_checkpoint = lambda _pid: os.path.isdir(ckpt_dir) and any(n.startswith("checkpoint_") for n in os.listdir(ckpt_dir))  # noqa: E731
     delay, running = _kill_at_random_point(["train", pipeline_dirs["shards"], "--out", run, "--config", str(cfg_file)], has_checkpoint, 4.0)
@@ -144,7 +144,7 @@ def test_killed_training_resumes_to_the_same_steps(pipeline_dirs, tmp_path):
     if started:
         ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env())
     try:
-        out = run_training(pipeline_dirs["shards"], run, TrainConfig(steps=30, checkpoint_every=10, log_every=10, sample_every=0))
+        out = run_training(pipeline_dirs["shards"], run, TrainConfig(steps=30, checkpoint_every=5, log_every=10, sample_every=0))
     finally:
         if started:
             ray.shutdown()

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 50 s: run with `pytest -m slow` (the deploy topology; train's code path is the default run's)
 def test_train_on_a_two_node_cluster_through_its_address(tmp_path, pipeline_dirs):
     import ray
     from ray.cluster_utils import Cluster

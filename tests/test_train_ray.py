@@ -44,6 +44,7 @@ def test_train_checkpoint_and_resume(tiny_run, pipeline_dirs, ray_session):
     assert Image.open(os.path.join(run, "samples", grids[0])).size == (4 * 32, 2 * 32)
 
 
+@pytest.mark.slow  # 60 s; tests/test_fault_injection.py kills and resumes a whole `webpairs train` in the default run
 def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, pipeline_dirs, ray_session):
     run = str(tmp_path / "fault")
     out = run_training(pipeline_dirs["shards"], run, TrainConfig(steps=25, checkpoint_every=10, log_every=5, fail_at_step=15, max_failures=2))
@@ -54,3 +55,43 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, pipeline_dir
     # metrics log was trimmed to the checkpoint on resume, so each step is logged once
     assert steps == list(range(1, 26))
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 25
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, pipeline_dirs, ray_session, tmp_path, caplog):
+    """Issue 15 point 8: resume names the corrupt file and continues from the previous good checkpoint."""
+    import logging
+    import shutil
+
+    from train.train import checkpoint_folders, read_checkpoint
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run["run"], run)
+    folders = checkpoint_folders(run)
+    assert len(folders) == 2 and read_checkpoint(folders[1])["step"] < read_checkpoint(folders[0])["step"]
+    bad = os.path.join(folders[0], "model.safetensors")
+    with open(bad, "r+b") as fh:
+        fh.write(b"\x00" * 16)
+    previous = read_checkpoint(folders[1])["step"]
+    with caplog.at_level(logging.WARNING, logger="train.train"):
+        out = run_training(pipeline_dirs["shards"], run, TrainConfig(steps=previous + 10, checkpoint_every=5, log_every=5, seed=0, sample_every=0))
+    text = caplog.text
+    assert bad in text and "resuming from the previous good checkpoint" in text
+    assert out["step"] == previous + 10
+    steps = [s for s, _ in read_losses(run)]
+    assert steps == list(range(1, previous + 11))  # trimmed to the good checkpoint, then continued
+
+
+def test_train_with_only_corrupt_checkpoints_is_one_line(tiny_run, pipeline_dirs, tmp_path, capsys):
+    import shutil
+
+    from train.train import checkpoint_folders
+    from webpairs.cli import main
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run["run"], run)
+    for folder in checkpoint_folders(run):
+        with open(os.path.join(folder, "ema.safetensors"), "wb") as fh:
+            fh.write(b"not a tensor file")
+    assert main(["train", pipeline_dirs["shards"], "--out", run, "--steps", "60"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("webpairs train: error: no readable checkpoint in") and "delete that folder" in err[0]

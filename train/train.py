@@ -401,11 +401,11 @@ def _fit(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str]
     cond_dim = condition_dim(data)
     encoder = cfg.encoder or shards_encoder(shards) or ""  # recorded in checkpoints: sampling embeds with it
     good, bad = readable_checkpoints(run_dir)
+    if bad and not good:
+        raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, RUN_NAME)} ({len(bad)} unreadable, the newest: {bad[0]}); delete that folder to train from scratch")
     for message in bad:
         log.warning("%s; skipped", message)
-    if bad and not good:
-        raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, RUN_NAME)} ({len(bad)} unreadable); delete that folder to train from scratch")
-    if bad and good:
+    if bad:
         log.warning("resuming from the previous good checkpoint %s", good[0])
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
