@@ -105,7 +105,7 @@ class RetryingFile(io.RawIOBase):
 
     def _open(self):
         fs, path = filesystem(self.url)
-        fh = fs.open(path, "rb")
+        fh = fs.open(path, "rb", block_size=BLOCK_SIZE)  # s3fs would read ahead 50 MiB otherwise
         if self.pos:
             fh.seek(self.pos)
         return fh

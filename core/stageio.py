@@ -149,7 +149,7 @@ def finish_stage(out_dir: str, stage: Optional[str] = None) -> dict:
     fs, root = _fs(out_dir)
     files = []
     for path in sorted(fs.find(root, withdirs=False)):
-        rel = os.path.relpath(path, root) if fs.protocol in _LOCAL else path[len(root.rstrip("/")) + 1 :]
+        rel = path[len(root.rstrip("/")) + 1 :]  # fsspec paths: root-relative with "/"
         if any(part.startswith((".", "beam-temp")) for part in rel.split("/")):
             fs.rm(path)  # a temporary file of a retried or killed writer: never part of the output
         elif rel != SUCCESS_FILE:
@@ -182,9 +182,10 @@ def read_success(stage_dir: str, expected: Optional[str] = None) -> dict:
         raw = fh.read()
     try:
         marker = json.loads(raw)
-        marker["files"], marker["stage"]  # noqa: B018 - both must be there
-    except (ValueError, TypeError, KeyError):
-        raise StageError(f"{stage_dir} was written by an older webpairs (its {SUCCESS_FILE} lists no files); run `{want}` into it again") from None
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list) or "stage" not in marker:
+        raise StageError(f"{stage_dir} was written by an older webpairs (its {SUCCESS_FILE} lists no files); run `{want}` into it again")
     if expected and marker["stage"] != expected:
         raise StageError(f"{stage_dir} is a `{COMMANDS.get(marker['stage'], marker['stage'])}` output, but this command reads a `{want}` output")
     return marker
@@ -218,9 +219,6 @@ def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) ->
         raise StageError(f"no {name} parquet files under {path}")
     tables = [pq.read_table(FileSystems.open(f), columns=list(columns) if columns else None) for f in files]
     return pa.concat_tables(tables)
-
-
-_LOCAL = ("file", "local", ("file", "local"))
 
 
 def _fs(url: str):

@@ -267,6 +267,30 @@ def test_sample_names_a_corrupt_checkpoint_file(tiny_run, photos_dir, tmp_path, 
     assert os.path.join(latest, "ema.safetensors") in line and "corrupt" in line
 
 
+def test_resume_skips_a_corrupt_checkpoint_and_says_which(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from train.diffusion import EMA
+    from train.models import build_model
+    from train.train import _restore, _save, readable_checkpoints
+
+    model = build_model("tiny", 8)
+    ema, opt = EMA(model), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (10, 20):  # Ray's layout: RUN_DIR/train/checkpoint_*
+        folder = tmp_path / "train" / f"checkpoint_{step:06d}"
+        folder.mkdir(parents=True)
+        _save(str(folder), model, ema, opt, step, {"preset": "tiny"}, {"cond_dim": 8})
+    newest = tmp_path / "train" / "checkpoint_000020"
+    (newest / "model.safetensors").write_bytes(b"\0" * 16)
+    good, bad = readable_checkpoints(str(tmp_path))
+    assert good == [str(tmp_path / "train" / "checkpoint_000010")] and len(bad) == 1 and str(newest / "model.safetensors") in bad[0]
+    with caplog.at_level(logging.WARNING, logger="train.train"):
+        step = _restore([str(newest), good[0]], model, EMA(model), opt, rank=0)  # Ray's latest first, then the driver's pick
+    assert step == 10 and str(newest / "model.safetensors") in caplog.text and "trying the previous checkpoint" in caplog.text
+
+
 # 9 + lock: what a killed stage leaves is removed by the next run -------------------------------------
 
 

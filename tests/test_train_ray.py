@@ -57,6 +57,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, pipeline_dir
     assert json.load(open(os.path.join(run, "latest.json")))["step"] == 25
 
 
+@pytest.mark.slow  # 30 s; tests/test_integrity.py checks the same fallback without Ray
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, pipeline_dirs, ray_session, tmp_path, caplog):
     """Issue 15 point 8: resume names the corrupt file and continues from the previous good checkpoint."""
     import logging
