@@ -228,7 +228,7 @@ def _tiny_clip(weights: str) -> Encoder:
             text_cfg=CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2, layers=2),
         )
     if weights:
-        model.load_state_dict(torch.load(weights, map_location="cpu"))
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))  # tensors only: never code
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=32)
     return _wrap_clip("tiny-clip", model, tok)
 
