@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import json
 import logging
 import os
@@ -28,7 +29,9 @@ from crawl.urls import AllowList, policy_reason
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from img2dataset.downloader import Downloader  # noqa: E402
+from img2dataset.downloader import Downloader, is_disallowed  # noqa: E402
+
+from crawl.fetch import FetchError, fetch, parse_pins  # noqa: E402
 
 log = logging.getLogger(__name__)
 STAGE = "download"
@@ -79,12 +82,6 @@ class PolicyDownloader(Downloader):
 
 def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins):
     """img2dataset's `download_image` contract: (key, BytesIO or None, error message or None)."""
-    import io
-
-    from img2dataset.downloader import is_disallowed
-
-    from crawl.fetch import FetchError, fetch
-
     key, url = row
     agent = "Mozilla/5.0 (compatible; " + (user_agent_token or "webpairs") + "; image-pair research crawler)"
     robots = (lambda headers: is_disallowed(headers, user_agent_token, disallowed_header_directives)) if disallowed_header_directives else None
@@ -122,8 +119,6 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None
     i2d_main = sys.modules["img2dataset.main"]
 
     reencode = cfg.resize_mode != "no"
-    from crawl.fetch import parse_pins
-
     original = i2d_main.Downloader
     # img2dataset builds its Downloader inside download(); swap in the policy-aware subclass.
     i2d_main.Downloader = functools.partial(PolicyDownloader, allow_hosts=cfg.allow_hosts, deadline=cfg.deadline, max_image_bytes=cfg.max_image_bytes, pins=parse_pins(cfg.resolve))
@@ -194,20 +189,25 @@ def _input_fingerprint(links_path: str, cfg: DownloadConfig) -> str:
     return hashlib.sha256(json.dumps([marker, {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _resume_or_reset(partial: str, fingerprint: str) -> None:
-    """Keep the finished img2dataset shards of a killed run of the same input; drop anything else."""
+def _remove(path: str) -> None:
     import shutil
 
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _resume_or_reset(partial: str, fingerprint: str) -> None:
+    """Keep the finished img2dataset shards of a killed run of the same input; drop anything else."""
     stamp = os.path.join(partial, "_input", "fingerprint")
     if os.path.exists(stamp) and open(stamp).read() == fingerprint:
         for name in ("downloads", "rejected", STATS_FILE):  # remade from img2dataset's shards
-            path = os.path.join(partial, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            _remove(os.path.join(partial, name))
         log.info("download: resuming the interrupted download in %s", partial)
         return
     for name in os.listdir(partial):
-        path = os.path.join(partial, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        _remove(os.path.join(partial, name))
     os.makedirs(os.path.dirname(stamp))
     with open(stamp, "w") as fh:
         fh.write(fingerprint)

@@ -71,6 +71,10 @@ class ExtractFileLinks(beam.DoFn):
         counters: dict = {}
         candidates = 0
         for doc in iter_file(path, counters, self.cfg.retries):
+            if isinstance(doc, Page):
+                too_complex = page_complexity(doc.body, self.cfg.max_page_depth, self.cfg.max_page_elements)
+                if too_complex:
+                    doc = Problem(REASON_COMPLEX, path, doc.offset, too_complex, doc.url)
             if isinstance(doc, Problem):  # one record in, one rejected row out: the counts still reconcile
                 candidates += 1
                 detail = f"{doc.file} @ {doc.offset}: {doc.detail}"
@@ -80,11 +84,6 @@ class ExtractFileLinks(beam.DoFn):
             if page_url is None:
                 continue
             if isinstance(doc, Page):
-                too_complex = page_complexity(doc.body, self.cfg.max_page_depth, self.cfg.max_page_elements)
-                if too_complex:
-                    candidates += 1
-                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(stable_id(page_url, path, str(doc.offset)), STAGE, REASON_COMPLEX, f"{path} @ {doc.offset}: {too_complex}", page_url).to_row())
-                    continue
                 raw, base = extract_image_links(decode_html(doc.body, doc.charset), self.cfg.include_srcset, self.cfg.include_og_image)
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]

@@ -57,7 +57,7 @@ def pipeline_dirs(tmp_path_factory, test_web):
     d = tmp_path_factory.mktemp("pipeline")
     dirs = {name: str(d / name) for name in ("links", "download", "filter", "pair", "shards")}
     run_extract(test_web.warc_path, dirs["links"], CrawlConfig(allow_hosts=("127.0.0.1",)))
-    run_download(dirs["links"], dirs["download"], DownloadConfig(allow_hosts=("127.0.0.1",), timeout=1.5, processes=1))
+    run_download(dirs["links"], dirs["download"], DownloadConfig(allow_hosts=("127.0.0.1",), timeout=2.5, processes=1))  # the slow route waits 3 s
     run_filter(dirs["download"], dirs["filter"], FilterConfig(encoder="efficientnet-lite0"))
     run_pair(dirs["filter"], dirs["pair"], PairConfig())
     run_shards(dirs["pair"], dirs["shards"], ShardConfig(samples_per_shard=25))

@@ -27,7 +27,7 @@ RNG = random.Random(SEED)
 # stage -> (command line after `webpairs`, upstream key in pipeline_dirs, the in-process rerun);
 # flags and configs are the ones conftest's uninterrupted run used
 STAGES = {
-    "download": (["crawl", "download", "{up}", "--allow-hosts", "127.0.0.1", "--timeout", "1.5", "--processes", "1"], "links"),
+    "download": (["crawl", "download", "{up}", "--allow-hosts", "127.0.0.1", "--timeout", "2.5", "--processes", "1"], "links"),
     "filter": (["filter", "{up}", "--encoder", "efficientnet-lite0"], "download"),
     "pair": (["pair", "{up}"], "filter"),
     "shards": (["shards", "{up}", "--samples-per-shard", "25"], "pair"),
@@ -40,7 +40,7 @@ def _rerun(stage: str, up: str, out: str) -> dict:
     if stage == "download":
         from crawl.download import run_download
 
-        return run_download(up, out, DownloadConfig(allow_hosts=("127.0.0.1",), timeout=1.5, processes=1))
+        return run_download(up, out, DownloadConfig(allow_hosts=("127.0.0.1",), timeout=2.5, processes=1))
     if stage == "filter":
         from filter.pipeline import run_filter
 
