@@ -46,7 +46,7 @@ def parse_pins(entries) -> dict[str, str]:
     """`HOST:ADDR` entries (curl's --resolve without the port) -> {host: addr}."""
     pins = {}
     for entry in entries or ():
-        host, sep, addr = entry.strip().rpartition(":") if entry.count(":") == 1 else entry.strip().partition(":")
+        host, sep, addr = entry.strip().partition(":")  # the address may be IPv6, the name has no colon
         if not sep or not host or not addr:
             raise ValueError(f"--resolve entry {entry!r} is not HOST:ADDR")
         pins[host.lower()] = addr.strip("[]")

@@ -175,15 +175,16 @@ def checkpoint_folders(run_dir: str) -> list[str]:
 
 
 def readable_checkpoints(run_dir: str) -> tuple[list[str], list[str]]:
-    """(readable checkpoint folders newest first, one message per unreadable one)."""
-    good, bad = [], []
+    """([the newest readable checkpoint folder] or [], one message per unreadable newer one): reading
+    stops at the first checkpoint that loads, the only one resume uses."""
+    bad = []
     for folder in checkpoint_folders(run_dir):
         try:
             read_checkpoint(folder)
-            good.append(folder)
+            return [folder], bad
         except CheckpointError as err:
             bad.append(str(err))
-    return good, bad
+    return [], bad
 
 
 def _restore(candidates: list[str], model, ema, opt, rank: int) -> int:
