@@ -49,12 +49,14 @@ def generate(tmp: str, n_pages: int, per_page: int) -> None:
     """Write the synthetic filter output (its own process: its memory is not the pipeline's)."""
     import pyarrow.parquet as pq
 
-    from core.records import IMAGE_SCHEMA, rows_to_table
+    from core.records import IMAGE_SCHEMA, OCCURRENCE_SCHEMA, occurrence_of, rows_to_table
 
     os.makedirs(os.path.join(tmp, "filter", "images"))
     rows = synthetic_images(n_pages, per_page)
     for i in range(0, len(rows), 5000):  # several input files, as a real filter output has
         pq.write_table(rows_to_table(rows[i : i + 5000], IMAGE_SCHEMA), os.path.join(tmp, "filter", "images", f"part-{i:08d}.parquet"), row_group_size=1000)
+    os.makedirs(os.path.join(tmp, "filter", "occurrences"))
+    pq.write_table(rows_to_table([occurrence_of(r) for r in rows], OCCURRENCE_SCHEMA), os.path.join(tmp, "filter", "occurrences", "part-0.parquet"))
 
 
 def child(tmp: str) -> None:

@@ -76,8 +76,14 @@ class FilterConfig:
     batch_size: int = 32  # RunInference batch size cap (BatchElements adapts below it) ...
     fixed_batch: bool = False  # ... or exactly this size per batch (the last one may be smaller)
     min_clip_score: Optional[float] = None  # off by default; LAION used 0.28 for ViT-B/32
+    # image-level boilerplate signals (filter/signals.py), each its own reason
+    check_declared_size: bool = True  # a declared (rendered) side under min_side -> declared_too_small
+    flat_colours: int = 8  # the N most frequent exact colours ... (0: rule off)
+    flat_share: float = 0.8  # ... covering this share of pixels -> flat_image (logos, icons)
+    url_words: tuple[str, ...] = ("logo", "icon", "favicon", "sprite", "avatar", "badge", "button")  # path tokens ...
+    reject_url_words: bool = False  # ... that reject as url_word when on; counted in stats either way
 
-    RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0)}
+    RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0), "flat_colours": (0, 4096), "flat_share": (0.0, 1.0)}
     CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject")}
 
 
@@ -85,7 +91,9 @@ class FilterConfig:
 class PairConfig:
     """`pair`: boilerplate, near-duplicates and the similarity band."""
 
-    boilerplate_pages: int = 10  # content seen on more than this many pages is boilerplate
+    boilerplate_pages: int = 10  # content or an image URL on more than this many pages anywhere: boilerplate_global
+    site_share: float = 0.5  # content or an image URL on at least this share of its site's pages ...
+    site_min_pages: int = 3  # ... and on at least this many of them: boilerplate_site
     boilerplate_phash_distance: int = 4  # pHash bits within which two images count as the same content
     near_duplicate_distance: int = 10  # pHash bits: same-page images closer than this collapse
     sim_low: float = 0.2  # cosine below this: unrelated images
@@ -95,7 +103,7 @@ class PairConfig:
     seed: int = 0
 
     RANGES: ClassVar[dict] = {
-        "boilerplate_pages": (1, None), "boilerplate_phash_distance": (0, 64), "near_duplicate_distance": (0, 64), "sim_low": (-1.0, 1.0), "sim_high": (-1.0, 1.0),
+        "boilerplate_pages": (1, None), "site_share": (0.0, 1.0), "site_min_pages": (2, None), "boilerplate_phash_distance": (0, 64), "near_duplicate_distance": (0, 64), "sim_low": (-1.0, 1.0), "sim_high": (-1.0, 1.0),
         "max_images_per_page": (2, 100_000), "max_pairs_per_page": (1, 10_000_000), "seed": (0, 2**32 - 1),
     }
 

@@ -47,6 +47,24 @@ DOWNLOAD_SCHEMA = pa.schema(
         ("position", pa.int32()),
         ("image_bytes", pa.binary()),  # bytes as served (or re-encoded when download resizes)
         ("sha256", pa.string()),
+        ("declared_width", pa.int32()),  # the link's width/height attributes (rendered size), if any
+        ("declared_height", pa.int32()),
+    ]
+)
+
+# Every fetched link as filter saw it, before any threshold could drop it: the boilerplate
+# evidence of `pair` (a logo counts on every page it is on, in every size, kept or not).
+OCCURRENCE_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),
+        ("page_url", pa.string()),
+        ("site", pa.string()),  # the page's registered domain (core/sites.py)
+        ("image_url", pa.string()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),  # null when the bytes do not decode
+        ("width", pa.int32()),  # decoded size, null when the bytes do not decode
+        ("height", pa.int32()),
+        ("filter_reason", pa.string()),  # why filter rejected it; null when it passed the checks
     ]
 )
 
@@ -89,6 +107,18 @@ PAIR_SCHEMA = pa.schema(
         ("cond_bytes_row_group", pa.int32()),  # ... and its row group), as in IMAGE_SCHEMA
         ("target_bytes_file", pa.string()),
         ("target_bytes_row_group", pa.int32()),
+    ]
+)
+
+# What `pair` flagged as boilerplate: one row per flagged content (a pHash and its close
+# neighbours) or image URL, per site or across the crawl ("*").
+BOILERPLATE_SCHEMA = pa.schema(
+    [
+        ("scope", pa.string()),  # a site (boilerplate_site) or "*" (boilerplate_global)
+        ("kind", pa.string()),  # "content" (pHash neighbourhood) or "url"
+        ("key", pa.string()),  # the pHash or the image URL
+        ("pages", pa.int64()),  # pages it is on (for "*": counted up to the threshold + 1)
+        ("site_pages", pa.int64()),  # pages of the site with a fetched image (for "*": 0)
     ]
 )
 
@@ -208,3 +238,14 @@ def phash_distance(a: str, b: str) -> int:
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Build a table with exactly `schema`'s columns from plain dict rows."""
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def occurrence_of(image_row: dict[str, Any], link_id: str = "") -> dict[str, Any]:
+    """The OCCURRENCE_SCHEMA row of a kept ImageRecord row (for filter outputs made without filter:
+    tests and benchmarks)."""
+    from core.sites import site_of
+
+    return {
+        "link_id": link_id or stable_id(image_row["page_url"], image_row["image_url"]), "page_url": image_row["page_url"], "site": site_of(image_row["page_url"]),
+        "image_url": image_row["image_url"], "sha256": image_row["sha256"], "phash": image_row["phash"], "width": image_row["width"], "height": image_row["height"], "filter_reason": None,
+    }

@@ -78,14 +78,15 @@ class WriteStageOutputs(beam.PTransform):
     counted (or give `input_count`, a PCollection of numbers that are summed), `kept` rows follow
     `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema), `rejected` rows
     follow REJECTED_SCHEMA. Any other entry is counted too and lands in stats.json under its name
-    (e.g. "pairs").
+    (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
     """
 
-    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False):
+    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None):
         super().__init__()
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
         self.kept_tables = kept_tables
+        self.more = more or {}
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
@@ -98,6 +99,10 @@ class WriteStageOutputs(beam.PTransform):
         _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(
             os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
         )
+        for other, schema in self.more.items():
+            _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
+                os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
+            )
         if "input_count" in pcolls:
             n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
         else:

@@ -36,7 +36,8 @@ from crawl.fetch import FetchError, fetch, parse_pins  # noqa: E402
 log = logging.getLogger(__name__)
 STAGE = "download"
 RAW_DIR = "img2dataset"  # img2dataset's own output (kept for incremental resume)
-ADDITIONAL_COLUMNS = ["link_id", "page_url", "position"]
+# carried through img2dataset to downloads/ (declared sizes renamed: img2dataset writes its own width/height)
+ADDITIONAL_COLUMNS = ["link_id", "page_url", "position", "declared_width", "declared_height"]
 
 
 def reason_for(error_message: str) -> str:
@@ -106,8 +107,11 @@ def _prepare_links(links_path: str, out_dir: str, allow: AllowList):
             refused.append(Rejected(r["link_id"], STAGE, reason, "refused by the URL policy", r["image_url"]).to_row())
     os.makedirs(os.path.join(out_dir, "_input"), exist_ok=True)
     input_file = os.path.join(out_dir, "_input", "links.parquet")
+    for r in allowed:
+        r["declared_width"], r["declared_height"] = r["width"], r["height"]
     cols = ["image_url", "alt"] + ADDITIONAL_COLUMNS
-    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in allowed]), input_file)
+    schema = pa.schema([("image_url", pa.string()), ("alt", pa.string()), ("link_id", pa.string()), ("page_url", pa.string()), ("position", pa.int32()), ("declared_width", pa.int32()), ("declared_height", pa.int32())])
+    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in allowed], schema=schema), input_file)
     return input_file, len(rows), refused, len(allowed)
 
 
@@ -150,6 +154,11 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None
         i2d_main.Downloader = original
 
 
+def _size(value):
+    """A declared size as img2dataset hands it back (pandas turns a nullable int into a float)."""
+    return None if value is None or value != value else int(value)
+
+
 def _convert(raw_dir: str, out_dir: str, refused: list[dict]) -> tuple[int, dict]:
     """img2dataset shards -> downloads/ and rejected/ parquet; returns (kept, reason counts)."""
     os.makedirs(os.path.join(out_dir, "downloads"), exist_ok=True)
@@ -166,7 +175,7 @@ def _convert(raw_dir: str, out_dir: str, refused: list[dict]) -> tuple[int, dict
         ok, bad = [], []
         for r in table.to_pylist():
             if r["status"] == "success" and r[image_col] is not None:
-                ok.append({"link_id": r["link_id"], "page_url": r["page_url"], "image_url": r["url"], "alt": r.get("caption") or "", "position": r["position"], "image_bytes": r[image_col], "sha256": r.get("sha256")})
+                ok.append({"link_id": r["link_id"], "page_url": r["page_url"], "image_url": r["url"], "alt": r.get("caption") or "", "position": r["position"], "image_bytes": r[image_col], "sha256": r.get("sha256"), "declared_width": _size(r.get("declared_width")), "declared_height": _size(r.get("declared_height"))})
             else:
                 reason = reason_for(r["error_message"])
                 reasons[reason] = reasons.get(reason, 0) + 1

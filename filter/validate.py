@@ -57,6 +57,15 @@ def _looks_like_svg(data: bytes) -> bool:
 
 def validate(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invalid]:
     """Decode `data` safely and check it against the thresholds of `cfg`."""
+    result = decode(data, cfg)
+    if isinstance(result, Invalid):
+        return result
+    return check_shape(result, cfg) or result
+
+
+def decode(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invalid]:
+    """Decode `data` safely into 8-bit RGB (no size threshold applied yet: the image is hashed
+    whatever its size, as boilerplate evidence)."""
     if not data:
         return Invalid(EMPTY, "0 bytes")
     if _looks_like_svg(data):
@@ -91,12 +100,17 @@ def validate(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Inva
         rgb = to_rgb(img)
     except (OSError, ValueError) as err:
         return Invalid(DECODE_ERROR, str(err)[:200])
-    w, h = rgb.size
+    return ValidImage(rgb, fmt, rgb.size[0], rgb.size[1], animated)
+
+
+def check_shape(image: ValidImage, cfg: FilterConfig) -> Optional[Invalid]:
+    """The size and aspect thresholds of a decoded image, or None when it passes."""
+    w, h = image.width, image.height
     if min(w, h) < cfg.min_side:
         return Invalid(TOO_SMALL, f"{w}x{h} < {cfg.min_side}")
     if max(w, h) / min(w, h) > cfg.max_aspect:
         return Invalid(BAD_ASPECT, f"{w}x{h} aspect {max(w, h) / min(w, h):.2f} > {cfg.max_aspect}")
-    return ValidImage(rgb, fmt, w, h, animated)
+    return None
 
 
 def configure_pillow(cfg: FilterConfig) -> None:

@@ -1,9 +1,8 @@
 """`pair`: ImageRecords -> same-page (condition, target) PairRecords with Beam.
 
-Steps: from a light read of (image id, pHash, page, URL), flag boilerplate (content on more than K
-pages, found by pHash with LSH banding so only band-mates are compared, and image URLs on more than
-K pages) and the images seen on several pages -> read the records and drop the boilerplate (the
-flags are side inputs) -> GroupByKey(page_url) -> collapse near-duplicates, cap images per page,
+Steps: from filter's occurrences (every fetched link, kept or not), flag boilerplate of each site
+and of the crawl (pairing/boilerplate.py), and from a light read of (image id, page) the images
+seen on several pages -> read the records and drop the boilerplate (the flags are a side input) -> GroupByKey(page_url) -> collapse near-duplicates, cap images per page,
 pick in-band pairs (pairing/select.py) -> pairs of two shared images go through a GroupByKey on
 their contents so each (condition, target) content pair is kept once across pages; the rest are
 final -> write pairs/ (each row carries what `shards` needs of its two images), images/, rejected/,
@@ -17,13 +16,14 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.records import IMAGE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
-from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
-from pairing.select import band_keys, boilerplate_phashes, page_outcome
+from core.records import BOILERPLATE_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
+from core.sites import site_of
+from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
+from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
+from pairing.select import page_outcome
 
 STAGE = "pair"
 REJECTED = "rejected"
-BOILERPLATE = "boilerplate"
 SHARED_PAIRS = "shared_pairs"
 
 
@@ -32,45 +32,17 @@ def record_id(r: dict) -> str:
     return f"{r['image_id']}@{stable_id(r['page_url'], str(r['position']), length=10)}"
 
 
-class CappedSet(beam.CombineFn):
-    """Distinct values, keeping at most `cap` (enough to tell 'more than K' apart, bounded memory)."""
-
-    def __init__(self, cap: int):
-        self.cap = cap
-
-    def create_accumulator(self):
-        return set()
-
-    def add_input(self, acc, value):
-        if len(acc) < self.cap:
-            acc.add(value)
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = set()
-        for a in accs:
-            for v in a:
-                if len(out) >= self.cap:
-                    return out
-                out.add(v)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
 class MarkBoilerplate(beam.DoFn):
-    """Reject records whose pHash or image URL was flagged as boilerplate (side inputs: the flagged
-    keys only, a small fraction of all keys); pass the others through."""
+    """Reject records whose content or image URL was flagged as boilerplate of their site or of the
+    crawl (side input: the flags only, a small fraction of all keys); pass the others through."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, cfg: PairConfig):
+        self.cfg = cfg
 
-    def process(self, r, bad_phash, bad_url):
-        if r["phash"] in bad_phash:
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, BOILERPLATE, f"content on more than {self.k} pages", r["image_url"]).to_row())
-        elif r["image_url"] in bad_url:
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, BOILERPLATE, f"URL on more than {self.k} pages", r["image_url"]).to_row())
+    def process(self, r, flags):
+        found = boilerplate_reason(site_of(r["page_url"]), r["phash"], r["image_url"], flags, self.cfg)
+        if found:
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, found[0], found[1], r["image_url"]).to_row())
         else:
             yield r
 
@@ -84,12 +56,6 @@ def pack(row: dict, names: tuple) -> bytes:
 
 def unpack(data: bytes, names: tuple) -> dict:
     return dict(zip(names, pickle.loads(data)))
-
-
-def _bands(phash_pages: tuple, max_distance: int):
-    """(band key, packed (pHash, its pages)) for each LSH band of the pHash."""
-    packed = pickle.dumps(phash_pages, protocol=pickle.HIGHEST_PROTOCOL)
-    return [(b, packed) for b in band_keys(phash_pages[0], max_distance)]
 
 
 def _page(item, cfg: PairConfig, shared: dict):
@@ -133,39 +99,33 @@ class _OnMorePages(beam.PTransform):
         return (
             keys
             | "ValuePage" >> beam.Map(lambda r: (r[field], r["page_url"]))
-            | "PagesPerValue" >> beam.CombinePerKey(CappedSet(more_than + 1))
+            | "PagesPerValue" >> beam.CombinePerKey(PageSet(more_than + 1))
             | "OnMorePages" >> beam.Filter(lambda kv: len(kv[1]) > more_than)
             | "Flag" >> beam.Map(lambda kv: (kv[0], True))
         )
 
 
 class PairImages(beam.PTransform):
-    """{"keys": (image_id, phash, page_url, image_url) records, "images": ImageRecords} ->
-    {"input", "kept" images, "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages"}.
+    """{"keys": (image_id, page_url) of the images, "images": ImageRecords, "occurrences": filter's
+    (page_url, site, image_url, phash) of every fetched link} -> {"input", "kept" images,
+    "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
 
-    `keys` is a light second read of the same input: the boilerplate counts come from it, so the
-    full records are shuffled once (by page), not once per boilerplate check."""
+    `keys` is a light second read of the images: the sharing count comes from it, so the full
+    records are shuffled once (by page)."""
 
     def __init__(self, cfg: PairConfig):
         super().__init__()
         self.cfg = cfg
 
     def expand(self, pcolls):
-        keys, images = pcolls["keys"], pcolls["images"]
-        cfg, k = self.cfg, self.cfg.boilerplate_pages
-        # 1. boilerplate by content: pages per pHash (capped), then pHash-close neighbours via LSH bands
-        phash_pages = keys | "PhashPage" >> beam.Map(lambda r: (r["phash"], r["page_url"])) | "PagesPerPhash" >> beam.CombinePerKey(CappedSet(k + 1))
-        bad_phash = (
-            phash_pages
-            | "Bands" >> beam.FlatMap(_bands, cfg.boilerplate_phash_distance)
-            | "GroupBands" >> beam.GroupByKey()
-            | "Neighbourhoods" >> beam.FlatMap(lambda kv: boilerplate_phashes([pickle.loads(b) for b in kv[1]], cfg.boilerplate_phash_distance, k))
-            | "DistinctPhash" >> beam.Distinct()
-            | "FlagPhash" >> beam.Map(lambda h: (h, True))
-        )
-        # 2. boilerplate by URL: the same image URL on more than K pages
-        bad_url = keys | "UrlsOnManyPages" >> _OnMorePages("image_url", k)
-        marked = images | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(k), beam.pvalue.AsDict(bad_phash), beam.pvalue.AsDict(bad_url)).with_outputs(REJECTED, main="ok")
+        keys, images, occurrences = pcolls["keys"], pcolls["images"], pcolls["occurrences"]
+        cfg = self.cfg
+        # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
+        #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
+        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg)
+        flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
+        # 2. drop the records that are flagged
+        marked = images | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(cfg), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, main="ok")
         # 3. images seen on several pages (only pairs of two such images can recur on another page)
         shared = keys | "SharedImages" >> _OnMorePages("image_id", 1)
         # 4. per page: near-duplicates, cap, in-band pairs
@@ -186,13 +146,15 @@ class PairImages(beam.PTransform):
             "deduped_pairs": deduped.unique,  # a flatten across stages would hold every pair)
             "duplicate_pairs": deduped.duplicate_pairs,
             "pages": pages,
+            "boilerplate": flags,
         }
 
 
 # Pairing never needs the image bytes: records travel without them (a pointer stays), and the
 # embedding travels as a compact float16 array instead of a Python list.
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
-KEY_COLUMNS = ["image_id", "phash", "page_url", "image_url"]  # what the boilerplate and sharing counts read
+KEY_COLUMNS = ["image_id", "page_url"]  # what the sharing count reads
+OCCURRENCE_COLUMNS = ["page_url", "site", "image_url", "phash"]  # what the boilerplate flags read
 IMAGE_FIELDS = tuple(META_COLUMNS) + ("bytes_file", "bytes_row_group")  # a record as it travels
 PAIR_FIELDS = tuple(PAIR_SCHEMA.names)
 
@@ -216,20 +178,25 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
     """Run the pairing pipeline on a filter stage directory; returns reconciled stats."""
     files = stage_files(input_path, "images", expected="filter")
     check_columns(files, IMAGE_SCHEMA, input_path, "filter")
+    occurrence_files = stage_files(input_path, "occurrences", expected="filter")
+    if not occurrence_files:
+        raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs filter`): run `webpairs filter` into it again")
+    check_columns(occurrence_files, OCCURRENCE_SCHEMA, input_path, "filter")
     with StageOutput(out_dir, STAGE) as stage_out:
-        _pair_pipeline(files, stage_out.path, cfg, beam_args)
+        _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args)
         return stage_out.commit()
 
 
-def _pair_pipeline(files: list[str], out_dir: str, cfg: PairConfig, beam_args) -> None:
+def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args) -> None:
     import os
 
     with beam.Pipeline(options=pipeline_options(beam_args)) as p:
         keys = p | "KeyFiles" >> beam.Create(files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
+        occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
         # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
-        out = {"keys": keys, "images": images} | "Pair" >> PairImages(cfg)
+        out = {"keys": keys, "images": images, "occurrences": occurrences} | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         ones = []
         for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/
@@ -237,4 +204,4 @@ def _pair_pipeline(files: list[str], out_dir: str, cfg: PairConfig, beam_args) -
             _ = pairs | f"Write_{name}" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
             ones.append(pairs | f"One_{name}" >> beam.Map(lambda _: 1))
         out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)})
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more={"boilerplate": BOILERPLATE_SCHEMA})

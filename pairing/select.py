@@ -91,21 +91,6 @@ def page_outcome(page_url: str, images: Iterable[dict], cfg: PairConfig) -> tupl
     return pairs, kept, rejected
 
 
-def boilerplate_phashes(phash_pages: list[tuple[str, set]], max_distance: int, max_pages: int) -> list[str]:
-    """Among pHashes that share an LSH band, those whose pHash-close neighbourhood spans more than
-    `max_pages` distinct pages."""
-    out = []
-    for h, _ in phash_pages:
-        pages: set = set()
-        for other, other_pages in phash_pages:
-            if phash_distance(h, other) <= max_distance:
-                pages |= other_pages
-                if len(pages) > max_pages:
-                    out.append(h)
-                    break
-    return out
-
-
 def band_keys(phash: str, max_distance: int) -> list[str]:
     """LSH keys: split the hash into max_distance+1 bands; hashes within max_distance bits share
     at least one band exactly (pigeonhole), so only band-mates need comparing."""

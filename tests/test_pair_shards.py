@@ -63,10 +63,16 @@ def test_pair_stage_on_test_web(pipeline_dirs, test_web):
     pairs = read_table(out, "pairs").to_pandas()
     assert stats["input"] == len(images_in) == len(kept) + len(rejected)
     assert stats["pairs"] == len(pairs) > 0 and stats["pages"] == len(test_web.pages)
-    # every logo copy is boilerplate, on every page
-    logo = rejected[rejected.url.isin(test_web.boilerplate)]
-    assert (logo.reason == "boilerplate").all() and len(logo) == len(test_web.pages)
+    # the logo (a flat PNG) leaves at filter on every page, and still counts as the site's
+    # boilerplate in pair: the evidence is every fetched copy, not the ones filter kept
+    logo = read_table(pipeline_dirs["filter"], "rejected").to_pandas()
+    logo = logo[logo.url.isin(test_web.boilerplate)]
+    assert (logo.reason == "flat_image").all() and len(logo) == len(test_web.pages)
     assert not kept.image_url.isin(test_web.boilerplate).any()
+    flags = read_table(out, "boilerplate").to_pandas()
+    logo_flags = flags[(flags.kind == "url") & flags.key.isin(test_web.boilerplate)]
+    pages = dict(zip(logo_flags.scope, logo_flags.pages))
+    assert pages == {"127.0.0.1": len(test_web.pages), "*": PairConfig().boilerplate_pages + 1}  # global counts stop at K+1
     # each planted near-duplicate group collapses to one image
     for group in test_web.near_duplicate_groups:
         survivors = set(kept.image_url) & set(group)
@@ -156,7 +162,7 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     import pyarrow.parquet as pq
 
     from core.config import ShardConfig
-    from core.records import IMAGE_SCHEMA, rows_to_table
+    from core.records import IMAGE_SCHEMA, OCCURRENCE_SCHEMA, occurrence_of, rows_to_table
     from pairing.pipeline import run_pair
     from shards.writer import run_shards
 
@@ -173,6 +179,8 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     ]
     os.makedirs(tmp_path / "filter" / "images")
     pq.write_table(rows_to_table(rows, IMAGE_SCHEMA), tmp_path / "filter" / "images" / "part-0.parquet")
+    os.makedirs(tmp_path / "filter" / "occurrences")
+    pq.write_table(rows_to_table([occurrence_of(r) for r in rows], OCCURRENCE_SCHEMA), tmp_path / "filter" / "occurrences" / "part-0.parquet")
     _mark_complete(tmp_path / "filter", "filter", len(rows))
     stats = run_pair(str(tmp_path / "filter"), str(tmp_path / "pair"), PairConfig(sim_low=0.0, sim_high=0.999))
     pairs = read_table(str(tmp_path / "pair"), "pairs").to_pandas()

@@ -1,0 +1,173 @@
+"""Boilerplate flags of `pair`: content and image URLs that repeat across the pages of a site or of
+the whole crawl (logos, icons, social buttons, ads).
+
+The evidence is filter's `occurrences/`: every fetched link with its pHash, taken before any size
+or aspect threshold, so a logo counts on every page it is on in every size it comes in (a 150x60
+copy that filter drops as too small still counts for the 375x150 one it resembles).
+
+Rules (PairConfig):
+- boilerplate_site: a content (a pHash and the pHashes within `boilerplate_phash_distance` bits of
+  it: sizes and recompressions of one picture) or an image URL on at least `site_share` of the
+  pages of its site (the page's registered domain; pages with at least one fetched image) and on
+  at least `site_min_pages` of them.
+- boilerplate_global: a content or an image URL on more than `boilerplate_pages` pages anywhere.
+
+Close pHashes are found with LSH banding (pairing/select.py `band_keys`): only hashes that share a
+band are compared, and the pigeonhole principle makes every close pair share one. A content's page
+count is the union of the pages of its close neighbourhood; pages travel as 63-bit ints.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import apache_beam as beam
+
+from core.config import PairConfig
+from core.records import phash_distance, stable_id
+from pairing.select import band_keys
+
+GLOBAL = "*"  # the scope of the crawl-wide rule
+CONTENT, URL = "content", "url"
+BOILERPLATE_SITE = "boilerplate_site"
+BOILERPLATE_GLOBAL = "boilerplate_global"
+
+
+def page_key(page_url: str) -> int:
+    """A page as a 63-bit int (sets of pages per content stay small; Beam's int coder is signed 64-bit)."""
+    return int(stable_id(page_url), 16) >> 1
+
+
+class PageSet(beam.CombineFn):
+    """Union of page sets (or single pages), keeping at most `cap` pages when a cap is given: enough
+    to tell 'more than K' apart with bounded memory."""
+
+    def __init__(self, cap: int = 0):
+        self.cap = cap
+
+    def create_accumulator(self):
+        return set()
+
+    def add_input(self, acc, value):
+        if self.cap and len(acc) >= self.cap:
+            return acc
+        if isinstance(value, (set, frozenset)):
+            acc |= value
+        else:
+            acc.add(value)
+        if self.cap and len(acc) > self.cap:
+            return set(list(acc)[: self.cap])
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = set()
+        for acc in accs:
+            out = self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def close_neighbours(members: list[tuple[str, set]], max_distance: int):
+    """For each pHash of one LSH bucket, the page sets of the other members within `max_distance`
+    bits: (pHash, pages of one neighbour)."""
+    for i, (h, _) in enumerate(members):
+        for j, (other, pages) in enumerate(members):
+            if i != j and phash_distance(h, other) <= max_distance:
+                yield h, pages
+
+
+def site_threshold(site_pages: int, cfg: PairConfig) -> int:
+    """Pages a content or URL must be on to be boilerplate of a site with `site_pages` pages."""
+    import math
+
+    return max(cfg.site_min_pages, math.ceil(cfg.site_share * site_pages - 1e-9))
+
+
+class _ContentPages(beam.PTransform):
+    """((scope, pHash), page) -> ((scope, pHash), pages of its close neighbourhood), pages capped at
+    `cap` (0: no cap)."""
+
+    def __init__(self, max_distance: int, cap: int):
+        super().__init__()
+        self.max_distance, self.cap = max_distance, cap
+
+    def expand(self, keyed):
+        d, cap = self.max_distance, self.cap
+        own = keyed | "PagesPerHash" >> beam.CombinePerKey(PageSet(cap))
+        neighbours = (
+            own
+            | "Bands" >> beam.FlatMap(lambda kv: [((kv[0][0], b), pickle.dumps((kv[0][1], kv[1]), protocol=pickle.HIGHEST_PROTOCOL)) for b in band_keys(kv[0][1], d)])
+            | "GroupBands" >> beam.GroupByKey()
+            | "Neighbours" >> beam.FlatMap(lambda kv: (((kv[0][0], h), pages) for h, pages in close_neighbours([pickle.loads(b) for b in kv[1]], d)))
+        )
+        return (own, neighbours) | "OwnAndNeighbours" >> beam.Flatten() | "Neighbourhood" >> beam.CombinePerKey(PageSet(cap))
+
+
+def _global_rows(kv, kind: str, more_than: int):
+    (_, key), pages = kv
+    if len(pages) > more_than:
+        yield {"scope": GLOBAL, "kind": kind, "key": key, "pages": len(pages), "site_pages": 0}
+
+
+def _site_rows(item, cfg: PairConfig):
+    site, grouped = item
+    n = list(grouped["site_pages"])
+    if not n:
+        return
+    need = site_threshold(n[0], cfg)
+    for kind, key, pages in grouped["candidates"]:
+        if pages >= need:
+            yield {"scope": site, "kind": kind, "key": key, "pages": pages, "site_pages": n[0]}
+
+
+class FlagBoilerplate(beam.PTransform):
+    """Occurrences {page_url, site, image_url, phash} -> BOILERPLATE_SCHEMA rows (site and global)."""
+
+    def __init__(self, cfg: PairConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, occ):
+        cfg, k = self.cfg, self.cfg.boilerplate_pages
+        occ = occ | "Pages" >> beam.Map(lambda r: (r["site"], r["image_url"], r["phash"], page_key(r["page_url"])))
+        hashed = occ | "Decoded" >> beam.Filter(lambda o: o[2] is not None)
+        # crawl-wide: pages capped at K+1 (enough to say "more than K")
+        g_content = hashed | "GlobalHash" >> beam.Map(lambda o: ((GLOBAL, o[2]), o[3])) | "GlobalContent" >> _ContentPages(cfg.boilerplate_phash_distance, k + 1)
+        g_url = occ | "GlobalUrl" >> beam.Map(lambda o: ((GLOBAL, o[1]), o[3])) | "GlobalUrlPages" >> beam.CombinePerKey(PageSet(k + 1))
+        flags = [
+            g_content | "GlobalContentRows" >> beam.FlatMap(_global_rows, CONTENT, k),
+            g_url | "GlobalUrlRows" >> beam.FlatMap(_global_rows, URL, k),
+        ]
+        # per site: counted against the site's page count (a CoGroupByKey on the site)
+        s_content = hashed | "SiteHash" >> beam.Map(lambda o: ((o[0], o[2]), o[3])) | "SiteContent" >> _ContentPages(cfg.boilerplate_phash_distance, 0)
+        s_url = occ | "SiteUrl" >> beam.Map(lambda o: ((o[0], o[1]), o[3])) | "SiteUrlPages" >> beam.CombinePerKey(PageSet())
+        min_pages = cfg.site_min_pages
+        candidates = [
+            pc | f"{kind}Candidates" >> beam.FlatMap(lambda kv, kind=kind: [(kv[0][0], (kind, kv[0][1], len(kv[1])))] if len(kv[1]) >= min_pages else [])
+            for kind, pc in ((CONTENT, s_content), (URL, s_url))
+        ]
+        site_pages = (
+            occ
+            | "SitePage" >> beam.Map(lambda o: (o[0], o[3]))
+            | "DistinctSitePages" >> beam.Distinct()
+            | "PagesPerSite" >> beam.combiners.Count.PerKey()
+        )
+        site_flags = (
+            {"site_pages": site_pages, "candidates": candidates | "AllCandidates" >> beam.Flatten()}
+            | "JoinSite" >> beam.CoGroupByKey()
+            | "SiteRows" >> beam.FlatMap(_site_rows, cfg)
+        )
+        return (*flags, site_flags) | "AllFlags" >> beam.Flatten()
+
+
+def boilerplate_reason(site: str, phash: str, image_url: str, flags: dict, cfg: PairConfig):
+    """(reason, detail) for a record whose content or URL is flagged, or None."""
+    for scope, reason in ((site, BOILERPLATE_SITE), (GLOBAL, BOILERPLATE_GLOBAL)):
+        for kind, key in ((CONTENT, phash), (URL, image_url)):
+            pages = flags.get((scope, kind, key))
+            if pages is not None:
+                where = f"of the pages of {site}" if scope != GLOBAL else f"pages (more than {cfg.boilerplate_pages})"
+                return reason, f"{'content' if kind == CONTENT else 'URL'} on {pages} {where}"
+    return None
