@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from core.stageio import is_complete, read_stats, read_table, stage_files
+from shards import quality
 
 STAGE_ORDER = ["extract", "download", "filter", "pair", "shards"]
 
@@ -59,6 +60,9 @@ def collect(root: str) -> dict:
         pairs = read_table(stages["pair"], "pairs").to_pandas()
         data["similarity"] = pairs.similarity.tolist()
         data["pairs_per_page"] = pairs.groupby("page_url").size().tolist()
+        data["pairs_with_boilerplate"] = quality.pairs_with_boilerplate(stages["pair"], quality.pair_max_distance(stages["pair"]))
+    if "filter" in stages and stage_files(stages["filter"], "occurrences"):
+        data["pages_per_site"] = quality.pages_per_site(stages["filter"])
     if "shards" in stages:
         manifest_path = os.path.join(stages["shards"], "manifest.json")
         if os.path.exists(manifest_path):
@@ -83,6 +87,12 @@ def summary_text(data: dict) -> str:
     if "pairs_per_page" in data:
         lines.append(f"pairs per page:    {_quantiles(data['pairs_per_page'])}")
         lines.append(f"similarity:        {_quantiles(data['similarity'])}")
+    if "pairs_with_boilerplate" in data:
+        bad, total = data["pairs_with_boilerplate"]
+        lines.append(f"pairs with boilerplate: {bad} of {total} ({bad / total:.1%})" if total else "pairs with boilerplate: 0 of 0")
+    if data.get("pages_per_site"):
+        sites = data["pages_per_site"]
+        lines.append(f"pages per site:    {_quantiles(list(sites.values()))}; {len(sites)} sites, most: " + ", ".join(f"{s} ({n})" for s, n in list(sites.items())[:5]))
     if "manifest" in data:
         m = data["manifest"]
         lines.append(f"shards:            {len(m['shards'])} files, {m['samples']} samples, encoder {m.get('encoder')}, code {m.get('code_version')}")
@@ -114,7 +124,8 @@ def _plots(data: dict) -> list[tuple[str, str]]:
     ax.set_title("records kept per stage")
     ax.legend()
     plots.append(("funnel", _figure_png(fig)))
-    for key, title, bins in (("similarity", "pair similarity", 20), ("images_per_page", "images per page", 15), ("pairs_per_page", "pairs per page", 15)):
+    data = {**data, "pages_per_site_values": list(data.get("pages_per_site", {}).values())}
+    for key, title, bins in (("similarity", "pair similarity", 20), ("images_per_page", "images per page", 15), ("pairs_per_page", "pairs per page", 15), ("pages_per_site_values", "pages per site", 15)):
         if data.get(key):
             fig, ax = plt.subplots(figsize=(5, 3))
             ax.hist(data[key], bins=bins, color="#10ac84")
@@ -159,7 +170,7 @@ def example_pairs(shards_dir: str, n: int = 8) -> list[dict]:
     return out
 
 
-def render_html(data: dict, examples: Optional[list[dict]] = None) -> str:
+def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None) -> str:
     """A self-contained HTML page (inline PNG plots and thumbnails, no external resources)."""
     esc = html.escape
     parts = [
@@ -181,6 +192,17 @@ def render_html(data: dict, examples: Optional[list[dict]] = None) -> str:
     for name, png in _plots(data):
         parts.append(f"<img class='plot' id='plot-{name}' alt='{name}' src='data:image/png;base64,{png}'>")
     parts.append("</div>")
+    if "pairs_with_boilerplate" in data:
+        bad, total = data["pairs_with_boilerplate"]
+        parts.append(f"<h2>Pair quality</h2><p id='pairs-with-boilerplate'>Pairs with an image flagged as boilerplate (of its site or of the crawl): {bad} of {total}</p>")
+    if gallery:
+        parts.append("<h2>What the boilerplate rules removed</h2>")
+        for g in gallery:
+            parts.append(f"<h3 class='reason' id='reason-{esc(g['reason'])}'>{esc(g['stage'])}: {esc(g['reason'])} ({g['count']} removed)</h3><div class='pairs'>")
+            for ex in g["examples"]:
+                img = f"<img src='data:image/jpeg;base64,{ex['thumb']}' alt='{esc(g['reason'])}'>" if ex["thumb"] else "(no image)"
+                parts.append(f"<div class='pair'>{img}<br>{esc(ex['url'] or '')}<br>{esc(ex['detail'] or '')}</div>")
+            parts.append("</div>")
     if data.get("top_domains"):
         parts.append("<h2>Top domains</h2><ul>" + "".join(f"<li>{esc(d)}: {n}</li>" for d, n in data["top_domains"]) + "</ul>")
     if examples:
@@ -203,7 +225,8 @@ def write_report(root: str, html_path: Optional[str] = None) -> str:
     text = summary_text(data)
     if html_path:
         examples = example_pairs(data["dirs"]["shards"]) if "shards" in data["dirs"] else None
+        gallery = quality.boilerplate_gallery(data["dirs"])
         os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
         with open(html_path, "w") as fh:
-            fh.write(render_html(data, examples))
+            fh.write(render_html(data, examples, gallery))
     return text

@@ -30,7 +30,10 @@ def test_stats_summary_on_run_and_single_stage(tmp_path, pipeline_dirs):
         s = read_stats(pipeline_dirs["links" if stage == "extract" else stage if stage != "download" else "download"])
         line = next(l for l in out.stdout.splitlines() if l.startswith(stage))
         assert line.split()[1:3] == [str(s["input"]), str(s["kept"])]
-    assert "similarity:" in out.stdout and "boilerplate=" in out.stdout and "127.0.0.1" in out.stdout
+    assert "similarity:" in out.stdout and "flat_image=" in out.stdout and "127.0.0.1" in out.stdout
+    n_pairs = read_stats(pipeline_dirs["pair"])["pairs"]
+    assert f"pairs with boilerplate: 0 of {n_pairs} (0.0%)" in out.stdout
+    assert re.search(r"pages per site: .*1 sites, most: 127\.0\.0\.1 \(12\)", out.stdout)
     # a single stage directory works on its own
     alone = subprocess.run([sys.executable, "-m", "webpairs.cli", "stats", pipeline_dirs["filter"]], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0 and alone.stdout.count("\n") > 3 and "filter" in alone.stdout
@@ -56,3 +59,6 @@ def test_html_report_renders_plots_in_chromium(tmp_path, pipeline_dirs):
     assert total >= 4 and rendered == total
     assert "data-errors" not in body
     assert dom.count("alt=\"condition\"") == 8  # the grid of example pairs
+    # the boilerplate gallery: the logo among what flat_image removed, shown as an image
+    assert "filter: flat_image (12 removed)" in dom and "/static/logo.png" in dom and 'alt="flat_image"' in dom
+    assert "Pairs with an image flagged as boilerplate (of its site or of the crawl): 0 of" in dom

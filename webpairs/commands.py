@@ -121,6 +121,9 @@ def register_filter(sub, handlers) -> None:
     p.add_argument("--min-side", type=int, help="reject images whose short side is smaller (default 64)")
     p.add_argument("--max-aspect", type=float, help="reject long/short side ratios above this (default 3.0)")
     p.add_argument("--min-clip-score", type=float, help="reject images whose alt-text CLIP score is lower (default off; LAION used 0.28)")
+    p.add_argument("--flat-share", type=float, help="reject as flat_image (logo-, icon-like) when the 8 most frequent colours cover this share of the pixels (default 0.8; --flat-colours 0 turns it off)")
+    p.add_argument("--flat-colours", type=int, help="how many colours --flat-share counts (default 8; 0: rule off)")
+    p.add_argument("--reject-url-words", action="store_true", default=None, help="reject images whose URL path names logo, icon, sprite, avatar, badge or button (off by default; stats count them either way)")
     handlers["filter"] = cmd_filter
     cmd_filter.accepts_beam_args = True
 
@@ -136,10 +139,12 @@ def register_pair(sub, handlers) -> None:
     p = stage_parser(
         sub,
         "pair",
-        "Group images by page, drop boilerplate (content or URL on more than K pages), collapse near-duplicates, pick (condition, target) pairs whose similarity lies in a band.",
+        "Group images by page, drop boilerplate (content or URL on a large share of its site's pages, or on more than K pages anywhere), collapse near-duplicates, pick (condition, target) pairs whose similarity lies in a band.",
         "a `filter` output directory (or its images/ parquet files)",
     )
-    p.add_argument("--boilerplate-pages", type=int, help="content seen on more than this many pages is boilerplate (default 10)")
+    p.add_argument("--boilerplate-pages", type=int, help="content or an image URL on more than this many pages anywhere is boilerplate_global (default 10)")
+    p.add_argument("--site-share", type=float, help="content or an image URL on at least this share of its site's pages ... (default 0.5)")
+    p.add_argument("--site-min-pages", type=int, help="... and on at least this many of them is boilerplate_site (default 3)")
     p.add_argument("--sim-low", type=float, help="lower end of the similarity band (default 0.2)")
     p.add_argument("--sim-high", type=float, help="upper end of the similarity band (default 0.95)")
     p.add_argument("--max-pairs-per-page", type=int, help="pairs sampled per page (default 16)")

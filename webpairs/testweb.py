@@ -93,7 +93,11 @@ def generated_photo(topic: int, index: int, size=(320, 240)) -> Image.Image:
             draw.line((x, 0, x + rng.randrange(-80, 80), size[1]), fill=shade, width=max(2, r // 5))
         else:
             draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=shade)
-    return base
+    # sensor-like noise: a photo has no large areas of one exact colour (a drawing or a logo does)
+    import numpy as np
+
+    pixels = np.asarray(base, dtype=np.int16) + np.random.default_rng(topic * 1000 + index).normal(0, 4, (size[1], size[0], 3)).astype(np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def decompression_bomb_png(side: int = 30000) -> bytes:
@@ -284,13 +288,7 @@ def serve_test_web(
     """Start the loopback web, write its WARC, yield the ground truth, stop the server on exit."""
     photos = _load_photos(photos_dir, n_topics, images_per_page * max(1, n_pages // n_topics))
     routes, layouts, good, bad, near_groups = _build_routes(photos, n_pages, images_per_page, slow_delay)
-    handler = type("Handler", (_Handler,), {"routes": routes})
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, name="testweb", daemon=True)
-    thread.start()
-    try:
+    with serve_routes(routes, port) as base:
         html = {base + path: _page_html(path, layout) for path, layout in layouts.items()}
         warc_path = os.path.join(out_dir, "warc", "testweb.warc.gz")
         write_warc(warc_path, html)
@@ -309,6 +307,18 @@ def serve_test_web(
             routes=routes,
             slow_delay=slow_delay,
         )
+
+
+@contextlib.contextmanager
+def serve_routes(routes: dict[str, Route], port: int = 0) -> Iterator[str]:
+    """Serve `routes` (path -> Route) on 127.0.0.1 until the block ends; yields the base URL."""
+    handler = type("Handler", (_Handler,), {"routes": routes})
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="testweb", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -1,0 +1,128 @@
+"""Pair quality for `webpairs stats`: pairs that hold boilerplate, pages per site, and a gallery of
+what each boilerplate reason removed, from the stage outputs of a run.
+
+The boilerplate check is independent of the code that removed it: it takes pair's flag table
+(`boilerplate/`) and tests every paired image against it with a brute-force pHash distance, so a
+flaw in the LSH neighbourhoods or in the marking shows up here as a non-zero count.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Optional
+
+import numpy as np
+import pyarrow.compute as pc
+
+from core.sites import site_of
+from core.stageio import read_success, read_table, stage_files
+
+FILTER_REASONS = ("flat_image", "declared_too_small", "too_small", "bad_aspect", "url_word")
+PAIR_REASONS = ("boilerplate_site", "boilerplate_global")
+
+
+def _bits(hexes) -> np.ndarray:
+    return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+
+def pairs_with_boilerplate(pair_dir: str, max_distance: int) -> tuple[int, int]:
+    """(pairs with an image that is flagged boilerplate of its site or of the crawl, all pairs)."""
+    pairs = read_table(pair_dir, "pairs", ["cond_image_id", "target_image_id", "page_url", "cond_url", "target_url"]).to_pylist()
+    if not stage_files(pair_dir, "boilerplate"):
+        return 0, len(pairs)
+    flags = read_table(pair_dir, "boilerplate").to_pylist()
+    images = read_table(pair_dir, "images", ["image_id", "phash"]).to_pylist()
+    phash = {r["image_id"]: r["phash"] for r in images}
+    content: dict[str, list[str]] = {}
+    urls: dict[str, set] = {}
+    for f in flags:
+        if f["kind"] == "content":
+            content.setdefault(f["scope"], []).append(f["key"])
+        else:
+            urls.setdefault(f["scope"], set()).add(f["key"])
+    arrays = {scope: _bits(keys) for scope, keys in content.items()}
+
+    def flagged(image_id: str, url: str, site: str) -> bool:
+        for scope in (site, "*"):
+            if url in urls.get(scope, ()):
+                return True
+            if scope in arrays and image_id in phash:
+                distance = _popcount(arrays[scope] ^ np.uint64(int(phash[image_id], 16)))
+                if (distance <= max_distance).any():
+                    return True
+        return False
+
+    bad = sum(
+        flagged(p["cond_image_id"], p["cond_url"], site_of(p["page_url"])) or flagged(p["target_image_id"], p["target_url"], site_of(p["page_url"]))
+        for p in pairs
+    )
+    return bad, len(pairs)
+
+
+def pages_per_site(filter_dir: str) -> dict[str, int]:
+    """Site -> pages with at least one fetched image (filter's occurrences)."""
+    occ = read_table(filter_dir, "occurrences", ["site", "page_url"]).to_pandas()
+    return occ.drop_duplicates().groupby("site").size().sort_values(ascending=False).to_dict()
+
+
+def _thumb(data: bytes, side: int = 96) -> Optional[str]:
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.thumbnail((side, side))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - a report shows what it can; a broken image is shown as its URL
+        return None
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _bytes_by(stage_dir: str, part: str, key: str, wanted: set) -> dict:
+    """{key value: image bytes} for the wanted keys, reading only the rows that match."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for path in stage_files(stage_dir, part):
+        table = pq.read_table(path, columns=[key, "image_bytes"], filters=pc.field(key).isin(list(wanted)))
+        out.update(zip(table.column(key).to_pylist(), table.column("image_bytes").to_pylist()))
+    return out
+
+
+def boilerplate_gallery(dirs: dict[str, str], per_reason: int = 4) -> list[dict]:
+    """A few examples (distinct URLs) of what each boilerplate reason removed: reason, count,
+    examples [{url, detail, thumb}], with the image where the run still has it."""
+    out = []
+    for stage, reasons, source in (("filter", FILTER_REASONS, ("download", "downloads", "link_id")), ("pair", PAIR_REASONS, ("filter", "images", "image_id"))):
+        if stage not in dirs or source[0] not in dirs:
+            continue
+        rejected = read_table(dirs[stage], "rejected").to_pylist()
+        for reason in reasons:
+            rows = sorted((r for r in rejected if r["reason"] == reason), key=lambda r: r["url"] or "")
+            if not rows:
+                continue
+            picked, seen = [], set()
+            for r in rows:
+                if r["url"] not in seen:
+                    seen.add(r["url"])
+                    picked.append(r)
+                if len(picked) == per_reason:
+                    break
+            ids = {r["record_id"].split("@")[0] for r in picked}  # pair's record ids are image_id@page
+            data = _bytes_by(dirs[source[0]], source[1], source[2], ids)
+            examples = [{"url": r["url"], "detail": r["detail"], "thumb": _thumb(data[r["record_id"].split("@")[0]]) if r["record_id"].split("@")[0] in data else None} for r in picked]
+            out.append({"stage": stage, "reason": reason, "count": len(rows), "examples": examples})
+    return out
+
+
+def pair_max_distance(pair_dir: str) -> int:
+    """The pHash distance the pair run used (its config in stats.json)."""
+    from core.stageio import read_stats
+
+    read_success(pair_dir, "pair")
+    return int((read_stats(pair_dir) or {}).get("config", {}).get("boilerplate_phash_distance", 4))
