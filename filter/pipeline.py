@@ -57,12 +57,11 @@ class ValidateAndHash(beam.DoFn):
         if problem is None:
             occurrence.update(phash=phash_hex(decoded.image, self.cfg.phash_size), width=decoded.width, height=decoded.height)
             problem = check_shape(decoded, self.cfg) or self._signals(row, decoded)
+        occurrence["filter_reason"] = problem.reason if problem else None
+        yield beam.pvalue.TaggedOutput(OCCURRENCES, occurrence)
         if problem is not None:
-            occurrence["filter_reason"] = problem.reason
-            yield beam.pvalue.TaggedOutput(OCCURRENCES, occurrence)
             yield beam.pvalue.TaggedOutput(REJECTED, Rejected(row["link_id"], STAGE, problem.reason, problem.detail, row["image_url"]).to_row())
             return
-        yield beam.pvalue.TaggedOutput(OCCURRENCES, occurrence)
         words = url_words(row["image_url"], self.cfg.url_words)
         if words:  # counted whether or not the rule is on: what it catches (or would)
             yield beam.pvalue.TaggedOutput(URL_WORD_MATCHES, row["link_id"])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 import os
 
-import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw
 
@@ -71,8 +70,10 @@ def test_site_and_global_rules_in_a_pipeline():
         pages[f"http://b.com/{i}"] = [("http://cdn/b-shared.jpg", "aaaa5555aaaa5555")]
     for i in range(11):
         pages.setdefault(f"http://s{i}.org/", []).append(("http://ads/banner.jpg", "3c3c3c3c3c3c3c3c"))
-    with TestPipeline(runner="FnApiRunner") as p:
-        flags = p | __import__("apache_beam").Create(_occ(pages)) | FlagBoilerplate(PairConfig())
+    import apache_beam as beam
+
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:  # (imported by module: pytest would collect the class)
+        flags = p | beam.Create(_occ(pages)) | FlagBoilerplate(PairConfig())
         assert_that(flags, equal_to([
             {"scope": "a.com", "kind": "content", "key": logo, "pages": 5, "site_pages": 6},
             {"scope": "a.com", "kind": "content", "key": logo_small, "pages": 5, "site_pages": 6},
