@@ -2,11 +2,12 @@
 
 Steps: from filter's occurrences (every fetched link, kept or not), flag boilerplate of each site
 and of the crawl (pairing/boilerplate.py), and from a light read of (image id, page) the images
-seen on several pages -> read the records and drop the boilerplate (the flags are a side input) -> GroupByKey(page_url) -> collapse near-duplicates, cap images per page,
-pick in-band pairs (pairing/select.py) -> pairs of two shared images go through a GroupByKey on
-their contents so each (condition, target) content pair is kept once across pages; the rest are
-final -> write pairs/ (each row carries what `shards` needs of its two images), images/, rejected/,
-stats.json. Records cross the shuffles packed (one bytes object each).
+seen on several pages -> read the records and drop the boilerplate (the flags are a side input)
+-> GroupByKey(page_url) -> collapse near-duplicates, cap images per page, pick in-band pairs
+(pairing/select.py) -> pairs of two shared images go through a GroupByKey on their contents so
+each (condition, target) content pair is kept once across pages; the rest are final -> write
+pairs/ (each row carries what `shards` needs of its two images), images/, boilerplate/ (the flags),
+rejected/, stats.json. Records cross the shuffles packed (one bytes object each).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import apache_beam as beam
 from core.config import PairConfig, to_dict
 from core.records import BOILERPLATE_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
 from core.sites import site_of
-from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
 from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
+from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
 from pairing.select import page_outcome
 
 STAGE = "pair"
