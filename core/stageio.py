@@ -14,11 +14,12 @@ counts reconcile, so the previous output stays readable until then and two outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -45,11 +46,58 @@ class StageError(RuntimeError):
 
 
 def pipeline_options(beam_args: Optional[list[str]] = None, **defaults: Any) -> PipelineOptions:
-    """Beam options from pass-through command-line flags, FnApiRunner unless --runner is given."""
+    """Beam options from pass-through command-line flags, FnApiRunner unless --runner is given.
+    (`--runner dask` needs its cluster: use `stage_pipeline`.)"""
     args = list(beam_args or [])
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args = [f"--runner={DEFAULT_RUNNER}"] + args
     return PipelineOptions(args, save_main_session=False, **defaults)
+
+
+def _dask_flags(args: list[str]) -> tuple[list[str], Optional[str], int]:
+    """Take webpairs' Dask flags out of the Beam flags: (other flags, --dask-address, --dask-workers)."""
+    rest, address, workers = [], None, 0
+    it = iter(args)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in ("--dask-address", "--dask-workers"):
+            value = value if eq else next(it, "")
+            if name == "--dask-address":
+                address = value
+            else:
+                try:
+                    workers = int(value)
+                except ValueError:
+                    raise StageError(f"--dask-workers must be a whole number, not {value!r}") from None
+        elif name == "--runner" and (value if eq else None) is None:
+            rest += [a, next(it, "")]
+        else:
+            rest.append(a)
+    return rest, address, workers
+
+
+@contextlib.contextmanager
+def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipeline]:
+    """A Beam pipeline for a stage. `--runner dask` runs it on dask.distributed (core/dask_runner.py):
+    on the cluster at `--dask-address tcp://HOST:PORT`, or on a LocalCluster of `--dask-workers N`
+    processes (default: the cores) started here and closed after; each input file is one partition
+    unless --dask_npartitions/--dask_partition_size say otherwise."""
+    args, address, workers = _dask_flags(list(beam_args or []))
+    runner = next((args[i + 1] if a == "--runner" else a.split("=", 1)[1] for i, a in enumerate(args) if a == "--runner" or a.startswith("--runner=")), None)
+    if runner is None or runner.lower() != "dask":
+        if address or workers:
+            raise StageError("--dask-address and --dask-workers need --runner dask")
+        with beam.Pipeline(options=pipeline_options(args)) as p:
+            yield p
+        return
+    from core.dask_runner import RUNNER_PATH, dask_cluster
+
+    args = [a for i, a in enumerate(args) if not (a == "--runner" or a.startswith("--runner=") or (i and args[i - 1] == "--runner"))]
+    if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in args):
+        args.append("--dask_partition_size=1")
+    with dask_cluster(address, workers) as scheduler:
+        with beam.Pipeline(options=pipeline_options([f"--runner={RUNNER_PATH}", f"--dask_client_address={scheduler}"] + args)) as p:
+            yield p
 
 
 def is_complete(out_dir: str) -> bool:

@@ -187,7 +187,7 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
     """Run the extract pipeline and return its reconciled stats. A file that cannot be read is a
     rejected row (and counted in stats), not the end of the job; only when no file could be read
     at all does this raise, after writing the output that says why."""
-    from core.stageio import StageError, StageOutput, pipeline_options
+    from core.stageio import StageError, StageOutput, stage_pipeline
     from crawl.warc import expand_inputs
 
     try:
@@ -197,7 +197,7 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
     if not files:
         raise StageError(f"extract: no WARC/WAT files match {input_pattern}")
     with StageOutput(out_dir, STAGE) as out:
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        with stage_pipeline(beam_args) as p:
             outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg)
             rejected = outputs["rejected"]
             for reason, key in FILE_STATS.items():  # counted apart in stats.json too

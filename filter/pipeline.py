@@ -20,7 +20,7 @@ from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
 from core.records import DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, Rejected
 from core.sites import site_of
-from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from filter.embed import EncoderModelHandler
 from filter.hashing import image_id, phash_hex, sha256_hex
 from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, URL_WORD, declared_too_small, top_colour_share, url_words
@@ -166,7 +166,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
     check_columns(files, DOWNLOAD_SCHEMA, input_path, "download")
     info = encoder_info(cfg)
     with StageOutput(out_dir, STAGE) as out:
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        with stage_pipeline(beam_args) as p:
             rows = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
             outputs = rows | "Filter" >> FilterImages(cfg, info)
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more={OCCURRENCES: OCCURRENCE_SCHEMA})

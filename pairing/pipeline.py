@@ -19,7 +19,7 @@ import apache_beam as beam
 from core.config import PairConfig, to_dict
 from core.records import BOILERPLATE_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
 from core.sites import site_of
-from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, pipeline_options, stage_files
+from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
 from pairing.select import page_outcome
 
@@ -191,7 +191,7 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
 def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args) -> None:
     import os
 
-    with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+    with stage_pipeline(beam_args) as p:
         keys = p | "KeyFiles" >> beam.Create(files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so

@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
 from core.records import Rejected
-from core.stageio import StageError, StageOutput, WriteStageOutputs, pipeline_options, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, stage_pipeline, stage_files
 
 STAGE = "shards"
 REJECTED = "rejected"
@@ -238,7 +238,7 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
     pair_files = stage_files(input_path, "pairs", expected="pair")
     n_pairs, encoder = _pair_files_info(pair_files)  # footers only, no data pass
     with StageOutput(out_dir, STAGE) as out:
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        with stage_pipeline(beam_args) as p:
             written = (
                 p
                 | "PairFiles" >> beam.Create(list(enumerate(pair_files)))

@@ -1,0 +1,193 @@
+"""Beam's Dask runner with two fixes that every webpairs stage needs (Beam 2.77).
+
+`apache_beam.runners.dask.dask_runner.DaskRunner` translates a pipeline into dask.bag operations
+and runs it on a dask.distributed cluster (a LocalCluster of worker processes here; Kubernetes,
+SLURM or a cloud service elsewhere). As shipped it has two bugs (minimal reproductions in
+docs/cluster.md):
+
+1. A multi-output ParDo (`.with_outputs(...)`) is one bag holding every output: each consumer of
+   one output also receives the others' elements (a tagged `rejected` row reaches the writer of
+   kept records). Here each consumer reads only its own output: the main output's elements, or the
+   `TaggedOutput` elements of its tag, unwrapped.
+2. A bundle's results are collected before `finish_bundle` runs, so what a DoFn emits there is
+   lost: the last batch of `BatchElements` (RunInference) and the file names that Beam's file
+   sinks emit when they close a file (the files are then never finalised). Here results are
+   collected after `finish_bundle`.
+
+Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
+to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator, Optional
+
+from apache_beam import TaggedOutput
+from apache_beam.runners.dask import transform_evaluator as te
+from apache_beam.runners.dask.dask_runner import DaskRunner as BeamDaskRunner
+from apache_beam.runners.dask.dask_runner import DaskRunnerResult
+from apache_beam.runners.dask.transform_evaluator import TRANSLATIONS, NoOp
+from apache_beam.transforms.sideinputs import SideInputMap
+
+RUNNER_PATH = "core.dask_runner.DaskRunner"
+
+
+class _ListIterator:
+    """A computed side input (a list) as the windowed values `SideInputMap` iterates."""
+
+    def __init__(self, values: list, window_fn):
+        self.values, self.window_fn = values, window_fn
+
+    def __iter__(self):
+        for item in self.values:
+            yield te.get_windowed_value(item, self.window_fn)
+
+
+def _run_bundle(items, fn, label, args, kwargs, window_fn, side_specs, *side_values):
+    """One dask partition through a DoFn: setup, start_bundle, process, finish_bundle, teardown;
+    returns what it emitted, collected after finish_bundle (fix 2). Side inputs arrive computed."""
+    receivers = te.OneReceiver()
+    handler = te._OutputHandler(
+        window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers, per_element_output_counter=None,
+        output_batch_converter=None, process_yields_batches=False, process_batch_yields_elements=False,
+    )
+    side_inputs = [SideInputMap(view, options, _ListIterator(values, mapping)) for (view, options, mapping), values in zip(side_specs, side_values)]
+    invoker = te.DoFnInvoker.create_invoker(
+        te.DoFnSignature(fn), handler, context=te.DoFnContext(label, state=None), side_inputs=side_inputs,
+        input_args=list(args), input_kwargs=kwargs, user_state_context=None, bundle_finalizer_param=te.DoFn.BundleFinalizerParam(),
+    )
+    invoker.invoke_setup()
+    invoker.invoke_start_bundle()
+    for item in items:
+        invoker.invoke_process(item)
+    invoker.invoke_finish_bundle()
+    invoker.invoke_teardown()
+    # plain values as Beam's version returns them (global windows); tagged ones keep their tag
+    return [TaggedOutput(v.tag, v.value.value) if isinstance(v, TaggedOutput) else v.value for v in receivers.values]
+
+
+def _concat(parts: list) -> list:
+    return [item for part in parts for item in part]
+
+
+class _ParDo(te.DaskBagOp):
+    """A ParDo over the partitions of its input bag; each side input is computed once for the
+    whole graph (a dask.delayed list handed to every partition), where Beam's translation
+    recomputes the side input's bag inside every task that reads it."""
+
+    def apply(self, input_bag, side_inputs=None):
+        transform = self.transform
+        args, kwargs = transform.raw_side_inputs
+        main_input = next(iter(self.applied.main_inputs.values()))
+        window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
+        specs = [(type(si), si._view_options(), si._window_mapping_fn) for si, _ in side_inputs or ()]
+        values = [value for _, value in side_inputs or ()]  # dask.delayed lists (the visitor's _side)
+        return input_bag.map(te.get_windowed_value, window_fn).map_partitions(_run_bundle, transform.fn, transform.label, args, kwargs, window_fn, specs, *values)
+
+
+def _select(bag, producer, pcoll):
+    """The elements of one output of `producer` (fix 1): main or one tag, unwrapped."""
+    if len(producer.outputs) <= 1:
+        return bag
+    tag = pcoll.tag
+    if tag is None or tag == "None":  # the main output
+        return bag.filter(lambda x: not isinstance(x, TaggedOutput))
+    return bag.filter(lambda x, tag=tag: isinstance(x, TaggedOutput) and x.tag == tag).map(lambda x: x.value)
+
+
+class DaskRunner(BeamDaskRunner):
+    """Beam's DaskRunner with per-output consumers, results after finish_bundle, side inputs
+    computed once, and every branch of the pipeline run (fix 3: Beam computes only the bag of the
+    last transform visited, so a pipeline with several sinks ran one of them)."""
+
+    def run_pipeline(self, pipeline, options):
+        import dask
+        import dask.distributed as ddist
+        from apache_beam.runners.dask.dask_runner import DaskOptions
+        from apache_beam.runners.dask.overrides import dask_overrides
+
+        dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
+        bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+        client = ddist.Client(**dask_options)
+        pipeline.replace_all(dask_overrides())
+        visitor = self.to_dask_bag_visitor(bag_kwargs)
+        pipeline.visit(visitor)
+        consumed = {id(p.producer) for node in visitor.bags for p in list(node.inputs) + [si.pvalue for si in node.side_inputs] if getattr(p, "producer", None) is not None}
+        leaves = [bag for node, bag in visitor.bags.items() if id(node) not in consumed and bag is not None]
+        # no graph optimisation: bag fusion inlines single-element tasks into each consumer, which
+        # would run a sink's initialize_write once per consumer (one temp folder each)
+        futures = client.compute(leaves, optimize_graph=False)
+        return _Result(client, futures)
+
+    @staticmethod
+    def to_dask_bag_visitor(bag_kwargs=None):
+        import collections
+        import dataclasses
+
+        from apache_beam import pvalue
+        from apache_beam.pipeline import PipelineVisitor
+
+        translations = dict(TRANSLATIONS)
+        translations[te.apache_beam.ParDo] = _ParDo
+        kwargs = bag_kwargs or {}
+
+        @dataclasses.dataclass
+        class Visitor(PipelineVisitor):
+            bags: dict = dataclasses.field(default_factory=collections.OrderedDict)
+            sides: dict = dataclasses.field(default_factory=dict)
+
+            def _side(self, pcoll):
+                """A side input's elements as one dask.delayed list, made once per PCollection:
+                every reader shares its tasks (no recomputation per reader)."""
+                import dask
+
+                if id(pcoll) not in self.sides:
+                    parts = self._input(pcoll).to_delayed(optimize_graph=False)
+                    self.sides[id(pcoll)] = dask.delayed(_concat)(parts)
+                return self.sides[id(pcoll)]
+
+            def _input(self, pcoll):
+                producer = pcoll.producer
+                return _select(self.bags[producer], producer, pcoll) if producer in self.bags else None
+
+            def visit_transform(self, node) -> None:
+                op = translations.get(node.transform.__class__, NoOp)(node, bag_kwargs=kwargs)
+                op_kws = {"input_bag": None, "side_inputs": None}
+                inputs = list(node.inputs)
+                if inputs:
+                    bag_inputs = [None if isinstance(v, pvalue.PBegin) else self._input(v) for v in inputs]
+                    bag_inputs = [b for b, v in zip(bag_inputs, inputs) if b is not None or isinstance(v, pvalue.PBegin)]
+                    op_kws["input_bag"] = bag_inputs[0] if len(bag_inputs) == 1 and not isinstance(op, te.Flatten) else bag_inputs
+                if node.side_inputs:
+                    op_kws["side_inputs"] = [(si, self._side(si.pvalue)) for si in node.side_inputs]
+                self.bags[node] = op.apply(**op_kws)
+
+        return Visitor()
+
+
+class _Result(DaskRunnerResult):
+    """Closes its client once the pipeline is done (a client left open retries a scheduler that
+    the LocalCluster has already stopped, with a page of errors)."""
+
+    def wait_until_finish(self, duration=None) -> str:
+        try:
+            return super().wait_until_finish(duration)
+        finally:
+            self.client.close()
+
+
+@contextlib.contextmanager
+def dask_cluster(address: Optional[str], workers: int) -> Iterator[str]:
+    """The scheduler address: `address` as given, or a LocalCluster of `workers` processes
+    (one thread each) that is closed when the block ends."""
+    if address:
+        yield address
+        return
+    from distributed import LocalCluster
+
+    # silence_logs: the cluster's own shutdown chatter (heartbeats to a closed scheduler) stays quiet
+    with LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+        yield cluster.scheduler_address
