@@ -10,7 +10,9 @@ import argparse
 BEAM_NOTE = (
     "Unknown --flags are passed to Apache Beam as pipeline options; the default runner is the "
     "in-process FnApiRunner (e.g. --direct_num_workers 2, or --runner PortableRunner "
-    "--job_endpoint localhost:8099 --environment_type LOOPBACK)."
+    "--job_endpoint localhost:8099 --environment_type LOOPBACK). --runner dask runs the Beam stages "
+    "on dask.distributed: --dask-address tcp://HOST:PORT submits to a cluster, otherwise a LocalCluster "
+    "of --dask-workers N processes (default: the cores) is started for the stage."
 )
 
 
