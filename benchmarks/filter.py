@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import tempfile
 
@@ -33,6 +34,11 @@ def make_downloads(out_dir: str, repeat: int) -> list[bytes]:
     ]
     os.makedirs(os.path.join(out_dir, "downloads"))
     pq.write_table(pa.Table.from_pylist(rows, schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", "part-0.parquet"))
+    with open(os.path.join(out_dir, "stats.json"), "w") as fh:  # a complete download output, as the stage leaves it
+        json.dump({"stage": "download", "input": len(rows), "kept": len(rows), "rejected": {}}, fh)
+    from core.stageio import finish_stage
+
+    finish_stage(out_dir, "download")
     return [r["image_bytes"] for r in rows]
 
 

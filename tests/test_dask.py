@@ -97,3 +97,52 @@ def test_dask_flags_need_the_dask_runner(tmp_path):
     with pytest.raises(StageError, match="whole number"):
         with stage_pipeline(["--runner", "dask", "--dask-workers", "two"]):
             pass
+
+
+def test_a_worker_killed_in_the_middle_of_pair(tmp_path, pipeline_dirs):
+    """SIGKILL of a Dask worker process while `pair` runs on it: the nanny restarts the worker and
+    Dask recomputes what was lost, so the stage completes with the in-process run's output; had it
+    failed, it must say so in one sentence and a rerun must give that output, with nothing doubled."""
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    from core.dask_runner import dask_cluster
+    from pairing.pipeline import run_pair
+
+    out = str(tmp_path / "pair")
+    with dask_cluster(None, 2) as address, Client(address) as client:
+        outcome: dict = {}
+
+        def run():
+            try:
+                outcome["stats"] = run_pair(pipeline_dirs["filter"], out, PairConfig(), ["--runner", "dask", "--dask-address", address])
+            except Exception as err:  # noqa: BLE001 - the outcome is checked below
+                outcome["error"] = err
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.time() + 60
+        busy = {}
+        while time.time() < deadline and not busy and thread.is_alive():
+            busy = {w: tasks for w, tasks in client.processing().items() if tasks}
+            time.sleep(0.05)
+        assert busy, "pair never ran a task on the cluster"
+        victim = next(iter(busy))
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        with pytest.raises(ProcessLookupError):  # the worker did die (its nanny started another)
+            os.kill(pid, 0)
+        print(f"killed worker pid {pid} while it ran {len(busy[victim])} task(s); the stage", "failed: " + str(outcome["error"]) if "error" in outcome else "completed")
+        if "error" in outcome:  # a clear sentence, then a rerun that completes
+            assert "\n" not in str(outcome["error"]).strip(), outcome["error"]
+            run_pair(pipeline_dirs["filter"], out, PairConfig(), ["--runner", "dask", "--dask-address", address])
+    _same_stats(out, pipeline_dirs["pair"])
+    assert _ids(out, "pairs", "pair_id") == _ids(pipeline_dirs["pair"], "pairs", "pair_id")
+    pairs = _ids(out, "pairs", "pair_id")
+    assert len(pairs) == len(set(pairs))  # nothing doubled
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no partial folder or lock left
