@@ -117,9 +117,9 @@ class DaskRunner(BeamDaskRunner):
         pipeline.visit(visitor)
         consumed = {id(p.producer) for node in visitor.bags for p in list(node.inputs) + [si.pvalue for si in node.side_inputs] if getattr(p, "producer", None) is not None}
         leaves = [bag for node, bag in visitor.bags.items() if id(node) not in consumed and bag is not None]
-        # no graph optimisation: bag fusion inlines single-element tasks into each consumer, which
-        # would run a sink's initialize_write once per consumer (one temp folder each)
-        futures = client.compute(leaves, optimize_graph=False)
+        # (side inputs are shared dask.delayed lists, see _side: graph optimisation no longer
+        # duplicates a sink's initialize_write into each reader)
+        futures = client.compute(leaves, optimize_graph=True)
         return _Result(client, futures)
 
     @staticmethod
