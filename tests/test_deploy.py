@@ -128,3 +128,41 @@ def test_the_flag_checker_reports_unknown_flags(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, CHECK_LOG=str(log))
     subprocess.run([sys.executable, os.path.join(ROOT, "tests", "deploy", "check_command.py"), "pair", "in", "--out", "o", "--runner", "FlinkRunner", "--flink_mastr", "x"], env=env, check=True, timeout=120)
     assert json.loads(open(log).read())["unknown"] == ["flink_mastr"]
+
+
+def _dask_schema() -> dict:
+    schema = json.load(open(os.path.join(ROOT, "tests", "deploy", "daskcluster_schema.json")))
+    schema["$defs"].update({k: v for k, v in SCHEMA["$defs"].items() if k in ("stringMap", "quantity", "resources", "container", "metadata")})
+    return schema
+
+
+def test_dask_cluster_manifest_follows_the_operator_schema():
+    doc = yaml.safe_load(open(os.path.join(DEPLOY, "dask", "daskcluster.yaml")))
+    schema = _dask_schema()
+    jsonschema.validate(doc, schema)
+    for role in ("scheduler", "worker"):
+        pod = doc["spec"][role]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for c in pod["containers"]:
+            assert c["image"].split("/")[-1].startswith("webpairs:") and c["args"][0] == "dask"
+    worker = doc["spec"]["worker"]["spec"]["containers"][0]
+    assert worker["args"][worker["args"].index("--nthreads") + 1] == "1"  # single-threaded worker processes
+    assert {m["name"] for m in worker["volumeMounts"]} <= {v["name"] for v in doc["spec"]["worker"]["spec"]["volumes"]}
+    bad = json.loads(json.dumps(doc))
+    bad["spec"]["workers"] = bad["spec"].pop("worker")  # a typo the operator would ignore
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = json.loads(json.dumps(doc))
+    bad["spec"]["worker"]["replicas"] = "16"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_slurm_example_renders_a_job_of_single_threaded_workers_in_the_venv(tmp_path):
+    """deploy/dask/slurm.py with dask-jobqueue: the sbatch script it would submit (nothing is submitted)."""
+    out = subprocess.run([sys.executable, os.path.join(DEPLOY, "dask", "slurm.py"), "--print-script", "--cores", "8", "--memory", "32GB", "--partition", "cpu", "--venv", str(tmp_path / "venv")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    script = out.stdout
+    assert "#SBATCH -p cpu" in script and "#SBATCH --cpus-per-task=8" in script
+    assert f"source {tmp_path / 'venv'}/bin/activate" in script and f"{tmp_path / 'venv'}/bin/python -m distributed.cli.dask_worker" in script
+    assert "--nthreads 1" in script and "--nworkers 8" in script
