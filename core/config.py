@@ -120,7 +120,28 @@ class ShardConfig:
 
 
 # sections of a run's YAML file (train: train/train.py TrainConfig, sample: train/generate.py SampleConfig)
-SECTIONS = ("crawl", "download", "filter", "pair", "shards", "train", "sample")
+SECTIONS = ("crawl", "download", "filter", "pair", "shards", "train", "sample", "beam")
+
+
+def beam_flags(path: Optional[str]) -> list[str]:
+    """The `beam:` section of a YAML config as Beam flags (read by every Beam stage and by `run`):
+    a mapping (`runner: dask`, `dask-workers: 2`, `dask_npartitions: 16`) or a list of flags.
+    Flags given on the command line come after these, so they win."""
+    if not path:
+        return []
+    try:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # the stage's own config loading reports it in one line
+    section = doc.get("beam") if isinstance(doc, dict) else None
+    if section is None:
+        return []
+    if isinstance(section, list) and all(isinstance(v, str) for v in section):
+        return list(section)
+    if isinstance(section, dict):
+        return [f"--{k}={v}" for k, v in section.items()]
+    raise ConfigError(f"config file {path}: section 'beam' must hold a mapping of flags (runner: dask) or a list of them")
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -231,8 +252,8 @@ def load(cls: type[T], path: Optional[str] = None, section: Optional[str] = None
             if not isinstance(doc[section] or {}, dict):
                 raise ConfigError(f"config file {path}: section {section!r} must hold a mapping")
             values.update(doc[section] or {})
-        elif not (set(doc) & set(SECTIONS)):
-            values.update(doc)
+        elif not (set(doc) & (set(SECTIONS) - {"beam"})):  # flat keys (beside an optional beam: section)
+            values.update({k: v for k, v in doc.items() if k != "beam"})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return build(cls, values)
 

@@ -146,3 +146,24 @@ def test_a_worker_killed_in_the_middle_of_pair(tmp_path, pipeline_dirs):
     pairs = _ids(out, "pairs", "pair_id")
     assert len(pairs) == len(set(pairs))  # nothing doubled
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no partial folder or lock left
+
+
+def test_runner_from_the_config_file(tmp_path, dask_args, pipeline_dirs):
+    """`beam:` in a --config file gives a stage its runner flags (here: the module's cluster)."""
+    import subprocess
+    import sys
+
+    from distributed import Client, get_task_stream
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"beam:\n  runner: dask\n  dask-address: {dask_args[-1]}\npair:\n  seed: 0\n")
+    env = dict(os.environ, PYTHONPATH=root)
+    with Client(dask_args[-1]) as client, get_task_stream(client) as tasks:
+        out = subprocess.run([sys.executable, "-m", "webpairs.cli", "pair", pipeline_dirs["filter"], "--out", str(tmp_path / "pair"), "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(tasks.data) > 0  # the stage ran on the cluster
+    _same_stats(str(tmp_path / "pair"), pipeline_dirs["pair"])
+    cfg.write_text("beam: dask\n")
+    bad = subprocess.run([sys.executable, "-m", "webpairs.cli", "pair", pipeline_dirs["filter"], "--out", str(tmp_path / "p2"), "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "section 'beam' must hold" in bad.stderr and "Traceback" not in bad.stderr

@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     name = args.command + (f" {args.crawl_command}" if getattr(args, "crawl_command", None) else "")
     try:
+        if stage_cmds and name != "crawl download":  # the config file's `beam:` section first: command-line flags win
+            from core.config import beam_flags
+
+            beam_args = beam_flags(getattr(args, "config", None)) + beam_args
         return handlers[args.command](args, beam_args) or 0
     except KeyboardInterrupt:
         print(f"webpairs {name}: interrupted", file=sys.stderr)
