@@ -46,9 +46,29 @@ class _ListIterator:
             yield te.get_windowed_value(item, self.window_fn)
 
 
-def _run_bundle(items, fn, label, args, kwargs, window_fn, side_specs, *side_values):
-    """One dask partition through a DoFn: setup, start_bundle, process, finish_bundle, teardown;
-    returns what it emitted, collected after finish_bundle (fix 2). Side inputs arrive computed."""
+_DOFNS: dict = {}  # per worker process: (pickled DoFn, label) -> (DoFn, its signature), set up once
+
+
+def _dofn(fn_bytes: bytes, label: str):
+    """The worker's DoFn instance for a transform: unpickled, inspected and set up once per process
+    and reused by every bundle (as Beam runners reuse DoFns: a model in `setup` loads once)."""
+    import hashlib
+
+    from apache_beam.internal import pickler
+
+    key = (hashlib.sha1(fn_bytes).digest(), label)
+    if key not in _DOFNS:
+        fn = pickler.loads(fn_bytes)
+        signature = te.DoFnSignature(fn)
+        _DOFNS[key] = (fn, signature, [False])
+    return _DOFNS[key]
+
+
+def _run_bundle(items, fn_bytes, label, args, kwargs, window_fn, side_specs, *side_values):
+    """One dask partition through a DoFn: start_bundle, process, finish_bundle (setup once per
+    worker process); returns what it emitted, collected after finish_bundle (fix 2). Side inputs
+    arrive computed."""
+    _, signature, set_up = _dofn(fn_bytes, label)
     receivers = te.OneReceiver()
     handler = te._OutputHandler(
         window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers, per_element_output_counter=None,
@@ -56,15 +76,16 @@ def _run_bundle(items, fn, label, args, kwargs, window_fn, side_specs, *side_val
     )
     side_inputs = [SideInputMap(view, options, _ListIterator(values, mapping)) for (view, options, mapping), values in zip(side_specs, side_values)]
     invoker = te.DoFnInvoker.create_invoker(
-        te.DoFnSignature(fn), handler, context=te.DoFnContext(label, state=None), side_inputs=side_inputs,
+        signature, handler, context=te.DoFnContext(label, state=None), side_inputs=side_inputs,
         input_args=list(args), input_kwargs=kwargs, user_state_context=None, bundle_finalizer_param=te.DoFn.BundleFinalizerParam(),
     )
-    invoker.invoke_setup()
+    if not set_up[0]:
+        invoker.invoke_setup()
+        set_up[0] = True
     invoker.invoke_start_bundle()
     for item in items:
         invoker.invoke_process(item)
     invoker.invoke_finish_bundle()
-    invoker.invoke_teardown()
     # plain values as Beam's version returns them (global windows); tagged ones keep their tag
     return [TaggedOutput(v.tag, v.value.value) if isinstance(v, TaggedOutput) else v.value for v in receivers.values]
 
@@ -79,13 +100,16 @@ class _ParDo(te.DaskBagOp):
     recomputes the side input's bag inside every task that reads it."""
 
     def apply(self, input_bag, side_inputs=None):
+        from apache_beam.internal import pickler
+
         transform = self.transform
         args, kwargs = transform.raw_side_inputs
         main_input = next(iter(self.applied.main_inputs.values()))
         window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
         specs = [(type(si), si._view_options(), si._window_mapping_fn) for si, _ in side_inputs or ()]
         values = [value for _, value in side_inputs or ()]  # dask.delayed lists (the visitor's _side)
-        return input_bag.map(te.get_windowed_value, window_fn).map_partitions(_run_bundle, transform.fn, transform.label, args, kwargs, window_fn, specs, *values)
+        fn_bytes = pickler.dumps(transform.fn)  # the key of the worker's DoFn cache (_dofn)
+        return input_bag.map(te.get_windowed_value, window_fn).map_partitions(_run_bundle, fn_bytes, transform.label, args, kwargs, window_fn, specs, *values)
 
 
 def _select(bag, producer, pcoll):

@@ -119,6 +119,14 @@ def _write_stats(_, out_dir: str, stage: str, input_count: int, kept: int, reaso
     return stats
 
 
+class _Count(beam.PTransform):
+    """Count.Globally that hands the combine ints: a runner without combiner lifting (Dask)
+    shuffles what it counts, and these are whole records (with image bytes)."""
+
+    def expand(self, pcoll):
+        return pcoll | "One" >> beam.Map(lambda _: 1) | "Sum" >> beam.CombineGlobally(sum)
+
+
 class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
@@ -154,18 +162,18 @@ class WriteStageOutputs(beam.PTransform):
         if "input_count" in pcolls:
             n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
         else:
-            n_input = pcolls["input"] | "CountInput" >> beam.combiners.Count.Globally()
+            n_input = pcolls["input"] | "CountInput" >> _Count()
         if self.kept_tables:
             n_kept = kept | "KeptRows" >> beam.Map(lambda t: t.num_rows) | "SumKept" >> beam.CombineGlobally(sum)
         else:
-            n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
+            n_kept = kept | "CountKept" >> _Count()
         reasons = (
             rejected
             | "Reason" >> beam.Map(lambda r: r["reason"])
             | "CountReasons" >> beam.combiners.Count.PerElement()
         )
         counts = {
-            name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> beam.combiners.Count.Globally())
+            name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> _Count())
             for name, pc in pcolls.items()
             if name not in ("input", "input_count", "kept", "rejected")
         }
