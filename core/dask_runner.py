@@ -1,18 +1,21 @@
-"""Beam's Dask runner with two fixes that every webpairs stage needs (Beam 2.77).
+"""Beam's Dask runner, with the fixes every webpairs stage needs (Beam 2.77).
 
 `apache_beam.runners.dask.dask_runner.DaskRunner` translates a pipeline into dask.bag operations
 and runs it on a dask.distributed cluster (a LocalCluster of worker processes here; Kubernetes,
-SLURM or a cloud service elsewhere). As shipped it has two bugs (minimal reproductions in
+SLURM or a cloud service elsewhere). As shipped (reproduced in tests/test_dask.py, listed in
 docs/cluster.md):
 
 1. A multi-output ParDo (`.with_outputs(...)`) is one bag holding every output: each consumer of
-   one output also receives the others' elements (a tagged `rejected` row reaches the writer of
-   kept records). Here each consumer reads only its own output: the main output's elements, or the
-   `TaggedOutput` elements of its tag, unwrapped.
-2. A bundle's results are collected before `finish_bundle` runs, so what a DoFn emits there is
-   lost: the last batch of `BatchElements` (RunInference) and the file names that Beam's file
-   sinks emit when they close a file (the files are then never finalised). Here results are
-   collected after `finish_bundle`.
+   one output also received the others' elements. Here each consumer reads only its own output.
+2. A bundle's results were collected before `finish_bundle` ran, so what a DoFn emits there was
+   lost (RunInference's last batch; the file names of Beam's file sinks, whose files were then
+   never finalised). Here they are collected after it.
+3. Only the bag of the last transform visited was computed: a pipeline with several sinks ran one.
+   Here every leaf is.
+4. A side input's bag was recomputed inside every task that read it. Here it is one dask.delayed
+   list per PCollection, shared by its readers.
+5. Each bundle unpickled, inspected and set up its DoFn anew (a model in `setup` loaded once per
+   partition). Here a worker process keeps each DoFn, set up once, for every bundle (bounded LRU).
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -46,7 +49,8 @@ class _ListIterator:
             yield te.get_windowed_value(item, self.window_fn)
 
 
-_DOFNS: dict = {}  # per worker process: (pickled DoFn, label) -> (DoFn, its signature), set up once
+_DOFNS: dict = {}  # per worker process: (pickled DoFn, label) -> (DoFn, its signature, [set up?])
+_MAX_DOFNS = 256
 
 
 def _dofn(fn_bytes: bytes, label: str):
@@ -57,10 +61,15 @@ def _dofn(fn_bytes: bytes, label: str):
     from apache_beam.internal import pickler
 
     key = (hashlib.sha1(fn_bytes).digest(), label)
-    if key not in _DOFNS:
-        fn = pickler.loads(fn_bytes)
-        signature = te.DoFnSignature(fn)
-        _DOFNS[key] = (fn, signature, [False])
+    if key in _DOFNS:
+        _DOFNS[key] = _DOFNS.pop(key)  # most recently used last
+        return _DOFNS[key]
+    while len(_DOFNS) >= _MAX_DOFNS:  # a long-lived cluster runs many pipelines: bounded, torn down
+        old_fn, _, was_set_up = _DOFNS.pop(next(iter(_DOFNS)))
+        if was_set_up[0]:
+            old_fn.teardown()
+    fn = pickler.loads(fn_bytes)
+    _DOFNS[key] = (fn, te.DoFnSignature(fn), [False])
     return _DOFNS[key]
 
 
