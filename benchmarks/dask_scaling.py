@@ -16,33 +16,7 @@ import os
 import tempfile
 import time
 
-from _common import report, timed
-
-
-def _filter_input(out_dir: str, repeat: int, files: int) -> None:
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from _common import need_shared
-    from core.records import DOWNLOAD_SCHEMA
-    from core.stageio import finish_stage
-
-    folder = need_shared("photos-imagenet-sample")
-    blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
-    rows = [
-        {"link_id": f"{r}-{i}", "page_url": f"http://site{i % 20}.example.org/p{i // 4}", "image_url": f"http://example.org/{r}/{i}.jpg", "alt": "a photo", "position": i % 4, "image_bytes": b, "sha256": None}
-        for r in range(repeat)
-        for i, b in enumerate(blobs)
-    ]
-    os.makedirs(os.path.join(out_dir, "downloads"))
-    per = -(-len(rows) // files)
-    for f in range(files):
-        pq.write_table(pa.Table.from_pylist(rows[f * per : (f + 1) * per], schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{f}.parquet"))
-    with open(os.path.join(out_dir, "stats.json"), "w") as fh:
-        json.dump({"stage": "download", "input": len(rows), "kept": len(rows), "rejected": {}}, fh)
-    finish_stage(out_dir, "download")
+from _common import photo_downloads, report, timed
 
 
 def main() -> list[dict]:
@@ -60,7 +34,7 @@ def main() -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         warcs = build_corpus(os.path.join(tmp, "warc"), args.copies, args.files)
-        _filter_input(os.path.join(tmp, "download"), args.repeat, args.files)
+        photo_downloads(os.path.join(tmp, "download"), args.repeat, args.files)
         stages = {
             "crawl extract": lambda out, beam_args: run_extract(os.path.join(tmp, "warc", "*.warc.gz"), out, CrawlConfig(), beam_args),
             "filter (no encoder)": lambda out, beam_args: run_filter(os.path.join(tmp, "download"), out, FilterConfig(encoder="none"), beam_args),

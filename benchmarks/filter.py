@@ -10,36 +10,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import tempfile
 
 import numpy as np
 
-from _common import need_shared, report, timed
-
-
-def make_downloads(out_dir: str, repeat: int) -> list[bytes]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from core.records import DOWNLOAD_SCHEMA
-
-    folder = need_shared("photos-imagenet-sample")
-    blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
-    rows = [
-        {"link_id": f"{r}-{i}", "page_url": f"http://example.org/p{i // 4}", "image_url": f"http://example.org/{r}/{i}.jpg", "alt": "a photo", "position": i % 4, "image_bytes": b, "sha256": None}
-        for r in range(repeat)
-        for i, b in enumerate(blobs)
-    ]
-    os.makedirs(os.path.join(out_dir, "downloads"))
-    pq.write_table(pa.Table.from_pylist(rows, schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", "part-0.parquet"))
-    with open(os.path.join(out_dir, "stats.json"), "w") as fh:  # a complete download output, as the stage leaves it
-        json.dump({"stage": "download", "input": len(rows), "kept": len(rows), "rejected": {}}, fh)
-    from core.stageio import finish_stage
-
-    finish_stage(out_dir, "download")
-    return [r["image_bytes"] for r in rows]
+from _common import photo_downloads, report, timed
 
 
 def bare_checks(blobs: list[bytes]) -> int:
@@ -82,13 +58,13 @@ def main() -> list[dict]:
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        blobs = make_downloads(tmp, args.repeat)
+        blobs = photo_downloads(tmp, args.repeat)
         n, bare_s = timed(bare_checks, blobs)
         stats, stage_s = timed(run_filter, tmp, os.path.join(tmp, "nocode"), FilterConfig(encoder="none"), beam_args)
         results.append(report("filter without encoder", [("images", n, "images"), ("bare decode+sha256+pHash", n / bare_s, "images/s"), ("webpairs filter --encoder none", stats["input"] / stage_s, "images/s")], (stats["input"] / stage_s) / (n / bare_s), 0.5))
 
     with tempfile.TemporaryDirectory() as tmp:
-        blobs = make_downloads(tmp, 1)[: args.encoder_images]
+        blobs = photo_downloads(tmp, 1)[: args.encoder_images]
         from PIL import Image
 
         enc = load_encoder(args.encoder)

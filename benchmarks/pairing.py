@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from _common import report
+from _common import mark_complete, report
 
 
 def synthetic_images(n_pages: int, per_page: int, seed: int = 0) -> list[dict]:
@@ -57,11 +57,7 @@ def generate(tmp: str, n_pages: int, per_page: int) -> None:
         pq.write_table(rows_to_table(rows[i : i + 5000], IMAGE_SCHEMA), os.path.join(tmp, "filter", "images", f"part-{i:08d}.parquet"), row_group_size=1000)
     os.makedirs(os.path.join(tmp, "filter", "occurrences"))
     pq.write_table(rows_to_table([occurrence_of(r) for r in rows], OCCURRENCE_SCHEMA), os.path.join(tmp, "filter", "occurrences", "part-0.parquet"))
-    with open(os.path.join(tmp, "filter", "stats.json"), "w") as fh:  # a complete filter output, as the stage leaves it
-        json.dump({"stage": "filter", "input": len(rows), "kept": len(rows), "rejected": {}}, fh)
-    from core.stageio import finish_stage
-
-    finish_stage(os.path.join(tmp, "filter"), "filter")
+    mark_complete(os.path.join(tmp, "filter"), "filter", len(rows))
 
 
 def child(tmp: str) -> None:

@@ -54,26 +54,23 @@ def pipeline_options(beam_args: Optional[list[str]] = None, **defaults: Any) -> 
     return PipelineOptions(args, save_main_session=False, **defaults)
 
 
-def _dask_flags(args: list[str]) -> tuple[list[str], Optional[str], int]:
-    """Take webpairs' Dask flags out of the Beam flags: (other flags, --dask-address, --dask-workers)."""
-    rest, address, workers = [], None, 0
+def _split_flags(args: list[str]) -> tuple[list[str], Optional[str], Optional[str], int]:
+    """Take the runner and webpairs' Dask flags out of the Beam flags: (other flags, --runner,
+    --dask-address, --dask-workers); `--flag value` and `--flag=value` alike, the last one wins."""
+    rest, found = [], {}
     it = iter(args)
     for a in it:
         name, eq, value = a.partition("=")
-        if name in ("--dask-address", "--dask-workers"):
-            value = value if eq else next(it, "")
-            if name == "--dask-address":
-                address = value
-            else:
-                try:
-                    workers = int(value)
-                except ValueError:
-                    raise StageError(f"--dask-workers must be a whole number, not {value!r}") from None
-        elif name == "--runner" and (value if eq else None) is None:
-            rest += [a, next(it, "")]
+        if name in ("--runner", "--dask-address", "--dask-workers"):
+            found[name] = value if eq else next(it, "")
         else:
             rest.append(a)
-    return rest, address, workers
+    workers = found.get("--dask-workers", "0")
+    try:
+        workers = int(workers)
+    except ValueError:
+        raise StageError(f"--dask-workers must be a whole number, not {workers!r}") from None
+    return rest, found.get("--runner"), found.get("--dask-address"), workers
 
 
 @contextlib.contextmanager
@@ -82,17 +79,15 @@ def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipel
     on the cluster at `--dask-address tcp://HOST:PORT`, or on a LocalCluster of `--dask-workers N`
     processes (default: the cores) started here and closed after; each input file is one partition
     unless --dask_npartitions/--dask_partition_size say otherwise."""
-    args, address, workers = _dask_flags(list(beam_args or []))
-    runner = next((args[i + 1] if a == "--runner" else a.split("=", 1)[1] for i, a in enumerate(args) if a == "--runner" or a.startswith("--runner=")), None)
-    if runner is None or runner.lower() != "dask":
+    args, runner, address, workers = _split_flags(list(beam_args or []))
+    if (runner or "").lower() != "dask":
         if address or workers:
             raise StageError("--dask-address and --dask-workers need --runner dask")
-        with beam.Pipeline(options=pipeline_options(args)) as p:
+        with beam.Pipeline(options=pipeline_options(args + ([f"--runner={runner}"] if runner else []))) as p:
             yield p
         return
     from core.dask_runner import RUNNER_PATH, dask_cluster
 
-    args = [a for i, a in enumerate(args) if not (a == "--runner" or a.startswith("--runner=") or (i and args[i - 1] == "--runner"))]
     if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in args):
         args.append("--dask_partition_size=1")
     with dask_cluster(address, workers) as scheduler:

@@ -30,9 +30,12 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
-def pairs_with_boilerplate(pair_dir: str, max_distance: int) -> tuple[int, int]:
-    """(pairs with an image that is flagged boilerplate of its site or of the crawl, all pairs)."""
-    pairs = read_table(pair_dir, "pairs", ["cond_image_id", "target_image_id", "page_url", "cond_url", "target_url"]).to_pylist()
+PAIR_COLUMNS = ["cond_image_id", "target_image_id", "page_url", "cond_url", "target_url"]  # what the check reads of a pair
+
+
+def pairs_with_boilerplate(pair_dir: str, max_distance: int, pairs: list[dict]) -> tuple[int, int]:
+    """(pairs with an image that is flagged boilerplate of its site or of the crawl, all pairs);
+    `pairs` are the run's pair rows (PAIR_COLUMNS at least), as the report has read them."""
     if not stage_files(pair_dir, "boilerplate"):
         return 0, len(pairs)
     flags = read_table(pair_dir, "boilerplate").to_pylist()

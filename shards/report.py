@@ -60,7 +60,7 @@ def collect(root: str) -> dict:
         pairs = read_table(stages["pair"], "pairs").to_pandas()
         data["similarity"] = pairs.similarity.tolist()
         data["pairs_per_page"] = pairs.groupby("page_url").size().tolist()
-        data["pairs_with_boilerplate"] = quality.pairs_with_boilerplate(stages["pair"], quality.pair_max_distance(stages["pair"]))
+        data["pairs_with_boilerplate"] = quality.pairs_with_boilerplate(stages["pair"], quality.pair_max_distance(stages["pair"]), pairs[quality.PAIR_COLUMNS].to_dict("records"))
     if "filter" in stages and stage_files(stages["filter"], "occurrences"):
         data["pages_per_site"] = quality.pages_per_site(stages["filter"])
     if "shards" in stages:
