@@ -73,16 +73,23 @@ def _split_flags(args: list[str]) -> tuple[list[str], Optional[str], Optional[st
     return rest, found.get("--runner"), found.get("--dask-address"), workers
 
 
+def check_runner_flags(beam_args: Optional[list[str]]) -> tuple[list[str], Optional[str], Optional[str], int]:
+    """`_split_flags`, refusing Dask flags without `--runner dask` (the CLI calls it before a stage
+    starts, so a wrong flag fails at once, not after the encoder has loaded)."""
+    args, runner, address, workers = _split_flags(list(beam_args or []))
+    if (runner or "").lower() != "dask" and (address or workers):
+        raise StageError("--dask-address and --dask-workers need --runner dask")
+    return args, runner, address, workers
+
+
 @contextlib.contextmanager
 def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipeline]:
     """A Beam pipeline for a stage. `--runner dask` runs it on dask.distributed (core/dask_runner.py):
     on the cluster at `--dask-address tcp://HOST:PORT`, or on a LocalCluster of `--dask-workers N`
     processes (default: the cores) started here and closed after; each input file is one partition
     unless --dask_npartitions/--dask_partition_size say otherwise."""
-    args, runner, address, workers = _split_flags(list(beam_args or []))
+    args, runner, address, workers = check_runner_flags(beam_args)
     if (runner or "").lower() != "dask":
-        if address or workers:
-            raise StageError("--dask-address and --dask-workers need --runner dask")
         with beam.Pipeline(options=pipeline_options(args + ([f"--runner={runner}"] if runner else []))) as p:
             yield p
         return

@@ -167,3 +167,13 @@ def test_runner_from_the_config_file(tmp_path, dask_args, pipeline_dirs):
     cfg.write_text("beam: dask\n")
     bad = subprocess.run([sys.executable, "-m", "webpairs.cli", "pair", pipeline_dirs["filter"], "--out", str(tmp_path / "p2"), "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "section 'beam' must hold" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_wrong_runner_flags_fail_in_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for flags, message in ((["--runner", "dask", "--dask-workers", "two"], "--dask-workers must be a whole number, not 'two'"), (["--dask-address", "tcp://x:1"], "--dask-address and --dask-workers need --runner dask")):
+        out = subprocess.run([sys.executable, "-m", "webpairs.cli", "filter", str(tmp_path / "nothing"), "--out", str(tmp_path / "f"), *flags], env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"webpairs filter: error: {message}"], out.stderr

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         if stage_cmds and name != "crawl download":  # the config file's `beam:` section first: command-line flags win
             from core.config import beam_flags
 
+            from core.stageio import check_runner_flags
+
             beam_args = beam_flags(getattr(args, "config", None)) + beam_args
+            check_runner_flags(beam_args)  # a wrong runner flag fails before any work
         return handlers[args.command](args, beam_args) or 0
     except KeyboardInterrupt:
         print(f"webpairs {name}: interrupted", file=sys.stderr)
