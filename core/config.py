@@ -57,8 +57,22 @@ class DownloadConfig:
     samples_per_shard: int = 1000  # images per output shard (the unit of resume)
     distributor: str = "multiprocessing"  # or "ray" / "pyspark" on a cluster
     user_agent_token: str = "webpairs"  # identifies the crawler; opt-out headers are honoured
+    # which links are worth a fetch (crawl/plan.py); each rule is its own reason in rejected/
+    min_side: int = 64  # a declared (rendered) side under this: declared_too_small (0: off; never above filter's min_side)
+    skip_extensions: tuple[str, ...] = ("svg", "svgz", "ico")  # not raster images filter can use: not_raster
+    url_boilerplate: bool = True  # an image URL on > boilerplate_pages pages, or on >= site_share of its site's pages
+    boilerplate_pages: int = 10  # (the URL half of pair's boilerplate rules, same defaults)
+    site_share: float = 0.5
+    site_min_pages: int = 3
+    boilerplate_evidence: bool = True  # fetch a flagged URL once (not once per page) so pair's content rule sees it
+    max_links_per_page: int = 64  # the first N candidate links of a page by position: page_cap (0: no cap)
+    min_links_per_page: int = 2  # pages left with fewer candidates cannot make a pair: page_too_few_links
+    plan_memory: str = "512MB"  # DuckDB memory limit of the plan (it spills to disk beyond it)
 
-    RANGES: ClassVar[dict] = {"image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "deadline": (0.1, 86400), "max_image_bytes": (1024, 2**31), "samples_per_shard": (1, 10_000_000)}
+    RANGES: ClassVar[dict] = {
+        "image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "deadline": (0.1, 86400), "max_image_bytes": (1024, 2**31), "samples_per_shard": (1, 10_000_000),
+        "min_side": (0, 100_000), "boilerplate_pages": (1, None), "site_share": (0.0, 1.0), "site_min_pages": (2, None), "max_links_per_page": (0, None), "min_links_per_page": (0, None),
+    }
     CHOICES: ClassVar[dict] = {"distributor": ("multiprocessing", "ray", "pyspark"), "resize_mode": ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")}
 
 

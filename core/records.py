@@ -38,36 +38,61 @@ LINK_SCHEMA = pa.schema(
     ]
 )
 
+# `crawl download` fetches each distinct image URL once, and keeps identical bytes once:
+# downloads/ has one row per distinct image, occurrences/ one row per link that resolved to one.
 DOWNLOAD_SCHEMA = pa.schema(
     [
-        ("link_id", pa.string()),  # the LinkRecord this download came from
-        ("page_url", pa.string()),
-        ("image_url", pa.string()),
-        ("alt", pa.string()),
+        ("image_id", pa.string()),  # first 16 hex digits of the sha256 of image_bytes
+        ("image_url", pa.string()),  # the first URL (in sort order) that served these bytes ...
+        ("page_url", pa.string()),  # ... and its first link's page, alt text and position
+        ("alt", pa.string()),  # (the text filter scores the image against)
         ("position", pa.int32()),
         ("image_bytes", pa.binary()),  # bytes as served (or re-encoded when download resizes)
         ("sha256", pa.string()),
-        ("declared_width", pa.int32()),  # the link's width/height attributes (rendered size), if any
-        ("declared_height", pa.int32()),
+        ("links", pa.int64()),  # kept links that resolved to it (0: fetched only as boilerplate evidence)
     ]
 )
 
-# Every fetched link as filter saw it, before any threshold could drop it: the boilerplate
-# evidence of `pair` (a logo counts on every page it is on, in every size, kept or not).
-OCCURRENCE_SCHEMA = pa.schema(
+# One row per link whose image was downloaded: which image (image_id) the link resolved to. Links
+# rejected as URL boilerplate are here too, with their reason, when their URL was fetched once as
+# evidence for pair's content rule (the same logo at another URL, in another size).
+DOWNLOAD_OCCURRENCE_SCHEMA = pa.schema(
     [
         ("link_id", pa.string()),
         ("page_url", pa.string()),
         ("site", pa.string()),  # the page's registered domain (core/sites.py)
         ("image_url", pa.string()),
+        ("alt", pa.string()),
+        ("position", pa.int32()),
+        ("declared_width", pa.int32()),  # the link's width/height attributes (rendered size), if any
+        ("declared_height", pa.int32()),
+        ("image_id", pa.string()),  # the downloads/ row holding its bytes
+        ("reason", pa.string()),  # null: a kept link; else the reason it was rejected (evidence only)
+    ]
+)
+
+# Every downloaded link as filter saw it, before any threshold could drop it: the boilerplate
+# evidence of `pair` (a logo counts on every page it is on, in every size, kept or not), and the
+# table through which `pair` joins the images (one row each) back to their pages.
+OCCURRENCE_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),
+        ("page_url", pa.string()),
+        ("site", pa.string()),
+        ("image_url", pa.string()),
+        ("alt", pa.string()),
+        ("position", pa.int32()),
+        ("image_id", pa.string()),
         ("sha256", pa.string()),
         ("phash", pa.string()),  # null when the bytes do not decode
         ("width", pa.int32()),  # decoded size, null when the bytes do not decode
         ("height", pa.int32()),
-        ("filter_reason", pa.string()),  # why filter rejected it; null when it passed the checks
+        ("filter_reason", pa.string()),  # why filter rejected this link; null when it passed the checks
     ]
 )
 
+# filter's images/: one row per distinct image (page_url, image_url, alt, position are those of its
+# first link; its links are in occurrences/); pair's images/: one row per kept link.
 IMAGE_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),  # content hash: first 16 hex digits of sha256
@@ -247,5 +272,6 @@ def occurrence_of(image_row: dict[str, Any], link_id: str = "") -> dict[str, Any
 
     return {
         "link_id": link_id or stable_id(image_row["page_url"], image_row["image_url"]), "page_url": image_row["page_url"], "site": site_of(image_row["page_url"]),
-        "image_url": image_row["image_url"], "sha256": image_row["sha256"], "phash": image_row["phash"], "width": image_row["width"], "height": image_row["height"], "filter_reason": None,
+        "image_url": image_row["image_url"], "alt": image_row.get("alt") or "", "position": image_row.get("position") or 0, "image_id": image_row["image_id"],
+        "sha256": image_row["sha256"], "phash": image_row["phash"], "width": image_row["width"], "height": image_row["height"], "filter_reason": None,
     }

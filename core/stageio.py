@@ -134,7 +134,8 @@ class WriteStageOutputs(beam.PTransform):
 
     Input: a dict of PCollections `{"input": ..., "kept": ..., "rejected": ...}`; `input` is only
     counted (or give `input_count`, a PCollection of numbers that are summed), `kept` rows follow
-    `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema), `rejected` rows
+    `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema; give `kept_count`,
+    numbers that are summed, when the kept rows are not the records counted), `rejected` rows
     follow REJECTED_SCHEMA. Any other entry is counted too and lands in stats.json under its name
     (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
     """
@@ -165,7 +166,9 @@ class WriteStageOutputs(beam.PTransform):
             n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
         else:
             n_input = pcolls["input"] | "CountInput" >> _Count()
-        if self.kept_tables:
+        if "kept_count" in pcolls:  # kept rows are not what is counted (filter: images kept, links counted)
+            n_kept = pcolls["kept_count"] | "SumKept" >> beam.CombineGlobally(sum)
+        elif self.kept_tables:
             n_kept = kept | "KeptRows" >> beam.Map(lambda t: t.num_rows) | "SumKept" >> beam.CombineGlobally(sum)
         else:
             n_kept = kept | "CountKept" >> _Count()
@@ -177,7 +180,7 @@ class WriteStageOutputs(beam.PTransform):
         counts = {
             name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> _Count())
             for name, pc in pcolls.items()
-            if name not in ("input", "input_count", "kept", "rejected")
+            if name not in ("input", "input_count", "kept", "kept_count", "rejected")
         }
         return (
             kept.pipeline

@@ -1,11 +1,15 @@
-"""`crawl download`: link parquet -> downloaded image bytes with img2dataset.
+"""`crawl download`: links -> each image worth a fetch, fetched once, with img2dataset.
 
-1. The URL policy is applied to every link first (rejected with its reason, never fetched).
-2. img2dataset downloads the rest (retries, timeout, X-Robots-Tag opt-out, incremental resume:
-   a shard counts as done once img2dataset wrote its `*_stats.json`, so a rerun after a kill
-   redoes only unfinished shards). Its workers enforce the same policy on redirect targets.
-3. Its parquet shards are converted to `downloads/` (successes, DOWNLOAD_SCHEMA) and `rejected/`
-   (failures, with a reason mapped from img2dataset's error message); stats.json reconciles.
+1. The plan (crawl/plan.py): every link checked (URL policy, declared size, non-raster source),
+   URL-level boilerplate, per-page cap, pages that cannot make a pair; the selected links' distinct
+   URLs become img2dataset's input shards. Every other link is rejected with its reason.
+2. img2dataset fetches each distinct URL once (retries, timeout, X-Robots-Tag opt-out, incremental
+   resume: a shard counts as done once img2dataset wrote its `*_stats.json`, so a rerun after a kill
+   redoes only unfinished shards). Its workers enforce the URL policy on redirect targets too.
+3. Each URL's result goes back to its links: downloads/ (one row per distinct image, DOWNLOAD_SCHEMA),
+   occurrences/ (each link and the image it resolved to) and rejected/ (a URL's failure rejects
+   all its links, with a reason mapped from img2dataset's error message); stats.json reconciles
+   per link and gives the funnel (links, distinct URLs, selected, downloaded, images).
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.config import DownloadConfig
-from core.records import DOWNLOAD_SCHEMA, LINK_SCHEMA, REJECTED_SCHEMA, Rejected
-from core.stageio import STATS_FILE, StageError, StageOutput, check_columns, read_success, read_table, stage_files
-from crawl.urls import AllowList, policy_reason
+from core.records import LINK_SCHEMA
+from core.stageio import STATS_FILE, StageError, StageOutput, check_columns, read_success, stage_files
+from crawl import plan
+from crawl.urls import AllowList
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -36,8 +42,9 @@ from crawl.fetch import FetchError, fetch, parse_pins  # noqa: E402
 log = logging.getLogger(__name__)
 STAGE = "download"
 RAW_DIR = "img2dataset"  # img2dataset's own output (kept for incremental resume)
-# carried through img2dataset to downloads/ (declared sizes renamed: img2dataset writes its own width/height)
-ADDITIONAL_COLUMNS = ["link_id", "page_url", "position", "declared_width", "declared_height"]
+PLAN_DIR = "_plan"  # checked links, the plan, img2dataset's input shards, each URL's result
+# the settings that shape the plan (a resumed download must share them)
+PLAN_KEYS = ("min_side", "skip_extensions", "url_boilerplate", "boilerplate_pages", "site_share", "site_min_pages", "boilerplate_evidence", "max_links_per_page", "min_links_per_page")
 
 
 def reason_for(error_message: str) -> str:
@@ -94,27 +101,6 @@ def _download_image(row, timeout, user_agent_token, disallowed_header_directives
         return key, None, f"webpairs:download_error: {type(err).__name__}: {err}"
 
 
-def _prepare_links(links_path: str, out_dir: str, allow: AllowList):
-    """Split links into allowed (written for img2dataset, sorted for stable shards) and refused."""
-    table = read_table(links_path, "links")
-    rows = sorted(table.to_pylist(), key=lambda r: r["link_id"])
-    allowed, refused = [], []
-    for r in rows:
-        reason = policy_reason(r["image_url"], allow)
-        if reason is None:
-            allowed.append(r)
-        else:
-            refused.append(Rejected(r["link_id"], STAGE, reason, "refused by the URL policy", r["image_url"]).to_row())
-    os.makedirs(os.path.join(out_dir, "_input"), exist_ok=True)
-    input_file = os.path.join(out_dir, "_input", "links.parquet")
-    for r in allowed:
-        r["declared_width"], r["declared_height"] = r["width"], r["height"]
-    cols = ["image_url", "alt"] + ADDITIONAL_COLUMNS
-    schema = pa.schema([("image_url", pa.string()), ("alt", pa.string()), ("link_id", pa.string()), ("page_url", pa.string()), ("position", pa.int32()), ("declared_width", pa.int32()), ("declared_height", pa.int32())])
-    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in allowed], schema=schema), input_file)
-    return input_file, len(rows), refused, len(allowed)
-
-
 def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None:
     import sys
 
@@ -131,8 +117,6 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None
             url_list=input_file,
             input_format="parquet",
             url_col="image_url",
-            caption_col="alt",
-            save_additional_columns=ADDITIONAL_COLUMNS,
             output_format="parquet",
             output_folder=raw_dir,
             processes_count=cfg.processes,
@@ -154,47 +138,13 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None
         i2d_main.Downloader = original
 
 
-def _size(value):
-    """A declared size as img2dataset hands it back (pandas turns a nullable int into a float)."""
-    return None if value is None or value != value else int(value)
-
-
-def _convert(raw_dir: str, out_dir: str, refused: list[dict]) -> tuple[int, dict]:
-    """img2dataset shards -> downloads/ and rejected/ parquet; returns (kept, reason counts)."""
-    os.makedirs(os.path.join(out_dir, "downloads"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "rejected"), exist_ok=True)
-    reasons: dict[str, int] = {}
-    for r in refused:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    pq.write_table(pa.Table.from_pylist(refused, schema=REJECTED_SCHEMA), os.path.join(out_dir, "rejected", "policy.parquet"))
-    kept = 0
-    for stats_file in sorted(glob.glob(os.path.join(raw_dir, "*_stats.json"))):  # finished shards only
-        shard = os.path.basename(stats_file).split("_")[0]
-        table = pq.read_table(os.path.join(raw_dir, f"{shard}.parquet"))
-        image_col = "jpg" if "jpg" in table.column_names else [c for c in table.column_names if c in ("png", "webp")][0]
-        ok, bad = [], []
-        for r in table.to_pylist():
-            if r["status"] == "success" and r[image_col] is not None:
-                ok.append({"link_id": r["link_id"], "page_url": r["page_url"], "image_url": r["url"], "alt": r.get("caption") or "", "position": r["position"], "image_bytes": r[image_col], "sha256": r.get("sha256"), "declared_width": _size(r.get("declared_width")), "declared_height": _size(r.get("declared_height"))})
-            else:
-                reason = reason_for(r["error_message"])
-                reasons[reason] = reasons.get(reason, 0) + 1
-                bad.append(Rejected(r["link_id"], STAGE, reason, (r["error_message"] or "")[:500], r["url"]).to_row())
-        pq.write_table(pa.Table.from_pylist(ok, schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{shard}.parquet"))
-        pq.write_table(pa.Table.from_pylist(bad, schema=REJECTED_SCHEMA), os.path.join(out_dir, "rejected", f"part-{shard}.parquet"))
-        kept += len(ok)
-    if not glob.glob(os.path.join(out_dir, "downloads", "*.parquet")):  # no link at all: an empty, valid output
-        pq.write_table(pa.Table.from_pylist([], schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", "part-empty.parquet"))
-    return kept, reasons
-
-
 def _input_fingerprint(links_path: str, cfg: DownloadConfig) -> str:
     """What a resumed download must share with the run it continues: the links output (its
     `_SUCCESS` marker names its files and finish time) and the settings that shape the shards."""
     import hashlib
 
     marker = read_success(links_path, "extract")
-    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard")}
+    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard", *PLAN_KEYS)}
     return hashlib.sha256(json.dumps([marker, {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -211,7 +161,7 @@ def _resume_or_reset(partial: str, fingerprint: str) -> None:
     """Keep the finished img2dataset shards of a killed run of the same input; drop anything else."""
     stamp = os.path.join(partial, "_input", "fingerprint")
     if os.path.exists(stamp) and open(stamp).read() == fingerprint:
-        for name in ("downloads", "rejected", STATS_FILE):  # remade from img2dataset's shards
+        for name in ("downloads", "occurrences", "rejected", PLAN_DIR, STATS_FILE):  # remade (the plan is deterministic)
             _remove(os.path.join(partial, name))
         log.info("download: resuming the interrupted download in %s", partial)
         return
@@ -222,25 +172,47 @@ def _resume_or_reset(partial: str, fingerprint: str) -> None:
         fh.write(fingerprint)
 
 
+def _finished_shards(raw_dir: str) -> list[str]:
+    """img2dataset's shards that are done (it writes `*_stats.json` last)."""
+    return [os.path.join(raw_dir, os.path.basename(f).split("_")[0] + ".parquet") for f in sorted(glob.glob(os.path.join(raw_dir, "*_stats.json")))]
+
+
 def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
-    """Download every allowed link with img2dataset; returns reconciled stats. A killed run leaves
-    `.NAME.partial/` behind, and the next run of the same input resumes from its finished shards."""
+    """Plan (crawl/plan.py), fetch each selected distinct URL once with img2dataset, resolve every
+    link to its image; returns reconciled stats. A killed run leaves `.NAME.partial/` behind, and the
+    next run of the same input resumes from its finished shards."""
     files = stage_files(links_path, "links", expected="extract")
     check_columns(files, LINK_SCHEMA, links_path, "extract")
     if "://" in out_dir:
         raise StageError(f"download: --out must be a local or mounted folder (img2dataset resumes from it), not {out_dir}")
     with StageOutput(out_dir, STAGE, resumable=True) as out:
         _resume_or_reset(out.path, _input_fingerprint(links_path, cfg))
-        allow = AllowList(cfg.allow_hosts)
-        input_file, n_links, refused, n_allowed = _prepare_links(links_path, out.path, allow)
-        raw_dir = os.path.join(out.path, RAW_DIR)
-        if n_allowed:
-            _run_img2dataset(input_file, raw_dir, cfg)
-        kept, reasons = _convert(raw_dir, out.path, refused)
-        done = kept + sum(reasons.values())
-        if done != n_links:
-            raise StageError(f"download: {n_links - done} of {n_links} links have no result (img2dataset shards failed?); rerun to retry them")
-        stats = {"stage": STAGE, "input": n_links, "kept": kept, "rejected": dict(sorted(reasons.items()))}
+        plan_dir = os.path.join(out.path, PLAN_DIR)
+        con = plan.connect(os.path.join(plan_dir, "spill"), cfg.plan_memory)
+        try:
+            plan.check_links(files, os.path.join(plan_dir, "links"), AllowList(cfg.allow_hosts), cfg)
+            planned = plan.make_plan(con, os.path.join(plan_dir, "links"), plan_dir, cfg)
+            log.info("download: %d links, %d distinct URLs; fetching %d URLs for %d links (+%d once as boilerplate evidence)", planned["links"], planned["urls"], planned["urls_selected"], planned["links_selected"], planned["urls_evidence"])
+            raw_dir = os.path.join(out.path, RAW_DIR)
+            if planned["urls_fetched"]:
+                _run_img2dataset(os.path.join(plan_dir, "urls"), raw_dir, cfg)
+            shards = []
+            os.makedirs(os.path.join(plan_dir, "results"), exist_ok=True)
+            for shard_file in _finished_shards(raw_dir):
+                table, image_col = plan.shard_results(shard_file, reason_for)
+                pq.write_table(table, os.path.join(plan_dir, "results", os.path.basename(shard_file)))
+                shards.append((shard_file, image_col))
+            resolved = plan.resolve(con, plan_dir, shards, out.path, cfg)
+        finally:
+            con.close()
+        shutil.rmtree(os.path.join(plan_dir, "spill"), ignore_errors=True)
+        if resolved["missing"]:
+            raise StageError(f"download: {resolved['missing']} of {planned['links']} links have no result (img2dataset shards failed?); rerun to retry them")
+        stats = {
+            "stage": STAGE, "input": planned["links"], "kept": resolved["kept"], "rejected": dict(sorted(resolved["reasons"].items())),
+            # the funnel: distinct URLs -> selected for download -> downloaded -> distinct images
+            "urls": planned["urls"], "urls_selected": planned["urls_selected"], "urls_evidence": planned["urls_evidence"], "urls_downloaded": resolved["urls_downloaded"], "images": resolved["images"],
+        }
         with open(os.path.join(out.path, STATS_FILE), "w") as fh:
             json.dump(stats, fh, indent=2, sort_keys=True)
         return out.commit()

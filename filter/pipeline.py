@@ -1,10 +1,15 @@
 """`filter`: downloaded images -> ImageRecords (validated, hashed, embedded, scored) with Beam.
 
-Steps: read downloads parquet -> decode, hash (sha256, pHash) and record the occurrence of every
-fetched link (occurrences/: the boilerplate evidence of `pair`, written before any threshold can
-drop a copy) -> size, aspect and the boilerplate signals (declared size, flat image, URL words) ->
-preprocess (one decode per image) -> embed and score with RunInference (skipped with encoder
-"none") -> optional minimum CLIP score -> write images/, occurrences/, rejected/, stats.json.
+download keeps each distinct image once (downloads/) and says which image every link resolved to
+(its occurrences/). Steps:
+1. per image: decode once, hash (pHash), check size, aspect and the flat-image signal, preprocess
+   -> embed and score with RunInference (skipped with encoder "none"; images that only boilerplate
+   evidence links point to are hashed, never embedded) -> optional minimum CLIP score;
+2. per link: the image's verdict joined to each of its links (CoGroupByKey on image_id), plus the
+   link's own checks (declared size, URL words) -> occurrences/ (every link, before any threshold
+   could drop a copy: pair's boilerplate evidence and the table pair joins images to pages with)
+   and rejected/ (per link, so that input == kept + rejected counts links);
+3. write images/ (one row per kept image), occurrences/, rejected/, stats.json.
 """
 
 from __future__ import annotations
@@ -18,26 +23,29 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
-from core.records import DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, Rejected
-from core.sites import site_of
+from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from filter.embed import EncoderModelHandler
-from filter.hashing import image_id, phash_hex, sha256_hex
+from filter.hashing import phash_hex, sha256_hex
 from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, URL_WORD, declared_too_small, top_colour_share, url_words
 from filter.validate import Invalid, check_shape, configure_pillow, decode
 
 STAGE = "filter"
 REJECTED = "rejected"
-OCCURRENCES = "occurrences"  # every input row that has bytes, as boilerplate evidence for `pair`
+OCCURRENCES = "occurrences"  # every downloaded link, as boilerplate evidence for `pair`
+VERDICTS = "verdicts"
+LOW_CLIP = "low_clip"
+LINKS = "links"
+LINK_FIELDS = tuple(DOWNLOAD_OCCURRENCE_SCHEMA.names)
 URL_WORD_MATCHES = "url_word_matches"
 LOW_CLIP_SCORE = "low_clip_score"
 NO_ENCODER = "none"
 
 
 class ValidateAndHash(beam.DoFn):
-    """Decode once: hash, record the occurrence (tagged `occurrences`, whatever the checks decide),
-    check size, aspect and the boilerplate signals, and preprocess for the encoder; bad images leave
-    tagged `rejected`."""
+    """One distinct image: decode once, hash, check size, aspect and the flat-image signal, and
+    preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
+    pHash, size, reason); images that pass and that a kept link points to go on to the encoder."""
 
     def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3):
         self.cfg, self.image_size, self.mean, self.std = cfg, image_size, mean, std
@@ -48,29 +56,20 @@ class ValidateAndHash(beam.DoFn):
 
     def process(self, row: dict):
         data = row.get("image_bytes")
-        occurrence = {
-            "link_id": row["link_id"], "page_url": row["page_url"], "site": site_of(row["page_url"]), "image_url": row["image_url"],
-            "sha256": sha256_hex(data) if data else None, "phash": None, "width": None, "height": None, "filter_reason": None,
-        }
+        digest = sha256_hex(data) if data is not None else None
+        verdict = {"sha256": digest, "phash": None, "width": None, "height": None, "reason": None, "detail": None}
         decoded = decode(data, self.cfg)
         problem = decoded if isinstance(decoded, Invalid) else None
         if problem is None:
-            occurrence.update(phash=phash_hex(decoded.image, self.cfg.phash_size), width=decoded.width, height=decoded.height)
-            problem = check_shape(decoded, self.cfg) or self._signals(row, decoded)
-        occurrence["filter_reason"] = problem.reason if problem else None
-        yield beam.pvalue.TaggedOutput(OCCURRENCES, occurrence)
+            verdict.update(phash=phash_hex(decoded.image, self.cfg.phash_size), width=decoded.width, height=decoded.height)
+            problem = check_shape(decoded, self.cfg) or self._flat(decoded)
         if problem is not None:
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(row["link_id"], STAGE, problem.reason, problem.detail, row["image_url"]).to_row())
+            verdict.update(reason=problem.reason, detail=problem.detail)
+        yield beam.pvalue.TaggedOutput(VERDICTS, (row["image_id"], verdict))
+        if problem is not None or not row.get("links", 1):  # rejected, or only boilerplate evidence
             return
-        words = url_words(row["image_url"], self.cfg.url_words)
-        if words:  # counted whether or not the rule is on: what it catches (or would)
-            yield beam.pvalue.TaggedOutput(URL_WORD_MATCHES, row["link_id"])
-            if self.cfg.reject_url_words:
-                yield beam.pvalue.TaggedOutput(REJECTED, Rejected(row["link_id"], STAGE, URL_WORD, f"URL path names {', '.join(words)}", row["image_url"]).to_row())
-                return
-        digest = occurrence["sha256"]
         record = {
-            "image_id": image_id(digest),
+            "image_id": row["image_id"],
             "page_url": row["page_url"],
             "image_url": row["image_url"],
             "alt": row.get("alt") or "",
@@ -79,12 +78,11 @@ class ValidateAndHash(beam.DoFn):
             "height": decoded.height,
             "format": decoded.format,
             "sha256": digest,
-            "phash": occurrence["phash"],
+            "phash": verdict["phash"],
             "embedding": None,
             "encoder": None,
             "clip_score": None,
             "image_bytes": data,
-            "_link_id": row["link_id"],
         }
         self.kept.inc()
         if self.image_size:
@@ -92,17 +90,63 @@ class ValidateAndHash(beam.DoFn):
         else:
             yield record, None
 
-    def _signals(self, row: dict, decoded) -> Optional[Invalid]:
-        """The image-level boilerplate signals (filter/signals.py) that are on."""
+    def _flat(self, decoded) -> Optional[Invalid]:
         cfg = self.cfg
-        if cfg.check_declared_size:
-            detail = declared_too_small(row.get("declared_width"), row.get("declared_height"), cfg.min_side)
-            if detail:
-                return Invalid(DECLARED_TOO_SMALL, detail)
         if cfg.flat_colours:
             share = top_colour_share(decoded.image, cfg.flat_colours)
             if share >= cfg.flat_share:
                 return Invalid(FLAT_IMAGE, f"{cfg.flat_colours} colours cover {share:.0%} of the pixels (>= {cfg.flat_share:.0%})")
+        return None
+
+
+class JudgeLinks(beam.DoFn):
+    """(image_id, {"verdict": [...], "low_clip": [...], "links": [...]}) -> for each link of the
+    image: its occurrence row (tagged `occurrences`), and its outcome: the image's verdict, then the
+    link's own checks (declared size, URL words); kept links yield 1, the others a rejected row.
+    Links that download rejected as URL boilerplate (fetched as evidence) only leave occurrences."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.cfg = cfg
+
+    def process(self, item):
+        image, grouped = item
+        verdict = (list(grouped["verdict"]) or [None])[0]
+        if verdict is None:  # a link whose image is not in downloads/: the download output is damaged
+            raise StageError(f"filter: image {image} of the download occurrences is missing from its downloads/")
+        low_clip = list(grouped["low_clip"])
+        reason, detail = verdict["reason"], verdict["detail"]
+        if reason is None and low_clip:
+            reason, detail = LOW_CLIP_SCORE, low_clip[0]
+        for link in grouped["links"]:
+            own, own_detail, words = reason, detail, None
+            if link.get("reason"):  # evidence only: rejected by download already
+                own = link["reason"]
+            elif own is None:
+                found = self._link_checks(link)
+                if found:
+                    own, own_detail = found
+                words = url_words(link["image_url"], self.cfg.url_words)
+                if words:  # counted whether or not the rule is on: what it catches (or would)
+                    yield beam.pvalue.TaggedOutput(URL_WORD_MATCHES, link["link_id"])
+                    if own is None and self.cfg.reject_url_words:
+                        own, own_detail = URL_WORD, f"URL path names {', '.join(words)}"
+            yield beam.pvalue.TaggedOutput(OCCURRENCES, {
+                "link_id": link["link_id"], "page_url": link["page_url"], "site": link["site"], "image_url": link["image_url"], "alt": link["alt"] or "", "position": link["position"] or 0,
+                "image_id": image, "sha256": verdict["sha256"], "phash": verdict["phash"], "width": verdict["width"], "height": verdict["height"], "filter_reason": own,
+            })
+            if link.get("reason"):
+                continue
+            yield beam.pvalue.TaggedOutput(LINKS, 1)
+            if own is None:
+                yield 1
+            else:
+                yield beam.pvalue.TaggedOutput(REJECTED, Rejected(link["link_id"], STAGE, own, own_detail or "", link["image_url"]).to_row())
+
+    def _link_checks(self, link: dict):
+        if self.cfg.check_declared_size:
+            detail = declared_too_small(link.get("declared_width"), link.get("declared_height"), self.cfg.min_side)
+            if detail:
+                return DECLARED_TOO_SMALL, detail
         return None
 
 
@@ -117,24 +161,24 @@ def _attach(item, encoder_name: str):
 
 def _check_clip_score(record: dict, min_score):
     if min_score is not None and record["clip_score"] is not None and record["clip_score"] < min_score:
-        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record["_link_id"], STAGE, LOW_CLIP_SCORE, f"{record['clip_score']:.3f} < {min_score}", record["image_url"]).to_row())
+        yield beam.pvalue.TaggedOutput(LOW_CLIP, (record["image_id"], f"{record['clip_score']:.3f} < {min_score}"))
         return
-    record = dict(record)
-    record.pop("_link_id")
     yield record
 
 
 class FilterImages(beam.PTransform):
-    """Download rows -> {"input", "kept", "rejected"} PCollections of the filter stage."""
+    """{"images": download rows (one per distinct image), "links": download occurrences} ->
+    {"input_count", "kept" images, "kept_count" (links), "rejected" (links), "occurrences", ...}."""
 
     def __init__(self, cfg: FilterConfig, encoder_info: tuple = ()):
         super().__init__()
         self.cfg = cfg
         self.encoder_info = encoder_info  # (image_size, mean, std) of the encoder, () when disabled
 
-    def expand(self, rows):
+    def expand(self, pcolls):
+        images, links = pcolls["images"], pcolls["links"]
         size, mean, std = self.encoder_info or (0, (0.5,) * 3, (0.5,) * 3)
-        checked = rows | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std)).with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, main="valid")
+        checked = images | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std)).with_outputs(VERDICTS, main="valid")
         if size:
             handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size, self.cfg.fixed_batch))
             embedded = (
@@ -144,9 +188,17 @@ class FilterImages(beam.PTransform):
             )
         else:
             embedded = checked.valid | "NoEmbedding" >> beam.Map(lambda item: item[0])
-        scored = embedded | "MinClipScore" >> beam.FlatMap(_check_clip_score, self.cfg.min_clip_score).with_outputs(REJECTED, main="kept")
-        rejected = (checked[REJECTED], scored[REJECTED]) | "AllRejected" >> beam.Flatten()
-        return {"input": rows, "kept": scored.kept, "rejected": rejected, OCCURRENCES: checked[OCCURRENCES], URL_WORD_MATCHES: checked[URL_WORD_MATCHES]}
+        scored = embedded | "MinClipScore" >> beam.FlatMap(_check_clip_score, self.cfg.min_clip_score).with_outputs(LOW_CLIP, main="kept")
+        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], {k: r[k] for k in LINK_FIELDS}))
+        judged = (
+            {"verdict": checked[VERDICTS], "low_clip": scored[LOW_CLIP], "links": keyed_links}
+            | "JoinLinks" >> beam.CoGroupByKey()
+            | "JudgeLinks" >> beam.ParDo(JudgeLinks(self.cfg)).with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, LINKS, main="kept_links")
+        )
+        return {
+            "input_count": judged[LINKS], "kept": scored.kept, "kept_count": judged.kept_links, "rejected": judged[REJECTED],
+            OCCURRENCES: judged[OCCURRENCES], URL_WORD_MATCHES: judged[URL_WORD_MATCHES], "images": images, "images_kept": scored.kept,
+        }
 
 
 def encoder_info(cfg: FilterConfig) -> tuple:
@@ -164,10 +216,15 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
     """Run the filter pipeline on a download stage directory; returns reconciled stats."""
     files = stage_files(input_path, "downloads", expected="download")
     check_columns(files, DOWNLOAD_SCHEMA, input_path, "download")
+    link_files = stage_files(input_path, "occurrences", expected="download")
+    if not link_files:
+        raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs crawl download`): run `webpairs crawl download` into it again")
+    check_columns(link_files, DOWNLOAD_OCCURRENCE_SCHEMA, input_path, "download")
     info = encoder_info(cfg)
     with StageOutput(out_dir, STAGE) as out:
         with stage_pipeline(beam_args) as p:
-            rows = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
-            outputs = rows | "Filter" >> FilterImages(cfg, info)
+            images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
+            links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=list(LINK_FIELDS))
+            outputs = {"images": images, "links": links} | "Filter" >> FilterImages(cfg, info)
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more={OCCURRENCES: OCCURRENCE_SCHEMA})
         return out.commit()

@@ -1,8 +1,9 @@
 """`pair`: ImageRecords -> same-page (condition, target) PairRecords with Beam.
 
 Steps: from filter's occurrences (every fetched link, kept or not), flag boilerplate of each site
-and of the crawl (pairing/boilerplate.py), and from a light read of (image id, page) the images
-seen on several pages -> read the records and drop the boilerplate (the flags are a side input)
+and of the crawl (pairing/boilerplate.py), and from its kept links the images seen on several
+pages -> join each image (one record) to its kept links (CoGroupByKey on image_id: the image on
+each of its pages) and drop the boilerplate (the flags are a side input)
 -> GroupByKey(page_url) -> collapse near-duplicates, cap images per page, pick in-band pairs
 (pairing/select.py) -> pairs of two shared images go through a GroupByKey on their contents so
 each (condition, target) content pair is kept once across pages; the rest are final -> write
@@ -17,7 +18,7 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.records import BOILERPLATE_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected, stable_id
+from core.records import BOILERPLATE_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected
 from core.sites import site_of
 from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
@@ -29,8 +30,25 @@ SHARED_PAIRS = "shared_pairs"
 
 
 def record_id(r: dict) -> str:
-    """Id of one input ImageRecord: an image id is shared by every page that shows the image."""
-    return f"{r['image_id']}@{stable_id(r['page_url'], str(r['position']), length=10)}"
+    """Id of one input record: the link (an image id is shared by every page that shows the image)."""
+    return r["link_id"]
+
+
+def _on_page(item):
+    """(image_id, {"image": [packed record], "links": [kept links]}) -> the image's record on each
+    of its pages (its page, URL, alt and position are the link's)."""
+    image, grouped = item
+    packed = list(grouped["image"])
+    links = list(grouped["links"])
+    if not packed:
+        if links:
+            raise StageError(f"pair: image {image} of the filter occurrences is missing from its images/")
+        return
+    base = unpack(packed[0], IMAGE_FIELDS_IN)
+    for link in links:
+        r = dict(base)
+        r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
+        yield r
 
 
 class MarkBoilerplate(beam.DoFn):
@@ -107,26 +125,32 @@ class _OnMorePages(beam.PTransform):
 
 
 class PairImages(beam.PTransform):
-    """{"keys": (image_id, page_url) of the images, "images": ImageRecords, "occurrences": filter's
-    (page_url, site, image_url, phash) of every fetched link} -> {"input", "kept" images,
+    """{"images": ImageRecords (one per distinct image), "links": filter's kept occurrences
+    (link_id, image_id, page_url, image_url, alt, position), "occurrences": (page_url, site,
+    image_url, phash) of every downloaded link} -> {"input" links, "kept" image-on-page records,
     "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
 
-    `keys` is a light second read of the images: the sharing count comes from it, so the full
-    records are shuffled once (by page)."""
+    The sharing count comes from the light links, so the full records are shuffled by image (to
+    their pages) and by page once each."""
 
     def __init__(self, cfg: PairConfig):
         super().__init__()
         self.cfg = cfg
 
     def expand(self, pcolls):
-        keys, images, occurrences = pcolls["keys"], pcolls["images"], pcolls["occurrences"]
+        images, occurrences, links = pcolls["images"], pcolls["occurrences"], pcolls["links"]
         cfg = self.cfg
+        # 0. each image (one row) back on its pages, through the kept links of filter's occurrences
+        keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_FIELDS_IN)))
+        keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], {k: r[k] for k in LINK_COLUMNS if k != "image_id"}))
+        on_pages = {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey() | "OnPages" >> beam.FlatMap(_on_page)
+        keys = links
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
         flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg)
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. drop the records that are flagged
-        marked = images | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(cfg), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, main="ok")
+        marked = on_pages | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(cfg), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, main="ok")
         # 3. images seen on several pages (only pairs of two such images can recur on another page)
         shared = keys | "SharedImages" >> _OnMorePages("image_id", 1)
         # 4. per page: near-duplicates, cap, in-band pairs
@@ -140,7 +164,7 @@ class PairImages(beam.PTransform):
         )
         rejected = (marked[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
         return {
-            "input": images,
+            "input": links,
             "kept": per_page.kept,
             "rejected": rejected,
             "pairs": per_page.pairs,  # final where they are made (not flattened with the next:
@@ -154,9 +178,10 @@ class PairImages(beam.PTransform):
 # Pairing never needs the image bytes: records travel without them (a pointer stays), and the
 # embedding travels as a compact float16 array instead of a Python list.
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
-KEY_COLUMNS = ["image_id", "page_url"]  # what the sharing count reads
+LINK_COLUMNS = ["link_id", "image_id", "page_url", "image_url", "alt", "position"]  # a kept link
 OCCURRENCE_COLUMNS = ["page_url", "site", "image_url", "phash"]  # what the boilerplate flags read
-IMAGE_FIELDS = tuple(META_COLUMNS) + ("bytes_file", "bytes_row_group")  # a record as it travels
+IMAGE_FIELDS_IN = tuple(META_COLUMNS) + ("bytes_file", "bytes_row_group")  # an image as it is read
+IMAGE_FIELDS = IMAGE_FIELDS_IN + ("link_id",)  # an image on a page, as it travels
 PAIR_FIELDS = tuple(PAIR_SCHEMA.names)
 
 
@@ -172,6 +197,7 @@ def _for_parquet(row: dict) -> dict:
     if row.get("embedding") is not None:
         row["embedding"] = row["embedding"].tolist()
     row["image_bytes"] = None
+    row.pop("link_id", None)
     return row
 
 
@@ -192,12 +218,15 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
     import os
 
     with stage_pipeline(beam_args) as p:
-        keys = p | "KeyFiles" >> beam.Create(files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
+        links = (
+            p | "LinkFiles" >> beam.Create(occurrence_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=LINK_COLUMNS + ["filter_reason"])
+            | "KeptLinks" >> beam.Filter(lambda r: r["filter_reason"] is None)
+        )
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
         # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
-        out = {"keys": keys, "images": images, "occurrences": occurrences} | "Pair" >> PairImages(cfg)
+        out = {"images": images, "occurrences": occurrences, "links": links} | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         ones = []
         for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/

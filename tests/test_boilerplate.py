@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -104,10 +105,11 @@ def _photo_logo(photos_dir: str, size) -> bytes:
 
 
 def test_logo_in_two_sizes_on_twelve_pages_is_in_no_pair(tmp_path, photos_dir):
-    """The held-out case: one site, 12 pages, its logo as logo.png on 8 pages and as logo_small.png
-    (150x60, under filter's min side) on the other 4. The old global rule (more than 10 pages)
-    saw the logo on 8 pages and let it into 25 % of the pairs; the site rule counts both sizes on
-    all 12 pages, before filter drops the small one."""
+    """The held-out case: one site, 12 pages, its logo (drawn on a photo: not flat) as logo.png on 8
+    pages and as logo_mid.png (250x100, large enough for filter) on the other 4. Download's URL
+    rule catches logo.png (8 of 12 pages) before any fetch of its links; logo_mid.png's URL is on
+    only 4, so only pair's content rule can see it, counting both sizes on all 12 pages: it needs
+    logo.png fetched once as evidence (`boilerplate_evidence`, on by default)."""
     from crawl.download import run_download
     from crawl.extract import run_extract
     from filter.pipeline import run_filter
@@ -116,10 +118,10 @@ def test_logo_in_two_sizes_on_twelve_pages_is_in_no_pair(tmp_path, photos_dir):
     from webpairs.testweb import Route, _jpeg, serve_routes, write_warc
 
     names = sorted(os.listdir(photos_dir))
-    routes = {"/logo.png": Route(body=_photo_logo(photos_dir, (375, 150)), content_type="image/png"), "/logo_small.png": Route(body=_photo_logo(photos_dir, (150, 60)), content_type="image/png")}
+    routes = {"/logo.png": Route(body=_photo_logo(photos_dir, (375, 150)), content_type="image/png"), "/logo_mid.png": Route(body=_photo_logo(photos_dir, (250, 100)), content_type="image/png")}
     layout = {}
     for p in range(12):
-        imgs = ["/logo.png" if p < 8 else "/logo_small.png"]
+        imgs = ["/logo.png" if p < 8 else "/logo_mid.png"]
         for k in range(3):  # three dog photos per page (classes 151-268: related, not the same)
             path = f"/photos/{p}_{k}.jpg"
             routes[path] = Route(body=_jpeg(Image.open(os.path.join(photos_dir, names[151 + p * 3 + k]))))
@@ -128,28 +130,35 @@ def test_logo_in_two_sizes_on_twelve_pages_is_in_no_pair(tmp_path, photos_dir):
     with serve_routes(routes) as base:
         html = {url: "<html><body>" + "".join(f'<img src="{base}{src}" alt="x">' for src in imgs) + "</body></html>" for url, imgs in layout.items()}
         write_warc(str(tmp_path / "web.warc.gz"), html)
-        d = {k: str(tmp_path / k) for k in ("links", "download", "filter")}
-        run_extract(str(tmp_path / "web.warc.gz"), d["links"], CrawlConfig(allow_hosts=("127.0.0.1",)))
-        run_download(d["links"], d["download"], DownloadConfig(allow_hosts=("127.0.0.1",), processes=1))
-    run_filter(d["download"], d["filter"], FilterConfig(encoder="efficientnet-lite0"))
-    logo_urls = {base + "/logo.png", base + "/logo_small.png"}
-    filtered = read_table(d["filter"], "rejected").to_pandas()
-    assert set(filtered[filtered.url.isin(logo_urls)].reason) == {"too_small"}  # the 4 small copies, and only them
+        run_extract(str(tmp_path / "web.warc.gz"), str(tmp_path / "links"), CrawlConfig(allow_hosts=("127.0.0.1",)))
 
-    def pairs_with_logo(out: str, cfg: PairConfig) -> tuple[int, int, object]:
-        run_pair(d["filter"], out, cfg)
-        pairs = read_table(out, "pairs").to_pandas()
-        return int((pairs.cond_url.isin(logo_urls) | pairs.target_url.isin(logo_urls)).sum()), len(pairs), read_table(out, "rejected").to_pandas()
+        def run(name: str, download: DownloadConfig, pair: PairConfig):
+            d = {k: str(tmp_path / name / k) for k in ("download", "filter", "pair")}
+            run_download(str(tmp_path / "links"), d["download"], download)
+            run_filter(d["download"], d["filter"], FilterConfig(encoder="efficientnet-lite0"))
+            run_pair(d["filter"], d["pair"], pair)
+            pairs = read_table(d["pair"], "pairs").to_pandas()
+            with_logo = int((pairs.cond_url.isin(logo_urls) | pairs.target_url.isin(logo_urls)).sum())
+            rejected = {stage: read_table(d[stage], "rejected").to_pandas() for stage in d}
+            return with_logo, len(pairs), rejected
 
-    # with neither repetition rule the logo is paired: the check below is not vacuous (the global
-    # rule alone would catch it now too: counted in both sizes, it is on 12 pages, more than 10)
-    with_logo, total, _ = pairs_with_logo(str(tmp_path / "pair_old"), PairConfig(site_min_pages=13, boilerplate_pages=100))
-    assert with_logo > 0 and total > with_logo
-    with_logo, total, rejected = pairs_with_logo(str(tmp_path / "pair"), PairConfig())
-    assert with_logo == 0 and total > 0
-    logo_rows = rejected[rejected.url.isin(logo_urls)]
-    assert len(logo_rows) == 8 and set(logo_rows.reason) == {"boilerplate_site"}
-    assert "on 12 of the pages of example-news.com" in logo_rows.detail.iloc[0]
+        logo_urls = {base + "/logo.png", base + "/logo_mid.png"}
+        dl = DownloadConfig(allow_hosts=("127.0.0.1",), processes=1)
+        # with no repetition rule at either stage the logo is paired: the checks below are not vacuous
+        with_logo, total, _ = run("no_rules", dataclasses.replace(dl, url_boilerplate=False), PairConfig(site_min_pages=13, boilerplate_pages=100))
+        assert with_logo > 0 and total > with_logo
+        # defaults: logo.png's 8 links never fetched for pairing; logo_mid.png caught by content
+        with_logo, total, rejected = run("defaults", dl, PairConfig())
+        assert with_logo == 0 and total > 0
+        at_download = rejected["download"][rejected["download"].url.isin(logo_urls)]
+        assert len(at_download) == 8 and set(at_download.reason) == {"boilerplate_url_site"} and set(at_download.url) == {base + "/logo.png"}
+        assert "image URL on 8 of the 12 pages of example-news.com" in at_download.detail.iloc[0]
+        at_pair = rejected["pair"][rejected["pair"].url.isin(logo_urls)]
+        assert len(at_pair) == 4 and set(at_pair.reason) == {"boilerplate_site"}
+        assert "on 12 of the pages of example-news.com" in at_pair.detail.iloc[0]
+        # without the evidence fetch the content rule sees logo_mid.png on only 4 pages: it is paired
+        with_logo, _, _ = run("no_evidence", dataclasses.replace(dl, boilerplate_evidence=False), PairConfig())
+        assert with_logo > 0
 
 
 def test_multisite_web_ground_truth(tmp_path):

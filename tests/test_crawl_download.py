@@ -46,14 +46,21 @@ def downloaded(tmp_path_factory, links_dir, test_web):
     from crawl.download import run_download
 
     out = str(tmp_path_factory.mktemp("download"))
+    before = test_web.requests()
     stats = run_download(links_dir, out, DownloadConfig(allow_hosts=("127.0.0.1",), timeout=1.5, processes=1, threads=8))
-    return out, stats
+    fetched = {path: n - before.get(path, 0) for path, n in test_web.requests().items() if n > before.get(path, 0)}
+    return out, stats, fetched
+
+
+def _kept_links(out):
+    occ = read_table(out, "occurrences").to_pandas()
+    return occ[occ.reason.isna()]
 
 
 def test_every_planted_download_failure_has_its_reason(downloaded, links_dir, test_web):
-    out, stats = downloaded
+    out, stats, _ = downloaded
     links = read_table(links_dir, "links").to_pandas()
-    kept = read_table(out, "downloads").to_pandas()
+    kept = _kept_links(out)
     rejected = read_table(out, "rejected").to_pandas()
     assert stats["input"] == len(links) == len(kept) + len(rejected)
     assert sorted(kept.link_id.tolist() + rejected.record_id.tolist()) == sorted(links.link_id)
@@ -62,12 +69,43 @@ def test_every_planted_download_failure_has_its_reason(downloaded, links_dir, te
         if stage == "download":
             assert got.get(url) == reason, url
     assert set(got) == {u for u, (s, _) in test_web.bad.items() if s == "download"}
-    # page_url, alt and position travel with the bytes; the redirect was followed
-    row = kept[kept.image_url.str.endswith("/go/redirect.jpg")].iloc[0]
-    assert row.image_bytes == test_web.routes["/img/t1/target.jpg"].body
+    # each link resolves to its image; page_url, alt and position stay with the link
+    images = read_table(out, "downloads").to_pandas().set_index("image_id")
+    row = kept[kept.image_url.str.endswith("/go/redirect.jpg")].iloc[0]  # the redirect was followed
+    assert images.loc[row.image_id].image_bytes == test_web.routes["/img/t1/target.jpg"].body
     photo = kept[kept.image_url == next(iter(test_web.good))].iloc[0]
     assert photo.page_url in test_web.pages and photo.alt.startswith("photo")
     assert read_stats(out)["rejected"] == stats["rejected"]
+
+
+def test_each_image_url_is_fetched_once_and_identical_bytes_kept_once(downloaded, test_web):
+    out, stats, fetched = downloaded
+    kept = _kept_links(out)
+    images = read_table(out, "downloads").to_pandas()
+    occurrences = read_table(out, "occurrences").to_pandas()  # kept links and boilerplate evidence
+    assert occurrences.image_url.value_counts().max() == len(test_web.pages)  # the logo: on every page ...
+    assert max(fetched.values()) == 1  # ... and, like every image URL, requested once
+    # /img/dup/exact.jpg serves the bytes of /img/t0/p0_0.jpg: one image, two links
+    exact = kept[kept.image_url.str.endswith("/img/dup/exact.jpg")].image_id.iloc[0]
+    assert exact == kept[kept.image_url.str.endswith("/img/t0/p0_0.jpg")].image_id.iloc[0]
+    assert images.image_id.is_unique and len(images) == stats["images"] < stats["urls_downloaded"]
+    assert set(kept.image_id) <= set(images.image_id)
+    assert (images.set_index("image_id").links[kept.image_id.unique()] > 0).all()
+
+
+def test_links_that_cannot_make_a_pair_are_never_fetched(downloaded, test_web):
+    """The plan rejects them before img2dataset runs: nothing was requested for them."""
+    out, stats, fetched = downloaded
+    rejected = read_table(out, "rejected").to_pandas()
+    for reason in ("declared_too_small", "not_raster", "boilerplate_url_global"):
+        urls = set(rejected[rejected.reason == reason].url)
+        assert urls, reason
+        for url in urls:
+            path = url[len(test_web.base_url):]
+            # the logo is fetched once as boilerplate evidence; the others never
+            assert fetched.get(path, 0) == (1 if reason == "boilerplate_url_global" else 0), url
+    # one request per fetched URL (the redirect's target is the one extra request)
+    assert stats["urls_evidence"] == 1 and stats["urls_selected"] + stats["urls_evidence"] == sum(n for p, n in fetched.items() if p != "/img/t1/target.jpg")
 
 
 def test_private_links_refused_without_allow_list(tmp_path, links_dir):
@@ -103,7 +141,7 @@ def test_kill_and_rerun_has_no_duplicate_and_no_missing_image(tmp_path, links_di
     assert all(os.path.getmtime(os.path.join(out, "img2dataset", f)) == m for f, m in mtimes.items())
     assert sorted(os.listdir(tmp_path)) == ["dl"]
     links = read_table(links_dir, "links").to_pandas()
-    kept = read_table(out, "downloads").to_pandas()
+    kept = _kept_links(out)
     rejected = read_table(out, "rejected").to_pandas()
     ids = kept.link_id.tolist() + rejected.record_id.tolist()
     assert len(ids) == len(set(ids)) == len(links)

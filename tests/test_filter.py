@@ -122,20 +122,26 @@ def test_filter_stage_on_test_web(tmp_path, download_dir, test_web):
     stats = run_filter(download_dir, out, FilterConfig(encoder="tiny-clip", batch_size=8))
     images = read_table(out, "images").to_pandas()
     rejected = read_table(out, "rejected").to_pandas()
+    occurrences = read_table(out, "occurrences").to_pandas()
     downloads = read_table(download_dir, "downloads").to_pandas()
-    assert stats["input"] == len(downloads) == len(images) + len(rejected) == stats["kept"] + sum(stats["rejected"].values())
+    links = read_table(download_dir, "occurrences").to_pandas()
+    kept_links = occurrences[occurrences.filter_reason.isna()]
+    # counts are per link; images are per distinct content, each embedded once
+    assert stats["input"] == links.reason.isna().sum() == len(kept_links) + len(rejected) == stats["kept"] + sum(stats["rejected"].values())
+    assert stats["images"] == len(downloads) and stats["images_kept"] == len(images) and images.image_id.is_unique
+    assert len(occurrences) == len(links) and set(kept_links.image_id) == set(images.image_id)
     got = dict(zip(rejected.url, rejected.reason))
     for url, (stage, reason) in test_web.bad.items():
         if stage == "filter":
             assert got.get(url) == reason, url
     assert set(got) == {u for u, (s, _) in test_web.bad.items() if s == "filter"}
-    assert set(test_web.good) <= set(images.image_url)
+    assert set(test_web.good) <= set(kept_links.image_url)
     emb = np.stack(images.embedding.map(np.asarray))
     assert emb.shape[1] == 64 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
     assert images.clip_score.notna().all() and images.encoder.eq("tiny-clip").all()
-    # exact copies under two URLs share their content id
+    # exact copies under two URLs share their content id (and its one row)
     group = test_web.near_duplicate_groups[0]
-    ids = images.set_index("image_url").image_id
+    ids = kept_links.set_index("image_url").image_id
     assert ids[group[0]] == ids[[u for u in group if u.endswith("exact.jpg")][0]]
     assert read_stats(out)["encoder"] == "tiny-clip"
     # an optional minimum CLIP score rejects with its own reason, and counts still reconcile

@@ -55,19 +55,22 @@ def test_pairs_in_band_ordered_capped_and_deterministic():
 
 
 def test_pair_stage_on_test_web(pipeline_dirs, test_web):
+    from core.records import stable_id
+
     out = pipeline_dirs["pair"]
     stats = read_stats(out)
-    images_in = read_table(pipeline_dirs["filter"], "images").to_pandas()
+    occurrences = read_table(pipeline_dirs["filter"], "occurrences").to_pandas()
+    links_in = occurrences[occurrences.filter_reason.isna()]
     rejected = read_table(out, "rejected").to_pandas()
     kept = read_table(out, "images").to_pandas()
     pairs = read_table(out, "pairs").to_pandas()
-    assert stats["input"] == len(images_in) == len(kept) + len(rejected)
+    assert stats["input"] == len(links_in) == len(kept) + len(rejected)  # per link: each image on each page
+    assert sorted(rejected.record_id.tolist() + [stable_id(r.page_url, r.image_url) for r in kept.itertuples()]) == sorted(links_in.link_id)
     assert stats["pairs"] == len(pairs) > 0 and stats["pages"] == len(test_web.pages)
-    # the logo (a flat PNG) leaves at filter on every page, and still counts as the site's
-    # boilerplate in pair: the evidence is every fetched copy, not the ones filter kept
-    logo = read_table(pipeline_dirs["filter"], "rejected").to_pandas()
-    logo = logo[logo.url.isin(test_web.boilerplate)]
-    assert (logo.reason == "flat_image").all() and len(logo) == len(test_web.pages)
+    # the logo (on every page) is never downloaded for its links: download fetched it once as
+    # evidence, and pair still counts it as the site's boilerplate on every page
+    logo = occurrences[occurrences.image_url.isin(test_web.boilerplate)]
+    assert (logo.filter_reason == "boilerplate_url_global").all() and len(logo) == len(test_web.pages)
     assert not kept.image_url.isin(test_web.boilerplate).any()
     flags = read_table(out, "boilerplate").to_pandas()
     logo_flags = flags[(flags.kind == "url") & flags.key.isin(test_web.boilerplate)]

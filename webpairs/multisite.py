@@ -175,25 +175,20 @@ def serve_multisite_web(out_dir: str, photos_dir: Optional[str] = None, n_sites:
 
 
 # Reasons that say "this is boilerplate" (an image-level signal or a repetition rule).
-BOILERPLATE_REASONS = ("too_small", "declared_too_small", "bad_aspect", "flat_image", "url_word", "boilerplate_site", "boilerplate_global")
+BOILERPLATE_REASONS = ("too_small", "declared_too_small", "bad_aspect", "flat_image", "url_word", "not_raster", "boilerplate_url_site", "boilerplate_url_global", "boilerplate_site", "boilerplate_global")
 
 
 def score_boilerplate(web: MultiSiteWeb, dirs: dict) -> dict:
     """Boilerplate recall and precision over every (page, image) occurrence of the web, and the
     pairs that hold boilerplate, from the outputs of a run (dirs: links, download, filter, pair)."""
-    from core.records import stable_id
     from core.stageio import read_table
 
     verdict: dict[tuple[str, str], str] = {}  # (page, image url) -> the reason it was removed for
     links = read_table(dirs["links"], "links", ["link_id", "page_url", "image_url"]).to_pylist()
     by_link = {r["link_id"]: (r["page_url"], r["image_url"]) for r in links}
-    for stage in ("download", "filter"):
+    for stage in ("download", "filter", "pair"):  # every stage rejects links (record_id: link_id)
         for r in read_table(dirs[stage], "rejected", ["record_id", "reason"]).to_pylist():
             verdict[by_link[r["record_id"]]] = r["reason"]
-    images = read_table(dirs["filter"], "images", ["image_id", "page_url", "image_url", "position"]).to_pylist()
-    by_record = {f"{r['image_id']}@{stable_id(r['page_url'], str(r['position']), length=10)}": (r["page_url"], r["image_url"]) for r in images}
-    for r in read_table(dirs["pair"], "rejected", ["record_id", "reason"]).to_pylist():
-        verdict[by_record[r["record_id"]]] = r["reason"]
     truth = [(page, url, web.is_boilerplate(url)) for page, url in web.occurrences]
     removed = [(page, url, bp) for page, url, bp in truth if verdict.get((page, url)) in BOILERPLATE_REASONS]
     n_boilerplate = sum(bp for _, _, bp in truth)

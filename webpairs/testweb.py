@@ -12,6 +12,7 @@ fresh clone can run it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import io
@@ -57,9 +58,14 @@ class TestWeb:
     boilerplate: list[str]  # URLs of content on every page (logo)
     routes: dict[str, Route]
     slow_delay: float
+    hits: Optional[collections.Counter] = None  # GET requests per path, since the server started
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    def requests(self) -> dict[str, int]:
+        """A snapshot of the requests per path so far (subtract two to count one run's)."""
+        return dict(self.hits or {})
 
 
 def _jpeg(img: Image.Image, quality: int = 90, **kw) -> bytes:
@@ -144,11 +150,12 @@ def _build_routes(photos: list[list[bytes]], n_pages: int, images_per_page: int,
     logo = Image.new("RGB", (160, 160), (20, 60, 160))
     ImageDraw.Draw(logo).ellipse((20, 20, 140, 140), fill=(250, 200, 0))
     routes["/static/logo.png"] = Route(body=_png(logo), content_type="image/png")
-    bad["/static/logo.png"] = (EXPECT_FILTER, "flat_image")  # two flat colours; pair still counts it as the site's boilerplate
+    # on every page: URL boilerplate, never fetched (download's plan counts pages per image URL)
+    bad["/static/logo.png"] = (EXPECT_DOWNLOAD, "boilerplate_url_global" if n_pages > 10 else "boilerplate_url_site")
     spacer = io.BytesIO()
     Image.new("P", (1, 1)).save(spacer, "GIF")
     routes["/static/spacer.gif"] = Route(body=spacer.getvalue(), content_type="image/gif")
-    bad["/static/spacer.gif"] = (EXPECT_FILTER, "too_small")
+    bad["/static/spacer.gif"] = (EXPECT_DOWNLOAD, "declared_too_small")  # declared 1x1: never fetched
 
     n_topics = len(photos)
     for p in range(n_pages):
@@ -161,7 +168,7 @@ def _build_routes(photos: list[list[bytes]], n_pages: int, images_per_page: int,
             routes[path] = Route(body=photos[topic][idx])
             good[path] = topic
             imgs.append({"src": path})
-        imgs += [{"src": "/static/logo.png", "alt": "site logo"}, {"src": "/static/spacer.gif", "alt": ""}]
+        imgs += [{"src": "/static/logo.png", "alt": "site logo"}, {"src": "/static/spacer.gif", "alt": "", "width": 1, "height": 1}]
         pages[f"/page/{p}.html"] = {"topic": topic, "imgs": imgs}
 
     def add(page: int, path: str, route: Route, stage: Optional[str], reason: Optional[str], **attrs):
@@ -190,8 +197,9 @@ def _build_routes(photos: list[list[bytes]], n_pages: int, images_per_page: int,
     add(1, "/bad/empty.jpg", Route(body=b""), EXPECT_FILTER, "empty")
     add(2, "/bad/bomb.png", Route(body=decompression_bomb_png(), content_type="image/png"), EXPECT_FILTER, "decompression_bomb")
     svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="200" height="200"><circle cx="100" cy="100" r="80"/></svg>'
-    add(2, "/bad/vector.svg", Route(body=svg, content_type="image/svg+xml"), EXPECT_FILTER, "unsupported_format")
-    add(2, "/bad/tiny.jpg", Route(body=_jpeg(original.resize((24, 18)))), EXPECT_FILTER, "too_small")
+    add(2, "/bad/vector.svg", Route(body=svg, content_type="image/svg+xml"), EXPECT_DOWNLOAD, "not_raster")  # by its extension: never fetched
+    add(2, "/bad/tiny.jpg", Route(body=_jpeg(original.resize((24, 18)))), EXPECT_DOWNLOAD, "declared_too_small", width=24, height=18)
+    add(2, "/bad/undeclared_tiny.jpg", Route(body=_jpeg(original.resize((24, 18)))), EXPECT_FILTER, "too_small")  # no size in the HTML: fetched
     add(3, "/bad/banner.jpg", Route(body=_jpeg(original.resize((900, 90)))), EXPECT_FILTER, "bad_aspect")
     add(3, "/bad/missing.jpg", Route(status=404, body=b"not found", content_type="text/plain"), EXPECT_DOWNLOAD, "http_404")
     add(3, "/bad/error.jpg", Route(status=500, body=b"boom", content_type="text/plain"), EXPECT_DOWNLOAD, "http_500")
@@ -232,7 +240,8 @@ def _page_html(page_path: str, layout: dict) -> str:
         elif mode == 3:  # <picture>: the <source> and its <img> name the same URL
             parts.append(f'<picture><source srcset="{src}"><img src="{src}" alt="{alt}"></picture>')
         else:
-            parts.append(f'<img src="{src}" alt="{alt}">')
+            size = "".join(f' {k}="{img[k]}"' for k in ("width", "height") if k in img)  # honest rendered sizes
+            parts.append(f'<img src="{src}" alt="{alt}"{size}>')
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -241,6 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, Route] = {}
 
     def do_GET(self):  # noqa: N802 - http.server's name
+        with self.lock:
+            self.hits[self.path.split("?")[0]] += 1
         route = self.routes.get(self.path.split("?")[0])
         if route is None:
             route = Route(status=404, body=b"not found", content_type="text/plain")
@@ -289,6 +300,7 @@ def serve_test_web(
     photos = _load_photos(photos_dir, n_topics, images_per_page * max(1, n_pages // n_topics))
     routes, layouts, good, bad, near_groups = _build_routes(photos, n_pages, images_per_page, slow_delay)
     with serve_routes(routes, port) as base:
+        hits = serve_routes.last_handler.hits
         html = {base + path: _page_html(path, layout) for path, layout in layouts.items()}
         warc_path = os.path.join(out_dir, "warc", "testweb.warc.gz")
         write_warc(warc_path, html)
@@ -306,13 +318,15 @@ def serve_test_web(
             boilerplate=[base + "/static/logo.png"],
             routes=routes,
             slow_delay=slow_delay,
+            hits=hits,
         )
 
 
 @contextlib.contextmanager
 def serve_routes(routes: dict[str, Route], port: int = 0) -> Iterator[str]:
     """Serve `routes` (path -> Route) on 127.0.0.1 until the block ends; yields the base URL."""
-    handler = type("Handler", (_Handler,), {"routes": routes})
+    handler = type("Handler", (_Handler,), {"routes": routes, "hits": collections.Counter(), "lock": threading.Lock()})
+    serve_routes.last_handler = handler  # its request counts, for the caller that wants them
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="testweb", daemon=True)
