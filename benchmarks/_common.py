@@ -51,22 +51,26 @@ def mark_complete(out_dir: str, stage: str, n: int) -> None:
 
 def photo_downloads(out_dir: str, repeat: int, files: int = 1) -> list[bytes]:
     """A complete `crawl download` output of the 300 shared photos `repeat` times, in `files`
-    parquet files; returns the image bytes in row order."""
+    parquet files, one link per image row (each repeat counts as its own image, so that filter
+    does the work `repeat` times); returns the image bytes in row order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.records import DOWNLOAD_SCHEMA
+    from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA
 
     folder = need_shared("photos-imagenet-sample")
     blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
     rows = [
-        {"link_id": f"{r}-{i}", "page_url": f"http://example.org/p{i // 4}", "image_url": f"http://example.org/{r}/{i}.jpg", "alt": "a photo", "position": i % 4, "image_bytes": b, "sha256": None}
+        {"image_id": f"{r}-{i}", "page_url": f"http://example.org/p{i // 4}", "image_url": f"http://example.org/{r}/{i}.jpg", "alt": "a photo", "position": i % 4, "image_bytes": b, "sha256": None, "links": 1}
         for r in range(repeat)
         for i, b in enumerate(blobs)
     ]
+    links = [{"link_id": r["image_id"], "page_url": r["page_url"], "site": "example.org", "image_url": r["image_url"], "alt": r["alt"], "position": r["position"], "image_id": r["image_id"]} for r in rows]
     os.makedirs(os.path.join(out_dir, "downloads"))
+    os.makedirs(os.path.join(out_dir, "occurrences"))
     per_file = -(-len(rows) // files)
     for f in range(files):
         pq.write_table(pa.Table.from_pylist(rows[f * per_file : (f + 1) * per_file], schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{f}.parquet"))
+        pq.write_table(pa.Table.from_pylist(links[f * per_file : (f + 1) * per_file], schema=DOWNLOAD_OCCURRENCE_SCHEMA), os.path.join(out_dir, "occurrences", f"part-{f}.parquet"))
     mark_complete(out_dir, "download", len(rows))
     return [r["image_bytes"] for r in rows]

@@ -185,6 +185,8 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
     check_columns(files, LINK_SCHEMA, links_path, "extract")
     if "://" in out_dir:
         raise StageError(f"download: --out must be a local or mounted folder (img2dataset resumes from it), not {out_dir}")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", cfg.plan_memory.strip()):
+        raise StageError(f"download: plan_memory {cfg.plan_memory!r} is not a size such as 512MB or 4GB")
     with StageOutput(out_dir, STAGE, resumable=True) as out:
         _resume_or_reset(out.path, _input_fingerprint(links_path, cfg))
         plan_dir = os.path.join(out.path, PLAN_DIR)

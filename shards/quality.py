@@ -20,6 +20,7 @@ from core.stageio import read_success, read_table, stage_files
 
 FILTER_REASONS = ("flat_image", "declared_too_small", "too_small", "bad_aspect", "url_word")
 PAIR_REASONS = ("boilerplate_site", "boilerplate_global")
+DOWNLOAD_REASONS = ("boilerplate_url_site", "boilerplate_url_global", "declared_too_small", "not_raster")
 
 
 def _bits(hexes) -> np.ndarray:
@@ -68,7 +69,7 @@ def pairs_with_boilerplate(pair_dir: str, max_distance: int, pairs: list[dict]) 
 
 
 def pages_per_site(filter_dir: str) -> dict[str, int]:
-    """Site -> pages with at least one fetched image (filter's occurrences)."""
+    """Site -> pages with at least one downloaded image (filter's occurrences)."""
     occ = read_table(filter_dir, "occurrences", ["site", "page_url"]).to_pandas()
     return occ.drop_duplicates().groupby("site").size().sort_values(ascending=False).to_dict()
 
@@ -86,23 +87,40 @@ def _thumb(data: bytes, side: int = 96) -> Optional[str]:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _bytes_by(stage_dir: str, part: str, key: str, wanted: set) -> dict:
-    """{key value: image bytes} for the wanted keys, reading only the rows that match."""
+def _bytes_by_link(links_dir: str, images_dir: str, part: str, wanted: set) -> dict:
+    """{link_id: image bytes} for the wanted links: the link's image (the `occurrences/` of
+    `links_dir`) read from `images_dir`/`part`, only the rows that match."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = {}
-    for path in stage_files(stage_dir, part):
-        table = pq.read_table(path, columns=[key, "image_bytes"], filters=pc.field(key).isin(list(wanted)))
-        out.update(zip(table.column(key).to_pylist(), table.column("image_bytes").to_pylist()))
-    return out
+    def among(values) -> pa.Array:
+        return pa.array(sorted(values), type=pa.string())
+
+    image_of = {}
+    for path in stage_files(links_dir, "occurrences"):
+        t = pq.read_table(path, columns=["link_id", "image_id"], filters=pc.field("link_id").isin(among(wanted)))
+        image_of.update(zip(t.column("link_id").to_pylist(), t.column("image_id").to_pylist()))
+    if not image_of:
+        return {}
+    data = {}
+    for path in stage_files(images_dir, part):
+        t = pq.read_table(path, columns=["image_id", "image_bytes"], filters=pc.field("image_id").isin(among(set(image_of.values()))))
+        data.update(zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist()))
+    return {link: data[image] for link, image in image_of.items() if image in data}
 
 
 def boilerplate_gallery(dirs: dict[str, str], per_reason: int = 4) -> list[dict]:
     """A few examples (distinct URLs) of what each boilerplate reason removed: reason, count,
-    examples [{url, detail, thumb}], with the image where the run still has it."""
+    examples [{url, detail, thumb}], with the image where the run has it (download fetches a
+    flagged URL once as evidence; links it never fetched are shown by URL)."""
     out = []
-    for stage, reasons, source in (("filter", FILTER_REASONS, ("download", "downloads", "link_id")), ("pair", PAIR_REASONS, ("filter", "images", "image_id"))):
-        if stage not in dirs or source[0] not in dirs:
+    sources = (
+        ("download", DOWNLOAD_REASONS, ("download", "download", "downloads")),
+        ("filter", FILTER_REASONS, ("download", "download", "downloads")),
+        ("pair", PAIR_REASONS, ("filter", "filter", "images")),
+    )
+    for stage, reasons, (links_stage, images_stage, part) in sources:
+        if stage not in dirs or links_stage not in dirs:
             continue
         rejected = read_table(dirs[stage], "rejected").to_pylist()
         for reason in reasons:
@@ -116,9 +134,8 @@ def boilerplate_gallery(dirs: dict[str, str], per_reason: int = 4) -> list[dict]
                     picked.append(r)
                 if len(picked) == per_reason:
                     break
-            ids = {r["record_id"].split("@")[0] for r in picked}  # pair's record ids are image_id@page
-            data = _bytes_by(dirs[source[0]], source[1], source[2], ids)
-            examples = [{"url": r["url"], "detail": r["detail"], "thumb": _thumb(data[r["record_id"].split("@")[0]]) if r["record_id"].split("@")[0] in data else None} for r in picked]
+            data = _bytes_by_link(dirs[links_stage], dirs[images_stage], part, {r["record_id"] for r in picked})
+            examples = [{"url": r["url"], "detail": r["detail"], "thumb": _thumb(data[r["record_id"]]) if r["record_id"] in data else None} for r in picked]
             out.append({"stage": stage, "reason": reason, "count": len(rows), "examples": examples})
     return out
 

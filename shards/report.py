@@ -44,6 +44,30 @@ def _quantiles(values) -> str:
     return "min {:.3g}  p25 {:.3g}  median {:.3g}  p75 {:.3g}  max {:.3g}  (n={})".format(*q, v.size)
 
 
+def funnel(data: dict) -> list[tuple[str, int]]:
+    """From links to pairs: what each step kept, with the unit it counts (links, URLs, images,
+    pairs), from the stages' stats and the pair rows. The same rows in `stats` and the report."""
+    st = data["stages"]
+    rows: list[tuple[str, int]] = []
+    dl = st.get("download", {})
+    if "extract" in st or dl:
+        rows.append(("links found on pages", st["extract"]["kept"] if "extract" in st else dl["input"]))
+    if "urls" in dl:
+        rows.append(("distinct image URLs", dl["urls"]))
+        rows.append(("URLs selected for download", dl["urls_selected"]))
+        if dl.get("urls_evidence"):
+            rows.append(("URLs fetched once as boilerplate evidence", dl["urls_evidence"]))
+        rows.append(("URLs downloaded", dl["urls_downloaded"]))
+        rows.append(("distinct images downloaded", dl["images"]))
+    if "filter" in st and "images_kept" in st["filter"]:
+        rows.append(("images kept by filter", st["filter"]["images_kept"]))
+    if "paired_images" in data:
+        rows.append(("images in a pair", data["paired_images"]))
+    if "pair" in st:
+        rows.append(("pairs", st["pair"].get("pairs", 0)))
+    return rows
+
+
 def collect(root: str) -> dict:
     """Everything the report shows, as plain data."""
     stages = find_stage_dirs(root)
@@ -59,6 +83,7 @@ def collect(root: str) -> dict:
     if "pair" in stages and stage_files(stages["pair"], "pairs"):
         pairs = read_table(stages["pair"], "pairs").to_pandas()
         data["similarity"] = pairs.similarity.tolist()
+        data["paired_images"] = len(set(pairs.cond_image_id) | set(pairs.target_image_id))
         data["pairs_per_page"] = pairs.groupby("page_url").size().tolist()
         data["pairs_with_boilerplate"] = quality.pairs_with_boilerplate(stages["pair"], quality.pair_max_distance(stages["pair"]), pairs[quality.PAIR_COLUMNS].to_dict("records"))
     if "filter" in stages and stage_files(stages["filter"], "occurrences"):
@@ -80,6 +105,11 @@ def summary_text(data: dict) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items(), key=lambda kv: -kv[1])) or "-"
         lines.append(f"{name:10s} {s['input']:>8d} {s['kept']:>8d} {rej:>9d}  {reasons}")
     lines.append("")
+    steps = funnel(data)
+    if steps:
+        lines.append("funnel (links -> pairs):")
+        lines += [f"  {label:44s} {n:>10,d}" for label, n in steps]
+        lines.append("")
     if "images_per_page" in data:
         lines.append(f"images per page:   {_quantiles(data['images_per_page'])}")
         lines.append(f"image width:       {_quantiles(data['widths'])}")
@@ -188,7 +218,13 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
         s = data["stages"][name]
         reasons = ", ".join(f"{esc(k)}={v}" for k, v in sorted(s["rejected"].items()))
         parts.append(f"<tr><td>{name}</td><td>{s['input']}</td><td>{s['kept']}</td><td>{sum(s['rejected'].values())}</td><td style='text-align:left'>{reasons}</td></tr>")
-    parts.append("</table><h2>Plots</h2><div class='plots'>")
+    parts.append("</table>")
+    steps = funnel(data)
+    if steps:
+        parts.append("<h2>Funnel: links to pairs</h2><table id='funnel'><tr><th style='text-align:left'>step</th><th>count</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{esc(label)}</td><td>{n:,}</td></tr>" for label, n in steps]
+        parts.append("</table>")
+    parts.append("<h2>Plots</h2><div class='plots'>")
     for name, png in _plots(data):
         parts.append(f"<img class='plot' id='plot-{name}' alt='{name}' src='data:image/png;base64,{png}'>")
     parts.append("</div>")

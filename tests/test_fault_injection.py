@@ -57,11 +57,12 @@ def _rerun(stage: str, up: str, out: str) -> dict:
 def _ids(stage: str, folder: str) -> dict:
     """The record ids a stage output holds, per part, sorted (with repeats, so duplicates show)."""
     rejected = sorted(read_table(folder, "rejected", ["record_id"]).column(0).to_pylist())
-    if stage == "download":
-        kept = sorted(read_table(folder, "downloads", ["link_id"]).column(0).to_pylist())
+    if stage == "download":  # links (with the image each resolved to) and the images, once each
+        t = read_table(folder, "occurrences", ["link_id", "image_id"])
+        kept = sorted(zip(t.column(0).to_pylist(), t.column(1).to_pylist())) + sorted(read_table(folder, "downloads", ["image_id"]).column(0).to_pylist())
     elif stage == "filter":
-        t = read_table(folder, "images", ["image_id", "page_url"])
-        kept = sorted(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+        t = read_table(folder, "occurrences", ["link_id", "filter_reason"])
+        kept = sorted(zip(t.column(0).to_pylist(), t.column(1).to_pylist())) + sorted(read_table(folder, "images", ["image_id"]).column(0).to_pylist())
     elif stage == "pair":
         kept = sorted(read_table(folder, "pairs", ["pair_id"]).column(0).to_pylist())
     else:

@@ -252,8 +252,11 @@ def test_slow_endless_and_padded_images(hostile_server, tmp_path):
     stats = _download(links, str(tmp_path / "dl"), allow_hosts=("127.0.0.1",), timeout=3.0, deadline=5.0, max_image_bytes=20 * 1024 * 1024)
     assert time.monotonic() - start < 90  # the drip alone would take 120 s, the endless body forever
     assert stats["kept"] == 2 and stats["rejected"] == {"timeout": 1, "too_large": 2}
-    kept = read_table(str(tmp_path / "dl"), "downloads").to_pandas().set_index("image_url")
-    assert kept.loc[f"{base}/trail.jpg", "image_bytes"] == jpeg == kept.loc[f"{base}/ok.jpg", "image_bytes"]  # 2 MB of junk cut off
+    images = read_table(str(tmp_path / "dl"), "downloads").to_pandas().set_index("image_id")
+    image_of = read_table(str(tmp_path / "dl"), "occurrences").to_pandas().set_index("image_url").image_id
+    # 2 MB of junk cut off: the trimmed bytes are the photo's, so both links resolve to one image
+    assert image_of[f"{base}/trail.jpg"] == image_of[f"{base}/ok.jpg"] and len(images) == 1
+    assert images.loc[image_of[f"{base}/ok.jpg"], "image_bytes"] == jpeg
     rejected = read_table(str(tmp_path / "dl"), "rejected").to_pandas().set_index("url")
     assert rejected.loc[f"{base}/drip.jpg", "reason"] == "timeout"
     assert rejected.loc[f"{base}/endless.jpg", "reason"] == rejected.loc[f"{base}/junk.jpg", "reason"] == "too_large"

@@ -213,7 +213,7 @@ def test_wrong_input_names_the_stage_that_makes_it(pipeline_dirs, tmp_path, caps
     json.dump(marker, open(os.path.join(fake, "_SUCCESS"), "w"))
     assert main(["pair", fake, "--out", str(tmp_path / "p2")]) == 2
     line = _one_error_line(capsys, "pair")
-    assert "lacks the columns" in line and "image_id" in line
+    assert "lacks the columns" in line and "phash" in line
 
 
 # 7. config errors -----------------------------------------------------------------------------------

@@ -30,7 +30,13 @@ def test_stats_summary_on_run_and_single_stage(tmp_path, pipeline_dirs):
         s = read_stats(pipeline_dirs["links" if stage == "extract" else stage if stage != "download" else "download"])
         line = next(l for l in out.stdout.splitlines() if l.startswith(stage))
         assert line.split()[1:3] == [str(s["input"]), str(s["kept"])]
-    assert "similarity:" in out.stdout and "flat_image=" in out.stdout and "127.0.0.1" in out.stdout
+    assert "similarity:" in out.stdout and "boilerplate_url_global=" in out.stdout and "127.0.0.1" in out.stdout
+    # the funnel, links -> distinct URLs -> selected -> downloaded -> images -> pairs, from the stats
+    dl, n_pairs = read_stats(pipeline_dirs["download"]), read_stats(pipeline_dirs["pair"])["pairs"]
+    funnel = dict(re.findall(r"^  (.+?)\s{2,}([\d,]+)$", out.stdout, re.M))
+    assert funnel["distinct image URLs"] == str(dl["urls"]) and funnel["URLs selected for download"] == str(dl["urls_selected"])
+    assert funnel["distinct images downloaded"] == str(dl["images"]) and funnel["pairs"] == str(n_pairs)
+    assert int(funnel["links found on pages"]) > dl["urls"] > dl["urls_selected"] >= dl["urls_downloaded"] - dl["urls_evidence"]
     n_pairs = read_stats(pipeline_dirs["pair"])["pairs"]
     assert f"pairs with boilerplate: 0 of {n_pairs} (0.0%)" in out.stdout
     assert re.search(r"pages per site: .*1 sites, most: 127\.0\.0\.1 \(12\)", out.stdout)
@@ -59,6 +65,8 @@ def test_html_report_renders_plots_in_chromium(tmp_path, pipeline_dirs):
     assert total >= 4 and rendered == total
     assert "data-errors" not in body
     assert dom.count("alt=\"condition\"") == 8  # the grid of example pairs
-    # the boilerplate gallery: the logo among what flat_image removed, shown as an image
-    assert "filter: flat_image (12 removed)" in dom and "/static/logo.png" in dom and 'alt="flat_image"' in dom
+    # the boilerplate gallery: the logo among what the URL rule removed before download, shown as an
+    # image (fetched once as evidence); the funnel table
+    assert "download: boilerplate_url_global (12 removed)" in dom and "/static/logo.png" in dom and 'alt="boilerplate_url_global"' in dom
+    assert re.search(r"<td[^>]*>URLs selected for download</td><td>\d+</td>", dom)
     assert "Pairs with an image flagged as boilerplate (of its site or of the crawl): 0 of" in dom

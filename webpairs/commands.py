@@ -61,15 +61,20 @@ def register_crawl(sub, handlers) -> None:
 
     p = crawl_sub.add_parser(
         "download",
-        help="download the linked images with img2dataset",
+        help="download the linked images that can make a pair, each distinct URL once, with img2dataset",
         description=(
-            "Download every link of a `crawl extract` output with img2dataset (page_url, position and alt "
-            "carried along). The URL policy is applied to the links and to redirect targets; X-Robots-Tag "
-            "opt-outs are honoured. Rerunning into the same --out resumes: finished shards are kept."
+            "Plan, then download, the links of a `crawl extract` output. The plan rejects, each with its own "
+            "reason, links the URL policy refuses, links declared smaller than --min-side, non-raster sources "
+            "(.svg, .ico), image URLs that are boilerplate by their link counts (on more than "
+            "--boilerplate-pages pages, or on --site-share of a site's pages), links past the per-page cap and "
+            "pages left with fewer than 2 candidates. img2dataset then fetches each distinct selected URL once; "
+            "every link is resolved to its image (occurrences/), identical bytes are kept once (downloads/). "
+            "The URL policy also applies to redirect targets; X-Robots-Tag opt-outs are honoured. Rerunning "
+            "into the same --out resumes: finished shards are kept."
         ),
     )
     p.add_argument("input", help="a `crawl extract` output directory (or its links/ parquet files)")
-    p.add_argument("--out", required=True, help="output directory: downloads/, rejected/, stats.json, img2dataset/")
+    p.add_argument("--out", required=True, help="output directory: downloads/ (one row per image), occurrences/ (one per link), rejected/, stats.json, img2dataset/, _plan/")
     p.add_argument("--config", help="YAML file with `download` keys (see core/config.py DownloadConfig)")
     _allow_hosts_arg(p)
     p.add_argument("--processes", type=int, help="img2dataset processes (default 2)")
@@ -83,6 +88,17 @@ def register_crawl(sub, handlers) -> None:
     p.add_argument("--image-size", type=int, help="target side when resizing (default 512)")
     p.add_argument("--samples-per-shard", type=int, help="images per img2dataset shard, the unit of resume (default 1000)")
     p.add_argument("--distributor", help="multiprocessing (default), ray or pyspark")
+    g = p.add_argument_group("which links are worth a fetch (each rule is its own reason in rejected/)")
+    g.add_argument("--min-side", type=int, help="reject links whose declared width or height is under this (default 64, as filter's; 0: off)")
+    g.add_argument("--skip-extensions", metavar="EXT,...", help="non-raster sources never fetched (default svg,svgz,ico; '' for none)")
+    g.add_argument("--no-url-boilerplate", dest="url_boilerplate", action="store_false", default=None, help="fetch image URLs that repeat across pages (default: reject them as boilerplate_url_site/global)")
+    g.add_argument("--boilerplate-pages", type=int, help="an image URL on more than this many pages is boilerplate_url_global (default 10)")
+    g.add_argument("--site-share", type=float, help="... or on at least this share of its site's pages (default 0.5) ...")
+    g.add_argument("--site-min-pages", type=int, help="... and at least this many of them: boilerplate_url_site (default 3)")
+    g.add_argument("--no-boilerplate-evidence", dest="boilerplate_evidence", action="store_false", default=None, help="never fetch a flagged URL (default: once, so pair's content rule sees the logo in its other sizes)")
+    g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
+    g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
+    g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 512MB)")
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
     def dispatch(args, beam_args):

@@ -84,10 +84,14 @@ class RunConfig:
         from train.generate import SampleConfig
         from train.train import TrainConfig
 
+        filter_cfg = config.load(config.FilterConfig, path, section="filter", **filter_overrides)
+        download = config.load(config.DownloadConfig, path, section="download", allow_hosts=allow_hosts)
+        if download.min_side > filter_cfg.min_side:  # the plan must never be stricter than filter
+            raise config.ConfigError(f"download.min_side {download.min_side} is above filter.min_side {filter_cfg.min_side}: the plan would drop links filter keeps; lower it")
         return cls(
             crawl=config.load(config.CrawlConfig, path, section="crawl", allow_hosts=allow_hosts, **(crawl_overrides or {})),
-            download=config.load(config.DownloadConfig, path, section="download", allow_hosts=allow_hosts),
-            filter=config.load(config.FilterConfig, path, section="filter", **filter_overrides),
+            download=download,
+            filter=filter_cfg,
             pair=config.load(config.PairConfig, path, section="pair"),
             shards=config.load(config.ShardConfig, path, section="shards"),
             train=config.load(TrainConfig, path, section="train", defaults=train_defaults),
