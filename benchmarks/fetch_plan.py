@@ -40,7 +40,7 @@ def _pipeline(links_dir: str, out: str, rules: bool, encoder: str) -> dict:
     from pairing.pipeline import run_pair
 
     d = {k: os.path.join(out, k) for k in ("download", "filter", "pair")}
-    dl = run_download(links_dir, d["download"], DownloadConfig(allow_hosts=("127.0.0.1",), processes=1, threads=32, timeout=5, **({} if rules else NO_RULES)))
+    dl = run_download(links_dir, d["download"], DownloadConfig(allow_hosts=("127.0.0.1",), processes=1, threads=16, timeout=30, deadline=60, **({} if rules else NO_RULES)))
     flt = run_filter(d["download"], d["filter"], FilterConfig(encoder=encoder))
     pr = run_pair(d["filter"], d["pair"], PairConfig())
     pairs = read_table(d["pair"], "pairs", ["pair_id", "cond_image_id", "target_image_id"]).to_pandas()

@@ -190,8 +190,8 @@ def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig) -> dict
         con,
         """SELECT k.link_id, k.page_url, k.site, k.image_url, k.alt, k.position, k.declared_width, k.declared_height,
                   coalesce(k.reason, f.reason, p.reason) AS reason, coalesce(k.detail, f.detail, p.detail) AS detail
-           FROM checked k LEFT JOIN url_flag f ON k.reason IS NULL AND k.site = f.site AND k.image_url = f.image_url
-                          LEFT JOIN page_rule p ON k.reason IS NULL AND k.link_id = p.link_id""",
+           FROM checked k LEFT JOIN url_flag f ON k.site = f.site AND k.image_url = f.image_url
+                          LEFT JOIN page_rule p ON k.link_id = p.link_id""",  # coalesce: a link's own reason comes first
         plan_file, PLAN_SCHEMA,
     )
     con.execute(f"CREATE OR REPLACE TEMP VIEW plan AS SELECT * FROM read_parquet('{plan_file}')")
