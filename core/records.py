@@ -93,6 +93,10 @@ OCCURRENCE_SCHEMA = pa.schema(
 
 # filter's images/: one row per distinct image (page_url, image_url, alt, position are those of its
 # first link; its links are in occurrences/); pair's images/: one row per kept link.
+# Pages per site in the crawl (every page with a link, whatever became of its links): the
+# denominator of the site rules at download and in pair. download writes it, filter passes it on.
+SITE_SCHEMA = pa.schema([("site", pa.string()), ("pages", pa.int64())])
+
 IMAGE_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),  # content hash: first 16 hex digits of sha256

@@ -161,7 +161,7 @@ def _resume_or_reset(partial: str, fingerprint: str) -> None:
     """Keep the finished img2dataset shards of a killed run of the same input; drop anything else."""
     stamp = os.path.join(partial, "_input", "fingerprint")
     if os.path.exists(stamp) and open(stamp).read() == fingerprint:
-        for name in ("downloads", "occurrences", "rejected", PLAN_DIR, STATS_FILE):  # remade (the plan is deterministic)
+        for name in ("downloads", "occurrences", "rejected", "sites", PLAN_DIR, STATS_FILE):  # remade (the plan is deterministic)
             _remove(os.path.join(partial, name))
         log.info("download: resuming the interrupted download in %s", partial)
         return

@@ -22,7 +22,10 @@ Downloading is the largest cost of a real run, and most links can never make a p
 
 A URL flagged as boilerplate is, by default, still fetched once (not once per page): its links stay
 rejected, but they appear in occurrences/ with their reason as evidence, so that pair's content rule
-still sees the logo in every size it is on (`boilerplate_evidence: false`: never fetched).
+still sees the logo in every size it is on (`boilerplate_evidence: false`: never fetched). Any other
+rejected link whose URL is fetched anyway is evidence in the same way, at no cost. Pages are counted
+over every link: sites/ holds each site's pages in the crawl, the denominator of the site rules here
+and in pair.
 
 Nothing here holds the crawl in Python: batches are bounded, and DuckDB spills what does not fit.
 """
@@ -39,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.config import DownloadConfig
-from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, REJECTED_SCHEMA
+from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, REJECTED_SCHEMA, SITE_SCHEMA
 from core.sites import site_of
 from crawl.urls import AllowList, policy_reason
 
@@ -155,12 +158,14 @@ def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig) -> dict
     links = _sql_list(sorted(glob.glob(os.path.join(checked_dir, "*.parquet"))))
     con.execute(f"CREATE OR REPLACE TEMP VIEW checked AS SELECT * FROM read_parquet({links})")
     con.execute("CREATE OR REPLACE TEMP TABLE cand AS SELECT link_id, page_url, site, image_url, position FROM checked WHERE reason IS NULL")
+    # pages are counted over every link (whatever its own check said), as pair counts them: a
+    # site's pages are all its pages in the crawl, a URL's pages all the pages that link it
+    con.execute("CREATE OR REPLACE TEMP TABLE site_pages AS SELECT site, count(DISTINCT page_url) AS pages FROM checked GROUP BY site")
     if cfg.url_boilerplate:
         con.execute(
             """CREATE OR REPLACE TEMP TABLE url_flag AS
-            WITH url_pages AS (SELECT image_url, count(DISTINCT page_url) AS pages FROM cand GROUP BY image_url),
-                 site_pages AS (SELECT site, count(DISTINCT page_url) AS pages FROM cand GROUP BY site),
-                 site_url_pages AS (SELECT site, image_url, count(DISTINCT page_url) AS pages FROM cand GROUP BY site, image_url)
+            WITH url_pages AS (SELECT image_url, count(DISTINCT page_url) AS pages FROM checked GROUP BY image_url),
+                 site_url_pages AS (SELECT site, image_url, count(DISTINCT page_url) AS pages FROM checked GROUP BY site, image_url)
             SELECT su.site, su.image_url,
                    CASE WHEN u.pages > $k THEN $global
                         WHEN su.pages >= $share * sp.pages AND su.pages >= $min_pages THEN $site END AS reason,
@@ -172,6 +177,7 @@ def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig) -> dict
         )
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE url_flag (site VARCHAR, image_url VARCHAR, reason VARCHAR, detail VARCHAR)")
+    write_query(con, "SELECT site, pages FROM site_pages ORDER BY site", os.path.join(plan_dir, "sites.parquet"), SITE_SCHEMA)
     cap = cfg.max_links_per_page or 2**31 - 1
     con.execute(
         """CREATE OR REPLACE TEMP TABLE page_rule AS
@@ -231,7 +237,11 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str, cfg
     results = _sql_list(sorted(glob.glob(os.path.join(plan_dir, "results", "*.parquet"))))
     con.execute(f"CREATE OR REPLACE TEMP VIEW plan AS SELECT * FROM read_parquet('{os.path.join(plan_dir, 'plan.parquet')}')")
     con.execute("CREATE OR REPLACE TEMP TABLE sel AS SELECT * FROM plan WHERE reason IS NULL")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT * FROM plan WHERE reason IS NULL OR {_evidence_condition(cfg)}")  # with evidence links
+    # evidence: every rejected link whose URL is fetched anyway (for another link, or once because
+    # it is flagged) is an occurrence too, so that pair counts a picture on every page it is on
+    url_files = sorted(glob.glob(os.path.join(plan_dir, "urls", "*.parquet")))
+    fetched = f"SELECT image_url FROM read_parquet({_sql_list(url_files)})" if url_files else "SELECT NULL::VARCHAR AS image_url WHERE false"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE seen AS SELECT * FROM plan WHERE image_url IN ({fetched})")
     if shards:
         con.execute(f"CREATE OR REPLACE TEMP TABLE res AS SELECT * FROM read_parquet({results})")
     else:
@@ -244,8 +254,11 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str, cfg
         FROM first_url f JOIN seen s USING (image_url) GROUP BY ALL"""
     )
     con.execute("CREATE OR REPLACE TEMP TABLE image_links AS SELECT r.sha256, count(*) FILTER (WHERE s.reason IS NULL) AS links FROM seen s JOIN res r USING (image_url) WHERE r.sha256 IS NOT NULL GROUP BY r.sha256")
-    for name in ("downloads", "occurrences", "rejected"):
+    for name in ("downloads", "occurrences", "rejected", "sites"):
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    import shutil
+
+    shutil.copyfile(os.path.join(plan_dir, "sites.parquet"), os.path.join(out_dir, "sites", "part-0.parquet"))
     images = 0
     for shard_file, image_col in shards:
         shard = os.path.basename(shard_file).split(".")[0]

@@ -23,7 +23,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
-from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, Rejected
+from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from filter.embed import EncoderModelHandler
 from filter.hashing import phash_hex, sha256_hex
@@ -226,5 +226,10 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
             images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
             links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=list(LINK_FIELDS))
             outputs = {"images": images, "links": links} | "Filter" >> FilterImages(cfg, info)
-            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more={OCCURRENCES: OCCURRENCE_SCHEMA})
+            more = {OCCURRENCES: OCCURRENCE_SCHEMA}
+            site_files = stage_files(input_path, "sites", expected="download")
+            if site_files:  # pages per site in the crawl, passed on to pair
+                outputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
+                more["sites"] = SITE_SCHEMA
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more)
         return out.commit()

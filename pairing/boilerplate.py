@@ -8,7 +8,8 @@ copy that filter drops as too small still counts for the 375x150 one it resemble
 Rules (PairConfig):
 - boilerplate_site: a content (a pHash and the pHashes within `boilerplate_phash_distance` bits of
   it: sizes and recompressions of one picture) or an image URL on at least `site_share` of the
-  pages of its site (the page's registered domain; pages with at least one fetched image) and on
+  pages of its site (the page's registered domain; its pages in the crawl, from download's sites/,
+  or, without that table, the pages with at least one downloaded image) and on
   at least `site_min_pages` of them.
 - boilerplate_global: a content or an image URL on more than `boilerplate_pages` pages anywhere.
 
@@ -123,11 +124,15 @@ def _site_rows(item, cfg: PairConfig):
 
 
 class FlagBoilerplate(beam.PTransform):
-    """Occurrences {page_url, site, image_url, phash} -> BOILERPLATE_SCHEMA rows (site and global)."""
+    """Occurrences {page_url, site, image_url, phash} -> BOILERPLATE_SCHEMA rows (site and global).
 
-    def __init__(self, cfg: PairConfig):
+    `sites`, when given, is a PCollection of {site, pages}: each site's pages in the crawl (download's
+    sites/); without it a site's pages are those with at least one occurrence."""
+
+    def __init__(self, cfg: PairConfig, sites=None):
         super().__init__()
         self.cfg = cfg
+        self.sites = sites
 
     def expand(self, occ):
         cfg, k = self.cfg, self.cfg.boilerplate_pages
@@ -148,12 +153,15 @@ class FlagBoilerplate(beam.PTransform):
             pc | f"{kind}Candidates" >> beam.FlatMap(lambda kv, kind=kind: [(kv[0][0], (kind, kv[0][1], len(kv[1])))] if len(kv[1]) >= min_pages else [])
             for kind, pc in ((CONTENT, s_content), (URL, s_url))
         ]
-        site_pages = (
-            occ
-            | "SitePage" >> beam.Map(lambda o: (o[0], o[3]))
-            | "DistinctSitePages" >> beam.Distinct()
-            | "PagesPerSite" >> beam.combiners.Count.PerKey()
-        )
+        if self.sites is not None:
+            site_pages = self.sites | "SitePagesGiven" >> beam.Map(lambda r: (r["site"], r["pages"]))
+        else:
+            site_pages = (
+                occ
+                | "SitePage" >> beam.Map(lambda o: (o[0], o[3]))
+                | "DistinctSitePages" >> beam.Distinct()
+                | "PagesPerSite" >> beam.combiners.Count.PerKey()
+            )
         site_flags = (
             {"site_pages": site_pages, "candidates": candidates | "AllCandidates" >> beam.Flatten()}
             | "JoinSite" >> beam.CoGroupByKey()

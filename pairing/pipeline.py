@@ -147,7 +147,7 @@ class PairImages(beam.PTransform):
         keys = links
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
-        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg)
+        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"))
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. drop the records that are flagged
         marked = on_pages | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(cfg), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, main="ok")
@@ -210,11 +210,11 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
         raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs filter`): run `webpairs filter` into it again")
     check_columns(occurrence_files, OCCURRENCE_SCHEMA, input_path, "filter")
     with StageOutput(out_dir, STAGE) as stage_out:
-        _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args)
+        _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args, stage_files(input_path, "sites", expected="filter"))
         return stage_out.commit()
 
 
-def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args) -> None:
+def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
     import os
 
     with stage_pipeline(beam_args) as p:
@@ -226,7 +226,10 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
         # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
-        out = {"images": images, "occurrences": occurrences, "links": links} | "Pair" >> PairImages(cfg)
+        inputs = {"images": images, "occurrences": occurrences, "links": links}
+        if site_files:  # each site's pages in the crawl (download's, passed on by filter)
+            inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
+        out = inputs | "Pair" >> PairImages(cfg)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         ones = []
         for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/

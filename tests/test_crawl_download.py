@@ -91,6 +91,9 @@ def test_each_image_url_is_fetched_once_and_identical_bytes_kept_once(downloaded
     assert images.image_id.is_unique and len(images) == stats["images"] < stats["urls_downloaded"]
     assert set(kept.image_id) <= set(images.image_id)
     assert (images.set_index("image_id").links[kept.image_id.unique()] > 0).all()
+    # each site's pages in the crawl (every page with a link): the denominator of the site rules
+    sites = read_table(out, "sites").to_pylist()
+    assert sites == [{"site": "127.0.0.1", "pages": len(test_web.pages)}]
 
 
 def test_links_that_cannot_make_a_pair_are_never_fetched(downloaded, test_web):
