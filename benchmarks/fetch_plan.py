@@ -120,7 +120,7 @@ def memory_child(mode: str, links_dir: str) -> None:
     from core.stageio import read_table, stage_files
     from crawl.urls import AllowList, policy_reason
 
-    cfg = DownloadConfig(allow_hosts=("127.0.0.1",))
+    cfg = DownloadConfig(allow_hosts=("127.0.0.1",), plan_memory=os.environ.get("PLAN_MEMORY", DownloadConfig.plan_memory))
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "plan":
             from crawl import plan

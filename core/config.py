@@ -67,7 +67,7 @@ class DownloadConfig:
     boilerplate_evidence: bool = True  # fetch a flagged URL once (not once per page) so pair's content rule sees it
     max_links_per_page: int = 64  # the first N candidate links of a page by position: page_cap (0: no cap)
     min_links_per_page: int = 2  # pages left with fewer candidates cannot make a pair: page_too_few_links
-    plan_memory: str = "512MB"  # DuckDB memory limit of the plan (it spills to disk beyond it)
+    plan_memory: str = "128MB"  # DuckDB memory limit of the plan (it spills to disk beyond it; more on a big node)
 
     RANGES: ClassVar[dict] = {
         "image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "deadline": (0.1, 86400), "max_image_bytes": (1024, 2**31), "samples_per_shard": (1, 10_000_000),

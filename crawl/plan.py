@@ -112,7 +112,7 @@ def connect(tmp_dir: str, memory: str):
     import duckdb
 
     os.makedirs(tmp_dir, exist_ok=True)
-    con = duckdb.connect(":memory:", config={"memory_limit": memory, "temp_directory": tmp_dir, "preserve_insertion_order": False})
+    con = duckdb.connect(os.path.join(tmp_dir, "plan.duckdb"), config={"memory_limit": memory, "temp_directory": tmp_dir, "preserve_insertion_order": False})
     return con
 
 

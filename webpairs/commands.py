@@ -98,7 +98,7 @@ def register_crawl(sub, handlers) -> None:
     g.add_argument("--no-boilerplate-evidence", dest="boilerplate_evidence", action="store_false", default=None, help="never fetch a flagged URL (default: once, so pair's content rule sees the logo in its other sizes)")
     g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
     g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
-    g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 512MB)")
+    g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 128MB: bounded on any machine; give a cluster node more, e.g. 8GB, to spill less)")
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
     def dispatch(args, beam_args):
