@@ -149,3 +149,31 @@ def test_kill_and_rerun_has_no_duplicate_and_no_missing_image(tmp_path, links_di
     ids = kept.link_id.tolist() + rejected.record_id.tolist()
     assert len(ids) == len(set(ids)) == len(links)
     assert set(ids) == set(links.link_id)
+
+
+def test_a_failing_url_rejects_every_link_to_it_and_a_good_one_is_fetched_once(tmp_path):
+    """Two pages link the same missing image and the same photo: one request each; the missing
+    image's two links are rejected with its reason, the photo's two links resolve to one image."""
+    import pyarrow.parquet as pq
+
+    from core.records import LINK_SCHEMA, LinkRecord, rows_to_table
+    from core.stageio import finish_stage
+    from crawl.download import run_download
+    from webpairs.testweb import Route, _jpeg, generated_photo, serve_routes
+
+    routes = {"/photo.jpg": Route(body=_jpeg(generated_photo(0, 0))), "/other0.jpg": Route(body=_jpeg(generated_photo(1, 0))), "/other1.jpg": Route(body=_jpeg(generated_photo(1, 1)))}
+    with serve_routes(routes) as base:
+        hits = serve_routes.last_handler.hits
+        rows = [LinkRecord(f"http://www.example.com/{p}", base + src, position=k).to_row() for p in range(2) for k, src in enumerate(("/missing.jpg", "/photo.jpg", f"/other{p}.jpg"))]
+        links = tmp_path / "links"
+        (links / "links").mkdir(parents=True)
+        pq.write_table(rows_to_table(rows, LINK_SCHEMA), links / "links" / "part-0.parquet")
+        (links / "stats.json").write_text(f'{{"stage": "extract", "input": {len(rows)}, "kept": {len(rows)}, "rejected": {{}}}}')
+        finish_stage(str(links), "extract")
+        stats = run_download(str(links), str(tmp_path / "dl"), DownloadConfig(allow_hosts=("127.0.0.1",), processes=1, threads=4))
+    assert dict(hits) == {"/missing.jpg": 1, "/photo.jpg": 1, "/other0.jpg": 1, "/other1.jpg": 1}
+    assert stats["input"] == 6 and stats["kept"] == 4 and stats["rejected"] == {"http_404": 2}
+    occ = read_table(str(tmp_path / "dl"), "occurrences").to_pandas()
+    photo = occ[occ.image_url == base + "/photo.jpg"]
+    assert len(photo) == 2 and photo.image_id.nunique() == 1
+    assert stats["urls"] == 4 and stats["urls_downloaded"] == 3 and stats["images"] == 3
