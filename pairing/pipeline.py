@@ -44,8 +44,8 @@ def _on_page(item):
         if links:
             raise StageError(f"pair: image {image} of the filter occurrences is missing from its images/")
         return
-    base = unpack(packed[0], IMAGE_FIELDS_IN)
-    for link in links:
+    base = unpack(packed[0], IMAGE_JOIN_FIELDS)
+    for link in (unpack(b, LINK_FIELDS) for b in links):
         r = dict(base)
         r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
         yield r
@@ -126,7 +126,8 @@ class _OnMorePages(beam.PTransform):
 
 class PairImages(beam.PTransform):
     """{"images": ImageRecords (one per distinct image), "links": filter's kept occurrences
-    (link_id, image_id, page_url, image_url, alt, position), "occurrences": (page_url, site,
+    (link_id, image_id, page_url, image_url, alt, position), "keys": the same links' (image_id,
+    page_url), a light second read for the counts, "occurrences": (page_url, site,
     image_url, phash) of every downloaded link} -> {"input" links, "kept" image-on-page records,
     "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
 
@@ -138,13 +139,12 @@ class PairImages(beam.PTransform):
         self.cfg = cfg
 
     def expand(self, pcolls):
-        images, occurrences, links = pcolls["images"], pcolls["occurrences"], pcolls["links"]
+        images, occurrences, links, keys = pcolls["images"], pcolls["occurrences"], pcolls["links"], pcolls["keys"]
         cfg = self.cfg
         # 0. each image (one row) back on its pages, through the kept links of filter's occurrences
-        keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_FIELDS_IN)))
-        keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], {k: r[k] for k in LINK_COLUMNS if k != "image_id"}))
+        keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
+        keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
         on_pages = {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey() | "OnPages" >> beam.FlatMap(_on_page)
-        keys = links
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
         flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"))
@@ -164,7 +164,7 @@ class PairImages(beam.PTransform):
         )
         rejected = (marked[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
         return {
-            "input": links,
+            "input": keys,
             "kept": per_page.kept,
             "rejected": rejected,
             "pairs": per_page.pairs,  # final where they are made (not flattened with the next:
@@ -178,10 +178,14 @@ class PairImages(beam.PTransform):
 # Pairing never needs the image bytes: records travel without them (a pointer stays), and the
 # embedding travels as a compact float16 array instead of a Python list.
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
+KEY_COLUMNS = ["image_id", "page_url"]  # what the sharing count reads of a kept link
 LINK_COLUMNS = ["link_id", "image_id", "page_url", "image_url", "alt", "position"]  # a kept link
+LINK_FIELDS = ("link_id", "page_url", "image_url", "alt", "position")  # ... as it crosses the join
 OCCURRENCE_COLUMNS = ["page_url", "site", "image_url", "phash"]  # what the boilerplate flags read
 IMAGE_FIELDS_IN = tuple(META_COLUMNS) + ("bytes_file", "bytes_row_group")  # an image as it is read
 IMAGE_FIELDS = IMAGE_FIELDS_IN + ("link_id",)  # an image on a page, as it travels
+PAGE_FIELDS = ("page_url", "image_url", "alt", "position")  # an image's, on a page: its link's
+IMAGE_JOIN_FIELDS = tuple(f for f in IMAGE_FIELDS_IN if f not in PAGE_FIELDS)  # what the join carries
 PAIR_FIELDS = tuple(PAIR_SCHEMA.names)
 
 
@@ -219,6 +223,12 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
 
     with stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
+        # the kept links, read twice: light (image id, page) for the counts, whole for the join (so
+        # each read has one consumer and nothing is held between stages but packed bytes)
+        keys = (
+            p | "KeyFiles" >> beam.Create(occurrence_files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS + ["filter_reason"])
+            | "KeptKeys" >> beam.Filter(lambda r: r["filter_reason"] is None)
+        )
         links = (
             p | "LinkFiles" >> beam.Create(occurrence_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=LINK_COLUMNS + ["filter_reason"])
             | "KeptLinks" >> beam.Filter(lambda r: r["filter_reason"] is None)
@@ -226,7 +236,7 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
         # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
-        inputs = {"images": images, "occurrences": occurrences, "links": links}
+        inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
         out = inputs | "Pair" >> PairImages(cfg)
