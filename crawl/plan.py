@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Optional
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.config import DownloadConfig
@@ -260,14 +261,20 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str, cfg
 
     shutil.copyfile(os.path.join(plan_dir, "sites.parquet"), os.path.join(out_dir, "sites", "part-0.parquet"))
     images = 0
-    for shard_file, image_col in shards:
+    for shard_file, image_col in shards:  # one shard's bytes in memory at a time (pyarrow), never DuckDB's
         shard = os.path.basename(shard_file).split(".")[0]
-        images += write_query(
-            con,
-            f"""SELECT r.image_id, r.image_url, r.page_url, r.alt, r.position, s."{image_col}" AS image_bytes, r.sha256, l.links
-                FROM read_parquet('{shard_file}') s JOIN rep r ON s.url = r.image_url JOIN image_links l ON l.sha256 = r.sha256 ORDER BY r.image_url""",
-            os.path.join(out_dir, "downloads", f"part-{shard}.parquet"), DOWNLOAD_SCHEMA,
-        )
+        light = con.execute(
+            f"""SELECT r.image_id, r.image_url, r.page_url, r.alt, r.position, r.sha256, l.links
+                FROM rep r JOIN image_links l ON l.sha256 = r.sha256
+                WHERE r.image_url IN (SELECT url FROM read_parquet('{shard_file}')) ORDER BY r.image_url"""
+        ).arrow()
+        if hasattr(light, "read_all"):
+            light = light.read_all()
+        data = pq.read_table(shard_file, columns=["url", image_col])
+        rows = pc.index_in(light.column("image_url"), value_set=data.column("url"))
+        table = pa.table({**{n: light.column(n) for n in ("image_id", "image_url", "page_url", "alt", "position")}, "image_bytes": data.column(image_col).take(rows), "sha256": light.column("sha256"), "links": light.column("links")})
+        pq.write_table(table.cast(DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{shard}.parquet"))
+        images += table.num_rows
     if not shards:
         pq.write_table(DOWNLOAD_SCHEMA.empty_table(), os.path.join(out_dir, "downloads", "part-empty.parquet"))
     occurrences = write_query(
