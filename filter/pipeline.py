@@ -189,7 +189,7 @@ class FilterImages(beam.PTransform):
         else:
             embedded = checked.valid | "NoEmbedding" >> beam.Map(lambda item: item[0])
         scored = embedded | "MinClipScore" >> beam.FlatMap(_check_clip_score, self.cfg.min_clip_score).with_outputs(LOW_CLIP, main="kept")
-        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], {k: r[k] for k in LINK_FIELDS}))
+        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], r))  # read with LINK_FIELDS only
         judged = (
             {"verdict": checked[VERDICTS], "low_clip": scored[LOW_CLIP], "links": keyed_links}
             | "JoinLinks" >> beam.CoGroupByKey()
