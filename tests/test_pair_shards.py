@@ -207,3 +207,21 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     assert stats["rejected"] == {"missing_image": 1, "unreadable_image": 4}
     manifest = json.load(open(tmp_path / "shards" / "manifest.json"))
     assert manifest["samples"] == 1 and manifest["encoder"] == "test" and manifest["pairs_in"] == 6
+
+
+def test_the_download_plan_changes_what_is_fetched_not_the_pairs(tmp_path, pipeline_dirs):
+    """The test web with every plan rule off (one fetch per distinct URL, nothing chosen) gives
+    exactly the session run's pairs: its declared sizes are honest, so the rules only fetch less."""
+    from core.config import DownloadConfig, FilterConfig
+    from crawl.download import run_download
+    from filter.pipeline import run_filter
+    from pairing.pipeline import run_pair
+
+    off = DownloadConfig(allow_hosts=("127.0.0.1",), timeout=2.5, processes=1, min_side=0, skip_extensions=(), url_boilerplate=False, max_links_per_page=0, min_links_per_page=0)
+    stats = run_download(pipeline_dirs["links"], str(tmp_path / "download"), off)
+    run_filter(str(tmp_path / "download"), str(tmp_path / "filter"), FilterConfig(encoder="efficientnet-lite0"))
+    run_pair(str(tmp_path / "filter"), str(tmp_path / "pair"), PairConfig())
+    planned = read_stats(pipeline_dirs["download"])
+    assert planned["urls_selected"] + planned["urls_evidence"] < stats["urls_selected"]  # fewer fetches ...
+    ids = lambda d: sorted(read_table(d, "pairs", ["pair_id"]).column(0).to_pylist())  # noqa: E731
+    assert ids(str(tmp_path / "pair")) == ids(pipeline_dirs["pair"])  # ... the same pairs
