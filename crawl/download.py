@@ -204,7 +204,7 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
                 table, image_col = plan.shard_results(shard_file, reason_for)
                 pq.write_table(table, os.path.join(plan_dir, "results", os.path.basename(shard_file)))
                 shards.append((shard_file, image_col))
-            resolved = plan.resolve(con, plan_dir, shards, out.path, cfg)
+            resolved = plan.resolve(con, plan_dir, shards, out.path)
         finally:
             con.close()
         shutil.rmtree(os.path.join(plan_dir, "spill"), ignore_errors=True)

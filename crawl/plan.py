@@ -230,7 +230,7 @@ def shard_results(shard_file: str, reason_for: Callable[[str], str]) -> tuple[pa
     return pa.Table.from_pydict(rows, schema=RESULT_SCHEMA), image_col
 
 
-def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str, cfg: DownloadConfig) -> dict:
+def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str) -> dict:
     """Step 4: from the plan and each finished img2dataset shard (path, image column) with its
     results in `plan_dir`/results/: downloads/ (one row per distinct image), occurrences/ (each
     selected link that resolved to one) and rejected/fetch.parquet (the others, with their URL's
@@ -267,9 +267,7 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str, cfg
             f"""SELECT r.image_id, r.image_url, r.page_url, r.alt, r.position, r.sha256, l.links
                 FROM rep r JOIN image_links l ON l.sha256 = r.sha256
                 WHERE r.image_url IN (SELECT url FROM read_parquet('{shard_file}')) ORDER BY r.image_url"""
-        ).arrow()
-        if hasattr(light, "read_all"):
-            light = light.read_all()
+        ).to_arrow_table()
         data = pq.read_table(shard_file, columns=["url", image_col])
         rows = pc.index_in(light.column("image_url"), value_set=data.column("url"))
         table = pa.table({**{n: light.column(n) for n in ("image_id", "image_url", "page_url", "alt", "position")}, "image_bytes": data.column(image_col).take(rows), "sha256": light.column("sha256"), "links": light.column("links")})

@@ -26,7 +26,7 @@ import functools
 import hashlib
 import io
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -202,7 +202,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def kinds(table: pa.Table) -> Optional[dict]:
-    """Image URL -> kind (logo, icon, ad, photo, thumb), from the URL's file name."""
-    return {u: u.rsplit("/", 1)[-1].split("_")[0].rstrip("0123456789") for u in table.column("image_url").to_pylist()}
