@@ -1,7 +1,12 @@
-"""Is the data loader the bottleneck? samples/s of the loader alone against samples/s consumed by
-training steps (tiny and small presets, CPU), and the time from `webpairs train` to its first step.
+"""CPU training speed, all measured in one run on the demo's shards (real photos when ../shared is
+present):
 
-Shards come from the demo pipeline on the loopback web (real photos when ../shared is present).
+1. the step of `small` as the trainer runs it now (cross-attention at 8 px only, channels_last,
+   fused AdamW) against the step as it was (attention at 16 and 8 px, contiguous, foreach AdamW),
+   one thread each as a Ray worker gets on 2 cores; `--compile` adds torch.compile of the new step;
+2. is the data loader the bottleneck? loader samples/s against samples/s consumed by the steps;
+3. `webpairs train` itself: samples/s over steps 10-40 with 2 workers x 1 thread and 1 worker x 2
+   threads, and the time from the command's start to its first step.
 """
 
 from __future__ import annotations
@@ -28,63 +33,94 @@ def loader_rate(shards: str, batch: int, n_batches: int, workers: int) -> float:
     return n_batches * batch / (time.perf_counter() - start)
 
 
-def train_rate(preset: str, cond_dim: int, batch: int, n_steps: int) -> float:
+def step_rate(model, cond_dim: int, batch: int, n_steps: int, channels_last: bool, fused: bool, compile_model: bool = False) -> tuple[float, float]:
+    """(samples/s over n_steps, seconds of the first two steps: compilation when compiling)."""
     import torch
 
     from train.diffusion import diffusion_loss, make_scheduler
-    from train.models import build_model
 
-    model = build_model(preset, cond_dim)
     size = model.preset.image_size
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
     sch = make_scheduler()
-    x, c = torch.rand(batch, 3, size, size) * 2 - 1, torch.randn(batch, cond_dim)
+    x, c = (torch.rand(batch, 3, size, size) * 2 - 1).contiguous(memory_format=fmt), torch.randn(batch, cond_dim)
+    run = torch.compile(model) if compile_model else model
 
     def step():
-        loss = diffusion_loss(model, sch, x, c, 0.1)
+        loss = diffusion_loss(run, sch, x, c, 0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
+    start = time.perf_counter()
     step()
+    step()
+    warm = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(n_steps):
         step()
-    return n_steps * batch / (time.perf_counter() - start)
+    return n_steps * batch / (time.perf_counter() - start), warm
 
 
-def time_to_first_step(shards: str, run_dir: str) -> float:
+def old_small(cond_dim: int):
+    """`small` as it was before issue 18: cross-attention at 16 and 8 px."""
+    import dataclasses
+
+    from train.models import PRESETS, SemanticaUNet
+
+    return SemanticaUNet(dataclasses.replace(PRESETS["small"], attention_blocks=2), cond_dim)
+
+
+def trainer_rate(shards: str, run_dir: str, workers: int) -> tuple[float, float]:
+    """(samples/s of `webpairs train --preset small` over steps 10-40, seconds from start to step 1)."""
     start = time.time()
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-m", "webpairs.cli", "train", shards, "--out", run_dir, "--steps", "2", "--workers", "2"], env=env, cwd=ROOT, capture_output=True, text=True)  # cwd: benchmarks/train.py must not shadow the train package
+    cmd = [sys.executable, "-m", "webpairs.cli", "train", shards, "--out", run_dir, "--steps", "40", "--workers", str(workers), "--preset", "small"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)  # cwd: benchmarks/train.py must not shadow the train package
     if out.returncode != 0:
         raise SystemExit(f"webpairs train failed:\n{out.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return json.loads(fh.readline())["time"] - start
+        times = {d["step"]: d["time"] for d in map(json.loads, fh)}
+    return 30 * 8 * workers / (times[40] - times[10]), times[1] - start
 
 
 def main() -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--loader-workers", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the new step (minutes of compilation)")
     args = ap.parse_args()
     import torch
 
     from train.data import DataConfig, condition_dim
+    from train.models import build_model
     from webpairs.run import demo
 
     photos = os.path.join(SHARED, "photos-imagenet-sample")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        demo(os.path.join(tmp, "demo"), photos if os.path.isdir(photos) else None)
+        demo(os.path.join(tmp, "demo"), photos if os.path.isdir(photos) else None, model=False)
         shards = os.path.join(tmp, "demo", "shards")
         dim = condition_dim(DataConfig(shards=shards))
+        torch.manual_seed(0)
+        torch.set_num_threads(1)  # what each of 2 Ray workers gets on 2 cores
+        before, _ = step_rate(old_small(dim), dim, args.batch, args.steps, channels_last=False, fused=False)
+        after, _ = step_rate(build_model("small", dim), dim, args.batch, args.steps, channels_last=True, fused=True)
+        rows = [("before: attention 16+8 px, contiguous, foreach AdamW", before, "samples/s"), ("after: attention 8 px, channels_last, fused AdamW", after, "samples/s")]
+        if args.compile:
+            compiled, warm = step_rate(build_model("small", dim), dim, args.batch, args.steps, channels_last=True, fused=True, compile_model=True)
+            rows.append((f"after + torch.compile ({warm:.0f} s to compile)", compiled, "samples/s"))
+        results.append(report(f"small training step, 1 thread, batch {args.batch}: after / before", rows, after / before, 1.3))
         load = loader_rate(shards, args.batch, 40, args.loader_workers)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.loader_workers))
-        for preset, steps in (("tiny", 15), ("small", 5)):
-            rate = train_rate(preset, dim, args.batch, steps)
+        for preset in ("tiny", "small"):
+            rate, _ = step_rate(build_model(preset, dim), dim, args.batch, args.steps, channels_last=True, fused=True)
             results.append(report(f"train loader vs {preset} steps (batch {args.batch}, 1 process)", [("loader alone", load, "samples/s"), (f"{preset} training steps", rate, "samples/s")], load / rate, 3.0))
-        first = time_to_first_step(shards, os.path.join(tmp, "run"))
+        two, first = trainer_rate(shards, os.path.join(tmp, "run2"), 2)
+        one, _ = trainer_rate(shards, os.path.join(tmp, "run1"), 1)
+        results.append(report("webpairs train --preset small, steps 10-40: 2 workers x 1 thread / 1 worker x 2 threads", [("2 Ray workers (DDP), 1 thread each", two, "samples/s"), ("1 Ray worker, 2 threads", one, "samples/s")], two / one, 1.0))
         print(f"\n  time from `webpairs train` start to the first step (2 workers, local ray.init): {first:.1f} s")
     return results
 

@@ -69,3 +69,20 @@ def test_class_match_finds_the_class_and_ignores_a_shared_offset():
     generic = shared + 0.3 * rng.normal(size=(400, 32))  # samples with no class at all: about chance
     assert 0.1 < M.class_match(generic, np.arange(400) % 4, real) < 0.4
     assert M.class_match(np.concatenate(real), np.repeat(np.arange(4), 10), real, leave_one_out=True) == 1.0
+
+
+def test_mcnemar_counts_discordant_samples():
+    a = np.array([1, 1, 1, 0, 0, 1, 1, 1, 1, 1], bool)
+    b = np.array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0], bool)
+    r = M.mcnemar(a, b)
+    assert (r["only_a"], r["only_b"], r["n"]) == (7, 1, 10)
+    assert r["p"] == pytest.approx(0.0703125)  # 2 * P(X <= 1), X ~ Binomial(8, 0.5)
+    assert M.mcnemar(a, a)["p"] == 1.0
+
+
+def test_class_matches_is_per_row():
+    real = [_cloud(30, 4, 0.0, 1) + np.array([5.0, 0, 0, 0]), _cloud(30, 4, 0.0, 2) + np.array([0, 5.0, 0, 0])]
+    rows = np.array([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [5.0, 0, 0, 0]])
+    hits = M.class_matches(rows, np.array([0, 1, 1]), real)
+    assert hits.tolist() == [True, True, False]
+    assert M.class_match(rows, np.array([0, 1, 1]), real) == pytest.approx(2 / 3)

@@ -135,3 +135,43 @@ def test_sample_and_eval_commands(tiny_run, photos_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "edit", run, "--guide", os.path.join(photos_dir, HEN), "--strength", "1.5", "--out", str(tmp_path / "x")]) == 2
     assert "strength" in capsys.readouterr().err
+
+
+def test_eval_compare_pairs_two_models(tiny_run, photos_dir, tmp_path, capsys):
+    """`eval --compare A B`: the step-20 and step-40 checkpoints of one run get the same conditions
+    and noise; the paired statistics are those of the per-sample scores both runs stored."""
+    from train.train import checkpoint_folders
+
+    older = checkpoint_folders(tiny_run["run"])[-1]
+    out = str(tmp_path / "cmp.json")
+    args = ["--images", photos_dir, "--topics", "3", "--samples-per-class", "4", "--steps", "4", "--guidance", "3", "--out", out]
+    assert main(["eval", "--compare", older, tiny_run["run"], *args]) == 0
+    printed = capsys.readouterr().out
+    result = json.load(open(out))
+    a, b = result["a"], result["b"]
+    assert (a["step"], b["step"]) == (20, 40)
+    assert a["classes"] == b["classes"] and len(a["per_sample"]["3.0"]["class_match"]) == 12
+    pa, pb, paired = a["per_sample"]["3.0"], b["per_sample"]["3.0"], result["paired"]["3.0"]
+    assert paired["consistency_centered"]["mean_diff"] == pytest.approx(np.mean(pa["consistency_centered"]) - np.mean(pb["consistency_centered"]))
+    assert a["rows"][0]["consistency_centered"] == pytest.approx(np.mean(pa["consistency_centered"]))
+    cm = paired["class_match"]
+    assert cm["only_a"] - cm["only_b"] == sum(pa["class_match"]) - sum(pb["class_match"])
+    assert a["rows"][0]["class_match"] == pytest.approx(np.mean(pa["class_match"]))
+    assert "A minus B" in printed and "McNemar" in printed and printed.count("\nA ") >= 1
+    sheets = [Image.open(tmp_path / f"cmp_sheet_{x}.png") for x in "ab"]
+    assert Image.open(tmp_path / "cmp_sheets.png").width == sheets[0].width + sheets[1].width + 16
+    # the same model twice: identical samples (same conditions and noise), nothing discordant
+    assert main(["eval", "--compare", older, older, *args]) == 0
+    same = json.load(open(out))
+    assert same["a"]["per_sample"] == same["b"]["per_sample"] and same["paired"]["3.0"]["class_match"]["only_a"] == 0
+    capsys.readouterr()
+    assert main(["eval", tiny_run["run"], "--compare", older, older, *args]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_compare_refuses_evaluations_that_are_not_paired():
+    from train.evaluate import compare
+
+    base = {"shots": 1, "samples_per_class": 4, "steps": 4, "sampler": "ddim", "seed": 0, "k": 3, "classes": ["t0"], "metric_encoder": "m", "real_images": 9, "per_sample": {}}
+    with pytest.raises(ValueError, match="seed"):
+        compare(base, dict(base, seed=1))

@@ -80,3 +80,20 @@ def test_sampler_is_deterministic_and_guidance_zero_ignores_the_condition(model)
     assert sample(model, cond, steps=4, sampler="dpm", generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
     sheet = grid(to_pil(a) + to_pil(u1), cols=2)
     assert sheet.size == (64, 64)
+
+
+def test_attention_blocks_put_cross_attention_at_the_deepest_resolutions():
+    """`small` attends to the condition at 8 px only (cheaper on a CPU); every preset attends somewhere."""
+    import dataclasses
+
+    from train.models import SemanticaUNet
+
+    small = build_model("small", cond_dim=16)
+    assert [type(b).__name__ for b in small.unet.down_blocks] == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"]
+    assert [type(b).__name__ for b in small.unet.up_blocks] == ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    tiny = build_model("tiny", cond_dim=16)  # 0 = every resolution but the first
+    assert [type(b).__name__ for b in tiny.unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert small.to(memory_format=torch.channels_last)(x, torch.tensor([3, 900]), torch.randn(2, 16)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="attention_blocks"):
+        SemanticaUNet(dataclasses.replace(PRESETS["small"], attention_blocks=3), 16)

@@ -93,9 +93,15 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
     labels = np.concatenate([np.full(len(f), c) for c, (_, f) in enumerate(samples[guidances[0]])])
     fakes = {g: np.concatenate([f for _, f in samples[g]]) for g in guidances}
     centred = {g: M.pair_cosines(conds_all, fakes[g], center) for g in guidances}
-    rows = []
+    rows, per_sample = [], {}
     for g in guidances:
         fake_all = fakes[g]
+        per_sample[str(g)] = {  # same order in every row and every model evaluated with the same arguments
+            "consistency": M.pair_cosines(conds_all, fake_all).tolist(),
+            "consistency_centered": centred[g].tolist(),
+            "class_match": M.class_matches(fake_all, labels, reals).astype(int).tolist(),
+            "diversity": [M.diversity([f[w == j] for j in range(shots)], real) for (w, f), real in zip(samples[g], reals)],  # per class
+        }
         p, r = M.precision_recall(real_all, fake_all, k)
         rows.append({
             "guidance": g,
@@ -116,7 +122,7 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
     rows.append({"guidance": "real", "fid": None, "precision": None, "recall": None, "consistency": M.consistency(ref, real_all), "consistency_centered": M.consistency(ref, real_all, center), "class_match": M.class_match(real_all, real_labels, reals, leave_one_out=True), "diversity": 1.0})
     if sheet:
         S.grid([im.resize((64, 64), Image.NEAREST) for r in sheet_rows for im in r], cols=1 + samples_per_class).save(sheet)
-    return {"checkpoint": loaded.path, "step": loaded.step, "encoder": loaded.encoder_name, "metric_encoder": metric_encoder.name, "shots": shots, "samples_per_class": samples_per_class, "steps": steps, "sampler": sampler, "seed": seed, "k": k, "classes": used, "skipped_classes": skipped, "real_images": int(len(real_all)), "rows": rows}
+    return {"checkpoint": loaded.path, "step": loaded.step, "encoder": loaded.encoder_name, "metric_encoder": metric_encoder.name, "shots": shots, "samples_per_class": samples_per_class, "steps": steps, "sampler": sampler, "seed": seed, "k": k, "classes": used, "skipped_classes": skipped, "real_images": int(len(real_all)), "rows": rows, "per_sample": per_sample}
 
 
 def table(result: dict) -> str:
@@ -129,6 +135,78 @@ def table(result: dict) -> str:
             c = r["centred_vs_unconditional"]
             lines.append(f"guidance {r['guidance']} vs 0, centred consistency per sample: {c['mean_diff']:+.3f}, higher in {c['higher']}/{c['n']}, paired t {c['t']:.2f} (p {c['p_t']:.3f}), Wilcoxon p {c['p_wilcoxon']:.3f}")
     return "\n".join(lines)
+
+
+PAIRED = ("consistency", "consistency_centered", "class_match", "diversity")
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Two models evaluated with the same arguments (same conditions, same noise, same metric
+    encoder): per guidance scale, paired statistics of A against B. Consistency (raw and centred)
+    is paired per sample (paired t and Wilcoxon), class match per sample (exact McNemar on the
+    samples only one model puts in its condition's class), diversity per class (paired t/Wilcoxon)."""
+    same = ("shots", "samples_per_class", "steps", "sampler", "seed", "k", "classes", "metric_encoder", "real_images")
+    differ = [key for key in same if a.get(key) != b.get(key)]
+    if differ:
+        raise ValueError(f"the two evaluations differ in {', '.join(differ)}: not a paired comparison")
+    paired = {}
+    for g in a["per_sample"]:
+        if g not in b["per_sample"]:
+            continue
+        pa, pb = a["per_sample"][g], b["per_sample"][g]
+        stats = {m: M.paired_gain(pa[m], pb[m]) for m in ("consistency", "consistency_centered")}
+        stats["class_match"] = M.mcnemar(pa["class_match"], pb["class_match"])
+        da, db = np.array(pa["diversity"], float), np.array(pb["diversity"], float)
+        ok = ~(np.isnan(da) | np.isnan(db))
+        stats["diversity"] = M.paired_gain(da[ok], db[ok]) if ok.sum() >= 2 else None
+        paired[g] = stats
+    return {"a": a, "b": b, "paired": paired}
+
+
+def compare_table(result: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """The two models' rows interleaved per guidance scale, the real reference row, then one line
+    per scale and measure with the paired statistics of A against B."""
+    a, b = result["a"], result["b"]
+    width = max(9, *(len(n) for n in names))
+    head = f"{'model':<{width}} {'guidance':>8} {'FID':>8} {'precision':>9} {'recall':>7} {'consistency':>11} {'centred':>8} {'class match':>11} {'diversity':>9}"
+    fmt = lambda v, w, d: f"{v:>{w}.{d}f}" if isinstance(v, float) else f"{'-' if v is None else v:>{w}}"  # noqa: E731
+
+    def line(name, r):
+        return f"{name:<{width}} {fmt(r['guidance'], 8, 1)} {fmt(r['fid'], 8, 2)} {fmt(r['precision'], 9, 3)} {fmt(r['recall'], 7, 3)} {fmt(r['consistency'], 11, 3)} {fmt(r.get('consistency_centered'), 8, 3)} {fmt(r.get('class_match'), 11, 3)} {fmt(r['diversity'], 9, 3)}"
+
+    rows_b = {str(r["guidance"]): r for r in b["rows"]}
+    lines = [head]
+    for r in a["rows"]:
+        if r["guidance"] == "real":
+            lines.append(line("real", r))
+            continue
+        lines.append(line(names[0], r))
+        if str(r["guidance"]) in rows_b:
+            lines.append(line(names[1], rows_b[str(r["guidance"])]))
+    lines.append(f"paired, {names[0]} minus {names[1]} (same conditions and noise):")
+    for g, s in result["paired"].items():
+        parts = []
+        for m, label in (("consistency", "consistency"), ("consistency_centered", "centred")):
+            c = s[m]
+            parts.append(f"{label} {c['mean_diff']:+.3f} ({names[0]} higher in {c['higher']}/{c['n']}, t {c['t']:.2f}, p {c['p_t']:.3g}, Wilcoxon p {c['p_wilcoxon']:.3g})")
+        c = s["class_match"]
+        parts.append(f"class match: only {names[0]} {c['only_a']}, only {names[1]} {c['only_b']} of {c['n']} (McNemar p {c['p']:.3g})")
+        if s["diversity"]:
+            c = s["diversity"]
+            parts.append(f"diversity per class {c['mean_diff']:+.3f} ({names[0]} higher in {c['higher']}/{c['n']}, t {c['t']:.2f}, p {c['p_t']:.3g})")
+        lines.append(f"  guidance {g}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def side_by_side(paths: list[str], out: str, gap: int = 16) -> None:
+    """Contact sheets next to each other, a white gap between them."""
+    sheets = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (sum(s.width for s in sheets) + gap * (len(sheets) - 1), max(s.height for s in sheets)), (255, 255, 255))
+    x = 0
+    for s in sheets:
+        canvas.paste(s, (x, 0))
+        x += s.width + gap
+    canvas.save(out)
 
 
 def write(result: dict, path: str) -> None:

@@ -111,9 +111,9 @@ def diversity(samples_by_condition: list[np.ndarray], real: np.ndarray) -> float
     return float(np.mean(within) / base)
 
 
-def class_match(features: np.ndarray, labels: np.ndarray, real_by_class: list[np.ndarray], leave_one_out: bool = False) -> float:
-    """Fraction of rows whose nearest class centroid (mean unit feature of each class's real
-    images, by cosine) is their own class `labels[i]`; chance is 1 / number of classes.
+def class_matches(features: np.ndarray, labels: np.ndarray, real_by_class: list[np.ndarray], leave_one_out: bool = False) -> np.ndarray:
+    """Per row: is its nearest class centroid (mean unit feature of each class's real images, by
+    cosine) its own class `labels[i]`? A bool array; its mean is `class_match`.
 
     Unlike `consistency`, this cancels what all images share (at low resolution every pair of
     images has a high cosine), so it shows whether a sample carries its condition's class. With
@@ -127,4 +127,21 @@ def class_match(features: np.ndarray, labels: np.ndarray, real_by_class: list[np
     if leave_one_out:  # each row's own-class centroid without the row itself
         own = (sums[labels] - feats) / np.maximum(counts[labels] - 1, 1)[:, None]
         scores[np.arange(len(feats)), labels] = (_unit(own) * feats).sum(-1)
-    return float((scores.argmax(1) == labels).mean()) if len(feats) else 0.0
+    return scores.argmax(1) == labels
+
+
+def class_match(features: np.ndarray, labels: np.ndarray, real_by_class: list[np.ndarray], leave_one_out: bool = False) -> float:
+    """The share of rows that `class_matches` (see there); chance is 1 / number of classes."""
+    hits = class_matches(features, labels, real_by_class, leave_one_out)
+    return float(hits.mean()) if len(hits) else 0.0
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired yes/no outcomes on the same samples: rows only `a` got right, only `b` got right, and
+    the exact two-sided McNemar p-value (binomial test on the discordant rows)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    p = float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    return {"only_a": only_a, "only_b": only_b, "n": int(len(a)), "p": p}

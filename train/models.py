@@ -28,13 +28,15 @@ class Preset:
     attention_head_dim: int
     cond_tokens: int  # how many tokens the condition embedding is projected to
     norm_num_groups: int = 8
+    attention_blocks: int = 0  # how many of the deepest resolutions carry cross-attention (0: all but the first)
 
 
 PRESETS: dict[str, Preset] = {
     # CPU tests: ~1 M parameters, a step in well under a second at batch 8.
     "tiny": Preset(32, (32, 64), 1, 64, 8, 4),
-    # CPU experiments of minutes: ~6 M parameters.
-    "small": Preset(32, (64, 128, 128), 1, 128, 16, 4, 16),
+    # CPU experiments of minutes: ~6 M parameters. Cross-attention at 8 px only: at 16 px it cost
+    # 20 % of a CPU step (benchmarks/train.py) for 256 tokens of a 32 px image.
+    "small": Preset(32, (64, 128, 128), 1, 128, 16, 4, 16, attention_blocks=1),
     # a GPU model at 64 px.
     "base": Preset(64, (128, 256, 384, 512), 2, 512, 64, 8, 32),
     # a GPU model at 128 px.
@@ -51,6 +53,9 @@ class SemanticaUNet(nn.Module):
         from diffusers import UNet2DConditionModel
 
         n = len(preset.block_out_channels)
+        attn = preset.attention_blocks or n - 1
+        if not 1 <= attn < n:
+            raise ValueError(f"attention_blocks must be 1..{n - 1} for {n} resolutions, got {preset.attention_blocks}")
         self.preset, self.cond_dim = preset, cond_dim
         self.unet = UNet2DConditionModel(
             sample_size=preset.image_size,
@@ -58,8 +63,8 @@ class SemanticaUNet(nn.Module):
             out_channels=3,
             layers_per_block=preset.layers_per_block,
             block_out_channels=preset.block_out_channels,
-            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            down_block_types=("DownBlock2D",) * (n - attn) + ("CrossAttnDownBlock2D",) * attn,
+            up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * (n - attn),
             cross_attention_dim=preset.cross_attention_dim,
             attention_head_dim=preset.attention_head_dim,
             norm_num_groups=preset.norm_num_groups,

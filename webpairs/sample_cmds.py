@@ -57,8 +57,9 @@ def register_sample(sub, handlers) -> None:
     _common(i)
     handlers["sample"] = cmd_sample
 
-    ev = sub.add_parser("eval", help="few-shot generation scored against held-out real images (FID, precision/recall, consistency, diversity)", description="Condition on --shots images of each class, generate --samples-per-class images per guidance scale, score them against the class's other images on encoder features; prints a table and writes JSON.")
-    ev.add_argument("checkpoint", help=CKPT_HELP)
+    ev = sub.add_parser("eval", help="few-shot generation scored against held-out real images (FID, precision/recall, consistency, diversity)", description="Condition on --shots images of each class, generate --samples-per-class images per guidance scale, score them against the class's other images on encoder features; prints a table and writes JSON. With --compare RUN_A RUN_B, both models get the same conditions, noise and metric encoder, and the table pairs them (the Semantica ablation: same-page pairs against self-pairing).")
+    ev.add_argument("checkpoint", nargs="?", help=CKPT_HELP + " (or --compare RUN_A RUN_B)")
+    ev.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="evaluate two models on the same conditions and noise and print paired statistics of A against B")
     ev.add_argument("--images", required=True, help="folder with one sub-folder per class (or a flat folder with --topics)")
     ev.add_argument("--topics", type=int, default=0, help="cut a flat folder's sorted images into N contiguous classes (e.g. 10 for photos-imagenet-sample)")
     ev.add_argument("--shots", type=int, default=1, help="condition images per class (default 1)")
@@ -69,19 +70,20 @@ def register_sample(sub, handlers) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--metric-encoder", default="", help="encoder for the metric features (default: the model's encoder)")
     ev.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds of precision/recall (default 3)")
-    ev.add_argument("--out", default="", help="JSON result file (default CHECKPOINT/eval.json); a contact sheet goes beside it")
+    ev.add_argument("--out", default="", help="JSON result file (default CHECKPOINT/eval.json, with --compare RUN_A/compare.json); contact sheets go beside it")
     _model_args(ev)
     handlers["eval"] = cmd_eval
 
 
-def _load(args):
+def _load(args, checkpoint: str = ""):
     from core.encoders import EncoderUnavailable, load_encoder
     from train.generate import CheckpointError, load_model
 
-    if not os.path.exists(args.checkpoint):
-        raise UserError(f"checkpoint {args.checkpoint} does not exist")
+    checkpoint = checkpoint or args.checkpoint
+    if not os.path.exists(checkpoint):
+        raise UserError(f"checkpoint {checkpoint} does not exist")
     try:
-        loaded = load_model(args.checkpoint, args.device, ema=not args.raw_weights, encoder=args.encoder)
+        loaded = load_model(checkpoint, args.device, ema=not args.raw_weights, encoder=args.encoder)
         encoder = load_encoder(loaded.encoder_name, args.encoder_weights)
     except (CheckpointError, EncoderUnavailable) as err:
         raise UserError(str(err)) from err
@@ -137,24 +139,43 @@ def cmd_eval(args, _beam_args) -> int:
     from core.encoders import EncoderUnavailable, load_encoder
     from train import evaluate
 
+    if bool(args.checkpoint) == bool(args.compare):
+        raise UserError("give one CHECKPOINT, or --compare RUN_A RUN_B (not both)")
     try:
         classes = evaluate.load_classes(args.images, args.topics)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
-    loaded, enc = _load(args)
+    runs = args.compare or [args.checkpoint]
+    models = [_load(args, run) for run in runs]
+    if len({m.size for m, _ in models}) > 1:
+        raise UserError(f"the models generate at different resolutions ({', '.join(f'{m.size}px' for m, _ in models)}): their samples cannot be scored on the same features")
     try:
-        metric = load_encoder(args.metric_encoder) if args.metric_encoder else enc
+        metric = load_encoder(args.metric_encoder) if args.metric_encoder else models[0][1]
     except EncoderUnavailable as err:
         raise UserError(str(err)) from err
-    out = args.out or os.path.join(loaded.path, "eval.json")
-    sheet = os.path.splitext(out)[0] + "_sheet.png"
-    try:
-        result = evaluate.evaluate(loaded, enc, classes, args.shots, args.samples_per_class, tuple(args.guidance), args.steps, args.sampler, args.seed, metric, args.k, sheet)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    out = args.out or os.path.join(models[0][0].path if not args.compare else runs[0], "compare.json" if args.compare else "eval.json")
+    base = os.path.splitext(out)[0]
+    sheets = [f"{base}_sheet.png"] if not args.compare else [f"{base}_sheet_a.png", f"{base}_sheet_b.png"]
+    results = []
+    for (loaded, enc), sheet in zip(models, sheets):
+        try:
+            results.append(evaluate.evaluate(loaded, enc, classes, args.shots, args.samples_per_class, tuple(args.guidance), args.steps, args.sampler, args.seed, metric, args.k, sheet))
+        except ValueError as err:
+            raise UserError(str(err)) from err
+    loaded = models[0][0]
+    print(f"step {loaded.step}, {len(results[0]['classes'])} classes, {args.shots} shot(s), {args.samples_per_class} samples per class, metric encoder {results[0]['metric_encoder']}")
+    if not args.compare:
+        evaluate.write(results[0], out)
+        print(evaluate.table(results[0]))
+        print(f"written: {out} and {sheets[0]}")
+        return 0
+    result = evaluate.compare(*results)
     evaluate.write(result, out)
-    print(f"step {loaded.step}, {len(result['classes'])} classes, {args.shots} shot(s), {args.samples_per_class} samples per class, metric encoder {result['metric_encoder']}")
-    print(evaluate.table(result))
-    print(f"written: {out} and {sheet}")
+    names = ("A", "B")
+    for name, run, (m, _) in zip(names, runs, models):
+        print(f"{name}: {run} (step {m.step}, encoder {m.encoder_name})")
+    print(evaluate.compare_table(result, names))
+    side = f"{base}_sheets.png"
+    evaluate.side_by_side(sheets, side)
+    print(f"written: {out}, {sheets[0]}, {sheets[1]} and {side} (A left, B right)")
     return 0
-
