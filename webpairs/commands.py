@@ -219,6 +219,42 @@ def cmd_stats(args, _beam_args) -> int:
     return 0
 
 
+def register_browse(sub, handlers) -> None:
+    p = sub.add_parser(
+        "browse",
+        help="a local web app over a run: pairs (by site, page, similarity, random sample), rejects by reason, sites",
+        description="Serve a read-only web app on 127.0.0.1 over a run directory: pages of pairs (condition, target, similarity, page, site, alt texts) filtered by site, page and similarity range, in random or similarity order; the rejects of every stage by reason, with the image where the stage had one; a per-site table. Queries are DuckDB over the run's parquet; images are read from the shard tars by offset. Stop with Ctrl-C.",
+    )
+    p.add_argument("input", help="a run directory (with a complete shards output) or a shards directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    handlers["browse"] = cmd_browse
+
+
+def cmd_browse(args, _beam_args) -> int:
+    from browse.data import BrowseError
+    from browse.server import BrowseServer
+
+    if not os.path.isdir(args.input):
+        raise UserError(f"{args.input} is not a directory")
+    try:
+        server = BrowseServer(args.input, args.host, args.port)
+    except BrowseError as err:
+        raise UserError(str(err)) from err
+    except OSError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); pick another --port") from err
+    s = server.data.summary()
+    print(f"webpairs browse: {s['pairs']:,} pairs on {s['pages']:,} pages of {s['sites']:,} sites, {s['rejects']:,} rejects")
+    print(f"open {server.url}  (Ctrl-C stops; read-only)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0
+
+
 def register_run(sub, handlers) -> None:
     p = sub.add_parser(
         "run",
@@ -347,4 +383,4 @@ def _register_sampling(sub, handlers) -> None:
     register_sample(sub, handlers)
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_run, register_train, _register_sampling]
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, _register_sampling]
