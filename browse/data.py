@@ -164,6 +164,20 @@ class RunData:
         rows = self._rows(f"SELECT key, page_url, site, similarity, cond_url, target_url, cond_alt, target_alt FROM pairs {cond} ORDER BY {ORDERS[order]} LIMIT $lim OFFSET $off", params)
         return {"total": total, "offset": params["off"], "rows": rows}
 
+    def stratified(self, per_band: int = 4) -> list[dict]:
+        """Example pairs spread over the run: the similarity range cut into thirds of the pairs (low,
+        middle, high), and in each band one pair per page, taking sites in turn, so that a few
+        examples show as many sites and pages as they can. Deterministic (hashes of the ids)."""
+        return self._rows(
+            """WITH b AS (SELECT *, ntile(3) OVER (ORDER BY similarity, key) AS tercile FROM pairs),
+                    p AS (SELECT *, row_number() OVER (PARTITION BY tercile, page_url ORDER BY rnd) AS in_page FROM b),
+                    s AS (SELECT *, row_number() OVER (PARTITION BY tercile, site, in_page ORDER BY hash(page_url, tercile), rnd) AS in_site FROM p),
+                    r AS (SELECT *, row_number() OVER (PARTITION BY tercile ORDER BY in_page, in_site, hash(site, tercile)) AS pick FROM s)
+               SELECT ['low', 'middle', 'high'][tercile] AS band, key, site, page_url, similarity, cond_url, target_url, cond_alt, target_alt
+               FROM r WHERE pick <= $n ORDER BY tercile, pick""",
+            {"n": int(per_band)},
+        )
+
     def reasons(self) -> list[dict]:
         order = ", ".join(f"'{s}'" for s in STAGE_ORDER)
         return self._rows(f"SELECT stage, reason, n FROM reasons ORDER BY list_position([{order}], stage), n DESC, reason")

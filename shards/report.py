@@ -13,7 +13,6 @@ import html
 import io
 import json
 import os
-import tarfile
 from typing import Optional
 from urllib.parse import urlsplit
 
@@ -147,13 +146,23 @@ def _plots(data: dict) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     plots = []
-    order = [s for s in STAGE_ORDER if s in data["stages"]]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(order, [data["stages"][s]["input"] for s in order], color="#c8d6e5", label="input")
-    ax.bar(order, [data["stages"][s]["kept"] for s in order], color="#2e86de", label="kept")
-    ax.set_title("records kept per stage")
-    ax.legend()
-    plots.append(("funnel", _figure_png(fig)))
+    # two units, two plots: extract .. pair count links (an image on a page), shards counts pairs
+    order = [s for s in STAGE_ORDER if s in data["stages"] and s != "shards"]
+    if order:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(order, [data["stages"][s]["input"] for s in order], color="#c8d6e5", label="input")
+        ax.bar(order, [data["stages"][s]["kept"] for s in order], color="#2e86de", label="kept")
+        ax.set_title("links kept per stage")
+        ax.set_ylabel("links")
+        ax.legend()
+        plots.append(("links_per_stage", _figure_png(fig)))
+    pairs = [(label, n) for label, n in (("made by pair", data["stages"].get("pair", {}).get("pairs")), ("written to shards", data["stages"].get("shards", {}).get("kept"))) if n is not None]
+    if pairs:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.bar([p[0] for p in pairs], [p[1] for p in pairs], color="#10ac84")
+        ax.set_title("pairs")
+        ax.set_ylabel("pairs")
+        plots.append(("pairs", _figure_png(fig)))
     data = {**data, "pages_per_site_values": list(data.get("pages_per_site", {}).values())}
     for key, title, bins in (("similarity", "pair similarity", 20), ("images_per_page", "images per page", 15), ("pairs_per_page", "pairs per page", 15), ("pages_per_site_values", "pages per site", 15)):
         if data.get(key):
@@ -171,42 +180,37 @@ def _plots(data: dict) -> list[tuple[str, str]]:
     return plots
 
 
-def example_pairs(shards_dir: str, n: int = 8) -> list[dict]:
-    """The first n samples of the first shards: thumbnails (base64 JPEG) and metadata."""
+def _thumb(data: bytes, side: int = 160) -> str:
     from PIL import Image
 
-    samples: dict[str, dict] = collections.OrderedDict()
-    with open(os.path.join(shards_dir, "manifest.json")) as fh:  # the shards it lists, never a glob
-        tars = [os.path.join(shards_dir, s["shard"]) for s in json.load(fh)["shards"]]
-    for tar_path in tars:
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if key not in samples and len(samples) >= n:
-                    break
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        if len(samples) >= n:
-            break
+    img = Image.open(io.BytesIO(data))
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=80)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def example_pairs(run, per_band: int = 4) -> list[dict]:
+    """Example pairs drawn across the run (browse.data.RunData.stratified: low, middle and high
+    thirds of the similarity range, one pair per page, sites in turn), with thumbnails read from
+    the shards by offset."""
     out = []
-    for key, files in list(samples.items())[:n]:
-        item = {"key": key, "meta": json.loads(files.get("json", b"{}"))}
+    for row in run.stratified(per_band):
+        item = dict(row)
         for side in ("cond", "target"):
-            img = Image.open(io.BytesIO(files[f"{side}.jpg"]))
-            img.thumbnail((160, 160))
-            buf = io.BytesIO()
-            img.convert("RGB").save(buf, "JPEG", quality=80)
-            item[side] = base64.b64encode(buf.getvalue()).decode()
+            item[side] = _thumb(run.pair_image(row["key"], side))
         out.append(item)
     return out
 
 
-def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None) -> str:
+def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None, sites: Optional[dict] = None, queries: Optional[list[tuple[str, str]]] = None) -> str:
     """A self-contained HTML page (inline PNG plots and thumbnails, no external resources)."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>webpairs stats</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        ".plots img{margin:6px}.pairs{display:flex;flex-wrap:wrap}.pair{margin:8px;border:1px solid #ddd;padding:6px;font-size:12px;width:340px}</style></head><body>",
+        ".plots img{margin:6px}.pairs{display:flex;flex-wrap:wrap}.pair{margin:8px;border:1px solid #ddd;padding:6px;font-size:12px;width:340px;overflow-wrap:anywhere}"
+        "pre{background:#f6f6f6;padding:8px;overflow-x:auto}</style></head><body>",
         # Records on <body> whether every plot decoded and whether any error occurred (tests read it).
         "<script>addEventListener('error',function(){document.body.dataset.errors=(+(document.body.dataset.errors||0))+1},true);"
         "addEventListener('load',function(){var p=[].slice.call(document.querySelectorAll('img.plot'));"
@@ -241,16 +245,25 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
             parts.append("</div>")
     if data.get("top_domains"):
         parts.append("<h2>Top domains</h2><ul>" + "".join(f"<li>{esc(d)}: {n}</li>" for d, n in data["top_domains"]) + "</ul>")
+    if sites and sites["rows"]:
+        parts.append(f"<h2>Sites</h2><table id='sites'><tr><th style='text-align:left'>site</th><th>pages</th><th>images</th><th>pairs</th><th>boilerplate links removed</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{esc(r['site'] or '(none)')}</td><td>{r['pages']:,}</td><td>{r['images']:,}</td><td>{r['pairs']:,}</td><td>{r['boilerplate']:,}</td></tr>" for r in sites["rows"]]
+        more = sites["total"] - len(sites["rows"])
+        parts.append("</table>" + (f"<p>{more:,} more sites: <code>webpairs browse</code> lists them all.</p>" if more > 0 else ""))
     if examples:
-        parts.append("<h2>Example pairs</h2><div class='pairs'>")
+        n_sites, n_pages = len({e["site"] for e in examples}), len({e["page_url"] for e in examples})
+        parts.append(f"<h2>Example pairs</h2><p>{len(examples)} pairs drawn from {n_pages} pages of {n_sites} sites, the same number from the low, middle and high third of the similarity range; <code>webpairs browse RUN</code> pages through all of them.</p><div class='pairs'>")
         for ex in examples:
-            m = ex["meta"]
             parts.append(
-                f"<div class='pair'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
-                f"<img src='data:image/jpeg;base64,{ex['target']}' alt='target'><br>similarity {m.get('similarity', 0):.3f}<br>"
-                f"{esc(m.get('page_url', ''))}</div>"
+                f"<div class='pair' data-band='{ex['band']}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
+                f"<img src='data:image/jpeg;base64,{ex['target']}' alt='target'><br><b>{ex['band']} similarity</b> {ex['similarity']:.3f} &middot; site {esc(ex['site'])}<br>"
+                f"{esc(ex['page_url'])}<br>alt: {esc(ex['cond_alt'] or '')} &rarr; {esc(ex['target_alt'] or '')}</div>"
             )
         parts.append("</div>")
+    if queries:
+        parts.append("<h2>Query this run with DuckDB</h2><p>The same questions in SQL (<code>duckdb -c \"...\"</code>, or <code>duckdb.sql(...)</code> in Python):</p>")
+        for question, sql in queries:
+            parts.append(f"<h3>{esc(question)}</h3><pre class='sql'>{esc(sql)}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -260,9 +273,19 @@ def write_report(root: str, html_path: Optional[str] = None) -> str:
     data = collect(root)
     text = summary_text(data)
     if html_path:
-        examples = example_pairs(data["dirs"]["shards"]) if "shards" in data["dirs"] else None
+        from browse.queries import examples as sql_examples
+
+        examples = sites = None
+        if "shards" in data["dirs"]:
+            from browse.data import RunData
+
+            run = RunData(root)
+            try:
+                examples, sites = example_pairs(run), run.sites(limit=20)
+            finally:
+                run.close()
         gallery = quality.boilerplate_gallery(data["dirs"])
         os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
         with open(html_path, "w") as fh:
-            fh.write(render_html(data, examples, gallery))
+            fh.write(render_html(data, examples, gallery, sites, sql_examples(data["dirs"])))
     return text

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from shards.report import find_stage_dirs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,9 +66,45 @@ def test_html_report_renders_plots_in_chromium(tmp_path, pipeline_dirs):
     rendered = int(re.search(r'data-plots-rendered="(\d+)"', body).group(1))
     assert total >= 4 and rendered == total
     assert "data-errors" not in body
-    assert dom.count("alt=\"condition\"") == 8  # the grid of example pairs
+    # example pairs across the run: 4 from each third of the similarity range, on different pages
+    assert dom.count("alt=\"condition\"") == 12
+    assert [dom.count(f'data-band="{b}"') for b in ("low", "middle", "high")] == [4, 4, 4]
+    pages = re.findall(r"site 127\.0\.0\.1<br>(http://[^<]+)<br>alt:", dom)
+    assert len(pages) == 12 and all(len(set(pages[i : i + 4])) == 4 for i in (0, 4, 8))  # a band: 4 pages
+    # plots keep units apart; the per-site table; SQL for the same questions
+    assert 'id="plot-links_per_stage"' in dom and 'id="plot-pairs"' in dom and "plot-funnel" not in dom
+    assert re.search(r'<table id="sites">.*<td style="text-align:left">127\.0\.0\.1</td><td>12</td>', dom, re.S)
+    assert dom.count('class="sql"') >= 5
     # the boilerplate gallery: the logo among what the URL rule removed before download, shown as an
     # image (fetched once as evidence); the funnel table
     assert "download: boilerplate_url_global (12 removed)" in dom and "/static/logo.png" in dom and 'alt="boilerplate_url_global"' in dom
     assert re.search(r"<td[^>]*>URLs selected for download</td><td>\d+</td>", dom)
     assert "Pairs with an image flagged as boilerplate (of its site or of the crawl): 0 of" in dom
+
+
+def test_duckdb_examples_run_on_a_run(tmp_path, pipeline_dirs):
+    """Every SQL example the report prints runs as printed and answers its question."""
+    import duckdb
+
+    from browse.data import RunData
+    from browse.queries import EXAMPLES, examples
+    from core.stageio import read_stats
+
+    run = _run_dir(tmp_path, pipeline_dirs)
+    queries = dict(examples(find_stage_dirs(run)))
+    assert len(queries) == len(EXAMPLES)
+    results = {q: duckdb.sql(sql).fetchall() for q, sql in queries.items()}
+    assert all(results.values())
+    per_site = results["Pairs, pages and images per site"]
+    data = RunData(run)
+    try:
+        assert [(r[0], r[2]) for r in per_site] == [(s["site"], s["pairs"]) for s in data.sites()["rows"]]
+    finally:
+        data.close()
+    assert len(results["A random sample of 10 pairs (the same 10 every time)"]) == 10
+    assert sum(r[1] for r in results["The similarity histogram"]) == read_stats(pipeline_dirs["pair"])["pairs"]
+    rejected = {(stage, reason): n for stage, reason, n in results["What each stage rejected, by reason"]}
+    for name, path in pipeline_dirs.items():
+        stats = read_stats(path)
+        for reason, n in stats["rejected"].items():
+            assert rejected[(stats["stage"], reason)] == n
