@@ -133,7 +133,7 @@ class ShardConfig:
     RANGES: ClassVar[dict] = {"samples_per_shard": (1, 10_000_000), "max_shard_bytes": (1024 * 1024, None)}
 
 
-# sections of a run's YAML file (train: train/train.py TrainConfig, sample: train/generate.py SampleConfig)
+# sections of a run's YAML file (train: train/train.py TrainConfig, sample: generate/images.py SampleConfig)
 SECTIONS = ("crawl", "download", "filter", "pair", "shards", "train", "sample", "beam")
 
 

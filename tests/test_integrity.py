@@ -241,7 +241,7 @@ def test_config_errors_are_one_sentence(command, yaml_text, expect, tmp_path, ca
 
 def test_every_numeric_config_key_has_a_range():
     from core import config
-    from train.generate import SampleConfig
+    from generate.images import SampleConfig
     from train.train import TrainConfig
 
     for cls in (config.CrawlConfig, config.DownloadConfig, config.FilterConfig, config.PairConfig, config.ShardConfig, TrainConfig, SampleConfig):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from train import metrics as M
+from generate import metrics as M
 
 
 def _cloud(n, d, center, seed, scale=1.0):

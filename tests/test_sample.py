@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train import generate
-from train import sample as S
+from generate import images as generate
+from generate import sample as S
 from webpairs.cli import main
 
 TENCH, OSTRICH, HEN = "n01440764_tench.JPEG", "n01518878_ostrich.JPEG", "n01514859_hen.JPEG"
@@ -170,7 +170,7 @@ def test_eval_compare_pairs_two_models(tiny_run, photos_dir, tmp_path, capsys):
 
 
 def test_compare_refuses_evaluations_that_are_not_paired():
-    from train.evaluate import compare
+    from generate.evaluate import compare
 
     base = {"shots": 1, "samples_per_class": 4, "steps": 4, "sampler": "ddim", "seed": 0, "k": 3, "classes": ["t0"], "metric_encoder": "m", "real_images": 9, "per_sample": {}}
     with pytest.raises(ValueError, match="seed"):

@@ -241,7 +241,7 @@ def _sample_grid(model, fixed, cfg: TrainConfig, step: int, run_dir: str, writer
     """Row 1: the targets paired with the fixed conditions; row 2: EMA samples for those conditions."""
     import torch
 
-    from train.sample import as_uint8, grid, sample, to_pil
+    from generate.sample import as_uint8, grid, sample, to_pil
 
     cond, targets = fixed
     images = sample(model, cond, steps=cfg.sample_steps, guidance=3.0, prediction=cfg.prediction, generator=torch.Generator().manual_seed(0))
@@ -390,11 +390,59 @@ def run_training(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optio
     if not shard_urls(shards):  # also refuses an incomplete shards folder, in one sentence
         raise FileNotFoundError(f"no pair shards at {shards} (expected a `webpairs shards` output)")
     run_dir = os.path.abspath(run_dir)
+    from core.console import quiet
+
     with StageLock(run_dir, "webpairs train"):
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, TRAIN_MARKER), "w") as fh:
             json.dump({"shards": shards, "config": dataclasses.asdict(cfg)}, fh, indent=1)
-        return _fit(shards, run_dir, cfg, ray_address)
+        with quiet(run_dir), _progress(run_dir, cfg):
+            return _fit(shards, run_dir, cfg, ray_address)
+
+
+@contextlib.contextmanager
+def _progress(run_dir: str, cfg: TrainConfig):
+    """One progress line for the whole training (steps, loss, ETA) on the console, from the
+    metrics.jsonl that rank 0 appends: the driver never sees the workers' loop otherwise."""
+    import threading
+
+    from tqdm import tqdm
+
+    from core.console import console
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    stop = threading.Event()
+    bar = tqdm(total=cfg.steps, desc="train", unit="step", file=console(), dynamic_ncols=True)
+
+    def poll():
+        offset = 0
+        while not stop.wait(1.0):
+            try:
+                with open(path) as fh:
+                    fh.seek(offset)
+                    lines = fh.readlines()
+                    offset = fh.tell()
+            except OSError:
+                continue
+            docs = []
+            for line in lines:
+                try:
+                    docs.append(json.loads(line))
+                except ValueError:
+                    continue  # a line being written
+            if docs:
+                bar.n = min(cfg.steps, docs[-1]["step"])  # absolute: a resumed run starts at its checkpoint
+                bar.set_postfix_str(f"loss {docs[-1]['loss']:.4f}", refresh=False)
+                bar.refresh()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def _fit(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str]) -> dict:

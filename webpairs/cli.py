@@ -71,7 +71,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         prog="webpairs",
         description="Web image-pair dataset pipeline: crawl -> filter -> pair -> shards, plus tools.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks of unexpected errors)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="everything on the console: library output, Ray's worker logs, debug logging (run, demo and train otherwise write them to OUT/webpairs.log), and tracebacks of unexpected errors")
     parser.add_argument("--offline", action="store_true", help="never download model weights: hub caches only (same as HF_HUB_OFFLINE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: dict[str, Callable] = {}
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from core.console import set_enabled
+
+    set_enabled(not args.verbose)
     if args.offline:
         from core.encoders import set_offline
 

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 from tqdm import tqdm
 
 from core import config
+from core.console import LOG_FILE, console, quiet
 from core.stageio import StageError, StageLock, is_complete, read_stats
 
 if TYPE_CHECKING:
-    from train.generate import SampleConfig
+    from generate.images import SampleConfig
     from train.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 STAGES = ["extract", "download", "filter", "pair", "shards"]  # Beam/img2dataset stages with stats.json
 DIRS = {"extract": "links", "download": "download", "filter": "filter", "pair": "pair", "shards": "shards", "train": "train", "sample": "samples"}
 RUN_MARKER = "webpairs-run.json"  # marks a folder as a run directory of this project
-OWN_FILES = {RUN_MARKER, "report.html", "testweb", "testweb.json"}  # what `run`/`demo` write besides DIRS
+OWN_FILES = {RUN_MARKER, "report.html", "testweb", "testweb.json", LOG_FILE}  # what `run`/`demo` write besides DIRS
 
 
 def _foreign_entries(out: str) -> list[str]:
@@ -81,7 +82,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Optional[str] = None, allow_hosts: Optional[str] = None, train_defaults: Optional[dict] = None, crawl_overrides: Optional[dict] = None, **filter_overrides) -> "RunConfig":
-        from train.generate import SampleConfig
+        from generate.images import SampleConfig
         from train.train import TrainConfig
 
         filter_cfg = config.load(config.FilterConfig, path, section="filter", **filter_overrides)
@@ -122,20 +123,27 @@ def run_pipeline(warcs: str, out: str, cfg: RunConfig, beam_args=None, html: boo
     directory is locked while it runs; an --out with foreign files is refused unless `overwrite`."""
     with StageLock(out, "webpairs run"):
         claim_run_dir(out, overwrite)
-        return _run_stages(warcs, out, cfg, beam_args, html, model, ray_address)
+        with quiet(out) as log_path:
+            _say_log(log_path)
+            return _run_stages(warcs, out, cfg, beam_args, html, model, ray_address)
+
+
+def _say_log(log_path: Optional[str]) -> None:
+    if log_path:
+        tqdm.write(f"library output and logs: {log_path} (-v shows them here)", file=console())
 
 
 def _run_stages(warcs: str, out: str, cfg: RunConfig, beam_args, html: bool, model: bool, ray_address: Optional[str]) -> dict:
     calls = _stage_calls(warcs, out, cfg, beam_args)
     done: dict[str, dict] = {}
-    bar = tqdm(STAGES, desc="webpairs run", unit="stage")
+    bar = tqdm(STAGES, desc="webpairs run", unit="stage", file=console())
     upstream_ran = False  # once a stage runs, the stages after it are stale: run them again
     for stage in bar:
         stage_dir = os.path.join(out, DIRS[stage])
         bar.set_postfix_str(stage)
         if is_complete(stage_dir) and not upstream_ran:
             done[stage] = read_stats(stage_dir)
-            tqdm.write(f"{stage:9s} already complete, skipped ({done[stage]['kept']} kept)")
+            tqdm.write(f"{stage:9s} already complete, skipped ({done[stage]['kept']} kept)", file=console())
             continue
         start = time.time()
         try:
@@ -145,7 +153,7 @@ def _run_stages(warcs: str, out: str, cfg: RunConfig, beam_args, html: bool, mod
             raise StageError(f"stage '{stage}' failed: {_one_line(err)} (completed so far: {so_far}; rerun the same command to continue from '{stage}')") from err
         upstream_ran = True
         s = done[stage]
-        tqdm.write(f"{stage:9s} input={s['input']} kept={s['kept']} rejected={sum(s['rejected'].values())} ({time.time() - start:.1f}s)")
+        tqdm.write(f"{stage:9s} input={s['input']} kept={s['kept']} rejected={sum(s['rejected'].values())} ({time.time() - start:.1f}s)", file=console())
     if html:
         from shards.report import write_report
 
@@ -163,7 +171,7 @@ def _model_stages(out: str, cfg: RunConfig, done: dict, ray_address: Optional[st
     """train (Ray Train on the shards) and sample (grids from its checkpoint), each skipped when complete
     and nothing before it ran. Training again in the same directory resumes from its last checkpoint
     (up to `steps`); delete OUT/train to train from scratch."""
-    from train.generate import run_samples
+    from generate.images import run_samples
     from train.train import run_training
 
     results = {}
@@ -174,11 +182,12 @@ def _model_stages(out: str, cfg: RunConfig, done: dict, ray_address: Optional[st
         ("sample", lambda: run_samples(train_dir, shards, sample_dir, cfg.sample), sample_dir),
     ):
         if is_complete(target) and not upstream_ran:
-            tqdm.write(f"{stage:9s} already complete, skipped")
+            tqdm.write(f"{stage:9s} already complete, skipped", file=console())
             results[stage] = json.load(open(os.path.join(target, "result.json")))
             continue
         start = time.time()
-        tqdm.write(f"{stage:9s} running ({'Ray Train, ' + str(cfg.train.workers) + ' workers, ' + str(cfg.train.steps) + ' steps' if stage == 'train' else 'variations, an edit, an interpolation'})")
+        if stage == "sample":
+            tqdm.write(f"{stage:9s} running (variations, an edit, an interpolation)", file=console())
         try:
             results[stage] = call()
         except Exception as err:
@@ -186,7 +195,7 @@ def _model_stages(out: str, cfg: RunConfig, done: dict, ray_address: Optional[st
         with open(os.path.join(target, "result.json"), "w") as fh:
             json.dump(results[stage], fh, indent=2)
         open(os.path.join(target, "_SUCCESS"), "w").close()
-        tqdm.write(f"{stage:9s} done ({time.time() - start:.1f}s)")
+        tqdm.write(f"{stage:9s} done ({time.time() - start:.1f}s)", file=console())
         upstream_ran = True
         so_far += f"; {stage}: done"
     return results
@@ -200,7 +209,9 @@ def demo(out: str, photos: Optional[str] = None, beam_args=None, config_path: Op
     """The main job on the loopback test web (127.0.0.1), with an encoder that works offline."""
     with StageLock(out, "webpairs demo"):
         claim_run_dir(out, overwrite)
-        return _demo(out, photos, beam_args, config_path, pages, topics, model, train_overrides)
+        with quiet(out) as log_path:
+            _say_log(log_path)
+            return _demo(out, photos, beam_args, config_path, pages, topics, model, train_overrides)
 
 
 def _demo(out: str, photos: Optional[str], beam_args, config_path: Optional[str], pages: int, topics: int, model: bool, train_overrides: Optional[dict]) -> dict:
@@ -217,6 +228,6 @@ def _demo(out: str, photos: Optional[str], beam_args, config_path: Optional[str]
     with serve_test_web(os.path.join(out, "testweb"), photos_dir=photos, port=port, n_pages=pages, n_topics=topics) as web:
         with open(state_file, "w") as fh:
             json.dump({"port": int(web.base_url.rsplit(":", 1)[1]), "photos": photos}, fh)
-        tqdm.write(f"loopback test web on {web.base_url}: {len(web.pages)} pages, WARC {web.warc_path}")
+        tqdm.write(f"loopback test web on {web.base_url}: {len(web.pages)} pages, WARC {web.warc_path}", file=console())
         return _run_stages(web.warc_path, out, cfg, beam_args, True, model, None)
 

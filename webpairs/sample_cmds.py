@@ -77,7 +77,7 @@ def register_sample(sub, handlers) -> None:
 
 def _load(args, checkpoint: str = ""):
     from core.encoders import EncoderUnavailable, load_encoder
-    from train.generate import CheckpointError, load_model
+    from generate.images import CheckpointError, load_model
 
     checkpoint = checkpoint or args.checkpoint
     if not os.path.exists(checkpoint):
@@ -91,7 +91,7 @@ def _load(args, checkpoint: str = ""):
 
 
 def _image(path: str):
-    from train.generate import read_image
+    from generate.images import read_image
 
     if not os.path.isfile(path):
         raise UserError(f"image {path} does not exist")
@@ -110,7 +110,7 @@ def _noise_range(text: str) -> tuple[float, float]:
 
 
 def cmd_sample(args, _beam_args) -> int:
-    from train import generate
+    from generate import images as generate
 
     common = dict(guidance=args.guidance, steps=args.steps, sampler=args.sampler, seed=args.seed)
     if args.op == "variations":
@@ -137,7 +137,7 @@ def cmd_sample(args, _beam_args) -> int:
 
 def cmd_eval(args, _beam_args) -> int:
     from core.encoders import EncoderUnavailable, load_encoder
-    from train import evaluate
+    from generate import evaluate
 
     if bool(args.checkpoint) == bool(args.compare):
         raise UserError("give one CHECKPOINT, or --compare RUN_A RUN_B (not both)")

@@ -2,7 +2,7 @@
 
 Each operation loads the EMA weights of a checkpoint (a RUN_DIR of `webpairs train` or one
 checkpoint folder), embeds its input images with the encoder the model was trained on (recorded in
-the checkpoint), runs the samplers of `train/sample.py` on one device in batches, and writes PNGs at
+the checkpoint), runs the samplers of `generate/sample.py` on one device in batches, and writes PNGs at
 the model's resolution plus a contact sheet (`sheet.png`) and `meta.json` (arguments, seeds, scores).
 """
 
@@ -16,8 +16,10 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from train import sample as S
+from core.console import console
+from generate import sample as S
 from train.train import CheckpointError, checkpoint_folders, read_checkpoint  # one checkpoint format, read in one place
 
 SHEET_CELL = 128  # contact sheets show each image at least this large (nearest-neighbour upscaling)
@@ -237,7 +239,16 @@ def run_samples(run_dir: str, shards: str, out: str, cfg: SampleConfig, device: 
         raise ValueError(f"no pairs in {shards} to sample from")
     a, b = ex[0], ex[-1]
     common = dict(guidance=cfg.guidance, steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed)
-    variations(loaded, encoder, a["cond"], os.path.join(out, "variations"), n=cfg.n, **common)
-    edit(loaded, encoder, a["target"], os.path.join(out, "edit"), strength=cfg.strength, cond_image=b["cond"], **common)
-    interpolate(loaded, encoder, a["cond"], b["cond"], os.path.join(out, "interpolate"), cfg.frames, (cfg.noise_low, cfg.noise_high), cfg.candidates, **common)
-    return {k: os.path.join(out, k, "sheet.png") for k in ("variations", "edit", "interpolate")}
+    jobs = {
+        "variations": lambda: variations(loaded, encoder, a["cond"], os.path.join(out, "variations"), n=cfg.n, **common),
+        "edit": lambda: edit(loaded, encoder, a["target"], os.path.join(out, "edit"), strength=cfg.strength, cond_image=b["cond"], **common),
+        "interpolate": lambda: interpolate(loaded, encoder, a["cond"], b["cond"], os.path.join(out, "interpolate"), cfg.frames, (cfg.noise_low, cfg.noise_high), cfg.candidates, **common),
+    }
+    # images each kind denoises (its share of the time): one progress line for the whole stage
+    cost = {"variations": cfg.n, "edit": max(1, round(4 * cfg.strength)), "interpolate": cfg.frames * cfg.candidates}
+    with tqdm(total=sum(cost.values()), desc="sample", unit="image", file=console()) as bar:
+        for kind, job in jobs.items():
+            bar.set_postfix_str(kind)
+            job()
+            bar.update(cost[kind])
+    return {k: os.path.join(out, k, "sheet.png") for k in jobs}

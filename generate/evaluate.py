@@ -4,7 +4,7 @@ For each class: `shots` images (seeded choice) condition the model, the class's 
 held-out reals. `samples_per_class` samples are generated per guidance scale (the same seeds for
 every scale, so the rows compare like with like). Samples, reals and conditions are all embedded at
 the model's resolution by one metric encoder (any registry encoder; default: the model's own), and
-scored with `train/metrics.py` (consistency raw and centred on the reals' mean feature; class match: the share of samples whose nearest real-class centroid
+scored with `generate/metrics.py` (consistency raw and centred on the reals' mean feature; class match: the share of samples whose nearest real-class centroid
 is their condition's class; chance is 1/classes). A `real` reference row scores the held-out reals themselves as if
 they were samples: the consistency a perfect model would reach.
 """
@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train import metrics as M
-from train import sample as S
-from train.generate import Loaded, embed, read_image, to_model
+from generate import metrics as M
+from generate import sample as S
+from generate.images import Loaded, embed, read_image, to_model
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
