@@ -415,7 +415,7 @@ def _progress(run_dir: str, cfg: TrainConfig):
     bar = tqdm(total=cfg.steps, desc="train", unit="step", file=console(), dynamic_ncols=True)
 
     def poll():
-        offset = 0
+        offset, started = 0, False
         while not stop.wait(1.0):
             try:
                 with open(path) as fh:
@@ -431,6 +431,9 @@ def _progress(run_dir: str, cfg: TrainConfig):
                 except ValueError:
                     continue  # a line being written
             if docs:
+                if not started:  # the rate (and ETA) counts from the first step, not from Ray's start-up
+                    bar.reset(total=cfg.steps)
+                    started = True
                 bar.n = min(cfg.steps, docs[-1]["step"])  # absolute: a resumed run starts at its checkpoint
                 bar.set_postfix_str(f"loss {docs[-1]['loss']:.4f}", refresh=False)
                 bar.refresh()
