@@ -21,7 +21,7 @@ from shards.report import STAGE_ORDER, find_stage_dirs
 
 PAGE_SIZE = 24
 HOST_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)"
-ORDERS = {"random": "rnd", "similarity": "similarity, key", "-similarity": "similarity DESC, key", "page": "page_url, key"}  # random: a fixed shuffle of the run
+ORDERS = {"random": "rpos", "similarity": "similarity, key", "-similarity": "similarity DESC, key", "page": "page_url, key"}  # random: a fixed shuffle of the run
 BOILERPLATE = ("boilerplate_url_site", "boilerplate_url_global", "boilerplate_site", "boilerplate_global")
 # where the image of a rejected link is: (stage whose occurrences map link -> image, stage and part holding the bytes)
 REJECT_IMAGES = {"download": ("download", "download", "downloads"), "filter": ("download", "download", "downloads"), "pair": ("filter", "filter", "images")}
@@ -76,7 +76,7 @@ class RunData:
         join = f"LEFT JOIN read_parquet({_sql_list(pairs)}) p ON p.pair_id = i.key" if pairs else ""
         con.execute(f"CREATE TABLE pairs0 AS SELECT i.key, i.shard, i.offset, i.size, i.page_url, i.similarity, {texts} FROM read_parquet({_sql_list(index)}) i {join}")
         self._page_sites()
-        con.execute("CREATE TABLE pairs AS SELECT p.*, coalesce(s.site, '') AS site, hash(p.key) AS rnd FROM pairs0 p LEFT JOIN page_site s USING (page_url)")
+        con.execute("CREATE TABLE pairs AS SELECT p.*, coalesce(s.site, '') AS site, hash(p.key) AS rnd, row_number() OVER (ORDER BY hash(p.key), p.key) AS rpos FROM pairs0 p LEFT JOIN page_site s USING (page_url)")
         con.execute("DROP TABLE pairs0")
         self._rejects()
         self._sites()
@@ -161,6 +161,9 @@ class RunData:
         cond = ("WHERE " + " AND ".join(where)) if where else ""
         total = self._rows(f"SELECT count(*) AS n FROM pairs {cond}", params)[0]["n"]
         params.update(lim=max(1, min(int(limit), 200)), off=max(0, int(offset)))
+        if order == "random" and not where:  # any page of the whole shuffle: a range of its positions, no top-N
+            rows = self._rows("SELECT key, page_url, site, similarity, cond_url, target_url, cond_alt, target_alt FROM pairs WHERE rpos > $off AND rpos <= $off + $lim ORDER BY rpos", params)
+            return {"total": total, "offset": params["off"], "rows": rows}
         rows = self._rows(f"SELECT key, page_url, site, similarity, cond_url, target_url, cond_alt, target_alt FROM pairs {cond} ORDER BY {ORDERS[order]} LIMIT $lim OFFSET $off", params)
         return {"total": total, "offset": params["off"], "rows": rows}
 

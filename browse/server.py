@@ -115,14 +115,26 @@ def make_handler(data: RunData):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a browser that closed its connection is not an error
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
+
+
 class BrowseServer:
     """The app on host:port (port 0: a free one) over an opened run; `serve_forever` or use as a
     context manager (serves in a thread, for tests and benchmarks)."""
 
     def __init__(self, run_dir: str, host: str = "127.0.0.1", port: int = 8765):
         self.data = RunData(run_dir)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.data))
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), make_handler(self.data))
         self.url = f"http://{host}:{self.httpd.server_address[1]}/"
         self._thread: Optional[threading.Thread] = None
 
