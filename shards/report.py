@@ -180,16 +180,6 @@ def _plots(data: dict) -> list[tuple[str, str]]:
     return plots
 
 
-def _thumb(data: bytes, side: int = 160) -> str:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    img.thumbnail((side, side))
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=80)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def example_pairs(run, per_band: int = 4) -> list[dict]:
     """Example pairs drawn across the run (browse.data.RunData.stratified: low, middle and high
     thirds of the similarity range, one pair per page, sites in turn), with thumbnails read from
@@ -198,7 +188,7 @@ def example_pairs(run, per_band: int = 4) -> list[dict]:
     for row in run.stratified(per_band):
         item = dict(row)
         for side in ("cond", "target"):
-            item[side] = _thumb(run.pair_image(row["key"], side))
+            item[side] = quality._thumb(run.pair_image(row["key"], side), 160)
         out.append(item)
     return out
 
