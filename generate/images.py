@@ -227,17 +227,27 @@ def shard_examples(shards: str, n: int = 2) -> list[dict]:
     return list(found.values())
 
 
+def _least_similar(encoder, a: dict, others: list[dict]) -> dict:
+    """The example whose condition the encoder finds least like a's: edits and interpolations
+    between two different subjects show more than between two of one."""
+    import numpy as np
+
+    emb = encoder.embed_images(np.stack([encoder.preprocess(e["cond"]) for e in [a, *others]]))
+    return others[int(np.argmin(emb[1:] @ emb[0]))]
+
+
 def run_samples(run_dir: str, shards: str, out: str, cfg: SampleConfig, device: str = "cpu") -> dict:
-    """Variations of a condition image of the shards, an SDEdit of a target guided by another page's
-    condition, and an interpolation between the conditions of two pages; returns {kind: sheet path}."""
+    """Variations of a condition image of the shards, an SDEdit of its target guided by another
+    page's condition (of the first 8 pages, the one least like it), and an interpolation between
+    those two conditions; returns {kind: sheet path}."""
     from core.encoders import load_encoder
 
     loaded = load_model(run_dir, device)
     encoder = load_encoder(loaded.encoder_name)
-    ex = shard_examples(shards, 2)
+    ex = shard_examples(shards, 8)
     if not ex:
         raise ValueError(f"no pairs in {shards} to sample from")
-    a, b = ex[0], ex[-1]
+    a, b = ex[0], _least_similar(encoder, ex[0], ex[1:]) if len(ex) > 1 else ex[0]
     common = dict(guidance=cfg.guidance, steps=cfg.steps, sampler=cfg.sampler, seed=cfg.seed)
     jobs = {
         "variations": lambda: variations(loaded, encoder, a["cond"], os.path.join(out, "variations"), n=cfg.n, **common),

@@ -80,29 +80,63 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _hsv(hue: float, sat: int, val: int) -> tuple[int, int, int]:
+    return Image.new("HSV", (1, 1), (int((hue % 360) / 360 * 255), sat, val)).convert("RGB").getpixel((0, 0))
+
+
 def generated_photo(topic: int, index: int, size=(320, 240)) -> Image.Image:
-    """A procedural 'photo' of a topic: topic fixes palette and motif, index varies the layout."""
+    """A procedural 'photo' of a topic: the topic fixes palette and motif (large discs, horizontal
+    bands, slanted bars or triangles, in light shades on a dark ground or the reverse); the index
+    varies the number, size, position and shade of the shapes, so two photos of a topic share their
+    kind of structure but not their layout. The shapes are large on purpose: at the 32 px the demo
+    trains on they stay shapes, where small ones blur into a texture."""
     rng = random.Random(topic * 1000 + index)
+    width, height = size
     hue = (topic * 47) % 360
-    base = Image.new("HSV", size, (int(hue / 360 * 255), 120, 200)).convert("RGB")
+    ground, shape = (70, 235) if (topic // 4) % 2 == 0 else (225, 60)
+    base = Image.new("RGB", size, _hsv(hue, 110, ground))
     draw = ImageDraw.Draw(base)
+
+    def shade():
+        return _hsv(hue + rng.randrange(-25, 25), rng.randrange(150, 230), shape + rng.randrange(-20, 20))
+
+    k = min(width, height) / 240  # sizes below are for 320x240 and scale with the image
+
+    def n(a: float, b: float) -> int:
+        return max(1, round(a * k)) + rng.randrange(max(1, round((b - a) * k)))
+
     motif = topic % 4
-    for _ in range(12 + rng.randrange(12)):
-        x, y = rng.randrange(size[0]), rng.randrange(size[1])
-        r = rng.randrange(10, 60)
-        shade = tuple(int(c) for c in Image.new("HSV", (1, 1), (int(((hue + rng.randrange(-30, 30)) % 360) / 360 * 255), 200, rng.randrange(80, 255))).convert("RGB").getpixel((0, 0)))
-        if motif == 0:
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=shade)
-        elif motif == 1:
-            draw.rectangle((x - r, y - r // 2, x + r, y + r // 2), fill=shade)
-        elif motif == 2:
-            draw.line((x, 0, x + rng.randrange(-80, 80), size[1]), fill=shade, width=max(2, r // 5))
-        else:
-            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=shade)
+    if motif == 0:  # one to three large discs
+        for _ in range(1 + rng.randrange(3)):
+            r = n(35, 80)
+            x, y = r + rng.randrange(max(1, width - 2 * r)), r + rng.randrange(max(1, height - 2 * r))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=shade())
+    elif motif == 1:  # two to four horizontal bands
+        y = n(0, 30) - 1
+        for _ in range(2 + rng.randrange(3)):
+            t = n(18, 40)
+            draw.rectangle((0, y, width, y + t), fill=shade())
+            y += t + n(20, 60)
+    elif motif == 2:  # two to four slanted vertical bars
+        x = n(0, 40) - 1
+        for _ in range(2 + rng.randrange(3)):
+            t, slant = n(18, 40), n(0, 80) - round(40 * k)
+            draw.polygon([(x, 0), (x + t, 0), (x + t + slant, height), (x + slant, height)], fill=shade())
+            x += t + n(30, 80)
+    else:  # one to three large triangles
+        for _ in range(1 + rng.randrange(3)):
+            r = n(40, 100)
+            x, y = r // 2 + rng.randrange(max(1, width - r)), r // 2 + rng.randrange(max(1, height - r))
+            draw.polygon([(x, y - r), (x - r, y + r * 2 // 3), (x + r, y + r * 2 // 3)], fill=shade())
     # sensor-like noise: a photo has no large areas of one exact colour (a drawing or a logo does)
     import numpy as np
 
-    pixels = np.asarray(base, dtype=np.int16) + np.random.default_rng(topic * 1000 + index).normal(0, 4, (size[1], size[0], 3)).astype(np.int16)
+    # and light falls across it from one side (a ramp of +-30 levels at a random angle)
+    angle = rng.random() * 2 * np.pi
+    ys, xs = np.mgrid[0:height, 0:width]
+    ramp = (np.cos(angle) * (xs / width - 0.5) + np.sin(angle) * (ys / height - 0.5)) * 60
+    noise = np.random.default_rng(topic * 1000 + index).normal(0, 4, (height, width, 3))
+    pixels = np.asarray(base, dtype=np.int16) + (noise + ramp[..., None]).astype(np.int16)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
