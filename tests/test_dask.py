@@ -177,3 +177,43 @@ def test_wrong_runner_flags_fail_in_one_line_before_any_work(tmp_path):
     for flags, message in ((["--runner", "dask", "--dask-workers", "two"], "--dask-workers must be a whole number, not 'two'"), (["--dask-address", "tcp://x:1"], "--dask-address and --dask-workers need --runner dask")):
         out = subprocess.run([sys.executable, "-m", "webpairs.cli", "filter", str(tmp_path / "nothing"), "--out", str(tmp_path / "f"), *flags], env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"webpairs filter: error: {message}"], out.stderr
+
+
+def test_group_by_key_shuffles_at_the_pipelines_parallelism(tmp_path, dask_args):
+    """A GroupByKey after a Flatten of three 8-file sources: Beam's translation shuffled 24
+    partitions (576 split tasks); here the shuffle runs over 8 and the groups are still whole, for
+    keys of every kind a stage uses (hashed the same in every worker process)."""
+    import subprocess
+    import sys
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    from core.dask_runner import DaskRunner, _key_hash
+
+    keys = ["page", ("site", "page"), 7, b"\x00bytes", None, ("nested", (1, "x"))]
+
+    def build(p):
+        sources = [p | f"Source{i}" >> beam.Create([(keys[j % len(keys)], i * 100 + j) for j in range(48)]) for i in range(3)]
+        return sources | beam.Flatten() | beam.GroupByKey() | beam.MapTuple(lambda k, vs: (repr(k), sorted(vs)))
+
+    p = beam.Pipeline(options=PipelineOptions(["--dask_partition_size=6"]))
+    build(p)
+    p.replace_all(dask_overrides())
+    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 6})
+    p.visit(visitor)
+    assert visitor.parallelism == 8
+    grouped = [bag for node, bag in visitor.bags.items() if node.full_label.endswith("GroupByKey/GroupByKey")]
+    assert len(grouped) == 1 and grouped[0].npartitions == 8
+    assert len(dict(grouped[0].__dask_graph__())) < 200  # 8 partitions shuffled, not 24 (576 splits)
+
+    with stage_pipeline(dask_args) as p:
+        _ = build(p) | beam.Map(json.dumps) | beam.io.WriteToText(str(tmp_path / "groups"))
+    got = dict(json.loads(line) for name in os.listdir(tmp_path) if name.startswith("groups") for line in open(tmp_path / name))
+    want = {repr(k): sorted(i * 100 + j for i in range(3) for j in range(48) if keys[j % len(keys)] == k) for k in keys}
+    assert got == want  # one group per key: no key split between two partitions
+
+    # a str key hashes alike under any PYTHONHASHSEED (Python's hash() would not)
+    code = "from core.dask_runner import _key_hash; print([_key_hash(k) for k in %r])" % (keys,)
+    runs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+    assert runs == {str([_key_hash(k) for k in keys]) + "\n"}
