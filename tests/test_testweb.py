@@ -59,3 +59,28 @@ def test_real_photos_topics(test_web, photos_dir):
     assert len(test_web.near_duplicate_groups[0]) == 5
     status, body, _ = _get(next(iter(test_web.good)))
     assert status == 200 and body[:2] == b"\xff\xd8"
+
+
+def test_generated_photos_keep_their_structure_at_the_training_size():
+    """The demo trains at 32 px: a generated topic's motif must still be a shape there (bands vary
+    down the rows, bars across the columns), and two photos of a topic must differ in layout and
+    stay apart for the pair stage (pHash over its near-duplicate distance of 10)."""
+    import imagehash
+    import numpy as np
+
+    from webpairs.testweb import generated_photo
+
+    def profile(topic, index):
+        grey = np.asarray(generated_photo(topic, index).resize((32, 32), Image.BILINEAR).convert("L"), dtype=float)
+        return grey.mean(axis=1).std(), grey.mean(axis=0).std()  # spread of row means, of column means
+
+    for index in range(6):
+        rows, cols = profile(1, index)  # motif 1: horizontal bands
+        assert rows > 2 * cols and rows > 15, (index, rows, cols)
+        rows, cols = profile(2, index)  # motif 2: slanted vertical bars
+        assert cols > rows and cols > 10, (index, rows, cols)
+    for topic in range(6):
+        hashes = [imagehash.phash(generated_photo(topic, i)) for i in range(8)]
+        assert min(a - b for i, a in enumerate(hashes) for b in hashes[i + 1 :]) > 10, topic
+    for size in ((64, 64), (20, 20), (1000, 300)):  # any size the tests ask for
+        assert generated_photo(3, 1, size).size == size
