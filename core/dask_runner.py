@@ -29,6 +29,7 @@ to that cluster, otherwise a LocalCluster of `--dask-workers` processes is start
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Iterator, Optional
@@ -37,6 +38,7 @@ from apache_beam import TaggedOutput
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.dask.dask_runner import DaskRunner as BeamDaskRunner
 from apache_beam.runners.dask.dask_runner import DaskRunnerResult
+from apache_beam.runners.dask.overrides import _GroupByKeyOnly
 from apache_beam.runners.dask.transform_evaluator import TRANSLATIONS, NoOp
 from apache_beam.transforms.sideinputs import SideInputMap
 
@@ -140,10 +142,11 @@ def _grouped(kv):
     return key, [te.defenestrate(item[1]) for item in items]
 
 
+@dataclasses.dataclass
 class _GroupByKey(te.DaskBagOp):
     """Beam's GroupByKeyOnly as a dask task shuffle over at most `parallelism` partitions (fix 6)."""
 
-    parallelism = 0  # set by the visitor: the most partitions of any source of the pipeline
+    parallelism: int = 0  # the most partitions of any source of the pipeline (0: the input's)
 
     def apply(self, input_bag, side_inputs=None):
         from dask.bag.core import groupby_tasks
@@ -206,14 +209,12 @@ class DaskRunner(BeamDaskRunner):
     @staticmethod
     def to_dask_bag_visitor(bag_kwargs=None):
         import collections
-        import dataclasses
 
         from apache_beam import pvalue
         from apache_beam.pipeline import PipelineVisitor
 
         translations = dict(TRANSLATIONS)
         translations[te.apache_beam.ParDo] = _ParDo
-        gbk = next(t for t, op in TRANSLATIONS.items() if op is te.GroupByKey)
         kwargs = bag_kwargs or {}
 
         @dataclasses.dataclass
@@ -237,9 +238,8 @@ class DaskRunner(BeamDaskRunner):
                 return _select(self.bags[producer], producer, pcoll) if producer in self.bags else None
 
             def visit_transform(self, node) -> None:
-                if node.transform.__class__ is gbk:
-                    op = _GroupByKey(node, bag_kwargs=kwargs)
-                    op.parallelism = self.parallelism
+                if node.transform.__class__ is _GroupByKeyOnly:
+                    op = _GroupByKey(node, bag_kwargs=kwargs, parallelism=self.parallelism)
                 else:
                     op = translations.get(node.transform.__class__, NoOp)(node, bag_kwargs=kwargs)
                 op_kws = {"input_bag": None, "side_inputs": None}

@@ -230,9 +230,7 @@ def shard_examples(shards: str, n: int = 2) -> list[dict]:
 def _least_similar(encoder, a: dict, others: list[dict]) -> dict:
     """The example whose condition the encoder finds least like a's: edits and interpolations
     between two different subjects show more than between two of one."""
-    import numpy as np
-
-    emb = encoder.embed_images(np.stack([encoder.preprocess(e["cond"]) for e in [a, *others]]))
+    emb = embed(encoder, [e["cond"] for e in [a, *others]])
     return others[int(np.argmin(emb[1:] @ emb[0]))]
 
 
