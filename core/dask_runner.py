@@ -21,6 +21,12 @@ docs/cluster.md):
    filter's 6,300 tasks on 8 input files), and every key was hashed with dask's `tokenize`. Here a
    GroupByKey first merges its input to the pipeline's parallelism (the most partitions a source
    has: one per input file) and hashes keys with crc32 (`_key_hash`).
+7. Beam's runners lift combiners (combine within each bundle before the shuffle); this one did
+   not: each CombineGlobally (every count a stage writes to stats.json: 7 of extract's 10
+   GroupByKeys) shuffled its input over n x n tasks to a single key. Here a global combine is a
+   tree reduction of per-partition accumulators (`_combine_globally`), and the GroupByKey that a
+   file sink uses to gather its written file names (all under one key) gathers them into one
+   partition without a shuffle.
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -56,13 +62,14 @@ class _ListIterator:
             yield te.get_windowed_value(item, self.window_fn)
 
 
-_DOFNS: dict = {}  # per worker process: (pickled DoFn, label) -> (DoFn, its signature, [set up?])
+_DOFNS: dict = {}  # per worker process: (pickled fn, label) -> (DoFn or CombineFn, DoFn signature, [set up?])
 _MAX_DOFNS = 256
 
 
-def _dofn(fn_bytes: bytes, label: str):
-    """The worker's DoFn instance for a transform: unpickled, inspected and set up once per process
-    and reused by every bundle (as Beam runners reuse DoFns: a model in `setup` loads once)."""
+def _cached_fn(fn_bytes: bytes, label: str, combine: bool = False):
+    """The worker's instance of a transform's DoFn (or CombineFn): unpickled (and inspected) once
+    per process and reused by every bundle, as Beam runners reuse them (a model in `setup` loads
+    once). A CombineFn is set up here; a DoFn by its first bundle (its invoker runs `setup`)."""
     import hashlib
 
     from apache_beam.internal import pickler
@@ -76,7 +83,11 @@ def _dofn(fn_bytes: bytes, label: str):
         if was_set_up[0]:
             old_fn.teardown()
     fn = pickler.loads(fn_bytes)
-    _DOFNS[key] = (fn, te.DoFnSignature(fn), [False])
+    if combine:
+        fn.setup()
+        _DOFNS[key] = (fn, None, [True])
+    else:
+        _DOFNS[key] = (fn, te.DoFnSignature(fn), [False])
     return _DOFNS[key]
 
 
@@ -84,7 +95,7 @@ def _run_bundle(items, fn_bytes, label, args, kwargs, window_fn, side_specs, *si
     """One dask partition through a DoFn: start_bundle, process, finish_bundle (setup once per
     worker process); returns what it emitted, collected after finish_bundle (fix 2). Side inputs
     arrive computed."""
-    _, signature, set_up = _dofn(fn_bytes, label)
+    _, signature, set_up = _cached_fn(fn_bytes, label)
     receivers = te.OneReceiver()
     handler = te._OutputHandler(
         window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers, per_element_output_counter=None,
@@ -108,6 +119,62 @@ def _run_bundle(items, fn_bytes, label, args, kwargs, window_fn, side_specs, *si
 
 def _concat(parts: list) -> list:
     return [item for part in parts for item in part]
+
+
+def _accumulate(items, fn_bytes: bytes) -> list:
+    """A partition of a global combine's (None, value) pairs -> [its accumulator]."""
+    fn = _cached_fn(fn_bytes, "combine", combine=True)[0]
+    return [fn.add_inputs(fn.create_accumulator(), (value for _, value in items))]
+
+
+def _merge(parts, fn_bytes: bytes) -> list:
+    """[accumulator] lists (of partitions, or of earlier merges) -> [their merge], [] if none."""
+    accumulators = [acc for part in parts for acc in part]
+    if not accumulators:
+        return []
+    return [_cached_fn(fn_bytes, "combine", combine=True)[0].merge_accumulators(accumulators)]
+
+
+def _extract(merged: list, fn_bytes: bytes) -> list:
+    """The one merged accumulator -> [(None, output)] as CombinePerKey gives it; no input, no output
+    (a CombineGlobally with defaults then injects its default, as on any runner)."""
+    fn = _cached_fn(fn_bytes, "combine", combine=True)[0]
+    return [(None, fn.extract_output(acc)) for acc in merged]
+
+
+def _combine_globally(bag, combine_fn):
+    """A CombinePerKey over (None, value) pairs as a tree reduction (fix 7): an accumulator per
+    partition, merged 8 at a time into one partition: about n + n/7 tasks for n partitions where
+    the GroupByKey's shuffle took n x n, and what moves is accumulators, not the values."""
+    from functools import partial
+
+    from apache_beam.internal import pickler
+    from dask.bag import Bag
+
+    fn_bytes = pickler.dumps(combine_fn)
+    merged = bag.reduction(partial(_accumulate, fn_bytes=fn_bytes), partial(_merge, fn_bytes=fn_bytes), split_every=8, out_type=Bag, name="combine")
+    return merged.map_partitions(_extract, fn_bytes)
+
+
+def _is_global_combine(node) -> bool:
+    """A CombinePerKey whose input CombineGlobally keyed with None (Beam's `_KeyWithNone`): one
+    key, so its shuffle can be a reduction. (After Beam's runner-API round trip CombineGlobally
+    itself is a plain PTransform; CombinePerKey and its combine fn, arguments curried in, survive.)"""
+    from apache_beam.transforms.core import CombinePerKey, ParDo, _KeyWithNone
+
+    if not isinstance(node.transform, CombinePerKey) or node.side_inputs or len(node.inputs) != 1:
+        return False
+    producer = getattr(node.inputs[0], "producer", None)
+    return producer is not None and isinstance(producer.transform, ParDo) and isinstance(producer.transform.fn, _KeyWithNone)
+
+
+def _gathers_file_names(node) -> bool:
+    """The GroupByKey of Beam's file sinks (`WriteImpl`) that keys every written file's name with
+    None to gather them for finalisation: one key, so one partition needs no shuffle (fix 7).
+    (With `num_shards` the sink groups records by shard key before writing: that one shuffles.)"""
+    gbk = node.parent  # the dask override's _GroupByKey composite around this _GroupByKeyOnly
+    producer = getattr(gbk.inputs[0], "producer", None) if gbk is not None and gbk.inputs else None
+    return producer is not None and producer.full_label.endswith("WriteImpl/Pair")
 
 
 def _key_hash(key) -> int:
@@ -142,11 +209,18 @@ def _grouped(kv):
     return key, [te.defenestrate(item[1]) for item in items]
 
 
+def _group_partition(items) -> list:
+    """A GroupByKey of one partition, in place."""
+    from toolz import groupby
+
+    return [_grouped(kv) for kv in groupby(_group_key, items).items()]
+
+
 @dataclasses.dataclass
 class _GroupByKey(te.DaskBagOp):
     """Beam's GroupByKeyOnly as a dask task shuffle over at most `parallelism` partitions (fix 6)."""
 
-    parallelism: int = 0  # the most partitions of any source of the pipeline (0: the input's)
+    parallelism: int = 0  # the most partitions of any source of the pipeline (0: the input's; 1: gather)
 
     def apply(self, input_bag, side_inputs=None):
         from dask.bag.core import groupby_tasks
@@ -154,6 +228,8 @@ class _GroupByKey(te.DaskBagOp):
         bag = input_bag
         if self.parallelism and bag.npartitions > self.parallelism:
             bag = bag.repartition(npartitions=self.parallelism)
+        if bag.npartitions == 1:  # nothing to shuffle
+            return bag.map_partitions(_group_partition)
         return groupby_tasks(bag, _group_key, hash=_key_hash).map(_grouped)
 
 
@@ -166,12 +242,12 @@ class _ParDo(te.DaskBagOp):
         from apache_beam.internal import pickler
 
         transform = self.transform
-        args, kwargs = transform.raw_side_inputs
+        args, kwargs = transform.args, transform.kwargs  # side inputs as placeholders the invoker fills
         main_input = next(iter(self.applied.main_inputs.values()))
         window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
         specs = [(type(si), si._view_options(), si._window_mapping_fn) for si, _ in side_inputs or ()]
         values = [value for _, value in side_inputs or ()]  # dask.delayed lists (the visitor's _side)
-        fn_bytes = pickler.dumps(transform.fn)  # the key of the worker's DoFn cache (_dofn)
+        fn_bytes = pickler.dumps(transform.fn)  # the key of the worker's DoFn cache (_cached_fn)
         return input_bag.map_partitions(_run_bundle, fn_bytes, transform.label, args, kwargs, window_fn, specs, *values)
 
 
@@ -186,7 +262,7 @@ def _select(bag, producer, pcoll):
 
 
 class DaskRunner(BeamDaskRunner):
-    """Beam's DaskRunner with the fixes of this module's docstring (1-6)."""
+    """Beam's DaskRunner with the fixes of this module's docstring (1-7)."""
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist
@@ -222,6 +298,15 @@ class DaskRunner(BeamDaskRunner):
             bags: dict = dataclasses.field(default_factory=collections.OrderedDict)
             sides: dict = dataclasses.field(default_factory=dict)
             parallelism: int = 0  # the most partitions of a source (Create) bag so far
+            lifting: Optional[tuple] = None  # (a global CombinePerKey being visited, its reduction's bag)
+
+            def enter_composite_transform(self, node) -> None:
+                if self.lifting is None and _is_global_combine(node):
+                    self.lifting = (node, _combine_globally(self._input(node.inputs[0]), node.transform.fn))
+
+            def leave_composite_transform(self, node) -> None:
+                if self.lifting is not None and self.lifting[0] is node:
+                    self.lifting = None
 
             def _side(self, pcoll):
                 """A side input's elements as one dask.delayed list, made once per PCollection:
@@ -238,8 +323,13 @@ class DaskRunner(BeamDaskRunner):
                 return _select(self.bags[producer], producer, pcoll) if producer in self.bags else None
 
             def visit_transform(self, node) -> None:
+                if self.lifting is not None:  # inside a lifted combine: its output is the reduction
+                    combine, reduced = self.lifting
+                    outputs = {id(pc) for pc in combine.outputs.values()}
+                    self.bags[node] = reduced if any(id(pc) in outputs for pc in node.outputs.values()) else None
+                    return
                 if node.transform.__class__ is _GroupByKeyOnly:
-                    op = _GroupByKey(node, bag_kwargs=kwargs, parallelism=self.parallelism)
+                    op = _GroupByKey(node, bag_kwargs=kwargs, parallelism=1 if _gathers_file_names(node) else self.parallelism)
                 else:
                     op = translations.get(node.transform.__class__, NoOp)(node, bag_kwargs=kwargs)
                 op_kws = {"input_bag": None, "side_inputs": None}

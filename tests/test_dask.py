@@ -217,3 +217,61 @@ def test_group_by_key_shuffles_at_the_pipelines_parallelism(tmp_path, dask_args)
     code = "from core.dask_runner import _key_hash; print([_key_hash(k) for k in %r])" % (keys,)
     runs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
     assert runs == {str([_key_hash(k) for k in keys]) + "\n"}
+
+
+def test_global_combines_and_file_names_are_gathered_without_a_shuffle(tmp_path, dask_args):
+    """Every count of stats.json is a CombineGlobally, and a file sink gathers its written files'
+    names under one key: Beam's translation shuffled each over n x n tasks (extract: 7 of its 10
+    GroupByKeys). Here a global combine is a tree reduction and the names gather in one partition;
+    results as on any runner, defaults (or none, without_defaults) for an empty input included."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    from core.dask_runner import DaskRunner
+
+    def build(p):
+        numbers = [p | f"Source{i}" >> beam.Create(range(i * 100, i * 100 + 48)) for i in range(3)] | beam.Flatten()
+        empty = numbers | beam.Filter(lambda x: x < 0)
+        outs = {
+            "sum": numbers | "Sum" >> beam.CombineGlobally(sum),
+            "count": numbers | "Count" >> beam.combiners.Count.Globally(),
+            "mean": numbers | "Mean" >> beam.combiners.Mean.Globally(),
+            "empty_count": empty | "EmptyCount" >> beam.combiners.Count.Globally(),
+            "empty_without_defaults": empty | "NoDefault" >> beam.CombineGlobally(sum).without_defaults(),
+            "per_key": numbers | beam.Map(lambda x: (x % 3, x)) | "PerKey" >> beam.CombinePerKey(sum) | beam.combiners.ToList(),
+        }
+        return outs
+
+    p = beam.Pipeline(options=PipelineOptions(["--dask_partition_size=6"]))
+    build(p)
+    _ = p | beam.Create(["a"]) | beam.io.WriteToText(str(tmp_path / "unused"))
+    p.replace_all(dask_overrides())
+    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 6})
+    p.visit(visitor)
+    for node, bag in visitor.bags.items():
+        if bag is None:
+            continue
+        keys = {k[0] if isinstance(k, tuple) else k for k in dict(bag.__dask_graph__())}
+        shuffles = {k for k in keys if "shuffle" in k}
+        label = node.full_label
+        if label.startswith(("Sum/", "Count/", "Mean/", "EmptyCount/", "NoDefault/")) or "WriteImpl/" in label:
+            assert not shuffles, label  # a reduction, or a gather into one partition
+        if label.startswith("PerKey/") and label.endswith("GroupByKey/GroupByKey"):
+            assert shuffles  # many keys: still a shuffle
+    tasks = {node.full_label: len(dict(bag.__dask_graph__())) for node, bag in visitor.bags.items() if bag is not None}
+    # 24 partitions: 24 accumulators merged 8 at a time (29 tasks); the shuffle took over 100
+    assert tasks["Sum/CombinePerKey/Combine/ParDo(CombineValuesDoFn)"] - tasks["Sum/KeyWithVoid"] < 40
+
+    with stage_pipeline(dask_args) as p:
+        for name, pc in build(p).items():
+            _ = pc | f"Json{name}" >> beam.Map(json.dumps) | f"Write{name}" >> beam.io.WriteToText(str(tmp_path / name))
+
+    def read(name):
+        return [json.loads(line) for f in os.listdir(tmp_path) if f.startswith(name + "-") for line in open(tmp_path / f)]
+
+    values = [x for i in range(3) for x in range(i * 100, i * 100 + 48)]
+    assert read("sum") == [sum(values)] and read("count") == [len(values)]
+    assert read("mean") == [pytest.approx(sum(values) / len(values))]
+    assert read("empty_count") == [0] and read("empty_without_defaults") == []
+    assert sorted(map(tuple, read("per_key")[0])) == [(k, sum(x for x in values if x % 3 == k)) for k in range(3)]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("beam-temp")]  # every sink finalised
