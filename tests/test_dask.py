@@ -275,3 +275,32 @@ def test_global_combines_and_file_names_are_gathered_without_a_shuffle(tmp_path,
     assert read("empty_count") == [0] and read("empty_without_defaults") == []
     assert sorted(map(tuple, read("per_key")[0])) == [(k, sum(x for x in values if x % 3 == k)) for k in range(3)]
     assert not [n for n in os.listdir(tmp_path) if n.startswith("beam-temp")]  # every sink finalised
+
+
+def test_workers_keep_glibcs_malloc_thresholds(dask_args):
+    """A Dask nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
+    dynamic mmap threshold (filter's bundles ran 1.5x slower than in-process). The LocalCluster of
+    `dask_cluster` leaves it unset, and so does the setting deploy/dask gives a cluster's workers."""
+    import subprocess
+    import sys
+
+    import yaml
+    from distributed import Client
+
+    with Client(dask_args[-1]) as client:
+        env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert len(env) == 2 and set(env.values()) == {None}
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = yaml.safe_load(open(os.path.join(root, "deploy", "dask", "daskcluster.yaml")))
+    (worker,) = doc["spec"]["worker"]["spec"]["containers"]
+    setting = {e["name"]: e["value"] for e in worker["env"]}["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]
+    slurm = open(os.path.join(root, "deploy", "dask", "slurm.py")).read()
+    assert f'DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\\"{setting}\\"' in slurm
+    code = "from distributed.nanny import _get_env_variables; print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')))"
+    for value, unset in ((setting, True), (None, False)):
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_") and k != "MALLOC_TRIM_THRESHOLD_"}
+        if value:
+            run_env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True).stdout
+        assert ("MALLOC_TRIM_THRESHOLD_" not in out) is unset and "OMP_NUM_THREADS" in out

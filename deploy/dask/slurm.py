@@ -31,7 +31,12 @@ def make_cluster(cores: int, memory: str, partition: str, account: str, walltime
         account=account or None,
         walltime=walltime,
         python=os.path.join(venv, "bin", "python"),
-        job_script_prologue=[f"source {os.path.join(venv, 'bin', 'activate')}", "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}"],
+        job_script_prologue=[
+            f"source {os.path.join(venv, 'bin', 'activate')}",
+            "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}",
+            # glibc's malloc thresholds in the workers, not the nanny's (core/dask_runner.WORKER_CONFIG)
+            "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None}\"",
+        ],
         local_directory="$TMPDIR",
     )
 
