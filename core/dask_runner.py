@@ -27,6 +27,10 @@ docs/cluster.md):
    tree reduction of per-partition accumulators (`_combine_globally`), and the GroupByKey that a
    file sink uses to gather its written file names (all under one key) gathers them into one
    partition without a shuffle.
+8. Linear chains of tasks are fused walking the graph in topological order (`_fused`), so a
+   GroupByKey's grouped partitions always fuse into the ParDo that reads them (dask's own walk
+   follows set order and broke that chain in some runs, and the scheduler then stacked the heavy
+   ParDo's partitions on one worker).
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -269,7 +273,7 @@ def _select(bag, producer, pcoll):
 
 
 class DaskRunner(BeamDaskRunner):
-    """Beam's DaskRunner with the fixes of this module's docstring (1-7)."""
+    """Beam's DaskRunner with the fixes of this module's docstring (1-8)."""
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist
@@ -286,7 +290,7 @@ class DaskRunner(BeamDaskRunner):
         leaves = [bag for node, bag in visitor.bags.items() if id(node) not in consumed and bag is not None]
         # every leaf (fix 3); side inputs are shared dask.delayed lists (_side), so graph
         # optimisation cannot duplicate a sink's initialize_write into each reader
-        futures = client.compute(leaves, optimize_graph=True)
+        futures = client.compute(_fused(leaves), optimize_graph=False)
         return _Result(client, futures)
 
     @staticmethod
@@ -353,6 +357,53 @@ class DaskRunner(BeamDaskRunner):
                     self.parallelism = max(self.parallelism, getattr(bag, "npartitions", 0) or 0)
 
         return Visitor()
+
+
+def _fused(bags: list) -> list:
+    """The bags' graph culled and with every maximal linear chain fused into one task (fix 8):
+    a chain is tasks where each is the only dependency of the next and the next its only
+    dependent. dask.bag's own `fuse_linear_task_spec` walks the graph in dict order, which follows
+    set iteration (PYTHONHASHSEED), and a walk that stops at a chain's first or last task leaves
+    it out: in some runs a GroupByKey's shuffle join was fused with the ParDo that reads it, in
+    others not, and then the scheduler, seeing only a short join task, put 6 or 7 of extract's 8
+    grouped partitions on one worker (the heavy ParDo follows its input)."""
+    from dask._task_spec import Alias, Task, convert_legacy_graph
+    from dask.bag.core import Bag
+    from dask.base import tokenize
+    from dask.core import flatten, reverse_dict, toposort
+    from dask.highlevelgraph import HighLevelGraph
+    from dask.optimization import cull, default_fused_keys_renamer
+
+    graph = convert_legacy_graph(dict(HighLevelGraph.merge(*[bag.__dask_graph__() for bag in bags])))
+    keys = list(flatten([bag.__dask_keys__() for bag in bags]))
+    culled, dependencies = cull(graph, keys)
+    dependents = reverse_dict(dependencies)
+    wanted = set(keys)
+
+    def links(a, b) -> bool:  # b is a's only dependent and a is b's only dependency
+        return dependents[a] == {b} and len(dependencies[b]) == 1 and a not in wanted and not culled[a].block_fusion and not culled[b].block_fusion
+
+    fused: dict = {}
+    for key in toposort(culled, dependencies=dependencies):
+        (up,) = dependencies[key] if len(dependencies[key]) == 1 else (None,)
+        if up is not None and links(up, key):
+            continue  # inside a chain that starts higher up
+        chain = [key]  # key starts a chain: follow it down while each link holds
+        while len(dependents[chain[-1]]) == 1 and links(chain[-1], next(iter(dependents[chain[-1]]))):
+            chain.append(next(iter(dependents[chain[-1]])))
+        if len(chain) == 1:
+            fused[key] = culled[key]
+            continue
+        name = default_fused_keys_renamer(chain)
+        fused[name] = Task.fuse(*[culled[k] for k in chain], key=name)
+        if name != chain[-1]:  # readers and requested keys still name the chain's last task
+            fused[chain[-1]] = Alias(chain[-1], target=name)
+    # no dask.bag `lazify` (it drops the `list` calls inside a task, so steps hand on iterators):
+    # with it, a single-file extract's reject counts came out empty on these fused chains
+    # (test_every_beam_stage_on_dask_matches_the_local_run); the lists stay lists
+    name = "webpairs-pipeline-" + tokenize(*keys)
+    merged = HighLevelGraph({name: fused}, {name: set()})
+    return [Bag(merged, bag.name, bag.npartitions) for bag in bags]
 
 
 class _Result(DaskRunnerResult):

@@ -304,3 +304,49 @@ def test_workers_keep_glibcs_malloc_thresholds(dask_args):
             run_env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"] = value
         out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True).stdout
         assert ("MALLOC_TRIM_THRESHOLD_" not in out) is unset and "OMP_NUM_THREADS" in out
+
+
+def test_a_grouped_partition_fuses_into_the_pardo_that_reads_it(tmp_path, dask_args):
+    """Dask fuses linear chains walking the graph in dict order, which follows set iteration
+    (PYTHONHASHSEED): in some runs a GroupByKey's grouped partitions were not fused into the ParDo
+    that reads them, and the scheduler stacked that ParDo's partitions on one worker. `_fused` walks
+    in topological order: each partition of the ParDo is one task reading the shuffle's pieces."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+    from dask._task_spec import Alias, DependenciesMapping
+
+    from core.dask_runner import DaskRunner, _fused
+
+    def split(kv):
+        key, values = kv
+        yield beam.pvalue.TaggedOutput("odd", (key, len(values))) if key % 2 else (key, sum(values))
+
+    def build(p):
+        pairs = p | beam.Create([(i % 20, i) for i in range(160)]) | "Grouped" >> beam.GroupByKey()
+        return pairs | "Split" >> beam.FlatMap(split).with_outputs("odd", main="even")
+
+    p = beam.Pipeline(options=PipelineOptions(["--dask_partition_size=20"]))
+    out = build(p)
+    _ = out.even | "Even" >> beam.Map(str)
+    _ = out.odd | "Odd" >> beam.Map(str)
+    p.replace_all(dask_overrides())
+    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 20})
+    p.visit(visitor)
+    (split_node,) = [node for node in visitor.bags if node.full_label.startswith("Split")]
+    leaves = [bag for node, bag in visitor.bags.items() if node.full_label in ("Even", "Odd")]
+    bags = _fused(leaves)
+    graph = dict(bags[0].__dask_graph__())
+    deps = DependenciesMapping(graph)
+    parts = visitor.bags[split_node].npartitions
+    assert parts == 8
+    for i in range(parts):
+        key = (visitor.bags[split_node].name, i)
+        while isinstance(graph[key], Alias):  # a fused chain keeps its key as an alias
+            key = graph[key].target
+        assert len(deps[key]) == parts, key  # the ParDo's task reads the 8 shuffle pieces itself
+
+    with stage_pipeline(dask_args) as p:  # and the fused graph computes what Beam would
+        out = build(p)
+        _ = out.even | "Even" >> beam.Map(json.dumps) | "WriteEven" >> beam.io.WriteToText(str(tmp_path / "even"))
+    got = sorted(json.loads(line) for f in os.listdir(tmp_path) if f.startswith("even") for line in open(tmp_path / f))
+    assert got == [[k, sum(i for i in range(160) if i % 20 == k)] for k in range(0, 20, 2)]
