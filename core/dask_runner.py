@@ -132,9 +132,14 @@ def _concat(parts: list) -> list:
     return [item for part in parts for item in part]
 
 
+def _combine_fn(fn_bytes: bytes):
+    """The worker's CombineFn of a global combine, set up once per process (`_cached_fn`)."""
+    return _cached_fn(fn_bytes, "combine", combine=True)[0]
+
+
 def _accumulate(items, fn_bytes: bytes) -> list:
     """A partition of a global combine's (None, value) pairs -> [its accumulator]."""
-    fn = _cached_fn(fn_bytes, "combine", combine=True)[0]
+    fn = _combine_fn(fn_bytes)
     return [fn.add_inputs(fn.create_accumulator(), (value for _, value in items))]
 
 
@@ -143,13 +148,13 @@ def _merge(parts, fn_bytes: bytes) -> list:
     accumulators = [acc for part in parts for acc in part]
     if not accumulators:
         return []
-    return [_cached_fn(fn_bytes, "combine", combine=True)[0].merge_accumulators(accumulators)]
+    return [_combine_fn(fn_bytes).merge_accumulators(accumulators)]
 
 
 def _extract(merged: list, fn_bytes: bytes) -> list:
     """The one merged accumulator -> [(None, output)] as CombinePerKey gives it; no input, no output
     (a CombineGlobally with defaults then injects its default, as on any runner)."""
-    fn = _cached_fn(fn_bytes, "combine", combine=True)[0]
+    fn = _combine_fn(fn_bytes)
     return [(None, fn.extract_output(acc)) for acc in merged]
 
 
@@ -380,17 +385,20 @@ def _fused(bags: list) -> list:
     dependents = reverse_dict(dependencies)
     wanted = set(keys)
 
-    def links(a, b) -> bool:  # b is a's only dependent and a is b's only dependency
-        return dependents[a] == {b} and len(dependencies[b]) == 1 and a not in wanted and not culled[a].block_fusion and not culled[b].block_fusion
+    def next_in_chain(a):
+        """a's only dependent if a is that task's only dependency (and both may fuse), else None."""
+        if len(dependents[a]) != 1 or a in wanted or culled[a].block_fusion:
+            return None
+        (b,) = dependents[a]
+        return b if len(dependencies[b]) == 1 and not culled[b].block_fusion else None
 
     fused: dict = {}
     for key in toposort(culled, dependencies=dependencies):
-        (up,) = dependencies[key] if len(dependencies[key]) == 1 else (None,)
-        if up is not None and links(up, key):
+        if len(dependencies[key]) == 1 and next_in_chain(next(iter(dependencies[key]))) == key:
             continue  # inside a chain that starts higher up
         chain = [key]  # key starts a chain: follow it down while each link holds
-        while len(dependents[chain[-1]]) == 1 and links(chain[-1], next(iter(dependents[chain[-1]]))):
-            chain.append(next(iter(dependents[chain[-1]])))
+        while (b := next_in_chain(chain[-1])) is not None:
+            chain.append(b)
         if len(chain) == 1:
             fused[key] = culled[key]
             continue

@@ -31,6 +31,22 @@ def _same_stats(a: str, b: str) -> None:
     assert sa == sb and sa["input"] > 0
 
 
+def _visited(build, partition_size: int):
+    """The Dask runner's visitor after it walked the pipeline `build(p)` makes (Beam's Dask
+    overrides applied, as `run_pipeline` does): its bags, without running anything."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    from core.dask_runner import DaskRunner
+
+    p = beam.Pipeline(options=PipelineOptions([f"--dask_partition_size={partition_size}"]))
+    build(p)
+    p.replace_all(dask_overrides())
+    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": partition_size})
+    p.visit(visitor)
+    return visitor
+
+
 def test_the_runner_keeps_outputs_apart_and_runs_every_branch(tmp_path, dask_args):
     """Beam 2.77's DaskRunner (the bugs core/dask_runner.py fixes): tagged outputs leaked into the
     main output's consumers, finish_bundle output was lost and only one sink of several ran."""
@@ -186,10 +202,8 @@ def test_group_by_key_shuffles_at_the_pipelines_parallelism(tmp_path, dask_args)
     import subprocess
     import sys
 
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.runners.dask.overrides import dask_overrides
 
-    from core.dask_runner import DaskRunner, _key_hash
+    from core.dask_runner import _key_hash
 
     keys = ["page", ("site", "page"), 7, b"\x00bytes", None, ("nested", (1, "x"))]
 
@@ -197,11 +211,7 @@ def test_group_by_key_shuffles_at_the_pipelines_parallelism(tmp_path, dask_args)
         sources = [p | f"Source{i}" >> beam.Create([(keys[j % len(keys)], i * 100 + j) for j in range(48)]) for i in range(3)]
         return sources | beam.Flatten() | beam.GroupByKey() | beam.MapTuple(lambda k, vs: (repr(k), sorted(vs)))
 
-    p = beam.Pipeline(options=PipelineOptions(["--dask_partition_size=6"]))
-    build(p)
-    p.replace_all(dask_overrides())
-    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 6})
-    p.visit(visitor)
+    visitor = _visited(build, 6)
     assert visitor.parallelism == 8
     grouped = [bag for node, bag in visitor.bags.items() if node.full_label.endswith("GroupByKey/GroupByKey")]
     assert len(grouped) == 1 and grouped[0].npartitions == 8
@@ -224,10 +234,6 @@ def test_global_combines_and_file_names_are_gathered_without_a_shuffle(tmp_path,
     names under one key: Beam's translation shuffled each over n x n tasks (extract: 7 of its 10
     GroupByKeys). Here a global combine is a tree reduction and the names gather in one partition;
     results as on any runner, defaults (or none, without_defaults) for an empty input included."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.runners.dask.overrides import dask_overrides
-
-    from core.dask_runner import DaskRunner
 
     def build(p):
         numbers = [p | f"Source{i}" >> beam.Create(range(i * 100, i * 100 + 48)) for i in range(3)] | beam.Flatten()
@@ -242,12 +248,11 @@ def test_global_combines_and_file_names_are_gathered_without_a_shuffle(tmp_path,
         }
         return outs
 
-    p = beam.Pipeline(options=PipelineOptions(["--dask_partition_size=6"]))
-    build(p)
-    _ = p | beam.Create(["a"]) | beam.io.WriteToText(str(tmp_path / "unused"))
-    p.replace_all(dask_overrides())
-    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 6})
-    p.visit(visitor)
+    def build_and_write(p):
+        build(p)
+        _ = p | beam.Create(["a"]) | beam.io.WriteToText(str(tmp_path / "unused"))
+
+    visitor = _visited(build_and_write, 6)
     for node, bag in visitor.bags.items():
         if bag is None:
             continue
@@ -311,11 +316,9 @@ def test_a_grouped_partition_fuses_into_the_pardo_that_reads_it(tmp_path, dask_a
     (PYTHONHASHSEED): in some runs a GroupByKey's grouped partitions were not fused into the ParDo
     that reads them, and the scheduler stacked that ParDo's partitions on one worker. `_fused` walks
     in topological order: each partition of the ParDo is one task reading the shuffle's pieces."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.runners.dask.overrides import dask_overrides
     from dask._task_spec import Alias, DependenciesMapping
 
-    from core.dask_runner import DaskRunner, _fused
+    from core.dask_runner import _fused
 
     def split(kv):
         key, values = kv
@@ -325,13 +328,12 @@ def test_a_grouped_partition_fuses_into_the_pardo_that_reads_it(tmp_path, dask_a
         pairs = p | beam.Create([(i % 20, i) for i in range(160)]) | "Grouped" >> beam.GroupByKey()
         return pairs | "Split" >> beam.FlatMap(split).with_outputs("odd", main="even")
 
-    p = beam.Pipeline(options=PipelineOptions(["--dask_partition_size=20"]))
-    out = build(p)
-    _ = out.even | "Even" >> beam.Map(str)
-    _ = out.odd | "Odd" >> beam.Map(str)
-    p.replace_all(dask_overrides())
-    visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 20})
-    p.visit(visitor)
+    def build_both(p):
+        out = build(p)
+        _ = out.even | "Even" >> beam.Map(str)
+        _ = out.odd | "Odd" >> beam.Map(str)
+
+    visitor = _visited(build_both, 20)
     (split_node,) = [node for node in visitor.bags if node.full_label.startswith("Split")]
     leaves = [bag for node, bag in visitor.bags.items() if node.full_label in ("Even", "Odd")]
     bags = _fused(leaves)
