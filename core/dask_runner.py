@@ -61,6 +61,13 @@ RUNNER_PATH = "core.dask_runner.DaskRunner"
 # here uses this; deploy/dask sets it on a cluster's workers (DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON).
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
+# The scheduler hands a worker of one thread a second ready source bundle while it runs the first
+# (worker-saturation 1.1 rounds up to 2 slots), and a worker busy with the small tasks after a bundle
+# has no slot left: extract's 8 file bundles went 5/3 to 2 workers in some runs (a 6th bundle's time
+# lost). At 1.0 a worker gets its next source bundle when it has nothing else to do: greedy, 4/4.
+# The LocalCluster here uses it; deploy/dask sets it on a cluster's scheduler.
+SCHEDULER_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}
+
 
 class _ListIterator:
     """A computed side input (a list) as the windowed values `SideInputMap` iterates."""
@@ -437,6 +444,7 @@ def dask_cluster(address: Optional[str], workers: int) -> Iterator[str]:
 
     # silence_logs: the cluster's own shutdown chatter (heartbeats to a closed scheduler) stays quiet;
     # no statistical profiler in the workers (a stack sample every 10 ms slowed filter's Python work);
-    # WORKER_CONFIG: glibc's own malloc thresholds in the workers
-    with dask.config.set({"distributed.worker.profile.enabled": False, **WORKER_CONFIG}), LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+    # WORKER_CONFIG: glibc's own malloc thresholds in the workers; SCHEDULER_CONFIG: one source bundle
+    # per worker at a time
+    with dask.config.set({"distributed.worker.profile.enabled": False, **WORKER_CONFIG, **SCHEDULER_CONFIG}), LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
         yield cluster.scheduler_address

@@ -311,6 +311,41 @@ def test_workers_keep_glibcs_malloc_thresholds(dask_args):
         assert ("MALLOC_TRIM_THRESHOLD_" not in out) is unset and "OMP_NUM_THREADS" in out
 
 
+def test_the_scheduler_gives_a_worker_one_source_bundle_at_a_time(dask_args):
+    """At Dask's default worker-saturation (1.1) a single-threaded worker holds a second ready
+    source bundle while it runs one, and a worker busy with the small tasks after a bundle gets none:
+    extract's 8 file bundles went 5 and 3 to 2 workers in some runs. At 1.0 each worker takes its
+    next bundle when it is free. The LocalCluster, deploy/dask's Kubernetes scheduler and the SLURM
+    example's scheduler all run at 1.0."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import yaml
+    from distributed import Client
+
+    with Client(dask_args[-1]) as client:
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = yaml.safe_load(open(os.path.join(root, "deploy", "dask", "daskcluster.yaml")))
+    (scheduler,) = doc["spec"]["scheduler"]["spec"]["containers"]
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    run_env.update({e["name"]: e["value"] for e in scheduler.get("env", [])})
+    code = "import dask, distributed; print(dask.config.get('distributed.scheduler.worker-saturation'))"
+    out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True).stdout
+    assert float(out) == 1.0
+
+    spec = importlib.util.spec_from_file_location("slurm_example", os.path.join(root, "deploy", "dask", "slurm.py"))
+    slurm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slurm)
+    cluster = slurm.make_cluster(2, "4GB", "", "", "00:10:00", os.path.dirname(os.path.dirname(sys.executable)))
+    try:
+        assert cluster.scheduler.WORKER_SATURATION == 1.0  # the scheduler runs in the submitting process
+    finally:
+        cluster.close()
+
+
 def test_a_grouped_partition_fuses_into_the_pardo_that_reads_it(tmp_path, dask_args):
     """Dask fuses linear chains walking the graph in dict order, which follows set iteration
     (PYTHONHASHSEED): in some runs a GroupByKey's grouped partitions were not fused into the ParDo

@@ -20,25 +20,31 @@ import sys
 
 
 def make_cluster(cores: int, memory: str, partition: str, account: str, walltime: str, venv: str):
-    """A dask-jobqueue SLURMCluster whose workers are the project's venv, one process per core."""
+    """A dask-jobqueue SLURMCluster whose workers are the project's venv, one process per core. Its
+    scheduler runs in this process, with one source bundle per worker at a time
+    (core/dask_runner.SCHEDULER_CONFIG)."""
+    import dask
     from dask_jobqueue import SLURMCluster
 
-    return SLURMCluster(
-        cores=cores,
-        processes=cores,  # one single-threaded worker process per core: Beam DoFns hold the GIL
-        memory=memory,
-        queue=partition or None,
-        account=account or None,
-        walltime=walltime,
-        python=os.path.join(venv, "bin", "python"),
-        job_script_prologue=[
-            f"source {os.path.join(venv, 'bin', 'activate')}",
-            "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}",
-            # glibc's malloc thresholds in the workers, not the nanny's (core/dask_runner.WORKER_CONFIG)
-            "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None}\"",
-        ],
-        local_directory="$TMPDIR",
-    )
+    from core.dask_runner import SCHEDULER_CONFIG
+
+    with dask.config.set(SCHEDULER_CONFIG):
+        return SLURMCluster(
+            cores=cores,
+            processes=cores,  # one single-threaded worker process per core: Beam DoFns hold the GIL
+            memory=memory,
+            queue=partition or None,
+            account=account or None,
+            walltime=walltime,
+            python=os.path.join(venv, "bin", "python"),
+            job_script_prologue=[
+                f"source {os.path.join(venv, 'bin', 'activate')}",
+                "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}",
+                # glibc's malloc thresholds in the workers, not the nanny's (core/dask_runner.WORKER_CONFIG)
+                "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None}\"",
+            ],
+            local_directory="$TMPDIR",
+        )
 
 
 def main(argv=None) -> int:
