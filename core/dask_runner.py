@@ -446,5 +446,27 @@ def dask_cluster(address: Optional[str], workers: int) -> Iterator[str]:
     # no statistical profiler in the workers (a stack sample every 10 ms slowed filter's Python work);
     # WORKER_CONFIG: glibc's own malloc thresholds in the workers; SCHEDULER_CONFIG: one source bundle
     # per worker at a time
-    with dask.config.set({"distributed.worker.profile.enabled": False, **WORKER_CONFIG, **SCHEDULER_CONFIG}), LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
-        yield cluster.scheduler_address
+    with dask.config.set({"distributed.worker.profile.enabled": False, **WORKER_CONFIG, **SCHEDULER_CONFIG}), _driver_environment_kept():
+        with LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:
+            yield cluster.scheduler_address
+
+
+@contextlib.contextmanager
+def _driver_environment_kept() -> Iterator[None]:
+    """A LocalCluster's nannies run in this process and write their workers' pre-spawn environment
+    (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1) into its `os.environ` for good:
+    after a stage on Dask, torch in the driver (sampling, eval) and every process it starts (Ray's
+    training workers, img2dataset) would run on one thread. Those variables get their old values back
+    when the cluster closes; the workers keep the nanny's."""
+    import dask
+
+    names = list(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

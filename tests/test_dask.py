@@ -282,6 +282,24 @@ def test_global_combines_and_file_names_are_gathered_without_a_shuffle(tmp_path,
     assert not [n for n in os.listdir(tmp_path) if n.startswith("beam-temp")]  # every sink finalised
 
 
+def test_a_local_cluster_leaves_the_drivers_thread_settings_as_they_were(monkeypatch):
+    """The nannies of a LocalCluster run in the driver and wrote OMP_NUM_THREADS=1 (and MKL's,
+    OpenBLAS's) into its environment for good: after a stage on Dask, torch in the driver and the
+    processes it starts (Ray's training workers in `webpairs run`) ran on one thread. The workers
+    keep the nanny's setting; the driver gets its own back (here: none, and 7)."""
+    from distributed import Client
+
+    from core.dask_runner import dask_cluster
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    with dask_cluster(None, 1) as address:
+        with Client(address) as client:
+            (workers,) = client.run(lambda: (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS"))).values()
+    assert workers == ("1", "7")  # the nanny's default, and the user's own setting where there is one
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "7"
+
+
 def test_workers_keep_glibcs_malloc_thresholds(dask_args):
     """A Dask nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     dynamic mmap threshold (filter's bundles ran 1.5x slower than in-process). The LocalCluster of
