@@ -2,9 +2,11 @@
 
 Extract reads the shared real pages copied into `--files` WARC files; filter reads the 300 shared
 photos `--repeat` times in `--files` download files (each input file is one Dask partition). Each
-Dask run submits to a LocalCluster started before the timer (its start-up is printed apart); each
-configuration runs `--runs` times and keeps its best time (the first run on a fresh cluster pays the
-workers' imports; runs of several processes on 2 cores vary by 20 % and more).
+Dask run submits to a LocalCluster started before the timer (its start-up is printed apart; the
+1- and 2-worker clusters are both up, the idle one costs a heartbeat); the three configurations take
+turns `--runs` times and each keeps its best time (the first run on a fresh cluster pays the
+workers' imports; this VM's speed drifts over minutes, so turns, not one configuration after the
+other).
 The default input (13,440 pages, 3,600 photos: 15-25 s a run on one core) keeps the stage's fixed
 costs (building the pipeline on the driver: about 1 s) a small part of it, as on a cluster; at a
 third of it (`--copies 80 --repeat 4`) those costs take the 2/1 speed-up down to about 1.4-1.5.
@@ -44,21 +46,24 @@ def main() -> list[dict]:
             "filter (no encoder)": lambda out, beam_args: run_filter(os.path.join(tmp, "download"), out, FilterConfig(encoder="none"), beam_args),
         }
         seconds: dict = {name: {} for name in stages}
-        # best of --runs: the first run on a fresh cluster also pays each worker's imports (a
-        # long-lived cluster pays them once)
-        for name, run in stages.items():
-            seconds[name]["in-process"] = min(timed(run, os.path.join(tmp, f"{name}-local-{i}"), None)[1] for i in range(args.runs))
-        for workers in (1, 2):
-            start = time.perf_counter()
-            with dask_cluster(None, workers) as address:
-                print(f"LocalCluster of {workers} worker process(es) started in {time.perf_counter() - start:.1f} s")
-                for name, run in stages.items():
-                    times = []
-                    for i in range(args.runs):
-                        stats, t = timed(run, os.path.join(tmp, f"{name}-{workers}-{i}"), ["--runner", "dask", "--dask-address", address])
-                        times.append(t)
-                    print(f"{name}, {workers} worker(s): " + ", ".join(f"{t:.1f} s" for t in times))
-                    seconds[name][workers], seconds[name]["n"] = min(times), stats["input"]
+        # both clusters stay up and the three configurations take turns, run by run: this machine's
+        # speed drifts by up to 50 % over minutes (another VM on the host), and configurations timed
+        # one after the other would compare different machines. Best of --runs: the first run on a
+        # fresh cluster also pays each worker's imports (a long-lived cluster pays them once)
+        start = time.perf_counter()
+        with dask_cluster(None, 1) as one, dask_cluster(None, 2) as two:
+            print(f"LocalClusters of 1 and 2 worker processes started in {time.perf_counter() - start:.1f} s")
+            configs = {"in-process": None, 1: ["--runner", "dask", "--dask-address", one], 2: ["--runner", "dask", "--dask-address", two]}
+            for name, run in stages.items():
+                times: dict = {config: [] for config in configs}
+                for i in range(args.runs):
+                    for config, beam_args in configs.items():
+                        stats, t = timed(run, os.path.join(tmp, f"{name}-{config}-{i}"), beam_args)
+                        times[config].append(t)
+                for config, ts in times.items():
+                    print(f"{name}, {config if config == 'in-process' else f'{config} worker(s)'}: " + ", ".join(f"{t:.1f} s" for t in ts))
+                    seconds[name][config] = min(ts)
+                seconds[name]["n"] = stats["input"]
         for name, s in seconds.items():
             n = s["n"]
             rows = [("records", n, "records"), ("in-process (FnApiRunner)", n / s["in-process"], "records/s"), ("Dask, 1 worker process", n / s[1], "records/s"), ("Dask, 2 worker processes", n / s[2], "records/s")]
