@@ -329,6 +329,24 @@ def test_workers_keep_glibcs_malloc_thresholds(dask_args):
         assert ("MALLOC_TRIM_THRESHOLD_" not in out) is unset and "OMP_NUM_THREADS" in out
 
 
+def test_a_stages_options_make_each_view_once():
+    """Beam asks the options for a view (`view_as`) in every apply, result-type inference and type
+    check, about 1,000 per stage, each a new argparse parse of the flags: 0.4 s of the driver per
+    stage, while the workers wait. A stage's options make each view once; a write through one view
+    is what every other view and the options themselves read."""
+    from apache_beam.options.pipeline_options import StandardOptions, TypeOptions
+
+    from core.stageio import pipeline_options
+
+    options = pipeline_options(["--dask_partition_size=1"])
+    assert options.view_as(StandardOptions) is options.view_as(StandardOptions)
+    assert options.view_as(TypeOptions) is options.view_as(TypeOptions)
+    options.view_as(StandardOptions).runner = "core.dask_runner.DaskRunner"
+    assert options.view_as(StandardOptions).runner == options.get_all_options()["runner"] == "core.dask_runner.DaskRunner"
+    options.view_as(TypeOptions).pipeline_type_check = False
+    assert options.get_all_options()["pipeline_type_check"] is False
+
+
 def test_the_scheduler_gives_a_worker_one_source_bundle_at_a_time(dask_args):
     """At Dask's default worker-saturation (1.1) a single-threaded worker holds a second ready
     source bundle while it runs one, and a worker busy with the small tasks after a bundle gets none:
