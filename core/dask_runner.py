@@ -63,7 +63,7 @@ WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": N
 
 # The scheduler hands a worker of one thread a second ready source bundle while it runs the first
 # (worker-saturation 1.1 rounds up to 2 slots), and a worker busy with the small tasks after a bundle
-# has no slot left: extract's 8 file bundles went 5/3 to 2 workers in some runs (a 6th bundle's time
+# has no slot left: extract's 8 file bundles went 5/3 to 2 workers in some runs (one bundle's time
 # lost). At 1.0 a worker gets its next source bundle when it has nothing else to do: greedy, 4/4.
 # The LocalCluster here uses it; deploy/dask sets it on a cluster's scheduler.
 SCHEDULER_CONFIG = {"distributed.scheduler.worker-saturation": 1.0}

@@ -61,10 +61,7 @@ class _Options(PipelineOptions):
     values (`_all_options`), so a kept view reads and writes what a new one would."""
 
     def view_as(self, cls):
-        views = self.__dict__.get("_views")
-        if views is None:
-            views = {}
-            object.__setattr__(self, "_views", views)  # PipelineOptions refuses unknown attributes
+        views = self.__dict__.setdefault("_views", {})  # not setattr: PipelineOptions refuses unknown names
         if cls not in views:
             views[cls] = super().view_as(cls)
         return views[cls]

@@ -12,6 +12,9 @@ import pytest
 from core.config import CrawlConfig, FilterConfig, PairConfig, ShardConfig
 from core.stageio import StageError, read_stats, read_table, stage_pipeline
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPLOY_DASK = os.path.join(ROOT, "deploy", "dask")
+
 
 @pytest.fixture(scope="module")
 def dask_args():
@@ -29,6 +32,25 @@ def _ids(stage_dir: str, part: str, column: str) -> list:
 def _same_stats(a: str, b: str) -> None:
     sa, sb = read_stats(a), read_stats(b)
     assert sa == sb and sa["input"] > 0
+
+
+def _manifest_container(component: str) -> dict:
+    """The one container of deploy/dask/daskcluster.yaml's `worker` or `scheduler`."""
+    import yaml
+
+    doc = yaml.safe_load(open(os.path.join(DEPLOY_DASK, "daskcluster.yaml")))
+    (container,) = doc["spec"][component]["spec"]["containers"]
+    return container
+
+
+def _fresh_python(code: str, env: dict) -> str:
+    """What `python -c code` prints in a process with none of this one's Dask settings (DASK_*
+    variables, the malloc variable a nanny may have set) and `env` added."""
+    import subprocess
+    import sys
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_") and k != "MALLOC_TRIM_THRESHOLD_"}
+    return subprocess.run([sys.executable, "-c", code], env={**run_env, **env}, capture_output=True, text=True, check=True).stdout
 
 
 def _visited(build, partition_size: int):
@@ -171,10 +193,9 @@ def test_runner_from_the_config_file(tmp_path, dask_args, pipeline_dirs):
 
     from distributed import Client, get_task_stream
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"beam:\n  runner: dask\n  dask-address: {dask_args[-1]}\npair:\n  seed: 0\n")
-    env = dict(os.environ, PYTHONPATH=root)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     with Client(dask_args[-1]) as client, get_task_stream(client) as tasks:
         out = subprocess.run([sys.executable, "-m", "webpairs.cli", "pair", pipeline_dirs["filter"], "--out", str(tmp_path / "pair"), "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -189,9 +210,8 @@ def test_wrong_runner_flags_fail_in_one_line_before_any_work(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for flags, message in ((["--runner", "dask", "--dask-workers", "two"], "--dask-workers must be a whole number, not 'two'"), (["--dask-address", "tcp://x:1"], "--dask-address and --dask-workers need --runner dask")):
-        out = subprocess.run([sys.executable, "-m", "webpairs.cli", "filter", str(tmp_path / "nothing"), "--out", str(tmp_path / "f"), *flags], env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-m", "webpairs.cli", "filter", str(tmp_path / "nothing"), "--out", str(tmp_path / "f"), *flags], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"webpairs filter: error: {message}"], out.stderr
 
 
@@ -201,7 +221,6 @@ def test_group_by_key_shuffles_at_the_pipelines_parallelism(tmp_path, dask_args)
     keys of every kind a stage uses (hashed the same in every worker process)."""
     import subprocess
     import sys
-
 
     from core.dask_runner import _key_hash
 
@@ -304,28 +323,18 @@ def test_workers_keep_glibcs_malloc_thresholds(dask_args):
     """A Dask nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     dynamic mmap threshold (filter's bundles ran 1.5x slower than in-process). The LocalCluster of
     `dask_cluster` leaves it unset, and so does the setting deploy/dask gives a cluster's workers."""
-    import subprocess
-    import sys
-
-    import yaml
     from distributed import Client
 
     with Client(dask_args[-1]) as client:
         env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert len(env) == 2 and set(env.values()) == {None}
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    doc = yaml.safe_load(open(os.path.join(root, "deploy", "dask", "daskcluster.yaml")))
-    (worker,) = doc["spec"]["worker"]["spec"]["containers"]
-    setting = {e["name"]: e["value"] for e in worker["env"]}["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]
-    slurm = open(os.path.join(root, "deploy", "dask", "slurm.py")).read()
+    setting = {e["name"]: e["value"] for e in _manifest_container("worker")["env"]}["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]
+    slurm = open(os.path.join(DEPLOY_DASK, "slurm.py")).read()
     assert f'DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\\"{setting}\\"' in slurm
     code = "from distributed.nanny import _get_env_variables; print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')))"
     for value, unset in ((setting, True), (None, False)):
-        run_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_") and k != "MALLOC_TRIM_THRESHOLD_"}
-        if value:
-            run_env["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True).stdout
+        out = _fresh_python(code, {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": value} if value else {})
         assert ("MALLOC_TRIM_THRESHOLD_" not in out) is unset and "OMP_NUM_THREADS" in out
 
 
@@ -354,25 +363,18 @@ def test_the_scheduler_gives_a_worker_one_source_bundle_at_a_time(dask_args):
     next bundle when it is free. The LocalCluster, deploy/dask's Kubernetes scheduler and the SLURM
     example's scheduler all run at 1.0."""
     import importlib.util
-    import subprocess
     import sys
 
-    import yaml
     from distributed import Client
 
     with Client(dask_args[-1]) as client:
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    doc = yaml.safe_load(open(os.path.join(root, "deploy", "dask", "daskcluster.yaml")))
-    (scheduler,) = doc["spec"]["scheduler"]["spec"]["containers"]
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
-    run_env.update({e["name"]: e["value"] for e in scheduler.get("env", [])})
+    scheduler_env = {e["name"]: e["value"] for e in _manifest_container("scheduler").get("env", [])}
     code = "import dask, distributed; print(dask.config.get('distributed.scheduler.worker-saturation'))"
-    out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True).stdout
-    assert float(out) == 1.0
+    assert float(_fresh_python(code, scheduler_env)) == 1.0
 
-    spec = importlib.util.spec_from_file_location("slurm_example", os.path.join(root, "deploy", "dask", "slurm.py"))
+    spec = importlib.util.spec_from_file_location("slurm_example", os.path.join(DEPLOY_DASK, "slurm.py"))
     slurm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(slurm)
     cluster = slurm.make_cluster(2, "4GB", "", "", "00:10:00", os.path.dirname(os.path.dirname(sys.executable)))
