@@ -82,7 +82,7 @@ def main() -> list[dict]:
     ap.add_argument("--repeat", type=int, default=3, help="requests per page kind (the median is reported)")
     args = ap.parse_args()
     from browse.server import BrowseServer
-    from browse.synthetic import make_run
+    from webpairs.synthetic import make_run
 
     with tempfile.TemporaryDirectory() as tmp:
         run = os.path.join(tmp, "run")

@@ -16,8 +16,8 @@ import tempfile
 from typing import Optional
 
 from core.stageio import stage_files
-from shards.quality import _bytes_by_link
-from shards.report import STAGE_ORDER, find_stage_dirs
+from browse.quality import _bytes_by_link
+from browse.report import STAGE_ORDER, find_stage_dirs
 
 PAGE_SIZE = 24
 HOST_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)"

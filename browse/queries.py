@@ -55,7 +55,7 @@ EXAMPLES: list[tuple[str, str, tuple[str, ...]]] = [
 
 def examples(dirs: dict[str, str]) -> list[tuple[str, str]]:
     """(question, runnable SQL) for the stages this run has (`dirs`: stage name -> directory)."""
-    from shards.report import STAGE_ORDER
+    from browse.report import STAGE_ORDER
 
     paths = {k: os.path.abspath(v).replace("'", "''") for k, v in dirs.items()}
     rejected = ", ".join(f"'{paths[s]}/rejected/*.parquet'" for s in STAGE_ORDER if s in paths and os.path.isdir(os.path.join(dirs[s], "rejected")))

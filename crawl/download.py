@@ -35,9 +35,10 @@ from crawl.urls import AllowList
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from img2dataset.downloader import Downloader, is_disallowed  # noqa: E402
+from img2dataset.downloader import Downloader  # noqa: E402
 
 from crawl.fetch import FetchError, fetch, parse_pins  # noqa: E402
+from crawl.judge import HeaderOptOut, ResponseJudge  # noqa: E402
 
 log = logging.getLogger(__name__)
 STAGE = "download"
@@ -92,9 +93,9 @@ def _download_image(row, timeout, user_agent_token, disallowed_header_directives
     """img2dataset's `download_image` contract: (key, BytesIO or None, error message or None)."""
     key, url = row
     agent = "Mozilla/5.0 (compatible; " + (user_agent_token or "webpairs") + "; image-pair research crawler)"
-    robots = (lambda headers: is_disallowed(headers, user_agent_token, disallowed_header_directives)) if disallowed_header_directives else None
+    judge = ResponseJudge([HeaderOptOut(user_agent_token, disallowed_header_directives)])
     try:
-        return key, io.BytesIO(fetch(url, allow, timeout, deadline, max_bytes, agent, pins, robots)), None
+        return key, io.BytesIO(fetch(url, allow, timeout, deadline, max_bytes, agent, pins, judge)), None
     except FetchError as err:
         return key, None, str(err)
     except Exception as err:  # noqa: BLE001 - a bad record never raises (img2dataset's rule)

@@ -94,15 +94,18 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 30.0, max_bytes: int = 20 * 1024 * 1024, user_agent: str = "webpairs", pins: Optional[dict] = None, robots=None) -> bytes:
-    """The image bytes at `url` (trimmed), or FetchError. `robots(headers)` returns True when an
-    X-Robots-Tag forbids the use (the opt-out check)."""
+def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 30.0, max_bytes: int = 20 * 1024 * 1024, user_agent: str = "webpairs", pins: Optional[dict] = None, judge=None) -> bytes:
+    """The image bytes at `url` (trimmed), or FetchError. `judge` (crawl/judge.py's ResponseJudge)
+    is asked before each request, on the headers before the body is read, and on the bytes before
+    they are returned: any refusal raises FetchError with its reason."""
     pins = pins or {}
     end = time.monotonic() + deadline
     for hop in range(MAX_REDIRECTS + 1):
         reason = policy_reason(url, allow)
         if reason is not None:
             raise FetchError("redirect_refused" if hop else reason, f"url policy: {'redirect to ' if hop else ''}{url[:200]} refused ({reason})")
+        if judge is not None:
+            judge.before_request(url)
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
@@ -128,12 +131,15 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
                 continue
             if resp.status >= 400:
                 raise FetchError(f"http_{resp.status}", f"HTTP Error {resp.status}: {resp.reason}")
-            if robots is not None and robots(resp.headers):
-                raise FetchError("opt_out", "Use of image disallowed by X-Robots-Tag directive")
+            if judge is not None:
+                judge.on_headers(url, resp.headers)  # before a byte of the body is read
             declared = resp.getheader("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError("too_large", f"Content-Length {declared} > {max_bytes} bytes")
-            return trim_trailing(_read_capped(resp, conn, end, timeout, deadline, max_bytes))
+            data = trim_trailing(_read_capped(resp, conn, end, timeout, deadline, max_bytes))
+            if judge is not None:
+                judge.on_body(url, data)  # before the bytes are returned to be written anywhere
+            return data
         except FetchError:
             raise
         except (socket.timeout, TimeoutError) as err:

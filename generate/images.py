@@ -2,7 +2,7 @@
 
 Each operation loads the EMA weights of a checkpoint (a RUN_DIR of `webpairs train` or one
 checkpoint folder), embeds its input images with the encoder the model was trained on (recorded in
-the checkpoint), runs the samplers of `generate/sample.py` on one device in batches, and writes PNGs at
+the checkpoint), runs the samplers of `train/diffusion.py` and `generate/sample.py` on one device in batches, and writes PNGs at
 the model's resolution plus a contact sheet (`sheet.png`) and `meta.json` (arguments, seeds, scores).
 """
 

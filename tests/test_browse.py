@@ -13,7 +13,7 @@ from PIL import Image
 
 from browse.data import RunData
 from browse.server import BrowseServer
-from browse.synthetic import SHARD, make_run
+from webpairs.synthetic import SHARD, make_run
 
 
 @pytest.fixture(scope="module")

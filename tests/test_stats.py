@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shards.report import find_stage_dirs
+from browse.report import find_stage_dirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_stats_summary_on_run_and_single_stage(tmp_path, pipeline_dirs):
 
 
 def test_html_report_renders_plots_in_chromium(tmp_path, pipeline_dirs):
-    from shards.report import write_report
+    from browse.report import write_report
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

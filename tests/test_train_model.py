@@ -68,7 +68,7 @@ def test_loss_falls_when_overfitting_a_batch_and_ema_follows():
 
 
 def test_sampler_is_deterministic_and_guidance_zero_ignores_the_condition(model):
-    from generate.sample import grid, sample, to_pil
+    from train.diffusion import grid, sample, to_pil
 
     cond = torch.randn(2, 16)
     a = sample(model, cond, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(0))

@@ -1,11 +1,15 @@
-"""Noise schedule and training objective (diffusers schedulers, cosine schedule, v- or eps-prediction)."""
+"""Noise schedule, training objective and the sampling loop (diffusers schedulers, cosine schedule,
+v- or eps-prediction, classifier-free guidance), as DiT keeps its sampling loop in diffusion.py: the
+trainer draws its sample grids with it, and generate/ builds edits and interpolations on it."""
 
 from __future__ import annotations
 
 import copy
 from typing import Optional
 
+import numpy as np
 import torch
+from PIL import Image
 
 from core.torchvision_compat import ensure_torchvision_importable
 
@@ -55,3 +59,66 @@ class EMA:
             e.lerp_(p.detach(), 1 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
+
+
+# ---- sampling (classifier-free guidance) and image grids ----------------------------------------
+
+
+def make_sampler(kind: str = "ddim", prediction: str = "v_prediction", train_steps: int = 1000):
+    """A diffusers sampling scheduler on the training schedule (cosine)."""
+    ensure_torchvision_importable()
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(num_train_timesteps=train_steps, beta_schedule="squaredcos_cap_v2", prediction_type=prediction)
+    if kind == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler(**common)
+    raise ValueError(f"sampler must be ddim or dpm, got {kind!r}")
+
+
+@torch.no_grad()
+def sample(model, cond: torch.Tensor, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim", prediction: str = "v_prediction", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Images (B,3,S,S) in [-1,1] for condition embeddings (B,D); guidance 0 = unconditional."""
+    sch = make_sampler(sampler, prediction)
+    sch.set_timesteps(steps)
+    size = model.preset.image_size
+    x = torch.randn((cond.shape[0], 3, size, size), generator=generator, device=cond.device) * sch.init_noise_sigma
+    return _loop(model, sch, sch.timesteps, x, cond, guidance)
+
+
+def _loop(model, sch, timesteps, x: torch.Tensor, cond: torch.Tensor, guidance: float, x0: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The sampler loop over `timesteps` from x (at the level of timesteps[0]) with CFG; with a mask,
+    the region where mask is 0 is replaced by x0 noised to the next level after every step."""
+    for i, t in enumerate(timesteps):
+        out = model.forward_with_cfg(sch.scale_model_input(x, t), t.expand(len(x)).to(x.device), cond, guidance)
+        x = sch.step(out, t, x).prev_sample
+        if mask is not None:
+            if i + 1 < len(timesteps):
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device)
+                known = sch.add_noise(x0, fresh, timesteps[i + 1 : i + 2].repeat(len(x0)))
+            else:
+                known = x0
+            x = mask * x + (1 - mask) * known
+    return x.clamp(-1, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B,3,S,S) in [-1,1] -> PIL images."""
+    arr = ((images.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def grid(images: list[Image.Image], cols: int) -> Image.Image:
+    """A contact sheet of equally sized images."""
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        sheet.paste(img, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def as_uint8(image: Image.Image) -> np.ndarray:
+    """HWC uint8 array (TensorBoard's add_image with dataformats='HWC')."""
+    return np.asarray(image.convert("RGB"))

@@ -241,7 +241,7 @@ def _sample_grid(model, fixed, cfg: TrainConfig, step: int, run_dir: str, writer
     """Row 1: the targets paired with the fixed conditions; row 2: EMA samples for those conditions."""
     import torch
 
-    from generate.sample import as_uint8, grid, sample, to_pil
+    from train.diffusion import as_uint8, grid, sample, to_pil
 
     cond, targets = fixed
     images = sample(model, cond, steps=cfg.sample_steps, guidance=3.0, prediction=cfg.prediction, generator=torch.Generator().manual_seed(0))

@@ -209,7 +209,7 @@ def register_stats(sub, handlers) -> None:
 
 
 def cmd_stats(args, _beam_args) -> int:
-    from shards.report import write_report
+    from browse.report import write_report
     try:
         print(write_report(args.input, args.html))
     except FileNotFoundError as err:

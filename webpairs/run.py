@@ -155,7 +155,7 @@ def _run_stages(warcs: str, out: str, cfg: RunConfig, beam_args, html: bool, mod
         s = done[stage]
         tqdm.write(f"{stage:9s} input={s['input']} kept={s['kept']} rejected={sum(s['rejected'].values())} ({time.time() - start:.1f}s)", file=console())
     if html:
-        from shards.report import write_report
+        from browse.report import write_report
 
         write_report(out, os.path.join(out, "report.html"))
     if model:

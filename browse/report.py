@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from core.stageio import is_complete, read_stats, read_table, stage_files
-from shards import quality
+from browse import quality
 
 STAGE_ORDER = ["extract", "download", "filter", "pair", "shards"]
 

@@ -2,7 +2,7 @@
 stage (pairs/ with URLs and alt texts, rejected/) and a shards stage (index/, manifest.json, one
 real tar of a few distinct samples that the index rows point into, so any N stays small on disk).
 
-    python -m browse.synthetic OUT --pairs 1000000 --sites 500
+    python -m webpairs.synthetic OUT --pairs 1000000 --sites 500
 """
 
 from __future__ import annotations
