@@ -121,12 +121,11 @@ class _ShardFile:
         self.samples = 0
 
     def add(self, sample: dict) -> dict:
-        start = None
+        start = self.tar.offset  # addfile writes a copy of the TarInfo: its .offset stays 0
         for ext, data in sample["files"].items():
             info = tarfile.TarInfo(f"{sample['key']}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: reproducible bytes
             self.tar.addfile(info, io.BytesIO(data))
-            start = info.offset if start is None else start
         m = sample["meta"]
         self.samples += 1
         return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.tar.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"]}
