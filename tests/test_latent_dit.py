@@ -398,3 +398,31 @@ def test_a_hub_vae_downloads_once_and_is_read_from_the_cache_offline(vae_dir, sh
         assert a.keys() == b.keys() and all(a[k][layout.LATENT_NPY] == b[k][layout.LATENT_NPY] for k in a)
     finally:
         server.shutdown()
+
+
+def test_condition_inversion_lowers_the_reconstruction_loss_of_each_end(dit_run, tmp_path, capsys):
+    from core.encoders import load_encoder
+    from generate import images as generate
+    from generate import sample as S
+
+    loaded = generate.load_model(dit_run["run"])
+    enc = load_encoder(loaded.encoder_name)
+    a, b = Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (40, 40), (20, 60, 220))
+    gen = torch.Generator().manual_seed(123)  # held-out noises and timesteps, not those the inversion drew
+    noise, t = torch.randn(16, *loaded.model.sample_shape, generator=gen), torch.randint(0, 1000, (16,), generator=gen)
+    for img in (a, b):
+        z = loaded.encode(generate.to_model([img], SIZE, "cpu"))[0]
+        c = torch.from_numpy(generate.embed(enc, [img]))[0]
+        inv = S.invert_condition(loaded.model, z, c, steps=15, lr=0.05)
+        assert not torch.equal(inv, c) and all(p.requires_grad for p in loaded.model.parameters())
+        with torch.no_grad():
+            before, after = (S.inversion_loss(loaded.model, z, e, noise, t).item() for e in (c, inv))
+        assert after < before, (before, after)
+    pa, pb = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    a.save(pa)
+    b.save(pb)
+    assert main(["sample", "interpolate", dit_run["run"], "--a", pa, "--b", pb, "--frames", "3", "--candidates", "1", "--steps", "3", "--invert", "3", "--out", str(tmp_path / "i")]) == 0
+    meta = json.load(open(tmp_path / "i" / "meta.json"))
+    assert meta["invert"] == 3 and len(meta["inverted_cosine_to_encoder"]) == 2 and all(-1 <= v < 1 for v in meta["inverted_cosine_to_encoder"])
+    assert main(["sample", "interpolate", dit_run["run"], "--a", pa, "--b", pb, "--invert", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--invert must be" in capsys.readouterr().err
