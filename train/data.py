@@ -89,17 +89,29 @@ def shard_urls(spec: str) -> list[str]:
     return [f"{root}/{name}" for name in shards]
 
 
-def shards_encoder(spec: str) -> Optional[str]:
-    """The encoder named in the shards' manifest.json (local or fsspec folder), if there is one."""
+def _manifest(spec: str) -> dict:
+    """The shards' manifest.json (local or fsspec folder); {} for a glob or a folder without one."""
     import fsspec
 
     if any(ch in spec for ch in "*?{"):
-        return None
+        return {}
     try:
         with fsspec.open(spec.rstrip("/") + "/" + layout.MANIFEST) as fh:
-            return json.load(fh).get("encoder")
+            doc = json.load(fh)
+        return doc if isinstance(doc, dict) else {}
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
-        return None
+        return {}
+
+
+def shards_encoder(spec: str) -> Optional[str]:
+    """The encoder named in the shards' manifest.json (local or fsspec folder), if there is one."""
+    return _manifest(spec).get("encoder")
+
+
+def shards_store_embedding(spec: str) -> bool:
+    """Whether the shards hold `{key}.cond.npy` (False for `webpairs shards --no-embedding`)."""
+    config = _manifest(spec).get("config")
+    return not isinstance(config, dict) or config.get("store_embedding", True) is not False
 
 
 def assign(urls: list[str], rank: int, world: int, worker: int, workers: int):
@@ -140,8 +152,11 @@ class PairStream(torch.utils.data.IterableDataset):
         if not self.urls:
             raise FileNotFoundError(f"no pair shards (*.tar) found at {cfg.shards}")
         stored = shards_encoder(cfg.shards)
-        self.use_stored = cfg.pairing == "same-page" and (not cfg.encoder or cfg.encoder == stored)
+        # shards written with --no-embedding: the condition is computed with the manifest's encoder
+        self.use_stored = cfg.pairing == "same-page" and (not cfg.encoder or cfg.encoder == stored) and shards_store_embedding(cfg.shards)
         self.encoder_name = cfg.encoder or stored or ""
+        if not self.use_stored and not self.encoder_name:
+            raise ValueError(f"{cfg.shards} stores no condition embeddings and names no encoder: pass an encoder to compute them")
 
     def _samples(self, urls: list[str]) -> Iterator[dict]:
         import webdataset as wds
