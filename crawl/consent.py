@@ -222,15 +222,16 @@ class SiteRules:
         state["_policies"] = {}
         return state
 
-    def ask(self, origins: Iterable[str], threads: int = 32, forget_unavailable: bool = False) -> int:
-        """Ask every origin not asked yet (all at once, `threads` at a time); returns how many were asked.
-        `forget_unavailable` asks again those whose files were unavailable last time."""
+    def forget_unavailable(self) -> None:
+        """Forget the origins whose robots.txt or tdmrep.json was unavailable: `ask` asks them again."""
+        for origin in [o for o, r in self.rows.items() if UNAVAILABLE in (r["robots_status"], r["tdmrep_status"])]:
+            del self.rows[origin]
+            self._policies.pop(origin, None)
+
+    def ask(self, origins: Iterable[str], threads: int = 32) -> int:
+        """Ask every origin not asked yet (`threads` at a time); returns how many were asked."""
         from crawl.urls import AllowList
 
-        if forget_unavailable:
-            for origin in [o for o, r in self.rows.items() if UNAVAILABLE in (r["robots_status"], r["tdmrep_status"])]:
-                del self.rows[origin]
-                self._policies.pop(origin, None)
         todo = sorted(set(o for o in origins if o) - set(self.rows))
         if not todo:
             return 0

@@ -230,11 +230,16 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
         raise StageError(f"download: --out must be a local or mounted folder (img2dataset resumes from it), not {out_dir}")
     if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", cfg.plan_memory.strip()):
         raise StageError(f"download: plan_memory {cfg.plan_memory!r} is not a size such as 512MB or 4GB")
+    fingerprint = _input_fingerprint(links_path, cfg)
+    if retry_failed:
+        _check_retry(out_dir, fingerprint)
     if cfg.consent == "off":
         log.warning("download: --consent off: robots.txt, TDMRep and opt-out headers are NOT honoured (only for sites you own)")
     with StageOutput(out_dir, STAGE, resumable=True) as out:
-        _resume_or_reset(out.path, _input_fingerprint(links_path, cfg))
-        sites = _site_rules(out_dir, out.path, cfg) if cfg.consent == "on" else None
+        _resume_or_reset(out.path, fingerprint)
+        if retry_failed:
+            _seed_from(out_dir, out.path)
+        sites = _site_rules(out_dir, out.path, cfg, retry_failed) if cfg.consent == "on" else None
         plan_dir = os.path.join(out.path, PLAN_DIR)
         con = plan.connect(os.path.join(plan_dir, "spill"), cfg.plan_memory)
         try:
@@ -242,15 +247,18 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
             asked_before = len(sites.rows) if sites is not None else 0
             planned = plan.make_plan(con, os.path.join(plan_dir, "links"), plan_dir, cfg, sites)
             log.info("download: %d links, %d distinct URLs; fetching %d URLs for %d links (+%d once as boilerplate evidence)", planned["links"], planned["urls"], planned["urls_selected"], planned["links_selected"], planned["urls_evidence"])
-            raw_dir = os.path.join(out.path, RAW_DIR)
-            if planned["urls_fetched"]:
-                _run_img2dataset(os.path.join(plan_dir, "urls"), raw_dir, cfg, sites, os.path.join(plan_dir, "hosts"))
-            shards = []
-            os.makedirs(os.path.join(plan_dir, "results"), exist_ok=True)
-            for shard_file in _finished_shards(raw_dir):
-                table, image_col = plan.shard_results(shard_file, reason_for)
-                pq.write_table(table, os.path.join(plan_dir, "results", os.path.basename(shard_file)))
-                shards.append((shard_file, image_col))
+            gate_dir = os.path.join(plan_dir, "hosts")
+            if planned["urls_fetched"] and not retry_failed:
+                _run_img2dataset(os.path.join(plan_dir, "urls"), os.path.join(out.path, RAW_DIR), cfg, sites, gate_dir)
+            shards = _collect_results(out.path, plan_dir)
+            retried = None
+            if retry_failed:  # one more round, over the URLs with no result or a transient failure
+                todo = _retry_list(con, plan_dir, os.path.join(plan_dir, "retry"), cfg)
+                log.info("download: --retry-failed: fetching %d URLs again", todo)
+                if todo:
+                    _run_img2dataset(os.path.join(plan_dir, "retry"), os.path.join(out.path, f"{RETRY_DIR}{len(_raw_dirs(out.path)):02d}"), cfg, sites, gate_dir)
+                    shards = _collect_results(out.path, plan_dir)
+                retried = {"urls": todo, "recovered": _recovered(con, plan_dir) if todo else 0}
             resolved = plan.resolve(con, plan_dir, shards, out.path)
         finally:
             con.close()
@@ -263,20 +271,113 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
             "urls": planned["urls"], "urls_selected": planned["urls_selected"], "urls_evidence": planned["urls_evidence"], "urls_downloaded": resolved["urls_downloaded"], "images": resolved["images"],
             "consent": _consent_stats(sites, asked_before, cfg),
         }
+        if retried is not None:
+            stats["retried"] = retried
         with open(os.path.join(out.path, STATS_FILE), "w") as fh:
             json.dump(stats, fh, indent=2, sort_keys=True)
         return out.commit()
 
 
-def _site_rules(out_dir: str, partial: str, cfg: DownloadConfig) -> "consent.SiteRules":
+def _site_rules(out_dir: str, partial: str, cfg: DownloadConfig, retry_failed: bool = False) -> "consent.SiteRules":
     """The sites' answers of this run: those a killed run or the previous complete output already
-    got are read back (a rerun asks no site again), the rest are asked by the plan."""
+    got are read back (a rerun asks no site again), the rest are asked by the plan. With
+    `retry_failed`, a site whose robots.txt or tdmrep.json was unavailable is asked again."""
     folder = os.path.join(partial, consent.CONSENT_DIR)
     previous = os.path.join(out_dir, consent.CONSENT_DIR, consent.HOSTS_FILE)
     if not os.path.exists(os.path.join(folder, consent.HOSTS_FILE)) and os.path.exists(previous):
         os.makedirs(folder, exist_ok=True)
         shutil.copyfile(previous, os.path.join(folder, consent.HOSTS_FILE))
-    return consent.SiteRules(folder, cfg.allow_hosts, parse_pins(cfg.resolve), consent.user_agent(cfg.contact), cfg.timeout)
+    rules = consent.SiteRules(folder, cfg.allow_hosts, parse_pins(cfg.resolve), consent.user_agent(cfg.contact), cfg.timeout)
+    if retry_failed:
+        rules.forget_unavailable()
+    return rules
+
+
+# ---- --retry-failed ---------------------------------------------------------------------------------
+
+RETRY_DIR = "img2dataset-retry-"  # img2dataset's output of each --retry-failed round (01, 02, ...)
+TRANSIENT = re.compile(r"timeout|http_5\d\d|http_429|download_error|dns_error")  # worth asking again later
+
+
+def _check_retry(out_dir: str, fingerprint: str) -> None:
+    from core.stageio import is_complete
+
+    if not is_complete(out_dir):
+        raise StageError(f"download: --retry-failed needs a finished download in {out_dir}; run without it first")
+    stamp = os.path.join(out_dir, "_input", "fingerprint")
+    if not os.path.exists(stamp) or open(stamp).read() != fingerprint:
+        raise StageError(f"download: --retry-failed: the links or the settings differ from those of the download in {out_dir}; run without --retry-failed to download again")
+
+
+def _seed_from(out_dir: str, partial: str) -> None:
+    """A retry starts from the finished download: its img2dataset rounds (hard links, no copy) and
+    its sites' answers; a partial folder left by a killed retry keeps what it has."""
+    for name in os.listdir(out_dir):
+        if (name == RAW_DIR or name.startswith(RETRY_DIR)) and not os.path.exists(os.path.join(partial, name)):
+            shutil.copytree(os.path.join(out_dir, name), os.path.join(partial, name), copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _raw_dirs(partial: str) -> list[str]:
+    """img2dataset's output folders of this download, in the order they were fetched."""
+    return [os.path.join(partial, RAW_DIR)] + sorted(os.path.join(partial, n) for n in os.listdir(partial) if n.startswith(RETRY_DIR))
+
+
+def _collect_results(partial: str, plan_dir: str) -> list[tuple[str, str]]:
+    """Each URL's latest result over every round into `plan_dir`/results/; returns every finished
+    shard with its image column (a URL's bytes are read from the round where it succeeded)."""
+    results = os.path.join(plan_dir, "results")
+    shutil.rmtree(results, ignore_errors=True)
+    os.makedirs(results)
+    later: set = set()
+    shards = []
+    rounds = _raw_dirs(partial)
+    for n, raw in reversed(list(enumerate(rounds))):
+        found = set()
+        for shard_file in _finished_shards(raw):
+            table, image_col = plan.shard_results(shard_file, reason_for)
+            if later:
+                table = table.filter(pa.array([u not in later for u in table.column("image_url").to_pylist()], pa.bool_()))
+            if n:  # a later round's result replaces an earlier one's
+                found.update(table.column("image_url").to_pylist())
+            pq.write_table(table, os.path.join(results, f"{n:02d}-{os.path.basename(shard_file)}"))
+            shards.append((shard_file, image_col))
+        later |= found
+    return shards
+
+
+def _retry_list(con, plan_dir: str, out_dir: str, cfg: DownloadConfig) -> int:
+    """The fetched URLs with no result or a transient failure, as img2dataset input shards."""
+    urls = plan._sql_list(sorted(glob.glob(os.path.join(plan_dir, "urls", "*.parquet"))))
+    results = plan._sql_list(sorted(glob.glob(os.path.join(plan_dir, "results", "*.parquet"))))
+    have = f"SELECT image_url, reason FROM read_parquet({results})" if results != "[]" else "SELECT NULL::VARCHAR AS image_url, NULL::VARCHAR AS reason WHERE false"
+    os.makedirs(out_dir, exist_ok=True)
+    for f in glob.glob(os.path.join(out_dir, "*.parquet")):
+        os.remove(f)
+    if urls == "[]":
+        return 0
+    return plan.write_query(
+        con,
+        f"""SELECT u.image_url FROM read_parquet({urls}) u LEFT JOIN ({have}) r USING (image_url)
+            WHERE r.image_url IS NULL OR regexp_matches(r.reason, '^({TRANSIENT.pattern})$')
+            ORDER BY u.image_url""",
+        os.path.join(out_dir, "part"), plan.URL_SCHEMA, rows_per_file=cfg.samples_per_shard,
+    )
+
+
+def _recovered(con, plan_dir: str) -> int:
+    """URLs of the last retry round that now have an image."""
+    retry = plan._sql_list(sorted(glob.glob(os.path.join(plan_dir, "retry", "*.parquet"))))
+    results = plan._sql_list(sorted(glob.glob(os.path.join(plan_dir, "results", "*.parquet"))))
+    if retry == "[]" or results == "[]":
+        return 0
+    return con.execute(f"SELECT count(*) FROM read_parquet({retry}) JOIN read_parquet({results}) USING (image_url) WHERE image_id IS NOT NULL").fetchone()[0]
 
 
 def _consent_stats(sites, asked_before: int, cfg: DownloadConfig) -> dict:

@@ -309,12 +309,14 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str) -> 
         light = con.execute(
             f"""SELECT r.image_id, r.image_url, r.page_url, r.alt, r.position, r.sha256, l.links
                 FROM rep r JOIN image_links l ON l.sha256 = r.sha256
-                WHERE r.image_url IN (SELECT url FROM read_parquet('{shard_file}')) ORDER BY r.image_url"""
+                WHERE r.image_url IN (SELECT url FROM read_parquet('{shard_file}') WHERE status = 'success') ORDER BY r.image_url"""
         ).to_arrow_table()
         data = pq.read_table(shard_file, columns=["url", image_col])
         rows = pc.index_in(light.column("image_url"), value_set=data.column("url"))
         table = pa.table({**{n: light.column(n) for n in ("image_id", "image_url", "page_url", "alt", "position")}, "image_bytes": data.column(image_col).take(rows), "sha256": light.column("sha256"), "links": light.column("links")})
-        pq.write_table(table.cast(DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{shard}.parquet"))
+        fetch_round = os.path.basename(os.path.dirname(shard_file))  # img2dataset, or a --retry-failed round's folder
+        name = f"part-{shard}" if fetch_round == "img2dataset" else f"part-{fetch_round}-{shard}"
+        pq.write_table(table.cast(DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"{name}.parquet"))
         images += table.num_rows
     if not shards:
         pq.write_table(DOWNLOAD_SCHEMA.empty_table(), os.path.join(out_dir, "downloads", "part-empty.parquet"))

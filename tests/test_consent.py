@@ -128,6 +128,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._send(429, b"slow down", "text/plain", [("Retry-After", "2")])
             if path == "/date.jpg":
                 return self._send(503, b"later", "text/plain", [("Retry-After", email.utils.formatdate(time.time() + 2, usegmt=True))])
+        if host == "flaky.test" and path == "/x.jpg" and n == 1:
+            return self._send(500, b"oops", "text/plain")
+        if host == "flaky.test" and path == "/gone.jpg":
+            return self._send(404, b"", "text/plain")
         if host == "ratelimit.test" and path == "/toolong.jpg":
             return self._send(429, b"come back tomorrow", "text/plain", [("Retry-After", "3600")])
         return self._send(200, _jpeg(seed))
@@ -142,7 +146,7 @@ def web():
     server.server_close()
 
 
-HOSTS = ["ua.test", "star.test", "fivexx.test", "missing.test", "tdm.test", "optout.test", "busy.test", "delay.test", "ratelimit.test"]
+HOSTS = ["ua.test", "star.test", "fivexx.test", "missing.test", "tdm.test", "optout.test", "busy.test", "delay.test", "ratelimit.test", "flaky.test"]
 PATHS = {
     "ua.test": ["/public/1.jpg", "/private/2.jpg"],
     "star.test": ["/public/1.jpg", "/private/2.jpg"],
@@ -153,6 +157,7 @@ PATHS = {
     "busy.test": [f"/{i}.jpg" for i in range(24)],
     "delay.test": [f"/{i}.jpg" for i in range(3)],
     "ratelimit.test": ["/seconds.jpg", "/date.jpg", "/toolong.jpg"],
+    "flaky.test": ["/x.jpg", "/gone.jpg", "/fine.jpg"],
 }
 EXPECTED = {  # (host, path) -> the reason, None: kept
     ("ua.test", "/public/1.jpg"): None, ("ua.test", "/private/2.jpg"): "robots_disallowed",
@@ -164,6 +169,7 @@ EXPECTED = {  # (host, path) -> the reason, None: kept
     **{("busy.test", p): None for p in PATHS["busy.test"]},
     **{("delay.test", p): None for p in PATHS["delay.test"]},
     ("ratelimit.test", "/seconds.jpg"): None, ("ratelimit.test", "/date.jpg"): None, ("ratelimit.test", "/toolong.jpg"): "http_429",
+    ("flaky.test", "/x.jpg"): "http_500", ("flaky.test", "/gone.jpg"): "http_404", ("flaky.test", "/fine.jpg"): None,
 }
 
 
@@ -220,7 +226,7 @@ def test_every_link_ends_with_what_its_site_said(downloaded):
     assert got == EXPECTED
     stats = read_stats(out)
     assert stats["input"] == len(EXPECTED) and stats["rejected"] == dict(collections.Counter(r for r in EXPECTED.values() if r))
-    assert stats["consent"]["sites"] == len(HOSTS) and stats["consent"]["robots"] == {"missing": 5, "ok": 3, "unavailable": 1}
+    assert stats["consent"]["sites"] == len(HOSTS) and stats["consent"]["robots"] == {"missing": 6, "ok": 3, "unavailable": 1}
     hosts = pq.read_table(os.path.join(out, "consent", "hosts.parquet")).to_pandas().set_index("origin")
     assert hosts.loc[f"http://fivexx.test:{port}", "robots_http"] == 503 and hosts.loc[f"http://tdm.test:{port}", "tdmrep_status"] == "ok"
 
@@ -288,6 +294,65 @@ def test_retry_after_values():
     assert retry_after_seconds("120") == 120.0 and retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
     assert retry_after_seconds(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+
+
+# ---- reruns ------------------------------------------------------------------------------------------
+
+
+def test_retry_failed_fetches_only_the_transient_failures_again(downloaded, web):
+    tmp, links, port, _ = downloaded
+    out = str(tmp / "dl")
+    before_rows = {r["record_id"]: r for r in read_table(out, "rejected").to_pylist()}
+    start = len(web.requests)
+    assert _cli_download(links, out, "--retry-failed") == 0
+    asked = sorted((h, p) for h, p, _, _ in web.requests[start:])
+    # the 500 (now 200) and the 429 over the cap; the site whose robots.txt was unavailable is asked again
+    assert asked == [("fivexx.test", "/.well-known/tdmrep.json"), ("fivexx.test", "/robots.txt"), ("flaky.test", "/x.jpg"), ("ratelimit.test", "/toolong.jpg")]
+    want = {**EXPECTED, ("flaky.test", "/x.jpg"): None}
+    assert _results(out, port) == want
+    stats = read_stats(out)
+    assert stats["retried"] == {"urls": 2, "recovered": 1} and stats["kept"] == sum(1 for r in want.values() if r is None)
+    after_rows = {r["record_id"]: r for r in read_table(out, "rejected").to_pylist()}
+    assert {k: v for k, v in before_rows.items() if "/x.jpg" not in v["url"]} == after_rows  # everything else kept as it was
+    images = read_table(out, "downloads").to_pandas()
+    assert len(images) == stats["images"] and images.image_bytes.map(len).gt(0).all()
+    assert any(u.endswith("flaky.test:%d/x.jpg" % port) for u in images.image_url)
+
+
+def test_retry_failed_needs_a_finished_download(tmp_path, capsys):
+    from webpairs.cli import main
+
+    assert main(["crawl", "download", str(tmp_path), "--out", str(tmp_path / "none"), "--retry-failed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("webpairs crawl download: error:")
+
+
+def test_a_rerun_asks_no_site_again_and_consent_off_warns_once(web, tmp_path, caplog):
+    import logging
+
+    port = web.server_address[1]
+    global HOSTS
+    saved = HOSTS
+    HOSTS = ["ua.test", "missing.test"]
+    try:
+        links = _links_stage(tmp_path / "links", port)
+        runs = []
+        for name, extra in (("dl", ()), ("dl", ()), ("off", ("--consent", "off"))):
+            start = len(web.requests)
+            with caplog.at_level(logging.WARNING):
+                caplog.clear()
+                assert _cli_download(links, str(tmp_path / name), *extra) == 0
+                warnings = [r for r in caplog.records if "--consent off" in r.getMessage()]
+            runs.append((collections.Counter((h, p) for h, p, _, _ in web.requests[start:]), _results(str(tmp_path / name), port), len(warnings)))
+    finally:
+        HOSTS = saved
+    (first, first_res, w1), (second, second_res, w2), (off, off_res, w3) = runs
+    assert first[("ua.test", "/robots.txt")] == first[("missing.test", "/robots.txt")] == 1 and first[("ua.test", "/private/2.jpg")] == 0
+    assert not any(p in ("/robots.txt", "/.well-known/tdmrep.json") for _, p in second) and second_res == first_res  # kept in the run
+    assert first_res[("ua.test", "/private/2.jpg")] == "robots_disallowed"
+    # --consent off: nothing asked, the disallowed image fetched, one warning line
+    assert not any(p in ("/robots.txt", "/.well-known/tdmrep.json") for _, p in off) and off[("ua.test", "/private/2.jpg")] == 1
+    assert off_res[("ua.test", "/private/2.jpg")] is None and (w1, w2, w3) == (0, 0, 1)
 
 
 # ---- page-level opt-outs at extract ---------------------------------------------------------------
