@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from core.config import DownloadConfig
 from core.records import LINK_SCHEMA
 from core.stageio import STATS_FILE, StageError, StageOutput, check_columns, read_success, stage_files
-from crawl import plan
+from crawl import blocklist, plan
 from crawl.urls import AllowList
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
@@ -78,22 +78,23 @@ class PolicyDownloader(Downloader):
     level and the settings travel as attributes; `__call__` installs the fetch in the worker.
     """
 
-    def __init__(self, *args, allow_hosts=(), deadline=30.0, max_image_bytes=20 * 1024 * 1024, pins=None, **kwargs):
+    def __init__(self, *args, allow_hosts=(), deadline=30.0, max_image_bytes=20 * 1024 * 1024, pins=None, body_rules=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.allow_hosts, self.deadline, self.max_image_bytes, self.pins = tuple(allow_hosts), deadline, max_image_bytes, dict(pins or {})
+        self.body_rules = tuple(body_rules)  # judge rules on the bytes (the blocklist, crawl/blocklist.py)
 
     def __call__(self, row):
         import img2dataset.downloader as i2d_downloader
 
-        i2d_downloader.download_image = functools.partial(_download_image, allow=AllowList(self.allow_hosts), deadline=self.deadline, max_bytes=self.max_image_bytes, pins=self.pins)
+        i2d_downloader.download_image = functools.partial(_download_image, allow=AllowList(self.allow_hosts), deadline=self.deadline, max_bytes=self.max_image_bytes, pins=self.pins, body_rules=self.body_rules)
         return super().__call__(row)
 
 
-def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins):
+def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins, body_rules=()):
     """img2dataset's `download_image` contract: (key, BytesIO or None, error message or None)."""
     key, url = row
     agent = "Mozilla/5.0 (compatible; " + (user_agent_token or "webpairs") + "; image-pair research crawler)"
-    judge = ResponseJudge([HeaderOptOut(user_agent_token, disallowed_header_directives)])
+    judge = ResponseJudge([HeaderOptOut(user_agent_token, disallowed_header_directives), *body_rules])
     try:
         return key, io.BytesIO(fetch(url, allow, timeout, deadline, max_bytes, agent, pins, judge)), None
     except FetchError as err:
@@ -102,7 +103,7 @@ def _download_image(row, timeout, user_agent_token, disallowed_header_directives
         return key, None, f"webpairs:download_error: {type(err).__name__}: {err}"
 
 
-def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None:
+def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig, body_rules=()) -> None:
     import sys
 
     import img2dataset  # noqa: F401 - its __init__ rebinds the name `main`, so take the module:
@@ -112,7 +113,7 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig) -> None
     reencode = cfg.resize_mode != "no"
     original = i2d_main.Downloader
     # img2dataset builds its Downloader inside download(); swap in the policy-aware subclass.
-    i2d_main.Downloader = functools.partial(PolicyDownloader, allow_hosts=cfg.allow_hosts, deadline=cfg.deadline, max_image_bytes=cfg.max_image_bytes, pins=parse_pins(cfg.resolve))
+    i2d_main.Downloader = functools.partial(PolicyDownloader, allow_hosts=cfg.allow_hosts, deadline=cfg.deadline, max_image_bytes=cfg.max_image_bytes, pins=parse_pins(cfg.resolve), body_rules=body_rules)
     try:
         i2d_main.download(
             url_list=input_file,
@@ -145,7 +146,9 @@ def _input_fingerprint(links_path: str, cfg: DownloadConfig) -> str:
     import hashlib
 
     marker = read_success(links_path, "extract")
-    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard", *PLAN_KEYS)}
+    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard", "blocklist_pdq_distance", *PLAN_KEYS)}
+    if cfg.blocklist:  # a new list refetches: finished shards may hold its images
+        keys["blocklist"] = blocklist.fingerprint(cfg.blocklist)
     return hashlib.sha256(json.dumps([marker, {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,7 +191,7 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
         raise StageError(f"download: --out must be a local or mounted folder (img2dataset resumes from it), not {out_dir}")
     if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", cfg.plan_memory.strip()):
         raise StageError(f"download: plan_memory {cfg.plan_memory!r} is not a size such as 512MB or 4GB")
-    with StageOutput(out_dir, STAGE, resumable=True) as out:
+    with blocklist.compiled(cfg) as body_rules, StageOutput(out_dir, STAGE, resumable=True) as out:
         _resume_or_reset(out.path, _input_fingerprint(links_path, cfg))
         plan_dir = os.path.join(out.path, PLAN_DIR)
         con = plan.connect(os.path.join(plan_dir, "spill"), cfg.plan_memory)
@@ -198,7 +201,7 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig) -> dict:
             log.info("download: %d links, %d distinct URLs; fetching %d URLs for %d links (+%d once as boilerplate evidence)", planned["links"], planned["urls"], planned["urls_selected"], planned["links_selected"], planned["urls_evidence"])
             raw_dir = os.path.join(out.path, RAW_DIR)
             if planned["urls_fetched"]:
-                _run_img2dataset(os.path.join(plan_dir, "urls"), raw_dir, cfg)
+                _run_img2dataset(os.path.join(plan_dir, "urls"), raw_dir, cfg, body_rules)
             shards = []
             os.makedirs(os.path.join(plan_dir, "results"), exist_ok=True)
             for shard_file in _finished_shards(raw_dir):
