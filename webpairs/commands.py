@@ -60,6 +60,12 @@ def _consent_arg(p, what: str) -> None:
     p.add_argument("--consent", choices=("on", "off"), help=f"on (default): {what}; off: ignore them, only for sites you own (one warning line per run)")
 
 
+def _blocklist_args(p) -> None:
+    g = p.add_argument_group("unsafe content (a match is never written to any file of the run)")
+    g.add_argument("--blocklist", action="append", metavar="FILE", help="hash list: lines sha256:<hex>, md5:<hex> or pdq:<64 hex> (Meta's PDQ), # comments; a matching image is rejected as blocklisted as its bytes arrive (repeatable)")
+    g.add_argument("--blocklist-pdq-distance", type=int, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
+
+
 def register_crawl(sub, handlers) -> None:
     crawl = sub.add_parser("crawl", help="crawl stage: extract image links from WARC/WAT, download the images")
     crawl_sub = crawl.add_subparsers(dest="crawl_command", metavar="STEP", required=True)
@@ -125,6 +131,7 @@ def register_crawl(sub, handlers) -> None:
     g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
     g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
     g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 128MB: bounded on any machine; give a cluster node more, e.g. 8GB, to spill less)")
+    _blocklist_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
     def dispatch(args, beam_args):
@@ -298,6 +305,7 @@ def register_run(sub, handlers) -> None:
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
     _model_flags(p)
     p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
+    _blocklist_args(p)
     handlers["run"] = cmd_run
     cmd_run.accepts_beam_args = True
 
@@ -347,6 +355,7 @@ def cmd_run(args, beam_args) -> int:
         if args.consent is not None:
             crawl["consent"] = args.consent
         download = {k: v for k, v in (("resolve", args.resolve), ("consent", args.consent)) if v is not None}
+        download.update({k: getattr(args, k) for k in ("blocklist", "blocklist_pdq_distance") if getattr(args, k) is not None})
         cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, download_overrides=download, encoder=args.encoder, encoder_weights=args.encoder_weights)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
         done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
