@@ -76,11 +76,14 @@ class DownloadConfig:
     max_links_per_page: int = 64  # the first N candidate links of a page by position: page_cap (0: no cap)
     min_links_per_page: int = 2  # pages left with fewer candidates cannot make a pair: page_too_few_links
     plan_memory: str = "128MB"  # DuckDB memory limit of the plan (it spills to disk beyond it; more on a big node)
+    blocklist: tuple[str, ...] = ()  # hash list files (sha256:/md5:/pdq: lines): a match is rejected as blocklisted, never written
+    blocklist_pdq_distance: int = 31  # a pdq: entry matches an image within this many bits (Meta's confident match)
 
     RANGES: ClassVar[dict] = {
         "image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "deadline": (0.1, 86400), "max_image_bytes": (1024, 2**31), "samples_per_shard": (1, 10_000_000),
         "per_host_connections": (1, 1024), "max_retry_after": (0.0, 86400.0),
         "min_side": (0, 100_000), "boilerplate_pages": (1, None), "site_share": (0.0, 1.0), "site_min_pages": (2, None), "max_links_per_page": (0, None), "min_links_per_page": (0, None),
+        "blocklist_pdq_distance": (0, 63),
     }
     CHOICES: ClassVar[dict] = {"consent": ("on", "off"), "distributor": ("multiprocessing", "ray", "pyspark"), "resize_mode": ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")}
 

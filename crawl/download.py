@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from core.config import DownloadConfig
 from core.records import LINK_SCHEMA
 from core.stageio import STATS_FILE, StageError, StageOutput, check_columns, read_success, stage_files
-from crawl import plan
+from crawl import blocklist, plan
 from crawl.urls import AllowList
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
@@ -79,27 +79,28 @@ class PolicyDownloader(Downloader):
     level and the settings travel as attributes; `__call__` installs the fetch in the worker.
     """
 
-    def __init__(self, *args, allow_hosts=(), deadline=30.0, max_image_bytes=20 * 1024 * 1024, pins=None, agent="webpairs", sites=None, gate=None, max_retry_after=0.0, **kwargs):
+    def __init__(self, *args, allow_hosts=(), deadline=30.0, max_image_bytes=20 * 1024 * 1024, pins=None, agent="webpairs", sites=None, gate=None, max_retry_after=0.0, body_rules=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.allow_hosts, self.deadline, self.max_image_bytes, self.pins = tuple(allow_hosts), deadline, max_image_bytes, dict(pins or {})
         self.agent = agent
         self.sites = consent.SiteConsent(sites) if sites is not None else None  # None: --consent off
         self.gate, self.max_retry_after = gate, max_retry_after  # crawl/polite.py
+        self.body_rules = tuple(body_rules)  # judge rules on the bytes (the blocklist, crawl/blocklist.py)
 
     def __call__(self, row):
         import img2dataset.downloader as i2d_downloader
 
         i2d_downloader.download_image = functools.partial(
-            _download_image, allow=AllowList(self.allow_hosts), deadline=self.deadline, max_bytes=self.max_image_bytes, pins=self.pins, agent=self.agent, sites=self.sites, gate=self.gate, max_retry_after=self.max_retry_after
+            _download_image, allow=AllowList(self.allow_hosts), deadline=self.deadline, max_bytes=self.max_image_bytes, pins=self.pins, agent=self.agent, sites=self.sites, gate=self.gate, max_retry_after=self.max_retry_after, body_rules=self.body_rules
         )
         return super().__call__(row)
 
 
-def _judge(url: str, sites, user_agent_token, disallowed_header_directives) -> ResponseJudge:
-    """The rules one planned URL is fetched under (crawl/judge.py): none with --consent off."""
-    if sites is None:
-        return ResponseJudge([])
-    return ResponseJudge([consent.PlannedOrigin(sites, url), consent.TdmHeader(), HeaderOptOut(user_agent_token, disallowed_header_directives)])
+def _judge(url: str, sites, user_agent_token, disallowed_header_directives, body_rules=()) -> ResponseJudge:
+    """The rules one planned URL is fetched under (crawl/judge.py): the consent rules (none with
+    --consent off), then the rules on the bytes (the blocklist), which --consent never turns off."""
+    rules = [] if sites is None else [consent.PlannedOrigin(sites, url), consent.TdmHeader(), HeaderOptOut(user_agent_token, disallowed_header_directives)]
+    return ResponseJudge([*rules, *body_rules])
 
 
 def _polite_fetch(url: str, gate, max_retry_after: float, *args) -> bytes:
@@ -125,10 +126,10 @@ def _polite_fetch(url: str, gate, max_retry_after: float, *args) -> bytes:
                 waited += wait
 
 
-def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins, agent="webpairs", sites=None, gate=None, max_retry_after=0.0):
+def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins, agent="webpairs", sites=None, gate=None, max_retry_after=0.0, body_rules=()):
     """img2dataset's `download_image` contract: (key, BytesIO or None, error message or None)."""
     key, url = row
-    judge = _judge(url, sites, user_agent_token, disallowed_header_directives)
+    judge = _judge(url, sites, user_agent_token, disallowed_header_directives, body_rules)
     try:
         return key, io.BytesIO(_polite_fetch(url, gate, max_retry_after, allow, timeout, deadline, max_bytes, agent, pins, judge)), None
     except FetchError as err:
@@ -137,7 +138,7 @@ def _download_image(row, timeout, user_agent_token, disallowed_header_directives
         return key, None, f"webpairs:download_error: {type(err).__name__}: {err}"
 
 
-def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig, sites=None, gate_dir: str = "") -> None:
+def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig, sites=None, gate_dir: str = "", body_rules=()) -> None:
     import sys
 
     import img2dataset  # noqa: F401 - its __init__ rebinds the name `main`, so take the module:
@@ -151,7 +152,7 @@ def _run_img2dataset(input_file: str, raw_dir: str, cfg: DownloadConfig, sites=N
 
     gate = HostGate(gate_dir, cfg.per_host_connections, sites.crawl_delays() if sites is not None else {}) if gate_dir else None
     i2d_main.Downloader = functools.partial(
-        PolicyDownloader, allow_hosts=cfg.allow_hosts, deadline=cfg.deadline, max_image_bytes=cfg.max_image_bytes, pins=parse_pins(cfg.resolve), agent=consent.user_agent(cfg.contact), sites=sites, gate=gate, max_retry_after=cfg.max_retry_after
+        PolicyDownloader, allow_hosts=cfg.allow_hosts, deadline=cfg.deadline, max_image_bytes=cfg.max_image_bytes, pins=parse_pins(cfg.resolve), agent=consent.user_agent(cfg.contact), sites=sites, gate=gate, max_retry_after=cfg.max_retry_after, body_rules=body_rules
     )
     try:
         i2d_main.download(
@@ -186,7 +187,9 @@ def _input_fingerprint(links_path: str, cfg: DownloadConfig) -> str:
     import hashlib
 
     marker = read_success(links_path, "extract")
-    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard", *PLAN_KEYS)}
+    keys = {k: getattr(cfg, k) for k in ("allow_hosts", "resize_mode", "image_size", "samples_per_shard", "blocklist_pdq_distance", *PLAN_KEYS)}
+    if cfg.blocklist:  # a new list refetches: finished shards may hold its images
+        keys["blocklist"] = blocklist.fingerprint(cfg.blocklist)
     return hashlib.sha256(json.dumps([marker, {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -235,7 +238,7 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
         _check_retry(out_dir, fingerprint)
     if cfg.consent == "off":
         log.warning("download: --consent off: robots.txt, TDMRep and opt-out headers are NOT honoured (only for sites you own)")
-    with StageOutput(out_dir, STAGE, resumable=True) as out:
+    with blocklist.compiled(cfg) as body_rules, StageOutput(out_dir, STAGE, resumable=True) as out:
         _resume_or_reset(out.path, fingerprint)
         if retry_failed:
             _seed_from(out_dir, out.path)
@@ -249,14 +252,14 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
             log.info("download: %d links, %d distinct URLs; fetching %d URLs for %d links (+%d once as boilerplate evidence)", planned["links"], planned["urls"], planned["urls_selected"], planned["links_selected"], planned["urls_evidence"])
             gate_dir = os.path.join(plan_dir, "hosts")
             if planned["urls_fetched"] and not retry_failed:
-                _run_img2dataset(os.path.join(plan_dir, "urls"), os.path.join(out.path, RAW_DIR), cfg, sites, gate_dir)
+                _run_img2dataset(os.path.join(plan_dir, "urls"), os.path.join(out.path, RAW_DIR), cfg, sites, gate_dir, body_rules)
             shards = _collect_results(out.path, plan_dir)
             retried = None
             if retry_failed:  # one more round, over the URLs with no result or a transient failure
                 todo = _retry_list(con, plan_dir, os.path.join(plan_dir, "retry"), cfg)
                 log.info("download: --retry-failed: fetching %d URLs again", todo)
                 if todo:
-                    _run_img2dataset(os.path.join(plan_dir, "retry"), os.path.join(out.path, f"{RETRY_DIR}{len(_raw_dirs(out.path)):02d}"), cfg, sites, gate_dir)
+                    _run_img2dataset(os.path.join(plan_dir, "retry"), os.path.join(out.path, f"{RETRY_DIR}{len(_raw_dirs(out.path)):02d}"), cfg, sites, gate_dir, body_rules)
                     shards = _collect_results(out.path, plan_dir)
                 retried = {"urls": todo, "recovered": _recovered(con, plan_dir) if todo else 0}
             resolved = plan.resolve(con, plan_dir, shards, out.path)

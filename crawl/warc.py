@@ -236,13 +236,22 @@ def iter_file(path: str, counters: Optional[dict] = None, retries: int = DEFAULT
             yield Problem("failed_file", path, fh.tell(), str(err)[:500])
 
 
+def target_uri(value) -> str:
+    """A WARC-Target-URI without its one `<...>` wrapper (WARC/1.0 writes `<http://...>`); a URL
+    that merely ends in `>` (a page `...?q=<b>`) keeps it."""
+    v = value.strip() if isinstance(value, str) else ""
+    if len(v) >= 2 and v[0] == "<" and v[-1] == ">":
+        v = v[1:-1].strip()
+    return v
+
+
 def _read_record(record, path: str, offset: int, bump) -> Iterator[object]:
     """Page / WatLinks / Problem for one WARC record (nothing for other record types)."""
     rtype = record.record_type
     if rtype not in (WarcRecordType.response, WarcRecordType.metadata):
         return
     bump("records")
-    url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")  # WARC/1.0 wraps it
+    url = target_uri(record.headers.get("WARC-Target-URI"))
     if rtype == WarcRecordType.metadata:
         wat = _wat_links(record, url, offset)
         if wat is not None:
@@ -342,4 +351,4 @@ def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
     http_headers = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("Headers", {})
     headers = _consent_headers(http_headers.items() if isinstance(http_headers, dict) else ())
     metas = tuple((str(m.get("name", "")), str(m.get("content", ""))) for m in head.get("Metas", []) if isinstance(m, dict) and str(m.get("name", "")).strip().lower() in CONSENT_METAS)
-    return WatLinks(header.get("WARC-Target-URI") or url, links, base, offset, headers, metas)
+    return WatLinks(target_uri(header.get("WARC-Target-URI")) or url, links, base, offset, headers, metas)

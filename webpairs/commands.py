@@ -11,6 +11,8 @@ from core.stageio import StageError
 from webpairs.common import BEAM_NOTE, print_stats, stage_parser
 from webpairs.errors import UserError
 
+DEFAULT_VAE_HELP = "vae:stabilityai/sd-vae-ft-mse"  # core/latents.py DEFAULT_VAE (not imported: torch stays unloaded for --help)
+
 
 def _run_stage(fn, stage_name: str, *args, **kwargs) -> int:
     """Run a stage function, print its reconciled counts; turn known failures into one-line errors."""
@@ -58,6 +60,12 @@ def _resolve_arg(p) -> None:
 
 def _consent_arg(p, what: str) -> None:
     p.add_argument("--consent", choices=("on", "off"), help=f"on (default): {what}; off: ignore them, only for sites you own (one warning line per run)")
+
+
+def _blocklist_args(p) -> None:
+    g = p.add_argument_group("unsafe content (a match is never written to any file of the run)")
+    g.add_argument("--blocklist", action="append", metavar="FILE", help="hash list: lines sha256:<hex>, md5:<hex> or pdq:<64 hex> (Meta's PDQ), # comments; a matching image is rejected as blocklisted as its bytes arrive (repeatable)")
+    g.add_argument("--blocklist-pdq-distance", type=int, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
 
 
 def register_crawl(sub, handlers) -> None:
@@ -125,6 +133,7 @@ def register_crawl(sub, handlers) -> None:
     g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
     g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
     g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 128MB: bounded on any machine; give a cluster node more, e.g. 8GB, to spill less)")
+    _blocklist_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
     def dispatch(args, beam_args):
@@ -298,6 +307,7 @@ def register_run(sub, handlers) -> None:
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
     _model_flags(p)
     p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
+    _blocklist_args(p)
     handlers["run"] = cmd_run
     cmd_run.accepts_beam_args = True
 
@@ -347,6 +357,7 @@ def cmd_run(args, beam_args) -> int:
         if args.consent is not None:
             crawl["consent"] = args.consent
         download = {k: v for k, v in (("resolve", args.resolve), ("consent", args.consent)) if v is not None}
+        download.update({k: getattr(args, k) for k in ("blocklist", "blocklist_pdq_distance") if getattr(args, k) is not None})
         cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, download_overrides=download, encoder=args.encoder, encoder_weights=args.encoder_weights)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
         done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
@@ -384,10 +395,17 @@ def register_train(sub, handlers) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--config", help="YAML with `train` keys (see train/train.py TrainConfig)")
     p.add_argument("--workers", type=int, help="Ray Train workers / DDP ranks (default 2)")
-    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per Ray worker (refused when the cluster has fewer), bf16 autocast, TF32, pinned-memory loader")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
-    p.add_argument("--preset", help="model size: tiny (CPU tests), small, base, large")
+    p.add_argument("--preset", help="model size: unet tiny (CPU tests), small, base (64 px), large (128 px), base256, large512; dit tiny, S, B, L, XL (256 px, patch 2)")
+    p.add_argument("--backbone", choices=["unet", "dit"], help="unet (diffusers UNet2DConditionModel, default) or dit (diffusers PixArt transformer: cross-attention on the condition tokens)")
+    p.add_argument("--image-size", type=int, help="resolution in pixels (default: the preset's)")
+    p.add_argument("--latent", metavar="vae:ID", help=f"train in a diffusers AutoencoderKL's latent space: vae:<hub id or save_pretrained folder>, downloaded on first use (cache only with --offline); 'none' = pixels. Default: {DEFAULT_VAE_HELP} at 256 px and above, pixels below")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="autocast: auto = bf16 on a GPU, fp32 on CPU (default auto)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (minutes of compilation, then faster steps)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (DDP syncs once per step; default 1)")
+    p.add_argument("--loader-workers", type=int, help="DataLoader processes per worker (default 1)")
     p.add_argument("--batch-size", type=int, help="per worker (default 8)")
     p.add_argument("--pairing", choices=["same-page", "self"], help="condition on the paired image (default) or on the target itself")
     p.add_argument("--encoder", help="compute conditions with this encoder instead of the stored embeddings")
@@ -395,6 +413,7 @@ def register_train(sub, handlers) -> None:
 
 
 def cmd_train(args, _beam_args) -> int:
+    from core.latents import LatentUnavailable
     from train.train import TrainConfig, run_training
     try:
         cfg = _load_config(TrainConfig, args, "train")
@@ -402,10 +421,46 @@ def cmd_train(args, _beam_args) -> int:
         raise UserError(str(err)) from err
     try:
         out = run_training(args.input, args.out, cfg, args.ray_address)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, LatentUnavailable) as err:
         raise UserError(str(err)) from err
     print(f"trained to step {out['step']} (loss {out['loss']:.4f}); checkpoint: {out['checkpoint']}")
     return 0
+
+
+def register_latents(sub, handlers) -> None:
+    p = sub.add_parser(
+        "latents",
+        help="store each target's VAE latent in the shards, so training never runs the VAE encoder",
+        description=(
+            "Copy a `webpairs shards` output into --out with every sample's target encoded by a diffusers AutoencoderKL: "
+            "{key}.latent.npy (posterior mean of the centre crop at --image-size, float16) and {key}.latent.json (VAE, "
+            "scale factor, size); a new index and manifest.json (its `latent` entry). `webpairs train --latent` with the "
+            "same VAE and size then reads the latents instead of encoding every step."
+        ),
+    )
+    p.add_argument("input", help="a `webpairs shards` output directory")
+    p.add_argument("--out", required=True, help="the shards with latents (a new folder)")
+    p.add_argument("--latent", default=DEFAULT_VAE_HELP, metavar="vae:ID", help=f"vae:<hub id or save_pretrained folder> (default {DEFAULT_VAE_HELP}; downloaded on first use, cache only with --offline)")
+    p.add_argument("--image-size", type=int, default=256, help="the training resolution in pixels (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device for the VAE, e.g. cuda (default cpu)")
+    handlers["latents"] = cmd_latents
+
+
+def cmd_latents(args, _beam_args) -> int:
+    from core.latents import LatentUnavailable
+    from shards.latents import run_latents
+
+    if args.image_size < 8 or args.batch_size < 1:
+        raise UserError("--image-size must be at least 8 and --batch-size at least 1")
+    return _run_stage(_latents_or_user_error, "latents", run_latents, LatentUnavailable, args)
+
+
+def _latents_or_user_error(run_latents, unavailable, args) -> dict:
+    try:
+        return run_latents(args.input, args.out, args.latent, args.image_size, args.batch_size, args.device)
+    except (unavailable, ValueError) as err:
+        raise UserError(str(err)) from err
 
 
 def _register_sampling(sub, handlers) -> None:
@@ -414,4 +469,4 @@ def _register_sampling(sub, handlers) -> None:
     register_sample(sub, handlers)
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, _register_sampling]
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, register_latents, _register_sampling]
