@@ -355,6 +355,18 @@ def test_a_rerun_asks_no_site_again_and_consent_off_warns_once(web, tmp_path, ca
     assert off_res[("ua.test", "/private/2.jpg")] is None and (w1, w2, w3) == (0, 0, 1)
 
 
+def test_the_report_has_a_consent_section(downloaded, tmp_path):
+    from browse.report import write_report
+
+    tmp, _, port, _ = downloaded
+    text = write_report(str(tmp), str(tmp_path / "report.html"))
+    section = [" ".join(line.split()) for line in text.split("consent (download --consent on):", 1)[1].strip().splitlines()]
+    assert section[:3] == ["robots_disallowed 4 links on 3 hosts (download)", "tdm_reserved 2 links on 2 hosts (download)", "opt_out 2 links on 1 hosts (download)"]
+    assert section[3] == f"robots.txt of http://fivexx.test:{port} unavailable (HTTP 503): all of the site disallowed for this run"
+    page = (tmp_path / "report.html").read_text()
+    assert "<table id='consent'>" in page and "<table id='consent-failures'>" in page and f"http://fivexx.test:{port}" in page
+
+
 # ---- page-level opt-outs at extract ---------------------------------------------------------------
 
 
@@ -405,3 +417,25 @@ def test_pages_that_opt_out_give_no_image(tmp_path, mode):
             assert kept == ["http://a.test/a.jpg", "http://a.test/b.jpg", "http://a.test/c.jpg"], url
     n_out = sum(1 for *_, o in OPT_OUT_PAGES if o) if mode == "on" else 0
     assert stats["input"] == 3 * len(OPT_OUT_PAGES) and stats["rejected"].get("page_opt_out", 0) == 3 * n_out and stats["kept"] == 3 * (len(OPT_OUT_PAGES) - n_out)
+    if mode == "on":
+        from browse.report import write_report
+
+        assert f"page_opt_out {3 * n_out} links on {n_out} pages (extract)" in [" ".join(line.split()) for line in write_report(str(tmp_path / "out")).splitlines()]
+
+
+# ---- flags and config -------------------------------------------------------------------------------
+
+
+def test_repeated_resolve_and_allow_hosts_are_all_kept_and_run_takes_resolve(tmp_path):
+    from webpairs.cli import build_parser
+    from webpairs.run import RunConfig
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["crawl", "download", "in", "--out", "o", "--resolve", "a.test:127.0.0.1", "--resolve", "b.test:127.0.0.2,c.test:::1", "--allow-hosts", "127.0.0.1", "--allow-hosts", "::1"])
+    assert args.resolve == ["a.test:127.0.0.1", "b.test:127.0.0.2", "c.test:::1"] and args.allow_hosts == ["127.0.0.1", "::1"]
+    args = parser.parse_args(["run", "in", "--out", "o", "--resolve", "a.test:127.0.0.1", "--resolve", "b.test:127.0.0.1", "--consent", "off"])
+    cfg = RunConfig.load(None, allow_hosts=args.allow_hosts, crawl_overrides={"consent": args.consent}, download_overrides={"resolve": args.resolve, "consent": args.consent})
+    assert cfg.download.resolve == ("a.test:127.0.0.1", "b.test:127.0.0.1") and cfg.download.consent == cfg.crawl.consent == "off"
+    (tmp_path / "c.yaml").write_text("download:\n  consent: off\n  per_host_connections: 2\ncrawl:\n  consent: on\n")
+    cfg = RunConfig.load(str(tmp_path / "c.yaml"))
+    assert cfg.download.consent == "off" and cfg.crawl.consent == "on" and cfg.download.per_host_connections == 2
