@@ -10,7 +10,7 @@ import _common  # noqa: F401 - sets sys.path and environment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Loaded by path under bench_* names: benchmarks/filter.py and train.py share names with packages.
-BENCHMARKS = ["crawl_extract", "crawl_download", "fetch_plan", "filter", "pairing", "boilerplate", "dask_scaling", "train", "browse"]
+BENCHMARKS = ["crawl_extract", "crawl_download", "fetch_plan", "filter", "pairing", "boilerplate", "dask_scaling", "train", "browse", "gpu"]
 
 
 def _load(name: str):

@@ -319,6 +319,8 @@ def stage_files(path: str, name: str, expected: Optional[str] = None) -> list[st
     """The parquet files of part `name` (links, images, rejected, ...) of a complete stage output,
     as its `_SUCCESS` lists them. `path` is the stage directory (or its `name` sub-folder)."""
     path = path.rstrip("/")
+    if "://" not in path:  # local: absolute, so pointers written from these paths (pair's bytes_file)
+        path = os.path.abspath(path)  # hold on workers and from any working directory
     if os.path.basename(path) == name and not FileSystems.exists(os.path.join(path, SUCCESS_FILE)):
         path = os.path.dirname(path)
     marker = read_success(path, expected)

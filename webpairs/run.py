@@ -81,7 +81,7 @@ class RunConfig:
     sample: "SampleConfig"
 
     @classmethod
-    def load(cls, path: Optional[str] = None, allow_hosts: Optional[str] = None, train_defaults: Optional[dict] = None, crawl_overrides: Optional[dict] = None, download_overrides: Optional[dict] = None, **filter_overrides) -> "RunConfig":
+    def load(cls, path: Optional[str] = None, allow_hosts=None, train_defaults: Optional[dict] = None, crawl_overrides: Optional[dict] = None, download_overrides: Optional[dict] = None, **filter_overrides) -> "RunConfig":
         from generate.images import SampleConfig
         from train.train import TrainConfig
 

@@ -248,8 +248,7 @@ def scrub_run(run: str, images: dict, urls: dict, report: bool = True) -> dict:
             gone_plan = [(u, r) for u, r in zip(_col(plan, "image_url"), _col(plan, "reason")) if u in urls]
             dl.stats["urls"] -= len({u for u, _ in gone_plan})
             dl.stats["urls_selected"] -= len({u for u, r in gone_plan if r is None})
-        dl.rewrite("_plan", _plan_mask(urls, links))
-        dl.rewrite("img2dataset", _i2d_mask(urls, images))
+        dl.rewrite("", _any_mask(urls, links, images))  # the rest: _plan/, img2dataset's shards (each round)
         removed["download"] = {"links": kept_links_removed, "images": gone_images.num_rows}
         dl.commit()
         filter_input_removed = kept_links_removed
@@ -300,20 +299,18 @@ def scrub_run(run: str, images: dict, urls: dict, report: bool = True) -> dict:
     return removed
 
 
-def _plan_mask(urls: dict, links: set) -> Callable[[pa.Table], pa.Array]:
-    by_url = _isin("image_url", urls)
-    by_link = _isin("link_id", links)
-    return lambda t: pc.or_(by_url(t), by_link(t)) if "link_id" in t.column_names else by_url(t) if "image_url" in t.column_names else pa.array([False] * t.num_rows)
-
-
-def _i2d_mask(urls: dict, images: dict) -> Callable[[pa.Table], pa.Array]:
-    by_url = _isin("url", urls)
-    prefixes = tuple(images)
+def _any_mask(urls: dict, links: set, images: dict) -> Callable[[pa.Table], pa.Array]:
+    """Rows that name a removed link, URL or image in any of the usual columns (download's plan
+    tables, img2dataset's output with its `url` and `sha256` of the bytes, ...)."""
+    checks = {"link_id": _isin("link_id", links), "image_url": _isin("image_url", urls), "url": _isin("url", urls), "image_id": _isin("image_id", images)}
 
     def mask(t):
-        m = by_url(t)
-        if "sha256" in t.column_names and prefixes:
-            m = pc.or_(m, pa.array([bool(s) and s[:16] in images for s in _col(t, "sha256")], pa.bool_()))
+        m = pa.array([False] * t.num_rows, pa.bool_())
+        for column, check in checks.items():
+            if column in t.column_names and pa.types.is_string(t.schema.field(column).type):
+                m = pc.or_(m, check(t))
+        if "sha256" in t.column_names and images:
+            m = pc.or_(m, pa.array([bool(v) and v[:16] in images for v in _col(t, "sha256")], pa.bool_()))
         return m
     return mask
 
@@ -321,7 +318,7 @@ def _i2d_mask(urls: dict, images: dict) -> Callable[[pa.Table], pa.Array]:
 def _scrub_shards(shards_dir: str, pairs_removed: set) -> dict:
     """Rewrite the tars holding removed samples; index, manifest and stats follow."""
     from core import sample_layout as layout
-    from shards.writer import _ShardFile
+    from shards.writer import _members, _ShardFile
 
     sh = StageRewrite(shards_dir, "shards")
     index = _read(os.path.join(sh.path, "index"))
@@ -344,7 +341,7 @@ def _scrub_shards(shards_dir: str, pairs_removed: set) -> dict:
             continue
         shard = _ShardFile(sh.path, name)
         for sample in samples.values():
-            new_rows[sample["key"]] = shard.add(sample)
+            new_rows[sample["key"]] = shard.add(sample, _members(sample))
         summaries[name] = shard.close()
     sh.rewrite("index", _isin("key", pairs_removed))
     for f in _parquets(os.path.join(sh.path, "index")):  # the new byte offsets of the rewritten shards
