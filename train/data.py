@@ -123,6 +123,12 @@ def stored_latents(spec: str, latent: str, image_size: int) -> bool:
     return latent not in ("", "pixel") and info.get("vae") == latent and int(info.get("image_size") or 0) == image_size
 
 
+def shards_store_embedding(spec: str) -> bool:
+    """Whether the shards hold `{key}.cond.npy` (False for `webpairs shards --no-embedding`)."""
+    config = shards_manifest(spec).get("config")
+    return not isinstance(config, dict) or config.get("store_embedding", True) is not False
+
+
 def assign(urls: list[str], rank: int, world: int, worker: int, workers: int):
     """(shards this reader opens, (modulus, remainder) of sample indices it keeps within them)."""
     readers, me = world * workers, rank * workers + worker
@@ -153,8 +159,11 @@ class PairStream(torch.utils.data.IterableDataset):
         if not self.urls:
             raise FileNotFoundError(f"no pair shards (*.tar) found at {cfg.shards}")
         stored = shards_encoder(cfg.shards)
-        self.use_stored = cfg.pairing == "same-page" and (not cfg.encoder or cfg.encoder == stored)
+        # shards written with --no-embedding: the condition is computed with the manifest's encoder
+        self.use_stored = cfg.pairing == "same-page" and (not cfg.encoder or cfg.encoder == stored) and shards_store_embedding(cfg.shards)
         self.encoder_name = cfg.encoder or stored or ""
+        if not self.use_stored and not self.encoder_name:
+            raise ValueError(f"{cfg.shards} stores no condition embeddings and names no encoder: pass an encoder to compute them")
         self.latents = stored_latents(cfg.shards, cfg.latent, cfg.image_size)
 
     def _samples(self, urls: list[str]) -> Iterator[dict]:

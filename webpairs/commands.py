@@ -39,12 +39,33 @@ def _input_slice_args(p) -> None:
     p.add_argument("--files-from", type=int, metavar="K", help="skip the first K input files of the sorted list or manifest (default 0)")
 
 
+def _csv(value: str) -> list[str]:
+    """A repeatable flag's value: one item or several, comma separated."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _allow_hosts_arg(p) -> None:
     p.add_argument(
         "--allow-hosts",
         metavar="HOST,IP,CIDR",
-        help="hosts exempt from the private-address rule of the URL policy (e.g. 127.0.0.1 for the loopback test web); default: none",
+        action="extend",
+        type=_csv,
+        help="hosts exempt from the private-address rule of the URL policy (e.g. 127.0.0.1 for the loopback test web); repeatable; default: none",
     )
+
+
+def _resolve_arg(p) -> None:
+    p.add_argument("--resolve", metavar="HOST:ADDR[,...]", action="extend", type=_csv, help="pin host names to addresses, as curl's --resolve (the URL policy applies to ADDR); repeatable")
+
+
+def _consent_arg(p, what: str) -> None:
+    p.add_argument("--consent", choices=("on", "off"), help=f"on (default): {what}; off: ignore them, only for sites you own (one warning line per run)")
+
+
+def _blocklist_args(p) -> None:
+    g = p.add_argument_group("unsafe content (a match is never written to any file of the run)")
+    g.add_argument("--blocklist", action="append", metavar="FILE", help="hash list: lines sha256:<hex>, md5:<hex> or pdq:<64 hex> (Meta's PDQ), # comments; a matching image is rejected as blocklisted as its bytes arrive (repeatable)")
+    g.add_argument("--blocklist-pdq-distance", type=int, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
 
 
 def register_crawl(sub, handlers) -> None:
@@ -58,6 +79,7 @@ def register_crawl(sub, handlers) -> None:
         "(https://data.commoncrawl.org/..., s3://commoncrawl/..., gs://...; gzip or plain)",
     )
     _allow_hosts_arg(p)
+    _consent_arg(p, "a page whose X-Robots-Tag header or <meta name=robots> says noai or noimageai gives no image (page_opt_out)")
     _input_slice_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_extract)
 
@@ -71,8 +93,12 @@ def register_crawl(sub, handlers) -> None:
             "--boilerplate-pages pages, or on --site-share of a site's pages), links past the per-page cap and "
             "pages left with fewer than 2 candidates. img2dataset then fetches each distinct selected URL once; "
             "every link is resolved to its image (occurrences/), identical bytes are kept once (downloads/). "
-            "The URL policy also applies to redirect targets; X-Robots-Tag opt-outs are honoured. Rerunning "
-            "into the same --out resumes: finished shards are kept."
+            "The URL policy also applies to redirect targets. Before any image of a site, its robots.txt and "
+            "/.well-known/tdmrep.json are asked once (kept in OUT/consent/, so a rerun asks again none): a URL they "
+            "refuse is robots_disallowed or tdm_reserved; an image response with tdm-reservation: 1 or an "
+            "X-Robots-Tag opt-out is refused on its headers, without reading the body. At most "
+            "--per-host-connections connections go to one host at once, Crawl-delay is honoured, and a 429/503 "
+            "Retry-After is waited for. Rerunning into the same --out resumes: finished shards are kept."
         ),
     )
     p.add_argument("input", help="a `crawl extract` output directory (or its links/ parquet files)")
@@ -84,8 +110,14 @@ def register_crawl(sub, handlers) -> None:
     p.add_argument("--timeout", type=float, help="seconds a connect or read may wait (default 10)")
     p.add_argument("--deadline", type=float, help="seconds one image may take in all, redirects included (default 30)")
     p.add_argument("--max-image-bytes", type=int, help="larger images are cut off and rejected as too_large (default 20 MiB)")
-    p.add_argument("--resolve", metavar="HOST:ADDR[,...]", help="pin host names to addresses, as curl's --resolve (the URL policy applies to ADDR)")
+    _resolve_arg(p)
     p.add_argument("--retries", type=int, help="extra attempts per URL (default 0)")
+    g = p.add_argument_group("consent and politeness")
+    _consent_arg(g, "robots.txt (token webpairs, else *), TDMRep and the opt-out headers of image responses are honoured")
+    g.add_argument("--contact", metavar="URL", help="named in the User-Agent, webpairs/<version> (+URL), so a site owner can learn about the crawl (default: the project's page)")
+    g.add_argument("--per-host-connections", type=int, metavar="N", help="connections open at once to one host, across all download processes (default 4)")
+    g.add_argument("--max-retry-after", type=float, metavar="SECONDS", help="a 429/503 answer's Retry-After up to this is waited for and the image asked again (default 60; 0: never)")
+    g.add_argument("--retry-failed", action="store_true", help="on a finished download in --out: fetch again only the links that failed for a transient reason (timeout, 5xx, 429, connection error), keep everything else, write a complete new output")
     p.add_argument("--resize-mode", help="img2dataset resize mode; default 'no' keeps the original bytes for filter")
     p.add_argument("--image-size", type=int, help="target side when resizing (default 512)")
     p.add_argument("--samples-per-shard", type=int, help="images per img2dataset shard, the unit of resume (default 1000)")
@@ -101,6 +133,7 @@ def register_crawl(sub, handlers) -> None:
     g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
     g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
     g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 128MB: bounded on any machine; give a cluster node more, e.g. 8GB, to spill less)")
+    _blocklist_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
     def dispatch(args, beam_args):
@@ -123,7 +156,7 @@ def cmd_crawl_download(args, beam_args) -> int:
     from crawl.download import run_download
 
     cfg = _load_config(config.DownloadConfig, args, "download")
-    return _run_stage(run_download, "crawl download", args.input, args.out, cfg)
+    return _run_stage(run_download, "crawl download", args.input, args.out, cfg, retry_failed=args.retry_failed)
 
 
 def register_filter(sub, handlers) -> None:
@@ -266,12 +299,15 @@ def register_run(sub, handlers) -> None:
     p.add_argument("input", help="WARC/WAT file, folder or glob (local or fsspec URL)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards")
-    p.add_argument("--allow-hosts", metavar="HOST,IP,CIDR", help="hosts exempt from the private-address rule (default: none)")
+    _allow_hosts_arg(p)
+    _resolve_arg(p)
+    _consent_arg(p, "pages' noai/noimageai opt-outs, robots.txt, TDMRep and image opt-out headers are honoured")
     _input_slice_args(p)
     p.add_argument("--encoder", help="filter encoder (default open_clip:ViT-B-32, downloaded on first use; efficientnet-lite0 works offline)")
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
     _model_flags(p)
     p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
+    _blocklist_args(p)
     handlers["run"] = cmd_run
     cmd_run.accepts_beam_args = True
 
@@ -318,7 +354,11 @@ def cmd_run(args, beam_args) -> int:
 
     try:
         crawl = {k: getattr(args, k) for k in ("paths_prefix", "max_files", "files_from") if getattr(args, k) is not None}
-        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, encoder=args.encoder, encoder_weights=args.encoder_weights)
+        if args.consent is not None:
+            crawl["consent"] = args.consent
+        download = {k: v for k, v in (("resolve", args.resolve), ("consent", args.consent)) if v is not None}
+        download.update({k: getattr(args, k) for k in ("blocklist", "blocklist_pdq_distance") if getattr(args, k) is not None})
+        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, download_overrides=download, encoder=args.encoder, encoder_weights=args.encoder_weights)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
         done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
     except (StageError, config.ConfigError) as err:
@@ -429,4 +469,58 @@ def _register_sampling(sub, handlers) -> None:
     register_sample(sub, handlers)
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, register_latents, _register_sampling]
+def register_scrub(sub, handlers) -> None:
+    p = sub.add_parser(
+        "scrub",
+        help="remove images from a finished run (a hash blocklist or a list of image URLs): every stage's rows, the shards, index, manifest and report",
+        description=(
+            "Take images out of a finished run directory after a take-down request or a new hash list: the images whose bytes match "
+            "--blocklist (sha256/md5 of the bytes, PDQ within --blocklist-pdq-distance bits: filter stores every kept image's PDQ) or "
+            "that a URL of --urls served, with every link to them. Their links become `scrubbed` rejects of extract and leave every "
+            "later stage (rows, bytes, img2dataset's shards, pairs, shard tars, index, manifest; stats recounted); the report is "
+            "written again. Prints what it removed. A model trained on the run is not changed."
+        ),
+    )
+    p.add_argument("run", help="a run directory (links/, download/, filter/, pair/, shards/)")
+    p.add_argument("--blocklist", action="append", metavar="FILE", help="hash list (sha256:, md5:, pdq: lines, as crawl download --blocklist); repeatable")
+    p.add_argument("--blocklist-pdq-distance", type=int, default=31, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
+    p.add_argument("--urls", action="append", metavar="FILE", help="image URLs to remove, one a line (# comments); repeatable")
+    handlers["scrub"] = cmd_scrub
+
+
+def cmd_scrub(args, _beam_args) -> int:
+    from crawl.blocklist import load_lists
+    from webpairs.scrub import find_matches, read_url_list, scrub_run
+
+    if not (args.blocklist or args.urls):
+        raise UserError("give --blocklist FILE or --urls FILE (what to remove)")
+    if not os.path.isdir(args.run):
+        raise UserError(f"{args.run} is not a run directory")
+    if not 0 <= args.blocklist_pdq_distance <= 63:
+        raise UserError(f"--blocklist-pdq-distance {args.blocklist_pdq_distance} is out of range (0 to 63)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="webpairs-blocklist-") as tmp:
+        try:
+            index = load_lists(args.blocklist, args.blocklist_pdq_distance, tmp) if args.blocklist else None
+            urls = {}
+            for path in args.urls or ():
+                urls.update(read_url_list(path))
+            images, matched_urls = find_matches(args.run, index, urls)
+            for image, why in sorted(images.items()):
+                print(f"image {image}: {why}")
+            removed = scrub_run(args.run, images, matched_urls)
+        except (StageError, config.ConfigError) as err:
+            raise UserError(str(err)) from err
+    parts = [f"{removed['images']} images, {removed['links']} links"]
+    for stage in ("extract", "download", "filter", "pair", "shards"):
+        if stage in removed:
+            value = removed[stage]
+            parts.append(f"{stage}: " + (", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else f"{value} links"))
+    print("scrubbed " + "; ".join(parts))
+    if os.path.isdir(os.path.join(args.run, "train")):
+        print(f"note: the model in {os.path.join(args.run, 'train')} was trained on the removed images; train it again to forget them")
+    return 0
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, register_latents, _register_sampling, register_scrub]

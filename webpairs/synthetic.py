@@ -47,12 +47,11 @@ def make_run(out: str, pairs: int, sites: int = 50, pages_per_site: int = 0, dis
     ranges = []
     with tarfile.open(os.path.join(shards_dir, SHARD), "w", format=tarfile.USTAR_FORMAT) as tar:
         for k in range(distinct_samples):
-            start = None
+            start = tar.offset  # tarfile sets offsets on its own copies of the TarInfo, not on ours
             for ext, data in (("cond.jpg", _jpeg(rng)), ("target.jpg", _jpeg(rng)), ("json", b"{}")):
                 info = tarfile.TarInfo(f"sample{k:06d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-                start = info.offset if start is None else start
             ranges.append((start, tar.offset - start))
     offsets = np.array([r[0] for r in ranges], dtype=np.int64)
     sizes = np.array([r[1] for r in ranges], dtype=np.int64)
