@@ -115,3 +115,13 @@ def test_filter_stores_faces_and_blurs_the_stored_image(tmp_path, photos_dir, mo
             assert not detect_faces(Image.fromarray(stored))  # the blurred face is no longer a face
         else:
             assert got["image_bytes"] == data
+    # the report's safety section counts them
+    from browse.report import collect, render_html, summary_text
+
+    data = collect(str(tmp_path / "filter"))
+    if mode == "off":
+        assert "faces" not in data["safety"]
+    else:
+        assert data["safety"]["faces"] == {"checked": 3, "images_with_faces": 1, "faces": 1}
+        assert "images with faces: 1 of 3 (1 faces)" in summary_text(data)
+        assert "<h2>Safety</h2>" in render_html(data)
