@@ -341,7 +341,7 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
         parts.append(f"<h2>Example pairs</h2><p>{len(examples)} pairs drawn from {n_pages} pages of {n_sites} sites, the same number from the low, middle and high third of the similarity range; <code>webpairs browse RUN</code> pages through all of them.</p><div class='pairs'>")
         for ex in examples:
             parts.append(
-                f"<div class='pair' data-band='{ex['band']}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
+                f"<div class='pair' data-band='{ex['band']}' data-key='{esc(ex['key'])}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
                 f"<img src='data:image/jpeg;base64,{ex['target']}' alt='target'><br><b>{ex['band']} similarity</b> {ex['similarity']:.3f} &middot; site {esc(ex['site'])}<br>"
                 f"{esc(ex['page_url'])}<br>alt: {esc(ex['cond_alt'] or '')} &rarr; {esc(ex['target_alt'] or '')}</div>"
             )

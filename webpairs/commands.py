@@ -210,7 +210,7 @@ def register_pair(sub, handlers) -> None:
         "a `pair` output directory (pairs/ and images/ parquet)",
     )
     p.add_argument("--samples-per-shard", type=int, help="target samples per shard (default 1000)")
-    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file (default 256 MiB)")
+    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file, a bound of its size on disk; a sample larger than a whole shard is rejected (default 256 MiB)")
     p.add_argument("--no-embedding", dest="store_embedding", action="store_false", default=None, help="do not store the condition embedding ({key}.cond.npy)")
     handlers["shards"] = cmd_shards
     cmd_shards.accepts_beam_args = True
