@@ -97,6 +97,7 @@ class FilterConfig:
     max_pixels: int = 40_000_000  # decompression-bomb limit given to Pillow explicitly
     animated: str = "first_frame"  # "first_frame" keeps frame 0 of GIF/WEBP/APNG; "reject" drops them
     phash_size: int = 8  # imagehash hash_size: 8 gives 64-bit pHash
+    scaled_decode: bool = True  # JPEG decoded at the smallest DCT scale each use needs (false: every pixel)
     encoder: str = "open_clip:ViT-B-32"  # name in core.encoders; see `webpairs encoders`
     encoder_weights: str = ""  # local weights file; empty means the encoder's default offline source
     batch_size: int = 32  # RunInference batch size cap (BatchElements adapts below it) ...
