@@ -127,12 +127,16 @@ def copy_run(tmp_path_factory, photos_dir):
     from webpairs.copyweb import serve_copy_web
 
     tmp = tmp_path_factory.mktemp("copyweb")
-    dirs = {k: str(tmp / k) for k in ("links", "download", "filter", "pair")}
+    dirs = {k: str(tmp / k) for k in ("links", "download", "filter", "pair", "shards")}
     with serve_copy_web(str(tmp), photos_dir) as web:
         run_extract(web.warc_path, dirs["links"], CrawlConfig(allow_hosts=("127.0.0.1",)))
         run_download(dirs["links"], dirs["download"], DownloadConfig(allow_hosts=("127.0.0.1",), processes=1))
     run_filter(dirs["download"], dirs["filter"], FilterConfig(encoder="efficientnet-lite0"))
     stats = run_pair(dirs["filter"], dirs["pair"], PairConfig())
+    from core.config import ShardConfig
+    from shards.writer import run_shards
+
+    run_shards(dirs["pair"], dirs["shards"], ShardConfig(samples_per_shard=200))
     return web, dirs, stats
 
 
@@ -216,3 +220,70 @@ def test_pairs_of_the_test_web_hold_except_its_copies(pipeline_dirs, tmp_path):
     assert {p for p in on_pairs if p[0] not in touched} == {p for p in off_pairs if p[0] not in touched}
     assert {p for p in on_pairs - off_pairs if not (p[1] in groups or p[2] in groups)} == set()
     assert all(r["reason"] == "near_duplicate" for r in _read(pipeline_dirs["pair"], "rejected") if r["record_id"] in {c["link_id"] for c in copies})
+
+
+def test_report_and_browser_show_copy_groups(copy_run, tmp_path):
+    """The HTML report's copy gallery (kept dress first in each group) and groups per site, and the
+    browser's /api/copies and /image/copy, against the ground truth of the copy web."""
+    from html.parser import HTMLParser
+
+    from browse.data import RunData
+    from browse.report import write_report
+
+    web, dirs, _ = copy_run
+    copies = _read(dirs["pair"], "copies")
+    groups = {c["kept_image_id"] for c in copies}
+    want_sites: dict[str, set] = {}
+    for c in copies:
+        want_sites.setdefault(c["site"], set()).add(web.photo[c["kept_image_url"]])
+    root = os.path.dirname(dirs["pair"])
+    text = write_report(root, str(tmp_path / "report.html"))
+    assert f"copies across sites: {len(groups)} groups, {len({c['image_id'] for c in copies})} dresses removed" in text
+
+    class Gallery(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.groups, self.rows, self.cell, self.in_sites = [], [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "div" and "copy-group" in (a.get("class") or ""):
+                self.groups.append([])
+            elif tag == "div" and self.groups and a.get("class") in ("pair kept", "pair copy"):
+                self.groups[-1].append(a["class"].split()[1])
+            elif tag == "table" and a.get("id") == "copy-sites":
+                self.in_sites = True
+            elif tag == "tr" and self.in_sites:
+                self.rows.append([])
+            elif tag == "td" and self.in_sites:
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                self.rows[-1].append(self.cell)
+                self.cell = None
+            elif tag == "table":
+                self.in_sites = False
+
+    g = Gallery()
+    g.feed(open(tmp_path / "report.html").read())
+    assert len(g.groups) == min(12, len(groups)) and all(m[0] == "kept" and set(m[1:]) == {"copy"} and len(m) >= 2 for m in g.groups)
+    assert {r[0]: int(r[1]) for r in g.rows if r} == {s: len(p) for s, p in want_sites.items()}
+    run = RunData(root)
+    try:
+        page = run.copy_groups(limit=200)
+        assert page["total"] == len(groups) == len(page["groups"])
+        for grp in page["groups"]:
+            members = grp["members"]
+            assert members[0]["kept"] and members[0]["image_id"] == grp["kept_image_id"] and not any(m["kept"] for m in members[1:])
+            assert len({web.photo[m["url"]] for m in members}) == 1  # one photo per group
+            img = Image.open(io.BytesIO(run.copy_image(members[1]["image_id"])))
+            assert img.size == (members[1]["width"], members[1]["height"])
+        assert {r["site"]: r["groups"] for r in page["per_site"]} == {s: len(p) for s, p in want_sites.items()}
+        assert run.copy_image("0123456789abcdef") is None
+    finally:
+        run.close()
