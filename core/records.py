@@ -115,6 +115,7 @@ IMAGE_SCHEMA = pa.schema(
         ("image_bytes", pa.binary()),  # the original bytes as downloaded (null when only pointed to)
         ("bytes_file", pa.string()),  # pointer to the bytes: a parquet file of a filter output ...
         ("bytes_row_group", pa.int32()),  # ... and the row group in it that holds this image
+        ("pdq", pa.string()),  # PDQ perceptual hash (core/perceptual.py) as 64 hex: `webpairs scrub --blocklist` matches it
     ]
 )
 
@@ -247,6 +248,7 @@ class ImageRecord:
     image_bytes: Optional[bytes]
     bytes_file: Optional[str] = None
     bytes_row_group: Optional[int] = None
+    pdq: Optional[str] = None
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

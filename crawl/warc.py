@@ -46,6 +46,7 @@ class Page:
     body: bytes
     charset: Optional[str]
     offset: int
+    headers: tuple = ()  # the response headers consent reads (X-Robots-Tag, tdm-reservation): (name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class WatLinks:
     links: list  # [{"url": ..., "alt": ...}]
     base: Optional[str]
     offset: int
+    headers: tuple = ()  # the response headers consent reads (X-Robots-Tag, tdm-reservation): (name, value)
+    metas: tuple = ()  # the page's <meta name content> pairs consent reads (robots, webpairs, tdm-reservation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,13 +236,22 @@ def iter_file(path: str, counters: Optional[dict] = None, retries: int = DEFAULT
             yield Problem("failed_file", path, fh.tell(), str(err)[:500])
 
 
+def target_uri(value) -> str:
+    """A WARC-Target-URI without its one `<...>` wrapper (WARC/1.0 writes `<http://...>`); a URL
+    that merely ends in `>` (a page `...?q=<b>`) keeps it."""
+    v = value.strip() if isinstance(value, str) else ""
+    if len(v) >= 2 and v[0] == "<" and v[-1] == ">":
+        v = v[1:-1].strip()
+    return v
+
+
 def _read_record(record, path: str, offset: int, bump) -> Iterator[object]:
     """Page / WatLinks / Problem for one WARC record (nothing for other record types)."""
     rtype = record.record_type
     if rtype not in (WarcRecordType.response, WarcRecordType.metadata):
         return
     bump("records")
-    url = (record.headers.get("WARC-Target-URI") or "").strip().strip("<>")  # WARC/1.0 wraps it
+    url = target_uri(record.headers.get("WARC-Target-URI"))
     if rtype == WarcRecordType.metadata:
         wat = _wat_links(record, url, offset)
         if wat is not None:
@@ -262,7 +274,16 @@ def _read_record(record, path: str, offset: int, bump) -> Iterator[object]:
         bump("skipped_empty")
         return
     bump("html_pages")
-    yield Page(url, body, record.http_charset, offset)
+    yield Page(url, body, record.http_charset, offset, _consent_headers(record.http_headers.astuples() if record.http_headers is not None else ()))
+
+
+CONSENT_HEADERS = ("x-robots-tag", "tdm-reservation")
+CONSENT_METAS = ("robots", "webpairs", "tdm-reservation")
+
+
+def _consent_headers(pairs) -> tuple:
+    """The (name, value) header pairs a page's consent is read from (crawl/consent.py)."""
+    return tuple((str(k), str(v)) for k, v in pairs if str(k).strip().lower() in CONSENT_HEADERS)
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -325,5 +346,9 @@ def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
         for link in html.get("Links", [])
         if link.get("path") == "IMG@/src"
     ]
-    base = html.get("Head", {}).get("Base")
-    return WatLinks(header.get("WARC-Target-URI") or url, links, base, offset)
+    head = html.get("Head", {})
+    base = head.get("Base")
+    http_headers = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("Headers", {})
+    headers = _consent_headers(http_headers.items() if isinstance(http_headers, dict) else ())
+    metas = tuple((str(m.get("name", "")), str(m.get("content", ""))) for m in head.get("Metas", []) if isinstance(m, dict) and str(m.get("name", "")).strip().lower() in CONSENT_METAS)
+    return WatLinks(target_uri(header.get("WARC-Target-URI")) or url, links, base, offset, headers, metas)

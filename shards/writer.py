@@ -34,13 +34,14 @@ STAGE = "shards"
 REJECTED = "rejected"
 MISSING_IMAGE = "missing_image"
 BAD_IMAGE = "unreadable_image"
+TOO_LARGE = "sample_over_max_shard_bytes"  # one sample is larger than a whole shard may be
 
 INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # the pair_id, the webdataset __key__
         ("shard", pa.string()),  # tar file name, relative to the shards directory
         ("offset", pa.int64()),  # byte offset of the sample's first tar header
-        ("size", pa.int64()),  # bytes from that header to the end of the sample's last member
+        ("size", pa.int64()),  # bytes of the sample's members: headers and data with its 512-byte padding
         ("page_url", pa.string()),
         ("cond_image_id", pa.string()),
         ("target_image_id", pa.string()),
@@ -108,6 +109,29 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
+def _members(sample: dict) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """The tar members of a sample, with fixed metadata (reproducible bytes)."""
+    members = []
+    for ext, data in sample["files"].items():
+        info = tarfile.TarInfo(f"{sample['key']}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        members.append((info, data))
+    return members
+
+
+def _member_bytes(info: tarfile.TarInfo) -> int:
+    """Bytes a member takes in the archive: its header block(s) and its data padded to 512."""
+    header = len(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    return header + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def tar_file_size(content_bytes: int) -> int:
+    """The size of a tar file whose members take `content_bytes`: tarfile's close() adds two zero
+    blocks (end of archive) and pads the file to a whole record (RECORDSIZE, 10 KiB)."""
+    end = content_bytes + 2 * tarfile.BLOCKSIZE
+    return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class _ShardFile:
     """One tar being written under a temporary name; `close()` renames it into place, so a killed
     run never leaves a complete-looking shard."""
@@ -120,13 +144,16 @@ class _ShardFile:
         self.tar = tarfile.open(fileobj=self.stream, mode="w|", format=tarfile.USTAR_FORMAT)
         self.samples = 0
 
-    def add(self, sample: dict) -> dict:
-        start = None
-        for ext, data in sample["files"].items():
-            info = tarfile.TarInfo(f"{sample['key']}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: reproducible bytes
+    def size_with(self, members: list) -> int:
+        """The size the closed tar file would have with these members added (exact, not a guess)."""
+        return tar_file_size(self.tar.offset + sum(_member_bytes(info) for info, _ in members))
+
+    def add(self, sample: dict, members: list) -> dict:
+        # `tar.offset` is the archive position of the next header; tarfile keeps offsets on its
+        # own copies of the TarInfo, never on ours, so the sample's range is measured here
+        start = self.tar.offset
+        for info, data in members:
             self.tar.addfile(info, io.BytesIO(data))
-            start = info.offset if start is None else start
         m = sample["meta"]
         self.samples += 1
         return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.tar.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"]}
@@ -163,13 +190,17 @@ class WriteShards(beam.DoFn):
                 if tag == REJECTED:
                     yield beam.pvalue.TaggedOutput(REJECTED, value)
                     continue
-                n = sum(len(v) + 512 for v in value["files"].values())
-                if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.stream.n + n > self.cfg.max_shard_bytes):
+                members = _members(value)
+                alone = tar_file_size(sum(_member_bytes(info) for info, _ in members))
+                if alone > self.cfg.max_shard_bytes:  # no shard could hold it within the limit
+                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(value["key"], STAGE, TOO_LARGE, f"sample of {alone} bytes as a tar > max_shard_bytes {self.cfg.max_shard_bytes}", value["meta"]["page_url"]).to_row())
+                    continue
+                if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.size_with(members) > self.cfg.max_shard_bytes):
                     yield beam.pvalue.TaggedOutput("summary", shard.close())
                     shard = None
                 if shard is None:
                     shard, seq = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1
-                yield shard.add(value)
+                yield shard.add(value, members)
         if shard is not None:
             yield beam.pvalue.TaggedOutput("summary", shard.close())
 
