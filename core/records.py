@@ -154,6 +154,49 @@ BOILERPLATE_SCHEMA = pa.schema(
     ]
 )
 
+# What `pair` found as copies across pages and sites (pairing/copies.py): one row per link whose
+# image is another dress of a photo kept elsewhere (reason copy_duplicate, or near_duplicate when
+# the kept dress is on the same page), naming the kept image; the report's copy gallery reads it.
+COPY_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),  # the removed link (its rejected/ row has the same record_id)
+        ("page_url", pa.string()),
+        ("site", pa.string()),  # the page's registered domain
+        ("image_id", pa.string()),  # the removed dress ...
+        ("image_url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes_file", pa.string()),
+        ("bytes_row_group", pa.int32()),
+        ("kept_image_id", pa.string()),  # ... and the group's kept dress
+        ("kept_image_url", pa.string()),
+        ("kept_width", pa.int32()),
+        ("kept_height", pa.int32()),
+        ("kept_bytes_file", pa.string()),
+        ("kept_bytes_row_group", pa.int32()),
+        ("stand_in", pa.bool_()),  # the kept dress stands in for it on this page
+    ]
+)
+
+# Every candidate pair the copy step verified, with the geometric check's measurements.
+COPY_CHECK_SCHEMA = pa.schema(
+    [
+        ("image_a", pa.string()),
+        ("image_b", pa.string()),
+        ("cosine", pa.float32()),  # embedding cosine (null: a pHash-only candidate)
+        ("phash_distance", pa.int32()),  # mirror-aware pHash bits (null: an embedding-only candidate)
+        ("copy", pa.bool_()),  # the verdict
+        ("matches", pa.int32()),  # descriptor matches after the ratio test
+        ("inliers", pa.int32()),  # matches that agree on the RANSAC similarity transform
+        ("mirrored", pa.bool_()),
+        ("scale", pa.float32()),
+        ("rotation", pa.float32()),  # degrees
+        ("overlap_small", pa.float32()),  # shared region / the larger picture
+        ("overlap_large", pa.float32()),  # shared region / the smaller picture
+        ("spread", pa.float32()),  # the inliers' hull / the shared region
+    ]
+)
+
 REJECTED_SCHEMA = pa.schema(
     [
         ("record_id", pa.string()),  # id of the input record (link_id, image key, image_id, ...)

@@ -206,20 +206,31 @@ class SitePolicy:
 
 class SiteRules:
     """Every origin's answers for one download: asked once (`ask`), kept in `folder/hosts.parquet`,
-    read back on a rerun. Picklable: it holds plain rows."""
+    read back on a rerun. Pickled into img2dataset's workers (once per shard) without its rows when
+    they are saved: a worker reads them back from the file on its first redirect to another site."""
 
     def __init__(self, folder: str, allow_hosts=(), pins: Optional[dict] = None, agent: str = "", timeout: float = 10.0):
         self.folder, self.allow_hosts, self.pins, self.agent, self.timeout = folder, tuple(allow_hosts), dict(pins or {}), agent or user_agent(), timeout
-        self.rows: dict[str, dict] = {}
+        self._rows: Optional[dict[str, dict]] = None
         self._policies: dict[str, SitePolicy] = {}
-        path = os.path.join(folder, HOSTS_FILE)
-        if os.path.exists(path):
-            for row in pq.read_table(path).to_pylist():
-                self.rows[row["origin"]] = row
+        self._saved = False
+
+    @property
+    def rows(self) -> dict[str, dict]:
+        if self._rows is None:
+            self._rows = {}
+            path = os.path.join(self.folder, HOSTS_FILE)
+            if os.path.exists(path):
+                for row in pq.read_table(path).to_pylist():
+                    self._rows[row["origin"]] = row
+                self._saved = True
+        return self._rows
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_policies"] = {}
+        if self._saved:
+            state["_rows"] = None  # read back from the file where needed
         return state
 
     def forget_unavailable(self) -> None:
@@ -227,6 +238,7 @@ class SiteRules:
         for origin in [o for o, r in self.rows.items() if UNAVAILABLE in (r["robots_status"], r["tdmrep_status"])]:
             del self.rows[origin]
             self._policies.pop(origin, None)
+            self._saved = False
 
     def ask(self, origins: Iterable[str], threads: int = 32) -> int:
         """Ask every origin not asked yet (`threads` at a time); returns how many were asked."""
@@ -234,6 +246,8 @@ class SiteRules:
 
         todo = sorted(set(o for o in origins if o) - set(self.rows))
         if not todo:
+            if not self._saved and self.rows:
+                self.save()
             return 0
         allow = AllowList(self.allow_hosts)
         log.info("consent: asking %d sites for robots.txt and tdmrep.json", len(todo))
@@ -249,6 +263,7 @@ class SiteRules:
         tmp = os.path.join(self.folder, f".{HOSTS_FILE}.tmp")
         pq.write_table(pa.Table.from_pylist(rows, schema=HOSTS_SCHEMA), tmp)
         os.replace(tmp, os.path.join(self.folder, HOSTS_FILE))
+        self._saved = True
 
     def policy(self, origin: str) -> Optional[SitePolicy]:
         if origin not in self._policies and origin in self.rows:

@@ -37,6 +37,7 @@ ROBOTS = {
     "ua.test": "User-agent: *\nDisallow: /\n\nUser-agent: webpairs\nDisallow: /private/\n",  # our group wins over *
     "star.test": "User-agent: otherbot\nDisallow: /\n\nUser-agent: *\nDisallow: /private/\n",
     "delay.test": "User-agent: *\nCrawl-delay: 1\n",
+    "hop.test": "User-agent: *\nDisallow: /private/\n",  # only reached by a redirect: not in the plan
 }
 TDMREP = {"tdm.test": [{"location": "/reserved/*", "tdm-reservation": 1, "tdm-policy": "https://tdm.test/policy.json"}, {"location": "/", "tdm-reservation": 0}]}
 
@@ -128,6 +129,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._send(429, b"slow down", "text/plain", [("Retry-After", "2")])
             if path == "/date.jpg":
                 return self._send(503, b"later", "text/plain", [("Retry-After", email.utils.formatdate(time.time() + 2, usegmt=True))])
+        if host == "ua.test" and path.startswith("/public/to-"):  # a redirect to another site's disallowed path
+            target = {"/public/to-star.jpg": "star.test", "/public/to-hop.jpg": "hop.test"}[path]
+            self.send_response(302)
+            self.send_header("Location", f"http://{target}:{self.server.server_address[1]}/private/x.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if host == "flaky.test" and path == "/x.jpg" and n == 1:
             return self._send(500, b"oops", "text/plain")
         if host == "flaky.test" and path == "/gone.jpg":
@@ -148,7 +156,7 @@ def web():
 
 HOSTS = ["ua.test", "star.test", "fivexx.test", "missing.test", "tdm.test", "optout.test", "busy.test", "delay.test", "ratelimit.test", "flaky.test"]
 PATHS = {
-    "ua.test": ["/public/1.jpg", "/private/2.jpg"],
+    "ua.test": ["/public/1.jpg", "/private/2.jpg", "/public/to-star.jpg", "/public/to-hop.jpg"],
     "star.test": ["/public/1.jpg", "/private/2.jpg"],
     "fivexx.test": ["/1.jpg", "/2.jpg"],
     "missing.test": ["/1.jpg", "/private/2.jpg"],
@@ -161,6 +169,7 @@ PATHS = {
 }
 EXPECTED = {  # (host, path) -> the reason, None: kept
     ("ua.test", "/public/1.jpg"): None, ("ua.test", "/private/2.jpg"): "robots_disallowed",
+    ("ua.test", "/public/to-star.jpg"): "robots_disallowed", ("ua.test", "/public/to-hop.jpg"): "robots_disallowed",  # judged at the redirect
     ("star.test", "/public/1.jpg"): None, ("star.test", "/private/2.jpg"): "robots_disallowed",
     ("fivexx.test", "/1.jpg"): "robots_disallowed", ("fivexx.test", "/2.jpg"): "robots_disallowed",
     ("missing.test", "/1.jpg"): None, ("missing.test", "/private/2.jpg"): None,
@@ -191,7 +200,7 @@ def _links_stage(folder, port: int) -> str:
 def _cli_download(links: str, out: str, *extra: str) -> int:
     from webpairs.cli import main
 
-    resolve = [a for h in HOSTS for a in ("--resolve", f"{h}:127.0.0.1")]  # repeated, as curl users do
+    resolve = [a for h in HOSTS + ["hop.test"] for a in ("--resolve", f"{h}:127.0.0.1")]  # repeated, as curl users do
     return main(["crawl", "download", links, "--out", out, "--allow-hosts", "127.0.0.1", "--allow-hosts", "::1", *resolve,
                  "--processes", "2", "--threads", "16", "--timeout", "5",
                  "--min-links-per-page", "0", "--no-url-boilerplate", "--max-retry-after", "10", "--samples-per-shard", "8", *extra])
@@ -235,8 +244,12 @@ def test_refused_urls_are_never_requested_and_site_files_come_first(downloaded):
     _, _, _, requests = downloaded
     asked = collections.Counter((h, p) for h, p, _, _ in requests)
     for (host, path), reason in EXPECTED.items():
-        if reason in ("robots_disallowed", "tdm_reserved") and host != "optout.test":
+        if reason in ("robots_disallowed", "tdm_reserved") and host != "optout.test" and "/to-" not in path:
             assert asked[(host, path)] == 0, (host, path)
+    # a redirect's target is judged before it is asked: another planned site's robots.txt, or the
+    # robots.txt of a site the plan never saw, asked by the worker first
+    assert asked[("star.test", "/private/x.jpg")] == asked[("hop.test", "/private/x.jpg")] == 0
+    assert asked[("hop.test", "/robots.txt")] >= 1
     for host in HOSTS:  # robots.txt and tdmrep.json once per host, before any image of it
         mine = [(p, t) for h, p, t, _ in requests if h == host]
         assert [p for p, _ in mine].count("/robots.txt") == 1, host
@@ -355,6 +368,18 @@ def test_a_rerun_asks_no_site_again_and_consent_off_warns_once(web, tmp_path, ca
     assert off_res[("ua.test", "/private/2.jpg")] is None and (w1, w2, w3) == (0, 0, 1)
 
 
+def test_the_report_has_a_consent_section(downloaded, tmp_path):
+    from browse.report import write_report
+
+    tmp, _, port, _ = downloaded
+    text = write_report(str(tmp), str(tmp_path / "report.html"))
+    section = [" ".join(line.split()) for line in text.split("consent (download --consent on):", 1)[1].strip().splitlines()]
+    assert section[:3] == ["robots_disallowed 6 links on 3 hosts (download)", "tdm_reserved 2 links on 2 hosts (download)", "opt_out 2 links on 1 hosts (download)"]
+    assert section[3] == f"robots.txt of http://fivexx.test:{port} unavailable (HTTP 503): all of the site disallowed for this run"
+    page = (tmp_path / "report.html").read_text()
+    assert "<table id='consent'>" in page and "<table id='consent-failures'>" in page and f"http://fivexx.test:{port}" in page
+
+
 # ---- page-level opt-outs at extract ---------------------------------------------------------------
 
 
@@ -405,3 +430,25 @@ def test_pages_that_opt_out_give_no_image(tmp_path, mode):
             assert kept == ["http://a.test/a.jpg", "http://a.test/b.jpg", "http://a.test/c.jpg"], url
     n_out = sum(1 for *_, o in OPT_OUT_PAGES if o) if mode == "on" else 0
     assert stats["input"] == 3 * len(OPT_OUT_PAGES) and stats["rejected"].get("page_opt_out", 0) == 3 * n_out and stats["kept"] == 3 * (len(OPT_OUT_PAGES) - n_out)
+    if mode == "on":
+        from browse.report import write_report
+
+        assert f"page_opt_out {3 * n_out} links on {n_out} pages (extract)" in [" ".join(line.split()) for line in write_report(str(tmp_path / "out")).splitlines()]
+
+
+# ---- flags and config -------------------------------------------------------------------------------
+
+
+def test_repeated_resolve_and_allow_hosts_are_all_kept_and_run_takes_resolve(tmp_path):
+    from webpairs.cli import build_parser
+    from webpairs.run import RunConfig
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["crawl", "download", "in", "--out", "o", "--resolve", "a.test:127.0.0.1", "--resolve", "b.test:127.0.0.2,c.test:::1", "--allow-hosts", "127.0.0.1", "--allow-hosts", "::1"])
+    assert args.resolve == ["a.test:127.0.0.1", "b.test:127.0.0.2", "c.test:::1"] and args.allow_hosts == ["127.0.0.1", "::1"]
+    args = parser.parse_args(["run", "in", "--out", "o", "--resolve", "a.test:127.0.0.1", "--resolve", "b.test:127.0.0.1", "--consent", "off"])
+    cfg = RunConfig.load(None, allow_hosts=args.allow_hosts, crawl_overrides={"consent": args.consent}, download_overrides={"resolve": args.resolve, "consent": args.consent})
+    assert cfg.download.resolve == ("a.test:127.0.0.1", "b.test:127.0.0.1") and cfg.download.consent == cfg.crawl.consent == "off"
+    (tmp_path / "c.yaml").write_text("download:\n  consent: off\n  per_host_connections: 2\ncrawl:\n  consent: on\n")
+    cfg = RunConfig.load(str(tmp_path / "c.yaml"))
+    assert cfg.download.consent == "off" and cfg.crawl.consent == "on" and cfg.download.per_host_connections == 2

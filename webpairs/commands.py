@@ -201,6 +201,9 @@ def register_pair(sub, handlers) -> None:
     p.add_argument("--sim-high", type=float, help="upper end of the similarity band (default 0.95)")
     p.add_argument("--max-pairs-per-page", type=int, help="pairs sampled per page (default 16)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--no-copies", dest="copies", action="store_false", default=None, help="skip the copy step (the same photo in other dresses across pages and sites is kept once; on by default)")
+    p.add_argument("--copy-min-inliers", type=int, help="matches agreeing on one similarity transform for a copy (default 20)")
+    p.add_argument("--copy-max-candidates", type=int, help="candidate partners verified per image, at most (default 10)")
     handlers["pair"] = cmd_pair
     cmd_pair.accepts_beam_args = True
 
@@ -211,7 +214,7 @@ def register_pair(sub, handlers) -> None:
         "a `pair` output directory (pairs/ and images/ parquet)",
     )
     p.add_argument("--samples-per-shard", type=int, help="target samples per shard (default 1000)")
-    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file (default 256 MiB)")
+    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file, a bound of its size on disk; a sample larger than a whole shard is rejected (default 256 MiB)")
     p.add_argument("--no-embedding", dest="store_embedding", action="store_false", default=None, help="do not store the condition embedding ({key}.cond.npy)")
     handlers["shards"] = cmd_shards
     cmd_shards.accepts_beam_args = True
