@@ -13,6 +13,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+SMOKE_HELP = "smallest size, one run: checks that the benchmark runs and prints its figures (tests/test_benchmarks_smoke.py); its timings mean nothing"
+
+
 def need_shared(sub: str) -> str:
     path = os.path.join(SHARED, sub)
     if not os.path.exists(path):

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from _common import photo_downloads, report, timed
+from _common import SMOKE_HELP, photo_downloads, report, timed
 
 
 def bare_checks(blobs: list[bytes]) -> int:
@@ -49,7 +49,10 @@ def main() -> list[dict]:
     ap.add_argument("--encoder", default="efficientnet-lite0", help="encoder of the registry (default works offline)")
     ap.add_argument("--encoder-images", type=int, default=200, help="images for the encoder comparison")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args, beam_args = ap.parse_known_args()
+    if args.smoke:
+        args.repeat, args.encoder_images, args.batch_size = 1, 16, 4
     import torch
 
     from core.config import FilterConfig

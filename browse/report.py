@@ -67,6 +67,45 @@ def funnel(data: dict) -> list[tuple[str, int]]:
     return rows
 
 
+# the reasons by which a site or a page refuses (crawl/consent.py): a rule each
+CONSENT_REASONS = {
+    "robots_disallowed": "robots.txt disallows it (or was unavailable: all disallowed for the run)",
+    "tdm_reserved": "TDMRep reserves it (tdmrep.json, or tdm-reservation: 1 on the image)",
+    "opt_out": "X-Robots-Tag opt-out on the image response",
+    "page_opt_out": "the page opts out (X-Robots-Tag or <meta name=robots> noai/noimageai)",
+}
+
+
+def consent_summary(stages: dict) -> Optional[dict]:
+    """Links and hosts refused by each consent rule, and the sites whose robots.txt or tdmrep.json
+    could not be read; None when no consent-aware download or extract is in the run."""
+    rules, failures, mode = {}, [], None
+    for stage in ("extract", "download"):
+        if stage not in stages or not stage_files(stages[stage], "rejected"):
+            continue
+        rej = read_table(stages[stage], "rejected", columns=["reason", "detail", "url"]).to_pandas()
+        rej = rej[rej.reason.isin(list(CONSENT_REASONS))]
+        for reason, group in rej.groupby("reason"):
+            hosts = group.url.map(lambda u: urlsplit(u).hostname or "")
+            pages = group.detail.map(lambda d: (d or "").split(": ", 1)[0]) if reason == "page_opt_out" else None
+            rules[reason] = {"stage": stage, "links": len(group), "hosts": hosts.nunique(), "pages": pages.nunique() if pages is not None else None}
+    if "download" in stages:
+        mode = read_stats(stages["download"]).get("consent", {}).get("mode")
+        hosts_file = os.path.join(stages["download"], "consent", "hosts.parquet")
+        if os.path.exists(hosts_file):
+            import pyarrow.parquet as pq
+
+            for r in pq.read_table(hosts_file).to_pylist():
+                for what, key in (("robots.txt", "robots"), ("tdmrep.json", "tdmrep")):
+                    if r[f"{key}_status"] in ("unavailable", "invalid"):
+                        http = r[f"{key}_http"]
+                        failures.append({"origin": r["origin"], "file": what, "status": r[f"{key}_status"], "why": f"HTTP {http}" if http else (r["error"] or "")[:160],
+                                         "effect": "all of the site disallowed for this run" if key == "robots" else "no TDMRep rules known"})
+    if not rules and not failures and mode is None:
+        return None
+    return {"mode": mode, "rules": rules, "failures": failures}
+
+
 def collect(root: str) -> dict:
     """Everything the report shows, as plain data."""
     stages = find_stage_dirs(root)
@@ -85,8 +124,17 @@ def collect(root: str) -> dict:
         data["paired_images"] = len(set(pairs.cond_image_id) | set(pairs.target_image_id))
         data["pairs_per_page"] = pairs.groupby("page_url").size().tolist()
         data["pairs_with_boilerplate"] = quality.pairs_with_boilerplate(stages["pair"], quality.pair_max_distance(stages["pair"]), pairs[quality.PAIR_COLUMNS].to_dict("records"))
+    if "pair" in stages:
+        copies = quality.copy_groups(stages["pair"], thumbs=False, max_groups=0)
+        if copies is not None:
+            st = data["stages"]["pair"]
+            data["copies"] = {"groups": copies["total_groups"], "removed": copies["removed"], "per_site": copies["per_site"],
+                              **{k: st.get(k, 0) for k in ("copy_candidates", "copy_pairs_verified", "copy_images_removed", "copy_stand_ins")}}
     if "filter" in stages and stage_files(stages["filter"], "occurrences"):
         data["pages_per_site"] = quality.pages_per_site(stages["filter"])
+    consent = consent_summary(stages)
+    if consent:
+        data["consent"] = consent
     if "shards" in stages:
         manifest_path = os.path.join(stages["shards"], "manifest.json")
         if os.path.exists(manifest_path):
@@ -122,12 +170,33 @@ def summary_text(data: dict) -> str:
     if data.get("pages_per_site"):
         sites = data["pages_per_site"]
         lines.append(f"pages per site:    {_quantiles(list(sites.values()))}; {len(sites)} sites, most: " + ", ".join(f"{s} ({n})" for s, n in list(sites.items())[:5]))
+    if "copies" in data:
+        c = data["copies"]
+        lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
+        if c["per_site"]:
+            lines.append("copy groups per site: " + ", ".join(f"{s['site']} ({s['groups']})" for s in c["per_site"][:8]))
     if "manifest" in data:
         m = data["manifest"]
         lines.append(f"shards:            {len(m['shards'])} files, {m['samples']} samples, encoder {m.get('encoder')}, code {m.get('code_version')}")
     if data.get("top_domains"):
         lines.append("top domains:       " + ", ".join(f"{d} ({n})" for d, n in data["top_domains"]))
+    if "consent" in data:
+        lines += [""] + _consent_lines(data["consent"])
     return "\n".join(lines)
+
+
+def _consent_lines(c: dict) -> list[str]:
+    lines = [f"consent (download --consent {c['mode'] or '?'}):" + ("  OFF: robots.txt, TDMRep and opt-out headers were not asked" if c["mode"] == "off" else "")]
+    for reason in CONSENT_REASONS:
+        r = c["rules"].get(reason)
+        if r:
+            where = f"{r['pages']} pages" if r["pages"] is not None else f"{r['hosts']} hosts"
+            lines.append(f"  {reason:18s} {r['links']:>8,d} links on {where} ({r['stage']})")
+    if not c["rules"]:
+        lines.append("  no link refused by a site")
+    for f in c["failures"]:
+        lines.append(f"  {f['file']} of {f['origin']} {f['status']} ({f['why']}): {f['effect']}")
+    return lines
 
 
 def _figure_png(fig) -> str:
@@ -193,7 +262,7 @@ def example_pairs(run, per_band: int = 4) -> list[dict]:
     return out
 
 
-def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None, sites: Optional[dict] = None, queries: Optional[list[tuple[str, str]]] = None) -> str:
+def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None, sites: Optional[dict] = None, queries: Optional[list[tuple[str, str]]] = None, copies: Optional[dict] = None) -> str:
     """A self-contained HTML page (inline PNG plots and thumbnails, no external resources)."""
     esc = html.escape
     parts = [
@@ -233,6 +302,33 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
                 img = f"<img src='data:image/jpeg;base64,{ex['thumb']}' alt='{esc(g['reason'])}'>" if ex["thumb"] else "(no image)"
                 parts.append(f"<div class='pair'>{img}<br>{esc(ex['url'] or '')}<br>{esc(ex['detail'] or '')}</div>")
             parts.append("</div>")
+    if "consent" in data:
+        c = data["consent"]
+        parts.append(f"<h2>Consent</h2><p id='consent-mode'>download --consent {esc(str(c['mode'] or '?'))}" + (": robots.txt, TDMRep and opt-out headers were <b>not</b> asked" if c["mode"] == "off" else "") + "</p>")
+        parts.append("<table id='consent'><tr><th style='text-align:left'>rule</th><th style='text-align:left'>what it means</th><th>links refused</th><th>hosts</th><th>pages</th></tr>")
+        for reason, meaning in CONSENT_REASONS.items():
+            r = c["rules"].get(reason)
+            if r:
+                parts.append(f"<tr><td style='text-align:left'>{reason}</td><td style='text-align:left'>{esc(meaning)}</td><td>{r['links']:,}</td><td>{r['hosts']:,}</td><td>{'' if r['pages'] is None else format(r['pages'], ',')}</td></tr>")
+        parts.append("</table>")
+        if c["failures"]:
+            parts.append("<h3>Site files that could not be read</h3><table id='consent-failures'><tr><th style='text-align:left'>site</th><th>file</th><th>status</th><th style='text-align:left'>why</th><th style='text-align:left'>so</th></tr>")
+            parts += [f"<tr><td style='text-align:left'>{esc(f['origin'])}</td><td>{f['file']}</td><td>{f['status']}</td><td style='text-align:left'>{esc(f['why'])}</td><td style='text-align:left'>{f['effect']}</td></tr>" for f in c["failures"]]
+            parts.append("</table>")
+    if copies is not None:
+        c = data.get("copies", {})
+        parts.append(f"<h2>Copies across sites</h2><p id='copy-summary'>{copies['total_groups']} copy groups: {copies['removed']} dresses removed, the kept dress first in each row "
+                     f"({c.get('copy_candidates', 0)} candidate pairs checked, {c.get('copy_pairs_verified', 0)} verified as copies; {c.get('copy_stand_ins', 0)} pages show the kept dress in place of a removed one).</p>")
+        for g in copies["groups"]:
+            parts.append(f"<div class='pairs copy-group' data-kept='{esc(g['kept'])}'>")
+            for m in g["members"]:
+                img = f"<img src='data:image/jpeg;base64,{m['thumb']}' alt='{'kept' if m['kept'] else 'copy'}'>" if m["thumb"] else "(no image)"
+                parts.append(f"<div class='pair {'kept' if m['kept'] else 'copy'}'>{img}<br><b>{'kept' if m['kept'] else 'removed'}</b> {m['width']}x{m['height']}<br>{esc(m['url'] or '')}</div>")
+            parts.append("</div>")
+        if copies["per_site"]:
+            parts.append("<table id='copy-sites'><tr><th style='text-align:left'>site</th><th>copy groups</th><th>dresses removed (links)</th><th>kept dress stands in</th></tr>")
+            parts += [f"<tr><td style='text-align:left'>{esc(s['site'] or '(none)')}</td><td>{s['groups']:,}</td><td>{s['removed']:,}</td><td>{s['stand_ins']:,}</td></tr>" for s in copies["per_site"][:50]]
+            parts.append("</table>")
     if data.get("top_domains"):
         parts.append("<h2>Top domains</h2><ul>" + "".join(f"<li>{esc(d)}: {n}</li>" for d, n in data["top_domains"]) + "</ul>")
     if sites and sites["rows"]:
@@ -275,7 +371,8 @@ def write_report(root: str, html_path: Optional[str] = None) -> str:
             finally:
                 run.close()
         gallery = quality.boilerplate_gallery(data["dirs"])
+        copies = quality.copy_groups(data["dirs"]["pair"]) if "pair" in data["dirs"] else None
         os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
         with open(html_path, "w") as fh:
-            fh.write(render_html(data, examples, gallery, sites, sql_examples(data["dirs"])))
+            fh.write(render_html(data, examples, gallery, sites, sql_examples(data["dirs"]), copies))
     return text

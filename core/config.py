@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping, Optional, TypeVar
 import yaml
 
 T = TypeVar("T")
+DEFAULT_CONTACT = "https://github.com/webpairs/webpairs"  # named in the User-Agent of `crawl download`
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,9 @@ class CrawlConfig:
     max_files: int = 0  # read at most this many input files (0: all) ...
     files_from: int = 0  # ... starting at this index of the sorted list or manifest
     retries: int = 5  # attempts after a transient read error (reset, 5xx, S3 SlowDown), with backoff
+    consent: str = "on"  # "off": keep the images of pages that opt out (X-Robots-Tag/meta noai, noimageai); only for sites you own
 
+    CHOICES: ClassVar[dict] = {"consent": ("on", "off")}
     RANGES: ClassVar[dict] = {"max_links_per_page": (1, None), "max_page_depth": (16, 100_000), "max_page_elements": (100, 100_000_000), "max_files": (0, None), "files_from": (0, None), "retries": (0, 100)}
 
 
@@ -56,7 +59,12 @@ class DownloadConfig:
     resolve: tuple[str, ...] = ()  # HOST:ADDR pins (curl's --resolve); the URL policy still applies
     samples_per_shard: int = 1000  # images per output shard (the unit of resume)
     distributor: str = "multiprocessing"  # or "ray" / "pyspark" on a cluster
-    user_agent_token: str = "webpairs"  # identifies the crawler; opt-out headers are honoured
+    user_agent_token: str = "webpairs"  # the token X-Robots-Tag directives are matched on
+    # consent and politeness (crawl/consent.py, crawl/polite.py)
+    consent: str = "on"  # robots.txt, TDMRep, opt-out headers; "off" only for sites you own (one warning per run)
+    contact: str = DEFAULT_CONTACT  # User-Agent: webpairs/<version> (+contact), where a site owner learns about the crawl
+    per_host_connections: int = 4  # connections open at once to one host, across all download processes
+    max_retry_after: float = 60.0  # a 429/503 Retry-After up to this many seconds is waited for and retried (0: never)
     # which links are worth a fetch (crawl/plan.py); each rule is its own reason in rejected/
     min_side: int = 64  # a declared (rendered) side under this: declared_too_small (0: off; never above filter's min_side)
     skip_extensions: tuple[str, ...] = ("svg", "svgz", "ico")  # not raster images filter can use: not_raster
@@ -68,12 +76,16 @@ class DownloadConfig:
     max_links_per_page: int = 64  # the first N candidate links of a page by position: page_cap (0: no cap)
     min_links_per_page: int = 2  # pages left with fewer candidates cannot make a pair: page_too_few_links
     plan_memory: str = "128MB"  # DuckDB memory limit of the plan (it spills to disk beyond it; more on a big node)
+    blocklist: tuple[str, ...] = ()  # hash list files (sha256:/md5:/pdq: lines): a match is rejected as blocklisted, never written
+    blocklist_pdq_distance: int = 31  # a pdq: entry matches an image within this many bits (Meta's confident match)
 
     RANGES: ClassVar[dict] = {
         "image_size": (8, 16384), "processes": (1, 4096), "threads": (1, 4096), "retries": (0, 100), "timeout": (0.1, 3600), "deadline": (0.1, 86400), "max_image_bytes": (1024, 2**31), "samples_per_shard": (1, 10_000_000),
+        "per_host_connections": (1, 1024), "max_retry_after": (0.0, 86400.0),
         "min_side": (0, 100_000), "boilerplate_pages": (1, None), "site_share": (0.0, 1.0), "site_min_pages": (2, None), "max_links_per_page": (0, None), "min_links_per_page": (0, None),
+        "blocklist_pdq_distance": (0, 63),
     }
-    CHOICES: ClassVar[dict] = {"distributor": ("multiprocessing", "ray", "pyspark"), "resize_mode": ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")}
+    CHOICES: ClassVar[dict] = {"consent": ("on", "off"), "distributor": ("multiprocessing", "ray", "pyspark"), "resize_mode": ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +127,27 @@ class PairConfig:
     max_images_per_page: int = 32  # cap on per-page work (pairs are quadratic in it)
     max_pairs_per_page: int = 16  # sampled deterministically with the seed
     seed: int = 0
+    # copies across pages and sites (pairing/copies.py): candidates, then a geometric check
+    copies: bool = True  # find the same photo in other dresses across the crawl and keep it once
+    copy_top_k: int = 10  # embedding neighbours per image (faiss) ...
+    copy_min_cosine: float = 0.5  # ... with at least this cosine (loose: copies go as low as 0.7)
+    copy_phash_distance: int = 10  # mirror-aware pHash neighbours within this many bits
+    copy_max_candidates: int = 10  # partners verified per image, at most (bounds the work)
+    copy_max_side: int = 320  # verification works on the content downscaled to this side
+    copy_max_keypoints: int = 300  # SIFT keypoints per image, at most
+    copy_ratio: float = 0.8  # Lowe's ratio test of descriptor matches
+    copy_ransac_px: float = 4.0  # RANSAC reprojection threshold, pixels at copy_max_side
+    copy_min_inliers: int = 20  # matches that agree on one similarity transform
+    copy_max_scale: float = 4.0  # the transform's scale within [1/x, x]
+    copy_max_rotation: float = 10.0  # degrees: re-dressed copies are not rotated
+    copy_min_containment: float = 0.8  # shared region / the smaller picture, at least
+    copy_min_coverage: float = 0.4  # shared region / the larger picture, at least (crops to 63 % a side)
+    copy_min_spread: float = 0.25  # the inliers' hull / the shared region, at least (not a watermark)
 
     RANGES: ClassVar[dict] = {
+        "copy_top_k": (1, 1000), "copy_min_cosine": (-1.0, 1.0), "copy_phash_distance": (0, 64), "copy_max_candidates": (1, 1000), "copy_max_side": (64, 4096),
+        "copy_max_keypoints": (16, 10_000), "copy_ratio": (0.1, 1.0), "copy_ransac_px": (0.5, 50.0), "copy_min_inliers": (4, 10_000), "copy_max_scale": (1.0, 100.0),
+        "copy_max_rotation": (0.0, 180.0), "copy_min_containment": (0.0, 1.0), "copy_min_coverage": (0.0, 1.0), "copy_min_spread": (0.0, 1.0),
         "boilerplate_pages": (1, None), "site_share": (0.0, 1.0), "site_min_pages": (2, None), "boilerplate_phash_distance": (0, 64), "near_duplicate_distance": (0, 64), "sim_low": (-1.0, 1.0), "sim_high": (-1.0, 1.0),
         "max_images_per_page": (2, 100_000), "max_pairs_per_page": (1, 10_000_000), "seed": (0, 2**32 - 1),
     }
@@ -240,6 +271,8 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
         raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; known: {', '.join(fields)}")
     coerced = {}
     for key, value in values.items():
+        if isinstance(value, bool) and getattr(cls, "CHOICES", {}).get(key) == ("on", "off"):
+            value = "on" if value else "off"  # YAML reads a bare on/off as a boolean
         try:
             coerced[key] = _coerce(value, fields[key].type)
         except (TypeError, ValueError) as err:

@@ -5,13 +5,18 @@ One sample per pair, all files sharing the key (the pair_id):
     {key}.cond.jpg     condition image, JPEG (original bytes when already JPEG, else re-encoded RGB)
     {key}.target.jpg   target image, JPEG
     {key}.cond.npy     condition embedding, float16 (D,), optional (ShardConfig.store_embedding)
+    {key}.latent.npy   the target's VAE latent, float16 (C, S/f, S/f): the posterior mean of the centre
+                       crop at `image_size`, unscaled; optional (`webpairs latents`)
+    {key}.latent.json  {"vae", "scale_factor", "shift_factor", "image_size"} of that latent: the
+                       diffusion model trains on (latent - shift_factor) * scale_factor
     {key}.json         {"pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt",
                         "cond_image_id", "target_image_id", "similarity", "encoder"}
 
 Shards are named `pairs-{file:06d}-{seq:06d}.tar` (the pair parquet file they come from, then a
 sequence number); beside them `index/*.parquet` (key -> shard, byte
-offsets, metadata), `manifest.json` and `wids.json` (the shard list of webdataset's indexed
-reader, `wids`, for random access by sample number).
+offsets, metadata), `manifest.json` (with a "latent" entry {"vae", "channels", "factor",
+"scale_factor", "image_size"} when every sample carries a latent) and `wids.json` (the shard list
+of webdataset's indexed reader, `wids`, for random access by sample number).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from PIL import Image
 COND_JPG = "cond.jpg"
 TARGET_JPG = "target.jpg"
 COND_NPY = "cond.npy"
+LATENT_NPY = "latent.npy"
+LATENT_JSON = "latent.json"
 META_JSON = "json"
 SHARD_PATTERN = "pairs-{file:06d}-{seq:06d}.tar"
 META_FIELDS = ("pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt", "cond_image_id", "target_image_id", "similarity", "encoder")  # {key}.json

@@ -95,6 +95,28 @@ def check_runner_flags(beam_args: Optional[list[str]]) -> tuple[list[str], Optio
     return args, runner, address, workers
 
 
+WEBPAIRS_BEAM_FLAGS = ("--runner", "--dask-address", "--dask-workers")  # taken out by _split_flags
+
+
+def beam_flag_names() -> set[str]:
+    """Every flag Beam's pipeline options know (the classes Beam itself parses with, the Dask
+    runner's included) plus webpairs' own runner flags: a pass-through flag outside this set would
+    be discarded by Beam without a word."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    try:
+        import apache_beam.runners.dask.dask_runner  # noqa: F401 - registers DaskOptions
+    except ImportError:
+        pass
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {}
+    for cls in PipelineOptions.__subclasses__():  # as PipelineOptions.get_all_options does
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own way to list them
+    return {s for action in parser._actions for s in action.option_strings} | set(WEBPAIRS_BEAM_FLAGS)  # noqa: SLF001
+
+
 @contextlib.contextmanager
 def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipeline]:
     """A Beam pipeline for a stage. `--runner dask` runs it on dask.distributed (core/dask_runner.py):

@@ -17,13 +17,15 @@ from apache_beam.metrics import Metrics
 from core.config import CrawlConfig
 from core.records import LINK_SCHEMA, Rejected, stable_id
 from core.stageio import WriteStageOutputs
-from crawl.html import RawLink, decode_html, extract_image_links
+from crawl.consent import PAGE_OPT_OUT, page_opt_out
+from crawl.html import RawLink, decode_html, extract_page
 from crawl.urls import AllowList, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
 # Closed set of reasons: urls.py's, these two, the file and record problems of crawl/warc.py
-# (failed_file, not_a_warc, truncated_file, bad_record, page_too_large) and page_too_complex.
+# (failed_file, not_a_warc, truncated_file, bad_record, page_too_large), page_too_complex and
+# page_opt_out (the page's X-Robots-Tag or <meta name="robots"> says noai/noimageai: crawl/consent.py).
 REASON_DUPLICATE = "duplicate_link"
 REASON_TOO_MANY = "too_many_links"
 REASON_COMPLEX = "page_too_complex"
@@ -84,11 +86,18 @@ class ExtractFileLinks(beam.DoFn):
             if page_url is None:
                 continue
             if isinstance(doc, Page):
-                raw, base = extract_image_links(decode_html(doc.body, doc.charset), self.cfg.include_srcset, self.cfg.include_og_image)
+                raw, base, metas = extract_page(decode_html(doc.body, doc.charset), self.cfg.include_srcset, self.cfg.include_og_image)
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]
-                base = doc.base
+                base, metas = doc.base, doc.metas
             candidates += len(raw)
+            opted_out = page_opt_out(doc.headers, metas) if self.cfg.consent == "on" and raw else None
+            if opted_out:  # the page gives no image to fetch: each of its links is rejected, with why
+                page_base = (normalize_url(base, page_url)[0] if base else None) or page_url
+                for link in raw:
+                    url = normalize_url(link.url, page_base)[0] or link.url
+                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(stable_id(page_url, link.url), STAGE, PAGE_OPT_OUT, f"{page_url[:300]}: {opted_out}", url[:2048]).to_row())
+                continue
             links = []
             for tag, row in page_links(page_url, raw, base, self.cfg, self.allow):
                 if tag == "link":

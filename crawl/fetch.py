@@ -37,9 +37,10 @@ CHUNK = 64 * 1024
 class FetchError(Exception):
     """A fetch that ends without an image; `reason` is one of the download stage's reasons."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, retry_after: Optional[str] = None):
         super().__init__(f"webpairs:{reason}: {message}")
         self.reason = reason
+        self.retry_after = retry_after  # a 429/503 answer's Retry-After header, as sent
 
 
 def parse_pins(entries) -> dict[str, str]:
@@ -94,7 +95,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 30.0, max_bytes: int = 20 * 1024 * 1024, user_agent: str = "webpairs", pins: Optional[dict] = None, judge=None) -> bytes:
+def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 30.0, max_bytes: int = 20 * 1024 * 1024, user_agent: str = "webpairs", pins: Optional[dict] = None, judge=None, accept: str = "image/*,*/*;q=0.8", trim: bool = True) -> bytes:
     """The image bytes at `url` (trimmed), or FetchError. `judge` (crawl/judge.py's ResponseJudge)
     is asked before each request, on the headers before the body is read, and on the bytes before
     they are returned: any refusal raises FetchError with its reason."""
@@ -104,8 +105,6 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
         reason = policy_reason(url, allow)
         if reason is not None:
             raise FetchError("redirect_refused" if hop else reason, f"url policy: {'redirect to ' if hop else ''}{url[:200]} refused ({reason})")
-        if judge is not None:
-            judge.before_request(url)
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
@@ -114,6 +113,8 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
             if hop and err.reason == REASON_PRIVATE:
                 raise FetchError("redirect_refused", f"url policy: redirect to {url[:200]} refused ({REASON_PRIVATE})") from None
             raise
+        if judge is not None:  # after the URL policy (its reason comes first), before the request
+            judge.before_request(url)
         left = end - time.monotonic()
         if left <= 0:
             raise FetchError("timeout", f"deadline of {deadline:g}s passed")
@@ -124,19 +125,20 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
             conn = _PinnedHTTPConnection(parts.hostname, port, address, sock_timeout)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", path, headers={"User-Agent": user_agent, "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"})
+            conn.request("GET", path, headers={"User-Agent": user_agent, "Accept": accept, "Accept-Encoding": "identity"})
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urljoin(url, resp.getheader("Location").strip())
                 continue
             if resp.status >= 400:
-                raise FetchError(f"http_{resp.status}", f"HTTP Error {resp.status}: {resp.reason}")
+                raise FetchError(f"http_{resp.status}", f"HTTP Error {resp.status}: {resp.reason}", resp.getheader("Retry-After") if resp.status in (429, 503) else None)
             if judge is not None:
                 judge.on_headers(url, resp.headers)  # before a byte of the body is read
             declared = resp.getheader("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError("too_large", f"Content-Length {declared} > {max_bytes} bytes")
-            data = trim_trailing(_read_capped(resp, conn, end, timeout, deadline, max_bytes))
+            data = _read_capped(resp, conn, end, timeout, deadline, max_bytes)
+            data = trim_trailing(data) if trim else data
             if judge is not None:
                 judge.on_body(url, data)  # before the bytes are returned to be written anywhere
             return data

@@ -239,7 +239,22 @@ def _int(value: Optional[str]) -> Optional[int]:
 
 def extract_image_links(html: str, include_srcset: bool = True, include_og_image: bool = True) -> tuple[list[RawLink], Optional[str]]:
     """All image references of a page in document order, and its <base href> if any."""
+    links, base, _ = extract_page(html, include_srcset, include_og_image)
+    return links, base
+
+
+CONSENT_METAS = ("robots", "webpairs", "tdm-reservation")  # <meta name> values consent reads
+
+
+def extract_page(html: str, include_srcset: bool = True, include_og_image: bool = True) -> tuple[list[RawLink], Optional[str], list[tuple[str, str]]]:
+    """`extract_image_links`, plus the page's consent metas: [(name, content)] of
+    <meta name="robots|webpairs|tdm-reservation">."""
     tree = LexborHTMLParser(html)
+    metas = []
+    for node in tree.css("meta[name]"):
+        name = (node.attributes.get("name") or "").strip().lower()
+        if name in CONSENT_METAS:
+            metas.append((name, node.attributes.get("content") or ""))
     base = tree.css_first("base[href]")
     base_href = (base.attributes.get("href") or "").strip() if base else None
     selector = "img, picture source" + (', meta[property="og:image"]' if include_og_image else "")
@@ -260,4 +275,4 @@ def extract_image_links(html: str, include_srcset: bool = True, include_og_image
         if not url:
             continue
         links.append(RawLink(url, " ".join(alt.split()), kind, len(links), _int(attrs.get("width")), _int(attrs.get("height"))))
-    return links, base_href or None
+    return links, base_href or None, metas

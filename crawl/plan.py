@@ -64,6 +64,7 @@ CHECKED_SCHEMA = pa.schema(
 )
 PLAN_SCHEMA = CHECKED_SCHEMA  # the same row, with the reason of the cross-link rules filled in
 URL_SCHEMA = pa.schema([("image_url", pa.string())])  # img2dataset's input
+URL_REASON_SCHEMA = pa.schema([("image_url", pa.string()), ("reason", pa.string()), ("detail", pa.string())])  # URLs a site refuses
 RESULT_SCHEMA = pa.schema([("image_url", pa.string()), ("sha256", pa.string()), ("image_id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 
 
@@ -153,12 +154,45 @@ def _sql_list(values: Iterable[str]) -> str:
     return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
 
 
-def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig) -> dict:
-    """Step 2 and 3: the cross-link rules, `plan_dir`/plan.parquet (every link, its reason) and
-    `plan_dir`/urls/ (the distinct selected URLs as img2dataset input shards). Returns counts."""
+def ask_sites(con, plan_dir: str, sites) -> int:
+    """Consent (crawl/consent.py): every origin of a candidate link asked once (robots.txt,
+    tdmrep.json), then each distinct candidate URL judged on its origin's answers;
+    `plan_dir`/consent.parquet holds the refused URLs with their reason. Returns the URLs refused."""
+    from crawl.consent import origin_of
+
+    def distinct_urls():
+        for batch in con.execute("SELECT DISTINCT image_url FROM checked WHERE reason IS NULL").to_arrow_reader(BATCH):
+            yield batch.column(0).to_pylist()
+
+    origins = set()
+    for urls in distinct_urls():
+        origins.update(origin_of(u) for u in urls)
+    origins.discard(None)
+    sites.ask(origins)
+    path = os.path.join(plan_dir, "consent.parquet")
+    n = 0
+    with pq.ParquetWriter(path, URL_REASON_SCHEMA) as writer:
+        for urls in distinct_urls():
+            refused = [(u, r) for u, r in ((u, sites.refusal(u)) for u in urls) if r is not None]
+            if refused:
+                writer.write_table(pa.Table.from_pydict({"image_url": [u for u, _ in refused], "reason": [r[0] for _, r in refused], "detail": [r[1] for _, r in refused]}, schema=URL_REASON_SCHEMA))
+                n += len(refused)
+    return n
+
+
+def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig, sites=None) -> dict:
+    """Step 2 and 3: the sites' consent (`sites`, crawl/consent.py's SiteRules; None: not asked),
+    the cross-link rules, `plan_dir`/plan.parquet (every link, its reason) and `plan_dir`/urls/ (the
+    distinct selected URLs as img2dataset input shards). Returns counts."""
     links = _sql_list(sorted(glob.glob(os.path.join(checked_dir, "*.parquet"))))
     con.execute(f"CREATE OR REPLACE TEMP VIEW checked AS SELECT * FROM read_parquet({links})")
-    con.execute("CREATE OR REPLACE TEMP TABLE cand AS SELECT link_id, page_url, site, image_url, position FROM checked WHERE reason IS NULL")
+    if sites is not None:
+        ask_sites(con, plan_dir, sites)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE consent AS SELECT * FROM read_parquet('{os.path.join(plan_dir, 'consent.parquet')}')")
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE consent (image_url VARCHAR, reason VARCHAR, detail VARCHAR)")
+    # a URL the site refuses is never fetched, not even as boilerplate evidence: it leaves the candidates
+    con.execute("CREATE OR REPLACE TEMP TABLE cand AS SELECT link_id, page_url, site, image_url, position FROM checked WHERE reason IS NULL AND image_url NOT IN (SELECT image_url FROM consent)")
     # pages are counted over every link (whatever its own check said), as pair counts them: a
     # site's pages are all its pages in the crawl, a URL's pages all the pages that link it
     con.execute("CREATE OR REPLACE TEMP TABLE site_pages AS SELECT site, count(DISTINCT page_url) AS pages FROM checked GROUP BY site")
@@ -196,14 +230,23 @@ def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig) -> dict
     write_query(
         con,
         """SELECT k.link_id, k.page_url, k.site, k.image_url, k.alt, k.position, k.declared_width, k.declared_height,
-                  coalesce(k.reason, f.reason, p.reason) AS reason, coalesce(k.detail, f.detail, p.detail) AS detail
-           FROM checked k LEFT JOIN url_flag f ON k.site = f.site AND k.image_url = f.image_url
-                          LEFT JOIN page_rule p ON k.link_id = p.link_id""",  # coalesce: a link's own reason comes first
+                  coalesce(k.reason, c.reason, f.reason, p.reason) AS reason, coalesce(k.detail, c.detail, f.detail, p.detail) AS detail
+           FROM checked k LEFT JOIN consent c ON k.reason IS NULL AND k.image_url = c.image_url
+                          LEFT JOIN url_flag f ON k.site = f.site AND k.image_url = f.image_url
+                          LEFT JOIN page_rule p ON k.link_id = p.link_id""",  # coalesce: a link's own reason first, then the site's consent
         plan_file, PLAN_SCHEMA,
     )
     con.execute(f"CREATE OR REPLACE TEMP VIEW plan AS SELECT * FROM read_parquet('{plan_file}')")
     evidence = _evidence_condition(cfg)
-    n_urls = write_query(con, f"SELECT DISTINCT image_url FROM plan WHERE reason IS NULL OR {evidence} ORDER BY image_url", os.path.join(plan_dir, "urls", "part"), URL_SCHEMA, rows_per_file=cfg.samples_per_shard)
+    # hosts interleaved (each host's k-th URL, then its k+1-th...): every shard and every stretch of
+    # a shard mixes hosts, so the per-host connection limit (crawl/polite.py) holds up no other host
+    n_urls = write_query(
+        con,
+        f"""WITH u AS (SELECT DISTINCT image_url FROM plan WHERE reason IS NULL OR {evidence}),
+                 h AS (SELECT image_url, lower(regexp_extract(image_url, '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)', 1)) AS host FROM u)
+            SELECT image_url FROM h ORDER BY row_number() OVER (PARTITION BY host ORDER BY image_url), host, image_url""",
+        os.path.join(plan_dir, "urls", "part"), URL_SCHEMA, rows_per_file=cfg.samples_per_shard,
+    )
     counts = con.execute("SELECT count(*), count(DISTINCT image_url), count(*) FILTER (WHERE reason IS NULL), count(DISTINCT image_url) FILTER (WHERE reason IS NULL) FROM plan").fetchone()
     reasons = dict(con.execute("SELECT reason, count(*) FROM plan WHERE reason IS NOT NULL GROUP BY reason").fetchall())
     return {"links": counts[0], "urls": counts[1], "links_selected": counts[2], "urls_selected": counts[3], "urls_evidence": n_urls - counts[3], "urls_fetched": n_urls, "plan_reasons": reasons}
@@ -266,12 +309,14 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str) -> 
         light = con.execute(
             f"""SELECT r.image_id, r.image_url, r.page_url, r.alt, r.position, r.sha256, l.links
                 FROM rep r JOIN image_links l ON l.sha256 = r.sha256
-                WHERE r.image_url IN (SELECT url FROM read_parquet('{shard_file}')) ORDER BY r.image_url"""
+                WHERE r.image_url IN (SELECT url FROM read_parquet('{shard_file}') WHERE status = 'success') ORDER BY r.image_url"""
         ).to_arrow_table()
         data = pq.read_table(shard_file, columns=["url", image_col])
         rows = pc.index_in(light.column("image_url"), value_set=data.column("url"))
         table = pa.table({**{n: light.column(n) for n in ("image_id", "image_url", "page_url", "alt", "position")}, "image_bytes": data.column(image_col).take(rows), "sha256": light.column("sha256"), "links": light.column("links")})
-        pq.write_table(table.cast(DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{shard}.parquet"))
+        fetch_round = os.path.basename(os.path.dirname(shard_file))  # img2dataset, or a --retry-failed round's folder
+        name = f"part-{shard}" if fetch_round == "img2dataset" else f"part-{fetch_round}-{shard}"
+        pq.write_table(table.cast(DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"{name}.parquet"))
         images += table.num_rows
     if not shards:
         pq.write_table(DOWNLOAD_SCHEMA.empty_table(), os.path.join(out_dir, "downloads", "part-empty.parquet"))

@@ -46,6 +46,7 @@ class Page:
     body: bytes
     charset: Optional[str]
     offset: int
+    headers: tuple = ()  # the response headers consent reads (X-Robots-Tag, tdm-reservation): (name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class WatLinks:
     links: list  # [{"url": ..., "alt": ...}]
     base: Optional[str]
     offset: int
+    headers: tuple = ()  # the response headers consent reads (X-Robots-Tag, tdm-reservation): (name, value)
+    metas: tuple = ()  # the page's <meta name content> pairs consent reads (robots, webpairs, tdm-reservation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +274,16 @@ def _read_record(record, path: str, offset: int, bump) -> Iterator[object]:
         bump("skipped_empty")
         return
     bump("html_pages")
-    yield Page(url, body, record.http_charset, offset)
+    yield Page(url, body, record.http_charset, offset, _consent_headers(record.http_headers.astuples() if record.http_headers is not None else ()))
+
+
+CONSENT_HEADERS = ("x-robots-tag", "tdm-reservation")
+CONSENT_METAS = ("robots", "webpairs", "tdm-reservation")
+
+
+def _consent_headers(pairs) -> tuple:
+    """The (name, value) header pairs a page's consent is read from (crawl/consent.py)."""
+    return tuple((str(k), str(v)) for k, v in pairs if str(k).strip().lower() in CONSENT_HEADERS)
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -334,5 +346,9 @@ def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
         for link in html.get("Links", [])
         if link.get("path") == "IMG@/src"
     ]
-    base = html.get("Head", {}).get("Base")
-    return WatLinks(target_uri(header.get("WARC-Target-URI")) or url, links, base, offset)
+    head = html.get("Head", {})
+    base = head.get("Base")
+    http_headers = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("Headers", {})
+    headers = _consent_headers(http_headers.items() if isinstance(http_headers, dict) else ())
+    metas = tuple((str(m.get("name", "")), str(m.get("content", ""))) for m in head.get("Metas", []) if isinstance(m, dict) and str(m.get("name", "")).strip().lower() in CONSENT_METAS)
+    return WatLinks(target_uri(header.get("WARC-Target-URI")) or url, links, base, offset, headers, metas)

@@ -25,6 +25,7 @@ from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
+from core.perceptual import pdq_hex
 from filter.embed import EncoderModelHandler
 from filter.hashing import phash_hex, sha256_hex
 from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, URL_WORD, declared_too_small, top_colour_share, url_words
@@ -83,6 +84,7 @@ class ValidateAndHash(beam.DoFn):
             "encoder": None,
             "clip_score": None,
             "image_bytes": data,
+            "pdq": pdq_hex(decoded.image),  # what `webpairs scrub --blocklist` matches later
         }
         self.kept.inc()
         if self.image_size:

@@ -78,7 +78,7 @@ def evaluate(loaded: Loaded, encoder, classes: dict[str, list[str]], shots: int 
         row = _at_model_size(cond_imgs[:1], size)
         for g in guidances:
             gen = torch.Generator(device=device).manual_seed(seed * 7919 + ci)  # same noise for every scale
-            out = S.to_pil(S.sample(loaded.model, cond[which], steps, g, sampler, loaded.prediction, gen))
+            out = S.to_pil(loaded.decode(S.sample(loaded.model, cond[which], steps, g, sampler, loaded.prediction, gen)))  # at the model's resolution
             samples[g].append((which, embed(metric_encoder, out)))
             row += out if g == guidances[0] else []
             bar.update(1)

@@ -1,8 +1,10 @@
 """`webpairs sample ...`: image variations, SDEdit edits and interpolations from a trained checkpoint.
 
 Each operation loads the EMA weights of a checkpoint (a RUN_DIR of `webpairs train` or one
-checkpoint folder), embeds its input images with the encoder the model was trained on (recorded in
-the checkpoint), runs the samplers of `train/diffusion.py` and `generate/sample.py` on one device in batches, and writes PNGs at
+checkpoint folder) with the backbone and latent space it records, embeds its input images with the
+encoder the model was trained on (recorded in the checkpoint; another one is refused), works in the
+model's space (a latent model: guides and interpolation ends are encoded by its VAE, every result
+decoded), runs the samplers of `train/diffusion.py` and `generate/sample.py` on one device in batches, and writes PNGs at
 the model's resolution plus a contact sheet (`sheet.png`) and `meta.json` (arguments, seeds, scores).
 """
 
@@ -35,10 +37,21 @@ class Loaded:
     prediction: str
     encoder_name: str
     path: str
+    space: object = None  # core/latents.py PixelSpace or VaeSpace
+    backbone: str = "unet"
 
     @property
     def size(self) -> int:
-        return self.model.preset.image_size
+        """Pixels of the images the model makes (its latents are smaller by the VAE's factor)."""
+        return self.model.image_size
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) pixels in [-1,1] -> what the model denoises."""
+        return self.space.encode(x) if self.space is not None else x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """What the model denoises -> (B,3,S,S) pixels in [-1,1]."""
+        return self.space.decode(z) if self.space is not None else z
 
 
 def find_checkpoint(path: str) -> str:
@@ -51,8 +64,12 @@ def find_checkpoint(path: str) -> str:
     return found[0]
 
 
-def load_model(path: str, device: str = "cpu", ema: bool = True, encoder: str = "") -> Loaded:
-    """EMA (or raw) weights of the checkpoint at `path` on `device`."""
+def load_model(path: str, device: str = "cpu", ema: bool = True, encoder: str = "", backbone: str = "", latent: str = "") -> Loaded:
+    """EMA (or raw) weights of the checkpoint at `path` on `device`, rebuilt with the backbone and
+    latent space it records. `encoder`, `backbone` and `latent`, when given, must match what the
+    checkpoint records (CheckpointError in one sentence otherwise); `encoder` names the encoder of
+    checkpoints too old to record one."""
+    from core.latents import LatentUnavailable, load_space, normalise
     from train.models import build_model
 
     folder = find_checkpoint(path)
@@ -60,15 +77,30 @@ def load_model(path: str, device: str = "cpu", ema: bool = True, encoder: str = 
     ckpt = read_checkpoint(folder, (part,))
     state, weights = ckpt["state"], ckpt[part]
     cfg = state.get("config", {})
+    recorded = {"backbone": state.get("backbone") or cfg.get("backbone") or "unet", "latent": (state.get("latent") or {}).get("vae", "pixel"), "encoder": state.get("encoder") or cfg.get("encoder") or ""}
     try:
-        model = build_model(cfg.get("preset", "tiny"), int(state.get("cond_dim") or weights["null_embedding"].shape[0]))
+        asked = {"backbone": backbone, "latent": normalise(latent) if latent else "", "encoder": encoder}
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    differ = [f"--{k} {asked[k]} (it records {recorded[k]})" for k in asked if asked[k] and recorded[k] and asked[k] != recorded[k]]
+    if differ:
+        raise CheckpointError(f"checkpoint {folder} was trained with backbone {recorded['backbone']}, latent space {recorded['latent']}, condition encoder {recorded['encoder'] or '?'}: " + ", ".join(differ) + " does not match")
+    try:
+        space = load_space(recorded["latent"], device)
+    except LatentUnavailable as err:
+        raise CheckpointError(f"checkpoint {folder} needs its VAE: {err}") from None
+    try:
+        cond_dim = int(state.get("cond_dim") or weights["null_embedding"].shape[0])
+        image_size = int(state.get("image_size") or cfg.get("image_size") or 0)
+        sample_size = int(state.get("sample_size") or 0) or None
+        model = build_model(cfg.get("preset", "tiny"), cond_dim, recorded["backbone"], channels=space.channels, sample_size=sample_size, image_size=image_size)
         model.load_state_dict(weights)
     except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {folder} does not fit its recorded model ({str(err)[:200]})") from None
-    name = encoder or state.get("encoder") or cfg.get("encoder") or ""
+        raise CheckpointError(f"checkpoint {folder} does not fit its recorded model ({' '.join(str(err).split())[:200]})") from None
+    name = recorded["encoder"] or encoder
     if not name:
         raise CheckpointError(f"checkpoint {folder} does not name its encoder; pass --encoder NAME (the encoder of the shards it was trained on)")
-    return Loaded(model.to(device).eval(), int(state["step"]), cfg.get("preset", "tiny"), cfg.get("prediction", "v_prediction"), name, folder)
+    return Loaded(model.to(device).eval(), int(state["step"]), cfg.get("preset", "tiny"), cfg.get("prediction", "v_prediction"), name, folder, space, recorded["backbone"])
 
 
 def read_image(path: str) -> Image.Image:
@@ -126,7 +158,7 @@ def variations(loaded: Loaded, encoder, image: Image.Image, out: str, n: int = 8
     images = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
-        images += S.to_pil(S.sample(loaded.model, cond.expand(b, -1), steps, guidance, sampler, loaded.prediction, gen))
+        images += S.to_pil(loaded.decode(S.sample(loaded.model, cond.expand(b, -1), steps, guidance, sampler, loaded.prediction, gen)))
     paths = _write(out, "variation", images)
     _sheet([S.to_pil(to_model([image], loaded.size, "cpu")) + images], out)
     _meta(out, loaded, op="variations", n=n, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
@@ -139,18 +171,27 @@ def edit(loaded: Loaded, encoder, guide: Image.Image, out: str, strength: float 
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength must lie in [0, 1], got {strength}")
     device = next(loaded.model.parameters()).device
-    x0 = to_model([guide], loaded.size, device).expand(n, -1, -1, -1)
+    pixels = to_model([guide], loaded.size, device)
+    x0 = loaded.encode(pixels).expand(n, -1, -1, -1)  # a latent model edits the guide's latent
     cond = torch.from_numpy(embed(encoder, [cond_image or guide])).to(device).expand(n, -1)
     m = None
     if mask is not None:
-        m = torch.from_numpy(np.asarray(mask.convert("L").resize((loaded.size, loaded.size), Image.NEAREST), np.float32) / 255.0)
+        side = loaded.model.sample_size  # the mask at the resolution the model denoises
+        m = torch.from_numpy(np.asarray(mask.convert("L").resize((side, side), Image.NEAREST), np.float32) / 255.0)
         m = (m > 0.5).float()[None, None].expand(n, 1, -1, -1).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen, device=device)
     x = S.denoise_from(loaded.model, x0, cond, strength, noise, steps, guidance, sampler, loaded.prediction, m, gen)
+    if strength == 0:
+        x = pixels.expand(n, -1, -1, -1)
+    else:
+        x = loaded.decode(x)
+        if m is not None and not loaded.model.in_pixels:  # outside the mask: the guide's own pixels, not their VAE reconstruction
+            mp = torch.nn.functional.interpolate(m, size=x.shape[-2:], mode="nearest")
+            x = mp * x + (1 - mp) * pixels
     images = S.to_pil(x)
     paths = _write(out, "edit", images)
-    first = S.to_pil(x0[:1]) + ([cond_image.resize((loaded.size, loaded.size))] if cond_image else []) + ([mask.convert("RGB").resize((loaded.size, loaded.size))] if mask else [])
+    first = S.to_pil(pixels) + ([cond_image.resize((loaded.size, loaded.size))] if cond_image else []) + ([mask.convert("RGB").resize((loaded.size, loaded.size))] if mask else [])
     _sheet([first, images], out)
     _meta(out, loaded, op="edit", n=n, strength=strength, masked=mask is not None, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
     return paths
@@ -168,7 +209,9 @@ def interpolate(loaded: Loaded, encoder, a: Image.Image, b: Image.Image, out: st
     device = next(loaded.model.parameters()).device
     xa, xb = to_model([a, b], loaded.size, device)
     ca, cb = torch.from_numpy(embed(encoder, [a, b])).to(device)
-    cands, conds = S.interpolate(loaded.model, xa, xb, ca, cb, frames, noise, candidates, seed, steps, guidance, sampler, loaded.prediction)
+    za, zb = loaded.encode(torch.stack([xa, xb]))  # a latent model interpolates between the ends' latents
+    cands, conds = S.interpolate(loaded.model, za, zb, ca, cb, frames, noise, candidates, seed, steps, guidance, sampler, loaded.prediction)
+    cands = [loaded.decode(c) for c in cands]
     scores = np.stack([frame_scores(encoder, S.to_pil(c), conds.cpu().numpy(), rank_prompt, negative_prompt) for c in cands])  # (K, F)
     best = scores.argmax(0)
     images = [S.to_pil(cands[k][i : i + 1])[0] for i, k in enumerate(best)]

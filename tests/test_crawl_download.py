@@ -107,8 +107,10 @@ def test_links_that_cannot_make_a_pair_are_never_fetched(downloaded, test_web):
             path = url[len(test_web.base_url):]
             # the logo is fetched once as boilerplate evidence; the others never
             assert fetched.get(path, 0) == (1 if reason == "boilerplate_url_global" else 0), url
-    # one request per fetched URL (the redirect's target is the one extra request)
-    assert stats["urls_evidence"] == 1 and stats["urls_selected"] + stats["urls_evidence"] == sum(n for p, n in fetched.items() if p != "/img/t1/target.jpg")
+    # one request per fetched URL (the redirect's target is the one extra request), and the site's
+    # robots.txt and tdmrep.json asked once (issue 31)
+    assert fetched["/robots.txt"] == fetched["/.well-known/tdmrep.json"] == 1
+    assert stats["urls_evidence"] == 1 and stats["urls_selected"] + stats["urls_evidence"] == sum(n for p, n in fetched.items() if p not in ("/img/t1/target.jpg", "/robots.txt", "/.well-known/tdmrep.json"))
 
 
 def test_private_links_refused_without_allow_list(tmp_path, links_dir):
@@ -171,7 +173,7 @@ def test_a_failing_url_rejects_every_link_to_it_and_a_good_one_is_fetched_once(t
         (links / "stats.json").write_text(f'{{"stage": "extract", "input": {len(rows)}, "kept": {len(rows)}, "rejected": {{}}}}')
         finish_stage(str(links), "extract")
         stats = run_download(str(links), str(tmp_path / "dl"), DownloadConfig(allow_hosts=("127.0.0.1",), processes=1, threads=4))
-    assert dict(hits) == {"/missing.jpg": 1, "/photo.jpg": 1, "/other0.jpg": 1, "/other1.jpg": 1}
+    assert dict(hits) == {"/missing.jpg": 1, "/photo.jpg": 1, "/other0.jpg": 1, "/other1.jpg": 1, "/robots.txt": 1, "/.well-known/tdmrep.json": 1}  # the site's files once (issue 31)
     assert stats["input"] == 6 and stats["kept"] == 4 and stats["rejected"] == {"http_404": 2}
     occ = read_table(str(tmp_path / "dl"), "occurrences").to_pandas()
     photo = occ[occ.image_url == base + "/photo.jpg"]

@@ -7,6 +7,11 @@ horizontal flip). The condition is the stored embedding (`{key}.cond.npy`) when 
 encoder matches, else it is computed on the loader worker by the frozen encoder of the registry;
 with `pairing="self"` the condition is the target image's own embedding (the reconstruction
 baseline of the Semantica paper).
+
+Latent models (`latent` = vae:<id>): when the shards carry that VAE's latents at this resolution
+(`webpairs latents`), the loader yields the stored latents, scaled, and the VAE's encoder never
+runs (no crop or flip augmentation: a latent is of the centre crop); otherwise it yields pixel
+crops and the trainer encodes them on its device (`stored_latents` tells which).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from PIL import Image
 
 from core import sample_layout as layout
+from core.latents import center  # noqa: F401 - the centre crop of sampling and stored latents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,9 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 1  # DataLoader worker processes per rank
     seed: int = 0
+    latent: str = "pixel"  # the model's space (core/latents.py); stored latents are used when they match
+    prefetch: int = 4  # batches each loader worker prepares ahead
+    pin_memory: bool = False  # page-locked batches for fast, asynchronous host-to-GPU copies
 
 
 def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_):
@@ -89,8 +98,8 @@ def shard_urls(spec: str) -> list[str]:
     return [f"{root}/{name}" for name in shards]
 
 
-def _manifest(spec: str) -> dict:
-    """The shards' manifest.json (local or fsspec folder); {} for a glob or a folder without one."""
+def shards_manifest(spec: str) -> dict:
+    """The shards' manifest.json (local or fsspec folder); {} for a glob or when there is none."""
     import fsspec
 
     if any(ch in spec for ch in "*?{"):
@@ -98,19 +107,25 @@ def _manifest(spec: str) -> dict:
     try:
         with fsspec.open(spec.rstrip("/") + "/" + layout.MANIFEST) as fh:
             doc = json.load(fh)
-        return doc if isinstance(doc, dict) else {}
+            return doc if isinstance(doc, dict) else {}
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
         return {}
 
 
 def shards_encoder(spec: str) -> Optional[str]:
     """The encoder named in the shards' manifest.json (local or fsspec folder), if there is one."""
-    return _manifest(spec).get("encoder")
+    return shards_manifest(spec).get("encoder")
+
+
+def stored_latents(spec: str, latent: str, image_size: int) -> bool:
+    """True when the shards carry latents of VAE `latent` at `image_size` (`webpairs latents`)."""
+    info = shards_manifest(spec).get("latent") or {}
+    return latent not in ("", "pixel") and info.get("vae") == latent and int(info.get("image_size") or 0) == image_size
 
 
 def shards_store_embedding(spec: str) -> bool:
     """Whether the shards hold `{key}.cond.npy` (False for `webpairs shards --no-embedding`)."""
-    config = _manifest(spec).get("config")
+    config = shards_manifest(spec).get("config")
     return not isinstance(config, dict) or config.get("store_embedding", True) is not False
 
 
@@ -134,14 +149,6 @@ def augment(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def center(img: Image.Image, size: int) -> np.ndarray:
-    """Centre square crop, resize -> (3,S,S) in [-1,1] (evaluation and sampling)."""
-    w, h = img.size
-    side = min(w, h)
-    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)).resize((size, size), Image.BICUBIC)
-    return np.ascontiguousarray((np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1))
-
-
 class PairStream(torch.utils.data.IterableDataset):
     """Yields (target (3,S,S), condition embedding (D,), key) for one rank, endlessly (epochs)."""
 
@@ -157,6 +164,7 @@ class PairStream(torch.utils.data.IterableDataset):
         self.encoder_name = cfg.encoder or stored or ""
         if not self.use_stored and not self.encoder_name:
             raise ValueError(f"{cfg.shards} stores no condition embeddings and names no encoder: pass an encoder to compute them")
+        self.latents = stored_latents(cfg.shards, cfg.latent, cfg.image_size)
 
     def _samples(self, urls: list[str]) -> Iterator[dict]:
         import webdataset as wds
@@ -192,11 +200,19 @@ class PairStream(torch.utils.data.IterableDataset):
             epoch += 1
 
     def _decode(self, s: dict, rng, encoder):
-        target = Image.open(io.BytesIO(s[layout.TARGET_JPG])).convert("RGB")
-        x = augment(target, self.cfg.image_size, rng)
+        target = None
+        if self.latents:
+            info = json.loads(s[layout.LATENT_JSON])
+            raw = np.load(io.BytesIO(s[layout.LATENT_NPY])).astype(np.float32)
+            x = (raw - float(info.get("shift_factor") or 0.0)) * float(info["scale_factor"])
+        else:
+            target = Image.open(io.BytesIO(s[layout.TARGET_JPG])).convert("RGB")
+            x = augment(target, self.cfg.image_size, rng)
         if encoder is None:
             cond = np.load(io.BytesIO(s[layout.COND_NPY])).astype(np.float32)
         else:
+            if self.cfg.pairing == "self" and target is None:
+                target = Image.open(io.BytesIO(s[layout.TARGET_JPG])).convert("RGB")
             source = target if self.cfg.pairing == "self" else Image.open(io.BytesIO(s[layout.COND_JPG])).convert("RGB")
             cond = encoder.embed_images(encoder.preprocess(source)[None])[0]
         return torch.from_numpy(x), torch.from_numpy(cond), s["__key__"]
@@ -205,7 +221,7 @@ class PairStream(torch.utils.data.IterableDataset):
 def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, epochs: Optional[int] = None) -> torch.utils.data.DataLoader:
     """A DataLoader over this rank's part of the shards (decoding in `num_workers` processes)."""
     ds = PairStream(cfg, rank, world, epochs)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0 and epochs is None, prefetch_factor=4 if cfg.num_workers > 0 else None)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0 and epochs is None, prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None, pin_memory=cfg.pin_memory)
 
 
 def condition_dim(cfg: DataConfig) -> int:

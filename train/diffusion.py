@@ -79,17 +79,18 @@ def make_sampler(kind: str = "ddim", prediction: str = "v_prediction", train_ste
 
 @torch.no_grad()
 def sample(model, cond: torch.Tensor, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim", prediction: str = "v_prediction", generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Images (B,3,S,S) in [-1,1] for condition embeddings (B,D); guidance 0 = unconditional."""
+    """Samples (B,C,S,S) for condition embeddings (B,D): images in [-1,1] for a pixel model, latents
+    for a latent model (decode them with its latent space); guidance 0 = unconditional."""
     sch = make_sampler(sampler, prediction)
     sch.set_timesteps(steps)
-    size = model.preset.image_size
-    x = torch.randn((cond.shape[0], 3, size, size), generator=generator, device=cond.device) * sch.init_noise_sigma
+    x = torch.randn((cond.shape[0], *model.sample_shape), generator=generator, device=cond.device) * sch.init_noise_sigma
     return _loop(model, sch, sch.timesteps, x, cond, guidance)
 
 
 def _loop(model, sch, timesteps, x: torch.Tensor, cond: torch.Tensor, guidance: float, x0: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The sampler loop over `timesteps` from x (at the level of timesteps[0]) with CFG; with a mask,
-    the region where mask is 0 is replaced by x0 noised to the next level after every step."""
+    the region where mask is 0 is replaced by x0 noised to the next level after every step. Pixels
+    end clamped to [-1, 1]; latents are left as they are."""
     for i, t in enumerate(timesteps):
         out = model.forward_with_cfg(sch.scale_model_input(x, t), t.expand(len(x)).to(x.device), cond, guidance)
         x = sch.step(out, t, x).prev_sample
@@ -100,7 +101,7 @@ def _loop(model, sch, timesteps, x: torch.Tensor, cond: torch.Tensor, guidance: 
             else:
                 known = x0
             x = mask * x + (1 - mask) * known
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if getattr(model, "in_pixels", True) else x
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

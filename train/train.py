@@ -1,8 +1,10 @@
 """`webpairs train`: Ray Train (TorchTrainer, DDP) training of the image-conditioned diffusion model.
 
 main phases: (1) config and Ray; (2) TorchTrainer with ScalingConfig/RunConfig; per worker:
-(3) model, EMA, optimizer, restored from the latest checkpoint if any; (4) the step loop:
-stream batches, v-prediction loss with CFG dropout, gradient accumulation and clipping, EMA;
+(3) model (U-Net or DiT backbone, in pixel or VAE latent space), EMA, optimizer, restored from the
+latest checkpoint if any; (4) the step loop: stream batches (stored latents, or pixels the VAE
+encodes on the device), v-prediction loss with CFG dropout under bf16 autocast (GPU; `precision`),
+optionally torch.compile'd, gradient accumulation (DDP syncs once per optimizer step) and clipping, EMA;
 (5) every `checkpoint_every` steps and at the end: safetensors weights + optimizer + step, reported
 to Ray (every rank reports; rank 0 attaches the checkpoint). A rerun with the same RUN_DIR resumes,
 and so does Ray after a worker dies (FailureConfig).
@@ -27,7 +29,13 @@ RUN_NAME = "train"
 class TrainConfig:
     """Trainer settings (YAML section `train`)."""
 
-    preset: str = "tiny"  # model size, see train/models.py PRESETS
+    preset: str = "tiny"  # model size, see train/models.py PRESETS (unet) and DIT_PRESETS (dit)
+    backbone: str = "unet"  # or "dit" (a diffusers PixArt transformer, DiT-S/B/L/XL presets)
+    image_size: int = 0  # pixels; 0 = the preset's
+    latent: str = ""  # "" = vae:stabilityai/sd-vae-ft-mse at >= 256 px, else pixels; "none" = pixels; vae:<id or folder>
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU, fp32 on CPU; "bf16" or "fp32" anywhere
+    compile: bool = False  # torch.compile the model for training
+    compile_backend: str = "inductor"  # torch.compile backend ("eager"/"aot_eager" check the plumbing cheaply)
     steps: int = 200  # optimizer steps in total (a resumed run continues to this number)
     batch_size: int = 8  # per worker and micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -60,8 +68,27 @@ class TrainConfig:
         "grad_clip": (0.0, 1e6), "ema_decay": (0.0, 1.0), "p_uncond": (0.0, 1.0), "workers": (1, 100_000), "loader_workers": (0, 256),
         "shuffle_buffer": (1, 10**7), "checkpoint_every": (1, 10**9), "keep_checkpoints": (1, 1000), "log_every": (1, 10**9), "sample_every": (0, 10**9),
         "sample_steps": (1, 1000), "sample_conditions": (1, 64), "max_failures": (-1, 1000), "seed": (0, 2**32 - 1), "fail_at_step": (-1, 10**9),
+        "image_size": (0, 4096),
     }
-    CHOICES: ClassVar[dict] = {"preset": ("tiny", "small", "base", "large"), "prediction": ("v_prediction", "epsilon"), "pairing": ("same-page", "self")}
+    CHOICES: ClassVar[dict] = {
+        "preset": ("tiny", "small", "base", "large", "base256", "large512", "S", "B", "L", "XL"), "backbone": ("unet", "dit"), "prediction": ("v_prediction", "epsilon"),
+        "pairing": ("same-page", "self"), "precision": ("auto", "bf16", "fp32"), "compile_backend": ("inductor", "eager", "aot_eager", "cudagraphs"),
+    }
+
+    def resolved_size(self) -> int:
+        """The image size in pixels (ValueError for a preset the backbone lacks)."""
+        from train.models import preset_of
+
+        return self.image_size or preset_of(self.backbone, self.preset).image_size
+
+    def resolved_latent(self) -> str:
+        """The latent space: the SD VAE by default at 256 px and above, else pixels."""
+        from core.latents import DEFAULT_VAE, normalise
+        from train.models import LATENT_MIN_SIZE
+
+        if not self.latent.strip():
+            return DEFAULT_VAE if self.resolved_size() >= LATENT_MIN_SIZE else "pixel"
+        return normalise(self.latent)
 
 
 class CheckpointError(ValueError):
@@ -220,7 +247,8 @@ def _trim_metrics(run_dir: str, step: int) -> None:
 
 
 def _fixed_conditions(data, n: int, device):
-    """The first n (condition image, embedding) pairs of the shards, in a fixed order."""
+    """The first n (embedding, target) pairs of the shards, in a fixed order (targets as the loader
+    gives them: pixels, or stored latents)."""
     import dataclasses as dc
 
     import torch
@@ -237,14 +265,19 @@ def _fixed_conditions(data, n: int, device):
     return torch.stack(conds).to(device), torch.stack(targets)
 
 
-def _sample_grid(model, fixed, cfg: TrainConfig, step: int, run_dir: str, writer) -> None:
-    """Row 1: the targets paired with the fixed conditions; row 2: EMA samples for those conditions."""
+def _sample_grid(model, fixed, cfg: TrainConfig, step: int, run_dir: str, writer, space=None, targets_are_latents: bool = False) -> None:
+    """Row 1: the targets paired with the fixed conditions; row 2: EMA samples for those conditions
+    (latent models: decoded by the VAE)."""
     import torch
 
     from train.diffusion import as_uint8, grid, sample, to_pil
 
     cond, targets = fixed
-    images = sample(model, cond, steps=cfg.sample_steps, guidance=3.0, prediction=cfg.prediction, generator=torch.Generator().manual_seed(0))
+    images = sample(model, cond, steps=cfg.sample_steps, guidance=3.0, prediction=cfg.prediction, generator=torch.Generator(cond.device).manual_seed(0))
+    if space is not None and not model.in_pixels:
+        images = space.decode(images)
+        if targets_are_latents:
+            targets = space.decode(targets.to(cond.device))
     sheet = grid(to_pil(targets) + to_pil(images), cols=len(cond))
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     sheet.save(os.path.join(run_dir, "samples", f"step_{step:07d}.png"))
@@ -269,14 +302,35 @@ def make_optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def autocast_for(device, precision: str):
+    """bf16 autocast on a GPU ("auto" or "bf16"), on CPU only with "bf16"; else a no-op context."""
+    import torch
+
+    on = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def build_for_training(cfg: TrainConfig, cond_dim: int, space, device):
+    """The model of a config in its space, on `device` (channels_last for the U-Net's convolutions)."""
+    import torch
+
+    from train.models import build_model
+
+    size = cfg.resolved_size()
+    if size % space.factor:
+        raise ValueError(f"image size {size} is not a multiple of the VAE's factor {space.factor}")
+    model = build_model(cfg.preset, cond_dim, cfg.backbone, channels=space.channels, sample_size=size // space.factor, image_size=size)
+    return model.to(device, memory_format=torch.channels_last) if cfg.backbone == "unet" else model.to(device)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     from ray.train.torch import prepare_model
 
+    from core.latents import load_space
     from train.data import DataConfig, make_loader
     from train.diffusion import EMA, diffusion_loss, make_scheduler
-    from train.models import build_model
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -284,11 +338,19 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = config["run_dir"]
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     torch.set_num_threads(max(1, config.get("threads_per_worker", 1)))
-    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    if cfg.use_gpu and torch.cuda.is_available():
+        from ray.train.torch import get_device
+
+        device = get_device()  # the GPU Ray gave this worker (one per worker)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
     _record_worker(run_dir, rank, world, device)
 
     # (3) model, EMA, optimizer; restore
-    model = build_model(cfg.preset, config["cond_dim"]).to(device, memory_format=torch.channels_last)
+    space = load_space(config["latent"], device)
+    model = build_for_training(cfg, config["cond_dim"], space, device)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
     checkpoint = ray.train.get_checkpoint()
@@ -300,9 +362,11 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("resumed from step %d", step)
         _trim_metrics(run_dir, step)
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup))  # noqa: E731
-    ddp_model = prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    ddp_model = prepare_model(model, parallel_strategy="ddp" if world > 1 else None, move_to_device=False)
+    train_model = torch.compile(ddp_model, backend=cfg.compile_backend) if cfg.compile else ddp_model
     scheduler = make_scheduler(cfg.prediction)
-    data = DataConfig(shards=config["shards"], image_size=model.preset.image_size, batch_size=cfg.batch_size, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights, shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.loader_workers, seed=cfg.seed + step)
+    data = DataConfig(shards=config["shards"], image_size=model.image_size, batch_size=cfg.batch_size, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights, shuffle_buffer=cfg.shuffle_buffer, num_workers=cfg.loader_workers, seed=cfg.seed + step, latent=config["latent"], pin_memory=device.type == "cuda")
+    encode = not model.in_pixels and not config.get("stored_latents")  # pixels in, latents needed: the VAE encodes here
     batches = iter(make_loader(data, rank, world))
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank * 100003 + step)
     writer = None
@@ -311,7 +375,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
     fixed = _fixed_conditions(data, cfg.sample_conditions, device) if rank == 0 and cfg.sample_every > 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device, cfg.precision)
+    fmt = torch.channels_last if cfg.backbone == "unet" else torch.contiguous_format
 
     # (4) step loop
     start, window = time.time(), []
@@ -322,11 +387,18 @@ def train_loop_per_worker(config: dict) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         total = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x, cond, _ = next(batches)
-            with autocast:
-                loss = diffusion_loss(ddp_model, scheduler, x.to(device, memory_format=torch.channels_last), cond.to(device), cfg.p_uncond, generator) / cfg.grad_accum
-            loss.backward()
+            x, cond = x.to(device, non_blocking=True), cond.to(device, non_blocking=True)
+            if encode:
+                with autocast:
+                    x = space.encode(x).float()
+            # DDP all-reduces the gradients on the last micro-step only
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or world == 1 else ddp_model.no_sync()
+            with sync:
+                with autocast:
+                    loss = diffusion_loss(train_model, scheduler, x.contiguous(memory_format=fmt), cond, cfg.p_uncond, generator) / cfg.grad_accum
+                loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -345,18 +417,24 @@ def train_loop_per_worker(config: dict) -> None:
                 log.info("(step=%07d) loss=%.4f steps/s=%.2f samples/s=%.1f", step, sum(window) / len(window), sps, sps * cfg.batch_size * cfg.grad_accum * world)
                 start, window = time.time(), []
         if fixed is not None and step % cfg.sample_every == 0:
-            _sample_grid(ema.model, fixed, cfg, step, run_dir, writer)
+            _sample_grid(ema.model, fixed, cfg, step, run_dir, writer, space, targets_are_latents=bool(config.get("stored_latents")))
         # (5) checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {"step": step, "loss": total}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as folder:
-                    _save(folder, model, ema, opt, step, config["train"], {"cond_dim": config["cond_dim"], "encoder": config["encoder"]})
+                    _save(folder, model, ema, opt, step, config["train"], checkpoint_meta(config, model, space))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
     if writer is not None:
         writer.close()
+
+
+def checkpoint_meta(config: dict, model, space) -> dict:
+    """What sampling needs to rebuild the model and refuses to mix up: condition encoder, backbone,
+    latent space (None for pixels), resolutions."""
+    return {"cond_dim": config["cond_dim"], "encoder": config["encoder"], "backbone": model.backbone, "latent": space.describe(), "image_size": model.image_size, "sample_size": model.sample_size}
 
 
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -453,12 +531,24 @@ def _fit(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str]
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from train.data import DataConfig, condition_dim, shards_encoder
+    from core.latents import load_space
+    from train.data import DataConfig, condition_dim, shards_encoder, stored_latents
 
     # (1) config, the checkpoint to resume from, and Ray
+    size, latent = cfg.resolved_size(), cfg.resolved_latent()  # ValueError: preset of another backbone, bad --latent
     data = DataConfig(shards=shards, pairing=cfg.pairing, encoder=cfg.encoder, encoder_weights=cfg.encoder_weights)
     cond_dim = condition_dim(data)
     encoder = cfg.encoder or shards_encoder(shards) or ""  # recorded in checkpoints: sampling embeds with it
+    stored = False
+    if latent != "pixel":
+        space = load_space(latent)  # downloads once here (cache-only offline); the workers read the cache
+        if size % space.factor:
+            raise ValueError(f"image size {size} is not a multiple of {latent}'s factor {space.factor}")
+        stored = stored_latents(shards, latent, size)
+        if not stored:
+            log.warning("the shards carry no %s latents at %d px: the VAE encodes every target on the fly (run `webpairs latents %s --latent %s --image-size %d --out DIR` once to skip that)", latent, size, shards, latent, size)
+        del space
+    _check_checkpoint_matches(run_dir, cfg, latent, encoder)
     good, bad = readable_checkpoints(run_dir)
     if bad and not good:
         raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, RUN_NAME)} ({len(bad)} unreadable, the newest: {bad[0]}); delete that folder to train from scratch")
@@ -470,11 +560,15 @@ def _fit(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str]
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=True, runtime_env=ray_runtime_env())
     # (2) the trainer
     threads = max(1, (os.cpu_count() or 2) // max(1, cfg.workers))
-    config = {"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "encoder": encoder, "threads_per_worker": threads, "resume_from": good[0] if good else None}
+    if cfg.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < cfg.workers:
+            raise ValueError(f"--use-gpu needs one GPU per worker: {cfg.workers} worker(s), but the Ray cluster has {gpus:g} GPU(s)")
+    config = {"train": dataclasses.asdict(cfg), "shards": os.path.abspath(shards) if "://" not in shards else shards, "run_dir": run_dir, "cond_dim": cond_dim, "encoder": encoder, "threads_per_worker": threads, "resume_from": good[0] if good else None, "latent": latent, "stored_latents": stored}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1, "GPU": 1} if cfg.use_gpu else None),
         run_config=RunConfig(
             storage_path=run_dir,
             name=RUN_NAME,
@@ -489,6 +583,28 @@ def _fit(shards: str, run_dir: str, cfg: TrainConfig, ray_address: Optional[str]
     with open(os.path.join(run_dir, "latest.json"), "w") as fh:
         json.dump(out, fh, indent=2)
     return out
+
+
+def _check_checkpoint_matches(run_dir: str, cfg: TrainConfig, latent: str, encoder: str) -> None:
+    """Resuming into a run trained with another backbone, preset, latent space or encoder is refused
+    in one sentence (the weights would not fit, or would mean something else)."""
+    folders = checkpoint_folders(run_dir)
+    if not folders:
+        return
+    try:
+        state = read_checkpoint(folders[0], ())["state"]
+    except CheckpointError:
+        return  # the readable-checkpoint logic reports it
+    recorded = {
+        "backbone": state.get("backbone", "unet"),
+        "preset": state.get("config", {}).get("preset", "tiny"),
+        "latent space": (state.get("latent") or {}).get("vae", "pixel"),
+        "condition encoder": state.get("encoder") or encoder,
+    }
+    wanted = {"backbone": cfg.backbone, "preset": cfg.preset, "latent space": latent, "condition encoder": encoder}
+    differ = [f"{k} {recorded[k]} (asked: {wanted[k]})" for k in recorded if recorded[k] != wanted[k]]
+    if differ:
+        raise ValueError(f"{run_dir} holds checkpoints of another model: {', '.join(differ)}; train into a new --out")
 
 
 def smoothed(losses: list[float], window: int = 10) -> list[float]:

@@ -108,6 +108,43 @@ def _known_errors() -> tuple:
     return (UserError, ConfigError, StageError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+def _command_flags(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The flags of the command the user ran (its parser, its sub-command's, the global ones)."""
+    names, current = [], parser
+    chosen = [args.command, getattr(args, "crawl_command", None)]
+    while current is not None:
+        names += [s for action in current._actions for s in action.option_strings if s.startswith("--")]  # noqa: SLF001
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+        current = subs[0].choices.get(chosen.pop(0)) if subs and chosen and chosen[0] else None
+    return names
+
+
+def unknown_flag(extra: list[str], own: list[str], beam: bool) -> str | None:
+    """The error for the first flag in `extra` (what the command's parser left) that neither the
+    command nor (where it passes flags on) Beam's pipeline options know, naming the nearest known
+    flag (difflib); None when all are known."""
+    import difflib
+
+    known = set()
+    if beam:
+        from core.stageio import beam_flag_names
+
+        known = beam_flag_names()
+    for token in extra:
+        if token == "--":
+            break
+        if not token.startswith("-") or token.lstrip("-").replace(".", "", 1).isdigit():
+            continue  # a value, or a negative number
+        flag = token.split("=", 1)[0]
+        if flag in known:
+            continue
+        candidates = list(dict.fromkeys(own + sorted(known)))
+        near = difflib.get_close_matches(flag, candidates, n=1, cutoff=0.6) or difflib.get_close_matches(flag.replace("-", "_"), candidates, n=1, cutoff=0.6)
+        where = "neither this command nor Beam's pipeline options know it" if beam else "this command does not know it"
+        return f"unknown flag {flag} ({where})" + (f"; did you mean {near[0]}?" if near else "")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args, beam_args = parser.parse_known_args(argv)
@@ -125,16 +162,25 @@ def main(argv: list[str] | None = None) -> int:
 
         set_offline()
     stage_cmds = getattr(handlers[args.command], "accepts_beam_args", False)
-    if beam_args and not stage_cmds:
-        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     name = args.command + (f" {args.crawl_command}" if getattr(args, "crawl_command", None) else "")
+    if beam_args:  # a misspelt flag must never pass silently (Beam discards what it cannot parse)
+        message = unknown_flag(beam_args, _command_flags(parser, args), beam=stage_cmds and name != "crawl download")
+        if message:
+            print(f"webpairs {name}: error: {message}", file=sys.stderr)
+            return 2
+        if not stage_cmds:
+            parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     try:
         if stage_cmds and name != "crawl download":  # the config file's `beam:` section first: command-line flags win
             from core.config import beam_flags
 
             from core.stageio import check_runner_flags
 
-            beam_args = beam_flags(getattr(args, "config", None)) + beam_args
+            from_config = beam_flags(getattr(args, "config", None))
+            message = unknown_flag(from_config, [], beam=True)
+            if message:
+                raise UserError(f"config file {args.config}, section beam: {message}")
+            beam_args = from_config + beam_args
             check_runner_flags(beam_args)  # a wrong runner flag fails before any work
         return handlers[args.command](args, beam_args) or 0
     except KeyboardInterrupt:

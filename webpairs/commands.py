@@ -11,6 +11,8 @@ from core.stageio import StageError
 from webpairs.common import BEAM_NOTE, print_stats, stage_parser
 from webpairs.errors import UserError
 
+DEFAULT_VAE_HELP = "vae:stabilityai/sd-vae-ft-mse"  # core/latents.py DEFAULT_VAE (not imported: torch stays unloaded for --help)
+
 
 def _run_stage(fn, stage_name: str, *args, **kwargs) -> int:
     """Run a stage function, print its reconciled counts; turn known failures into one-line errors."""
@@ -37,12 +39,33 @@ def _input_slice_args(p) -> None:
     p.add_argument("--files-from", type=int, metavar="K", help="skip the first K input files of the sorted list or manifest (default 0)")
 
 
+def _csv(value: str) -> list[str]:
+    """A repeatable flag's value: one item or several, comma separated."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _allow_hosts_arg(p) -> None:
     p.add_argument(
         "--allow-hosts",
         metavar="HOST,IP,CIDR",
-        help="hosts exempt from the private-address rule of the URL policy (e.g. 127.0.0.1 for the loopback test web); default: none",
+        action="extend",
+        type=_csv,
+        help="hosts exempt from the private-address rule of the URL policy (e.g. 127.0.0.1 for the loopback test web); repeatable; default: none",
     )
+
+
+def _resolve_arg(p) -> None:
+    p.add_argument("--resolve", metavar="HOST:ADDR[,...]", action="extend", type=_csv, help="pin host names to addresses, as curl's --resolve (the URL policy applies to ADDR); repeatable")
+
+
+def _consent_arg(p, what: str) -> None:
+    p.add_argument("--consent", choices=("on", "off"), help=f"on (default): {what}; off: ignore them, only for sites you own (one warning line per run)")
+
+
+def _blocklist_args(p) -> None:
+    g = p.add_argument_group("unsafe content (a match is never written to any file of the run)")
+    g.add_argument("--blocklist", action="append", metavar="FILE", help="hash list: lines sha256:<hex>, md5:<hex> or pdq:<64 hex> (Meta's PDQ), # comments; a matching image is rejected as blocklisted as its bytes arrive (repeatable)")
+    g.add_argument("--blocklist-pdq-distance", type=int, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
 
 
 def register_crawl(sub, handlers) -> None:
@@ -56,6 +79,7 @@ def register_crawl(sub, handlers) -> None:
         "(https://data.commoncrawl.org/..., s3://commoncrawl/..., gs://...; gzip or plain)",
     )
     _allow_hosts_arg(p)
+    _consent_arg(p, "a page whose X-Robots-Tag header or <meta name=robots> says noai or noimageai gives no image (page_opt_out)")
     _input_slice_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_extract)
 
@@ -69,8 +93,12 @@ def register_crawl(sub, handlers) -> None:
             "--boilerplate-pages pages, or on --site-share of a site's pages), links past the per-page cap and "
             "pages left with fewer than 2 candidates. img2dataset then fetches each distinct selected URL once; "
             "every link is resolved to its image (occurrences/), identical bytes are kept once (downloads/). "
-            "The URL policy also applies to redirect targets; X-Robots-Tag opt-outs are honoured. Rerunning "
-            "into the same --out resumes: finished shards are kept."
+            "The URL policy also applies to redirect targets. Before any image of a site, its robots.txt and "
+            "/.well-known/tdmrep.json are asked once (kept in OUT/consent/, so a rerun asks again none): a URL they "
+            "refuse is robots_disallowed or tdm_reserved; an image response with tdm-reservation: 1 or an "
+            "X-Robots-Tag opt-out is refused on its headers, without reading the body. At most "
+            "--per-host-connections connections go to one host at once, Crawl-delay is honoured, and a 429/503 "
+            "Retry-After is waited for. Rerunning into the same --out resumes: finished shards are kept."
         ),
     )
     p.add_argument("input", help="a `crawl extract` output directory (or its links/ parquet files)")
@@ -82,8 +110,14 @@ def register_crawl(sub, handlers) -> None:
     p.add_argument("--timeout", type=float, help="seconds a connect or read may wait (default 10)")
     p.add_argument("--deadline", type=float, help="seconds one image may take in all, redirects included (default 30)")
     p.add_argument("--max-image-bytes", type=int, help="larger images are cut off and rejected as too_large (default 20 MiB)")
-    p.add_argument("--resolve", metavar="HOST:ADDR[,...]", help="pin host names to addresses, as curl's --resolve (the URL policy applies to ADDR)")
+    _resolve_arg(p)
     p.add_argument("--retries", type=int, help="extra attempts per URL (default 0)")
+    g = p.add_argument_group("consent and politeness")
+    _consent_arg(g, "robots.txt (token webpairs, else *), TDMRep and the opt-out headers of image responses are honoured")
+    g.add_argument("--contact", metavar="URL", help="named in the User-Agent, webpairs/<version> (+URL), so a site owner can learn about the crawl (default: the project's page)")
+    g.add_argument("--per-host-connections", type=int, metavar="N", help="connections open at once to one host, across all download processes (default 4)")
+    g.add_argument("--max-retry-after", type=float, metavar="SECONDS", help="a 429/503 answer's Retry-After up to this is waited for and the image asked again (default 60; 0: never)")
+    g.add_argument("--retry-failed", action="store_true", help="on a finished download in --out: fetch again only the links that failed for a transient reason (timeout, 5xx, 429, connection error), keep everything else, write a complete new output")
     p.add_argument("--resize-mode", help="img2dataset resize mode; default 'no' keeps the original bytes for filter")
     p.add_argument("--image-size", type=int, help="target side when resizing (default 512)")
     p.add_argument("--samples-per-shard", type=int, help="images per img2dataset shard, the unit of resume (default 1000)")
@@ -99,6 +133,7 @@ def register_crawl(sub, handlers) -> None:
     g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
     g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
     g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 128MB: bounded on any machine; give a cluster node more, e.g. 8GB, to spill less)")
+    _blocklist_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
     def dispatch(args, beam_args):
@@ -121,7 +156,7 @@ def cmd_crawl_download(args, beam_args) -> int:
     from crawl.download import run_download
 
     cfg = _load_config(config.DownloadConfig, args, "download")
-    return _run_stage(run_download, "crawl download", args.input, args.out, cfg)
+    return _run_stage(run_download, "crawl download", args.input, args.out, cfg, retry_failed=args.retry_failed)
 
 
 def register_filter(sub, handlers) -> None:
@@ -264,12 +299,15 @@ def register_run(sub, handlers) -> None:
     p.add_argument("input", help="WARC/WAT file, folder or glob (local or fsspec URL)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", help="YAML with sections crawl, download, filter, pair, shards")
-    p.add_argument("--allow-hosts", metavar="HOST,IP,CIDR", help="hosts exempt from the private-address rule (default: none)")
+    _allow_hosts_arg(p)
+    _resolve_arg(p)
+    _consent_arg(p, "pages' noai/noimageai opt-outs, robots.txt, TDMRep and image opt-out headers are honoured")
     _input_slice_args(p)
     p.add_argument("--encoder", help="filter encoder (default open_clip:ViT-B-32, downloaded on first use; efficientnet-lite0 works offline)")
     p.add_argument("--encoder-weights", metavar="FILE", help="local weights for the encoder")
     _model_flags(p)
     p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
+    _blocklist_args(p)
     handlers["run"] = cmd_run
     cmd_run.accepts_beam_args = True
 
@@ -316,7 +354,11 @@ def cmd_run(args, beam_args) -> int:
 
     try:
         crawl = {k: getattr(args, k) for k in ("paths_prefix", "max_files", "files_from") if getattr(args, k) is not None}
-        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, encoder=args.encoder, encoder_weights=args.encoder_weights)
+        if args.consent is not None:
+            crawl["consent"] = args.consent
+        download = {k: v for k, v in (("resolve", args.resolve), ("consent", args.consent)) if v is not None}
+        download.update({k: getattr(args, k) for k in ("blocklist", "blocklist_pdq_distance") if getattr(args, k) is not None})
+        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, download_overrides=download, encoder=args.encoder, encoder_weights=args.encoder_weights)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
         done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
     except (StageError, config.ConfigError) as err:
@@ -353,10 +395,17 @@ def register_train(sub, handlers) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--config", help="YAML with `train` keys (see train/train.py TrainConfig)")
     p.add_argument("--workers", type=int, help="Ray Train workers / DDP ranks (default 2)")
-    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per Ray worker (refused when the cluster has fewer), bf16 autocast, TF32, pinned-memory loader")
     p.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
-    p.add_argument("--preset", help="model size: tiny (CPU tests), small, base, large")
+    p.add_argument("--preset", help="model size: unet tiny (CPU tests), small, base (64 px), large (128 px), base256, large512; dit tiny, S, B, L, XL (256 px, patch 2)")
+    p.add_argument("--backbone", choices=["unet", "dit"], help="unet (diffusers UNet2DConditionModel, default) or dit (diffusers PixArt transformer: cross-attention on the condition tokens)")
+    p.add_argument("--image-size", type=int, help="resolution in pixels (default: the preset's)")
+    p.add_argument("--latent", metavar="vae:ID", help=f"train in a diffusers AutoencoderKL's latent space: vae:<hub id or save_pretrained folder>, downloaded on first use (cache only with --offline); 'none' = pixels. Default: {DEFAULT_VAE_HELP} at 256 px and above, pixels below")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="autocast: auto = bf16 on a GPU, fp32 on CPU (default auto)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (minutes of compilation, then faster steps)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (DDP syncs once per step; default 1)")
+    p.add_argument("--loader-workers", type=int, help="DataLoader processes per worker (default 1)")
     p.add_argument("--batch-size", type=int, help="per worker (default 8)")
     p.add_argument("--pairing", choices=["same-page", "self"], help="condition on the paired image (default) or on the target itself")
     p.add_argument("--encoder", help="compute conditions with this encoder instead of the stored embeddings")
@@ -364,6 +413,7 @@ def register_train(sub, handlers) -> None:
 
 
 def cmd_train(args, _beam_args) -> int:
+    from core.latents import LatentUnavailable
     from train.train import TrainConfig, run_training
     try:
         cfg = _load_config(TrainConfig, args, "train")
@@ -371,10 +421,46 @@ def cmd_train(args, _beam_args) -> int:
         raise UserError(str(err)) from err
     try:
         out = run_training(args.input, args.out, cfg, args.ray_address)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, LatentUnavailable) as err:
         raise UserError(str(err)) from err
     print(f"trained to step {out['step']} (loss {out['loss']:.4f}); checkpoint: {out['checkpoint']}")
     return 0
+
+
+def register_latents(sub, handlers) -> None:
+    p = sub.add_parser(
+        "latents",
+        help="store each target's VAE latent in the shards, so training never runs the VAE encoder",
+        description=(
+            "Copy a `webpairs shards` output into --out with every sample's target encoded by a diffusers AutoencoderKL: "
+            "{key}.latent.npy (posterior mean of the centre crop at --image-size, float16) and {key}.latent.json (VAE, "
+            "scale factor, size); a new index and manifest.json (its `latent` entry). `webpairs train --latent` with the "
+            "same VAE and size then reads the latents instead of encoding every step."
+        ),
+    )
+    p.add_argument("input", help="a `webpairs shards` output directory")
+    p.add_argument("--out", required=True, help="the shards with latents (a new folder)")
+    p.add_argument("--latent", default=DEFAULT_VAE_HELP, metavar="vae:ID", help=f"vae:<hub id or save_pretrained folder> (default {DEFAULT_VAE_HELP}; downloaded on first use, cache only with --offline)")
+    p.add_argument("--image-size", type=int, default=256, help="the training resolution in pixels (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device for the VAE, e.g. cuda (default cpu)")
+    handlers["latents"] = cmd_latents
+
+
+def cmd_latents(args, _beam_args) -> int:
+    from core.latents import LatentUnavailable
+    from shards.latents import run_latents
+
+    if args.image_size < 8 or args.batch_size < 1:
+        raise UserError("--image-size must be at least 8 and --batch-size at least 1")
+    return _run_stage(_latents_or_user_error, "latents", run_latents, LatentUnavailable, args)
+
+
+def _latents_or_user_error(run_latents, unavailable, args) -> dict:
+    try:
+        return run_latents(args.input, args.out, args.latent, args.image_size, args.batch_size, args.device)
+    except (unavailable, ValueError) as err:
+        raise UserError(str(err)) from err
 
 
 def _register_sampling(sub, handlers) -> None:
@@ -383,4 +469,58 @@ def _register_sampling(sub, handlers) -> None:
     register_sample(sub, handlers)
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, _register_sampling]
+def register_scrub(sub, handlers) -> None:
+    p = sub.add_parser(
+        "scrub",
+        help="remove images from a finished run (a hash blocklist or a list of image URLs): every stage's rows, the shards, index, manifest and report",
+        description=(
+            "Take images out of a finished run directory after a take-down request or a new hash list: the images whose bytes match "
+            "--blocklist (sha256/md5 of the bytes, PDQ within --blocklist-pdq-distance bits: filter stores every kept image's PDQ) or "
+            "that a URL of --urls served, with every link to them. Their links become `scrubbed` rejects of extract and leave every "
+            "later stage (rows, bytes, img2dataset's shards, pairs, shard tars, index, manifest; stats recounted); the report is "
+            "written again. Prints what it removed. A model trained on the run is not changed."
+        ),
+    )
+    p.add_argument("run", help="a run directory (links/, download/, filter/, pair/, shards/)")
+    p.add_argument("--blocklist", action="append", metavar="FILE", help="hash list (sha256:, md5:, pdq: lines, as crawl download --blocklist); repeatable")
+    p.add_argument("--blocklist-pdq-distance", type=int, default=31, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
+    p.add_argument("--urls", action="append", metavar="FILE", help="image URLs to remove, one a line (# comments); repeatable")
+    handlers["scrub"] = cmd_scrub
+
+
+def cmd_scrub(args, _beam_args) -> int:
+    from crawl.blocklist import load_lists
+    from webpairs.scrub import find_matches, read_url_list, scrub_run
+
+    if not (args.blocklist or args.urls):
+        raise UserError("give --blocklist FILE or --urls FILE (what to remove)")
+    if not os.path.isdir(args.run):
+        raise UserError(f"{args.run} is not a run directory")
+    if not 0 <= args.blocklist_pdq_distance <= 63:
+        raise UserError(f"--blocklist-pdq-distance {args.blocklist_pdq_distance} is out of range (0 to 63)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="webpairs-blocklist-") as tmp:
+        try:
+            index = load_lists(args.blocklist, args.blocklist_pdq_distance, tmp) if args.blocklist else None
+            urls = {}
+            for path in args.urls or ():
+                urls.update(read_url_list(path))
+            images, matched_urls = find_matches(args.run, index, urls)
+            for image, why in sorted(images.items()):
+                print(f"image {image}: {why}")
+            removed = scrub_run(args.run, images, matched_urls)
+        except (StageError, config.ConfigError) as err:
+            raise UserError(str(err)) from err
+    parts = [f"{removed['images']} images, {removed['links']} links"]
+    for stage in ("extract", "download", "filter", "pair", "shards"):
+        if stage in removed:
+            value = removed[stage]
+            parts.append(f"{stage}: " + (", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else f"{value} links"))
+    print("scrubbed " + "; ".join(parts))
+    if os.path.isdir(os.path.join(args.run, "train")):
+        print(f"note: the model in {os.path.join(args.run, 'train')} was trained on the removed images; train it again to forget them")
+    return 0
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, register_latents, _register_sampling, register_scrub]

@@ -81,12 +81,12 @@ class RunConfig:
     sample: "SampleConfig"
 
     @classmethod
-    def load(cls, path: Optional[str] = None, allow_hosts: Optional[str] = None, train_defaults: Optional[dict] = None, crawl_overrides: Optional[dict] = None, **filter_overrides) -> "RunConfig":
+    def load(cls, path: Optional[str] = None, allow_hosts=None, train_defaults: Optional[dict] = None, crawl_overrides: Optional[dict] = None, download_overrides: Optional[dict] = None, **filter_overrides) -> "RunConfig":
         from generate.images import SampleConfig
         from train.train import TrainConfig
 
         filter_cfg = config.load(config.FilterConfig, path, section="filter", **filter_overrides)
-        download = config.load(config.DownloadConfig, path, section="download", allow_hosts=allow_hosts)
+        download = config.load(config.DownloadConfig, path, section="download", allow_hosts=allow_hosts, **(download_overrides or {}))
         if download.min_side > filter_cfg.min_side:  # the plan must never be stricter than filter
             raise config.ConfigError(f"download.min_side {download.min_side} is above filter.min_side {filter_cfg.min_side}: the plan would drop links filter keeps; lower it")
         return cls(

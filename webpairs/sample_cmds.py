@@ -22,7 +22,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--encoder", default="", help="condition encoder (default: the one recorded in the checkpoint)")
+    p.add_argument("--encoder", default="", help="condition encoder: must be the one the checkpoint records (only checkpoints that record none need it)")
+    p.add_argument("--backbone", default="", choices=["", "unet", "dit"], help="refuse a checkpoint of another backbone (default: take the recorded one)")
+    p.add_argument("--latent", default="", metavar="vae:ID", help="refuse a checkpoint of another latent space ('none' = pixels; default: take the recorded one)")
     p.add_argument("--encoder-weights", default="", metavar="FILE", help="local weights for that encoder")
 
 
@@ -83,7 +85,7 @@ def _load(args, checkpoint: str = ""):
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint {checkpoint} does not exist")
     try:
-        loaded = load_model(checkpoint, args.device, ema=not args.raw_weights, encoder=args.encoder)
+        loaded = load_model(checkpoint, args.device, ema=not args.raw_weights, encoder=args.encoder, backbone=args.backbone, latent=args.latent)
         encoder = load_encoder(loaded.encoder_name, args.encoder_weights)
     except (CheckpointError, EncoderUnavailable) as err:
         raise UserError(str(err)) from err

@@ -77,6 +77,52 @@ def make_run(out: str, pairs: int, sites: int = 50, pages_per_site: int = 0, dis
     return {"pairs": pairs, "sites": sites, "pages": sites * pages_per_site}
 
 
+def make_train_shards(out: str, n: int = 16, side: int = 48, per_shard: int = 8, encoder: str = "tiny-clip", bad_targets: tuple = (), seed: int = 0) -> str:
+    """A complete shards output of n generated pairs for training tests and benchmarks: tars of
+    {key}.cond.jpg, .target.jpg (side x side, 8 colour themes), .cond.npy (the `encoder`'s embedding
+    of the condition, named in manifest.json) and .json; targets listed in `bad_targets` are
+    undecodable bytes. Returns `out`."""
+    from PIL import Image
+
+    from core import sample_layout as layout
+    from core.encoders import load_encoder
+
+    rng = np.random.default_rng(seed)
+    enc = load_encoder(encoder)
+    os.makedirs(out, exist_ok=True)
+    shards = []
+    for first in range(0, n, per_shard):
+        name = layout.SHARD_PATTERN.format(file=0, seq=first // per_shard)
+        count = min(per_shard, n - first)
+        with tarfile.open(os.path.join(out, name), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(first, first + count):
+                topic = i % 8
+                cond = Image.open(io.BytesIO(_photo(topic, int(rng.integers(0, 1000)), side))).convert("RGB")
+                target = _photo(topic, int(rng.integers(0, 1000)), side) if i not in bad_targets else b"not an image"
+                key = f"{i:016x}"
+                meta = {"pair_id": key, "page_url": f"https://synthetic.example/{i // 2}.html", "cond_image_id": f"c{i}", "target_image_id": f"t{i}", "similarity": 0.5, "encoder": encoder}
+                buf = io.BytesIO()
+                cond.save(buf, "JPEG", quality=90)
+                files = {layout.COND_JPG: buf.getvalue(), layout.TARGET_JPG: target, layout.COND_NPY: layout.npy_bytes(enc.embed_images(enc.preprocess(cond)[None])[0]), layout.META_JSON: json.dumps(meta).encode()}
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append({"shard": name, "samples": count})
+    with open(os.path.join(out, "manifest.json"), "w") as fh:
+        json.dump({"stage": "shards", "shards": shards, "samples": n, "encoder": encoder}, fh)
+    _complete(out, "shards", n, n, {})
+    return out
+
+
+def _photo(topic: int, index: int, side: int) -> bytes:
+    from webpairs.testweb import generated_photo
+
+    buf = io.BytesIO()
+    generated_photo(topic, index, (side, side)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")

@@ -1,0 +1,113 @@
+"""Politeness: how `crawl download` spreads its requests over a site, across all its processes.
+
+* **At most `per_host_connections` connections at once to one host** (default 4). Each host has
+  that many slot files in the run; a request holds an exclusive `flock` on one of them while its
+  connection is open. flock locks belong to an open file, so threads of one process and
+  img2dataset's worker processes on one machine count against the same slots.
+* **Crawl-delay and Retry-After**: each host has a "next request not before" time in a file, read
+  and written under its own flock; a request waits for it (a robots.txt `Crawl-delay: d` sets it
+  to now + d at every request; a 429/503 answer's `Retry-After` pushes it forward). Only threads
+  working on that host wait: the plan interleaves hosts in img2dataset's input shards, so the
+  other threads keep fetching other hosts.
+
+The gate holds plain data (a folder, a number, a dict) so it pickles into img2dataset's workers.
+The folder must be on a file system every download process can lock (the run folder is local, as
+img2dataset's resume needs; on a cluster distributor the limits hold per machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import fcntl
+import hashlib
+import os
+import random
+import struct
+import time
+from typing import Iterator, Optional
+
+POLL = 0.01  # seconds between tries for a free slot
+
+
+def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """A Retry-After header (delay-seconds or an HTTP date) as seconds from now; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class HostGate:
+    """Per-host connection slots and request times, shared by every download process of a run."""
+
+    def __init__(self, folder: str, per_host: int = 4, delays: Optional[dict] = None):
+        self.folder, self.per_host, self.delays = folder, max(1, int(per_host)), dict(delays or {})
+        os.makedirs(folder, exist_ok=True)
+
+    def _base(self, host: str) -> str:
+        return os.path.join(self.folder, hashlib.sha1(host.lower().encode()).hexdigest()[:20])
+
+    @contextlib.contextmanager
+    def connection(self, host: str) -> Iterator[None]:
+        """Hold one of the host's slots (waiting for a free one), after its next-request time."""
+        base = self._base(host)
+        fd = self._take_slot(base)
+        try:
+            self._wait_turn(base, self.delays.get(host.lower(), 0.0))
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _take_slot(self, base: str) -> int:
+        order = list(range(self.per_host))
+        while True:
+            random.shuffle(order)  # spread the tries over the slots
+            for k in order:
+                fd = os.open(f"{base}.{k}", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    os.close(fd)
+            time.sleep(POLL * (0.5 + random.random()))
+
+    def _wait_turn(self, base: str, delay: float) -> None:
+        """Wait for the host's next-request time; with a Crawl-delay, set the next one."""
+        path = f"{base}.time"
+        if delay <= 0 and not os.path.exists(path):
+            return  # no delay asked, no pause recorded: nothing to wait for
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one waiter at a time, in turn
+            raw = os.pread(fd, 8, 0)
+            not_before = struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0
+            wait = not_before - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            if delay > 0:
+                os.pwrite(fd, struct.pack("<d", time.time() + delay), 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def pause(self, host: str, seconds: float) -> None:
+        """No request to `host` before `seconds` from now (a Retry-After)."""
+        fd = os.open(f"{self._base(host)}.time", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 8, 0)
+            not_before = struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0
+            os.pwrite(fd, struct.pack("<d", max(not_before, time.time() + seconds)), 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
