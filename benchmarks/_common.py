@@ -13,6 +13,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+SMOKE_HELP = "smallest size, one run: checks that the benchmark runs and prints its figures (tests/test_benchmarks_smoke.py); its timings mean nothing"
+
+
 def need_shared(sub: str) -> str:
     path = os.path.join(SHARED, sub)
     if not os.path.exists(path):
@@ -25,6 +28,14 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def timed_cpu(fn, *args, **kwargs):
+    """(result, wall seconds, CPU seconds of this process) of one call: on a shared machine the CPU
+    time of an in-process run is what another tenant cannot inflate."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def report(name: str, rows: list[tuple[str, float, str]], ratio: float, goal: float) -> dict:

@@ -21,7 +21,7 @@ import argparse
 import os
 import tempfile
 
-from _common import SHARED, report, timed
+from _common import SMOKE_HELP, SHARED, report, timed
 
 
 def run_once(n_sites: int, seed: int, encoder: str) -> tuple[dict, dict]:
@@ -49,7 +49,10 @@ def main() -> list[dict]:
     ap.add_argument("--sites", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--encoder", default="efficientnet-lite0", help="filter's encoder (pairs need embeddings; boilerplate does not)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.sites, args.seeds = 4, [0]
     results = []
     for seed in args.seeds:
         score, stats = run_once(args.sites, seed, args.encoder)

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 
-from _common import report
+from _common import SMOKE_HELP, report
 
 
 def _pandas_answers(run: str, site: str, page_url: str) -> dict:
@@ -80,7 +80,10 @@ def main() -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3, help="requests per page kind (the median is reported)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.pairs, args.repeat = 2000, 1
     from browse.server import BrowseServer
     from webpairs.synthetic import make_run
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import tempfile
 
-from _common import need_shared, report, timed
+from _common import SMOKE_HELP, need_shared, report, timed
 
 
 def build_corpus(out_dir: str, copies: int, files: int) -> list[str]:
@@ -57,7 +57,10 @@ def main() -> dict:
     ap.add_argument("--copies", type=int, default=200, help="copies of the shared pages (56 pages each)")
     ap.add_argument("--files", type=int, default=4, help="WARC files (Beam's unit of parallelism)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest counts")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args, beam_args = ap.parse_known_args()
+    if args.smoke:
+        args.copies, args.files, args.repeat = 2, 1, 1
     from core.config import CrawlConfig
     from crawl.extract import run_extract
     from webpairs.testweb import write_warc

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from _common import photo_downloads, report, timed
+from _common import SMOKE_HELP, photo_downloads, report, timed
 
 
 def main() -> list[dict]:
@@ -30,7 +30,10 @@ def main() -> list[dict]:
     ap.add_argument("--repeat", type=int, default=12, help="copies of the 300 shared photos for filter")
     ap.add_argument("--files", type=int, default=8, help="input files (= Dask partitions) per stage")
     ap.add_argument("--runs", type=int, default=3, help="runs of each configuration (the best counts)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.copies, args.repeat, args.files, args.runs = 1, 1, 2, 1
     from core.config import CrawlConfig, FilterConfig
     from core.dask_runner import dask_cluster
     from crawl.extract import run_extract

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import ROOT, SHARED, need_shared, report
+from _common import SMOKE_HELP, ROOT, SHARED, need_shared, report
 
 NO_RULES = dict(min_side=0, skip_extensions=(), url_boilerplate=False, max_links_per_page=0, min_links_per_page=0)
 
@@ -79,7 +79,7 @@ def _funnel(name: str, links_dir: str, tmp: str, encoder: str) -> dict:
     return {"before": before, "dedupe": dedupe, "plan": plan, "ratio": per_before / per_plan if per_plan else 0.0, "same_pairs": same, "selected_share": plan["fetched"] / max(1, before)}
 
 
-def real_pages_links(tmp: str, port: int) -> str:
+def real_pages_links(tmp: str, port: int, pages: int = 0) -> str:
     """extract's links of the shared real pages, each image URL renamed onto 127.0.0.1:port (a name
     from the original URL, with the size its links declare, largest first, or 500x375)."""
     import pyarrow as pa
@@ -92,6 +92,8 @@ def real_pages_links(tmp: str, port: int) -> str:
 
     run_extract(need_shared("warc"), os.path.join(tmp, "real-extract"), CrawlConfig())
     links = read_table(os.path.join(tmp, "real-extract"), "links").to_pandas()
+    if pages:  # the first `pages` pages only (--smoke)
+        links = links[links.page_url.isin(links.page_url.unique()[:pages])]
     size = {}
     for r in links.itertuples():
         w, h = r.width if r.width == r.width and r.width else 0, r.height if r.height == r.height and r.height else 0
@@ -169,7 +171,10 @@ def main() -> list[dict]:
     ap.add_argument("--encoder", default="efficientnet-lite0")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.links, args.memory_sizes = 400, [2000, 4000]
     if args.memory_child:
         memory_child(*args.memory_child)
         return []
@@ -180,7 +185,7 @@ def main() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         port = gencrawl.free_port()
         with gencrawl.serve(photos, port):
-            real = _funnel("real pages (../shared/data/warc)", real_pages_links(tmp, port), tmp, args.encoder)
+            real = _funnel("real pages (../shared/data/warc)", real_pages_links(tmp, port, 6 if args.smoke else 0), tmp, args.encoder)
             gen_dir = os.path.join(tmp, "generated-links")
             gencrawl.write_links(gen_dir, args.links, port, seed=0)
             gen = _funnel(f"generated crawl ({args.links:,} links)", gen_dir, tmp, args.encoder)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from _common import mark_complete, report
+from _common import SMOKE_HELP, mark_complete, report
 
 
 def synthetic_images(n_pages: int, per_page: int, seed: int = 0) -> list[dict]:
@@ -92,7 +92,10 @@ def main() -> dict:
     ap.add_argument("--per-page", type=int, default=4)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--generate", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.pages = 20
     if args.generate:
         generate(args.generate, args.pages, args.per_page)
         return {}

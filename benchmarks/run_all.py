@@ -1,7 +1,9 @@
-"""Run every stage benchmark and print one table of ratios against their goals."""
+"""Run every benchmark (each `benchmarks/*.py` but `_*.py` and this file; README.md) and print one
+table of ratios against their goals. `--smoke`: each at its smallest size (timings mean nothing)."""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import sys
@@ -10,7 +12,10 @@ import _common  # noqa: F401 - sets sys.path and environment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Loaded by path under bench_* names: benchmarks/filter.py and train.py share names with packages.
-BENCHMARKS = ["crawl_extract", "crawl_download", "fetch_plan", "filter", "pairing", "boilerplate", "dask_scaling", "train", "browse", "gpu"]
+# The stages' order first; any other benchmark (found by the file name convention) after them.
+ORDER = ["crawl_extract", "crawl_download", "fetch_plan", "filter", "pairing", "boilerplate", "dask_scaling", "train", "browse", "scale"]
+FOUND = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py")) if not os.path.basename(p).startswith("_") and os.path.basename(p) != "run_all.py")
+BENCHMARKS = [n for n in ORDER if n in FOUND] + [n for n in FOUND if n not in ORDER]
 
 
 def _load(name: str):
@@ -21,9 +26,10 @@ def _load(name: str):
 
 
 def main() -> int:
+    smoke = "--smoke" in sys.argv[1:]
     results = []
     for name in BENCHMARKS:
-        sys.argv = [name]
+        sys.argv = [name] + (["--smoke"] if smoke else [])
         out = _load(name).main()
         results += out if isinstance(out, list) else [out]
     print("\n== all benchmarks ==")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, SHARED, report
+from _common import SMOKE_HELP, ROOT, SHARED, report
 
 
 def loader_rate(shards: str, batch: int, n_batches: int, workers: int) -> float:
@@ -72,17 +72,18 @@ def old_small(cond_dim: int):
     return SemanticaUNet(dataclasses.replace(PRESETS["small"], attention_blocks=2), cond_dim)
 
 
-def trainer_rate(shards: str, run_dir: str, workers: int) -> tuple[float, float]:
-    """(samples/s of `webpairs train --preset small` over steps 10-40, seconds from start to step 1)."""
+def trainer_rate(shards: str, run_dir: str, workers: int, steps: int = 40) -> tuple[float, float]:
+    """(samples/s of `webpairs train --preset small` over steps steps/4-steps, seconds from start to step 1)."""
     start = time.time()
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "webpairs.cli", "train", shards, "--out", run_dir, "--steps", "40", "--workers", str(workers), "--preset", "small"]
+    cmd = [sys.executable, "-m", "webpairs.cli", "train", shards, "--out", run_dir, "--steps", str(steps), "--workers", str(workers), "--preset", "small"]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)  # cwd: benchmarks/train.py must not shadow the train package
     if out.returncode != 0:
         raise SystemExit(f"webpairs train failed:\n{out.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         times = {d["step"]: d["time"] for d in map(json.loads, fh)}
-    return 30 * 8 * workers / (times[40] - times[10]), times[1] - start
+    first = steps // 4
+    return (steps - first) * 8 * workers / (times[steps] - times[first]), times[1] - start
 
 
 def main() -> list[dict]:
@@ -91,7 +92,10 @@ def main() -> list[dict]:
     ap.add_argument("--loader-workers", type=int, default=1)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the new step (minutes of compilation)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.steps = 1
     import torch
 
     from train.data import DataConfig, condition_dim
@@ -118,8 +122,9 @@ def main() -> list[dict]:
         for preset in ("tiny", "small"):
             rate, _ = step_rate(build_model(preset, dim), dim, args.batch, args.steps, channels_last=True, fused=True)
             results.append(report(f"train loader vs {preset} steps (batch {args.batch}, 1 process)", [("loader alone", load, "samples/s"), (f"{preset} training steps", rate, "samples/s")], load / rate, 3.0))
-        two, first = trainer_rate(shards, os.path.join(tmp, "run2"), 2)
-        one, _ = trainer_rate(shards, os.path.join(tmp, "run1"), 1)
+        trainer_steps = 4 if args.smoke else 40
+        two, first = trainer_rate(shards, os.path.join(tmp, "run2"), 2, trainer_steps)
+        one, _ = trainer_rate(shards, os.path.join(tmp, "run1"), 1, trainer_steps)
         results.append(report("webpairs train --preset small, steps 10-40: 2 workers x 1 thread / 1 worker x 2 threads", [("2 Ray workers (DDP), 1 thread each", two, "samples/s"), ("1 Ray worker, 2 threads", one, "samples/s")], two / one, 1.0))
         print(f"\n  time from `webpairs train` start to the first step (2 workers, local ray.init): {first:.1f} s")
     return results

@@ -79,6 +79,7 @@ class RunData:
         con.execute("CREATE TABLE pairs AS SELECT p.*, coalesce(s.site, '') AS site, hash(p.key) AS rnd, row_number() OVER (ORDER BY hash(p.key), p.key) AS rpos FROM pairs0 p LEFT JOIN page_site s USING (page_url)")
         con.execute("DROP TABLE pairs0")
         self._rejects()
+        self._copies()
         self._sites()
 
     def _page_sites(self) -> None:
@@ -110,6 +111,49 @@ class RunData:
         else:
             self.con.execute("CREATE VIEW rejects AS SELECT NULL::VARCHAR AS record_id, NULL::VARCHAR AS stage, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail, NULL::VARCHAR AS url WHERE false")
         self.con.execute("CREATE TABLE reasons AS SELECT stage, reason, count(*) AS n FROM rejects GROUP BY ALL")
+
+    def _copies(self) -> None:
+        """copies: pair's copies/ (one row per link of a removed dress, naming the kept dress)."""
+        files = _files(self.dirs.get("pair"), "copies")
+        if files:
+            self.con.execute(f"CREATE TABLE copies AS SELECT * FROM read_parquet({_sql_list(files)})")
+        else:
+            self.con.execute("CREATE TABLE copies (link_id VARCHAR, page_url VARCHAR, site VARCHAR, image_id VARCHAR, image_url VARCHAR, width INTEGER, height INTEGER, bytes_file VARCHAR, bytes_row_group INTEGER, "
+                             "kept_image_id VARCHAR, kept_image_url VARCHAR, kept_width INTEGER, kept_height INTEGER, kept_bytes_file VARCHAR, kept_bytes_row_group INTEGER, stand_in BOOLEAN)")
+
+    def copy_groups(self, site: str = "", offset: int = 0, limit: int = PAGE_SIZE) -> dict:
+        """One page of copy groups (the largest first), each with its kept dress first and the
+        dresses removed, on one site or anywhere; with the number of groups per site."""
+        where = "WHERE kept_image_id IN (SELECT kept_image_id FROM copies WHERE site = $site)" if site else ""
+        params = {"site": site} if site else {}
+        total = self._rows(f"SELECT count(DISTINCT kept_image_id) AS n FROM copies {where}", params)[0]["n"]
+        params.update(lim=max(1, min(int(limit), 200)), off=max(0, int(offset)))
+        groups = self._rows(
+            f"""SELECT kept_image_id, any_value(kept_image_url) AS kept_url, any_value(kept_width) AS kept_width, any_value(kept_height) AS kept_height,
+                       list(DISTINCT site ORDER BY site) AS sites, count(DISTINCT image_id) AS removed, count(*) AS links
+                FROM copies {where} GROUP BY kept_image_id ORDER BY removed DESC, kept_image_id LIMIT $lim OFFSET $off""", params)
+        if groups:
+            members = self._rows("SELECT kept_image_id, image_id, any_value(image_url) AS url, any_value(width) AS width, any_value(height) AS height, list(DISTINCT site ORDER BY site) AS sites FROM copies "
+                                 "WHERE kept_image_id IN (SELECT unnest($ids)) GROUP BY ALL ORDER BY kept_image_id, image_id", {"ids": [g["kept_image_id"] for g in groups]})
+            for g in groups:
+                g["members"] = [{"image_id": g["kept_image_id"], "url": g["kept_url"], "width": g["kept_width"], "height": g["kept_height"], "kept": True}] + [
+                    {**{k: m[k] for k in ("image_id", "url", "width", "height", "sites")}, "kept": False} for m in members if m["kept_image_id"] == g["kept_image_id"]]
+        per_site = self._rows("SELECT site, count(DISTINCT kept_image_id) AS groups, count(DISTINCT image_id) AS removed, count(*) FILTER (WHERE stand_in) AS stand_ins FROM copies GROUP BY site ORDER BY groups DESC, site LIMIT 1000")
+        return {"total": total, "offset": params["off"], "groups": groups, "per_site": per_site}
+
+    def copy_image(self, image_id: str) -> Optional[bytes]:
+        """The bytes of a dress of a copy group (kept or removed), from filter's images by the
+        pointer pair recorded; None for an id that is not in a copy group."""
+        from core.stageio import fetch_rows
+
+        found = self._rows("SELECT bytes_file AS f, bytes_row_group AS g FROM copies WHERE image_id = $id UNION ALL SELECT kept_bytes_file, kept_bytes_row_group FROM copies WHERE kept_image_id = $id LIMIT 1", {"id": image_id})
+        if not found or found[0]["f"] is None:
+            return None
+        filter_dir = self.dirs.get("filter")
+        allowed = set(_files(filter_dir, "images")) if filter_dir else set()
+        if allowed and found[0]["f"] not in allowed:  # only the run's own filter files
+            return None
+        return fetch_rows([(found[0]["f"], found[0]["g"])], "image_id", ["image_bytes"], {image_id}).get(image_id, {}).get("image_bytes")
 
     def _sites(self) -> None:
         """Per site: pages in the crawl, images kept, pairs, links removed as boilerplate."""

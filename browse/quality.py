@@ -146,3 +146,49 @@ def pair_max_distance(pair_dir: str) -> int:
 
     read_success(pair_dir, "pair")
     return int((read_stats(pair_dir) or {}).get("config", {}).get("boilerplate_phash_distance", 4))
+
+
+def copy_groups(pair_dir: str, max_groups: int = 12, thumbs: bool = True) -> Optional[dict]:
+    """The copy groups of a pair run (its `copies/`, pairing/copies.py): {"groups": [{kept, members:
+    [{image_id, url, width, height, kept, thumb}], sites}] (kept member first, the largest groups
+    first), "per_site": [{site, groups, removed, stand_ins}], "total_groups", "removed"}; None
+    when the run has no copy step."""
+    from core.stageio import fetch_rows
+
+    if not stage_files(pair_dir, "copies"):
+        return None if not _has_copy_step(pair_dir) else {"groups": [], "per_site": [], "total_groups": 0, "removed": 0}
+    rows = read_table(pair_dir, "copies").to_pylist()
+    groups: dict[str, dict] = {}
+    for r in rows:
+        g = groups.setdefault(r["kept_image_id"], {"kept": r["kept_image_id"], "members": {}, "sites": set(), "removed_links": 0})
+        g["members"].setdefault(r["kept_image_id"], {"image_id": r["kept_image_id"], "url": r["kept_image_url"], "width": r["kept_width"], "height": r["kept_height"], "kept": True, "ptr": (r["kept_bytes_file"], r["kept_bytes_row_group"])})
+        g["members"].setdefault(r["image_id"], {"image_id": r["image_id"], "url": r["image_url"], "width": r["width"], "height": r["height"], "kept": False, "ptr": (r["bytes_file"], r["bytes_row_group"])})
+        g["sites"].add(r["site"])
+        g["removed_links"] += 1
+    per_site: dict[str, dict] = {}
+    for r in rows:
+        s = per_site.setdefault(r["site"], {"site": r["site"], "groups": set(), "removed": 0, "stand_ins": 0})
+        s["groups"].add(r["kept_image_id"])
+        s["removed"] += 1
+        s["stand_ins"] += bool(r["stand_in"])
+    ordered = sorted(groups.values(), key=lambda g: (-len(g["members"]), g["kept"]))[:max_groups]
+    shown = [m for g in ordered for m in g["members"].values()]
+    data = {}
+    if thumbs and shown:
+        ptrs = {m["ptr"] for m in shown if m["ptr"][0] is not None}
+        data = {k: v["image_bytes"] for k, v in fetch_rows(ptrs, "image_id", ["image_bytes"], {m["image_id"] for m in shown}).items()}
+    out_groups = []
+    for g in ordered:
+        members = sorted(g["members"].values(), key=lambda m: (not m["kept"], m["image_id"]))
+        out_groups.append({
+            "kept": g["kept"], "sites": sorted(g["sites"]), "removed_links": g["removed_links"],
+            "members": [{k: v for k, v in m.items() if k != "ptr"} | {"thumb": _thumb(data[m["image_id"]]) if m["image_id"] in data else None} for m in members],
+        })
+    sites = sorted(({**s, "groups": len(s["groups"])} for s in per_site.values()), key=lambda s: (-s["groups"], s["site"]))
+    return {"groups": out_groups, "per_site": sites, "total_groups": len(groups), "removed": len({r["image_id"] for r in rows})}
+
+
+def _has_copy_step(pair_dir: str) -> bool:
+    from core.stageio import read_stats
+
+    return bool((read_stats(pair_dir) or {}).get("config", {}).get("copies"))

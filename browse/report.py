@@ -124,6 +124,12 @@ def collect(root: str) -> dict:
         data["paired_images"] = len(set(pairs.cond_image_id) | set(pairs.target_image_id))
         data["pairs_per_page"] = pairs.groupby("page_url").size().tolist()
         data["pairs_with_boilerplate"] = quality.pairs_with_boilerplate(stages["pair"], quality.pair_max_distance(stages["pair"]), pairs[quality.PAIR_COLUMNS].to_dict("records"))
+    if "pair" in stages:
+        copies = quality.copy_groups(stages["pair"], thumbs=False, max_groups=0)
+        if copies is not None:
+            st = data["stages"]["pair"]
+            data["copies"] = {"groups": copies["total_groups"], "removed": copies["removed"], "per_site": copies["per_site"],
+                              **{k: st.get(k, 0) for k in ("copy_candidates", "copy_pairs_verified", "copy_images_removed", "copy_stand_ins")}}
     if "filter" in stages and stage_files(stages["filter"], "occurrences"):
         data["pages_per_site"] = quality.pages_per_site(stages["filter"])
     consent = consent_summary(stages)
@@ -164,6 +170,11 @@ def summary_text(data: dict) -> str:
     if data.get("pages_per_site"):
         sites = data["pages_per_site"]
         lines.append(f"pages per site:    {_quantiles(list(sites.values()))}; {len(sites)} sites, most: " + ", ".join(f"{s} ({n})" for s, n in list(sites.items())[:5]))
+    if "copies" in data:
+        c = data["copies"]
+        lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
+        if c["per_site"]:
+            lines.append("copy groups per site: " + ", ".join(f"{s['site']} ({s['groups']})" for s in c["per_site"][:8]))
     if "manifest" in data:
         m = data["manifest"]
         lines.append(f"shards:            {len(m['shards'])} files, {m['samples']} samples, encoder {m.get('encoder')}, code {m.get('code_version')}")
@@ -251,7 +262,7 @@ def example_pairs(run, per_band: int = 4) -> list[dict]:
     return out
 
 
-def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None, sites: Optional[dict] = None, queries: Optional[list[tuple[str, str]]] = None) -> str:
+def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Optional[list[dict]] = None, sites: Optional[dict] = None, queries: Optional[list[tuple[str, str]]] = None, copies: Optional[dict] = None) -> str:
     """A self-contained HTML page (inline PNG plots and thumbnails, no external resources)."""
     esc = html.escape
     parts = [
@@ -304,6 +315,20 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
             parts.append("<h3>Site files that could not be read</h3><table id='consent-failures'><tr><th style='text-align:left'>site</th><th>file</th><th>status</th><th style='text-align:left'>why</th><th style='text-align:left'>so</th></tr>")
             parts += [f"<tr><td style='text-align:left'>{esc(f['origin'])}</td><td>{f['file']}</td><td>{f['status']}</td><td style='text-align:left'>{esc(f['why'])}</td><td style='text-align:left'>{f['effect']}</td></tr>" for f in c["failures"]]
             parts.append("</table>")
+    if copies is not None:
+        c = data.get("copies", {})
+        parts.append(f"<h2>Copies across sites</h2><p id='copy-summary'>{copies['total_groups']} copy groups: {copies['removed']} dresses removed, the kept dress first in each row "
+                     f"({c.get('copy_candidates', 0)} candidate pairs checked, {c.get('copy_pairs_verified', 0)} verified as copies; {c.get('copy_stand_ins', 0)} pages show the kept dress in place of a removed one).</p>")
+        for g in copies["groups"]:
+            parts.append(f"<div class='pairs copy-group' data-kept='{esc(g['kept'])}'>")
+            for m in g["members"]:
+                img = f"<img src='data:image/jpeg;base64,{m['thumb']}' alt='{'kept' if m['kept'] else 'copy'}'>" if m["thumb"] else "(no image)"
+                parts.append(f"<div class='pair {'kept' if m['kept'] else 'copy'}'>{img}<br><b>{'kept' if m['kept'] else 'removed'}</b> {m['width']}x{m['height']}<br>{esc(m['url'] or '')}</div>")
+            parts.append("</div>")
+        if copies["per_site"]:
+            parts.append("<table id='copy-sites'><tr><th style='text-align:left'>site</th><th>copy groups</th><th>dresses removed (links)</th><th>kept dress stands in</th></tr>")
+            parts += [f"<tr><td style='text-align:left'>{esc(s['site'] or '(none)')}</td><td>{s['groups']:,}</td><td>{s['removed']:,}</td><td>{s['stand_ins']:,}</td></tr>" for s in copies["per_site"][:50]]
+            parts.append("</table>")
     if data.get("top_domains"):
         parts.append("<h2>Top domains</h2><ul>" + "".join(f"<li>{esc(d)}: {n}</li>" for d, n in data["top_domains"]) + "</ul>")
     if sites and sites["rows"]:
@@ -316,7 +341,7 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
         parts.append(f"<h2>Example pairs</h2><p>{len(examples)} pairs drawn from {n_pages} pages of {n_sites} sites, the same number from the low, middle and high third of the similarity range; <code>webpairs browse RUN</code> pages through all of them.</p><div class='pairs'>")
         for ex in examples:
             parts.append(
-                f"<div class='pair' data-band='{ex['band']}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
+                f"<div class='pair' data-band='{ex['band']}' data-key='{esc(ex['key'])}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
                 f"<img src='data:image/jpeg;base64,{ex['target']}' alt='target'><br><b>{ex['band']} similarity</b> {ex['similarity']:.3f} &middot; site {esc(ex['site'])}<br>"
                 f"{esc(ex['page_url'])}<br>alt: {esc(ex['cond_alt'] or '')} &rarr; {esc(ex['target_alt'] or '')}</div>"
             )
@@ -346,7 +371,8 @@ def write_report(root: str, html_path: Optional[str] = None) -> str:
             finally:
                 run.close()
         gallery = quality.boilerplate_gallery(data["dirs"])
+        copies = quality.copy_groups(data["dirs"]["pair"]) if "pair" in data["dirs"] else None
         os.makedirs(os.path.dirname(os.path.abspath(html_path)), exist_ok=True)
         with open(html_path, "w") as fh:
-            fh.write(render_html(data, examples, gallery, sites, sql_examples(data["dirs"])))
+            fh.write(render_html(data, examples, gallery, sites, sql_examples(data["dirs"]), copies))
     return text

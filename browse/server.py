@@ -7,6 +7,7 @@ Routes (GET only; anything else is 404, so nothing outside the run is ever serve
     /api/reasons                      rejects per stage and reason
     /api/rejects?stage&reason&offset&limit
     /api/sites?offset&limit
+    /api/copies?site&offset&limit      copy groups (kept dress first) and groups per site
     /image/pair/KEY/cond|target       a JPEG read from the shard tar by offset
     /image/reject/STAGE/RECORD_ID     the image a stage had for a rejected link
 Images are looked up by key in the run's own tables, never by a path from the request.
@@ -79,6 +80,8 @@ def make_handler(data: RunData):
                     return self._api(parts[1], q)
                 if parts[:2] == ["image", "pair"] and len(parts) == 4:
                     return self._image(data.pair_image(parts[2], parts[3]))
+                if parts[:2] == ["image", "copy"] and len(parts) == 3:
+                    return self._image(data.copy_image(parts[2]))
                 if parts[:2] == ["image", "reject"] and len(parts) == 4:
                     return self._image(data.reject_image(parts[2], parts[3]))
             except BrowseError as err:
@@ -96,6 +99,8 @@ def make_handler(data: RunData):
                 return self._json(data.rejects(q.get("stage", ""), q.get("reason", ""), _int(q.get("offset"), 0), _int(q.get("limit"), 24)))
             if name == "sites":
                 return self._json(data.sites(_int(q.get("offset"), 0), _int(q.get("limit"), 100)))
+            if name == "copies":
+                return self._json(data.copy_groups(q.get("site", ""), _int(q.get("offset"), 0), _int(q.get("limit"), 24)))
             return self._json({"error": "not found"}, 404)
 
         def _image(self, body: Optional[bytes]) -> None:

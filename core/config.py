@@ -97,6 +97,7 @@ class FilterConfig:
     max_pixels: int = 40_000_000  # decompression-bomb limit given to Pillow explicitly
     animated: str = "first_frame"  # "first_frame" keeps frame 0 of GIF/WEBP/APNG; "reject" drops them
     phash_size: int = 8  # imagehash hash_size: 8 gives 64-bit pHash
+    scaled_decode: bool = True  # JPEG decoded at the smallest DCT scale each use needs (false: every pixel)
     encoder: str = "open_clip:ViT-B-32"  # name in core.encoders; see `webpairs encoders`
     encoder_weights: str = ""  # local weights file; empty means the encoder's default offline source
     batch_size: int = 32  # RunInference batch size cap (BatchElements adapts below it) ...
@@ -127,8 +128,27 @@ class PairConfig:
     max_images_per_page: int = 32  # cap on per-page work (pairs are quadratic in it)
     max_pairs_per_page: int = 16  # sampled deterministically with the seed
     seed: int = 0
+    # copies across pages and sites (pairing/copies.py): candidates, then a geometric check
+    copies: bool = True  # find the same photo in other dresses across the crawl and keep it once
+    copy_top_k: int = 10  # embedding neighbours per image (faiss) ...
+    copy_min_cosine: float = 0.5  # ... with at least this cosine (loose: copies go as low as 0.7)
+    copy_phash_distance: int = 10  # mirror-aware pHash neighbours within this many bits
+    copy_max_candidates: int = 10  # partners verified per image, at most (bounds the work)
+    copy_max_side: int = 320  # verification works on the content downscaled to this side
+    copy_max_keypoints: int = 300  # SIFT keypoints per image, at most
+    copy_ratio: float = 0.8  # Lowe's ratio test of descriptor matches
+    copy_ransac_px: float = 4.0  # RANSAC reprojection threshold, pixels at copy_max_side
+    copy_min_inliers: int = 20  # matches that agree on one similarity transform
+    copy_max_scale: float = 4.0  # the transform's scale within [1/x, x]
+    copy_max_rotation: float = 10.0  # degrees: re-dressed copies are not rotated
+    copy_min_containment: float = 0.8  # shared region / the smaller picture, at least
+    copy_min_coverage: float = 0.35  # shared region / the larger picture, at least (a portrait photo cut to 16:9 keeps 37 %)
+    copy_min_spread: float = 0.25  # the inliers' hull / the shared region, at least (not a watermark)
 
     RANGES: ClassVar[dict] = {
+        "copy_top_k": (1, 1000), "copy_min_cosine": (-1.0, 1.0), "copy_phash_distance": (0, 64), "copy_max_candidates": (1, 1000), "copy_max_side": (64, 4096),
+        "copy_max_keypoints": (16, 10_000), "copy_ratio": (0.1, 1.0), "copy_ransac_px": (0.5, 50.0), "copy_min_inliers": (4, 10_000), "copy_max_scale": (1.0, 100.0),
+        "copy_max_rotation": (0.0, 180.0), "copy_min_containment": (0.0, 1.0), "copy_min_coverage": (0.0, 1.0), "copy_min_spread": (0.0, 1.0),
         "boilerplate_pages": (1, None), "site_share": (0.0, 1.0), "site_min_pages": (2, None), "boilerplate_phash_distance": (0, 64), "near_duplicate_distance": (0, 64), "sim_low": (-1.0, 1.0), "sim_high": (-1.0, 1.0),
         "max_images_per_page": (2, 100_000), "max_pairs_per_page": (1, 10_000_000), "seed": (0, 2**32 - 1),
     }

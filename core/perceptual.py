@@ -31,6 +31,11 @@ def pdq_of_image(img) -> tuple[bytes, int]:
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes(), int(quality)
 
 
+def pdq_hex(img) -> str:
+    """The PDQ hash of a Pillow image as 64 hex digits (what filter stores for every kept image)."""
+    return pdq_of_image(img)[0].hex()
+
+
 def pdq_of_bytes(data: bytes) -> Optional[tuple[bytes, int]]:
     """The PDQ hash of encoded image bytes, or None when Pillow cannot decode them (or they declare
     more than MAX_PIXELS pixels)."""

@@ -115,6 +115,7 @@ IMAGE_SCHEMA = pa.schema(
         ("image_bytes", pa.binary()),  # the original bytes as downloaded (null when only pointed to)
         ("bytes_file", pa.string()),  # pointer to the bytes: a parquet file of a filter output ...
         ("bytes_row_group", pa.int32()),  # ... and the row group in it that holds this image
+        ("pdq", pa.string()),  # PDQ perceptual hash (core/perceptual.py) as 64 hex: `webpairs scrub --blocklist` matches it
     ]
 )
 
@@ -148,6 +149,49 @@ BOILERPLATE_SCHEMA = pa.schema(
         ("key", pa.string()),  # the pHash or the image URL
         ("pages", pa.int64()),  # pages it is on (for "*": counted up to the threshold + 1)
         ("site_pages", pa.int64()),  # pages of the site with a fetched image (for "*": 0)
+    ]
+)
+
+# What `pair` found as copies across pages and sites (pairing/copies.py): one row per link whose
+# image is another dress of a photo kept elsewhere (reason copy_duplicate, or near_duplicate when
+# the kept dress is on the same page), naming the kept image; the report's copy gallery reads it.
+COPY_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),  # the removed link (its rejected/ row has the same record_id)
+        ("page_url", pa.string()),
+        ("site", pa.string()),  # the page's registered domain
+        ("image_id", pa.string()),  # the removed dress ...
+        ("image_url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes_file", pa.string()),
+        ("bytes_row_group", pa.int32()),
+        ("kept_image_id", pa.string()),  # ... and the group's kept dress
+        ("kept_image_url", pa.string()),
+        ("kept_width", pa.int32()),
+        ("kept_height", pa.int32()),
+        ("kept_bytes_file", pa.string()),
+        ("kept_bytes_row_group", pa.int32()),
+        ("stand_in", pa.bool_()),  # the kept dress stands in for it on this page
+    ]
+)
+
+# Every candidate pair the copy step verified, with the geometric check's measurements.
+COPY_CHECK_SCHEMA = pa.schema(
+    [
+        ("image_a", pa.string()),
+        ("image_b", pa.string()),
+        ("cosine", pa.float32()),  # embedding cosine (null: a pHash-only candidate)
+        ("phash_distance", pa.int32()),  # mirror-aware pHash bits (null: an embedding-only candidate)
+        ("copy", pa.bool_()),  # the verdict
+        ("matches", pa.int32()),  # descriptor matches after the ratio test
+        ("inliers", pa.int32()),  # matches that agree on the RANSAC similarity transform
+        ("mirrored", pa.bool_()),
+        ("scale", pa.float32()),
+        ("rotation", pa.float32()),  # degrees
+        ("overlap_small", pa.float32()),  # shared region / the larger picture
+        ("overlap_large", pa.float32()),  # shared region / the smaller picture
+        ("spread", pa.float32()),  # the inliers' hull / the shared region
     ]
 )
 
@@ -204,6 +248,7 @@ class ImageRecord:
     image_bytes: Optional[bytes]
     bytes_file: Optional[str] = None
     bytes_row_group: Optional[int] = None
+    pdq: Optional[str] = None
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

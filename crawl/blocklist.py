@@ -52,7 +52,11 @@ def fingerprint(paths: Sequence[str]) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(os.path.abspath(path).encode() + b"\0")
-        with open(path, "rb") as fh:
+        try:
+            fh = open(path, "rb")
+        except OSError as err:
+            raise ConfigError(f"cannot read blocklist {path}: {err.strerror}") from None
+        with fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]

@@ -18,10 +18,11 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.records import BOILERPLATE_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected
+from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected
 from core.sites import site_of
 from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
+from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
 from pairing.select import page_outcome
 
 STAGE = "pair"
@@ -141,10 +142,28 @@ class PairImages(beam.PTransform):
     def expand(self, pcolls):
         images, occurrences, links, keys = pcolls["images"], pcolls["occurrences"], pcolls["links"], pcolls["keys"]
         cfg = self.cfg
-        # 0. each image (one row) back on its pages, through the kept links of filter's occurrences
-        keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
-        keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
-        on_pages = {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey() | "OnPages" >> beam.FlatMap(_on_page)
+        out: dict = {}
+        # 0. each image (one row) back on its pages, through the kept links of filter's occurrences;
+        #    with the copy step (pairing/copies.py), every dress of a photo joins on the group's kept
+        #    dress: the others' links are rejected and the kept dress stands in on their pages
+        copy_rejected = None
+        if "copy_light" in pcolls:
+            found = {"light": pcolls["copy_light"], "bytes": pcolls["copy_bytes"]} | "FindCopies" >> FindCopies(cfg)
+            copy_of = beam.pvalue.AsDict(found["copy_of"])
+            keyed_images = images | "KeyImage" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS)), copy_of)
+            keyed_links = links | "KeyLink" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS)), copy_of)
+            joined = (
+                {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey()
+                | "OnPages" >> beam.FlatMap(on_pages_with_copies, COPY_JOIN_FIELDS, LINK_FIELDS, STAGE).with_outputs(REJECTED, COPIES, STAND_INS, main="on_pages")
+            )
+            on_pages, copy_rejected = joined.on_pages, joined[REJECTED]
+            kept_dresses = found["copy_of"] | "KeptDress" >> beam.Map(lambda kv: (kv[1], True)) | "DistinctKept" >> beam.Distinct()
+            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidates"], copy_stand_ins=joined[STAND_INS],
+                       copy_images_removed=found["copy_of"], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
+        else:
+            keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
+            keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
+            on_pages = {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey() | "OnPages" >> beam.FlatMap(_on_page)
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
         flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"))
@@ -153,6 +172,8 @@ class PairImages(beam.PTransform):
         marked = on_pages | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(cfg), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, main="ok")
         # 3. images seen on several pages (only pairs of two such images can recur on another page)
         shared = keys | "SharedImages" >> _OnMorePages("image_id", 1)
+        if "copies" in out:  # a kept dress is also on the pages it stands in on
+            shared = (shared, kept_dresses) | "SharedOrKept" >> beam.Flatten() | "DistinctShared" >> beam.Distinct()
         # 4. per page: near-duplicates, cap, in-band pairs
         pages = marked.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], pack(r, IMAGE_FIELDS))) | "GroupPages" >> beam.GroupByKey()
         per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg, beam.pvalue.AsDict(shared)).with_outputs(REJECTED, "pairs", SHARED_PAIRS, main="kept")
@@ -162,9 +183,14 @@ class PairImages(beam.PTransform):
             | "GroupContents" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
-        rejected = (marked[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
+        rejected = (marked[REJECTED], per_page[REJECTED], *([copy_rejected] if copy_rejected is not None else [])) | "AllRejected" >> beam.Flatten()
+        if "copies" in out:  # the input: every kept link, and every page a kept dress stands in on
+            counts = [pc | f"Count_{name}" >> beam.combiners.Count.Globally() for name, pc in (("links", keys), ("stand_ins", out["copy_stand_ins"]))]
+            out.update(input_count=counts | "InputCount" >> beam.Flatten(), links=keys)
+        else:
+            out["input"] = keys
         return {
-            "input": keys,
+            **out,
             "kept": per_page.kept,
             "rejected": rejected,
             "pairs": per_page.pairs,  # final where they are made (not flattened with the next:
@@ -180,12 +206,13 @@ class PairImages(beam.PTransform):
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
 KEY_COLUMNS = ["image_id", "page_url"]  # what the sharing count reads of a kept link
 LINK_COLUMNS = ["link_id", "image_id", "page_url", "image_url", "alt", "position"]  # a kept link
-LINK_FIELDS = ("link_id", "page_url", "image_url", "alt", "position")  # ... as it crosses the join
+LINK_FIELDS = ("link_id", "image_id", "page_url", "image_url", "alt", "position")  # ... as it crosses the join
 OCCURRENCE_COLUMNS = ["page_url", "site", "image_url", "phash"]  # what the boilerplate flags read
 IMAGE_FIELDS_IN = tuple(META_COLUMNS) + ("bytes_file", "bytes_row_group")  # an image as it is read
 IMAGE_FIELDS = IMAGE_FIELDS_IN + ("link_id",)  # an image on a page, as it travels
 PAGE_FIELDS = ("page_url", "image_url", "alt", "position")  # an image's, on a page: its link's
 IMAGE_JOIN_FIELDS = tuple(f for f in IMAGE_FIELDS_IN if f not in PAGE_FIELDS)  # what the join carries
+COPY_JOIN_FIELDS = IMAGE_JOIN_FIELDS + ("image_url",)  # ... with the copy step: a kept dress's URL too
 PAIR_FIELDS = tuple(PAIR_SCHEMA.names)
 
 
@@ -221,6 +248,8 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
 def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
     import os
 
+    import numpy as np
+
     with stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
         # the kept links, read twice: light (image id, page) for the counts, whole for the join (so
@@ -237,6 +266,12 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
         # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
         inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
+        if cfg.copies:  # the copy step reads the embeddings and pHashes, then the candidates' bytes
+            inputs["copy_light"] = (
+                p | "CopyFiles" >> beam.Create(files) | "ReadCopyRows" >> beam.io.ReadAllFromParquet(columns=["image_id", "embedding", "phash"])
+                | "CopyRow" >> beam.Map(lambda r: (r["image_id"], None if r["embedding"] is None else np.asarray(r["embedding"], dtype=np.float16), r["phash"]))
+            )
+            inputs["copy_bytes"] = p | "BytesFiles" >> beam.Create(files) | "ReadBytes" >> beam.io.ReadAllFromParquet(columns=["image_id", "image_bytes"])
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
         out = inputs | "Pair" >> PairImages(cfg)
@@ -247,4 +282,7 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
             _ = pairs | f"Write_{name}" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
             ones.append(pairs | f"One_{name}" >> beam.Map(lambda _: 1))
         out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more={"boilerplate": BOILERPLATE_SCHEMA})
+        more = {"boilerplate": BOILERPLATE_SCHEMA}
+        if cfg.copies:
+            more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more)

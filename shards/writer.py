@@ -231,6 +231,12 @@ def _write_manifest(_, out_dir: str, summaries: list, cfg: dict, n_pairs: int, e
     }
     with FileSystems.create(os.path.join(out_dir, layout.MANIFEST)) as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
+    # the descriptor webdataset's indexed reader opens (wids.ShardListDataset): shard URLs relative
+    # to this file, so the folder can move or be copied to a bucket as a whole
+    wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "webpairs-pairs",
+            "shardlist": [{"url": s["shard"], "nsamples": s["samples"], "filesize": s["bytes"]} for s in summaries]}
+    with FileSystems.create(os.path.join(out_dir, layout.WIDS)) as fh:
+        fh.write(json.dumps(wids, indent=2).encode())
 
 
 def code_version() -> str:

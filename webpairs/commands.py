@@ -200,6 +200,9 @@ def register_pair(sub, handlers) -> None:
     p.add_argument("--sim-high", type=float, help="upper end of the similarity band (default 0.95)")
     p.add_argument("--max-pairs-per-page", type=int, help="pairs sampled per page (default 16)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--no-copies", dest="copies", action="store_false", default=None, help="skip the copy step (the same photo in other dresses across pages and sites is kept once; on by default)")
+    p.add_argument("--copy-min-inliers", type=int, help="matches agreeing on one similarity transform for a copy (default 20)")
+    p.add_argument("--copy-max-candidates", type=int, help="candidate partners verified per image, at most (default 10)")
     handlers["pair"] = cmd_pair
     cmd_pair.accepts_beam_args = True
 
@@ -210,7 +213,7 @@ def register_pair(sub, handlers) -> None:
         "a `pair` output directory (pairs/ and images/ parquet)",
     )
     p.add_argument("--samples-per-shard", type=int, help="target samples per shard (default 1000)")
-    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file (default 256 MiB)")
+    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file, a bound of its size on disk; a sample larger than a whole shard is rejected (default 256 MiB)")
     p.add_argument("--no-embedding", dest="store_embedding", action="store_false", default=None, help="do not store the condition embedding ({key}.cond.npy)")
     handlers["shards"] = cmd_shards
     cmd_shards.accepts_beam_args = True
@@ -469,4 +472,58 @@ def _register_sampling(sub, handlers) -> None:
     register_sample(sub, handlers)
 
 
-REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, register_latents, _register_sampling]
+def register_scrub(sub, handlers) -> None:
+    p = sub.add_parser(
+        "scrub",
+        help="remove images from a finished run (a hash blocklist or a list of image URLs): every stage's rows, the shards, index, manifest and report",
+        description=(
+            "Take images out of a finished run directory after a take-down request or a new hash list: the images whose bytes match "
+            "--blocklist (sha256/md5 of the bytes, PDQ within --blocklist-pdq-distance bits: filter stores every kept image's PDQ) or "
+            "that a URL of --urls served, with every link to them. Their links become `scrubbed` rejects of extract and leave every "
+            "later stage (rows, bytes, img2dataset's shards, pairs, shard tars, index, manifest; stats recounted); the report is "
+            "written again. Prints what it removed. A model trained on the run is not changed."
+        ),
+    )
+    p.add_argument("run", help="a run directory (links/, download/, filter/, pair/, shards/)")
+    p.add_argument("--blocklist", action="append", metavar="FILE", help="hash list (sha256:, md5:, pdq: lines, as crawl download --blocklist); repeatable")
+    p.add_argument("--blocklist-pdq-distance", type=int, default=31, metavar="BITS", help="a pdq: entry matches images within this many bits (default 31)")
+    p.add_argument("--urls", action="append", metavar="FILE", help="image URLs to remove, one a line (# comments); repeatable")
+    handlers["scrub"] = cmd_scrub
+
+
+def cmd_scrub(args, _beam_args) -> int:
+    from crawl.blocklist import load_lists
+    from webpairs.scrub import find_matches, read_url_list, scrub_run
+
+    if not (args.blocklist or args.urls):
+        raise UserError("give --blocklist FILE or --urls FILE (what to remove)")
+    if not os.path.isdir(args.run):
+        raise UserError(f"{args.run} is not a run directory")
+    if not 0 <= args.blocklist_pdq_distance <= 63:
+        raise UserError(f"--blocklist-pdq-distance {args.blocklist_pdq_distance} is out of range (0 to 63)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="webpairs-blocklist-") as tmp:
+        try:
+            index = load_lists(args.blocklist, args.blocklist_pdq_distance, tmp) if args.blocklist else None
+            urls = {}
+            for path in args.urls or ():
+                urls.update(read_url_list(path))
+            images, matched_urls = find_matches(args.run, index, urls)
+            for image, why in sorted(images.items()):
+                print(f"image {image}: {why}")
+            removed = scrub_run(args.run, images, matched_urls)
+        except (StageError, config.ConfigError) as err:
+            raise UserError(str(err)) from err
+    parts = [f"{removed['images']} images, {removed['links']} links"]
+    for stage in ("extract", "download", "filter", "pair", "shards"):
+        if stage in removed:
+            value = removed[stage]
+            parts.append(f"{stage}: " + (", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else f"{value} links"))
+    print("scrubbed " + "; ".join(parts))
+    if os.path.isdir(os.path.join(args.run, "train")):
+        print(f"note: the model in {os.path.join(args.run, 'train')} was trained on the removed images; train it again to forget them")
+    return 0
+
+
+REGISTRARS = [register_crawl, register_filter, register_pair, register_stats, register_browse, register_run, register_train, register_latents, _register_sampling, register_scrub]

@@ -1,0 +1,624 @@
+"""Copies across pages and sites: the same photo in another dress (cropped, mirrored, colour-graded
+and recompressed, watermarked and framed, letterboxed, resized) is found, verified and kept once.
+
+Three steps, each bounded:
+1. candidates (`find_candidates`): an approximate nearest-neighbour search over filter's stored
+   embeddings (faiss HNSW, inner product: the top `copy_top_k` per image with a cosine of at least
+   `copy_min_cosine`), plus a mirror-aware pHash multi-index (four 16-bit chunks, each probed as is
+   and with one bit flipped: every pair within 7 bits shares a probe; those within
+   `copy_phash_distance` are kept). At most `copy_max_candidates` partners per image: never all pairs.
+2. verification (`image_features`, `verify`): OpenCV SIFT on a downscaled, border-trimmed
+   greyscale image (at most `copy_max_keypoints` keypoints), ratio-test matches, a similarity
+   transform fitted with RANSAC (`cv2.estimateAffinePartial2D`), tried as is and mirrored. A pair
+   is a copy when enough inliers agree, the transform is a plausible re-dress (scale, little
+   rotation) and the shared region covers most of one image and a good share of the other, with
+   the inliers spread over it (a shared watermark or a partial overlap of two burst crops is not
+   a copy).
+3. groups (`copy_groups`): union-find over the verified pairs; each group keeps its member with
+   the largest content (pixels inside trimmed borders; within 5 % counts as equal), then the least
+   recompressed (JPEG quality estimated from the quantisation tables, then bytes per pixel); the
+   others are copies of it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Iterable, Optional
+
+import apache_beam as beam
+import numpy as np
+
+COPY_DUPLICATE = "copy_duplicate"
+NEAR_DUPLICATE = "near_duplicate"  # pairing/select.py's reason: a second dress on the same page
+COPIES = "copies"  # tagged outputs of on_pages_with_copies
+STAND_INS = "stand_ins"
+
+# the standard JPEG luminance table (ITU T.81 K.1): quality 50 in libjpeg's scaling
+_STD_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. candidates
+# ---------------------------------------------------------------------------------------------
+
+def mirror_phash(phash: str) -> str:
+    """The pHash of the mirrored image, from the hash alone: mirroring multiplies the DCT
+    coefficient of horizontal frequency u by (-1)^u, so (with the median near zero) the bits of odd
+    columns flip. imagehash lays the 8x8 low-frequency block out row by row, so column = bit % 8."""
+    bits = int(phash, 16)
+    n = len(phash) * 4
+    side = int(math.isqrt(n))
+    mask = 0
+    for i in range(n):
+        if (i % side) % 2 == 1:
+            mask |= 1 << (n - 1 - i)
+    return f"{bits ^ mask:0{len(phash)}x}"
+
+
+def _chunks(h: int, n_chunks: int = 4, bits: int = 16) -> list[int]:
+    return [(h >> (bits * c)) & ((1 << bits) - 1) for c in range(n_chunks)]
+
+
+class PHashIndex:
+    """Multi-index hashing over 64-bit pHashes: four 16-bit chunks, each a dict chunk -> rows.
+    A query probes every chunk as is and with each single bit flipped, so every stored hash within
+    2 * 4 - 1 = 7 bits is found (pigeonhole: one chunk differs in at most one bit); farther ones are
+    found when a chunk is that close. Buckets above `max_bucket` (flat images share hashes) are
+    skipped: they say nothing about copies."""
+
+    def __init__(self, hashes: list[int], max_bucket: int = 256):
+        self.hashes = np.asarray(hashes, dtype=np.uint64)
+        self.tables: list[dict[int, list[int]]] = [{} for _ in range(4)]
+        for row, h in enumerate(hashes):
+            for c, v in enumerate(_chunks(h)):
+                self.tables[c].setdefault(v, []).append(row)
+        self.max_bucket = max_bucket
+
+    def query(self, h: int) -> set[int]:
+        out: set[int] = set()
+        for c, v in enumerate(_chunks(h)):
+            table = self.tables[c]
+            for probe in (v, *(v ^ (1 << b) for b in range(16))):
+                rows = table.get(probe)
+                if rows and len(rows) <= self.max_bucket:
+                    out.update(rows)
+        return out
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64)
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+
+
+def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: int = 4096):
+    """(rows i, rows j, cosine) of each row's top `top_k` neighbours with cosine >= min_cosine
+    (i != j), by faiss: exact inner product for small sets, HNSW (M=16) above `exact_below`."""
+    import faiss
+
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    n, d = x.shape
+    faiss.normalize_L2(x)
+    k = min(top_k + 1, n)
+    if n <= exact_below:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = max(32, 2 * k)
+    index.add(x)
+    sims, idx = index.search(x, k)
+    rows = np.repeat(np.arange(n), k)
+    sims, idx = sims.reshape(-1), idx.reshape(-1)
+    keep = (idx >= 0) & (idx != rows) & (sims >= min_cosine)
+    return rows[keep], idx[keep], sims[keep]
+
+
+def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 256):
+    """(rows i, rows j, distance) of pHash pairs within `max_distance` bits, mirror-aware (each
+    hash is also looked up mirrored), by multi-index hashing in numpy: four 16-bit chunks, each
+    probed as is and with one bit flipped (every pair within 7 bits shares a probe). Buckets over
+    `max_bucket` rows (flat images share hashes) are skipped."""
+    n = len(hashes)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    h = hashes.astype(np.uint64)
+    mirrored = h ^ np.uint64(_MIRROR_MASK)
+    found_i, found_j = [], []
+    flips = np.concatenate([[0], 1 << np.arange(16)]).astype(np.uint64)
+    for c in range(4):
+        shift = np.uint64(16 * c)
+        key = (h >> shift) & np.uint64(0xFFFF)
+        order = np.argsort(key, kind="stable")
+        sorted_keys = key[order]
+        for q in (h, mirrored):
+            probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1)
+            left = np.searchsorted(sorted_keys, probes, "left")
+            right = np.searchsorted(sorted_keys, probes, "right")
+            count = right - left
+            count[count > max_bucket] = 0
+            total = int(count.sum())
+            if not total:
+                continue
+            query = np.repeat(np.arange(len(probes)) // len(flips), count)
+            offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+            found_i.append(query)
+            found_j.append(order[np.repeat(left, count) + offsets])
+    if not found_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j = np.concatenate(found_i), np.concatenate(found_j)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    dist = np.minimum(_popcount64(h[i] ^ h[j]), _popcount64(mirrored[i] ^ h[j]))
+    keep = dist <= max_distance
+    return i[keep], j[keep], dist[keep]
+
+
+_MIRROR_MASK = int(mirror_phash("0" * 16), 16)  # the bits mirroring flips (odd columns)
+
+
+def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: list[Optional[str]], cfg) -> list[tuple[str, str, float, int]]:
+    """Candidate copy pairs (id_a < id_b, cosine or nan, mirror-aware pHash distance or -1): the
+    embedding neighbours and the pHash neighbours of every image, at most `copy_max_candidates`
+    partners per image (the closest by cosine first, then by pHash). Linear in the images: each
+    query returns a bounded list; the merging is numpy over those lists."""
+    n = len(ids)
+    if n < 2:
+        return []
+    parts = []  # (i, j, cosine, distance)
+    if embeddings is not None and len(embeddings):
+        i, j, sims = ann_neighbours(embeddings, cfg.copy_top_k, cfg.copy_min_cosine)
+        parts.append((i, j, sims.astype(np.float64), np.full(len(i), -1, np.int64)))
+    valid = np.array([bool(h) and len(h) == 16 for h in phashes])
+    if valid.any() and cfg.copy_phash_distance > 0:
+        rows = np.flatnonzero(valid)
+        hashes = np.array([int(phashes[r], 16) for r in rows], dtype=np.uint64)
+        i, j, dist = phash_neighbours(hashes, cfg.copy_phash_distance)
+        parts.append((rows[i], rows[j], np.full(len(i), np.nan), dist.astype(np.int64)))
+    if not parts:
+        return []
+    i = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    j = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    cos = np.concatenate([p[2] for p in parts])
+    dist = np.concatenate([p[3] for p in parts])
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    key = lo * n + hi
+    # one row per pair: its cosine (if any) and its smallest pHash distance (if any)
+    order = np.argsort(key, kind="stable")
+    key, lo, hi, cos, dist = key[order], lo[order], hi[order], cos[order], dist[order]
+    first = np.concatenate([[True], key[1:] != key[:-1]])
+    group = np.cumsum(first) - 1
+    n_pairs = int(group[-1]) + 1
+    pair_cos = np.full(n_pairs, np.nan)
+    has_cos = ~np.isnan(cos)
+    pair_cos[group[has_cos]] = cos[has_cos]
+    pair_dist = np.full(n_pairs, 99, np.int64)
+    has_dist = dist >= 0
+    np.minimum.at(pair_dist, group[has_dist], dist[has_dist])
+    plo, phi = lo[first], hi[first]
+    # cap partners per image: rank each image's pairs by cosine (pHash-only ones after, closest first)
+    rank_cos = np.where(np.isnan(pair_cos), -2.0, pair_cos)
+    ends = np.concatenate([plo, phi])
+    pidx = np.concatenate([np.arange(n_pairs), np.arange(n_pairs)])
+    order = np.lexsort((np.concatenate([pair_dist, pair_dist]), -np.concatenate([rank_cos, rank_cos]), ends))
+    ends, pidx = ends[order], pidx[order]
+    starts = np.concatenate([[True], ends[1:] != ends[:-1]])
+    pos = np.arange(len(ends)) - np.maximum.accumulate(np.where(starts, np.arange(len(ends)), 0))
+    allowed = np.zeros(n_pairs, bool)
+    allowed[pidx[pos < cfg.copy_max_candidates]] = True
+    out = []
+    for p in np.flatnonzero(allowed).tolist():
+        a, b = ids[plo[p]], ids[phi[p]]
+        if a > b:
+            a, b = b, a
+        out.append((a, b, float(pair_cos[p]), int(pair_dist[p]) if pair_dist[p] != 99 else -1))
+    out.sort()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. verification
+# ---------------------------------------------------------------------------------------------
+
+def jpeg_quality(img) -> int:
+    """Estimated JPEG quality (1-100) from the luminance quantisation table (libjpeg's scaling of
+    the standard table); 100 for images without one (PNG and other lossless formats)."""
+    tables = getattr(img, "quantization", None)
+    if not tables:
+        return 100
+    luma = np.asarray(tables.get(0, next(iter(tables.values()))), dtype=np.float64)
+    if luma.size != 64:
+        return 100
+    scale = float(np.mean(luma / _STD_LUMA)) * 100.0  # libjpeg: table = std * scale / 100
+    q = (200.0 - scale) / 2.0 if scale <= 100 else 5000.0 / scale
+    return int(max(1, min(100, round(q))))
+
+
+def trim_borders(grey: np.ndarray, tol: float = 6.0, max_share: float = 0.4) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the content inside uniform bars (letterbox, frame): rows and
+    columns at the edges whose pixels barely vary, at most `max_share` of each side."""
+    h, w = grey.shape
+    g = grey.astype(np.float32)
+    row_std, col_std = g.std(axis=1), g.std(axis=0)
+
+    def run(values: np.ndarray, limit: int) -> int:
+        n = 0
+        while n < limit and values[n] < tol:
+            n += 1
+        return n
+
+    top = run(row_std, int(h * max_share))
+    bottom = h - run(row_std[::-1], int(h * max_share))
+    left = run(col_std, int(w * max_share))
+    right = w - run(col_std[::-1], int(w * max_share))
+    if bottom - top < 8 or right - left < 8:
+        return 0, h, 0, w
+    return top, bottom, left, right
+
+
+def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300) -> Optional[dict]:
+    """What verification needs of one image, computed once: SIFT keypoints (as fractions of the
+    trimmed content frame) and uint8 descriptors of the image and of its mirror, the content frame
+    in pixels and the recompression signals. None when the bytes do not decode."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        quality = jpeg_quality(img) if img.format == "JPEG" else 100
+        img = ImageOps.exif_transpose(img).convert("L")
+    except Exception:  # noqa: BLE001 - filter decoded it; a failure here only skips the image
+        return None
+    grey = np.asarray(img)
+    full_h, full_w = grey.shape
+    top, bottom, left, right = trim_borders(grey)
+    content = grey[top:bottom, left:right]
+    ch, cw = content.shape
+    scale = min(1.0, max_side / max(ch, cw))
+    if scale < 1.0:
+        content = cv2.resize(content, (max(8, round(cw * scale)), max(8, round(ch * scale))), interpolation=cv2.INTER_AREA)
+    sh, sw = content.shape
+    sift = cv2.SIFT_create(nfeatures=max_keypoints)
+
+    def describe(g):
+        kps, desc = sift.detectAndCompute(g, None)
+        if desc is None or not kps:
+            return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+        pts = np.array([k.pt for k in kps], dtype=np.float32)
+        return pts, np.clip(np.rint(desc), 0, 255).astype(np.uint8)
+
+    pts, desc = describe(content)
+    pts_m, desc_m = describe(np.ascontiguousarray(content[:, ::-1]))
+    return {
+        "w": sw, "h": sh,  # the frame the keypoints live in (trimmed, downscaled)
+        "pts": pts, "desc": desc, "pts_m": pts_m, "desc_m": desc_m,
+        "content": int((bottom - top) * (right - left)),  # pixels inside the trimmed borders
+        "quality": quality, "bytes_per_pixel": len(data) / max(1, full_w * full_h),
+    }
+
+
+def _polygon_area(poly: np.ndarray) -> float:
+    if len(poly) < 3:
+        return 0.0
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _clip_polygon(poly: np.ndarray, w: float, h: float) -> np.ndarray:
+    """Sutherland-Hodgman clip of a convex polygon to the rectangle [0, w] x [0, h]."""
+    def clip(points, inside, cut):
+        out = []
+        for k in range(len(points)):
+            p, q = points[k - 1], points[k]
+            if inside(q):
+                if not inside(p):
+                    out.append(cut(p, q))
+                out.append(q)
+            elif inside(p):
+                out.append(cut(p, q))
+        return out
+
+    def at_x(x0):
+        return lambda p, q: (x0, p[1] + (q[1] - p[1]) * (x0 - p[0]) / ((q[0] - p[0]) or 1e-12))
+
+    def at_y(y0):
+        return lambda p, q: (p[0] + (q[0] - p[0]) * (y0 - p[1]) / ((q[1] - p[1]) or 1e-12), y0)
+
+    pts = [tuple(p) for p in poly]
+    for inside, cut in ((lambda p: p[0] >= 0, at_x(0)), (lambda p: p[0] <= w, at_x(w)), (lambda p: p[1] >= 0, at_y(0)), (lambda p: p[1] <= h, at_y(h))):
+        pts = clip(pts, inside, cut)
+        if not pts:
+            return np.zeros((0, 2))
+    return np.array(pts, dtype=np.float64)
+
+
+def _match(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float):
+    import cv2
+
+    if len(desc_a) < 2 or len(desc_b) < 2:
+        return []
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    knn = matcher.knnMatch(desc_a.astype(np.float32), desc_b.astype(np.float32), k=2)
+    return [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
+
+
+def verify(fa: dict, fb: dict, cfg) -> dict:
+    """Geometric check of one candidate pair: the best of (a, b) and (mirror of a, b). Returns
+    {"copy", "inliers", "matches", "mirrored", "scale", "rotation", "overlap_small",
+    "overlap_large", "spread"} (the measurements whatever the verdict, for the statistics)."""
+    import cv2
+
+    best = {"copy": False, "inliers": 0, "matches": 0, "mirrored": False, "scale": 0.0, "rotation": 0.0, "overlap_small": 0.0, "overlap_large": 0.0, "spread": 0.0}
+    for mirrored in (False, True):
+        pts_a, desc_a = (fa["pts_m"], fa["desc_m"]) if mirrored else (fa["pts"], fa["desc"])
+        matches = _match(desc_a, fb["desc"], cfg.copy_ratio)
+        res = {"copy": False, "inliers": 0, "matches": len(matches), "mirrored": mirrored, "scale": 0.0, "rotation": 0.0, "overlap_small": 0.0, "overlap_large": 0.0, "spread": 0.0}
+        if len(matches) >= cfg.copy_min_inliers:
+            src = np.float32([pts_a[m.queryIdx] for m in matches])
+            dst = np.float32([fb["pts"][m.trainIdx] for m in matches])
+            model, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.copy_ransac_px, maxIters=2000, confidence=0.995, refineIters=10)
+            if model is not None and mask is not None:
+                inl = mask.ravel().astype(bool)
+                res["inliers"] = int(inl.sum())
+                a, b = float(model[0, 0]), float(model[1, 0])
+                s = math.hypot(a, b)
+                res["scale"], res["rotation"] = s, math.degrees(math.atan2(b, a))
+                if s > 0:
+                    corners = np.array([[0, 0], [fa["w"], 0], [fa["w"], fa["h"]], [0, fa["h"]]], dtype=np.float64)
+                    mapped = corners @ model[:, :2].T.astype(np.float64) + model[:, 2]
+                    shared = _polygon_area(_clip_polygon(mapped, fb["w"], fb["h"]))  # in b's pixels
+                    area_b = fb["w"] * fb["h"]
+                    area_a_in_b = fa["w"] * fa["h"] * s * s
+                    shares = sorted((shared / area_b, shared / area_a_in_b))
+                    res["overlap_large"], res["overlap_small"] = shares[1], shares[0]  # of the smaller / larger picture
+                    pin = dst[inl]
+                    if len(pin) >= 3 and shared > 0:
+                        hull = cv2.convexHull(pin.astype(np.float32)).reshape(-1, 2)
+                        res["spread"] = _polygon_area(hull.astype(np.float64)) / shared
+                res["copy"] = (
+                    res["inliers"] >= cfg.copy_min_inliers
+                    and 1.0 / cfg.copy_max_scale <= s <= cfg.copy_max_scale
+                    and abs(res["rotation"]) <= cfg.copy_max_rotation
+                    and res["overlap_large"] >= cfg.copy_min_containment
+                    and res["overlap_small"] >= cfg.copy_min_coverage
+                    and res["spread"] >= cfg.copy_min_spread
+                )
+        if (res["copy"], res["inliers"]) > (best["copy"], best["inliers"]):
+            best = res
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. groups
+# ---------------------------------------------------------------------------------------------
+
+def keep_order(info: dict) -> tuple:
+    """Sort key of a group's members, best first: the largest content, then the least
+    recompressed (estimated JPEG quality, then bytes per pixel), then the id."""
+    return (-info.get("content", 0), -info.get("quality", 0), -info.get("bytes_per_pixel", 0.0), info["image_id"])
+
+
+def copy_groups(edges: Iterable[tuple[str, str]], info: dict[str, dict]) -> dict[str, str]:
+    """Union-find over verified pairs -> {member: kept member} for every member that is not kept
+    (kept members map to nothing). `info` holds each member's keep_order fields."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[str, list[str]] = {}
+    for x in list(parent):
+        groups.setdefault(find(x), []).append(x)
+    out: dict[str, str] = {}
+    for members in groups.values():
+        kept = best_member(members, info)
+        for m in members:
+            if m != kept:
+                out[m] = kept
+    return out
+
+
+def best_member(members: list[str], info: dict[str, dict], tolerance: float = 0.95) -> str:
+    """The member a group keeps: among those whose content is within `tolerance` of the largest
+    (a letterbox bar that JPEG ringing kept from the trim is no larger picture), the least
+    recompressed (keep_order past the content)."""
+    rows = [{"image_id": m, **info.get(m, {})} for m in members]
+    largest = max(r.get("content", 0) for r in rows)
+    near = [r for r in rows if r.get("content", 0) >= tolerance * largest]
+    return min(near, key=lambda r: keep_order({**r, "content": 0}))["image_id"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the Beam step
+# ---------------------------------------------------------------------------------------------
+
+def _candidates(rows: list, cfg) -> list[tuple[str, str, float, int]]:
+    """find_candidates over the collected (image_id, embedding or None, pHash) rows."""
+    rows = sorted(rows, key=lambda r: r[0])
+    ids = [r[0] for r in rows]
+    with_emb = [i for i, r in enumerate(rows) if r[1] is not None and len(r[1])]
+    emb = None
+    if len(with_emb) == len(rows):
+        emb = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
+    elif with_emb:  # a mixed input (some images not embedded): search the embedded ones
+        sub = find_candidates([ids[i] for i in with_emb], np.stack([np.asarray(rows[i][1], dtype=np.float32) for i in with_emb]), [None] * len(with_emb), cfg)
+        return _merge(sub, find_candidates(ids, None, [r[2] for r in rows], cfg))
+    return find_candidates(ids, emb, [r[2] for r in rows], cfg)
+
+
+def _merge(a: list, b: list) -> list:
+    seen = {(x[0], x[1]): x for x in b}
+    seen.update({(x[0], x[1]): x for x in a})
+    return sorted(seen.values())
+
+
+def pack_features(f: dict) -> bytes:
+    """Features as one bytes object for a shuffle (made and read by this step only)."""
+    import pickle
+
+    return pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_features(data: bytes) -> dict:
+    import pickle
+
+    return pickle.loads(data)
+
+
+def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
+    return {
+        "image_a": a, "image_b": b, "cosine": None if math.isnan(cos) else cos, "phash_distance": None if dist < 0 else dist,
+        "copy": bool(res["copy"]), "matches": res["matches"], "inliers": res["inliers"], "mirrored": bool(res["mirrored"]), "scale": res["scale"],
+        "rotation": res["rotation"], "overlap_small": res["overlap_small"], "overlap_large": res["overlap_large"], "spread": res["spread"],
+    }
+
+
+class _Featurize(beam.DoFn):
+    """(image_id, packed features) of each wanted image (a side input of the candidates' ids)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def process(self, row, wanted):
+        if row["image_id"] in wanted and row.get("image_bytes"):
+            f = image_features(row["image_bytes"], self.cfg.copy_max_side, self.cfg.copy_max_keypoints)
+            if f is not None:
+                yield row["image_id"], pack_features(f)
+
+
+def _first_half(item):
+    """(a, {feats, pairs}) -> (b, (a, a's features, cosine, pHash distance)) for each of a's pairs."""
+    image, grouped = item
+    feats = list(grouped["feats"])
+    if not feats:
+        return  # did not decode: its pairs stay unverified (not copies)
+    for b, cos, dist in grouped["pairs"]:
+        yield b, (image, feats[0], cos, dist)
+
+
+def _second_half(item, cfg):
+    """(b, {feats, halves}) -> one check row per pair (a, b)."""
+    image, grouped = item
+    feats = list(grouped["feats"])
+    if not feats:
+        return
+    fb = unpack_features(feats[0])
+    for a, fa, cos, dist in grouped["halves"]:
+        yield _check_row(a, image, cos, dist, verify(unpack_features(fa), fb, cfg))
+
+
+def _info_of(kv):
+    f = unpack_features(kv[1])
+    return kv[0], {"content": f["content"], "quality": f["quality"], "bytes_per_pixel": f["bytes_per_pixel"]}
+
+
+def _groups(edges, info):
+    return sorted(copy_groups(edges, info).items())
+
+
+class FindCopies(beam.PTransform):
+    """{"light": (image_id, embedding or None, pHash) of every image, "bytes": {image_id,
+    image_bytes} rows (only the candidates' are featurised)} -> {"copy_of": (member, kept member)
+    for each member that is not kept, "checks": one COPY_CHECK_SCHEMA row per verified candidate
+    pair, "candidates": the candidate pairs}.
+
+    Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in
+    the images); features are computed once per candidate image where its bytes are read, and each
+    pair meets its two images' features through two joins (on a, then on b), so verification
+    spreads over the workers and its work is bounded by copy_max_candidates per image."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, pcolls):
+        cfg = self.cfg
+        candidates = pcolls["light"] | "CopyRows" >> beam.combiners.ToList() | "Candidates" >> beam.FlatMap(_candidates, cfg)
+        wanted = candidates | "CandidateIds" >> beam.FlatMap(lambda c: [(c[0], True), (c[1], True)]) | "DistinctIds" >> beam.Distinct()
+        feats = pcolls["bytes"] | "Featurize" >> beam.ParDo(_Featurize(cfg), beam.pvalue.AsDict(wanted))
+        by_a = candidates | "KeyA" >> beam.Map(lambda c: (c[0], (c[1], c[2], c[3])))
+        halves = {"feats": feats, "pairs": by_a} | "JoinA" >> beam.CoGroupByKey() | "FirstHalf" >> beam.FlatMap(_first_half)
+        checks = {"feats": feats, "halves": halves} | "JoinB" >> beam.CoGroupByKey() | "Verify" >> beam.FlatMap(_second_half, cfg)
+        edges = checks | "Copies" >> beam.Filter(lambda r: r["copy"]) | "Edge" >> beam.Map(lambda r: (r["image_a"], r["image_b"]))
+        info = feats | "KeepSignals" >> beam.Map(_info_of)
+        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(_groups, beam.pvalue.AsDict(info))
+        return {"copy_of": copy_of, "checks": checks, "candidates": candidates}
+
+
+def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):
+    """(kept image id, {"image": [packed records of the group's dresses], "links": [packed links of
+    any of them]}) -> the kept dress on each of its pages and on each page of its copies.
+
+    A link of the kept dress: the image on its page, as without copies. A link of another dress:
+    rejected, as `near_duplicate` when the kept dress is on the same page, else as
+    `copy_duplicate`, and the kept dress stands in for it on that page (once per page; the stand-in
+    is the record a link of the kept dress on that page would be: its id is stable_id(page, kept
+    URL), its alt text and position the removed link's). So a photo shown on several pages stays
+    on every one of them, in one dress. Tagged outputs: `rejected`, `copies` (COPY_SCHEMA rows),
+    `stand_ins` (the stand-ins' ids, counted as inputs)."""
+    import pickle
+
+    from core.records import Rejected, stable_id
+    from core.sites import site_of
+
+    kept_id, grouped = item
+    records = {}
+    for b in grouped["image"]:
+        r = dict(zip(image_fields, pickle.loads(b)))
+        records[r["image_id"]] = r
+    links = [dict(zip(link_fields, pickle.loads(b))) for b in grouped["links"]]
+    if not records:
+        if links:
+            from core.stageio import StageError
+
+            raise StageError(f"pair: image {kept_id} of the filter occurrences is missing from its images/")
+        return
+    kept = records.get(kept_id)
+    if kept is None:  # cannot happen (the group's key is one of its records); keep each as it is
+        kept = next(iter(records.values()))
+    own_links = sorted((x for x in links if x["image_id"] == kept["image_id"]), key=lambda x: x["image_url"])
+    on_page = {link["page_url"] for link in own_links}
+    kept_url = own_links[0]["image_url"] if own_links else kept.get("image_url")  # one URL of the kept dress
+    stood_in: set[str] = set()
+    for link in sorted(links, key=lambda x: (x["page_url"], x["position"] or 0, x["link_id"])):
+        own = records.get(link["image_id"])
+        if own is None:
+            continue
+        if own["image_id"] == kept["image_id"]:
+            r = dict(kept)
+            r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
+            yield r
+            continue
+        page = link["page_url"]
+        same_page = page in on_page
+        stand_in = not same_page and page not in stood_in
+        if same_page:
+            reason, detail = NEAR_DUPLICATE, f"near-duplicate of {kept['image_id']} on this page (another dress of it, verified as a copy)"
+        else:
+            reason, detail = COPY_DUPLICATE, f"copy of {kept['image_id']} ({kept_url}), the kept dress; it stands in on this page"
+        yield beam.pvalue.TaggedOutput("rejected", Rejected(link["link_id"], stage, reason, detail, link["image_url"]).to_row())
+        yield beam.pvalue.TaggedOutput(COPIES, {
+            "link_id": link["link_id"], "page_url": page, "site": site_of(page), "image_id": own["image_id"], "image_url": link["image_url"],
+            "width": own.get("width"), "height": own.get("height"), "bytes_file": own.get("bytes_file"), "bytes_row_group": own.get("bytes_row_group"),
+            "kept_image_id": kept["image_id"], "kept_image_url": kept_url, "kept_width": kept.get("width"), "kept_height": kept.get("height"),
+            "kept_bytes_file": kept.get("bytes_file"), "kept_bytes_row_group": kept.get("bytes_row_group"), "stand_in": stand_in,
+        })
+        if stand_in:
+            stood_in.add(page)
+            r = dict(kept)
+            r.update(link_id=stable_id(page, kept_url), page_url=page, image_url=kept_url, alt=link["alt"] or "", position=link["position"] or 0)
+            yield beam.pvalue.TaggedOutput(STAND_INS, r["link_id"])
+            yield r
