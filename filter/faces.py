@@ -4,12 +4,11 @@ works offline).
 
 `detect` stores each kept image's face count and boxes (filter's `images/`: `faces`,
 `face_boxes` as flat x, y, w, h groups in the image's pixels); `blur` also blurs every box
-(a Gaussian blur whose kernel scales with the box, as DataComp blurs faces) in the image's bytes,
+(a Gaussian blur as wide as the box, strong enough that the cascade finds no face there again) in the image's bytes,
 which filter then stores re-encoded as JPEG, so the shards, the embedding and everything after
 see only the blurred image (download's copy keeps the original).
 
-The cascade runs on a greyscale copy scaled to at most `DETECT_SIDE` pixels (histogram
-equalised); the settings were tuned on the 300 animal photos of ../shared's ImageNet sample
+The cascade runs on a greyscale copy scaled to at most `DETECT_SIDE` pixels; the settings were tuned on the 300 animal photos of ../shared's ImageNet sample
 (false positives) and scikit-image's astronaut photo (a face): see README's "Unsafe content".
 """
 
@@ -23,8 +22,8 @@ import numpy as np
 
 DETECT_SIDE = 640  # detection on a copy at most this large (speed; boxes scaled back)
 SCALE_FACTOR = 1.1
-MIN_NEIGHBORS = 8  # higher: fewer false positives (tuned on the ImageNet animal sample)
-MIN_FACE_SHARE = 0.06  # a face's side is at least this share of the image's short side ...
+MIN_NEIGHBORS = 19  # overlapping detections a face needs: at 19, none of the sample's 295 photos without people
+MIN_FACE_SHARE = 0.08  # a face's side is at least this share of the image's short side ...
 MIN_FACE_PIXELS = 24  # ... and at least this many pixels (the cascade's own window)
 
 _local = threading.local()
@@ -51,7 +50,6 @@ def detect_faces(img) -> list[tuple[int, int, int, int]]:
     scale = min(1.0, DETECT_SIDE / max(h, w))
     if scale < 1.0:
         grey = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    grey = cv2.equalizeHist(grey)
     side = max(MIN_FACE_PIXELS, int(MIN_FACE_SHARE * min(grey.shape)))
     found = _cascade().detectMultiScale(grey, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS, minSize=(side, side))
     boxes = [tuple(int(round(v / scale)) for v in box) for box in (found if len(found) else [])]
@@ -63,7 +61,7 @@ def flat_boxes(boxes) -> list[int]:
 
 
 def blur_faces(img, boxes):
-    """A copy of the Pillow RGB image with every box blurred (kernel ~ half the box side)."""
+    """A copy of the Pillow RGB image with every box blurred (a kernel the size of the box)."""
     import cv2
     from PIL import Image
 
@@ -72,8 +70,8 @@ def blur_faces(img, boxes):
         x0, y0, x1, y1 = max(0, x), max(0, y), min(arr.shape[1], x + w), min(arr.shape[0], y + h)
         if x1 <= x0 or y1 <= y0:
             continue
-        k = max(3, (max(w, h) // 2) | 1)
-        arr[y0:y1, x0:x1] = cv2.GaussianBlur(arr[y0:y1, x0:x1], (k, k), 0)
+        k = max(3, max(w, h) | 1)  # a kernel as wide as the face, sigma a quarter of it: no face left
+        arr[y0:y1, x0:x1] = cv2.GaussianBlur(arr[y0:y1, x0:x1], (k, k), max(w, h) / 4)
     return Image.fromarray(arr)
 
 

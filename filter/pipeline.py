@@ -26,6 +26,7 @@ from core.encoders import EncoderUnavailable, load_encoder, preprocess
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from core.perceptual import pdq_hex
+from filter import faces
 from filter.embed import EncoderModelHandler
 from filter.hashing import phash_hex, sha256_hex
 from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, FLAT_THUMB, URL_WORD, declared_too_small, top_colour_share, url_words
@@ -87,10 +88,12 @@ class ValidateAndHash(beam.DoFn):
             "clip_score": None,
             "image_bytes": data,
             "pdq": pdq_hex(decoded.image),  # what `webpairs scrub --blocklist` matches later
+            "faces": None, "face_boxes": None,
         }
+        image = faces.apply(record, decoded.image, self.cfg.faces) or decoded.image  # blurred with --faces blur
         self.kept.inc()
         if self.image_size:
-            yield record, (preprocess(decoded.image, self.image_size, self.mean, self.std), record["alt"])
+            yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"])
         else:
             yield record, None
 
