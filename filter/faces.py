@@ -81,12 +81,20 @@ def jpeg_bytes(img, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def apply(record: dict, img, mode: str) -> Optional[object]:
+def apply(record: dict, img, mode: str, size: Optional[tuple[int, int]] = None, full=None) -> Optional[object]:
     """Fill `faces` and `face_boxes` of a kept image's record (mode detect or blur); with blur and
-    faces found, replace its bytes by the blurred JPEG and return the blurred image (else None)."""
+    faces found, replace its bytes by the blurred JPEG and return the blurred image (else None).
+
+    `img` may be a reduced decode (filter decodes a large JPEG at a DCT scale): `size` is the
+    image's true (width, height), and the boxes are stored in those pixels; `full()` decodes the
+    image at its true size, which blur needs so that the stored image keeps its size."""
     if mode == "off":
         return None
     boxes = detect_faces(img)
+    if size is not None and tuple(size) != img.size:
+        sx, sy = size[0] / img.width, size[1] / img.height
+        boxes = [(round(x * sx), round(y * sy), round(w * sx), round(h * sy)) for x, y, w, h in boxes]
+        img = full() if (mode == "blur" and boxes and full is not None) else img
     record["faces"], record["face_boxes"] = len(boxes), flat_boxes(boxes)
     if mode == "blur" and boxes:
         blurred = blur_faces(img, boxes)
