@@ -106,6 +106,23 @@ def consent_summary(stages: dict) -> Optional[dict]:
     return {"mode": mode, "rules": rules, "failures": failures}
 
 
+SAFETY_REASONS = ("blocklisted", "scrubbed")  # issue 32: the hash blocklist at download, `webpairs scrub` later
+
+
+def safety(stats: dict, stages: dict) -> dict:
+    """The safety section: refusals by stage and reason, and the faces filter found."""
+    out: dict = {"reasons": {f"{stage} {reason}": s["rejected"][reason] for stage, s in stats.items() for reason in SAFETY_REASONS if s["rejected"].get(reason)}}
+    if "filter" in stages and stage_files(stages["filter"], "images"):
+        files = stage_files(stages["filter"], "images")
+        import pyarrow.parquet as pq
+
+        if "faces" in pq.ParquetFile(files[0]).schema_arrow.names:
+            faces = [f for f in read_table(stages["filter"], "images", columns=["faces"]).column("faces").to_pylist() if f is not None]
+            if faces:  # not with --faces off
+                out["faces"] = {"checked": len(faces), "images_with_faces": sum(1 for f in faces if f), "faces": sum(faces)}
+    return out
+
+
 def collect(root: str) -> dict:
     """Everything the report shows, as plain data."""
     stages = find_stage_dirs(root)
@@ -135,6 +152,7 @@ def collect(root: str) -> dict:
     consent = consent_summary(stages)
     if consent:
         data["consent"] = consent
+    data["safety"] = safety(data["stages"], stages)
     if "shards" in stages:
         manifest_path = os.path.join(stages["shards"], "manifest.json")
         if os.path.exists(manifest_path):
@@ -175,6 +193,13 @@ def summary_text(data: dict) -> str:
         lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
         if c["per_site"]:
             lines.append("copy groups per site: " + ", ".join(f"{s['site']} ({s['groups']})" for s in c["per_site"][:8]))
+    if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
+        s = data["safety"]
+        text = ", ".join(f"{k}={v}" for k, v in s["reasons"].items()) or "nothing refused"
+        if s.get("faces"):
+            f = s["faces"]
+            text += f"; images with faces: {f['images_with_faces']} of {f['checked']} ({f['faces']} faces)"
+        lines.append(f"safety:            {text}")
     if "manifest" in data:
         m = data["manifest"]
         lines.append(f"shards:            {len(m['shards'])} files, {m['samples']} samples, encoder {m.get('encoder')}, code {m.get('code_version')}")
@@ -291,6 +316,14 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
     for name, png in _plots(data):
         parts.append(f"<img class='plot' id='plot-{name}' alt='{name}' src='data:image/png;base64,{png}'>")
     parts.append("</div>")
+    if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
+        s = data["safety"]
+        parts.append("<h2>Safety</h2><table id='safety'><tr><th style='text-align:left'>what</th><th>count</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{esc(k)}</td><td>{v:,}</td></tr>" for k, v in s["reasons"].items()]
+        if s.get("faces"):
+            f = s["faces"]
+            parts.append(f"<tr><td style='text-align:left'>filter: images with faces (of {f['checked']:,} checked)</td><td>{f['images_with_faces']:,}</td></tr><tr><td style='text-align:left'>filter: faces</td><td>{f['faces']:,}</td></tr>")
+        parts.append("</table>")
     if "pairs_with_boilerplate" in data:
         bad, total = data["pairs_with_boilerplate"]
         parts.append(f"<h2>Pair quality</h2><p id='pairs-with-boilerplate'>Pairs with an image flagged as boilerplate (of its site or of the crawl): {bad} of {total}</p>")

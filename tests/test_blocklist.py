@@ -143,6 +143,12 @@ def test_each_planted_image_has_a_blocklisted_row_naming_its_entry(planted_run):
     assert list(banner.reason) == ["blocklisted"] and banner.image_id.isna().all()
     stats = read_stats(os.path.join(run, "download"))
     assert stats["rejected"]["blocklisted"] == len(planted_run["planted"])
+    from browse.report import collect, summary_text
+
+    report = collect(run)
+    assert report["safety"]["reasons"] == {"download blocklisted": len(planted_run["planted"])}
+    assert f"safety:            download blocklisted={len(planted_run['planted'])}" in summary_text(report)
+    assert "<h2>Safety</h2>" in open(os.path.join(run, "report.html")).read()
     assert stats["input"] == stats["kept"] + sum(stats["rejected"].values())
 
 
@@ -306,3 +312,15 @@ def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(pla
     # a second scrub finds nothing more
     again = _cli("scrub", run, "--blocklist", str(listed), "--urls", str(urls))
     assert again.returncode == 0 and "scrubbed 0 images, 0 links" in again.stdout
+
+
+def test_blocklist_in_the_config_file(tmp_path):
+    from core.config import ConfigError, DownloadConfig, load
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("download:\n  blocklist: [a.txt, b.txt]\n  blocklist_pdq_distance: 20\n")
+    got = load(DownloadConfig, str(cfg), section="download")
+    assert got.blocklist == ("a.txt", "b.txt") and got.blocklist_pdq_distance == 20
+    cfg.write_text("download:\n  blocklist_pdq_distance: 64\n")
+    with pytest.raises(ConfigError, match="out of range"):
+        load(DownloadConfig, str(cfg), section="download")
