@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT
+from _common import ROOT, SMOKE_HELP, report
 
 
 def synthetic_embeddings(n: int, dim: int, seed: int = 0, copy_share: float = 0.1):
@@ -187,7 +187,8 @@ def _child(kind: str, n: int, **kw) -> dict:
 
 def main() -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="10^4 embeddings and 10^3 images (about a minute)")
+    ap.add_argument("--small", action="store_true", help="10^4 embeddings and 10^3 images (minutes on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--candidates", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="embedding counts for the candidate step")
     ap.add_argument("--dim", type=int, default=256, help="embedding size for the candidate step (efficientnet-lite0: 1280)")
     ap.add_argument("--exact-below", type=int, default=100_000, help="also time the all-pairs baseline up to this size")
@@ -206,6 +207,8 @@ def main() -> list[dict]:
         return []
     if args.small:
         args.candidates, args.verify = [10_000], [1_000]
+    if args.smoke:
+        args.candidates, args.verify, args.runner = [6_000], [60], "inprocess"
     results = []
     print("== copies: candidate step (find_candidates: faiss HNSW + pHash multi-index) ==")
     for n in args.candidates:
@@ -227,6 +230,20 @@ def main() -> list[dict]:
                 continue
             print(f"  n={n:>7,} {runner:9s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e3:5.1f} ms/image), driver peak RSS {r['peak_rss_mb']:6.0f} MB, {r['checked_per_image']:.1f} pairs checked/image, "
                   f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}")
+    cand = [r for r in results if r["step"] == "candidates" and "error" not in r]
+    if cand:
+        rows = [(f"n={r['n']:,}: CPU s", r["cpu_seconds"], "s") for r in cand] + [(f"n={r['n']:,}: peak RSS", r["peak_rss_mb"], "MB") for r in cand]
+        rows += [(f"n={r['n']:,}: candidates per image", r["per_image"], "") for r in cand]
+        exact = [r for r in cand if "all_pairs_cpu_seconds" in r]
+        rows += [(f"n={r['n']:,}: all pairs CPU s", r["all_pairs_cpu_seconds"], "s") for r in exact]
+        ratio = exact[-1]["all_pairs_cpu_seconds"] / max(1e-9, exact[-1]["cpu_seconds"]) if exact else float(min(r["planted_recall"] for r in cand))
+        report("copies: candidates (all pairs CPU / index CPU at the largest exact size)", rows, ratio, 1.0)
+    ver = [r for r in results if r["step"] == "verify" and "error" not in r]
+    if ver:
+        rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
+        report("copies: verification (planted dresses found)", rows, float(min(r["planted_recall"] for r in ver)), 0.95)
+    if any("error" in r for r in results):
+        raise SystemExit("copies: " + "; ".join(f"{r['step']} n={r['n']}: {r['error']}" for r in results if "error" in r))
     return results
 
 

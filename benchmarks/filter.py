@@ -72,7 +72,7 @@ def main() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         blobs = photo_downloads(tmp, args.repeat)
         cfg = FilterConfig(encoder="none")
-        side = decode_side(cfg, 0, FLAT_THUMB)  # what the stage decodes to without an encoder
+        side = decode_side(cfg, 0, FLAT_THUMB)  # what pHash and the flat thumbnail need (the stage also keeps PDQ's pixels)
         best = {k: [float("inf"), float("inf")] for k in ("full", "scaled", "stage")}  # [wall, cpu]
         for i in range(args.runs):  # the three take turns; each one's best counts
             for key, call in (("full", lambda: bare_checks(blobs)), ("scaled", lambda: bare_checks(blobs, side)), ("stage", lambda i=i: run_filter(tmp, os.path.join(tmp, f"nocode{i}"), cfg, beam_args))):

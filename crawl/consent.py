@@ -265,6 +265,45 @@ class SiteRules:
         os.replace(tmp, os.path.join(self.folder, HOSTS_FILE))
         self._saved = True
 
+    def keep_hop(self, row: dict) -> None:
+        """A worker's answer from a site reached by a redirect, kept beside hosts.parquet (one small
+        JSON file per origin, written atomically) until the driver folds it in (`absorb_hops`)."""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            path = self._hop_file(row["origin"])
+            with open(path + f".{os.getpid()}.tmp", "w") as fh:
+                json.dump(row, fh)
+            os.replace(path + f".{os.getpid()}.tmp", path)
+        except OSError as err:  # a worker on another machine: the answer stays in this process
+            log.debug("consent: cannot keep the answer of %s: %s", row["origin"], err)
+
+    def _hop_file(self, origin: str) -> str:
+        import hashlib
+
+        return os.path.join(self.folder, f"hop-{hashlib.sha1(origin.encode()).hexdigest()[:20]}.json")
+
+    def read_hop(self, origin: str) -> None:
+        try:
+            with open(self._hop_file(origin)) as fh:
+                self.rows[origin] = json.load(fh)
+        except (OSError, ValueError):
+            pass
+
+    def absorb_hops(self) -> int:
+        """Fold the workers' answers (`keep_hop`) into hosts.parquet; returns how many."""
+        import glob
+
+        files = sorted(glob.glob(os.path.join(self.folder, "hop-*.json")))
+        for path in files:
+            with open(path) as fh:
+                row = json.load(fh)
+            self.rows.setdefault(row["origin"], row)
+        if files:
+            self.save()
+            for path in files:
+                os.remove(path)
+        return len(files)
+
     def policy(self, origin: str) -> Optional[SitePolicy]:
         if origin not in self._policies and origin in self.rows:
             self._policies[origin] = SitePolicy(self.rows[origin])
@@ -315,9 +354,12 @@ class SiteConsent:
         if origin not in self.rules.rows:
             with _ASK_LOCK:
                 if origin not in self.rules.rows:
+                    self.rules.read_hop(origin)  # another worker may have asked it already
+                if origin not in self.rules.rows:
                     from crawl.urls import AllowList
 
                     self.rules.rows[origin] = ask_origin(origin, AllowList(self.rules.allow_hosts), self.rules.pins, self.rules.agent, self.rules.timeout)
+                    self.rules.keep_hop(self.rules.rows[origin])
         refusal = self.rules.refusal(url)
         if refusal is not None:
             raise FetchError(refusal[0], f"redirect to {url[:200]}: {refusal[1]}")

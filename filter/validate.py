@@ -57,10 +57,12 @@ class ValidImage:
 PHASH_INPUT_FACTOR = 8  # pHash resizes to 4 x hash_size px; decoding at twice that keeps it within a bit
 
 
-def decode_side(cfg: FilterConfig, encoder_size: int = 0, flat_thumb: int = 0) -> int:
+def decode_side(cfg: FilterConfig, encoder_size: int = 0, flat_thumb: int = 0, pdq_side: int = 0) -> int:
     """The smallest side the decoded pixels need for every use of one filter run: pHash (twice its
-    4 x hash_size input: 64 px by default), the flat-image thumbnail, the encoder's input size."""
-    return max(PHASH_INPUT_FACTOR * cfg.phash_size, flat_thumb if cfg.flat_colours else 0, encoder_size)
+    4 x hash_size input: 64 px by default), the flat-image thumbnail, the encoder's input size, and
+    the PDQ hash's `pdq_side` (core/perceptual.MAX_SIDE: PDQ must see the pixels that
+    `pdq_of_bytes` sees, or the stored hash drifts from the blocklist's by ~16 of 256 bits)."""
+    return max(PHASH_INPUT_FACTOR * cfg.phash_size, flat_thumb if cfg.flat_colours else 0, encoder_size, pdq_side)
 
 
 def _true_size(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:

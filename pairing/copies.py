@@ -6,7 +6,8 @@ Three steps, each bounded:
    embeddings (faiss HNSW, inner product: the top `copy_top_k` per image with a cosine of at least
    `copy_min_cosine`), plus a mirror-aware pHash multi-index (four 16-bit chunks, each probed as is
    and with one bit flipped: every pair within 7 bits shares a probe; those within
-   `copy_phash_distance` are kept). At most `copy_max_candidates` partners per image: never all pairs.
+   `copy_phash_distance` are kept). Each image proposes its `copy_max_candidates` closest and takes
+   part in at most twice that many pairs: never all pairs.
 2. verification (`image_features`, `verify`): OpenCV SIFT on a downscaled, border-trimmed
    greyscale image (at most `copy_max_keypoints` keypoints), ratio-test matches, a similarity
    transform fitted with RANSAC (`cv2.estimateAffinePartial2D`), tried as is and mirrored. A pair
@@ -162,9 +163,10 @@ _MIRROR_MASK = int(mirror_phash("0" * 16), 16)  # the bits mirroring flips (odd 
 
 def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: list[Optional[str]], cfg) -> list[tuple[str, str, float, int]]:
     """Candidate copy pairs (id_a < id_b, cosine or nan, mirror-aware pHash distance or -1): the
-    embedding neighbours and the pHash neighbours of every image, at most `copy_max_candidates`
-    partners per image (the closest by cosine first, then by pHash). Linear in the images: each
-    query returns a bounded list; the merging is numpy over those lists."""
+    embedding neighbours and the pHash neighbours of every image; each image proposes its closest
+    `copy_max_candidates` (by cosine, then by pHash distance), and takes part in at most twice that
+    many pairs (a hub keeps its closest). Linear in the images: each query returns a bounded list;
+    the merging is numpy over those lists."""
     n = len(ids)
     if n < 2:
         return []
@@ -211,8 +213,20 @@ def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: l
     pos = np.arange(len(ends)) - np.maximum.accumulate(np.where(starts, np.arange(len(ends)), 0))
     allowed = np.zeros(n_pairs, bool)
     allowed[pidx[pos < cfg.copy_max_candidates]] = True
+    # ... and no image in more than 2 x copy_max_candidates checks (a hub that many images name as
+    # a neighbour keeps its closest), so the work per image is bounded, not only its average
+    chosen = np.flatnonzero(allowed)
+    chosen = chosen[np.lexsort((pair_dist[chosen], -rank_cos[chosen]))]
+    degree = np.zeros(n, np.int64)
+    limit = 2 * cfg.copy_max_candidates
+    keep = []
+    for p, a, b in zip(chosen.tolist(), plo[chosen].tolist(), phi[chosen].tolist()):
+        if degree[a] < limit and degree[b] < limit:
+            degree[a] += 1
+            degree[b] += 1
+            keep.append(p)
     out = []
-    for p in np.flatnonzero(allowed).tolist():
+    for p in keep:
         a, b = ids[plo[p]], ids[phi[p]]
         if a > b:
             a, b = b, a

@@ -322,6 +322,8 @@ def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(pla
         assert set(members) == {f"{row.key}.cond.jpg", f"{row.key}.target.jpg", f"{row.key}.json", f"{row.key}.cond.npy"}
         meta = json.loads(members[f"{row.key}.json"])
         assert (meta["cond_image_id"], meta["target_image_id"]) == (row.cond_image_id, row.target_image_id)
+    wids = json.load(open(os.path.join(shards, "wids.json")))  # webdataset's indexed reader numbers what is left
+    assert [(s["url"], s["nsamples"]) for s in wids["shardlist"]] == [(e["shard"], e["samples"]) for e in manifest["shards"]]
     tars = [os.path.join(shards, e["shard"]) for e in manifest["shards"]]
     samples = list(wds.WebDataset(tars, shardshuffle=False))
     assert sorted(s["__key__"] for s in samples) == sorted(index.key)

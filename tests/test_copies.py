@@ -287,3 +287,21 @@ def test_report_and_browser_show_copy_groups(copy_run, tmp_path):
         assert run.copy_image("0123456789abcdef") is None
     finally:
         run.close()
+
+
+def test_a_hub_takes_part_in_a_bounded_number_of_checks():
+    """One embedding close to 300 others (each names it first): it is in at most 2 x
+    copy_max_candidates candidate pairs; every other image still gets its partners."""
+    rng = np.random.default_rng(2)
+    hub = rng.normal(size=32)
+    others = hub + rng.normal(scale=0.6, size=(300, 32))
+    emb = np.vstack([hub, others])
+    ids = [f"{i:04d}" for i in range(301)]
+    cfg = PairConfig(copy_max_candidates=4, copy_min_cosine=0.0)
+    cands = find_candidates(ids, emb, [None] * 301, cfg)
+    degree: dict[str, int] = {}
+    for a, b, _, _ in cands:
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    assert max(degree.values()) <= 8 and degree["0000"] == 8
+    assert len(degree) == 301

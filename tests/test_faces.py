@@ -132,3 +132,22 @@ def test_filter_stores_faces_and_blurs_the_stored_image(tmp_path, photos_dir, mo
         assert data["safety"]["faces"] == {"checked": 4, "images_with_faces": 2, "faces": 2}
         assert "images with faces: 2 of 4 (2 faces)" in summary_text(data)
         assert "<h2>Safety</h2>" in render_html(data)
+
+
+def test_faces_of_a_reduced_decode_are_boxed_and_blurred_at_the_true_size():
+    """Filter decodes a large JPEG at a DCT scale (issue 34); the face boxes must still be in the
+    image's own pixels and `blur` must keep the image's size (it re-decodes at full size)."""
+    from PIL import Image
+
+    from filter.faces import apply
+
+    big = _astronaut().resize((2048, 2048), Image.LANCZOS)
+    reduced = big.resize((512, 512), Image.LANCZOS)  # what a 1/4-scale draft decode gives
+    record = {}
+    out = apply(record, reduced, "blur", (2048, 2048), lambda: big)
+    x, y, w, h = record["face_boxes"]
+    x0, y0, x1, y1 = (v * 4 for v in ASTRONAUT_FACE)
+    assert record["faces"] == 1 and x0 <= x + w / 2 <= x1 and y0 <= y + h / 2 <= y1 and w > 200
+    assert out.size == (2048, 2048) and Image.open(io.BytesIO(record["image_bytes"])).size == (2048, 2048)
+    face = np.asarray(out)[y : y + h, x : x + w]
+    assert _sharpness(face) < 0.2 * _sharpness(np.asarray(big)[y : y + h, x : x + w])

@@ -31,7 +31,10 @@ def _photos(photos_dir: str, n: int) -> list[bytes]:
 
 
 def test_decode_side_is_what_each_use_needs():
+    from core.perceptual import MAX_SIDE
+
     assert SIDE == FLAT_THUMB == 128  # pHash 64 (2 x its 32 px input), the flat thumbnail 128
+    assert decode_side(CFG, 224, FLAT_THUMB, MAX_SIDE) == MAX_SIDE  # PDQ sees what pdq_of_bytes sees
     assert decode_side(FilterConfig(flat_colours=0), 0, FLAT_THUMB) == 64
     assert decode_side(FilterConfig(flat_colours=0, phash_size=16), 0, FLAT_THUMB) == 128
     assert decode_side(CFG, 224, FLAT_THUMB) == 224  # the encoder's input size
@@ -107,6 +110,41 @@ def test_embeddings_within_the_encoders_tolerance(photos_dir):
     a, b = enc.embed_images(np.stack(full_px)), enc.embed_images(np.stack(scaled_px))
     cos = (a * b).sum(axis=1)
     assert len(cos) == 24 and cos.min() >= 0.99, cos.min()
+
+
+def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
+    """filter's stored PDQ (images.pdq, which `webpairs scrub` matches) is the hash that download's
+    blocklist check computes from the bytes (pdq_of_bytes), for a photo and for one over 4096 px
+    that both decode at a DCT scale."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.perceptual import pdq_of_bytes
+    from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA
+    from core.stageio import finish_stage, read_table
+    from filter.pipeline import run_filter
+
+    import hashlib
+    import json
+
+    img = Image.open(os.path.join(photos_dir, sorted(os.listdir(photos_dir))[2])).convert("RGB")
+    blobs = [_photos(photos_dir, 1)[0], _jpeg(img.resize((4400, 4200)))]
+    rows, links = [], []
+    for i, b in enumerate(blobs):
+        iid = hashlib.sha256(b).hexdigest()[:16]
+        rows.append({"image_id": iid, "image_url": f"http://a.example/{i}.jpg", "page_url": "http://a.example/p", "alt": "", "position": i, "image_bytes": b, "sha256": hashlib.sha256(b).hexdigest(), "links": 1})
+        links.append({"link_id": f"l{i}", "page_url": "http://a.example/p", "site": "a.example", "image_url": f"http://a.example/{i}.jpg", "alt": "", "position": i, "declared_width": None, "declared_height": None, "image_id": iid, "reason": None})
+    d = tmp_path / "download"
+    for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, DOWNLOAD_OCCURRENCE_SCHEMA)):
+        os.makedirs(d / name)
+        pq.write_table(pa.Table.from_pylist(data, schema=schema), str(d / name / "part-0.parquet"))
+    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": 2, "kept": 2, "rejected": {}}))
+    finish_stage(str(d), "download")
+    run_filter(str(d), str(tmp_path / "filter"), FilterConfig(encoder="none", max_pixels=50_000_000))
+    stored = {r["image_id"]: r["pdq"] for r in read_table(str(tmp_path / "filter"), "images", ["image_id", "pdq"]).to_pylist()}
+    assert len(stored) == 2
+    for r in rows:
+        assert stored[r["image_id"]] == pdq_of_bytes(r["image_bytes"])[0].hex()
 
 
 def _filter_and_pair(download: str, out: str, scaled: bool, encoder: str) -> dict:
