@@ -84,6 +84,7 @@ def planted_run(tmp_path_factory, photos_dir):
     chosen = [n for n in names[5::11] if n not in (exact_sha, exact_md5, reenc, resized, banner, *lookalikes.values())][:20]
     good = {f"/img/photo{i}.jpg": raw[n] for i, n in enumerate(chosen)}
     good.update({f"/img/lookalike{i}.jpg": raw[n] for i, n in enumerate(lookalikes.values())})
+    good["/img/people.jpg"] = raw["n02088466_bloodhound.JPEG"]  # a dog and its owner's face (the browser's face filter)
     routes = {p: Route(body=b) for p, (b, _) in bad.items()} | {p: Route(body=b) for p, b in good.items()}
     planted = [p for p in bad if p.startswith("/img/")]
     good_paths = list(good)
@@ -228,6 +229,28 @@ def test_a_bad_list_is_one_clear_error_on_the_command_line(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith(f"webpairs crawl download: error: blocklist {bad} line 2:")
     assert not os.path.exists(tmp_path / "dl")  # refused before the stage started
+
+
+def test_browse_filters_pairs_by_faces(planted_run):
+    """`webpairs browse`'s pair filter by face count (faces of both images, filter's count)."""
+    from browse.data import RunData
+    from core.stageio import read_table
+
+    run = planted_run["run"]
+    faces = dict(zip(*read_table(os.path.join(run, "filter"), "images", columns=["image_id", "faces"]).to_pydict().values()))
+    index = read_table(os.path.join(run, "shards"), "index").to_pandas()
+    with_faces = {r.key for r in index.itertuples() if faces[r.cond_image_id] + faces[r.target_image_id] >= 1}
+    assert 0 < len(with_faces) < len(index)
+    data = RunData(run)
+    try:
+        got = data.pairs(fmin=1, limit=200)
+        assert got["total"] == len(with_faces) and {r["key"] for r in got["rows"]} == with_faces
+        assert all(r["faces"] >= 1 for r in got["rows"])
+        none = data.pairs(fmax=0, limit=200)
+        assert none["total"] == len(index) - len(with_faces) and not {r["key"] for r in none["rows"]} & with_faces
+        assert data.pairs()["total"] == len(index)
+    finally:
+        data.close()
 
 
 def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(planted_run, tmp_path):

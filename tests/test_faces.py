@@ -84,8 +84,10 @@ def test_filter_stores_faces_and_blurs_the_stored_image(tmp_path, photos_dir, mo
 
     buf = io.BytesIO()
     _astronaut().save(buf, "PNG")
-    blobs = {"astronaut": buf.getvalue()}
-    for name in ("n01440764_tench.JPEG", "n02085620_Chihuahua.JPEG")[:2]:
+    big = io.BytesIO()  # a large JPEG: filter decodes it at a DCT scale, the boxes and the blur are at full size
+    _astronaut().resize((1024, 1024), Image.LANCZOS).save(big, "JPEG", quality=92)
+    blobs = {"astronaut": buf.getvalue(), "astronaut-1024": big.getvalue()}
+    for name in ("n02085620_Chihuahua.JPEG", "n01443537_goldfish.JPEG"):
         blobs[name] = open(os.path.join(photos_dir, name), "rb").read()
     download = tmp_path / "download"
     (download / "downloads").mkdir(parents=True)
@@ -105,12 +107,17 @@ def test_filter_stores_faces_and_blurs_the_stored_image(tmp_path, photos_dir, mo
             assert got["faces"] is None and got["face_boxes"] is None and got["image_bytes"] == data
             continue
         expected = detect_faces(Image.open(io.BytesIO(data)).convert("RGB"))
-        assert got["faces"] == len(expected) == (1 if name == "astronaut" else 0)
-        assert got["face_boxes"] == [v for box in expected for v in box]
-        if mode == "blur" and name == "astronaut":
+        assert got["faces"] == len(expected) == (1 if name.startswith("astronaut") else 0)
+        if expected:  # the stored box is the face's, in the image's own pixels (within a few %)
+            assert np.allclose(got["face_boxes"], expected[0], atol=0.06 * expected[0][2])
+        else:
+            assert got["face_boxes"] == []
+        if mode == "blur" and name.startswith("astronaut"):
             stored = np.asarray(Image.open(io.BytesIO(got["image_bytes"])).convert("RGB"))
-            x, y, w, h = expected[0]
-            original = np.asarray(_astronaut())
+            original = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            assert stored.shape == original.shape  # full size, not the scaled decode
+            x, y, w, h = got["face_boxes"]
+            x, y, w, h = x + w // 8, y + h // 8, w * 3 // 4, h * 3 // 4  # inside the blurred box, off its edges
             assert _sharpness(np.ascontiguousarray(stored[y:y + h, x:x + w])) < _sharpness(np.ascontiguousarray(original[y:y + h, x:x + w])) / 5
             assert not detect_faces(Image.fromarray(stored))  # the blurred face is no longer a face
         else:
@@ -122,8 +129,8 @@ def test_filter_stores_faces_and_blurs_the_stored_image(tmp_path, photos_dir, mo
     if mode == "off":
         assert "faces" not in data["safety"]
     else:
-        assert data["safety"]["faces"] == {"checked": 3, "images_with_faces": 1, "faces": 1}
-        assert "images with faces: 1 of 3 (1 faces)" in summary_text(data)
+        assert data["safety"]["faces"] == {"checked": 4, "images_with_faces": 2, "faces": 2}
+        assert "images with faces: 2 of 4 (2 faces)" in summary_text(data)
         assert "<h2>Safety</h2>" in render_html(data)
 
 
@@ -137,7 +144,7 @@ def test_faces_of_a_reduced_decode_are_boxed_and_blurred_at_the_true_size():
     big = _astronaut().resize((2048, 2048), Image.LANCZOS)
     reduced = big.resize((512, 512), Image.LANCZOS)  # what a 1/4-scale draft decode gives
     record = {}
-    out = apply(record, reduced, "blur", (2048, 2048), lambda: big)
+    out = apply(record, reduced, "blur", (2048, 2048), lambda side: big if side == 0 else big.resize((512, 512), Image.LANCZOS))
     x, y, w, h = record["face_boxes"]
     x0, y0, x1, y1 = (v * 4 for v in ASTRONAUT_FACE)
     assert record["faces"] == 1 and x0 <= x + w / 2 <= x1 and y0 <= y + h / 2 <= y1 and w > 200
