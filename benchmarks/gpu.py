@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 
-from _common import report
+from _common import SMOKE_HELP, report
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; the longest
 # matching name wins ("H100 PCIe" before "H100")
@@ -221,7 +221,11 @@ def main() -> list[dict]:
     ap.add_argument("--cond-dim", type=int, default=768, help="condition embedding size (default 768, DINOv2-B)")
     ap.add_argument("--models", default="", help="comma-separated subset of the model names")
     ap.add_argument("--json", default="", help="write the figures here (default: benchmarks/gpu-<device>.json)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:  # one small model, one step; the figures go to a temporary file, not benchmarks/
+        args.steps, args.warmup = 1, 1
+        args.json = args.json or os.path.join(tempfile.gettempdir(), "webpairs-gpu-smoke.json")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -245,6 +249,8 @@ def main() -> list[dict]:
     if args.models:
         wanted = set(args.models.split(","))
         specs = [s for s in specs if s["name"] in wanted]
+    if args.smoke:
+        specs = specs[:1]
     if args.batch:
         for s in specs:
             s["batch"] = args.batch
