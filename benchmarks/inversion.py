@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from _common import need_shared
+from _common import SMOKE_HELP, need_shared, report
 
 
 def main() -> dict:
@@ -35,7 +35,10 @@ def main() -> dict:
     ap.add_argument("--noise", type=float, default=0.5, help="noise level of the interpolation")
     ap.add_argument("--every", type=int, default=3, help="use every N-th photo (default 3: 10 of each class's 30)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.train_steps, args.batch, args.invert, args.pairs, args.frames, args.steps, args.every = 2, 4, 1, 1, 3, 2, 10
 
     import numpy as np
     import torch
@@ -102,11 +105,17 @@ def main() -> dict:
     for kind, s in summary.items():
         print(f"  {kind:10s} {s['end_rmse']:9.2f} {s['end_cosine']:11.3f} {s['evenness']:9.3f} {s['detour']:7.3f}")
     print(f"  inverted better in (of {len(pairs)}): " + ", ".join(f"{m} {n}" for m, n in better.items()))
+    enc_s, inv_s = summary["encoder"], summary["inverted"]
+    result = report(
+        f"condition inversion ({args.invert} steps): end RMSE with the encoder's embeddings / with inverted ones",
+        [("end RMSE, encoder embeddings", enc_s["end_rmse"], "grey levels"), ("end RMSE, inverted", inv_s["end_rmse"], "grey levels"), ("path evenness, encoder", enc_s["evenness"], "max/mean step"), ("path evenness, inverted", inv_s["evenness"], "max/mean step")],
+        enc_s["end_rmse"] / inv_s["end_rmse"], 1.0,
+    )
     doc = {"args": vars(args), "summary": summary, "per_pair": rows, "inverted_better_in": better, "pairs": [(names[a], names[b]) for a, b in pairs]}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=2)
-    return doc
+    return result
 
 
 if __name__ == "__main__":

@@ -267,14 +267,17 @@ def summarise(results: list[dict]) -> list[dict]:
                 continue
             b_wall = exponent([(r["records"], r["wall"]) for r in rows])
             b_cpu = exponent([(r["records"], r["cpu"]) for r in rows])
+            # between the two largest sizes: the fixed start-up (Beam, the model, a cluster) that
+            # flattens the curve at 1x weighs least there
+            b_top = exponent([(r["records"], r["cpu"]) for r in rows[-2:]])
             mem = rows[-1]["peak_mb"] / rows[0]["peak_mb"]
             res = report(
                 f"scale: {stage}, {runner}, {rows[0]['records']:,} -> {rows[-1]['records']:,} records",
-                [("growth exponent of wall time (goal <= 1.05)", b_wall, ""), ("growth exponent of CPU time", b_cpu, ""), (f"peak memory {rows[0]['size']}x -> {rows[-1]['size']}x", rows[-1]["peak_mb"], f"MB (from {rows[0]['peak_mb']:.0f} MB)"), ("peak memory growth (goal <= 1.3)", mem, "x")],
-                min(1.05 / max(b_cpu, 0.01), 99.0),  # >= 1 when CPU time grows no faster than size^1.05
+                [("growth exponent of wall time x 100 (goal <= 105)", 100 * b_wall, ""), ("growth exponent of CPU time x 100", 100 * b_cpu, ""), (f"... between {rows[-2]['size']}x and {rows[-1]['size']}x, x 100", 100 * b_top, ""), (f"peak memory {rows[0]['size']}x -> {rows[-1]['size']}x", rows[-1]["peak_mb"], f"MB (from {rows[0]['peak_mb']:.0f} MB)"), ("peak memory growth (goal <= 1.3)", mem, "x")],
+                min(1.05 / max(b_top, 0.01), 99.0),  # >= 1 when CPU time grows no faster than size^1.05 at the top
                 1.0,
             )
-            res.update(stage=stage, runner=runner, exponent_wall=b_wall, exponent_cpu=b_cpu, memory_growth=mem)
+            res.update(stage=stage, runner=runner, exponent_wall=b_wall, exponent_cpu=b_cpu, exponent_top=b_top, memory_growth=mem)
             out.append(res)
     return out
 

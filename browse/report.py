@@ -67,6 +67,21 @@ def funnel(data: dict) -> list[tuple[str, int]]:
     return rows
 
 
+SAFETY_REASONS = ("blocklisted", "scrubbed")  # issue 32: the hash blocklist at download, `webpairs scrub` later
+
+
+def safety(stats: dict, stages: dict) -> dict:
+    """The safety section: refusals by stage and reason, and the faces filter found."""
+    out: dict = {"reasons": {f"{stage} {reason}": s["rejected"][reason] for stage, s in stats.items() for reason in SAFETY_REASONS if s["rejected"].get(reason)}}
+    if "filter" in stages and stage_files(stages["filter"], "images"):
+        files = stage_files(stages["filter"], "images")
+        import pyarrow.parquet as pq
+
+        if "faces" in pq.ParquetFile(files[0]).schema_arrow.names:
+            faces = [f for f in read_table(stages["filter"], "images", columns=["faces"]).column("faces").to_pylist() if f is not None]
+            if faces:  # not with --faces off
+                out["faces"] = {"checked": len(faces), "images_with_faces": sum(1 for f in faces if f), "faces": sum(faces)}
+    return out
 # the reasons by which a site or a page refuses (crawl/consent.py): a rule each
 CONSENT_REASONS = {
     "robots_disallowed": "robots.txt disallows it (or was unavailable: all disallowed for the run)",
@@ -106,23 +121,6 @@ def consent_summary(stages: dict) -> Optional[dict]:
     return {"mode": mode, "rules": rules, "failures": failures}
 
 
-SAFETY_REASONS = ("blocklisted", "scrubbed")  # issue 32: the hash blocklist at download, `webpairs scrub` later
-
-
-def safety(stats: dict, stages: dict) -> dict:
-    """The safety section: refusals by stage and reason, and the faces filter found."""
-    out: dict = {"reasons": {f"{stage} {reason}": s["rejected"][reason] for stage, s in stats.items() for reason in SAFETY_REASONS if s["rejected"].get(reason)}}
-    if "filter" in stages and stage_files(stages["filter"], "images"):
-        files = stage_files(stages["filter"], "images")
-        import pyarrow.parquet as pq
-
-        if "faces" in pq.ParquetFile(files[0]).schema_arrow.names:
-            faces = [f for f in read_table(stages["filter"], "images", columns=["faces"]).column("faces").to_pylist() if f is not None]
-            if faces:  # not with --faces off
-                out["faces"] = {"checked": len(faces), "images_with_faces": sum(1 for f in faces if f), "faces": sum(faces)}
-    return out
-
-
 def collect(root: str) -> dict:
     """Everything the report shows, as plain data."""
     stages = find_stage_dirs(root)
@@ -149,10 +147,10 @@ def collect(root: str) -> dict:
                               **{k: st.get(k, 0) for k in ("copy_candidates", "copy_pairs_verified", "copy_images_removed", "copy_stand_ins")}}
     if "filter" in stages and stage_files(stages["filter"], "occurrences"):
         data["pages_per_site"] = quality.pages_per_site(stages["filter"])
+    data["safety"] = safety(data["stages"], stages)
     consent = consent_summary(stages)
     if consent:
         data["consent"] = consent
-    data["safety"] = safety(data["stages"], stages)
     if "shards" in stages:
         manifest_path = os.path.join(stages["shards"], "manifest.json")
         if os.path.exists(manifest_path):
@@ -188,11 +186,6 @@ def summary_text(data: dict) -> str:
     if data.get("pages_per_site"):
         sites = data["pages_per_site"]
         lines.append(f"pages per site:    {_quantiles(list(sites.values()))}; {len(sites)} sites, most: " + ", ".join(f"{s} ({n})" for s, n in list(sites.items())[:5]))
-    if "copies" in data:
-        c = data["copies"]
-        lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
-        if c["per_site"]:
-            lines.append("copy groups per site: " + ", ".join(f"{s['site']} ({s['groups']})" for s in c["per_site"][:8]))
     if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
         s = data["safety"]
         text = ", ".join(f"{k}={v}" for k, v in s["reasons"].items()) or "nothing refused"
@@ -200,6 +193,11 @@ def summary_text(data: dict) -> str:
             f = s["faces"]
             text += f"; images with faces: {f['images_with_faces']} of {f['checked']} ({f['faces']} faces)"
         lines.append(f"safety:            {text}")
+    if "copies" in data:
+        c = data["copies"]
+        lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
+        if c["per_site"]:
+            lines.append("copy groups per site: " + ", ".join(f"{s['site']} ({s['groups']})" for s in c["per_site"][:8]))
     if "manifest" in data:
         m = data["manifest"]
         lines.append(f"shards:            {len(m['shards'])} files, {m['samples']} samples, encoder {m.get('encoder')}, code {m.get('code_version')}")

@@ -81,23 +81,29 @@ def jpeg_bytes(img, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def apply(record: dict, img, mode: str, size: Optional[tuple[int, int]] = None, full=None) -> Optional[object]:
-    """Fill `faces` and `face_boxes` of a kept image's record (mode detect or blur); with blur and
-    faces found, replace its bytes by the blurred JPEG and return the blurred image (else None).
+DETECT_MIN_SIDE = 480  # a scaled decode smaller than this (and than the image) is decoded again for detection
 
-    `img` may be a reduced decode (filter decodes a large JPEG at a DCT scale): `size` is the
-    image's true (width, height), and the boxes are stored in those pixels; `full()` decodes the
-    image at its true size, which blur needs so that the stored image keeps its size."""
+
+def apply(record: dict, img, mode: str, size: Optional[tuple] = None, redecode=None) -> Optional[object]:
+    """Fill `faces` and `face_boxes` of a kept image's record (mode detect or blur). `img` may be a
+    scaled decode (filter decodes a JPEG at a DCT scale): `size` is the image's true (width,
+    height), the boxes are stored in its pixels, and `redecode(side)` decodes it again with sides
+    of at least `side` (0: full size): for detection when `img` is too small for the cascade, and
+    at full size for the blur. With blur and faces found, the record's bytes become the blurred
+    full-size JPEG, and the blurred `img` is returned (for the embedding); else None."""
     if mode == "off":
         return None
-    boxes = detect_faces(img)
-    if size is not None and tuple(size) != img.size:
-        sx, sy = size[0] / img.width, size[1] / img.height
-        boxes = [(round(x * sx), round(y * sy), round(w * sx), round(h * sy)) for x, y, w, h in boxes]
-        img = full() if (mode == "blur" and boxes and full is not None) else img
-    record["faces"], record["face_boxes"] = len(boxes), flat_boxes(boxes)
+    size = size or img.size
+    probe = img
+    if redecode is not None and min(img.size) < min(DETECT_MIN_SIDE, min(size)):
+        probe = redecode(DETECT_MIN_SIDE)
+    boxes = detect_faces(probe)
+    sx, sy = size[0] / probe.width, size[1] / probe.height
+    scaled = [(round(x * sx), round(y * sy), round(w * sx), round(h * sy)) for x, y, w, h in boxes]
+    record["faces"], record["face_boxes"] = len(boxes), flat_boxes(scaled)
     if mode == "blur" and boxes:
-        blurred = blur_faces(img, boxes)
-        record["image_bytes"], record["format"] = jpeg_bytes(blurred), "JPEG"
-        return blurred
+        original = redecode(0) if redecode is not None and tuple(size) != tuple(probe.size) else probe
+        record["image_bytes"], record["format"] = jpeg_bytes(blur_faces(original, scaled)), "JPEG"
+        ix, iy = img.width / size[0], img.height / size[1]
+        return blur_faces(img, [(round(x * ix), round(y * iy), round(w * ix), round(h * iy)) for x, y, w, h in scaled])
     return None

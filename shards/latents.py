@@ -26,7 +26,7 @@ from core import sample_layout as layout
 from core.latents import center, load_space
 from core.records import REJECTED_SCHEMA
 from core.stageio import StageError, StageOutput, read_success
-from shards.writer import INDEX_SCHEMA, _ShardFile, write_wids
+from shards.writer import INDEX_SCHEMA, _members, _ShardFile, write_wids
 
 STAGE = "shards"
 BAD_IMAGE = "unreadable_image"
@@ -91,7 +91,8 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
                     files = dict(files)
                     files[layout.LATENT_NPY] = layout.npy_bytes(z)
                     files[layout.LATENT_JSON] = info_bytes
-                    index_rows.append(shard.add({"key": key, "files": files, "meta": _meta(files)}))
+                    sample = {"key": key, "files": files, "meta": _meta(files)}
+                    index_rows.append(shard.add(sample, _members(sample)))
                 pending.clear()
 
             for key, files in _samples(os.path.join(shards, name)):

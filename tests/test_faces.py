@@ -144,7 +144,7 @@ def test_faces_of_a_reduced_decode_are_boxed_and_blurred_at_the_true_size():
     big = _astronaut().resize((2048, 2048), Image.LANCZOS)
     reduced = big.resize((512, 512), Image.LANCZOS)  # what a 1/4-scale draft decode gives
     record = {}
-    out = apply(record, reduced, "blur", (2048, 2048), lambda: big)
+    out = apply(record, reduced, "blur", (2048, 2048), lambda side: big if side == 0 else big.resize((512, 512), Image.LANCZOS))
     x, y, w, h = record["face_boxes"]
     x0, y0, x1, y1 = (v * 4 for v in ASTRONAUT_FACE)
     assert record["faces"] == 1 and x0 <= x + w / 2 <= x1 and y0 <= y + h / 2 <= y1 and w > 200
