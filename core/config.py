@@ -109,9 +109,10 @@ class FilterConfig:
     flat_share: float = 0.8  # ... covering this share of pixels -> flat_image (logos, icons)
     url_words: tuple[str, ...] = ("logo", "icon", "favicon", "sprite", "avatar", "badge", "button")  # path tokens ...
     reject_url_words: bool = False  # ... that reject as url_word when on; counted in stats either way
+    faces: str = "detect"  # filter/faces.py: detect (count + boxes per kept image), blur (also blur them in the stored bytes), off
 
     RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0), "flat_colours": (0, 4096), "flat_share": (0.0, 1.0)}
-    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject")}
+    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject"), "faces": ("detect", "blur", "off")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ class PairConfig:
     copy_max_scale: float = 4.0  # the transform's scale within [1/x, x]
     copy_max_rotation: float = 10.0  # degrees: re-dressed copies are not rotated
     copy_min_containment: float = 0.8  # shared region / the smaller picture, at least
-    copy_min_coverage: float = 0.4  # shared region / the larger picture, at least (crops to 63 % a side)
+    copy_min_coverage: float = 0.35  # shared region / the larger picture, at least (a portrait photo cut to 16:9 keeps 37 %)
     copy_min_spread: float = 0.25  # the inliers' hull / the shared region, at least (not a watermark)
 
     RANGES: ClassVar[dict] = {
