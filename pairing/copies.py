@@ -92,8 +92,8 @@ class PHashIndex:
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    """Bits set in each uint64 (numpy's bitwise_count: no 64-byte-per-value unpacking)."""
+    return np.bitwise_count(np.asarray(x, dtype=np.uint64)).astype(np.int64)
 
 
 def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: int = 4096):
