@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 
-from _common import report
+from _common import SMOKE_HELP, report
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; the longest
 # matching name wins ("H100 PCIe" before "H100")
@@ -138,7 +138,7 @@ def run_model(spec: dict, args, device, tmp: str) -> dict:
     size = spec["image_size"]
     space = _Space(4, 8) if latent else _Space(3, 1)
     lat = (4, size // 8, size) if latent else None
-    n = max(256, spec["batch"] * 8)
+    n = 16 if args.smoke else max(256, spec["batch"] * 8)
     shards = _write_shards(os.path.join(tmp, spec["name"]), n, args.cond_dim, 64 if latent else size, lat)
     cfg = TrainConfig(backbone=spec["backbone"], preset=spec["preset"], image_size=size, latent="vae:synthetic" if latent else "none", batch_size=spec["batch"], precision=args.precision)
     torch.manual_seed(0)
@@ -191,7 +191,7 @@ def run_model(spec: dict, args, device, tmp: str) -> dict:
     rate = args.steps * spec["batch"] / seconds
     # the loader alone, the same workers (already started): samples/s it can deliver
     start = time.perf_counter()
-    k = max(4, args.steps)
+    k = max(2 if args.smoke else 4, args.steps)
     for _ in range(k):
         next(batches)
     loader_rate = k * spec["batch"] / (time.perf_counter() - start)
@@ -220,8 +220,11 @@ def main() -> list[dict]:
     ap.add_argument("--loader-workers", type=int, default=-1, help="loader processes (default: cores - 1 up to 8 on a GPU, 1 on a CPU)")
     ap.add_argument("--cond-dim", type=int, default=768, help="condition embedding size (default 768, DINOv2-B)")
     ap.add_argument("--models", default="", help="comma-separated subset of the model names")
-    ap.add_argument("--json", default="", help="write the figures here (default: benchmarks/gpu-<device>.json)")
+    ap.add_argument("--json", default="", help="write the figures here (default: gpu-<cuda|cpu>.json in the temporary folder)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.batch = args.steps or 1, args.warmup or 1, args.batch or 2
     import torch
 
     cuda = torch.cuda.is_available()
@@ -245,12 +248,14 @@ def main() -> list[dict]:
     if args.models:
         wanted = set(args.models.split(","))
         specs = [s for s in specs if s["name"] in wanted]
+    if args.smoke:
+        specs = specs[:1]
     if args.batch:
         for s in specs:
             s["batch"] = args.batch
     peak = args.peak_tflops or (peak_for(name) if cuda else None)
     dtype = torch.bfloat16 if (args.precision == "bf16" or (args.precision == "auto" and cuda)) else torch.float32
-    base = matmul_tflops(device, dtype, 8192 if cuda else 1024, 20 if cuda else 5)
+    base = matmul_tflops(device, dtype, 8192 if cuda else (256 if args.smoke else 1024), 20 if cuda else 5)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in specs:
@@ -264,7 +269,7 @@ def main() -> list[dict]:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         print(f"  {r['model']:16s} {r['space']:24s} {r['params_m']:6.1f}M {r['batch']:5d} {r['samples_per_s']:10.1f} {r['loader_samples_per_s']:9.0f} {r['gflops_per_sample']:12.2f} {r['achieved_tflops']:8.3f} {mfu} {100 * r['of_matmul']:8.1f}% {r['peak_mem_gib']:7.2f}Gi")
     doc = {"device": name, "peak_tflops": peak, "matmul_tflops": base, "matmul_dtype": str(dtype), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"gpu-{'cuda' if cuda else 'cpu'}.json")
+    path = args.json or os.path.join(tempfile.gettempdir(), f"gpu-{'cuda' if cuda else 'cpu'}.json")
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=2)
     print(f"  written: {path}")

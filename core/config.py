@@ -97,6 +97,7 @@ class FilterConfig:
     max_pixels: int = 40_000_000  # decompression-bomb limit given to Pillow explicitly
     animated: str = "first_frame"  # "first_frame" keeps frame 0 of GIF/WEBP/APNG; "reject" drops them
     phash_size: int = 8  # imagehash hash_size: 8 gives 64-bit pHash
+    scaled_decode: bool = True  # JPEG decoded at the smallest DCT scale each use needs (false: every pixel)
     encoder: str = "open_clip:ViT-B-32"  # name in core.encoders; see `webpairs encoders`
     encoder_weights: str = ""  # local weights file; empty means the encoder's default offline source
     batch_size: int = 32  # RunInference batch size cap (BatchElements adapts below it) ...
@@ -108,9 +109,10 @@ class FilterConfig:
     flat_share: float = 0.8  # ... covering this share of pixels -> flat_image (logos, icons)
     url_words: tuple[str, ...] = ("logo", "icon", "favicon", "sprite", "avatar", "badge", "button")  # path tokens ...
     reject_url_words: bool = False  # ... that reject as url_word when on; counted in stats either way
+    faces: str = "detect"  # filter/faces.py: detect (count + boxes per kept image), blur (also blur them in the stored bytes), off
 
     RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0), "flat_colours": (0, 4096), "flat_share": (0.0, 1.0)}
-    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject")}
+    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject"), "faces": ("detect", "blur", "off")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ and divided by it again before decoding.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -121,7 +122,8 @@ def load_space(spec: Optional[str], device="cpu"):
     target = spec[4:]
     local = os.path.isdir(os.path.expanduser(target))
     try:
-        with _hub_mode():
+        with _hub_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # diffusers passes huggingface_hub a deprecated argument
             vae = AutoencoderKL.from_pretrained(os.path.expanduser(target) if local else target, low_cpu_mem_usage=False)
     except Exception as err:  # noqa: BLE001 - every failure here means "no VAE"
         why = " ".join(str(err).split())[:200]

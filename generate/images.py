@@ -197,10 +197,14 @@ def edit(loaded: Loaded, encoder, guide: Image.Image, out: str, strength: float 
     return paths
 
 
-def interpolate(loaded: Loaded, encoder, a: Image.Image, b: Image.Image, out: str, frames: int = 9, noise: tuple[float, float] = (0.30, 0.55), candidates: int = 4, rank_prompt: str = "", negative_prompt: str = "", guidance: float = 3.0, steps: int = 50, sampler: str = "ddim", seed: int = 0) -> list[str]:
+def interpolate(loaded: Loaded, encoder, a: Image.Image, b: Image.Image, out: str, frames: int = 9, noise: tuple[float, float] = (0.30, 0.55), candidates: int = 4, rank_prompt: str = "", negative_prompt: str = "", guidance: float = 3.0, steps: int = 50, sampler: str = "ddim", seed: int = 0, invert: int = 0, invert_lr: float = 0.02) -> list[str]:
     """Frames from A to B (Wang & Golland 2023), the best of `candidates` per frame: CLIP score
     prompt - negative when the encoder has a text tower and a prompt is given, else closeness to the
-    interpolated condition embedding."""
+    interpolated condition embedding. With `invert` N, each end's embedding is first optimised for
+    N steps so that the model reconstructs that end (`S.invert_condition`), and the frames
+    interpolate between the inverted embeddings."""
+    if invert < 0:
+        raise ValueError(f"--invert must be 0 or more steps, got {invert}")
     lo, hi = noise
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--noise must be LOW..HIGH with 0 <= LOW <= HIGH <= 1, got {lo}..{hi}")
@@ -210,6 +214,11 @@ def interpolate(loaded: Loaded, encoder, a: Image.Image, b: Image.Image, out: st
     xa, xb = to_model([a, b], loaded.size, device)
     ca, cb = torch.from_numpy(embed(encoder, [a, b])).to(device)
     za, zb = loaded.encode(torch.stack([xa, xb]))  # a latent model interpolates between the ends' latents
+    moved = []
+    if invert:
+        inverted = [S.invert_condition(loaded.model, z, c, invert, invert_lr, prediction=loaded.prediction, seed=seed + i) for i, (z, c) in enumerate(((za, ca), (zb, cb)))]
+        moved = [float(torch.nn.functional.cosine_similarity(n, c, dim=0)) for n, c in zip(inverted, (ca, cb))]
+        ca, cb = inverted
     cands, conds = S.interpolate(loaded.model, za, zb, ca, cb, frames, noise, candidates, seed, steps, guidance, sampler, loaded.prediction)
     cands = [loaded.decode(c) for c in cands]
     scores = np.stack([frame_scores(encoder, S.to_pil(c), conds.cpu().numpy(), rank_prompt, negative_prompt) for c in cands])  # (K, F)
@@ -217,7 +226,7 @@ def interpolate(loaded: Loaded, encoder, a: Image.Image, b: Image.Image, out: st
     images = [S.to_pil(cands[k][i : i + 1])[0] for i, k in enumerate(best)]
     paths = _write(out, "frame", images)
     _sheet([S.to_pil(xa[None]) + images + S.to_pil(xb[None])], out)
-    _meta(out, loaded, op="interpolate", frames=frames, noise=[lo, hi], candidates=candidates, levels=S.noise_levels(lo, hi, candidates), chosen=best.tolist(), scores=scores.tolist(), rank_prompt=rank_prompt, negative_prompt=negative_prompt, guidance=guidance, steps=steps, sampler=sampler, seed=seed)
+    _meta(out, loaded, op="interpolate", frames=frames, noise=[lo, hi], candidates=candidates, levels=S.noise_levels(lo, hi, candidates), chosen=best.tolist(), scores=scores.tolist(), rank_prompt=rank_prompt, negative_prompt=negative_prompt, guidance=guidance, steps=steps, sampler=sampler, seed=seed, invert=invert, invert_lr=invert_lr, inverted_cosine_to_encoder=moved)
     return paths
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from train.diffusion import _loop, as_uint8, grid, make_sampler, sample, to_pil  # noqa: F401 - re-exported
+from train.diffusion import _loop, as_uint8, grid, make_sampler, make_scheduler, sample, to_pil  # noqa: F401 - re-exported
 
 # ---- partial denoising: SDEdit edits and interpolations start from a noised image ----------------
 
@@ -79,3 +79,39 @@ def interpolate(model, xa: torch.Tensor, xb: torch.Tensor, ca: torch.Tensor, cb:
         noisy = torch.cat([slerp(na, nb, u) for u in us])
         out.append(_loop(model, sch, timesteps, noisy, conds, guidance))
     return out, conds
+
+
+def inversion_loss(model, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction: str = "v_prediction") -> torch.Tensor:
+    """The training objective of one image x0 (C,S,S) under condition cond (D,), for the given noises
+    (K,C,S,S) and timesteps (K,): how well the model reconstructs x0 from that condition."""
+    sch = make_scheduler(prediction)
+    x = x0[None].expand(len(t), *x0.shape)
+    xt = sch.add_noise(x, noise, t)
+    target = sch.get_velocity(x, noise, t) if prediction == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(model(xt, t, cond[None].expand(len(t), -1)).float(), target.float())
+
+
+def invert_condition(model, x0: torch.Tensor, cond: torch.Tensor, steps: int = 50, lr: float = 0.02, batch: int = 8, prediction: str = "v_prediction", seed: int = 0) -> torch.Tensor:
+    """Condition inversion (textual inversion moved into the condition space, as Wang & Golland do
+    with text): starting from the encoder's embedding `cond` (D,), optimise it with Adam for `steps`
+    steps so that the frozen model reconstructs x0 (C,S,S, the model's space): each step draws
+    `batch` timesteps and noises and lowers the training objective. Returns the new embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    c = cond.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.Adam([c], lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                noise = torch.randn((batch, *x0.shape), generator=gen).to(x0.device)
+                t = torch.randint(0, 1000, (batch,), generator=gen).to(x0.device)
+                loss = inversion_loss(model, x0, c, noise, t, prediction)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return c.detach().to(cond.dtype)

@@ -197,6 +197,8 @@ def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: l
     j = np.concatenate([p[1] for p in parts]).astype(np.int64)
     cos = np.concatenate([p[2] for p in parts])
     dist = np.concatenate([p[3] for p in parts])
+    if not len(i):  # neighbour searches that found nothing (no two images close enough)
+        return []
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     key = lo * n + hi
     # one row per pair: its cosine (if any) and its smallest pHash distance (if any)

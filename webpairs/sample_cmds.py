@@ -56,6 +56,8 @@ def register_sample(sub, handlers) -> None:
     i.add_argument("--candidates", type=int, default=4, help="candidates per frame (default 4)")
     i.add_argument("--rank-prompt", default="", help="rank candidates by CLIP similarity to this text")
     i.add_argument("--negative-prompt", default="", help="... minus the similarity to this text")
+    i.add_argument("--invert", type=int, default=0, metavar="N", help="condition inversion: optimise each end's embedding for N steps so that the model reconstructs that end, then interpolate between those (default 0: the encoder's embeddings)")
+    i.add_argument("--invert-lr", type=float, default=0.02, help="Adam learning rate of the inversion (default 0.02)")
     _common(i)
     handlers["sample"] = cmd_sample
 
@@ -130,7 +132,7 @@ def cmd_sample(args, _beam_args) -> int:
         a, b, noise = _image(args.a), _image(args.b), _noise_range(args.noise)
         loaded, enc = _load(args)
         try:
-            paths = generate.interpolate(loaded, enc, a, b, args.out, args.frames, noise, args.candidates, args.rank_prompt, args.negative_prompt, **common)
+            paths = generate.interpolate(loaded, enc, a, b, args.out, args.frames, noise, args.candidates, args.rank_prompt, args.negative_prompt, **common, invert=args.invert, invert_lr=args.invert_lr)
         except ValueError as err:
             raise UserError(str(err)) from err
     print(f"{len(paths)} images ({loaded.size}x{loaded.size}) from step {loaded.step} in {args.out}; contact sheet: {os.path.join(args.out, 'sheet.png')}")
