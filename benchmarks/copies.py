@@ -236,8 +236,10 @@ def main() -> list[dict]:
         rows += [(f"n={r['n']:,}: candidates per image", r["per_image"], "") for r in cand]
         exact = [r for r in cand if "all_pairs_cpu_seconds" in r]
         rows += [(f"n={r['n']:,}: all pairs CPU s", r["all_pairs_cpu_seconds"], "s") for r in exact]
-        ratio = exact[-1]["all_pairs_cpu_seconds"] / max(1e-9, exact[-1]["cpu_seconds"]) if exact else float(min(r["planted_recall"] for r in cand))
-        report("copies: candidates (all pairs CPU / index CPU at the largest exact size)", rows, ratio, 1.0)
+        if exact:
+            report("copies: candidates (all pairs CPU / index CPU at the largest exact size)", rows, exact[-1]["all_pairs_cpu_seconds"] / max(1e-9, exact[-1]["cpu_seconds"]), 1.0)
+        else:
+            report("copies: candidates (planted copies found)", rows, float(min(r["planted_recall"] for r in cand)), 0.95)
     ver = [r for r in results if r["step"] == "verify" and "error" not in r]
     if ver:
         rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]

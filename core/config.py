@@ -134,7 +134,7 @@ class PairConfig:
     copy_top_k: int = 10  # embedding neighbours per image (faiss) ...
     copy_min_cosine: float = 0.5  # ... with at least this cosine (loose: copies go as low as 0.7)
     copy_phash_distance: int = 10  # mirror-aware pHash neighbours within this many bits
-    copy_max_candidates: int = 10  # partners verified per image, at most (bounds the work)
+    copy_max_candidates: int = 10  # partners each image proposes; at most twice this many checks per image (bounds the work)
     copy_max_side: int = 320  # verification works on the content downscaled to this side
     copy_max_keypoints: int = 300  # SIFT keypoints per image, at most
     copy_ratio: float = 0.8  # Lowe's ratio test of descriptor matches

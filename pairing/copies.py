@@ -5,7 +5,8 @@ Three steps, each bounded:
 1. candidates (`find_candidates`): an approximate nearest-neighbour search over filter's stored
    embeddings (faiss HNSW, inner product: the top `copy_top_k` per image with a cosine of at least
    `copy_min_cosine`), plus a mirror-aware pHash multi-index (four 16-bit chunks, each probed as is
-   and with one bit flipped: every pair within 7 bits shares a probe; those within
+   and, up to 131,072 images, with one bit flipped: every pair within 7 bits shares a probe (3
+   above that, where the embeddings carry the search); those within
    `copy_phash_distance` are kept). Each image proposes its `copy_max_candidates` closest and takes
    part in at most twice that many pairs: never all pairs.
 2. verification (`image_features`, `verify`): OpenCV SIFT on a downscaled, border-trimmed
@@ -91,8 +92,8 @@ class PHashIndex:
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    """Bits set in each uint64 (numpy's bitwise_count: no 64-byte-per-value unpacking)."""
+    return np.bitwise_count(np.asarray(x, dtype=np.uint64)).astype(np.int64)
 
 
 def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: int = 4096):
@@ -118,44 +119,54 @@ def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: 
     return rows[keep], idx[keep], sims[keep]
 
 
-def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 256):
+def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 256, batch: int = 20_000, flip_below: int = 1 << 17):
     """(rows i, rows j, distance) of pHash pairs within `max_distance` bits, mirror-aware (each
     hash is also looked up mirrored), by multi-index hashing in numpy: four 16-bit chunks, each
-    probed as is and with one bit flipped (every pair within 7 bits shares a probe). Buckets over
-    `max_bucket` rows (flat images share hashes) are skipped."""
+    probed as is and, below `flip_below` images, with one bit flipped (every pair within 7 bits
+    shares a probe; above it, within 3 bits: a chunk then holds n / 65536 random rows, and 17
+    probes of each would make the raw hits grow with n per image). Queries go in batches (memory
+    bounded by the batch); buckets over `max_bucket` rows (flat images share hashes) are skipped."""
     n = len(hashes)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     if n < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return empty
     h = hashes.astype(np.uint64)
     mirrored = h ^ np.uint64(_MIRROR_MASK)
-    found_i, found_j = [], []
-    flips = np.concatenate([[0], 1 << np.arange(16)]).astype(np.uint64)
+    flips = np.concatenate([[0], 1 << np.arange(16)]).astype(np.uint64) if n < flip_below else np.zeros(1, np.uint64)
+    tables = []
     for c in range(4):
-        shift = np.uint64(16 * c)
-        key = (h >> shift) & np.uint64(0xFFFF)
+        key = (h >> np.uint64(16 * c)) & np.uint64(0xFFFF)
         order = np.argsort(key, kind="stable")
-        sorted_keys = key[order]
-        for q in (h, mirrored):
-            probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1)
-            left = np.searchsorted(sorted_keys, probes, "left")
-            right = np.searchsorted(sorted_keys, probes, "right")
-            count = right - left
-            count[count > max_bucket] = 0
-            total = int(count.sum())
-            if not total:
-                continue
-            query = np.repeat(np.arange(len(probes)) // len(flips), count)
-            offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-            found_i.append(query)
-            found_j.append(order[np.repeat(left, count) + offsets])
-    if not found_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    i, j = np.concatenate(found_i), np.concatenate(found_j)
-    keep = i != j
-    i, j = i[keep], j[keep]
-    dist = np.minimum(_popcount64(h[i] ^ h[j]), _popcount64(mirrored[i] ^ h[j]))
-    keep = dist <= max_distance
-    return i[keep], j[keep], dist[keep]
+        tables.append((np.uint64(16 * c), order, key[order]))
+    out_i, out_j, out_d = [], [], []
+    for lo in range(0, n, batch):
+        rows = np.arange(lo, min(n, lo + batch))
+        found_i, found_j = [], []
+        for shift, order, sorted_keys in tables:
+            for q in (h[rows], mirrored[rows]):
+                probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1)
+                left = np.searchsorted(sorted_keys, probes, "left")
+                count = np.searchsorted(sorted_keys, probes, "right") - left
+                count[count > max_bucket] = 0
+                total = int(count.sum())
+                if not total:
+                    continue
+                found_i.append(rows[np.repeat(np.arange(len(probes)) // len(flips), count)])
+                offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+                found_j.append(order[np.repeat(left, count) + offsets])
+        if not found_i:
+            continue
+        i, j = np.concatenate(found_i), np.concatenate(found_j)
+        keep = i < j  # each pair once (both ends query, both hashes are looked up mirrored)
+        i, j = i[keep], j[keep]
+        dist = np.minimum(_popcount64(h[i] ^ h[j]), _popcount64(mirrored[i] ^ h[j]))
+        keep = dist <= max_distance
+        out_i.append(i[keep])
+        out_j.append(j[keep])
+        out_d.append(dist[keep])
+    if not out_i:
+        return empty
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
 
 
 _MIRROR_MASK = int(mirror_phash("0" * 16), 16)  # the bits mirroring flips (odd columns)

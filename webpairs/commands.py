@@ -203,7 +203,7 @@ def register_pair(sub, handlers) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
     p.add_argument("--no-copies", dest="copies", action="store_false", default=None, help="skip the copy step (the same photo in other dresses across pages and sites is kept once; on by default)")
     p.add_argument("--copy-min-inliers", type=int, help="matches agreeing on one similarity transform for a copy (default 20)")
-    p.add_argument("--copy-max-candidates", type=int, help="candidate partners verified per image, at most (default 10)")
+    p.add_argument("--copy-max-candidates", type=int, help="candidate partners each image proposes for verification; an image takes part in at most twice that many checks (default 10)")
     handlers["pair"] = cmd_pair
     cmd_pair.accepts_beam_args = True
 
