@@ -30,6 +30,14 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def timed_cpu(fn, *args, **kwargs):
+    """(result, wall seconds, CPU seconds of this process) of one call: on a shared machine the CPU
+    time of an in-process run is what another tenant cannot inflate."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
 def report(name: str, rows: list[tuple[str, float, str]], ratio: float, goal: float) -> dict:
     """Print a small table and the ratio against its goal; returns a dict for run_all."""
     print(f"\n== {name} ==")

@@ -14,7 +14,7 @@ peak memory (VmHWM) is its own:
   over the whole array: lookups/s).
 
 Ratios: PDQ lookups/s (multi-index / scan) and the exact list's peak memory (set / index compile).
-`--small` runs 10^5 lines (seconds); the default 10^7 writes about 1.4 GB of lists and 1.5 GB of
+`--small` runs 10^5 lines (seconds), `--smoke` 2,000; the default 10^7 writes about 1.4 GB of lists and 1.5 GB of
 index under a temporary folder and takes a few minutes on 2 cores.
 """
 
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, report
+from _common import ROOT, SMOKE_HELP, report
 
 import numpy as np
 
@@ -125,15 +125,21 @@ def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=10_000_000, help="entries per list (default 10^7)")
     ap.add_argument("--small", action="store_true", help="10^5 lines")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--queries", type=int, default=20_000)
     ap.add_argument("--child")
     ap.add_argument("--list")
     ap.add_argument("--index")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    if args.smoke:
+        args.lines, args.small, args.queries = 20_000, False, 2_000
     if args.child:
         print(json.dumps(_child(args)))
         return {}
-    n = 100_000 if args.small else args.lines
+    n = 2_000 if args.smoke else 100_000 if args.small else args.lines
+    if args.smoke:
+        args.queries = 200
     tmp = tempfile.mkdtemp(prefix="webpairs-bench-blocklist-")
     try:
         start = time.perf_counter()

@@ -248,6 +248,8 @@ def main() -> list[dict]:
     if args.models:
         wanted = set(args.models.split(","))
         specs = [s for s in specs if s["name"] in wanted]
+    if args.smoke:
+        specs = specs[:1]
     if args.batch:
         for s in specs:
             s["batch"] = args.batch

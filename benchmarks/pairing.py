@@ -60,20 +60,50 @@ def generate(tmp: str, n_pages: int, per_page: int) -> None:
     mark_complete(os.path.join(tmp, "filter"), "filter", len(rows))
 
 
+def bare_tar_copy(shard_dir: str, out_dir: str) -> tuple[int, int, float, float]:
+    """The disk's side of `shards`: the members of the shards just written (read back with tarfile,
+    not timed) copied into tars of the same size, each fsynced. Returns (samples, bytes, wall, CPU)."""
+    import glob
+    import tarfile
+
+    members = []
+    for path in sorted(glob.glob(os.path.join(shard_dir, "*.tar"))):
+        with tarfile.open(path) as tar:
+            members.append([(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()])
+    os.makedirs(out_dir)
+    start, cpu = time.perf_counter(), time.process_time()
+    samples = size = 0
+    for i, shard in enumerate(members):
+        path = os.path.join(out_dir, f"bare-{i:06d}.tar")
+        with open(path, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w") as tar:
+                for info, data in shard:
+                    tar.addfile(info, io.BytesIO(data))
+                    size += len(data)
+                    samples += info.name.endswith(".json")
+            fh.flush()
+            os.fsync(fh.fileno())
+    return samples, size, time.perf_counter() - start, time.process_time() - cpu
+
+
 def child(tmp: str) -> None:
     from core.config import PairConfig, ShardConfig
     from pairing.pipeline import run_pair
     from shards.writer import run_shards
 
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     pair_stats = run_pair(os.path.join(tmp, "filter"), os.path.join(tmp, "pair"), PairConfig(sim_low=0.0, sim_high=0.99))
+    mid, cpu1 = time.perf_counter(), time.process_time()
     shard_stats = run_shards(os.path.join(tmp, "pair"), os.path.join(tmp, "shards"), ShardConfig(samples_per_shard=2000))
     seconds = time.perf_counter() - start
+    shards_s, shards_cpu, pair_cpu = time.perf_counter() - mid, time.process_time() - cpu1, cpu1 - cpu0
+    bare_samples, bare_bytes, bare_s, bare_cpu = bare_tar_copy(os.path.join(tmp, "shards"), os.path.join(tmp, "bare"))
     # VmHWM: peak RSS of this process's own address space (ru_maxrss would include the parent's
     # peak, which survives fork and exec, so run_all's big parent would leak into it)
     with open("/proc/self/status") as fh:
         hwm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    print(json.dumps({"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": hwm_kb / 1024}))
+    print(json.dumps({"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": hwm_kb / 1024,
+                      "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu}))
 
 
 def run_size(n_pages: int, per_page: int) -> dict:
@@ -86,7 +116,7 @@ def run_size(n_pages: int, per_page: int) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def main() -> dict:
+def main() -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pages", type=int, default=500, help="pages at 1x")
     ap.add_argument("--per-page", type=int, default=4)
@@ -118,7 +148,15 @@ def main() -> dict:
     )
     print(f"  memory growth {mem:.2f}x ({'within' if mem <= 1.5 else 'ABOVE'} the 1.5x limit)")
     res["memory_growth"] = mem
-    return res
+    print(f"  CPU seconds at 10x: pair {big['pair_cpu']:.1f}, shards {big['shards_cpu']:.1f} -> {big['images'] / (big['pair_cpu'] + big['shards_cpu']):.0f} records per CPU-second")
+    disk = report(
+        "shards / a bare copy of the same bytes into tars (10x)",
+        [("samples", big["samples"], "samples"), ("bytes in the tars", big["bare_bytes"] / 2**20, "MiB"), ("bare tarfile copy + fsync", big["bare_samples"] / big["bare_s"], "samples/s"),
+         ("bare copy, disk rate", big["bare_bytes"] / 2**20 / big["bare_s"], "MiB/s"), ("webpairs shards", big["samples"] / big["shards_s"], "samples/s")],
+        (big["samples"] / big["shards_s"]) / (big["bare_samples"] / big["bare_s"]),
+        0.5,
+    )
+    return [res, disk]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import tarfile
 import tempfile
 from typing import Optional
 
+import pyarrow.parquet as pq
+
 from core.stageio import stage_files
 from browse.quality import _bytes_by_link
 from browse.report import STAGE_ORDER, find_stage_dirs
@@ -74,13 +76,21 @@ class RunData:
         pairs = _files(self.dirs.get("pair"), "pairs")
         texts = "p.cond_url, p.target_url, p.cond_alt, p.target_alt" if pairs else "NULL AS cond_url, NULL AS target_url, NULL AS cond_alt, NULL AS target_alt"
         join = f"LEFT JOIN read_parquet({_sql_list(pairs)}) p ON p.pair_id = i.key" if pairs else ""
-        con.execute(f"CREATE TABLE pairs0 AS SELECT i.key, i.shard, i.offset, i.size, i.page_url, i.similarity, {texts} FROM read_parquet({_sql_list(index)}) i {join}")
+        con.execute(f"CREATE TABLE pairs0 AS SELECT i.key, i.shard, i.offset, i.size, i.page_url, i.similarity, {texts}, {self._faces_sql()} AS faces FROM read_parquet({_sql_list(index)}) i {join}")
         self._page_sites()
         con.execute("CREATE TABLE pairs AS SELECT p.*, coalesce(s.site, '') AS site, hash(p.key) AS rnd, row_number() OVER (ORDER BY hash(p.key), p.key) AS rpos FROM pairs0 p LEFT JOIN page_site s USING (page_url)")
         con.execute("DROP TABLE pairs0")
         self._rejects()
         self._copies()
         self._sites()
+
+    def _faces_sql(self) -> str:
+        """Faces on a pair (both images, filter's face count; issue 32), NULL where not counted."""
+        images = _files(self.dirs.get("filter"), "images")
+        if not images or "faces" not in pq.ParquetFile(images[0]).schema_arrow.names:
+            return "NULL::INTEGER"
+        self.con.execute(f"CREATE TABLE faces AS SELECT image_id, max(faces) AS faces FROM read_parquet({_sql_list(images)}) GROUP BY image_id")
+        return "(SELECT sum(f.faces) FROM faces f WHERE f.image_id IN (i.cond_image_id, i.target_image_id))::INTEGER"
 
     def _page_sites(self) -> None:
         """page_site(page_url, site): from the occurrences stages wrote (they carry the site), and
@@ -192,13 +202,13 @@ class RunData:
         row["run"] = self.run_dir
         return row
 
-    def pairs(self, site: str = "", page: str = "", smin: Optional[float] = None, smax: Optional[float] = None, order: str = "random", offset: int = 0, limit: int = PAGE_SIZE) -> dict:
+    def pairs(self, site: str = "", page: str = "", smin: Optional[float] = None, smax: Optional[float] = None, order: str = "random", offset: int = 0, limit: int = PAGE_SIZE, fmin: Optional[int] = None, fmax: Optional[int] = None) -> dict:
         """One page of pairs and the number of pairs that match the filters. `random` is one fixed
         shuffle of the run (a hash of the pair id), so pages do not overlap as a user pages on."""
         if order not in ORDERS:
             raise BrowseError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         where, params = [], {}
-        for name, value, clause in (("site", site, "site = $site"), ("page", page, "page_url = $page"), ("smin", smin, "similarity >= $smin"), ("smax", smax, "similarity <= $smax")):
+        for name, value, clause in (("site", site, "site = $site"), ("page", page, "page_url = $page"), ("smin", smin, "similarity >= $smin"), ("smax", smax, "similarity <= $smax"), ("fmin", fmin, "faces >= $fmin"), ("fmax", fmax, "faces <= $fmax")):
             if value not in (None, ""):
                 where.append(clause)
                 params[name] = value
@@ -206,9 +216,9 @@ class RunData:
         total = self._rows(f"SELECT count(*) AS n FROM pairs {cond}", params)[0]["n"]
         params.update(lim=max(1, min(int(limit), 200)), off=max(0, int(offset)))
         if order == "random" and not where:  # any page of the whole shuffle: a range of its positions, no top-N
-            rows = self._rows("SELECT key, page_url, site, similarity, cond_url, target_url, cond_alt, target_alt FROM pairs WHERE rpos > $off AND rpos <= $off + $lim ORDER BY rpos", params)
+            rows = self._rows("SELECT key, page_url, site, similarity, faces, cond_url, target_url, cond_alt, target_alt FROM pairs WHERE rpos > $off AND rpos <= $off + $lim ORDER BY rpos", params)
             return {"total": total, "offset": params["off"], "rows": rows}
-        rows = self._rows(f"SELECT key, page_url, site, similarity, cond_url, target_url, cond_alt, target_alt FROM pairs {cond} ORDER BY {ORDERS[order]} LIMIT $lim OFFSET $off", params)
+        rows = self._rows(f"SELECT key, page_url, site, similarity, faces, cond_url, target_url, cond_alt, target_alt FROM pairs {cond} ORDER BY {ORDERS[order]} LIMIT $lim OFFSET $off", params)
         return {"total": total, "offset": params["off"], "rows": rows}
 
     def stratified(self, per_band: int = 4) -> list[dict]:

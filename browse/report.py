@@ -67,6 +67,21 @@ def funnel(data: dict) -> list[tuple[str, int]]:
     return rows
 
 
+SAFETY_REASONS = ("blocklisted", "scrubbed")  # issue 32: the hash blocklist at download, `webpairs scrub` later
+
+
+def safety(stats: dict, stages: dict) -> dict:
+    """The safety section: refusals by stage and reason, and the faces filter found."""
+    out: dict = {"reasons": {f"{stage} {reason}": s["rejected"][reason] for stage, s in stats.items() for reason in SAFETY_REASONS if s["rejected"].get(reason)}}
+    if "filter" in stages and stage_files(stages["filter"], "images"):
+        files = stage_files(stages["filter"], "images")
+        import pyarrow.parquet as pq
+
+        if "faces" in pq.ParquetFile(files[0]).schema_arrow.names:
+            faces = [f for f in read_table(stages["filter"], "images", columns=["faces"]).column("faces").to_pylist() if f is not None]
+            if faces:  # not with --faces off
+                out["faces"] = {"checked": len(faces), "images_with_faces": sum(1 for f in faces if f), "faces": sum(faces)}
+    return out
 # the reasons by which a site or a page refuses (crawl/consent.py): a rule each
 CONSENT_REASONS = {
     "robots_disallowed": "robots.txt disallows it (or was unavailable: all disallowed for the run)",
@@ -132,6 +147,7 @@ def collect(root: str) -> dict:
                               **{k: st.get(k, 0) for k in ("copy_candidates", "copy_pairs_verified", "copy_images_removed", "copy_stand_ins")}}
     if "filter" in stages and stage_files(stages["filter"], "occurrences"):
         data["pages_per_site"] = quality.pages_per_site(stages["filter"])
+    data["safety"] = safety(data["stages"], stages)
     consent = consent_summary(stages)
     if consent:
         data["consent"] = consent
@@ -170,6 +186,13 @@ def summary_text(data: dict) -> str:
     if data.get("pages_per_site"):
         sites = data["pages_per_site"]
         lines.append(f"pages per site:    {_quantiles(list(sites.values()))}; {len(sites)} sites, most: " + ", ".join(f"{s} ({n})" for s, n in list(sites.items())[:5]))
+    if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
+        s = data["safety"]
+        text = ", ".join(f"{k}={v}" for k, v in s["reasons"].items()) or "nothing refused"
+        if s.get("faces"):
+            f = s["faces"]
+            text += f"; images with faces: {f['images_with_faces']} of {f['checked']} ({f['faces']} faces)"
+        lines.append(f"safety:            {text}")
     if "copies" in data:
         c = data["copies"]
         lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
@@ -291,6 +314,14 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
     for name, png in _plots(data):
         parts.append(f"<img class='plot' id='plot-{name}' alt='{name}' src='data:image/png;base64,{png}'>")
     parts.append("</div>")
+    if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
+        s = data["safety"]
+        parts.append("<h2>Safety</h2><table id='safety'><tr><th style='text-align:left'>what</th><th>count</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{esc(k)}</td><td>{v:,}</td></tr>" for k, v in s["reasons"].items()]
+        if s.get("faces"):
+            f = s["faces"]
+            parts.append(f"<tr><td style='text-align:left'>filter: images with faces (of {f['checked']:,} checked)</td><td>{f['images_with_faces']:,}</td></tr><tr><td style='text-align:left'>filter: faces</td><td>{f['faces']:,}</td></tr>")
+        parts.append("</table>")
     if "pairs_with_boilerplate" in data:
         bad, total = data["pairs_with_boilerplate"]
         parts.append(f"<h2>Pair quality</h2><p id='pairs-with-boilerplate'>Pairs with an image flagged as boilerplate (of its site or of the crawl): {bad} of {total}</p>")
@@ -341,7 +372,7 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
         parts.append(f"<h2>Example pairs</h2><p>{len(examples)} pairs drawn from {n_pages} pages of {n_sites} sites, the same number from the low, middle and high third of the similarity range; <code>webpairs browse RUN</code> pages through all of them.</p><div class='pairs'>")
         for ex in examples:
             parts.append(
-                f"<div class='pair' data-band='{ex['band']}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
+                f"<div class='pair' data-band='{ex['band']}' data-key='{esc(ex['key'])}'><img src='data:image/jpeg;base64,{ex['cond']}' alt='condition'> "
                 f"<img src='data:image/jpeg;base64,{ex['target']}' alt='target'><br><b>{ex['band']} similarity</b> {ex['similarity']:.3f} &middot; site {esc(ex['site'])}<br>"
                 f"{esc(ex['page_url'])}<br>alt: {esc(ex['cond_alt'] or '')} &rarr; {esc(ex['target_alt'] or '')}</div>"
             )

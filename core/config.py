@@ -97,6 +97,7 @@ class FilterConfig:
     max_pixels: int = 40_000_000  # decompression-bomb limit given to Pillow explicitly
     animated: str = "first_frame"  # "first_frame" keeps frame 0 of GIF/WEBP/APNG; "reject" drops them
     phash_size: int = 8  # imagehash hash_size: 8 gives 64-bit pHash
+    scaled_decode: bool = True  # JPEG decoded at the smallest DCT scale each use needs (false: every pixel)
     encoder: str = "open_clip:ViT-B-32"  # name in core.encoders; see `webpairs encoders`
     encoder_weights: str = ""  # local weights file; empty means the encoder's default offline source
     batch_size: int = 32  # RunInference batch size cap (BatchElements adapts below it) ...
@@ -108,9 +109,10 @@ class FilterConfig:
     flat_share: float = 0.8  # ... covering this share of pixels -> flat_image (logos, icons)
     url_words: tuple[str, ...] = ("logo", "icon", "favicon", "sprite", "avatar", "badge", "button")  # path tokens ...
     reject_url_words: bool = False  # ... that reject as url_word when on; counted in stats either way
+    faces: str = "detect"  # filter/faces.py: detect (count + boxes per kept image), blur (also blur them in the stored bytes), off
 
     RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0), "flat_colours": (0, 4096), "flat_share": (0.0, 1.0)}
-    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject")}
+    CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject"), "faces": ("detect", "blur", "off")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +134,7 @@ class PairConfig:
     copy_top_k: int = 10  # embedding neighbours per image (faiss) ...
     copy_min_cosine: float = 0.5  # ... with at least this cosine (loose: copies go as low as 0.7)
     copy_phash_distance: int = 10  # mirror-aware pHash neighbours within this many bits
-    copy_max_candidates: int = 10  # partners verified per image, at most (bounds the work)
+    copy_max_candidates: int = 10  # partners each image proposes; at most twice this many checks per image (bounds the work)
     copy_max_side: int = 320  # verification works on the content downscaled to this side
     copy_max_keypoints: int = 300  # SIFT keypoints per image, at most
     copy_ratio: float = 0.8  # Lowe's ratio test of descriptor matches
@@ -141,7 +143,7 @@ class PairConfig:
     copy_max_scale: float = 4.0  # the transform's scale within [1/x, x]
     copy_max_rotation: float = 10.0  # degrees: re-dressed copies are not rotated
     copy_min_containment: float = 0.8  # shared region / the smaller picture, at least
-    copy_min_coverage: float = 0.4  # shared region / the larger picture, at least (crops to 63 % a side)
+    copy_min_coverage: float = 0.35  # shared region / the larger picture, at least (a portrait photo cut to 16:9 keeps 37 %)
     copy_min_spread: float = 0.25  # the inliers' hull / the shared region, at least (not a watermark)
 
     RANGES: ClassVar[dict] = {

@@ -116,6 +116,8 @@ IMAGE_SCHEMA = pa.schema(
         ("bytes_file", pa.string()),  # pointer to the bytes: a parquet file of a filter output ...
         ("bytes_row_group", pa.int32()),  # ... and the row group in it that holds this image
         ("pdq", pa.string()),  # PDQ perceptual hash (core/perceptual.py) as 64 hex: `webpairs scrub --blocklist` matches it
+        ("faces", pa.int32()),  # faces found (filter/faces.py; null with --faces off)
+        ("face_boxes", pa.list_(pa.int32())),  # their boxes, flat: x, y, w, h per face, in the image's pixels
     ]
 )
 
@@ -249,6 +251,8 @@ class ImageRecord:
     bytes_file: Optional[str] = None
     bytes_row_group: Optional[int] = None
     pdq: Optional[str] = None
+    faces: Optional[int] = None
+    face_boxes: Optional[list[int]] = None
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,8 +14,9 @@ One sample per pair, all files sharing the key (the pair_id):
 
 Shards are named `pairs-{file:06d}-{seq:06d}.tar` (the pair parquet file they come from, then a
 sequence number); beside them `index/*.parquet` (key -> shard, byte
-offsets, metadata) and `manifest.json` (with a "latent" entry {"vae", "channels", "factor",
-"scale_factor", "image_size"} when every sample carries a latent).
+offsets, metadata), `manifest.json` (with a "latent" entry {"vae", "channels", "factor",
+"scale_factor", "image_size"} when every sample carries a latent) and `wids.json` (the shard list
+of webdataset's indexed reader, `wids`, for random access by sample number).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ META_JSON = "json"
 SHARD_PATTERN = "pairs-{file:06d}-{seq:06d}.tar"
 META_FIELDS = ("pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt", "cond_image_id", "target_image_id", "similarity", "encoder")  # {key}.json
 MANIFEST = "manifest.json"
+WIDS = "wids.json"  # shard list for webdataset's indexed reader: wids.ShardListDataset(".../wids.json")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

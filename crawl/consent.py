@@ -206,20 +206,31 @@ class SitePolicy:
 
 class SiteRules:
     """Every origin's answers for one download: asked once (`ask`), kept in `folder/hosts.parquet`,
-    read back on a rerun. Picklable: it holds plain rows."""
+    read back on a rerun. Pickled into img2dataset's workers (once per shard) without its rows when
+    they are saved: a worker reads them back from the file on its first redirect to another site."""
 
     def __init__(self, folder: str, allow_hosts=(), pins: Optional[dict] = None, agent: str = "", timeout: float = 10.0):
         self.folder, self.allow_hosts, self.pins, self.agent, self.timeout = folder, tuple(allow_hosts), dict(pins or {}), agent or user_agent(), timeout
-        self.rows: dict[str, dict] = {}
+        self._rows: Optional[dict[str, dict]] = None
         self._policies: dict[str, SitePolicy] = {}
-        path = os.path.join(folder, HOSTS_FILE)
-        if os.path.exists(path):
-            for row in pq.read_table(path).to_pylist():
-                self.rows[row["origin"]] = row
+        self._saved = False
+
+    @property
+    def rows(self) -> dict[str, dict]:
+        if self._rows is None:
+            self._rows = {}
+            path = os.path.join(self.folder, HOSTS_FILE)
+            if os.path.exists(path):
+                for row in pq.read_table(path).to_pylist():
+                    self._rows[row["origin"]] = row
+                self._saved = True
+        return self._rows
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_policies"] = {}
+        if self._saved:
+            state["_rows"] = None  # read back from the file where needed
         return state
 
     def forget_unavailable(self) -> None:
@@ -227,6 +238,7 @@ class SiteRules:
         for origin in [o for o, r in self.rows.items() if UNAVAILABLE in (r["robots_status"], r["tdmrep_status"])]:
             del self.rows[origin]
             self._policies.pop(origin, None)
+            self._saved = False
 
     def ask(self, origins: Iterable[str], threads: int = 32) -> int:
         """Ask every origin not asked yet (`threads` at a time); returns how many were asked."""
@@ -234,6 +246,8 @@ class SiteRules:
 
         todo = sorted(set(o for o in origins if o) - set(self.rows))
         if not todo:
+            if not self._saved and self.rows:
+                self.save()
             return 0
         allow = AllowList(self.allow_hosts)
         log.info("consent: asking %d sites for robots.txt and tdmrep.json", len(todo))
@@ -249,6 +263,46 @@ class SiteRules:
         tmp = os.path.join(self.folder, f".{HOSTS_FILE}.tmp")
         pq.write_table(pa.Table.from_pylist(rows, schema=HOSTS_SCHEMA), tmp)
         os.replace(tmp, os.path.join(self.folder, HOSTS_FILE))
+        self._saved = True
+
+    def keep_hop(self, row: dict) -> None:
+        """A worker's answer from a site reached by a redirect, kept beside hosts.parquet (one small
+        JSON file per origin, written atomically) until the driver folds it in (`absorb_hops`)."""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            path = self._hop_file(row["origin"])
+            with open(path + f".{os.getpid()}.tmp", "w") as fh:
+                json.dump(row, fh)
+            os.replace(path + f".{os.getpid()}.tmp", path)
+        except OSError as err:  # a worker on another machine: the answer stays in this process
+            log.debug("consent: cannot keep the answer of %s: %s", row["origin"], err)
+
+    def _hop_file(self, origin: str) -> str:
+        import hashlib
+
+        return os.path.join(self.folder, f"hop-{hashlib.sha1(origin.encode()).hexdigest()[:20]}.json")
+
+    def read_hop(self, origin: str) -> None:
+        try:
+            with open(self._hop_file(origin)) as fh:
+                self.rows[origin] = json.load(fh)
+        except (OSError, ValueError):
+            pass
+
+    def absorb_hops(self) -> int:
+        """Fold the workers' answers (`keep_hop`) into hosts.parquet; returns how many."""
+        import glob
+
+        files = sorted(glob.glob(os.path.join(self.folder, "hop-*.json")))
+        for path in files:
+            with open(path) as fh:
+                row = json.load(fh)
+            self.rows.setdefault(row["origin"], row)
+        if files:
+            self.save()
+            for path in files:
+                os.remove(path)
+        return len(files)
 
     def policy(self, origin: str) -> Optional[SitePolicy]:
         if origin not in self._policies and origin in self.rows:
@@ -300,9 +354,12 @@ class SiteConsent:
         if origin not in self.rules.rows:
             with _ASK_LOCK:
                 if origin not in self.rules.rows:
+                    self.rules.read_hop(origin)  # another worker may have asked it already
+                if origin not in self.rules.rows:
                     from crawl.urls import AllowList
 
                     self.rules.rows[origin] = ask_origin(origin, AllowList(self.rules.allow_hosts), self.rules.pins, self.rules.agent, self.rules.timeout)
+                    self.rules.keep_hop(self.rules.rows[origin])
         refusal = self.rules.refusal(url)
         if refusal is not None:
             raise FetchError(refusal[0], f"redirect to {url[:200]}: {refusal[1]}")

@@ -46,7 +46,7 @@ STAGE = "download"
 RAW_DIR = "img2dataset"  # img2dataset's own output (kept for incremental resume)
 PLAN_DIR = "_plan"  # checked links, the plan, img2dataset's input shards, each URL's result
 # the settings that shape the plan (a resumed download must share them)
-PLAN_KEYS = ("min_side", "skip_extensions", "url_boilerplate", "boilerplate_pages", "site_share", "site_min_pages", "boilerplate_evidence", "max_links_per_page", "min_links_per_page")
+PLAN_KEYS = ("consent", "min_side", "skip_extensions", "url_boilerplate", "boilerplate_pages", "site_share", "site_min_pages", "boilerplate_evidence", "max_links_per_page", "min_links_per_page")
 
 
 def reason_for(error_message: str) -> str:
@@ -253,6 +253,8 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
             gate_dir = os.path.join(plan_dir, "hosts")
             if planned["urls_fetched"] and not retry_failed:
                 _run_img2dataset(os.path.join(plan_dir, "urls"), os.path.join(out.path, RAW_DIR), cfg, sites, gate_dir, body_rules)
+            if sites is not None:
+                sites.absorb_hops()  # the sites the workers asked at a redirect are kept in the run too
             shards = _collect_results(out.path, plan_dir)
             retried = None
             if retry_failed:  # one more round, over the URLs with no result or a transient failure
@@ -260,6 +262,8 @@ def run_download(links_path: str, out_dir: str, cfg: DownloadConfig, retry_faile
                 log.info("download: --retry-failed: fetching %d URLs again", todo)
                 if todo:
                     _run_img2dataset(os.path.join(plan_dir, "retry"), os.path.join(out.path, f"{RETRY_DIR}{len(_raw_dirs(out.path)):02d}"), cfg, sites, gate_dir, body_rules)
+                    if sites is not None:
+                        sites.absorb_hops()
                     shards = _collect_results(out.path, plan_dir)
                 retried = {"urls": todo, "recovered": _recovered(con, plan_dir) if todo else 0}
             resolved = plan.resolve(con, plan_dir, shards, out.path)

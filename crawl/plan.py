@@ -13,9 +13,12 @@ Downloading is the largest cost of a real run, and most links can never make a p
    `max_links_per_page` candidates by position (`page_cap`) and pages left with fewer than
    `min_links_per_page` candidates (`page_too_few_links`). Every link gets its reason (null:
    selected) in `_plan/plan/`.
-3. **One fetch per distinct URL**: the selected links' distinct URLs, sorted, go to img2dataset as
-   input shards of `samples_per_shard` URLs (its distributors spread them; a rerun makes the same
-   shards, so img2dataset's incremental resume applies).
+   Before those rules, each site (origin) of a candidate is asked once for its robots.txt and
+   tdmrep.json (crawl/consent.py) and the URLs it refuses leave the candidates
+   (`robots_disallowed`, `tdm_reserved`): never fetched, not even as evidence.
+3. **One fetch per distinct URL**: the selected links' distinct URLs, hosts interleaved, go to
+   img2dataset as input shards of `samples_per_shard` URLs (its distributors spread them; a rerun
+   makes the same shards, so img2dataset's incremental resume applies).
 4. **After the fetch** (`resolve`): each URL's result (bytes hashed, or its failure), identical bytes
    kept once (downloads/: one row per image), and every selected link resolved to its image
    (occurrences/) or rejected with its URL's reason.

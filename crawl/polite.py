@@ -6,7 +6,8 @@
   img2dataset's worker processes on one machine count against the same slots.
 * **Crawl-delay and Retry-After**: each host has a "next request not before" time in a file, read
   and written under its own flock; a request waits for it (a robots.txt `Crawl-delay: d` sets it
-  to now + d at every request; a 429/503 answer's `Retry-After` pushes it forward). Only threads
+  to d after the start and after the end of every request; a 429/503 answer's `Retry-After`
+  pushes it forward). Only threads
   working on that host wait: the plan interleaves hosts in img2dataset's input shards, so the
   other threads keep fetching other hosts.
 
@@ -52,6 +53,10 @@ class HostGate:
     def __init__(self, folder: str, per_host: int = 4, delays: Optional[dict] = None):
         self.folder, self.per_host, self.delays = folder, max(1, int(per_host)), dict(delays or {})
         os.makedirs(folder, exist_ok=True)
+        self._ready = True
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ready": False}  # a worker on another machine makes the folder itself
 
     def _base(self, host: str) -> str:
         return os.path.join(self.folder, hashlib.sha1(host.lower().encode()).hexdigest()[:20])
@@ -59,12 +64,18 @@ class HostGate:
     @contextlib.contextmanager
     def connection(self, host: str) -> Iterator[None]:
         """Hold one of the host's slots (waiting for a free one), after its next-request time."""
+        if not self._ready:
+            os.makedirs(self.folder, exist_ok=True)
+            self._ready = True
         base = self._base(host)
+        delay = self.delays.get(host.lower(), 0.0)
         fd = self._take_slot(base)
         try:
-            self._wait_turn(base, self.delays.get(host.lower(), 0.0))
+            self._wait_turn(base, delay)
             yield
         finally:
+            if delay > 0:  # the delay counts from the end of this request too (a slow answer is no head start)
+                self._push(base, delay)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -102,7 +113,10 @@ class HostGate:
 
     def pause(self, host: str, seconds: float) -> None:
         """No request to `host` before `seconds` from now (a Retry-After)."""
-        fd = os.open(f"{self._base(host)}.time", os.O_RDWR | os.O_CREAT, 0o644)
+        self._push(self._base(host), seconds)
+
+    def _push(self, base: str, seconds: float) -> None:
+        fd = os.open(f"{base}.time", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = os.pread(fd, 8, 0)

@@ -25,11 +25,12 @@ from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
-from core.perceptual import pdq_hex
+from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
+from filter import faces
 from filter.embed import EncoderModelHandler
 from filter.hashing import phash_hex, sha256_hex
-from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, URL_WORD, declared_too_small, top_colour_share, url_words
-from filter.validate import Invalid, check_shape, configure_pillow, decode
+from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, FLAT_THUMB, URL_WORD, declared_too_small, top_colour_share, url_words
+from filter.validate import Invalid, check_shape, configure_pillow, decode, decode_side
 
 STAGE = "filter"
 REJECTED = "rejected"
@@ -44,12 +45,17 @@ NO_ENCODER = "none"
 
 
 class ValidateAndHash(beam.DoFn):
-    """One distinct image: decode once, hash, check size, aspect and the flat-image signal, and
-    preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
+    """One distinct image: decode once (a JPEG at the smallest DCT scale that pHash, the flat-image
+    thumbnail, the encoder and PDQ need; sizes from the header), hash, check size, aspect and the
+    flat-image signal, and preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
     pHash, size, reason); images that pass and that a kept link points to go on to the encoder."""
 
     def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3):
         self.cfg, self.image_size, self.mean, self.std = cfg, image_size, mean, std
+        # PDQ (stored for every kept image) needs up to PDQ_SIDE px, so today a JPEG is scaled only
+        # when both its sides are >= 2 x PDQ_SIDE; pHash, the flat thumbnail and the encoder alone
+        # would take 1/2-1/8 scale of most photos (benchmarks/filter.py prints both)
+        self.side = decode_side(cfg, image_size, FLAT_THUMB, PDQ_SIDE) if cfg.scaled_decode else 0
         self.kept = Metrics.counter(STAGE, "valid")
 
     def setup(self):
@@ -59,7 +65,7 @@ class ValidateAndHash(beam.DoFn):
         data = row.get("image_bytes")
         digest = sha256_hex(data) if data is not None else None
         verdict = {"sha256": digest, "phash": None, "width": None, "height": None, "reason": None, "detail": None}
-        decoded = decode(data, self.cfg)
+        decoded = decode(data, self.cfg, self.side)
         problem = decoded if isinstance(decoded, Invalid) else None
         if problem is None:
             verdict.update(phash=phash_hex(decoded.image, self.cfg.phash_size), width=decoded.width, height=decoded.height)
@@ -85,10 +91,12 @@ class ValidateAndHash(beam.DoFn):
             "clip_score": None,
             "image_bytes": data,
             "pdq": pdq_hex(decoded.image),  # what `webpairs scrub --blocklist` matches later
+            "faces": None, "face_boxes": None,
         }
+        image = faces.apply(record, decoded.image, self.cfg.faces, (decoded.width, decoded.height), lambda side: decode(data, self.cfg, side).image) or decoded.image  # blurred with --faces blur
         self.kept.inc()
         if self.image_size:
-            yield record, (preprocess(decoded.image, self.image_size, self.mean, self.std), record["alt"])
+            yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"])
         else:
             yield record, None
 

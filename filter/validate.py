@@ -3,7 +3,9 @@
 Decisions: the decompression-bomb limit is checked explicitly from the header before any pixel is
 decoded (and Pillow's own guard stays on as a backstop); vector formats (SVG) are rejected;
 animated images keep their first frame by default (`animated: reject` drops them); EXIF
-orientation is applied; CMYK, palette, alpha, greyscale and 16-bit modes become 8-bit RGB (alpha
+orientation is applied; a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8, Pillow's
+`Image.draft`) that still gives each use the pixels it needs (`decode_side`), while the width and
+height recorded and checked are the true ones from the header; CMYK, palette, alpha, greyscale and 16-bit modes become 8-bit RGB (alpha
 composited on white).
 """
 
@@ -41,7 +43,9 @@ class Invalid:
 
 @dataclasses.dataclass
 class ValidImage:
-    """A decoded 8-bit RGB image and what we learned about the original."""
+    """A decoded 8-bit RGB image and what we learned about the original. `image` may be a JPEG
+    decoded at a DCT scale (each side at least the `side` asked of `decode`, or the full image);
+    `width` and `height` are always the original's (after EXIF orientation)."""
 
     image: Image.Image
     format: str
@@ -50,22 +54,44 @@ class ValidImage:
     animated: bool
 
 
+PHASH_INPUT_FACTOR = 8  # pHash resizes to 4 x hash_size px; decoding at twice that keeps it within a bit
+
+
+def decode_side(cfg: FilterConfig, encoder_size: int = 0, flat_thumb: int = 0, pdq_side: int = 0) -> int:
+    """The smallest side the decoded pixels need for every use of one filter run: pHash (twice its
+    4 x hash_size input: 64 px by default), the flat-image thumbnail, the encoder's input size, and
+    the PDQ hash's `pdq_side` (core/perceptual.MAX_SIDE: PDQ must see the pixels that
+    `pdq_of_bytes` sees, or the stored hash drifts from the blocklist's by ~16 of 256 bits)."""
+    return max(PHASH_INPUT_FACTOR * cfg.phash_size, flat_thumb if cfg.flat_colours else 0, encoder_size, pdq_side)
+
+
+def _true_size(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """The header's (width, height) as `ImageOps.exif_transpose` will orient it (5-8 swap sides)."""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: exif_transpose ignores it as well
+        orientation = None
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
 def _looks_like_svg(data: bytes) -> bool:
     head = data[:512].lstrip().lower()
     return head.startswith((b"<svg", b"<?xml")) and b"<svg" in data[:4096].lower()
 
 
-def validate(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invalid]:
-    """Decode `data` safely and check it against the thresholds of `cfg`."""
-    result = decode(data, cfg)
+def validate(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[ValidImage, Invalid]:
+    """Decode `data` safely (see `decode` for `side`) and check it against the thresholds of `cfg`."""
+    result = decode(data, cfg, side)
     if isinstance(result, Invalid):
         return result
     return check_shape(result, cfg) or result
 
 
-def decode(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invalid]:
+def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[ValidImage, Invalid]:
     """Decode `data` safely into 8-bit RGB (no size threshold applied yet: the image is hashed
-    whatever its size, as boilerplate evidence)."""
+    whatever its size, as boilerplate evidence). With `side` > 0 a JPEG is decoded at the smallest
+    DCT scale whose sides stay >= `side` (every scanline is still decoded, so truncation and
+    corruption are found as before); 0 decodes every pixel."""
     if not data:
         return Invalid(EMPTY, "0 bytes")
     if _looks_like_svg(data):
@@ -87,6 +113,8 @@ def decode(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invali
         return Invalid(ANIMATED, f"{img.n_frames} frames")
     try:
         img.seek(0)
+        if side and fmt == "JPEG" and min(w, h) >= 2 * side:  # 1/2 scale or smaller fits
+            img.draft(img.mode, (side, side))
         img.load()
     except Image.DecompressionBombError as err:
         return Invalid(BOMB, str(err)[:200])
@@ -96,11 +124,14 @@ def decode(data: Optional[bytes], cfg: FilterConfig) -> Union[ValidImage, Invali
     except (ValueError, SyntaxError, EOFError) as err:
         return Invalid(DECODE_ERROR, str(err)[:200])
     try:
+        width, height = _true_size(img, (w, h)) if img.size != (w, h) else (None, None)
         img = ImageOps.exif_transpose(img) or img
         rgb = to_rgb(img)
     except (OSError, ValueError) as err:
         return Invalid(DECODE_ERROR, str(err)[:200])
-    return ValidImage(rgb, fmt, rgb.size[0], rgb.size[1], animated)
+    if width is None:  # decoded in full: the pixels are the true size
+        width, height = rgb.size
+    return ValidImage(rgb, fmt, width, height, animated)
 
 
 def check_shape(image: ValidImage, cfg: FilterConfig) -> Optional[Invalid]:

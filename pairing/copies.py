@@ -5,8 +5,10 @@ Three steps, each bounded:
 1. candidates (`find_candidates`): an approximate nearest-neighbour search over filter's stored
    embeddings (faiss HNSW, inner product: the top `copy_top_k` per image with a cosine of at least
    `copy_min_cosine`), plus a mirror-aware pHash multi-index (four 16-bit chunks, each probed as is
-   and with one bit flipped: every pair within 7 bits shares a probe; those within
-   `copy_phash_distance` are kept). At most `copy_max_candidates` partners per image: never all pairs.
+   and, up to 131,072 images, with one bit flipped: every pair within 7 bits shares a probe (3
+   above that, where the embeddings carry the search); those within
+   `copy_phash_distance` are kept). Each image proposes its `copy_max_candidates` closest and takes
+   part in at most twice that many pairs: never all pairs.
 2. verification (`image_features`, `verify`): OpenCV SIFT on a downscaled, border-trimmed
    greyscale image (at most `copy_max_keypoints` keypoints), ratio-test matches, a similarity
    transform fitted with RANSAC (`cv2.estimateAffinePartial2D`), tried as is and mirrored. A pair
@@ -15,8 +17,9 @@ Three steps, each bounded:
    the inliers spread over it (a shared watermark or a partial overlap of two burst crops is not
    a copy).
 3. groups (`copy_groups`): union-find over the verified pairs; each group keeps its member with
-   the largest content (pixels inside trimmed borders), then the least recompressed (JPEG quality
-   estimated from the quantisation tables, then bytes per pixel); the others are copies of it.
+   the largest content (pixels inside trimmed borders; within 5 % counts as equal), then the least
+   recompressed (JPEG quality estimated from the quantisation tables, then bytes per pixel); the
+   others are copies of it.
 """
 
 from __future__ import annotations
@@ -89,13 +92,13 @@ class PHashIndex:
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    """Bits set in each uint64 (numpy's bitwise_count: no 64-byte-per-value unpacking)."""
+    return np.bitwise_count(np.asarray(x, dtype=np.uint64)).astype(np.int64)
 
 
-def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: int = 2048):
+def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: int = 4096):
     """(rows i, rows j, cosine) of each row's top `top_k` neighbours with cosine >= min_cosine
-    (i != j), by faiss: exact inner product for small sets, HNSW (M=32) above `exact_below`."""
+    (i != j), by faiss: exact inner product for small sets, HNSW (M=16) above `exact_below`."""
     import faiss
 
     x = np.ascontiguousarray(emb, dtype=np.float32)
@@ -105,9 +108,9 @@ def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: 
     if n <= exact_below:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 64
-        index.hnsw.efSearch = max(64, 2 * k)
+        index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 40
+        index.hnsw.efSearch = max(32, 2 * k)
     index.add(x)
     sims, idx = index.search(x, k)
     rows = np.repeat(np.arange(n), k)
@@ -116,56 +119,130 @@ def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: 
     return rows[keep], idx[keep], sims[keep]
 
 
+def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 256, batch: int = 20_000, flip_below: int = 1 << 17):
+    """(rows i, rows j, distance) of pHash pairs within `max_distance` bits, mirror-aware (each
+    hash is also looked up mirrored), by multi-index hashing in numpy: four 16-bit chunks, each
+    probed as is and, below `flip_below` images, with one bit flipped (every pair within 7 bits
+    shares a probe; above it, within 3 bits: a chunk then holds n / 65536 random rows, and 17
+    probes of each would make the raw hits grow with n per image). Queries go in batches (memory
+    bounded by the batch); buckets over `max_bucket` rows (flat images share hashes) are skipped."""
+    n = len(hashes)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if n < 2:
+        return empty
+    h = hashes.astype(np.uint64)
+    mirrored = h ^ np.uint64(_MIRROR_MASK)
+    flips = np.concatenate([[0], 1 << np.arange(16)]).astype(np.uint64) if n < flip_below else np.zeros(1, np.uint64)
+    tables = []
+    for c in range(4):
+        key = (h >> np.uint64(16 * c)) & np.uint64(0xFFFF)
+        order = np.argsort(key, kind="stable")
+        tables.append((np.uint64(16 * c), order, key[order]))
+    out_i, out_j, out_d = [], [], []
+    for lo in range(0, n, batch):
+        rows = np.arange(lo, min(n, lo + batch))
+        found_i, found_j = [], []
+        for shift, order, sorted_keys in tables:
+            for q in (h[rows], mirrored[rows]):
+                probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1)
+                left = np.searchsorted(sorted_keys, probes, "left")
+                count = np.searchsorted(sorted_keys, probes, "right") - left
+                count[count > max_bucket] = 0
+                total = int(count.sum())
+                if not total:
+                    continue
+                found_i.append(rows[np.repeat(np.arange(len(probes)) // len(flips), count)])
+                offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+                found_j.append(order[np.repeat(left, count) + offsets])
+        if not found_i:
+            continue
+        i, j = np.concatenate(found_i), np.concatenate(found_j)
+        keep = i < j  # each pair once (both ends query, both hashes are looked up mirrored)
+        i, j = i[keep], j[keep]
+        dist = np.minimum(_popcount64(h[i] ^ h[j]), _popcount64(mirrored[i] ^ h[j]))
+        keep = dist <= max_distance
+        out_i.append(i[keep])
+        out_j.append(j[keep])
+        out_d.append(dist[keep])
+    if not out_i:
+        return empty
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+
+
+_MIRROR_MASK = int(mirror_phash("0" * 16), 16)  # the bits mirroring flips (odd columns)
+
+
 def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: list[Optional[str]], cfg) -> list[tuple[str, str, float, int]]:
     """Candidate copy pairs (id_a < id_b, cosine or nan, mirror-aware pHash distance or -1): the
-    embedding neighbours and the pHash neighbours of every image, at most `copy_max_candidates`
-    partners per image (the closest by cosine first, then by pHash). Linear in the images: each
-    query returns a bounded list."""
+    embedding neighbours and the pHash neighbours of every image; each image proposes its closest
+    `copy_max_candidates` (by cosine, then by pHash distance), and takes part in at most twice that
+    many pairs (a hub keeps its closest). Linear in the images: each query returns a bounded list;
+    the merging is numpy over those lists."""
     n = len(ids)
     if n < 2:
         return []
-    found: dict[tuple[int, int], list] = {}  # (i, j), i < j -> [cosine, phash distance]
-
-    def add(i: int, j: int, cos: float = float("nan"), dist: int = -1):
-        key = (i, j) if i < j else (j, i)
-        cur = found.setdefault(key, [float("nan"), -1])
-        if not math.isnan(cos):
-            cur[0] = cos
-        if dist >= 0:
-            cur[1] = dist if cur[1] < 0 else min(cur[1], dist)
-
+    parts = []  # (i, j, cosine, distance)
     if embeddings is not None and len(embeddings):
-        rows, cols, sims = ann_neighbours(embeddings, cfg.copy_top_k, cfg.copy_min_cosine)
-        for i, j, s in zip(rows.tolist(), cols.tolist(), sims.tolist()):
-            add(i, j, cos=s)
-    valid = [(r, int(h, 16)) for r, h in enumerate(phashes) if h and len(h) == 16]
-    if valid and cfg.copy_phash_distance > 0:
-        rows_of = [r for r, _ in valid]
-        index = PHashIndex([h for _, h in valid])
-        for pos, (r, h) in enumerate(valid):
-            for q in (h, int(mirror_phash(f"{h:016x}"), 16)):
-                hits = [p for p in index.query(q) if p != pos]
-                if not hits:
-                    continue
-                dist = _popcount64(index.hashes[hits] ^ np.uint64(q))
-                for p, dd in zip(hits, dist.tolist()):
-                    if dd <= cfg.copy_phash_distance:
-                        add(r, rows_of[p], dist=int(dd))
-    # cap partners per image: rank by cosine (pHash-only hits after, closest first)
-    per: dict[int, list] = {}
-    for (i, j), (cos, dist) in found.items():
-        rank = (-(cos if not math.isnan(cos) else -2.0), dist if dist >= 0 else 99)
-        per.setdefault(i, []).append((rank, j))
-        per.setdefault(j, []).append((rank, i))
-    allowed: set[tuple[int, int]] = set()
-    for i, lst in per.items():
-        for _, j in sorted(lst)[: cfg.copy_max_candidates]:
-            allowed.add((i, j) if i < j else (j, i))
+        i, j, sims = ann_neighbours(embeddings, cfg.copy_top_k, cfg.copy_min_cosine)
+        parts.append((i, j, sims.astype(np.float64), np.full(len(i), -1, np.int64)))
+    valid = np.array([bool(h) and len(h) == 16 for h in phashes])
+    if valid.any() and cfg.copy_phash_distance > 0:
+        rows = np.flatnonzero(valid)
+        hashes = np.array([int(phashes[r], 16) for r in rows], dtype=np.uint64)
+        i, j, dist = phash_neighbours(hashes, cfg.copy_phash_distance)
+        parts.append((rows[i], rows[j], np.full(len(i), np.nan), dist.astype(np.int64)))
+    if not parts:
+        return []
+    i = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    j = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    cos = np.concatenate([p[2] for p in parts])
+    dist = np.concatenate([p[3] for p in parts])
+    if not len(i):  # neighbour searches that found nothing (no two images close enough)
+        return []
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    key = lo * n + hi
+    # one row per pair: its cosine (if any) and its smallest pHash distance (if any)
+    order = np.argsort(key, kind="stable")
+    key, lo, hi, cos, dist = key[order], lo[order], hi[order], cos[order], dist[order]
+    first = np.concatenate([[True], key[1:] != key[:-1]])
+    group = np.cumsum(first) - 1
+    n_pairs = int(group[-1]) + 1
+    pair_cos = np.full(n_pairs, np.nan)
+    has_cos = ~np.isnan(cos)
+    pair_cos[group[has_cos]] = cos[has_cos]
+    pair_dist = np.full(n_pairs, 99, np.int64)
+    has_dist = dist >= 0
+    np.minimum.at(pair_dist, group[has_dist], dist[has_dist])
+    plo, phi = lo[first], hi[first]
+    # cap partners per image: rank each image's pairs by cosine (pHash-only ones after, closest first)
+    rank_cos = np.where(np.isnan(pair_cos), -2.0, pair_cos)
+    ends = np.concatenate([plo, phi])
+    pidx = np.concatenate([np.arange(n_pairs), np.arange(n_pairs)])
+    order = np.lexsort((np.concatenate([pair_dist, pair_dist]), -np.concatenate([rank_cos, rank_cos]), ends))
+    ends, pidx = ends[order], pidx[order]
+    starts = np.concatenate([[True], ends[1:] != ends[:-1]])
+    pos = np.arange(len(ends)) - np.maximum.accumulate(np.where(starts, np.arange(len(ends)), 0))
+    allowed = np.zeros(n_pairs, bool)
+    allowed[pidx[pos < cfg.copy_max_candidates]] = True
+    # ... and no image in more than 2 x copy_max_candidates checks (a hub that many images name as
+    # a neighbour keeps its closest), so the work per image is bounded, not only its average
+    chosen = np.flatnonzero(allowed)
+    chosen = chosen[np.lexsort((pair_dist[chosen], -rank_cos[chosen]))]
+    degree = np.zeros(n, np.int64)
+    limit = 2 * cfg.copy_max_candidates
+    keep = []
+    for p, a, b in zip(chosen.tolist(), plo[chosen].tolist(), phi[chosen].tolist()):
+        if degree[a] < limit and degree[b] < limit:
+            degree[a] += 1
+            degree[b] += 1
+            keep.append(p)
     out = []
-    for i, j in sorted(allowed):
-        cos, dist = found[(i, j)]
-        a, b = (ids[i], ids[j]) if ids[i] < ids[j] else (ids[j], ids[i])
-        out.append((a, b, float(cos), int(dist)))
+    for p in keep:
+        a, b = ids[plo[p]], ids[phi[p]]
+        if a > b:
+            a, b = b, a
+        out.append((a, b, float(pair_cos[p]), int(pair_dist[p]) if pair_dist[p] != 99 else -1))
+    out.sort()
     return out
 
 
@@ -187,7 +264,7 @@ def jpeg_quality(img) -> int:
     return int(max(1, min(100, round(q))))
 
 
-def trim_borders(grey: np.ndarray, tol: float = 6.0, max_share: float = 0.3) -> tuple[int, int, int, int]:
+def trim_borders(grey: np.ndarray, tol: float = 6.0, max_share: float = 0.4) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the content inside uniform bars (letterbox, frame): rows and
     columns at the edges whose pixels barely vary, at most `max_share` of each side."""
     h, w = grey.shape
@@ -374,10 +451,21 @@ def copy_groups(edges: Iterable[tuple[str, str]], info: dict[str, dict]) -> dict
         groups.setdefault(find(x), []).append(x)
     out: dict[str, str] = {}
     for members in groups.values():
-        ranked = sorted(members, key=lambda m: keep_order({"image_id": m, **info.get(m, {})}))
-        for m in ranked[1:]:
-            out[m] = ranked[0]
+        kept = best_member(members, info)
+        for m in members:
+            if m != kept:
+                out[m] = kept
     return out
+
+
+def best_member(members: list[str], info: dict[str, dict], tolerance: float = 0.95) -> str:
+    """The member a group keeps: among those whose content is within `tolerance` of the largest
+    (a letterbox bar that JPEG ringing kept from the trim is no larger picture), the least
+    recompressed (keep_order past the content)."""
+    rows = [{"image_id": m, **info.get(m, {})} for m in members]
+    largest = max(r.get("content", 0) for r in rows)
+    near = [r for r in rows if r.get("content", 0) >= tolerance * largest]
+    return min(near, key=lambda r: keep_order({**r, "content": 0}))["image_id"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from core import sample_layout as layout
 from core.latents import center, load_space
 from core.records import REJECTED_SCHEMA
 from core.stageio import StageError, StageOutput, read_success
-from shards.writer import INDEX_SCHEMA, _members, _ShardFile
+from shards.writer import INDEX_SCHEMA, _members, _ShardFile, write_wids
 
 STAGE = "shards"
 BAD_IMAGE = "unreadable_image"
@@ -125,6 +125,7 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
         new["layout"] = dict(manifest.get("layout", {}), latent=layout.LATENT_NPY, latent_info=layout.LATENT_JSON)
         with open(os.path.join(out.path, layout.MANIFEST), "w") as fh:
             json.dump(new, fh, indent=2)
+        write_wids(out.path, summaries)
         with open(os.path.join(out.path, "stats.json"), "w") as fh:
             json.dump({"stage": STAGE, "input": n_in, "kept": len(index_rows), "rejected": reasons, "latent": space.name, "image_size": image_size}, fh, indent=2, sort_keys=True)
         return out.commit()

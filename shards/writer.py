@@ -148,9 +148,10 @@ class _ShardFile:
         """The size the closed tar file would have with these members added (exact, not a guess)."""
         return tar_file_size(self.tar.offset + sum(_member_bytes(info) for info, _ in members))
 
-    def add(self, sample: dict, members: list) -> dict:
+    def add(self, sample: dict, members: list | None = None) -> dict:
         # `tar.offset` is the archive position of the next header; tarfile keeps offsets on its
         # own copies of the TarInfo, never on ours, so the sample's range is measured here
+        members = _members(sample) if members is None else members
         start = self.tar.offset
         for info, data in members:
             self.tar.addfile(info, io.BytesIO(data))
@@ -231,6 +232,17 @@ def _write_manifest(_, out_dir: str, summaries: list, cfg: dict, n_pairs: int, e
     }
     with FileSystems.create(os.path.join(out_dir, layout.MANIFEST)) as fh:
         fh.write(json.dumps(manifest, indent=2).encode())
+    write_wids(out_dir, summaries)
+
+
+def write_wids(out_dir: str, summaries: list) -> None:
+    """The descriptor webdataset's indexed reader opens (wids.ShardListDataset(".../wids.json")):
+    shard URLs relative to this file, so the folder can move or be copied to a bucket as a whole;
+    samples are numbered in this order (shards by name, samples by offset)."""
+    wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "webpairs-pairs",
+            "shardlist": [{"url": s["shard"], "nsamples": s["samples"], "filesize": s["bytes"]} for s in sorted(summaries, key=lambda s: s["shard"])]}
+    with FileSystems.create(os.path.join(out_dir, layout.WIDS)) as fh:
+        fh.write(json.dumps(wids, indent=2).encode())
 
 
 def code_version() -> str:

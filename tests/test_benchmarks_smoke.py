@@ -38,7 +38,7 @@ def parse_reports(stdout: str) -> list[tuple[str, list[str], float]]:
 
 def test_benchmarks_are_found():
     # the stage benchmarks this suite guards; new ones join by the file name convention alone
-    assert {"crawl_extract", "crawl_download", "fetch_plan", "filter", "pairing", "boilerplate", "dask_scaling", "train", "browse"} <= set(BENCHMARKS)
+    assert {"crawl_extract", "crawl_download", "fetch_plan", "filter", "pairing", "boilerplate", "dask_scaling", "train", "browse", "scale"} <= set(BENCHMARKS)
 
 
 def test_parse_reports_reads_a_report():

@@ -84,6 +84,7 @@ def planted_run(tmp_path_factory, photos_dir):
     chosen = [n for n in names[5::11] if n not in (exact_sha, exact_md5, reenc, resized, banner, *lookalikes.values())][:20]
     good = {f"/img/photo{i}.jpg": raw[n] for i, n in enumerate(chosen)}
     good.update({f"/img/lookalike{i}.jpg": raw[n] for i, n in enumerate(lookalikes.values())})
+    good["/img/people.jpg"] = raw["n02088466_bloodhound.JPEG"]  # a dog and its owner's face (the browser's face filter)
     routes = {p: Route(body=b) for p, (b, _) in bad.items()} | {p: Route(body=b) for p, b in good.items()}
     planted = [p for p in bad if p.startswith("/img/")]
     good_paths = list(good)
@@ -143,6 +144,12 @@ def test_each_planted_image_has_a_blocklisted_row_naming_its_entry(planted_run):
     assert list(banner.reason) == ["blocklisted"] and banner.image_id.isna().all()
     stats = read_stats(os.path.join(run, "download"))
     assert stats["rejected"]["blocklisted"] == len(planted_run["planted"])
+    from browse.report import collect, summary_text
+
+    report = collect(run)
+    assert report["safety"]["reasons"] == {"download blocklisted": len(planted_run["planted"])}
+    assert f"safety:            download blocklisted={len(planted_run['planted'])}" in summary_text(report)
+    assert "<h2>Safety</h2>" in open(os.path.join(run, "report.html")).read()
     assert stats["input"] == stats["kept"] + sum(stats["rejected"].values())
 
 
@@ -224,6 +231,28 @@ def test_a_bad_list_is_one_clear_error_on_the_command_line(tmp_path):
     assert not os.path.exists(tmp_path / "dl")  # refused before the stage started
 
 
+def test_browse_filters_pairs_by_faces(planted_run):
+    """`webpairs browse`'s pair filter by face count (faces of both images, filter's count)."""
+    from browse.data import RunData
+    from core.stageio import read_table
+
+    run = planted_run["run"]
+    faces = dict(zip(*read_table(os.path.join(run, "filter"), "images", columns=["image_id", "faces"]).to_pydict().values()))
+    index = read_table(os.path.join(run, "shards"), "index").to_pandas()
+    with_faces = {r.key for r in index.itertuples() if faces[r.cond_image_id] + faces[r.target_image_id] >= 1}
+    assert 0 < len(with_faces) < len(index)
+    data = RunData(run)
+    try:
+        got = data.pairs(fmin=1, limit=200)
+        assert got["total"] == len(with_faces) and {r["key"] for r in got["rows"]} == with_faces
+        assert all(r["faces"] >= 1 for r in got["rows"])
+        none = data.pairs(fmax=0, limit=200)
+        assert none["total"] == len(index) - len(with_faces) and not {r["key"] for r in none["rows"]} & with_faces
+        assert data.pairs()["total"] == len(index)
+    finally:
+        data.close()
+
+
 def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(planted_run, tmp_path):
     """`webpairs scrub` (kept last in this module: it rewrites the module's run) by a PDQ entry and
     by a URL: no byte of the two photos is left in any file, no row of any stage names them, every
@@ -293,6 +322,8 @@ def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(pla
         assert set(members) == {f"{row.key}.cond.jpg", f"{row.key}.target.jpg", f"{row.key}.json", f"{row.key}.cond.npy"}
         meta = json.loads(members[f"{row.key}.json"])
         assert (meta["cond_image_id"], meta["target_image_id"]) == (row.cond_image_id, row.target_image_id)
+    wids = json.load(open(os.path.join(shards, "wids.json")))  # webdataset's indexed reader numbers what is left
+    assert [(s["url"], s["nsamples"]) for s in wids["shardlist"]] == [(e["shard"], e["samples"]) for e in manifest["shards"]]
     tars = [os.path.join(shards, e["shard"]) for e in manifest["shards"]]
     samples = list(wds.WebDataset(tars, shardshuffle=False))
     assert sorted(s["__key__"] for s in samples) == sorted(index.key)
@@ -304,3 +335,15 @@ def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(pla
     # a second scrub finds nothing more
     again = _cli("scrub", run, "--blocklist", str(listed), "--urls", str(urls))
     assert again.returncode == 0 and "scrubbed 0 images, 0 links" in again.stdout
+
+
+def test_blocklist_in_the_config_file(tmp_path):
+    from core.config import ConfigError, DownloadConfig, load
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("download:\n  blocklist: [a.txt, b.txt]\n  blocklist_pdq_distance: 20\n")
+    got = load(DownloadConfig, str(cfg), section="download")
+    assert got.blocklist == ("a.txt", "b.txt") and got.blocklist_pdq_distance == 20
+    cfg.write_text("download:\n  blocklist_pdq_distance: 64\n")
+    with pytest.raises(ConfigError, match="out of range"):
+        load(DownloadConfig, str(cfg), section="download")

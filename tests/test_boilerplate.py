@@ -169,6 +169,7 @@ def test_multisite_web_ground_truth(tmp_path):
     from crawl.extract import run_extract
     from filter.pipeline import run_filter
     from pairing.pipeline import run_pair
+    from core.stageio import read_stats, read_table
     from webpairs.multisite import score_boilerplate, serve_multisite_web
 
     with serve_multisite_web(str(tmp_path), n_sites=8, seed=0) as web:
@@ -188,3 +189,13 @@ def test_multisite_web_ground_truth(tmp_path):
     assert score["boilerplate_occurrences"] > 100 and score["pairs"] > 0
     kinds_in_pairs = {web.kinds[u] for u in score["missed"]}
     assert kinds_in_pairs <= {"logo"}
+    # its photos are all distinct pictures (procedural, same-topic ones alike): the copy step finds
+    # none, and the pairs are those of a run without it
+    stats = read_stats(d["pair"])
+    assert stats["copy_images_removed"] == 0 and stats["copy_candidates"] > 0 and stats["copy_stand_ins"] == 0
+    run_pair(d["filter"], str(tmp_path / "pair_no_copies"), PairConfig(copies=False))
+
+    def pair_rows(path: str) -> list:
+        return sorted((r["page_url"], r["cond_image_id"], r["target_image_id"]) for r in read_table(path, "pairs", ["page_url", "cond_image_id", "target_image_id"]).to_pylist())
+
+    assert pair_rows(d["pair"]) == pair_rows(str(tmp_path / "pair_no_copies"))

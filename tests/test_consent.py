@@ -4,6 +4,7 @@ bytes it managed to send, and the connections open at once per host."""
 
 import collections
 import email.utils
+import glob
 import http.server
 import io
 import json
@@ -37,6 +38,7 @@ ROBOTS = {
     "ua.test": "User-agent: *\nDisallow: /\n\nUser-agent: webpairs\nDisallow: /private/\n",  # our group wins over *
     "star.test": "User-agent: otherbot\nDisallow: /\n\nUser-agent: *\nDisallow: /private/\n",
     "delay.test": "User-agent: *\nCrawl-delay: 1\n",
+    "hop.test": "User-agent: *\nDisallow: /private/\n",  # only reached by a redirect: not in the plan
 }
 TDMREP = {"tdm.test": [{"location": "/reserved/*", "tdm-reservation": 1, "tdm-policy": "https://tdm.test/policy.json"}, {"location": "/", "tdm-reservation": 0}]}
 
@@ -128,6 +130,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._send(429, b"slow down", "text/plain", [("Retry-After", "2")])
             if path == "/date.jpg":
                 return self._send(503, b"later", "text/plain", [("Retry-After", email.utils.formatdate(time.time() + 2, usegmt=True))])
+        if host == "ua.test" and path.startswith("/public/to-"):  # a redirect to another site's disallowed path
+            target = {"/public/to-star.jpg": "star.test", "/public/to-hop.jpg": "hop.test"}[path]
+            self.send_response(302)
+            self.send_header("Location", f"http://{target}:{self.server.server_address[1]}/private/x.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if host == "flaky.test" and path == "/x.jpg" and n == 1:
             return self._send(500, b"oops", "text/plain")
         if host == "flaky.test" and path == "/gone.jpg":
@@ -148,7 +157,7 @@ def web():
 
 HOSTS = ["ua.test", "star.test", "fivexx.test", "missing.test", "tdm.test", "optout.test", "busy.test", "delay.test", "ratelimit.test", "flaky.test"]
 PATHS = {
-    "ua.test": ["/public/1.jpg", "/private/2.jpg"],
+    "ua.test": ["/public/1.jpg", "/private/2.jpg", "/public/to-star.jpg", "/public/to-hop.jpg"],
     "star.test": ["/public/1.jpg", "/private/2.jpg"],
     "fivexx.test": ["/1.jpg", "/2.jpg"],
     "missing.test": ["/1.jpg", "/private/2.jpg"],
@@ -161,6 +170,7 @@ PATHS = {
 }
 EXPECTED = {  # (host, path) -> the reason, None: kept
     ("ua.test", "/public/1.jpg"): None, ("ua.test", "/private/2.jpg"): "robots_disallowed",
+    ("ua.test", "/public/to-star.jpg"): "robots_disallowed", ("ua.test", "/public/to-hop.jpg"): "robots_disallowed",  # judged at the redirect
     ("star.test", "/public/1.jpg"): None, ("star.test", "/private/2.jpg"): "robots_disallowed",
     ("fivexx.test", "/1.jpg"): "robots_disallowed", ("fivexx.test", "/2.jpg"): "robots_disallowed",
     ("missing.test", "/1.jpg"): None, ("missing.test", "/private/2.jpg"): None,
@@ -191,7 +201,7 @@ def _links_stage(folder, port: int) -> str:
 def _cli_download(links: str, out: str, *extra: str) -> int:
     from webpairs.cli import main
 
-    resolve = [a for h in HOSTS for a in ("--resolve", f"{h}:127.0.0.1")]  # repeated, as curl users do
+    resolve = [a for h in HOSTS + ["hop.test"] for a in ("--resolve", f"{h}:127.0.0.1")]  # repeated, as curl users do
     return main(["crawl", "download", links, "--out", out, "--allow-hosts", "127.0.0.1", "--allow-hosts", "::1", *resolve,
                  "--processes", "2", "--threads", "16", "--timeout", "5",
                  "--min-links-per-page", "0", "--no-url-boilerplate", "--max-retry-after", "10", "--samples-per-shard", "8", *extra])
@@ -226,17 +236,23 @@ def test_every_link_ends_with_what_its_site_said(downloaded):
     assert got == EXPECTED
     stats = read_stats(out)
     assert stats["input"] == len(EXPECTED) and stats["rejected"] == dict(collections.Counter(r for r in EXPECTED.values() if r))
-    assert stats["consent"]["sites"] == len(HOSTS) and stats["consent"]["robots"] == {"missing": 6, "ok": 3, "unavailable": 1}
+    # hop.test, reached only by a redirect, was asked by a worker and is kept in the run too
+    assert stats["consent"]["sites"] == len(HOSTS) + 1 and stats["consent"]["robots"] == {"missing": 6, "ok": 4, "unavailable": 1}
     hosts = pq.read_table(os.path.join(out, "consent", "hosts.parquet")).to_pandas().set_index("origin")
     assert hosts.loc[f"http://fivexx.test:{port}", "robots_http"] == 503 and hosts.loc[f"http://tdm.test:{port}", "tdmrep_status"] == "ok"
+    assert hosts.loc[f"http://hop.test:{port}", "robots_status"] == "ok" and not glob.glob(os.path.join(out, "consent", "hop-*"))
 
 
 def test_refused_urls_are_never_requested_and_site_files_come_first(downloaded):
     _, _, _, requests = downloaded
     asked = collections.Counter((h, p) for h, p, _, _ in requests)
     for (host, path), reason in EXPECTED.items():
-        if reason in ("robots_disallowed", "tdm_reserved") and host != "optout.test":
+        if reason in ("robots_disallowed", "tdm_reserved") and host != "optout.test" and "/to-" not in path:
             assert asked[(host, path)] == 0, (host, path)
+    # a redirect's target is judged before it is asked: another planned site's robots.txt, or the
+    # robots.txt of a site the plan never saw, asked by the worker first
+    assert asked[("star.test", "/private/x.jpg")] == asked[("hop.test", "/private/x.jpg")] == 0
+    assert asked[("hop.test", "/robots.txt")] == 1  # once, by whichever worker got there first
     for host in HOSTS:  # robots.txt and tdmrep.json once per host, before any image of it
         mine = [(p, t) for h, p, t, _ in requests if h == host]
         assert [p for p, _ in mine].count("/robots.txt") == 1, host
@@ -361,7 +377,7 @@ def test_the_report_has_a_consent_section(downloaded, tmp_path):
     tmp, _, port, _ = downloaded
     text = write_report(str(tmp), str(tmp_path / "report.html"))
     section = [" ".join(line.split()) for line in text.split("consent (download --consent on):", 1)[1].strip().splitlines()]
-    assert section[:3] == ["robots_disallowed 4 links on 3 hosts (download)", "tdm_reserved 2 links on 2 hosts (download)", "opt_out 2 links on 1 hosts (download)"]
+    assert section[:3] == ["robots_disallowed 6 links on 3 hosts (download)", "tdm_reserved 2 links on 2 hosts (download)", "opt_out 2 links on 1 hosts (download)"]
     assert section[3] == f"robots.txt of http://fivexx.test:{port} unavailable (HTTP 503): all of the site disallowed for this run"
     page = (tmp_path / "report.html").read_text()
     assert "<table id='consent'>" in page and "<table id='consent-failures'>" in page and f"http://fivexx.test:{port}" in page

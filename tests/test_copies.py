@@ -113,3 +113,195 @@ def test_every_dress_verifies_and_distinct_photos_do_not(photos_dir):
 def test_groups_keep_the_largest_then_the_least_recompressed():
     info = {"a": {"content": 100, "quality": 90}, "b": {"content": 200, "quality": 45}, "c": {"content": 200, "quality": 85}, "d": {"content": 50, "quality": 95}, "x": {"content": 10}, "y": {"content": 10}}
     assert copy_groups([("a", "b"), ("b", "c"), ("c", "d"), ("x", "y")], info) == {"a": "c", "b": "c", "d": "c", "y": "x"}
+
+
+@pytest.fixture(scope="module")
+def copy_run(tmp_path_factory, photos_dir):
+    """The copy web (12 sites, 14 photos in 3-4 dresses, 60 distinct dog photos, 6 burst pairs)
+    through extract -> download -> filter (efficientnet-lite0) -> pair at default settings."""
+    from core.config import CrawlConfig, DownloadConfig, FilterConfig
+    from crawl.download import run_download
+    from crawl.extract import run_extract
+    from filter.pipeline import run_filter
+    from pairing.pipeline import run_pair
+    from webpairs.copyweb import serve_copy_web
+
+    tmp = tmp_path_factory.mktemp("copyweb")
+    dirs = {k: str(tmp / k) for k in ("links", "download", "filter", "pair", "shards")}
+    with serve_copy_web(str(tmp), photos_dir) as web:
+        run_extract(web.warc_path, dirs["links"], CrawlConfig(allow_hosts=("127.0.0.1",)))
+        run_download(dirs["links"], dirs["download"], DownloadConfig(allow_hosts=("127.0.0.1",), processes=1))
+    run_filter(dirs["download"], dirs["filter"], FilterConfig(encoder="efficientnet-lite0"))
+    stats = run_pair(dirs["filter"], dirs["pair"], PairConfig())
+    from core.config import ShardConfig
+    from shards.writer import run_shards
+
+    run_shards(dirs["pair"], dirs["shards"], ShardConfig(samples_per_shard=200))
+    return web, dirs, stats
+
+
+def _read(stage_dir: str, part: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from core.stageio import stage_files
+
+    return [r for f in stage_files(stage_dir, part) for r in pq.read_table(f).to_pylist()]
+
+
+def test_copy_web_every_dress_kept_once(copy_run):
+    """Recall >= 0.95 of the redundant dresses, precision >= 0.98 of what is removed, no distinct
+    photo (same-topic dogs, burst crops) removed, every copied photo in pairs through one dress."""
+    from webpairs.copyweb import score_copies
+
+    web, dirs, stats = copy_run
+    score = score_copies(web, dirs)
+    assert score["copied_photos"] == 14 and score["redundant"] >= 28
+    assert score["recall"] >= 0.95, score
+    assert score["precision"] >= 0.98, score
+    assert score["distinct_removed"] == []
+    for photo, urls in score["dresses_in_pairs"].items():
+        assert len(urls) == 1, (photo, urls)  # in pairs, and through one dress only
+    removed_kinds = {web.dress[r["url"]] for r in _read(dirs["pair"], "rejected") if r["reason"] == "copy_duplicate"}
+    assert set(DRESSES) <= removed_kinds | {"orig"} and len(removed_kinds) >= len(DRESSES) - 1  # every kind is found (one may be the kept dress)
+    # distinct photos all still reach pairs (none collapsed into another)
+    distinct = {ph for url, ph in web.photo.items() if ph not in web.copied_photos()}
+    assert sum(ph in score["photos_in_pairs"] for ph in distinct) >= 0.9 * len(distinct)
+
+
+def test_copy_rows_reconcile_and_name_the_kept_dress(copy_run):
+    """Every copy link is one rejected row naming the kept image, one copies/ row, and where the
+    kept dress is not on its page, one stand-in (the kept dress on that page, its own input row)."""
+    from core.records import stable_id
+
+    web, dirs, stats = copy_run
+    rejected = _read(dirs["pair"], "rejected")
+    copies = _read(dirs["pair"], "copies")
+    kept = _read(dirs["pair"], "images")
+    occ = [r for r in _read(dirs["filter"], "occurrences") if r["filter_reason"] is None]
+    by_id = {r["record_id"]: r for r in rejected}
+    assert stats["copy_stand_ins"] == sum(r["stand_in"] for r in copies) > 0
+    assert stats["input"] == stats["links"] + stats["copy_stand_ins"] == len(kept) + len(rejected)
+    assert stats["links"] == len(occ)
+    stand_in_ids = {stable_id(r["page_url"], r["kept_image_url"]) for r in copies if r["stand_in"]}
+    assert sorted([r["record_id"] for r in rejected] + [stable_id(r["page_url"], r["image_url"]) for r in kept]) == sorted([o["link_id"] for o in occ] + list(stand_in_ids))
+    for c in copies:
+        row = by_id[c["link_id"]]
+        assert row["reason"] == ("copy_duplicate" if c["stand_in"] or c["page_url"] not in {o["page_url"] for o in occ if o["image_id"] == c["kept_image_id"]} else "near_duplicate")
+        assert c["kept_image_id"] in row["detail"] and web.photo[c["image_url"]] == web.photo[c["kept_image_url"]]
+        if c["stand_in"]:  # the kept dress is on the copy's page: kept there, or rejected by a page rule, by its stand-in id
+            sid = stable_id(c["page_url"], c["kept_image_url"])
+            assert sid in by_id or any(k["page_url"] == c["page_url"] and k["image_id"] == c["kept_image_id"] for k in kept)
+    assert stats["copy_candidates"] > stats["copy_pairs_verified"] >= score_pairs(copies)
+    checks = _read(dirs["pair"], "copy_checks")
+    assert len(checks) == stats["copy_candidates"] and sum(c["copy"] for c in checks) == stats["copy_pairs_verified"]
+    # the same photo on two pages of a site (same bytes) is no copy: it stays on both pages
+    recurring = [u for u in web.photo if sum(1 for _, x in web.occurrences if x == u) == 2 and web.photo[u] not in web.copied_photos()]
+    assert recurring and all(sum(k["image_url"] == u for k in kept) + sum(r["url"] == u and r["reason"] in ("no_pair_in_band", "over_page_cap") for r in rejected) == 2 for u in recurring)
+
+
+def score_pairs(copies: list[dict]) -> int:
+    """Removed dresses: each needs one verified pair at least."""
+    return len({c["image_id"] for c in copies})
+
+
+def test_pairs_of_the_test_web_hold_except_its_copies(pipeline_dirs, tmp_path):
+    """The earlier test web through pair with the copy step off and on: the pages with no copy
+    keep exactly their pairs; the same-page dresses of its near-duplicate group stay
+    near_duplicate rejects."""
+    from pairing.pipeline import run_pair
+
+    off = str(tmp_path / "pair_off")
+    run_pair(pipeline_dirs["filter"], off, PairConfig(copies=False))
+    copies = _read(pipeline_dirs["pair"], "copies")
+    touched = {c["page_url"] for c in copies}
+    groups = {c["image_id"] for c in copies} | {c["kept_image_id"] for c in copies}
+    on_pairs = {(p["page_url"], p["cond_image_id"], p["target_image_id"]) for p in _read(pipeline_dirs["pair"], "pairs")}
+    off_pairs = {(p["page_url"], p["cond_image_id"], p["target_image_id"]) for p in _read(off, "pairs")}
+    assert {p for p in on_pairs if p[0] not in touched} == {p for p in off_pairs if p[0] not in touched}
+    assert {p for p in on_pairs - off_pairs if not (p[1] in groups or p[2] in groups)} == set()
+    assert all(r["reason"] == "near_duplicate" for r in _read(pipeline_dirs["pair"], "rejected") if r["record_id"] in {c["link_id"] for c in copies})
+
+
+def test_report_and_browser_show_copy_groups(copy_run, tmp_path):
+    """The HTML report's copy gallery (kept dress first in each group) and groups per site, and the
+    browser's /api/copies and /image/copy, against the ground truth of the copy web."""
+    from html.parser import HTMLParser
+
+    from browse.data import RunData
+    from browse.report import write_report
+
+    web, dirs, _ = copy_run
+    copies = _read(dirs["pair"], "copies")
+    groups = {c["kept_image_id"] for c in copies}
+    want_sites: dict[str, set] = {}
+    for c in copies:
+        want_sites.setdefault(c["site"], set()).add(web.photo[c["kept_image_url"]])
+    root = os.path.dirname(dirs["pair"])
+    text = write_report(root, str(tmp_path / "report.html"))
+    assert f"copies across sites: {len(groups)} groups, {len({c['image_id'] for c in copies})} dresses removed" in text
+
+    class Gallery(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.groups, self.rows, self.cell, self.in_sites = [], [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "div" and "copy-group" in (a.get("class") or ""):
+                self.groups.append([])
+            elif tag == "div" and self.groups and a.get("class") in ("pair kept", "pair copy"):
+                self.groups[-1].append(a["class"].split()[1])
+            elif tag == "table" and a.get("id") == "copy-sites":
+                self.in_sites = True
+            elif tag == "tr" and self.in_sites:
+                self.rows.append([])
+            elif tag == "td" and self.in_sites:
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                self.rows[-1].append(self.cell)
+                self.cell = None
+            elif tag == "table":
+                self.in_sites = False
+
+    g = Gallery()
+    g.feed(open(tmp_path / "report.html").read())
+    assert len(g.groups) == min(12, len(groups)) and all(m[0] == "kept" and set(m[1:]) == {"copy"} and len(m) >= 2 for m in g.groups)
+    assert {r[0]: int(r[1]) for r in g.rows if r} == {s: len(p) for s, p in want_sites.items()}
+    run = RunData(root)
+    try:
+        page = run.copy_groups(limit=200)
+        assert page["total"] == len(groups) == len(page["groups"])
+        for grp in page["groups"]:
+            members = grp["members"]
+            assert members[0]["kept"] and members[0]["image_id"] == grp["kept_image_id"] and not any(m["kept"] for m in members[1:])
+            assert len({web.photo[m["url"]] for m in members}) == 1  # one photo per group
+            img = Image.open(io.BytesIO(run.copy_image(members[1]["image_id"])))
+            assert img.size == (members[1]["width"], members[1]["height"])
+        assert {r["site"]: r["groups"] for r in page["per_site"]} == {s: len(p) for s, p in want_sites.items()}
+        assert run.copy_image("0123456789abcdef") is None
+    finally:
+        run.close()
+
+
+def test_a_hub_takes_part_in_a_bounded_number_of_checks():
+    """One embedding close to 300 others (each names it first): it is in at most 2 x
+    copy_max_candidates candidate pairs; every other image still gets its partners."""
+    rng = np.random.default_rng(2)
+    hub = rng.normal(size=32)
+    others = hub + rng.normal(scale=0.6, size=(300, 32))
+    emb = np.vstack([hub, others])
+    ids = [f"{i:04d}" for i in range(301)]
+    cfg = PairConfig(copy_max_candidates=4, copy_min_cosine=0.0)
+    cands = find_candidates(ids, emb, [None] * 301, cfg)
+    degree: dict[str, int] = {}
+    for a, b, _, _ in cands:
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    assert max(degree.values()) <= 8 and degree["0000"] == 8
+    assert len(degree) == 301

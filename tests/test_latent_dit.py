@@ -95,6 +95,8 @@ def test_stored_latents_equal_the_vae_encoding_of_every_target(shards, latent_sh
             np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
             seen += 1
     assert seen == 16
+    wids = json.load(open(os.path.join(latent_shards, layout.WIDS)))  # webdataset's indexed reader: the new tars
+    assert [(s["url"], s["nsamples"], s["filesize"]) for s in wids["shardlist"]] == [(e["shard"], e["samples"], os.path.getsize(os.path.join(latent_shards, e["shard"]))) for e in manifest["shards"]]
     # the index points at each sample's bytes in its new tar (read with DuckDB)
     rows = duckdb.sql(f"select key, shard, \"offset\", size from read_parquet('{latent_shards}/index/*.parquet') order by key").fetchall()
     assert len(rows) == 16

@@ -174,6 +174,7 @@ def register_filter(sub, handlers) -> None:
     p.add_argument("--min-clip-score", type=float, help="reject images whose alt-text CLIP score is lower (default off; LAION used 0.28)")
     p.add_argument("--flat-share", type=float, help="reject as flat_image (logo-, icon-like) when the 8 most frequent colours cover this share of the pixels (default 0.8; --flat-colours 0 turns it off)")
     p.add_argument("--flat-colours", type=int, help="how many colours --flat-share counts (default 8; 0: rule off)")
+    p.add_argument("--faces", choices=("detect", "blur", "off"), help="faces in kept images (OpenCV's bundled Haar cascade): detect stores each image's face count and boxes (default), blur also blurs them in the stored image (so in the shards, as DataComp does), off skips it")
     p.add_argument("--reject-url-words", action="store_true", default=None, help="reject images whose URL path names logo, icon, sprite, avatar, badge or button (off by default; stats count them either way)")
     handlers["filter"] = cmd_filter
     cmd_filter.accepts_beam_args = True
@@ -200,6 +201,9 @@ def register_pair(sub, handlers) -> None:
     p.add_argument("--sim-high", type=float, help="upper end of the similarity band (default 0.95)")
     p.add_argument("--max-pairs-per-page", type=int, help="pairs sampled per page (default 16)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--no-copies", dest="copies", action="store_false", default=None, help="skip the copy step (the same photo in other dresses across pages and sites is kept once; on by default)")
+    p.add_argument("--copy-min-inliers", type=int, help="matches agreeing on one similarity transform for a copy (default 20)")
+    p.add_argument("--copy-max-candidates", type=int, help="candidate partners each image proposes for verification; an image takes part in at most twice that many checks (default 10)")
     handlers["pair"] = cmd_pair
     cmd_pair.accepts_beam_args = True
 
@@ -210,7 +214,7 @@ def register_pair(sub, handlers) -> None:
         "a `pair` output directory (pairs/ and images/ parquet)",
     )
     p.add_argument("--samples-per-shard", type=int, help="target samples per shard (default 1000)")
-    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file (default 256 MiB)")
+    p.add_argument("--max-shard-bytes", type=int, help="byte limit per shard file, a bound of its size on disk; a sample larger than a whole shard is rejected (default 256 MiB)")
     p.add_argument("--no-embedding", dest="store_embedding", action="store_false", default=None, help="do not store the condition embedding ({key}.cond.npy)")
     handlers["shards"] = cmd_shards
     cmd_shards.accepts_beam_args = True

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 BEAM_NOTE = (
-    "Unknown --flags are passed to Apache Beam as pipeline options; the default runner is the "
+    "Other --flags are passed to Apache Beam as pipeline options (a flag neither this command nor Beam "
+    "knows is an error naming the nearest known flag); the default runner is the "
     "in-process FnApiRunner (e.g. --direct_num_workers 2, or --runner PortableRunner "
     "--job_endpoint localhost:8099 --environment_type LOOPBACK). --runner dask runs the Beam stages "
     "on dask.distributed: --dask-address tcp://HOST:PORT submits to a cluster, otherwise a LocalCluster "

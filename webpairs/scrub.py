@@ -318,7 +318,7 @@ def _any_mask(urls: dict, links: set, images: dict) -> Callable[[pa.Table], pa.A
 def _scrub_shards(shards_dir: str, pairs_removed: set) -> dict:
     """Rewrite the tars holding removed samples; index, manifest and stats follow."""
     from core import sample_layout as layout
-    from shards.writer import _members, _ShardFile
+    from shards.writer import _members, _ShardFile, write_wids
 
     sh = StageRewrite(shards_dir, "shards")
     index = _read(os.path.join(sh.path, "index"))
@@ -365,5 +365,8 @@ def _scrub_shards(shards_dir: str, pairs_removed: set) -> dict:
     os.remove(os.path.join(sh.path, layout.MANIFEST))  # a hard link: write a new file
     with open(os.path.join(sh.path, layout.MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2)
+    if os.path.exists(os.path.join(sh.path, layout.WIDS)):
+        os.remove(os.path.join(sh.path, layout.WIDS))  # a hard link too
+    write_wids(sh.path, manifest["shards"])  # wids numbers the samples that are left
     sh.commit()
     return {"pairs": written, "shards_rewritten": sum(1 for s in hit_shards if summaries[s]), "shards_deleted": sum(1 for s in hit_shards if not summaries[s])}

@@ -1,0 +1,253 @@
+"""The copy step of `pair` at scale (pairing/copies.py): its candidate search and its verification.
+
+Candidates: `find_candidates` (what the step runs on one worker: a faiss HNSW index over the
+embeddings plus the mirror-aware pHash multi-index) on N synthetic embeddings (--dim, float32
+after reading the stored float16) in topics (same-topic cosine about 0.5-0.7, the range where the
+loose threshold lets many same-topic photos through), 10 % of them copies of another (cosine about
+0.9), each size in a fresh child process so its peak RSS is its own. Baseline in the same run: the
+exact all-pairs search (a numpy matmul in blocks) at the sizes where it is feasible, to show the
+growth (all pairs: quadratic; the index: about linear).
+
+Verification: the Beam step `FindCopies` on N synthetic images (128-160 px mosaics, each distinct;
+10 % are dresses of another: crop, mirror, grade + quality 45, resize) with synthetic topic
+embeddings, on the in-process runner and on Dask (`--runner dask`, a LocalCluster of 2 workers).
+Reported: time, peak RSS of the driver (and of the Dask workers), candidate pairs and pairs
+verified per image (bounded by copy_max_candidates), and the recall of the planted dresses.
+
+    python benchmarks/copies.py --small                 # 10^4 embeddings, 10^3 images: a minute
+    python benchmarks/copies.py --candidates 10000 100000 1000000 --verify 10000 100000 --runner both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import ROOT, SMOKE_HELP, report
+
+
+def synthetic_embeddings(n: int, dim: int, seed: int = 0, copy_share: float = 0.1):
+    """(embeddings float32 unit rows, pHashes, {copy row: its original row})."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    topics = max(1, n // 50)
+    centres = rng.normal(size=(topics, dim)).astype(np.float32)
+    emb = centres[rng.integers(0, topics, size=n)] + rng.normal(scale=0.9, size=(n, dim)).astype(np.float32)
+    n_copies = int(n * copy_share)
+    perm = rng.permutation(n)
+    copies = perm[:n_copies]  # copies and originals are disjoint: an original is not itself moved
+    originals = perm[n_copies:][rng.integers(0, n - n_copies, size=n_copies)]
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[copies] = emb[originals] + rng.normal(scale=0.5 / np.sqrt(dim), size=(len(copies), dim)).astype(np.float32)  # cosine about 0.9
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    hashes = rng.integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+    flips = rng.integers(0, 64, size=(len(copies), 3)).astype(np.uint64)
+    hashes[copies] = hashes[originals] ^ (np.uint64(1) << flips[:, 0]) ^ (np.uint64(1) << flips[:, 1]) ^ (np.uint64(1) << flips[:, 2])
+    return emb, [f"{int(h):016x}" for h in hashes], dict(zip(copies.tolist(), originals.tolist()))
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (Dask's workers, once closed): on a
+    shared machine the wall time depends on the neighbours, the CPU time much less."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_candidates(n: int, dim: int, exact: bool) -> dict:
+    """One size of the candidate step (run in a child process)."""
+    import numpy as np
+
+    from core.config import PairConfig
+    from pairing.copies import find_candidates
+
+    emb, hashes, planted = synthetic_embeddings(n, dim)
+    ids = [f"{i:012d}" for i in range(n)]
+    base = _peak_rss_mb()
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    cands = find_candidates(ids, emb, hashes, PairConfig())
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    found = {(int(a), int(b)) for a, b, _, _ in cands}
+    recall = np.mean([(min(c, o), max(c, o)) in found for c, o in planted.items()]) if planted else 1.0
+    out = {"n": n, "dim": dim, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": base, "candidates": len(cands), "per_image": 2 * len(cands) / n, "planted_recall": float(recall)}
+    if exact:
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        for lo in range(0, n, 4096):  # the all-pairs baseline: every cosine, in blocks
+            sims = emb[lo : lo + 4096] @ emb.T
+            np.argpartition(-sims, 11, axis=1)[:, :11]
+        out["all_pairs_seconds"], out["all_pairs_cpu_seconds"] = time.perf_counter() - start, _cpu_seconds() - cpu
+    return out
+
+
+def synthetic_images(n: int, seed: int = 0, copy_share: float = 0.1):
+    """(rows {image_id, image_bytes}, light rows (id, float16 embedding, pHash), {copy: original}):
+    distinct mosaics (random low-resolution noise, upscaled, plus grain), 10 % dresses of another."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from filter.hashing import phash_hex
+
+    rng = np.random.default_rng(seed)
+    emb, _, _ = synthetic_embeddings(n, 64, seed, copy_share=0.0)
+    n_copies = int(n * copy_share)
+    originals = rng.choice(n - n_copies, size=n_copies)
+    kinds = ("crop", "mirror", "grade", "resize")
+    rows, light, planted = [], [], {}
+
+    def make(i):
+        g = np.random.default_rng(seed * 1_000_003 + i)
+        w, h = int(g.integers(128, 161)), int(g.integers(110, 128))
+        base = g.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
+        img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)
+        blobs = g.integers(0, 256, size=(24, 32, 3)).astype(np.uint8)
+        img = cv2.addWeighted(img, 0.6, cv2.resize(blobs, (w, h), interpolation=cv2.INTER_LINEAR), 0.4, 0)
+        return img
+
+    for i in range(n):
+        if i >= n - n_copies:
+            o = int(originals[i - (n - n_copies)])
+            img = make(o)
+            kind = kinds[i % len(kinds)]
+            if kind == "crop":
+                h, w = img.shape[:2]
+                img = img[int(h * 0.1) :, int(w * 0.12) :]
+            elif kind == "mirror":
+                img = img[:, ::-1]
+            elif kind == "grade":
+                img = np.clip(img.astype(np.int16) * 1.2 - 10, 0, 255).astype(np.uint8)
+            else:
+                img = cv2.resize(img, (img.shape[1] * 3 // 4, img.shape[0] * 3 // 4), interpolation=cv2.INTER_AREA)
+            quality = 45 if kind == "grade" else 85
+            e = emb[o] + np.random.default_rng(i).normal(scale=0.02, size=emb.shape[1])
+            planted[f"{i:012d}"] = f"{o:012d}"
+        else:
+            img, quality, e = make(i), 90, emb[i]
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        data = buf.tobytes()
+        image_id = f"{i:012d}"
+        rows.append({"image_id": image_id, "image_bytes": data})
+        light.append((image_id, (e / np.linalg.norm(e)).astype(np.float16), phash_hex(Image.fromarray(img[:, :, ::-1]))))
+    return rows, light, planted
+
+
+def child_verify(n: int, runner: str) -> dict:
+    """The Beam copy step on n synthetic images (run in a child process)."""
+    import apache_beam as beam
+
+    from core.config import PairConfig
+    from core.stageio import stage_pipeline
+    from pairing.copies import FindCopies
+
+    start = time.perf_counter()
+    rows, light, planted = synthetic_images(n)
+    made = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "checks.jsonl")
+        beam_args = ["--runner", "dask", "--dask-workers", "2"] if runner == "dask" else []
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        with stage_pipeline(beam_args) as p:
+            found = {"light": p | "Light" >> beam.Create(light, reshuffle=False), "bytes": p | "Bytes" >> beam.Create(rows, reshuffle=False)} | FindCopies(PairConfig())
+            _ = found["copy_of"] | "AllCopies" >> beam.combiners.ToList() | "CopyJson" >> beam.Map(json.dumps) | "WriteCopies" >> beam.io.WriteToText(out + ".copy_of", shard_name_template="")
+            _ = (found["checks"] | "Verdict" >> beam.Map(lambda r: int(r["copy"])) | "AllChecks" >> beam.combiners.ToList()
+                 | "CheckJson" >> beam.Map(lambda v: json.dumps([sum(v), len(v)])) | "WriteChecks" >> beam.io.WriteToText(out + ".checks", shard_name_template=""))
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        copy_of = dict(json.load(open(out + ".copy_of")))
+        verified, checked = json.load(open(out + ".checks"))
+    def family(x):
+        return planted.get(x, x)
+
+    hit = sum(1 for c, o in planted.items() if copy_of.get(c, c) == copy_of.get(o, o))
+    false = sum(1 for m, k in copy_of.items() if family(m) != family(k))
+    return {"n": n, "runner": runner, "seconds": seconds, "cpu_seconds": cpu, "make_seconds": made, "peak_rss_mb": _peak_rss_mb(), "checked": checked, "checked_per_image": checked / n, "verified": verified,
+            "images_removed": len(copy_of), "planted": len(planted), "planted_recall": hit / max(1, len(planted)), "removed_not_planted": false}
+
+
+def _child(kind: str, n: int, **kw) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--n", str(n)] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        return {"n": n, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="10^4 embeddings and 10^3 images (minutes on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    ap.add_argument("--candidates", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="embedding counts for the candidate step")
+    ap.add_argument("--dim", type=int, default=256, help="embedding size for the candidate step (efficientnet-lite0: 1280)")
+    ap.add_argument("--exact-below", type=int, default=100_000, help="also time the all-pairs baseline up to this size")
+    ap.add_argument("--verify", type=int, nargs="*", default=[10_000, 100_000], help="image counts for the verification step")
+    ap.add_argument("--runner", choices=("inprocess", "dask", "both"), default="both", help="where the verification step runs")
+    ap.add_argument("--child", choices=("candidates", "verify"), help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--exact", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--on", default="inprocess", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "candidates":
+        print(json.dumps(child_candidates(args.n, args.dim, bool(args.exact))))
+        return []
+    if args.child == "verify":
+        print(json.dumps(child_verify(args.n, args.on)))
+        return []
+    if args.small:
+        args.candidates, args.verify = [10_000], [1_000]
+    if args.smoke:
+        args.candidates, args.verify, args.runner = [6_000], [60], "inprocess"
+    results = []
+    print("== copies: candidate step (find_candidates: faiss HNSW + pHash multi-index) ==")
+    for n in args.candidates:
+        r = _child("candidates", n, dim=args.dim, exact=int(n <= args.exact_below))
+        results.append({"step": "candidates", **r})
+        if "error" in r:
+            print(f"  n={n:>9,}  error: {r['error']}")
+            continue
+        base = f"; all pairs {r['all_pairs_seconds']:.1f} s, CPU {r['all_pairs_cpu_seconds']:.1f} s ({r['all_pairs_cpu_seconds'] / r['cpu_seconds']:.1f}x the index's CPU)" if "all_pairs_seconds" in r else ""
+        print(f"  n={n:>9,} dim={r['dim']}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e6:6.1f} us/image), peak RSS {r['peak_rss_mb']:7.0f} MB, {r['per_image']:.1f} candidates/image, planted copies found {r['planted_recall']:.3f}{base}")
+    runners = ("inprocess", "dask") if args.runner == "both" else (args.runner,)
+    print("== copies: verification (the Beam step FindCopies: features once per image, two joins, SIFT + RANSAC) ==")
+    for n in args.verify:
+        for runner in runners:
+            r = _child("verify", n, on=runner)
+            results.append({"step": "verify", **r})
+            if "error" in r:
+                print(f"  n={n:>7,} {runner:9s} error: {r['error']}")
+                continue
+            print(f"  n={n:>7,} {runner:9s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e3:5.1f} ms/image), driver peak RSS {r['peak_rss_mb']:6.0f} MB, {r['checked_per_image']:.1f} pairs checked/image, "
+                  f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}")
+    cand = [r for r in results if r["step"] == "candidates" and "error" not in r]
+    if cand:
+        rows = [(f"n={r['n']:,}: CPU s", r["cpu_seconds"], "s") for r in cand] + [(f"n={r['n']:,}: peak RSS", r["peak_rss_mb"], "MB") for r in cand]
+        rows += [(f"n={r['n']:,}: candidates per image", r["per_image"], "") for r in cand]
+        exact = [r for r in cand if "all_pairs_cpu_seconds" in r]
+        rows += [(f"n={r['n']:,}: all pairs CPU s", r["all_pairs_cpu_seconds"], "s") for r in exact]
+        if exact:
+            report("copies: candidates (all pairs CPU / index CPU at the largest exact size)", rows, exact[-1]["all_pairs_cpu_seconds"] / max(1e-9, exact[-1]["cpu_seconds"]), 1.0)
+        else:
+            report("copies: candidates (planted copies found)", rows, float(min(r["planted_recall"] for r in cand)), 0.95)
+    ver = [r for r in results if r["step"] == "verify" and "error" not in r]
+    if ver:
+        rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
+        report("copies: verification (planted dresses found)", rows, float(min(r["planted_recall"] for r in ver)), 0.95)
+    if any("error" in r for r in results):
+        raise SystemExit("copies: " + "; ".join(f"{r['step']} n={r['n']}: {r['error']}" for r in results if "error" in r))
+    return results
+
+
+if __name__ == "__main__":
+    main()
