@@ -27,6 +27,7 @@ def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--invert-batch", type=int, default=8, help="noises per inversion step")
     ap.add_argument("--invert", type=int, default=40)
     ap.add_argument("--invert-lr", type=float, default=0.02)
     ap.add_argument("--pairs", type=int, default=6)
@@ -94,7 +95,7 @@ def main() -> dict:
     for ia, ib in pairs:
         xa, xb = to_model([images[ia], images[ib]], 32, "cpu")
         ea, eb = conds[ia], conds[ib]
-        ends = {"encoder": (ea, eb), "inverted": tuple(S.invert_condition(net, x, c, args.invert, args.invert_lr, seed=i) for i, (x, c) in enumerate(((xa, ea), (xb, eb))))}
+        ends = {"encoder": (ea, eb), "inverted": tuple(S.invert_condition(net, x, c, args.invert, args.invert_lr, batch=args.invert_batch, seed=i) for i, (x, c) in enumerate(((xa, ea), (xb, eb))))}
         for kind, (ca, cb) in ends.items():
             frames, _ = S.interpolate(net, xa, xb, ca, cb, args.frames, (args.noise, args.noise), 1, seed=0, steps=args.steps)
             rows[kind].append(path_stats(frames[0], xa, xb, ea, eb))

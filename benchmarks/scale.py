@@ -293,14 +293,18 @@ def plot(results: list[dict], folder: str) -> list[str]:
     for key, label, name in (("cpu", "CPU seconds (driver + workers)", "scale_time.png"), ("peak_mb", "peak RSS, MB (largest process)", "scale_memory.png")):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=key == "peak_mb")
         for ax, runner in zip(axes, ("inprocess", "dask")):
-            for stage in STAGES:
+            for colour, stage in enumerate(STAGES):  # one colour per stage in both panels
                 rows = sorted((r for r in results if r["stage"] == stage and r["runner"] == runner), key=lambda r: r["size"])
                 if rows:
-                    ax.plot([r["records"] for r in rows], [r[key] for r in rows], "o-", label=stage)
+                    xs = [r["records"] for r in rows]
+                    ax.plot(xs, [r[key] for r in rows], "o-", color=f"C{colour}", label=stage)
+                    if key == "cpu" and len(rows) > 1:  # linear growth from the 4x point (dotted)
+                        ref = rows[-2]
+                        ax.plot([xs[0], xs[-1]], [ref[key] * xs[0] / ref["records"], ref[key] * xs[-1] / ref["records"]], ":", color=f"C{colour}", linewidth=1)
             if key == "cpu":
                 ax.set_yscale("log")
             ax.set_xscale("log")
-            ax.set_xlabel("records (pages for extract, links for plan, images for filter/pair, pairs for shards)", fontsize=7)
+            ax.set_xlabel("records (links for extract, plan, filter and pair; pairs for shards); dotted: linear from 4x", fontsize=7)
             ax.set_ylabel(label)
             ax.set_title({"inprocess": "in-process runner (FnApiRunner)", "dask": "Dask, 2 worker processes"}[runner])
             ax.grid(True, which="both", alpha=0.3)

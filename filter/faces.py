@@ -90,7 +90,7 @@ def apply(record: dict, img, mode: str, size: Optional[tuple] = None, redecode=N
     height), the boxes are stored in its pixels, and `redecode(side)` decodes it again with sides
     of at least `side` (0: full size): for detection when `img` is too small for the cascade, and
     at full size for the blur. With blur and faces found, the record's bytes become the blurred
-    full-size JPEG, and the blurred `img` is returned (for the embedding); else None."""
+    full-size JPEG, and that blurred full-size image is returned (for the embedding); else None."""
     if mode == "off":
         return None
     size = size or img.size
@@ -103,7 +103,7 @@ def apply(record: dict, img, mode: str, size: Optional[tuple] = None, redecode=N
     record["faces"], record["face_boxes"] = len(boxes), flat_boxes(scaled)
     if mode == "blur" and boxes:
         original = redecode(0) if redecode is not None and tuple(size) != tuple(probe.size) else probe
-        record["image_bytes"], record["format"] = jpeg_bytes(blur_faces(original, scaled)), "JPEG"
-        ix, iy = img.width / size[0], img.height / size[1]
-        return blur_faces(img, [(round(x * ix), round(y * iy), round(w * ix), round(h * iy)) for x, y, w, h in scaled])
+        blurred = blur_faces(original, scaled)  # at the image's true size: what is stored (and embedded)
+        record["image_bytes"], record["format"] = jpeg_bytes(blurred), "JPEG"
+        return blurred
     return None

@@ -25,7 +25,7 @@ from core.config import FilterConfig
 from core.encoders import EncoderUnavailable, load_encoder, preprocess
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
-from core.perceptual import pdq_hex
+from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
 from filter.embed import EncoderModelHandler
 from filter.hashing import phash_hex, sha256_hex
@@ -46,13 +46,16 @@ NO_ENCODER = "none"
 
 class ValidateAndHash(beam.DoFn):
     """One distinct image: decode once (a JPEG at the smallest DCT scale that pHash, the flat-image
-    thumbnail and the encoder need; sizes from the header), hash, check size, aspect and the
+    thumbnail, the encoder and PDQ need; sizes from the header), hash, check size, aspect and the
     flat-image signal, and preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
     pHash, size, reason); images that pass and that a kept link points to go on to the encoder."""
 
     def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3):
         self.cfg, self.image_size, self.mean, self.std = cfg, image_size, mean, std
-        self.side = decode_side(cfg, image_size, FLAT_THUMB) if cfg.scaled_decode else 0
+        # PDQ (stored for every kept image) needs up to PDQ_SIDE px, so today a JPEG is scaled only
+        # when both its sides are >= 2 x PDQ_SIDE; pHash, the flat thumbnail and the encoder alone
+        # would take 1/2-1/8 scale of most photos (benchmarks/filter.py prints both)
+        self.side = decode_side(cfg, image_size, FLAT_THUMB, PDQ_SIDE) if cfg.scaled_decode else 0
         self.kept = Metrics.counter(STAGE, "valid")
 
     def setup(self):
