@@ -130,10 +130,7 @@ def main() -> dict:
     ap.add_argument("--child")
     ap.add_argument("--list")
     ap.add_argument("--index")
-    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
-    if args.smoke:
-        args.lines, args.small, args.queries = 20_000, False, 2_000
     if args.child:
         print(json.dumps(_child(args)))
         return {}
