@@ -33,7 +33,7 @@ def main() -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
     if args.smoke:
-        args.copies, args.repeat, args.files, args.runs = 1, 1, 2, 1
+        args.copies, args.repeat, args.files, args.runs = 2, 1, 2, 1  # copies // files pages per file: at least one
     from core.config import CrawlConfig, FilterConfig
     from core.dask_runner import dask_cluster
     from crawl.extract import run_extract

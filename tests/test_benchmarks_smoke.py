@@ -47,6 +47,9 @@ def test_parse_reports_reads_a_report():
     assert parse_reports("== broken ==\n  nothing measured\n") == []
 
 
+# Each smoke run starts Beam, Ray, Dask or img2dataset: 16 of them take ~12 minutes on 2 cores, which
+# the default suite (~15 minutes in all) cannot hold; `pytest -m slow` runs them.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_smoke(name, tmp_path, photos_dir):
     env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
