@@ -388,9 +388,12 @@ def _recovered(con, plan_dir: str) -> int:
 
 
 def _consent_stats(sites, asked_before: int, cfg: DownloadConfig) -> dict:
-    """stats.json's consent block: sites asked, and how their robots.txt and tdmrep.json answered."""
+    """stats.json's consent block: sites asked, and how their robots.txt and tdmrep.json answered.
+    How many were asked in this process goes to the log only: a resumed or rerun download asks none
+    again, and its stats.json must equal an uninterrupted run's."""
     if sites is None:
         return {"mode": "off"}
     rows = list(sites.rows.values())
+    log.info("download: consent: %d sites, %d of them asked in this run (the rest read back from the run)", len(rows), max(0, len(rows) - asked_before))
     count = lambda key: {status: sum(1 for r in rows if r[key] == status) for status in sorted({r[key] for r in rows})}  # noqa: E731
-    return {"mode": "on", "user_agent": consent.user_agent(cfg.contact), "sites": len(rows), "sites_asked_this_run": max(0, len(rows) - asked_before), "robots": count("robots_status"), "tdmrep": count("tdmrep_status")}
+    return {"mode": "on", "user_agent": consent.user_agent(cfg.contact), "sites": len(rows), "robots": count("robots_status"), "tdmrep": count("tdmrep_status")}
