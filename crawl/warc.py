@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 from core.remote import DEFAULT_RETRIES, InputError, filesystem, open_input, read_bytes
+from crawl.html import CONSENT_METAS  # the <meta name> values consent reads, also in WAT records
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,6 @@ def _read_record(record, path: str, offset: int, bump) -> Iterator[object]:
 
 
 CONSENT_HEADERS = ("x-robots-tag", "tdm-reservation")
-CONSENT_METAS = ("robots", "webpairs", "tdm-reservation")
 
 
 def _consent_headers(pairs) -> tuple:
