@@ -52,8 +52,16 @@ def test_parse_reports_reads_a_report():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_smoke(name, tmp_path, photos_dir):
-    env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, f"{name}.py", "--smoke"], cwd=BENCH_DIR, env=env, capture_output=True, text=True, timeout=900)
+    import shutil
+    import tempfile
+
+    # a short TMPDIR: Ray puts its AF_UNIX sockets under it, whose paths may not exceed 107 bytes
+    tmp = tempfile.mkdtemp(prefix="wpb-", dir="/tmp")
+    env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=tmp)
+    try:
+        proc = subprocess.run([sys.executable, f"{name}.py", "--smoke"], cwd=BENCH_DIR, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     tail = f"\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"benchmarks/{name}.py --smoke exited {proc.returncode}{tail}"
     reports = parse_reports(proc.stdout)
