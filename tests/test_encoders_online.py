@@ -2,13 +2,11 @@
 part 2), against a loopback model hub (HF_ENDPOINT on 127.0.0.1 serving a small timm model's
 weights by the hub's resolve protocol). No test reaches a real hub."""
 
-import hashlib
-import http.server
 import os
 import subprocess
 import sys
-import threading
 
+import hubserver
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,38 +25,8 @@ def hub(tmp_path_factory):
     model = timm.create_model(MODEL, pretrained=False)
     path = tmp_path_factory.mktemp("hub") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    data = path.read_bytes()
-    served = []
-
-    class Hub(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _answer(self, body: bool):
-            served.append(self.path)
-            if self.path.split("?")[0] != f"/timm/{MODEL}/resolve/main/model.safetensors":
-                self.send_response(404)
-                self.send_header("X-Error-Code", "EntryNotFound")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("X-Repo-Commit", "0" * 40)
-            self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-
-        def do_HEAD(self):
-            self._answer(False)
-
-        def do_GET(self):
-            self._answer(True)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    server, url, served = hubserver.serve(f"timm/{MODEL}", {"model.safetensors": path.read_bytes()})
+    yield url, served
     server.shutdown()
 
 

@@ -330,60 +330,18 @@ def test_eval_of_a_latent_model_scores_images_at_the_model_resolution(dit_run, t
 
 
 def test_a_hub_vae_downloads_once_and_is_read_from_the_cache_offline(vae_dir, shards, tmp_path):
-    import hashlib
-    import http.server
     import subprocess
     import sys
-    import threading
+
+    import hubserver
 
     repo = "tester/tiny-vae"
     files = {name: open(os.path.join(vae_dir, name), "rb").read() for name in os.listdir(vae_dir)}
-    served: list = []
-
-    class Hub(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _answer(self, body: bool):
-            served.append(self.path)
-            if self.path.split("?")[0] == f"/api/models/{repo}":  # diffusers asks which files the repo has
-                info = json.dumps({"id": repo, "modelId": repo, "sha": "0" * 40, "siblings": [{"rfilename": n} for n in files]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(info)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(info)
-                return
-            parts = self.path.split("?")[0].split("/resolve/", 1)  # /{repo}/resolve/{revision}/{file}
-            name = parts[1].split("/", 1)[-1] if len(parts) == 2 and parts[0] == f"/{repo}" else None
-            if name not in files:
-                self.send_response(404)
-                self.send_header("X-Error-Code", "EntryNotFound")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            data = files[name]
-            self.send_response(200)
-            self.send_header("X-Repo-Commit", "0" * 40)
-            self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-
-        def do_HEAD(self):
-            self._answer(False)
-
-        def do_GET(self):
-            self._answer(True)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url, served = hubserver.serve(repo, files)
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-        env.update(PYTHONPATH=root, HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+        env.update(PYTHONPATH=root, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
 
         def latents(*flags, out):
             cmd = [sys.executable, "-m", "webpairs.cli", *flags, "latents", shards, "--out", str(tmp_path / out), "--latent", f"vae:{repo}", "--image-size", "16"]
