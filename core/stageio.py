@@ -343,7 +343,13 @@ def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) ->
     files = stage_files(path, name)
     if not files:
         raise StageError(f"no {name} parquet files under {path}")
-    tables = [pq.read_table(FileSystems.open(f), columns=list(columns) if columns else None) for f in files]
+    tables = []
+    for f in files:
+        # ParquetFile.read, not pq.read_table: read_table over a Python file object scans on Arrow's thread
+        # pool, whose last callback can free the file after the interpreter began to exit and abort the
+        # process ("terminate called without an active exception"; `webpairs stats <filter dir>` did).
+        with FileSystems.open(f) as fh:
+            tables.append(pq.ParquetFile(fh).read(columns=list(columns) if columns else None))
     return pa.concat_tables(tables)
 
 
