@@ -15,7 +15,9 @@ Three steps, each bounded:
    is a copy when enough inliers agree, the transform is a plausible re-dress (scale, little
    rotation) and the shared region covers most of one image and a good share of the other, with
    the inliers spread over it (a shared watermark or a partial overlap of two burst crops is not
-   a copy).
+   a copy). Only the candidate images' bytes are read (through filter's row-group pointers), each
+   one's features computed once and kept on disk; pairs are verified in blocks that read their
+   features back, so a worker's memory does not grow with the images (`FindCopies`).
 3. groups (`copy_groups`): union-find over the verified pairs; each group keeps its member with
    the largest content (pixels inside trimmed borders; within 5 % counts as equal), then the least
    recompressed (JPEG quality estimated from the quantisation tables, then bytes per pixel); the
@@ -492,17 +494,47 @@ def _merge(a: list, b: list) -> list:
     return sorted(seen.values())
 
 
-def pack_features(f: dict) -> bytes:
-    """Features as one bytes object for a shuffle (made and read by this step only)."""
-    import pickle
+# Verification reads features from disk, a block of pairs at a time: what a worker holds is one
+# row group of bytes (featurising) or one block's features (verifying), however many images.
+VERIFY_BLOCK = 128  # candidate pairs verified together: at most 2 x 128 images' features (~80 KB each) held
+IMAGES_READ = "images_read"  # tagged output of the featurising step: the ids whose bytes were read
+_ARRAYS = ("pts", "desc", "pts_m", "desc_m")
+_SCALARS = ("w", "h", "content", "quality", "bytes_per_pixel")
 
-    return pickle.dumps(f, protocol=pickle.HIGHEST_PROTOCOL)
+
+def feature_path(feature_dir: str, image_id: str) -> str:
+    """Where one image's features live under `feature_dir` (two-level, by a hash of the id)."""
+    import hashlib
+
+    name = hashlib.sha1(image_id.encode("utf-8")).hexdigest()
+    return "/".join((feature_dir.rstrip("/"), name[:2], name + ".npz"))
 
 
-def unpack_features(data: bytes) -> dict:
-    import pickle
+def save_features(path: str, f: Optional[dict]) -> None:
+    """One image's features as an .npz (no pickle); an empty file for an image that did not decode."""
+    from apache_beam.io.filesystems import FileSystems
 
-    return pickle.loads(data)
+    buf = io.BytesIO()
+    if f is not None:
+        np.savez(buf, scalars=np.array([f[k] for k in _SCALARS], dtype=np.float64), **{k: f[k] for k in _ARRAYS})
+    with FileSystems.create(path) as fh:
+        fh.write(buf.getvalue())
+
+
+def load_features(path: str) -> Optional[dict]:
+    """The features `save_features` wrote; None for an image that did not decode."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as fh:
+        data = fh.read()
+    if not data:
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        f = {k: z[k] for k in _ARRAYS}
+        scalars = z["scalars"].tolist()
+    f.update(zip(_SCALARS, scalars))
+    f["w"], f["h"], f["content"], f["quality"] = int(f["w"]), int(f["h"]), int(f["content"]), int(f["quality"])
+    return f
 
 
 def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
@@ -513,43 +545,66 @@ def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
     }
 
 
+def _wanted_pointers(item):
+    """(image_id, {"pointer": [(file, row group)], "wanted": [...]}) -> ((file, row group), image_id)
+    for a candidate image (each image once, however many pairs name it)."""
+    image, grouped = item
+    pointers = list(grouped["pointer"])
+    if pointers and any(True for _ in grouped["wanted"]):
+        yield tuple(pointers[0]), image
+
+
 class _Featurize(beam.DoFn):
-    """(image_id, packed features) of each wanted image (a side input of the candidates' ids)."""
+    """((file, row group), [candidate image ids]) -> each image's features written under
+    `feature_dir`; yields (image_id, keep signals) and, tagged IMAGES_READ, every id whose bytes were
+    read. Only the candidates' rows of the row group are kept (core.stageio.fetch_rows)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, feature_dir: str):
+        self.cfg, self.feature_dir = cfg, feature_dir
 
-    def process(self, row, wanted):
-        if row["image_id"] in wanted and row.get("image_bytes"):
-            f = image_features(row["image_bytes"], self.cfg.copy_max_side, self.cfg.copy_max_keypoints)
+    def process(self, item):
+        from core.stageio import fetch_rows
+
+        (path, row_group), ids = item
+        rows = fetch_rows([(path, row_group)], "image_id", ["image_bytes"], wanted=set(ids))
+        for image_id in sorted(rows):
+            data = rows.pop(image_id)["image_bytes"]
+            yield beam.pvalue.TaggedOutput(IMAGES_READ, image_id)
+            f = image_features(data, self.cfg.copy_max_side, self.cfg.copy_max_keypoints) if data else None
+            save_features(feature_path(self.feature_dir, image_id), f)
             if f is not None:
-                yield row["image_id"], pack_features(f)
+                yield image_id, {"content": f["content"], "quality": f["quality"], "bytes_per_pixel": f["bytes_per_pixel"]}
 
 
-def _first_half(item):
-    """(a, {feats, pairs}) -> (b, (a, a's features, cosine, pHash distance)) for each of a's pairs."""
-    image, grouped = item
-    feats = list(grouped["feats"])
-    if not feats:
-        return  # did not decode: its pairs stay unverified (not copies)
-    for b, cos, dist in grouped["pairs"]:
-        yield b, (image, feats[0], cos, dist)
+def _blocks(candidates: list, size: int = VERIFY_BLOCK):
+    """The sorted candidate list in blocks of `size` pairs (pairs of one image stay together)."""
+    for k in range(0, len(candidates), size):
+        yield k // size, candidates[k : k + size]
 
 
-def _second_half(item, cfg):
-    """(b, {feats, halves}) -> one check row per pair (a, b)."""
-    image, grouped = item
-    feats = list(grouped["feats"])
-    if not feats:
-        return
-    fb = unpack_features(feats[0])
-    for a, fa, cos, dist in grouped["halves"]:
-        yield _check_row(a, image, cos, dist, verify(unpack_features(fa), fb, cfg))
+class _VerifyBlock(beam.DoFn):
+    """(block, [[candidate pairs]]) -> one check row per pair whose two images decoded. The block's
+    features are loaded from disk once each and dropped with the block; `written` (the count of
+    featurised images) is a side input only so that this runs after every feature is written."""
 
+    def __init__(self, cfg, feature_dir: str):
+        self.cfg, self.feature_dir = cfg, feature_dir
 
-def _info_of(kv):
-    f = unpack_features(kv[1])
-    return kv[0], {"content": f["content"], "quality": f["quality"], "bytes_per_pixel": f["bytes_per_pixel"]}
+    def process(self, item, written):
+        _, lists = item
+        feats: dict = {}
+
+        def get(image_id):
+            if image_id not in feats:
+                feats[image_id] = load_features(feature_path(self.feature_dir, image_id))
+            return feats[image_id]
+
+        for pairs in lists:
+            for a, b, cos, dist in pairs:
+                fa, fb = get(a), get(b)
+                if fa is None or fb is None:
+                    continue  # did not decode: the pair stays unverified (no copy)
+                yield _check_row(a, b, cos, dist, verify(fa, fb, self.cfg))
 
 
 def _groups(edges, info):
@@ -557,32 +612,42 @@ def _groups(edges, info):
 
 
 class FindCopies(beam.PTransform):
-    """{"light": (image_id, embedding or None, pHash) of every image, "bytes": {image_id,
-    image_bytes} rows (only the candidates' are featurised)} -> {"copy_of": (member, kept member)
-    for each member that is not kept, "checks": one COPY_CHECK_SCHEMA row per verified candidate
-    pair, "candidates": the candidate pairs}.
+    """{"light": (image_id, embedding or None, pHash) of every image, "pointers": (image_id, (file,
+    row group)) of every image (where its bytes are)} -> {"copy_of": (member, kept member) for each
+    member that is not kept, "checks": one COPY_CHECK_SCHEMA row per verified candidate pair,
+    "candidates": the candidate pairs, "images_read": the ids whose bytes were read}.
 
-    Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in
-    the images); features are computed once per candidate image where its bytes are read, and each
-    pair meets its two images' features through two joins (on a, then on b), so verification
-    spreads over the workers and its work is bounded by copy_max_candidates per image."""
+    Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in the
+    images). Only the candidate images' bytes are read, one row group at a time (a CoGroupByKey of
+    the candidates' ids with the pointers, grouped by row group); each one's features are computed
+    once and written under `feature_dir` (the caller makes and removes it: a folder every worker
+    can reach, e.g. under the stage's temporary output). The candidate pairs then go in blocks of
+    VERIFY_BLOCK to the workers, which read the block's features back: a worker holds one row group
+    or one block, so memory does not grow with the images, and what crosses the shuffles is ids."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, feature_dir: str):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.feature_dir = cfg, feature_dir
 
     def expand(self, pcolls):
-        cfg = self.cfg
-        candidates = pcolls["light"] | "CopyRows" >> beam.combiners.ToList() | "Candidates" >> beam.FlatMap(_candidates, cfg)
-        wanted = candidates | "CandidateIds" >> beam.FlatMap(lambda c: [(c[0], True), (c[1], True)]) | "DistinctIds" >> beam.Distinct()
-        feats = pcolls["bytes"] | "Featurize" >> beam.ParDo(_Featurize(cfg), beam.pvalue.AsDict(wanted))
-        by_a = candidates | "KeyA" >> beam.Map(lambda c: (c[0], (c[1], c[2], c[3])))
-        halves = {"feats": feats, "pairs": by_a} | "JoinA" >> beam.CoGroupByKey() | "FirstHalf" >> beam.FlatMap(_first_half)
-        checks = {"feats": feats, "halves": halves} | "JoinB" >> beam.CoGroupByKey() | "Verify" >> beam.FlatMap(_second_half, cfg)
+        cfg, feature_dir = self.cfg, self.feature_dir
+        listed = pcolls["light"] | "CopyRows" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates, cfg)
+        candidates = listed | "EachCandidate" >> beam.FlatMap(lambda c: c)
+        wanted = candidates | "CandidateIds" >> beam.FlatMap(lambda c: [(c[0], True), (c[1], True)])
+        by_group = (
+            {"pointer": pcolls["pointers"], "wanted": wanted} | "JoinPointers" >> beam.CoGroupByKey()
+            | "WantedPointers" >> beam.FlatMap(_wanted_pointers) | "ByRowGroup" >> beam.GroupByKey()
+        )
+        featurized = by_group | "Featurize" >> beam.ParDo(_Featurize(cfg, feature_dir)).with_outputs(IMAGES_READ, main="info")
+        info = featurized.info
+        written = info | "CountWritten" >> beam.combiners.Count.Globally()
+        checks = (
+            listed | "Blocks" >> beam.FlatMap(_blocks) | "SpreadBlocks" >> beam.GroupByKey()
+            | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
+        )
         edges = checks | "Copies" >> beam.Filter(lambda r: r["copy"]) | "Edge" >> beam.Map(lambda r: (r["image_a"], r["image_b"]))
-        info = feats | "KeepSignals" >> beam.Map(_info_of)
         copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(_groups, beam.pvalue.AsDict(info))
-        return {"copy_of": copy_of, "checks": checks, "candidates": candidates}
+        return {"copy_of": copy_of, "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
 
 
 def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):

@@ -135,9 +135,10 @@ class PairImages(beam.PTransform):
     The sharing count comes from the light links, so the full records are shuffled by image (to
     their pages) and by page once each."""
 
-    def __init__(self, cfg: PairConfig):
+    def __init__(self, cfg: PairConfig, feature_dir: str = ""):
         super().__init__()
         self.cfg = cfg
+        self.feature_dir = feature_dir  # the copy step's features (pairing/copies.py FindCopies)
 
     def expand(self, pcolls):
         images, occurrences, links, keys = pcolls["images"], pcolls["occurrences"], pcolls["links"], pcolls["keys"]
@@ -148,7 +149,7 @@ class PairImages(beam.PTransform):
         #    dress: the others' links are rejected and the kept dress stands in on their pages
         copy_rejected = None
         if "copy_light" in pcolls:
-            found = {"light": pcolls["copy_light"], "bytes": pcolls["copy_bytes"]} | "FindCopies" >> FindCopies(cfg)
+            found = {"light": pcolls["copy_light"], "pointers": pcolls["copy_pointers"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
             copy_of = beam.pvalue.AsDict(found["copy_of"])
             keyed_images = images | "KeyImage" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS)), copy_of)
             keyed_links = links | "KeyLink" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS)), copy_of)
@@ -158,7 +159,7 @@ class PairImages(beam.PTransform):
             )
             on_pages, copy_rejected = joined.on_pages, joined[REJECTED]
             kept_dresses = found["copy_of"] | "KeptDress" >> beam.Map(lambda kv: (kv[1], True)) | "DistinctKept" >> beam.Distinct()
-            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidates"], copy_stand_ins=joined[STAND_INS],
+            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidates"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
                        copy_images_removed=found["copy_of"], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
         else:
             keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
@@ -245,10 +246,37 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
         return stage_out.commit()
 
 
+def _light_row(r: dict):
+    import numpy as np
+
+    return r["image_id"], None if r["embedding"] is None else np.asarray(r["embedding"], dtype=np.float16), r["phash"]
+
+
+def copy_inputs(p, files: list[str], prefix: str = "Copy"):
+    """What the copy step (pairing/copies.py FindCopies) reads of filter's images: (image_id,
+    float16 embedding, pHash) and (image_id, (file, row group)), the pointer to its bytes. No bytes:
+    FindCopies reads only the candidates' bytes, through these pointers."""
+    rows = p | f"{prefix}Files" >> beam.Create(files) | f"Read{prefix}Rows" >> beam.ParDo(ReadParquetWithPointers(["image_id", "embedding", "phash"]))
+    light = rows | f"{prefix}Row" >> beam.Map(_light_row)
+    pointers = rows | f"{prefix}Pointer" >> beam.Map(lambda r: (r["image_id"], (r["bytes_file"], r["bytes_row_group"])))
+    return light, pointers
+
+
 def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
     import os
 
-    import numpy as np
+    from apache_beam.io.filesystems import FileSystems
+
+    feature_dir = FileSystems.join(out_dir, "_copy_features")  # the copy step's features, removed when the pipeline is done
+    try:
+        _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir)
+    finally:
+        if FileSystems.exists(feature_dir):
+            FileSystems.delete([feature_dir])
+
+
+def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir) -> None:
+    import os
 
     with stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
@@ -266,15 +294,11 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
         # the records stream into the page shuffle instead of being held for that stage
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
         inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
-        if cfg.copies:  # the copy step reads the embeddings and pHashes, then the candidates' bytes
-            inputs["copy_light"] = (
-                p | "CopyFiles" >> beam.Create(files) | "ReadCopyRows" >> beam.io.ReadAllFromParquet(columns=["image_id", "embedding", "phash"])
-                | "CopyRow" >> beam.Map(lambda r: (r["image_id"], None if r["embedding"] is None else np.asarray(r["embedding"], dtype=np.float16), r["phash"]))
-            )
-            inputs["copy_bytes"] = p | "BytesFiles" >> beam.Create(files) | "ReadBytes" >> beam.io.ReadAllFromParquet(columns=["image_id", "image_bytes"])
+        if cfg.copies:  # the copy step reads the embeddings, pHashes and pointers; later only the candidates' bytes
+            inputs["copy_light"], inputs["copy_pointers"] = copy_inputs(p, files)
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
-        out = inputs | "Pair" >> PairImages(cfg)
+        out = inputs | "Pair" >> PairImages(cfg, feature_dir)
         out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         ones = []
         for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/

@@ -194,6 +194,9 @@ def test_copy_rows_reconcile_and_name_the_kept_dress(copy_run):
     assert stats["copy_candidates"] > stats["copy_pairs_verified"] >= score_pairs(copies)
     checks = _read(dirs["pair"], "copy_checks")
     assert len(checks) == stats["copy_candidates"] and sum(c["copy"] for c in checks) == stats["copy_pairs_verified"]
+    # only the candidates' bytes were read, each once (filter holds many more images)
+    in_checks = {c["image_a"] for c in checks} | {c["image_b"] for c in checks}
+    assert stats["copy_images_read"] == len(in_checks) < len(_read(dirs["filter"], "images"))
     # the same photo on two pages of a site (same bytes) is no copy: it stays on both pages
     recurring = [u for u in web.photo if sum(1 for _, x in web.occurrences if x == u) == 2 and web.photo[u] not in web.copied_photos()]
     assert recurring and all(sum(k["image_url"] == u for k in kept) + sum(r["url"] == u and r["reason"] in ("no_pair_in_band", "over_page_cap") for r in rejected) == 2 for u in recurring)
@@ -305,3 +308,46 @@ def test_a_hub_takes_part_in_a_bounded_number_of_checks():
         degree[b] = degree.get(b, 0) + 1
     assert max(degree.values()) <= 8 and degree["0000"] == 8
     assert len(degree) == 301
+
+
+def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
+    """FindCopies reads the bytes of the candidate images only (through filter's row-group
+    pointers), and every one of them once: 3 photos each with a dress (the candidates) among 9
+    distinct photos that no embedding or pHash names, in two files of 4-row row groups. The old
+    step read every image's bytes (and took them as an input, not pointers)."""
+    import apache_beam as beam
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pairing.copies import FindCopies
+    from pairing.pipeline import copy_inputs
+
+    rng = random.Random(3)
+    photos = _photos(photos_dir, 40, 12)
+    rows, family = [], {}
+    basis = np.eye(64, dtype=np.float32)
+    for k, img in enumerate(photos):  # each photo its own embedding axis (cosine 0 between photos)
+        rows.append({"image_id": f"p{k:02d}", "image_bytes": _jpeg(img), "embedding": basis[k].tolist(), "phash": None})
+        if k < 3:  # a dress of the first three, on the same axis
+            out, q = dress(img, DRESSES[k], rng)
+            rows.append({"image_id": f"d{k:02d}", "image_bytes": _jpeg(out, q), "embedding": basis[k].tolist(), "phash": None})
+            family[f"d{k:02d}"] = f"p{k:02d}"
+    rng.shuffle(rows)
+    schema = pa.schema([("image_id", pa.string()), ("image_bytes", pa.binary()), ("embedding", pa.list_(pa.float32())), ("phash", pa.string())])
+    files = []
+    for part, chunk in enumerate((rows[:8], rows[8:])):
+        path = str(tmp_path / f"images-{part}.parquet")
+        pq.write_table(pa.Table.from_pylist(chunk, schema), path, row_group_size=4)
+        files.append(path)
+    candidates = sorted(family) + sorted(family.values())
+    feature_dir = str(tmp_path / "features")
+    with TestPipeline() as p:
+        light, pointers = copy_inputs(p, files)
+        found = {"light": light, "pointers": pointers} | FindCopies(PairConfig(), feature_dir)
+        assert_that(found["images_read"], equal_to(candidates), label="ReadOnlyCandidates")
+        assert_that(found["copy_of"] | beam.Map(lambda kv: (min(kv), max(kv))), equal_to(sorted((d, p) for d, p in family.items())), label="CopiesFound")
+        assert_that(found["checks"] | beam.Map(lambda r: (r["image_a"], r["image_b"], r["copy"])), equal_to([(d, p, True) for d, p in sorted(family.items())]), label="Checks")
+    written = sorted(os.path.relpath(os.path.join(d, f), feature_dir) for d, _, fs in os.walk(feature_dir) for f in fs)
+    assert len(written) == len(candidates)  # one feature file per candidate image, none for the others
