@@ -8,11 +8,19 @@ loose threshold lets many same-topic photos through), 10 % of them copies of ano
 exact all-pairs search (a numpy matmul in blocks) at the sizes where it is feasible, to show the
 growth (all pairs: quadratic; the index: about linear).
 
-Verification: the Beam step `FindCopies` on N synthetic images (128-160 px mosaics, each distinct;
-10 % are dresses of another: crop, mirror, grade + quality 45, resize) with synthetic topic
-embeddings, on the in-process runner and on Dask (`--runner dask`, a LocalCluster of 2 workers).
-Reported: time, peak RSS of the driver (and of the Dask workers), candidate pairs and pairs
-verified per image (bounded by copy_max_candidates), and the recall of the planted dresses.
+Verification: the Beam step `FindCopies` as `pair` runs it (pairing/pipeline.py `copy_inputs`
+reads ids, embeddings, pHashes and byte pointers; only the candidates' bytes are read) on N
+synthetic images, on the in-process runner and on Dask (`--runner dask`, a LocalCluster of 2
+workers). The images are generated first, in a child process of their own, into filter-like
+parquet files (image_id, image_bytes, embedding, phash; 2,000 images a file, row groups of 500):
+distinct 128-160 px mosaics (random colours upscaled plus blobs), the last 10 % dresses of a
+random earlier one (crop 88 %, mirror, colour grade + quality 45, 75 % resize, in turn), with
+64-d topic embeddings (a dress has its original's plus noise) and their real pHashes. Reported:
+time, CPU (with the Dask workers'), peak RSS of the driver and of the Dask workers, pairs checked
+per image (bounded by copy_max_candidates), images whose bytes were read, the features on disk,
+the recall of the planted dresses and what was removed that was not planted. Baseline in the same
+run: a bare OpenCV loop (pyarrow read, features in a dict, the same `verify`) over the first
+1,000 candidate pairs, CPU per check.
 
     python benchmarks/copies.py --small                 # 10^4 embeddings, 10^3 images: a minute
     python benchmarks/copies.py --candidates 10000 100000 1000000 --verify 10000 100000 --runner both
@@ -92,11 +100,32 @@ def child_candidates(n: int, dim: int, exact: bool) -> dict:
     return out
 
 
-def synthetic_images(n: int, seed: int = 0, copy_share: float = 0.1):
-    """(rows {image_id, image_bytes}, light rows (id, float16 embedding, pHash), {copy: original}):
-    distinct mosaics (random low-resolution noise, upscaled, plus grain), 10 % dresses of another."""
+IMAGES_PER_FILE = 2_000  # synthetic filter files: 2,000 images each, row groups of 500 (~3 MB)
+
+
+def _mosaic(seed: int, i: int):
+    """Image i: a distinct 128-160 x 110-127 px mosaic (random 6x8 colours upscaled, plus 24x32 blobs)."""
     import cv2
     import numpy as np
+
+    g = np.random.default_rng(seed * 1_000_003 + i)
+    w, h = int(g.integers(128, 161)), int(g.integers(110, 128))
+    base = g.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
+    img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)
+    blobs = g.integers(0, 256, size=(24, 32, 3)).astype(np.uint8)
+    return cv2.addWeighted(img, 0.6, cv2.resize(blobs, (w, h), interpolation=cv2.INTER_LINEAR), 0.4, 0)
+
+
+def write_synthetic_images(n: int, out_dir: str, seed: int = 0, copy_share: float = 0.1) -> tuple[list[str], dict]:
+    """Filter-like image files (image_id, image_bytes, embedding, phash) of n synthetic images,
+    written file by file (memory: one file): distinct mosaics, the last 10 % dresses of a random
+    earlier one (crop 88 %, mirror, grade + quality 45, 75 % resize, in turn), with topic embeddings
+    (64-d; a dress has its original's, plus a little noise) and pHashes. Returns (files, {dress id:
+    original id})."""
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
 
     from filter.hashing import phash_hex
@@ -106,74 +135,121 @@ def synthetic_images(n: int, seed: int = 0, copy_share: float = 0.1):
     n_copies = int(n * copy_share)
     originals = rng.choice(n - n_copies, size=n_copies)
     kinds = ("crop", "mirror", "grade", "resize")
-    rows, light, planted = [], [], {}
-
-    def make(i):
-        g = np.random.default_rng(seed * 1_000_003 + i)
-        w, h = int(g.integers(128, 161)), int(g.integers(110, 128))
-        base = g.integers(0, 256, size=(6, 8, 3)).astype(np.uint8)
-        img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)
-        blobs = g.integers(0, 256, size=(24, 32, 3)).astype(np.uint8)
-        img = cv2.addWeighted(img, 0.6, cv2.resize(blobs, (w, h), interpolation=cv2.INTER_LINEAR), 0.4, 0)
-        return img
-
-    for i in range(n):
-        if i >= n - n_copies:
-            o = int(originals[i - (n - n_copies)])
-            img = make(o)
-            kind = kinds[i % len(kinds)]
-            if kind == "crop":
-                h, w = img.shape[:2]
-                img = img[int(h * 0.1) :, int(w * 0.12) :]
-            elif kind == "mirror":
-                img = img[:, ::-1]
-            elif kind == "grade":
-                img = np.clip(img.astype(np.int16) * 1.2 - 10, 0, 255).astype(np.uint8)
+    schema = pa.schema([("image_id", pa.string()), ("image_bytes", pa.binary()), ("embedding", pa.list_(pa.float16())), ("phash", pa.string())])
+    files, planted = [], {}
+    for lo in range(0, n, IMAGES_PER_FILE):
+        rows = []
+        for i in range(lo, min(n, lo + IMAGES_PER_FILE)):
+            if i >= n - n_copies:
+                o = int(originals[i - (n - n_copies)])
+                img = _mosaic(seed, o)
+                kind = kinds[i % len(kinds)]
+                if kind == "crop":
+                    h, w = img.shape[:2]
+                    img = img[int(h * 0.1) :, int(w * 0.12) :]
+                elif kind == "mirror":
+                    img = img[:, ::-1]
+                elif kind == "grade":
+                    img = np.clip(img.astype(np.int16) * 1.2 - 10, 0, 255).astype(np.uint8)
+                else:
+                    img = cv2.resize(img, (img.shape[1] * 3 // 4, img.shape[0] * 3 // 4), interpolation=cv2.INTER_AREA)
+                quality = 45 if kind == "grade" else 85
+                e = emb[o] + np.random.default_rng(i).normal(scale=0.02, size=emb.shape[1])
+                planted[f"{i:012d}"] = f"{o:012d}"
             else:
-                img = cv2.resize(img, (img.shape[1] * 3 // 4, img.shape[0] * 3 // 4), interpolation=cv2.INTER_AREA)
-            quality = 45 if kind == "grade" else 85
-            e = emb[o] + np.random.default_rng(i).normal(scale=0.02, size=emb.shape[1])
-            planted[f"{i:012d}"] = f"{o:012d}"
-        else:
-            img, quality, e = make(i), 90, emb[i]
-        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        data = buf.tobytes()
-        image_id = f"{i:012d}"
-        rows.append({"image_id": image_id, "image_bytes": data})
-        light.append((image_id, (e / np.linalg.norm(e)).astype(np.float16), phash_hex(Image.fromarray(img[:, :, ::-1]))))
-    return rows, light, planted
+                img, quality, e = _mosaic(seed, i), 90, emb[i]
+            ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            rows.append({"image_id": f"{i:012d}", "image_bytes": buf.tobytes(), "embedding": (e / np.linalg.norm(e)).astype(np.float16),
+                         "phash": phash_hex(Image.fromarray(np.ascontiguousarray(img[:, :, ::-1])))})
+        path = os.path.join(out_dir, f"images-{lo // IMAGES_PER_FILE:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema), path, row_group_size=500)
+        files.append(path)
+    return files, planted
 
 
-def child_verify(n: int, runner: str) -> dict:
-    """The Beam copy step on n synthetic images (run in a child process)."""
+def child_make(n: int, data_dir: str) -> dict:
+    """Write the synthetic images of size n (run in a child process, once for both runners)."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    files, planted = write_synthetic_images(n, data_dir)
+    with open(os.path.join(data_dir, "planted.json"), "w") as fh:
+        json.dump(planted, fh)
+    return {"n": n, "files": len(files), "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "bytes": sum(os.path.getsize(f) for f in files)}
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _bare_verify(files: list[str], pairs: list, cfg, limit: int = 1_000) -> dict:
+    """The bare-library baseline: OpenCV features and checks of the first `limit` candidate pairs in
+    a plain loop (pyarrow read, no Beam, features held in a dict): CPU seconds per check."""
+    import pyarrow.parquet as pq
+
+    from pairing.copies import image_features, verify
+
+    pairs = pairs[:limit]
+    wanted = {x for a, b, _, _ in pairs for x in (a, b)}
+    start = _cpu_seconds()
+    feats = {}
+    for f in files:
+        t = pq.read_table(f, columns=["image_id", "image_bytes"])
+        for image_id, data in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist()):
+            if image_id in wanted:
+                feats[image_id] = image_features(data, cfg.copy_max_side, cfg.copy_max_keypoints)
+    for a, b, _, _ in pairs:
+        if feats[a] is not None and feats[b] is not None:
+            verify(feats[a], feats[b], cfg)
+    return {"bare_checks": len(pairs), "bare_cpu_seconds": _cpu_seconds() - start}
+
+
+def child_verify(n: int, runner: str, data_dir: str) -> dict:
+    """The Beam copy step on the n synthetic images of `data_dir` (run in a child process): the
+    same reads as `pair` (pairing/pipeline.py copy_inputs: ids, embeddings, pHashes and pointers;
+    FindCopies reads the candidates' bytes by pointer) on the in-process runner or on Dask."""
     import apache_beam as beam
 
     from core.config import PairConfig
     from core.stageio import stage_pipeline
     from pairing.copies import FindCopies
+    from pairing.pipeline import copy_inputs
 
-    start = time.perf_counter()
-    rows, light, planted = synthetic_images(n)
-    made = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "checks.jsonl")
+    files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
+    planted = json.load(open(os.path.join(data_dir, "planted.json")))
+    cfg = PairConfig()
+    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+        out, feature_dir = os.path.join(tmp, "out"), os.path.join(tmp, "features")
         beam_args = ["--runner", "dask", "--dask-workers", "2"] if runner == "dask" else []
         start, cpu = time.perf_counter(), _cpu_seconds()
         with stage_pipeline(beam_args) as p:
-            found = {"light": p | "Light" >> beam.Create(light, reshuffle=False), "bytes": p | "Bytes" >> beam.Create(rows, reshuffle=False)} | FindCopies(PairConfig())
+            light, pointers = copy_inputs(p, files)
+            found = {"light": light, "pointers": pointers} | FindCopies(cfg, feature_dir)
             _ = found["copy_of"] | "AllCopies" >> beam.combiners.ToList() | "CopyJson" >> beam.Map(json.dumps) | "WriteCopies" >> beam.io.WriteToText(out + ".copy_of", shard_name_template="")
             _ = (found["checks"] | "Verdict" >> beam.Map(lambda r: int(r["copy"])) | "AllChecks" >> beam.combiners.ToList()
                  | "CheckJson" >> beam.Map(lambda v: json.dumps([sum(v), len(v)])) | "WriteChecks" >> beam.io.WriteToText(out + ".checks", shard_name_template=""))
+            _ = found["images_read"] | "CountRead" >> beam.combiners.Count.Globally() | "ReadJson" >> beam.Map(json.dumps) | "WriteRead" >> beam.io.WriteToText(out + ".read", shard_name_template="")
+            _ = (found["candidates"] | "AllCandidates" >> beam.combiners.ToList() | "CandJson" >> beam.Map(lambda c: json.dumps(c[:1_000]))
+                 | "WriteCand" >> beam.io.WriteToText(out + ".candidates", shard_name_template=""))
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         copy_of = dict(json.load(open(out + ".copy_of")))
         verified, checked = json.load(open(out + ".checks"))
+        images_read = json.load(open(out + ".read"))
+        sample = json.load(open(out + ".candidates"))
+        feature_bytes = _dir_bytes(feature_dir)
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the Dask workers (reaped when the cluster closed)
+    result = {"n": n, "runner": runner, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "workers_peak_rss_mb": children if runner == "dask" else 0.0,
+              "checked": checked, "checked_per_image": checked / n, "verified": verified, "images_read": images_read, "feature_mb": feature_bytes / 2**20,
+              "images_removed": len(copy_of), "planted": len(planted)}
+
     def family(x):
         return planted.get(x, x)
 
-    hit = sum(1 for c, o in planted.items() if copy_of.get(c, c) == copy_of.get(o, o))
-    false = sum(1 for m, k in copy_of.items() if family(m) != family(k))
-    return {"n": n, "runner": runner, "seconds": seconds, "cpu_seconds": cpu, "make_seconds": made, "peak_rss_mb": _peak_rss_mb(), "checked": checked, "checked_per_image": checked / n, "verified": verified,
-            "images_removed": len(copy_of), "planted": len(planted), "planted_recall": hit / max(1, len(planted)), "removed_not_planted": false}
+    result["planted_recall"] = sum(1 for c, o in planted.items() if copy_of.get(c, c) == copy_of.get(o, o)) / max(1, len(planted))
+    result["removed_not_planted"] = sum(1 for m, k in copy_of.items() if family(m) != family(k))
+    if runner == "inprocess":
+        result.update(_bare_verify(files, sample, cfg))
+    return result
 
 
 def _child(kind: str, n: int, **kw) -> dict:
@@ -194,7 +270,8 @@ def main() -> list[dict]:
     ap.add_argument("--exact-below", type=int, default=100_000, help="also time the all-pairs baseline up to this size")
     ap.add_argument("--verify", type=int, nargs="*", default=[10_000, 100_000], help="image counts for the verification step")
     ap.add_argument("--runner", choices=("inprocess", "dask", "both"), default="both", help="where the verification step runs")
-    ap.add_argument("--child", choices=("candidates", "verify"), help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", default=None, help="where the synthetic image files are written (default: a temporary folder; removed after each size)")
+    ap.add_argument("--child", choices=("candidates", "make", "verify"), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--exact", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--on", default="inprocess", help=argparse.SUPPRESS)
@@ -202,8 +279,11 @@ def main() -> list[dict]:
     if args.child == "candidates":
         print(json.dumps(child_candidates(args.n, args.dim, bool(args.exact))))
         return []
+    if args.child == "make":
+        print(json.dumps(child_make(args.n, args.data_dir)))
+        return []
     if args.child == "verify":
-        print(json.dumps(child_verify(args.n, args.on)))
+        print(json.dumps(child_verify(args.n, args.on, args.data_dir)))
         return []
     if args.small:
         args.candidates, args.verify = [10_000], [1_000]
@@ -220,16 +300,31 @@ def main() -> list[dict]:
         base = f"; all pairs {r['all_pairs_seconds']:.1f} s, CPU {r['all_pairs_cpu_seconds']:.1f} s ({r['all_pairs_cpu_seconds'] / r['cpu_seconds']:.1f}x the index's CPU)" if "all_pairs_seconds" in r else ""
         print(f"  n={n:>9,} dim={r['dim']}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e6:6.1f} us/image), peak RSS {r['peak_rss_mb']:7.0f} MB, {r['per_image']:.1f} candidates/image, planted copies found {r['planted_recall']:.3f}{base}")
     runners = ("inprocess", "dask") if args.runner == "both" else (args.runner,)
-    print("== copies: verification (the Beam step FindCopies: features once per image, two joins, SIFT + RANSAC) ==")
+    print("== copies: verification (the Beam step FindCopies: candidates' bytes by pointer, features once per image on disk, blocks of pairs, SIFT + RANSAC) ==")
+    import shutil
+
     for n in args.verify:
-        for runner in runners:
-            r = _child("verify", n, on=runner)
-            results.append({"step": "verify", **r})
-            if "error" in r:
-                print(f"  n={n:>7,} {runner:9s} error: {r['error']}")
+        data_dir = tempfile.mkdtemp(prefix=f"copies-{n}-", dir=args.data_dir)
+        try:
+            made = _child("make", n, data_dir=data_dir)
+            if "error" in made:
+                results.append({"step": "verify", **made})
+                print(f"  n={n:>7,} making the images: error: {made['error']}")
                 continue
-            print(f"  n={n:>7,} {runner:9s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e3:5.1f} ms/image), driver peak RSS {r['peak_rss_mb']:6.0f} MB, {r['checked_per_image']:.1f} pairs checked/image, "
-                  f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}")
+            print(f"  n={n:>7,} synthetic images: {made['files']} files, {made['bytes'] / 2**20:.0f} MB, made in {made['seconds']:.0f} s")
+            for runner in runners:
+                r = _child("verify", n, on=runner, data_dir=data_dir)
+                results.append({"step": "verify", **r})
+                if "error" in r:
+                    print(f"  n={n:>7,} {runner:9s} error: {r['error']}")
+                    continue
+                workers = f", workers' peak RSS {r['workers_peak_rss_mb']:6.0f} MB" if runner == "dask" else ""
+                bare = f"; bare OpenCV loop {r['bare_cpu_seconds'] / max(1, r['bare_checks']) * 1e3:.1f} ms CPU/check" if "bare_checks" in r else ""
+                print(f"  n={n:>7,} {runner:9s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e3:5.1f} ms/image, {r['cpu_seconds'] / max(1, r['checked']) * 1e3:5.1f} ms/check), driver peak RSS {r['peak_rss_mb']:6.0f} MB{workers}, "
+                      f"{r['checked_per_image']:.1f} pairs checked/image, bytes read of {r['images_read']} images, features on disk {r['feature_mb']:.0f} MB, "
+                      f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}{bare}")
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
     cand = [r for r in results if r["step"] == "candidates" and "error" not in r]
     if cand:
         rows = [(f"n={r['n']:,}: CPU s", r["cpu_seconds"], "s") for r in cand] + [(f"n={r['n']:,}: peak RSS", r["peak_rss_mb"], "MB") for r in cand]
@@ -242,8 +337,14 @@ def main() -> list[dict]:
             report("copies: candidates (planted copies found)", rows, float(min(r["planted_recall"] for r in cand)), 0.95)
     ver = [r for r in results if r["step"] == "verify" and "error" not in r]
     if ver:
-        rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
+        rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("workers_peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
         report("copies: verification (planted dresses found)", rows, float(min(r["planted_recall"] for r in ver)), 0.95)
+        local = [r for r in ver if "bare_checks" in r]
+        if local:  # the bare OpenCV loop's CPU per check / the Beam step's, at the largest in-process size
+            r = local[-1]
+            report("copies: verification, bare OpenCV loop CPU per check / the Beam step's", [(f"n={x['n']:,}: Beam step ms CPU/check", x["cpu_seconds"] / max(1, x["checked"]) * 1e3, "ms") for x in local]
+                   + [(f"n={x['n']:,}: bare loop ms CPU/check", x["bare_cpu_seconds"] / max(1, x["bare_checks"]) * 1e3, "ms") for x in local],
+                   (r["bare_cpu_seconds"] / max(1, r["bare_checks"])) / max(1e-9, r["cpu_seconds"] / max(1, r["checked"])), 0.5)
     if any("error" in r for r in results):
         raise SystemExit("copies: " + "; ".join(f"{r['step']} n={r['n']}: {r['error']}" for r in results if "error" in r))
     return results
