@@ -19,8 +19,9 @@ random earlier one (crop 88 %, mirror, colour grade + quality 45, 75 % resize, i
 time, CPU (with the Dask workers'), peak RSS of the driver and of the Dask workers, pairs checked
 per image (bounded by copy_max_candidates), images whose bytes were read, the features on disk,
 the recall of the planted dresses and what was removed that was not planted. Baseline in the same
-run: a bare OpenCV loop (pyarrow read, features in a dict, the same `verify`) over the first
-1,000 candidate pairs, CPU per check.
+run (up to --bare-below images): a bare OpenCV loop over the same candidate pairs (pyarrow read,
+every candidate's features held in a dict, the same `verify`): its CPU, and its peak RSS, which
+grows with the images as the old step's joins did.
 
     python benchmarks/copies.py --small                 # 10^4 embeddings, 10^3 images: a minute
     python benchmarks/copies.py --candidates 10000 100000 1000000 --verify 10000 100000 --runner both
@@ -180,26 +181,29 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _bare_verify(files: list[str], pairs: list, cfg, limit: int = 1_000) -> dict:
-    """The bare-library baseline: OpenCV features and checks of the first `limit` candidate pairs in
-    a plain loop (pyarrow read, no Beam, features held in a dict): CPU seconds per check."""
+def child_bare(n: int, data_dir: str) -> dict:
+    """The bare-library baseline (run in a child process): every candidate pair the Beam step
+    checked (candidates.json), in a plain loop: pyarrow reads the files, OpenCV features of each
+    candidate image held in a dict (memory grows with the images, as the old joins held them),
+    the same `verify`. CPU seconds and peak RSS."""
     import pyarrow.parquet as pq
 
+    from core.config import PairConfig
     from pairing.copies import image_features, verify
 
-    pairs = pairs[:limit]
+    cfg = PairConfig()
+    pairs = json.load(open(os.path.join(data_dir, "candidates.json")))
+    files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".parquet"))
     wanted = {x for a, b, _, _ in pairs for x in (a, b)}
-    start = _cpu_seconds()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     feats = {}
     for f in files:
         t = pq.read_table(f, columns=["image_id", "image_bytes"])
         for image_id, data in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist()):
             if image_id in wanted:
                 feats[image_id] = image_features(data, cfg.copy_max_side, cfg.copy_max_keypoints)
-    for a, b, _, _ in pairs:
-        if feats[a] is not None and feats[b] is not None:
-            verify(feats[a], feats[b], cfg)
-    return {"bare_checks": len(pairs), "bare_cpu_seconds": _cpu_seconds() - start}
+    copies = sum(verify(feats[a], feats[b], cfg)["copy"] for a, b, _, _ in pairs if feats[a] is not None and feats[b] is not None)
+    return {"n": n, "checks": len(pairs), "copies": int(copies), "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_verify(n: int, runner: str, data_dir: str) -> dict:
@@ -227,13 +231,13 @@ def child_verify(n: int, runner: str, data_dir: str) -> dict:
             _ = (found["checks"] | "Verdict" >> beam.Map(lambda r: int(r["copy"])) | "AllChecks" >> beam.combiners.ToList()
                  | "CheckJson" >> beam.Map(lambda v: json.dumps([sum(v), len(v)])) | "WriteChecks" >> beam.io.WriteToText(out + ".checks", shard_name_template=""))
             _ = found["images_read"] | "CountRead" >> beam.combiners.Count.Globally() | "ReadJson" >> beam.Map(json.dumps) | "WriteRead" >> beam.io.WriteToText(out + ".read", shard_name_template="")
-            _ = (found["candidates"] | "AllCandidates" >> beam.combiners.ToList() | "CandJson" >> beam.Map(lambda c: json.dumps(c[:1_000]))
-                 | "WriteCand" >> beam.io.WriteToText(out + ".candidates", shard_name_template=""))
+            if runner == "inprocess":  # for the bare baseline (child_bare)
+                _ = (found["candidates"] | "AllCandidates" >> beam.combiners.ToList() | "CandJson" >> beam.Map(json.dumps)
+                     | "WriteCand" >> beam.io.WriteToText(os.path.join(data_dir, "candidates.json"), shard_name_template=""))
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         copy_of = dict(json.load(open(out + ".copy_of")))
         verified, checked = json.load(open(out + ".checks"))
         images_read = json.load(open(out + ".read"))
-        sample = json.load(open(out + ".candidates"))
         feature_bytes = _dir_bytes(feature_dir)
     import resource
 
@@ -247,8 +251,6 @@ def child_verify(n: int, runner: str, data_dir: str) -> dict:
 
     result["planted_recall"] = sum(1 for c, o in planted.items() if copy_of.get(c, c) == copy_of.get(o, o)) / max(1, len(planted))
     result["removed_not_planted"] = sum(1 for m, k in copy_of.items() if family(m) != family(k))
-    if runner == "inprocess":
-        result.update(_bare_verify(files, sample, cfg))
     return result
 
 
@@ -271,7 +273,8 @@ def main() -> list[dict]:
     ap.add_argument("--verify", type=int, nargs="*", default=[10_000, 100_000], help="image counts for the verification step")
     ap.add_argument("--runner", choices=("inprocess", "dask", "both"), default="both", help="where the verification step runs")
     ap.add_argument("--data-dir", default=None, help="where the synthetic image files are written (default: a temporary folder; removed after each size)")
-    ap.add_argument("--child", choices=("candidates", "make", "verify"), help=argparse.SUPPRESS)
+    ap.add_argument("--bare-below", type=int, default=10_000, help="also run the bare OpenCV loop (all features in memory) up to this many images")
+    ap.add_argument("--child", choices=("candidates", "make", "verify", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--exact", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--on", default="inprocess", help=argparse.SUPPRESS)
@@ -284,6 +287,9 @@ def main() -> list[dict]:
         return []
     if args.child == "verify":
         print(json.dumps(child_verify(args.n, args.on, args.data_dir)))
+        return []
+    if args.child == "bare":
+        print(json.dumps(child_bare(args.n, args.data_dir)))
         return []
     if args.small:
         args.candidates, args.verify = [10_000], [1_000]
@@ -319,10 +325,16 @@ def main() -> list[dict]:
                     print(f"  n={n:>7,} {runner:9s} error: {r['error']}")
                     continue
                 workers = f", workers' peak RSS {r['workers_peak_rss_mb']:6.0f} MB" if runner == "dask" else ""
-                bare = f"; bare OpenCV loop {r['bare_cpu_seconds'] / max(1, r['bare_checks']) * 1e3:.1f} ms CPU/check" if "bare_checks" in r else ""
                 print(f"  n={n:>7,} {runner:9s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e3:5.1f} ms/image, {r['cpu_seconds'] / max(1, r['checked']) * 1e3:5.1f} ms/check), driver peak RSS {r['peak_rss_mb']:6.0f} MB{workers}, "
                       f"{r['checked_per_image']:.1f} pairs checked/image, bytes read of {r['images_read']} images, features on disk {r['feature_mb']:.0f} MB, "
-                      f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}{bare}")
+                      f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}")
+            if n <= args.bare_below and "inprocess" in runners and os.path.exists(os.path.join(data_dir, "candidates.json")):
+                r = _child("bare", n, data_dir=data_dir)
+                results.append({"step": "bare", **r})
+                if "error" in r:
+                    print(f"  n={n:>7,} bare loop error: {r['error']}")
+                    continue
+                print(f"  n={n:>7,} bare loop: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / max(1, r['checks']) * 1e3:5.1f} ms/check), peak RSS {r['peak_rss_mb']:6.0f} MB (every feature in memory), {r['copies']} copies")
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
     cand = [r for r in results if r["step"] == "candidates" and "error" not in r]
@@ -339,12 +351,12 @@ def main() -> list[dict]:
     if ver:
         rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("workers_peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
         report("copies: verification (planted dresses found)", rows, float(min(r["planted_recall"] for r in ver)), 0.95)
-        local = [r for r in ver if "bare_checks" in r]
-        if local:  # the bare OpenCV loop's CPU per check / the Beam step's, at the largest in-process size
-            r = local[-1]
-            report("copies: verification, bare OpenCV loop CPU per check / the Beam step's", [(f"n={x['n']:,}: Beam step ms CPU/check", x["cpu_seconds"] / max(1, x["checked"]) * 1e3, "ms") for x in local]
-                   + [(f"n={x['n']:,}: bare loop ms CPU/check", x["bare_cpu_seconds"] / max(1, x["bare_checks"]) * 1e3, "ms") for x in local],
-                   (r["bare_cpu_seconds"] / max(1, r["bare_checks"])) / max(1e-9, r["cpu_seconds"] / max(1, r["checked"])), 0.5)
+        bare = {r["n"]: r for r in results if r["step"] == "bare" and "error" not in r}
+        local = [r for r in ver if r["runner"] == "inprocess" and r["n"] in bare]
+        if local:  # the bare OpenCV loop's CPU / the in-process Beam step's, at the largest size with both
+            rows = [(f"n={r['n']:,}: Beam step in-process CPU s", r["cpu_seconds"], "s") for r in local] + [(f"n={r['n']:,}: Beam step peak RSS", r["peak_rss_mb"], "MB") for r in local]
+            rows += [(f"n={r['n']:,}: bare loop CPU s", bare[r["n"]]["cpu_seconds"], "s") for r in local] + [(f"n={r['n']:,}: bare loop peak RSS", bare[r["n"]]["peak_rss_mb"], "MB") for r in local]
+            report("copies: verification, bare OpenCV loop CPU / the Beam step's", rows, bare[local[-1]["n"]]["cpu_seconds"] / max(1e-9, local[-1]["cpu_seconds"]), 0.5)
     if any("error" in r for r in results):
         raise SystemExit("copies: " + "; ".join(f"{r['step']} n={r['n']}: {r['error']}" for r in results if "error" in r))
     return results
