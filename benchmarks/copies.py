@@ -206,6 +206,40 @@ def child_bare(n: int, data_dir: str) -> dict:
     return {"n": n, "checks": len(pairs), "copies": int(copies), "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "peak_rss_mb": _peak_rss_mb()}
 
 
+class _RssSampler:
+    """RSS of this process and of the largest child (a Dask worker) every 0.2 s, the peaks before
+    and after the first feature file appeared: the candidate step, then reading bytes, featurising
+    and verifying (the candidate step ends before any feature is written). In MB."""
+
+    def __init__(self, feature_dir: str):
+        import threading
+
+        self.feature_dir, self.peak, self.workers, self.stop = feature_dir, [0.0, 0.0], [0.0, 0.0], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop.is_set():
+            phase = int(os.path.isdir(self.feature_dir))
+            self.peak[phase] = max(self.peak[phase], me.memory_info().rss / 2**20)
+            for child in me.children(recursive=True):  # the Dask workers: the largest one
+                try:
+                    self.workers[phase] = max(self.workers[phase], child.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            self.stop.wait(0.2)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def child_verify(n: int, runner: str, data_dir: str) -> dict:
     """The Beam copy step on the n synthetic images of `data_dir` (run in a child process): the
     same reads as `pair` (pairing/pipeline.py copy_inputs: ids, embeddings, pHashes and pointers;
@@ -223,8 +257,9 @@ def child_verify(n: int, runner: str, data_dir: str) -> dict:
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         out, feature_dir = os.path.join(tmp, "out"), os.path.join(tmp, "features")
         beam_args = ["--runner", "dask", "--dask-workers", "2"] if runner == "dask" else []
+        sampler = _RssSampler(feature_dir)
         start, cpu = time.perf_counter(), _cpu_seconds()
-        with stage_pipeline(beam_args) as p:
+        with sampler, stage_pipeline(beam_args) as p:
             light, pointers = copy_inputs(p, files)
             found = {"light": light, "pointers": pointers} | FindCopies(cfg, feature_dir)
             _ = found["copy_of"] | "AllCopies" >> beam.combiners.ToList() | "CopyJson" >> beam.Map(json.dumps) | "WriteCopies" >> beam.io.WriteToText(out + ".copy_of", shard_name_template="")
@@ -243,6 +278,7 @@ def child_verify(n: int, runner: str, data_dir: str) -> dict:
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the Dask workers (reaped when the cluster closed)
     result = {"n": n, "runner": runner, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "workers_peak_rss_mb": children if runner == "dask" else 0.0,
+              "candidate_phase_rss_mb": sampler.peak[0], "verify_phase_rss_mb": sampler.peak[1], "worker_candidate_phase_rss_mb": sampler.workers[0], "worker_verify_phase_rss_mb": sampler.workers[1],
               "checked": checked, "checked_per_image": checked / n, "verified": verified, "images_read": images_read, "feature_mb": feature_bytes / 2**20,
               "images_removed": len(copy_of), "planted": len(planted)}
 
@@ -324,7 +360,8 @@ def main() -> list[dict]:
                 if "error" in r:
                     print(f"  n={n:>7,} {runner:9s} error: {r['error']}")
                     continue
-                workers = f", workers' peak RSS {r['workers_peak_rss_mb']:6.0f} MB" if runner == "dask" else ""
+                workers = (f", workers' peak RSS {r['workers_peak_rss_mb']:6.0f} MB (largest worker: candidate phase {r['worker_candidate_phase_rss_mb']:.0f} MB, verification phase {r['worker_verify_phase_rss_mb']:.0f} MB)" if runner == "dask"
+                           else f" (candidate phase {r['candidate_phase_rss_mb']:.0f} MB, verification phase {r['verify_phase_rss_mb']:.0f} MB)")
                 print(f"  n={n:>7,} {runner:9s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s ({r['cpu_seconds'] / n * 1e3:5.1f} ms/image, {r['cpu_seconds'] / max(1, r['checked']) * 1e3:5.1f} ms/check), driver peak RSS {r['peak_rss_mb']:6.0f} MB{workers}, "
                       f"{r['checked_per_image']:.1f} pairs checked/image, bytes read of {r['images_read']} images, features on disk {r['feature_mb']:.0f} MB, "
                       f"{r['images_removed']} removed, planted dresses found {r['planted_recall']:.3f}, removed not planted {r['removed_not_planted']}")
@@ -349,7 +386,8 @@ def main() -> list[dict]:
             report("copies: candidates (planted copies found)", rows, float(min(r["planted_recall"] for r in cand)), 0.95)
     ver = [r for r in results if r["step"] == "verify" and "error" not in r]
     if ver:
-        rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("workers_peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
+        rows = [(f"n={r['n']:,} {r['runner']}: {k}", r[k], u) for r in ver for k, u in (("seconds", "s"), ("cpu_seconds", "s"), ("peak_rss_mb", "MB"), ("checked_per_image", "pairs"), ("removed_not_planted", "images"))]
+        rows += [(f"n={r['n']:,} {r['runner']}: {k}", r[k], "MB") for r in ver for k in (("workers_peak_rss_mb", "worker_candidate_phase_rss_mb", "worker_verify_phase_rss_mb") if r["runner"] == "dask" else ("candidate_phase_rss_mb", "verify_phase_rss_mb"))]
         report("copies: verification (planted dresses found)", rows, float(min(r["planted_recall"] for r in ver)), 0.95)
         bare = {r["n"]: r for r in results if r["step"] == "bare" and "error" not in r}
         local = [r for r in ver if r["runner"] == "inprocess" and r["n"] in bare]
