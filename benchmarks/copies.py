@@ -211,17 +211,25 @@ class _RssSampler:
     and after the first feature file appeared: the candidate step, then reading bytes, featurising
     and verifying (the candidate step ends before any feature is written). In MB."""
 
-    def __init__(self, feature_dir: str):
+    def __init__(self, feature_dir: str, trace: str = ""):
         import threading
 
         self.feature_dir, self.peak, self.workers, self.stop = feature_dir, [0.0, 0.0], [0.0, 0.0], threading.Event()
+        self.trace = trace  # a file to append "seconds phase rss_mb largest_child_mb" to every 10 s (a long run's progress)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         import psutil
 
         me = psutil.Process()
+        start = last = time.perf_counter()
         while not self.stop.is_set():
+            if self.trace and time.perf_counter() - last >= 10:
+                last = time.perf_counter()
+                rss = me.memory_info().rss / 2**20
+                kids = [c.memory_info().rss / 2**20 for c in me.children(recursive=True)]
+                with open(self.trace, "a") as fh:
+                    fh.write(f"{last - start:.0f} {int(os.path.isdir(self.feature_dir))} {rss:.0f} {max(kids, default=0):.0f}\n")
             phase = int(os.path.isdir(self.feature_dir))
             self.peak[phase] = max(self.peak[phase], me.memory_info().rss / 2**20)
             for child in me.children(recursive=True):  # the Dask workers: the largest one
@@ -240,7 +248,7 @@ class _RssSampler:
         self.thread.join()
 
 
-def child_verify(n: int, runner: str, data_dir: str) -> dict:
+def child_verify(n: int, runner: str, data_dir: str, trace: str = "") -> dict:
     """The Beam copy step on the n synthetic images of `data_dir` (run in a child process): the
     same reads as `pair` (pairing/pipeline.py copy_inputs: ids, embeddings, pHashes and pointers;
     FindCopies reads the candidates' bytes by pointer) on the in-process runner or on Dask."""
@@ -257,7 +265,7 @@ def child_verify(n: int, runner: str, data_dir: str) -> dict:
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         out, feature_dir = os.path.join(tmp, "out"), os.path.join(tmp, "features")
         beam_args = ["--runner", "dask", "--dask-workers", "2"] if runner == "dask" else []
-        sampler = _RssSampler(feature_dir)
+        sampler = _RssSampler(feature_dir, trace)
         start, cpu = time.perf_counter(), _cpu_seconds()
         with sampler, stage_pipeline(beam_args) as p:
             light, pointers = copy_inputs(p, files)
@@ -309,6 +317,7 @@ def main() -> list[dict]:
     ap.add_argument("--verify", type=int, nargs="*", default=[10_000, 100_000], help="image counts for the verification step")
     ap.add_argument("--runner", choices=("inprocess", "dask", "both"), default="both", help="where the verification step runs")
     ap.add_argument("--data-dir", default=None, help="where the synthetic image files are written (default: a temporary folder; removed after each size)")
+    ap.add_argument("--trace", default="", help="append the verification's RSS every 10 s to this file (seconds, phase 0 candidates / 1 verification, RSS MB, largest worker MB)")
     ap.add_argument("--bare-below", type=int, default=10_000, help="also run the bare OpenCV loop (all features in memory) up to this many images")
     ap.add_argument("--child", choices=("candidates", "make", "verify", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -322,7 +331,7 @@ def main() -> list[dict]:
         print(json.dumps(child_make(args.n, args.data_dir)))
         return []
     if args.child == "verify":
-        print(json.dumps(child_verify(args.n, args.on, args.data_dir)))
+        print(json.dumps(child_verify(args.n, args.on, args.data_dir, args.trace)))
         return []
     if args.child == "bare":
         print(json.dumps(child_bare(args.n, args.data_dir)))
@@ -355,7 +364,7 @@ def main() -> list[dict]:
                 continue
             print(f"  n={n:>7,} synthetic images: {made['files']} files, {made['bytes'] / 2**20:.0f} MB, made in {made['seconds']:.0f} s")
             for runner in runners:
-                r = _child("verify", n, on=runner, data_dir=data_dir)
+                r = _child("verify", n, on=runner, data_dir=data_dir, trace=args.trace)
                 results.append({"step": "verify", **r})
                 if "error" in r:
                     print(f"  n={n:>7,} {runner:9s} error: {r['error']}")

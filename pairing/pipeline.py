@@ -263,16 +263,15 @@ def copy_inputs(p, files: list[str], prefix: str = "Copy"):
 
 
 def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
-    import os
+    import fsspec
 
-    from apache_beam.io.filesystems import FileSystems
-
-    feature_dir = FileSystems.join(out_dir, "_copy_features")  # the copy step's features, removed when the pipeline is done
+    feature_dir = out_dir.rstrip("/") + "/_copy_features"  # the copy step's features, removed when the pipeline is done
     try:
         _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir)
     finally:
-        if FileSystems.exists(feature_dir):
-            FileSystems.delete([feature_dir])
+        fs, path = fsspec.core.url_to_fs(feature_dir)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir) -> None:

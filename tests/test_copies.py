@@ -197,6 +197,7 @@ def test_copy_rows_reconcile_and_name_the_kept_dress(copy_run):
     # only the candidates' bytes were read, each once (filter holds many more images)
     in_checks = {c["image_a"] for c in checks} | {c["image_b"] for c in checks}
     assert stats["copy_images_read"] == len(in_checks) < len(_read(dirs["filter"], "images"))
+    assert not os.path.exists(os.path.join(dirs["pair"], "_copy_features"))  # the features on disk are gone with the run
     # the same photo on two pages of a site (same bytes) is no copy: it stays on both pages
     recurring = [u for u in web.photo if sum(1 for _, x in web.occurrences if x == u) == 2 and web.photo[u] not in web.copied_photos()]
     assert recurring and all(sum(k["image_url"] == u for k in kept) + sum(r["url"] == u and r["reason"] in ("no_pair_in_band", "over_page_cap") for r in rejected) == 2 for u in recurring)
