@@ -248,7 +248,7 @@ class _RssSampler:
         self.thread.join()
 
 
-def child_verify(n: int, runner: str, data_dir: str, trace: str = "") -> dict:
+def child_verify(n: int, runner: str, data_dir: str, trace: str = "", keep_candidates: bool = False) -> dict:
     """The Beam copy step on the n synthetic images of `data_dir` (run in a child process): the
     same reads as `pair` (pairing/pipeline.py copy_inputs: ids, embeddings, pHashes and pointers;
     FindCopies reads the candidates' bytes by pointer) on the in-process runner or on Dask."""
@@ -274,7 +274,7 @@ def child_verify(n: int, runner: str, data_dir: str, trace: str = "") -> dict:
             _ = (found["checks"] | "Verdict" >> beam.Map(lambda r: int(r["copy"])) | "AllChecks" >> beam.combiners.ToList()
                  | "CheckJson" >> beam.Map(lambda v: json.dumps([sum(v), len(v)])) | "WriteChecks" >> beam.io.WriteToText(out + ".checks", shard_name_template=""))
             _ = found["images_read"] | "CountRead" >> beam.combiners.Count.Globally() | "ReadJson" >> beam.Map(json.dumps) | "WriteRead" >> beam.io.WriteToText(out + ".read", shard_name_template="")
-            if runner == "inprocess":  # for the bare baseline (child_bare)
+            if keep_candidates:  # for the bare baseline (child_bare)
                 _ = (found["candidates"] | "AllCandidates" >> beam.combiners.ToList() | "CandJson" >> beam.Map(json.dumps)
                      | "WriteCand" >> beam.io.WriteToText(os.path.join(data_dir, "candidates.json"), shard_name_template=""))
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
@@ -321,7 +321,7 @@ def main() -> list[dict]:
     ap.add_argument("--bare-below", type=int, default=10_000, help="also run the bare OpenCV loop (all features in memory) up to this many images")
     ap.add_argument("--child", choices=("candidates", "make", "verify", "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--exact", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--exact", type=int, default=0, help=argparse.SUPPRESS)  # candidates: the all-pairs baseline too; verify: keep the candidate list for the bare loop
     ap.add_argument("--on", default="inprocess", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "candidates":
@@ -331,7 +331,7 @@ def main() -> list[dict]:
         print(json.dumps(child_make(args.n, args.data_dir)))
         return []
     if args.child == "verify":
-        print(json.dumps(child_verify(args.n, args.on, args.data_dir, args.trace)))
+        print(json.dumps(child_verify(args.n, args.on, args.data_dir, args.trace, bool(args.exact))))
         return []
     if args.child == "bare":
         print(json.dumps(child_bare(args.n, args.data_dir)))
@@ -364,7 +364,7 @@ def main() -> list[dict]:
                 continue
             print(f"  n={n:>7,} synthetic images: {made['files']} files, {made['bytes'] / 2**20:.0f} MB, made in {made['seconds']:.0f} s")
             for runner in runners:
-                r = _child("verify", n, on=runner, data_dir=data_dir, trace=args.trace)
+                r = _child("verify", n, on=runner, data_dir=data_dir, trace=args.trace, exact=int(runner == "inprocess" and n <= args.bare_below))
                 results.append({"step": "verify", **r})
                 if "error" in r:
                     print(f"  n={n:>7,} {runner:9s} error: {r['error']}")
