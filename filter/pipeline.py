@@ -259,7 +259,8 @@ def safety_plan(cfg: FilterConfig, encoder: Optional[Encoder]) -> Optional[Safet
                else f"encoder {name} has no NSFW safety head (LAION's heads fit open_clip:ViT-B-32 and open_clip:ViT-L-14 with OpenAI's weights)")
         if cfg.max_nsfw is not None:
             raise StageError(f"filter: --max-nsfw {cfg.max_nsfw} needs an nsfw score, but {why}: add --safety-encoder {SAFETY_ENCODER} (a second embedding for the score) or --safety-head FILE")
-        log.info("filter: no nsfw score: %s; the nsfw columns stay empty (--safety-encoder %s computes a second embedding for the score)", why, SAFETY_ENCODER)
+        say = log.info if cfg.safety_encoder == NO_ENCODER else log.warning  # asked for, or to be noticed
+        say("filter: no nsfw score: %s; the nsfw columns stay empty (--safety-encoder %s computes a second embedding for the score)", why, SAFETY_ENCODER)
         return None
     second = encoder if name == cfg.encoder else _driver_encoder(name, cfg.safety_encoder_weights)
     try:
