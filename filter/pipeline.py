@@ -245,11 +245,11 @@ def encoder_info(cfg: FilterConfig) -> tuple:
     return (enc.image_size, enc.mean, enc.std)
 
 
-def safety_plan(cfg: FilterConfig, encoder: Optional[Encoder]) -> Optional[Safety]:
+def safety_plan(cfg: FilterConfig, encoder: Optional[Encoder]) -> tuple[Optional[Safety], str]:
     """The nsfw scoring of this run, fetched in the driver (a missing head fails at start, in one
-    sentence): the head of the safety encoder (the main one unless --safety-encoder names another),
-    or None, said in one log line, when there is no head to apply. --max-nsfw without a score is an
-    error: a safety threshold must never be skipped in silence."""
+    sentence): (the head of the safety encoder (the main one unless --safety-encoder names another),
+    ""), or (None, the one line to log) when there is no head to apply. --max-nsfw without a score
+    is an error: a safety threshold must never be skipped in silence."""
     name = cfg.safety_encoder or cfg.encoder
     if cfg.safety_encoder and cfg.safety_encoder != NO_ENCODER and encoder is None:
         raise StageError(f"filter: --safety-encoder {cfg.safety_encoder} scores the images filter embeds, and --encoder none embeds none: choose an encoder")
@@ -258,10 +258,9 @@ def safety_plan(cfg: FilterConfig, encoder: Optional[Encoder]) -> Optional[Safet
         why = ("the safety encoder is none" if cfg.safety_encoder == NO_ENCODER else "encoder none embeds nothing" if name == NO_ENCODER
                else f"encoder {name} has no NSFW safety head (LAION's heads fit open_clip:ViT-B-32 and open_clip:ViT-L-14 with OpenAI's weights)")
         if cfg.max_nsfw is not None:
-            raise StageError(f"filter: --max-nsfw {cfg.max_nsfw} needs an nsfw score, but {why}: add --safety-encoder {SAFETY_ENCODER} (a second embedding for the score) or --safety-head FILE")
-        say = log.info if cfg.safety_encoder == NO_ENCODER else log.warning  # asked for, or to be noticed
-        say("filter: no nsfw score: %s; the nsfw columns stay empty (--safety-encoder %s computes a second embedding for the score)", why, SAFETY_ENCODER)
-        return None
+            fix = "choose an encoder" if cfg.encoder == NO_ENCODER else f"add --safety-encoder {SAFETY_ENCODER} (a second embedding for the score) or --safety-head FILE"
+            raise StageError(f"filter: --max-nsfw {cfg.max_nsfw} needs an nsfw score, but {why}: {fix}")
+        return None, f"filter: no nsfw score: {why}; the nsfw columns stay empty (--safety-encoder {SAFETY_ENCODER} computes a second embedding for the score)"
     second = encoder if name == cfg.encoder else _driver_encoder(name, cfg.safety_encoder_weights)
     try:
         head = head_for(source)
@@ -271,8 +270,8 @@ def safety_plan(cfg: FilterConfig, encoder: Optional[Encoder]) -> Optional[Safet
         raise StageError(f"filter: the NSFW head {source} reads {head.dim}-d embeddings and {name} makes {second.dim}-d ones: give the head of that encoder with --safety-head, or --safety-encoder {SAFETY_ENCODER}")
     log.info("filter: nsfw score from %s on the %s embedding", source, name)
     if name == cfg.encoder:
-        return Safety(head)
-    return Safety(head, name, cfg.safety_encoder_weights, second.image_size, tuple(second.mean), tuple(second.std))
+        return Safety(head), ""
+    return Safety(head, name, cfg.safety_encoder_weights, second.image_size, tuple(second.mean), tuple(second.std)), ""
 
 
 def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None) -> dict:
@@ -285,9 +284,11 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
     check_columns(link_files, DOWNLOAD_OCCURRENCE_SCHEMA, input_path, "download")
     encoder = None if cfg.encoder == NO_ENCODER else _driver_encoder(cfg.encoder, cfg.encoder_weights)
     info = (encoder.image_size, encoder.mean, encoder.std) if encoder is not None else ()
-    safety = safety_plan(cfg, encoder)
+    safety, notice = safety_plan(cfg, encoder)
     del encoder  # the workers load their own
     with StageOutput(out_dir, STAGE) as out:
+        if notice:  # said once the stage runs (an error before it stays the only line)
+            (log.info if cfg.safety_encoder == NO_ENCODER else log.warning)(notice)  # asked for, or to be noticed
         with stage_pipeline(beam_args) as p:
             images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
             links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=list(LINK_FIELDS))
