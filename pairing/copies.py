@@ -627,6 +627,8 @@ class FindCopies(beam.PTransform):
 
     def __init__(self, cfg, feature_dir: str):
         super().__init__()
+        if not feature_dir:
+            raise ValueError("FindCopies needs a folder for the features (feature_dir)")
         self.cfg, self.feature_dir = cfg, feature_dir
 
     def expand(self, pcolls):

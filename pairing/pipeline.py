@@ -135,7 +135,7 @@ class PairImages(beam.PTransform):
     The sharing count comes from the light links, so the full records are shuffled by image (to
     their pages) and by page once each."""
 
-    def __init__(self, cfg: PairConfig, feature_dir: str = ""):
+    def __init__(self, cfg: PairConfig, feature_dir: str = ""):  # feature_dir: needed with cfg.copies
         super().__init__()
         self.cfg = cfg
         self.feature_dir = feature_dir  # the copy step's features (pairing/copies.py FindCopies)
