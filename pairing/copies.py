@@ -545,17 +545,21 @@ def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
     }
 
 
-def _wanted_pointers(item):
-    """(image_id, {"pointer": [(file, row group)], "wanted": [...]}) -> ((file, row group), image_id)
-    for a candidate image (each image once, however many pairs name it)."""
-    image, grouped = item
-    pointers = list(grouped["pointer"])
-    if pointers and any(True for _ in grouped["wanted"]):
-        yield tuple(pointers[0]), image
+def _candidates_and_reads(rows: list, cfg) -> tuple[list, list]:
+    """(candidate pairs, [((file, row group), [the candidate ids whose bytes it holds])]) of the
+    collected (image_id, embedding or None, pHash, (file, row group)) rows: each candidate image
+    once, however many pairs name it; nothing for the others."""
+    candidates = _candidates([r[:3] for r in rows], cfg)
+    wanted = {x for a, b, _, _ in candidates for x in (a, b)}
+    reads: dict = {}
+    for r in rows:
+        if r[0] in wanted and r[3] is not None:
+            reads.setdefault(tuple(r[3]), []).append(r[0])
+    return candidates, sorted(reads.items())
 
 
 class _Featurize(beam.DoFn):
-    """((file, row group), [candidate image ids]) -> each image's features written under
+    """((file, row group), [[candidate image ids]]) -> each image's features written under
     `feature_dir`; yields (image_id, keep signals) and, tagged IMAGES_READ, every id whose bytes were
     read. Only the candidates' rows of the row group are kept (core.stageio.fetch_rows)."""
 
@@ -565,8 +569,8 @@ class _Featurize(beam.DoFn):
     def process(self, item):
         from core.stageio import fetch_rows
 
-        (path, row_group), ids = item
-        rows = fetch_rows([(path, row_group)], "image_id", ["image_bytes"], wanted=set(ids))
+        (path, row_group), lists = item
+        rows = fetch_rows([(path, row_group)], "image_id", ["image_bytes"], wanted={x for ids in lists for x in ids})
         for image_id in sorted(rows):
             data = rows.pop(image_id)["image_bytes"]
             yield beam.pvalue.TaggedOutput(IMAGES_READ, image_id)
@@ -612,18 +616,18 @@ def _groups(edges, info):
 
 
 class FindCopies(beam.PTransform):
-    """{"light": (image_id, embedding or None, pHash) of every image, "pointers": (image_id, (file,
-    row group)) of every image (where its bytes are)} -> {"copy_of": (member, kept member) for each
-    member that is not kept, "checks": one COPY_CHECK_SCHEMA row per verified candidate pair,
-    "candidates": the candidate pairs, "images_read": the ids whose bytes were read}.
+    """{"light": (image_id, embedding or None, pHash, (file, row group) where its bytes are) of every
+    image} -> {"copy_of": (member, kept member) for each member that is not kept, "checks": one
+    COPY_CHECK_SCHEMA row per verified candidate pair, "candidates": the candidate pairs,
+    "images_read": the ids whose bytes were read}.
 
     Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in the
-    images). Only the candidate images' bytes are read, one row group at a time (a CoGroupByKey of
-    the candidates' ids with the pointers, grouped by row group); each one's features are computed
-    once and written under `feature_dir` (the caller makes and removes it: a folder every worker
-    can reach, e.g. under the stage's temporary output). The candidate pairs then go in blocks of
-    VERIFY_BLOCK to the workers, which read the block's features back: a worker holds one row group
-    or one block, so memory does not grow with the images, and what crosses the shuffles is ids."""
+    images), which also lists the row groups that hold candidates. Only those row groups are read,
+    each once, keeping the candidates' rows; each candidate's features are computed once and
+    written under `feature_dir` (the caller makes and removes it: a folder every worker can reach,
+    e.g. under the stage's temporary output). The candidate pairs then go to the workers in blocks
+    of VERIFY_BLOCK, which read the block's features back: a worker holds one row group or one
+    block, so memory does not grow with the images, and what crosses the shuffles is ids."""
 
     def __init__(self, cfg, feature_dir: str):
         super().__init__()
@@ -633,18 +637,15 @@ class FindCopies(beam.PTransform):
 
     def expand(self, pcolls):
         cfg, feature_dir = self.cfg, self.feature_dir
-        listed = pcolls["light"] | "CopyRows" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates, cfg)
-        candidates = listed | "EachCandidate" >> beam.FlatMap(lambda c: c)
-        wanted = candidates | "CandidateIds" >> beam.FlatMap(lambda c: [(c[0], True), (c[1], True)])
-        by_group = (
-            {"pointer": pcolls["pointers"], "wanted": wanted} | "JoinPointers" >> beam.CoGroupByKey()
-            | "WantedPointers" >> beam.FlatMap(_wanted_pointers) | "ByRowGroup" >> beam.GroupByKey()
-        )
+        listed = pcolls["light"] | "CopyRows" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates_and_reads, cfg)
+        candidates = listed | "EachCandidate" >> beam.FlatMap(lambda c: c[0])
+        # the row groups that hold candidates, spread over the workers by a GroupByKey
+        by_group = listed | "RowGroups" >> beam.FlatMap(lambda c: c[1]) | "SpreadRowGroups" >> beam.GroupByKey()
         featurized = by_group | "Featurize" >> beam.ParDo(_Featurize(cfg, feature_dir)).with_outputs(IMAGES_READ, main="info")
         info = featurized.info
         written = info | "CountWritten" >> beam.combiners.Count.Globally()
         checks = (
-            listed | "Blocks" >> beam.FlatMap(_blocks) | "SpreadBlocks" >> beam.GroupByKey()
+            listed | "Blocks" >> beam.FlatMap(lambda c: _blocks(c[0])) | "SpreadBlocks" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
         )
         edges = checks | "Copies" >> beam.Filter(lambda r: r["copy"]) | "Edge" >> beam.Map(lambda r: (r["image_a"], r["image_b"]))

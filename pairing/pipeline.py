@@ -149,7 +149,7 @@ class PairImages(beam.PTransform):
         #    dress: the others' links are rejected and the kept dress stands in on their pages
         copy_rejected = None
         if "copy_light" in pcolls:
-            found = {"light": pcolls["copy_light"], "pointers": pcolls["copy_pointers"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
+            found = {"light": pcolls["copy_light"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
             copy_of = beam.pvalue.AsDict(found["copy_of"])
             keyed_images = images | "KeyImage" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS)), copy_of)
             keyed_links = links | "KeyLink" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS)), copy_of)
@@ -249,17 +249,15 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
 def _light_row(r: dict):
     import numpy as np
 
-    return r["image_id"], None if r["embedding"] is None else np.asarray(r["embedding"], dtype=np.float16), r["phash"]
+    embedding = None if r["embedding"] is None else np.asarray(r["embedding"], dtype=np.float16)
+    return r["image_id"], embedding, r["phash"], (r["bytes_file"], r["bytes_row_group"])
 
 
 def copy_inputs(p, files: list[str], prefix: str = "Copy"):
     """What the copy step (pairing/copies.py FindCopies) reads of filter's images: (image_id,
-    float16 embedding, pHash) and (image_id, (file, row group)), the pointer to its bytes. No bytes:
+    float16 embedding, pHash, (file, row group)), the last the pointer to its bytes. No bytes:
     FindCopies reads only the candidates' bytes, through these pointers."""
-    rows = p | f"{prefix}Files" >> beam.Create(files) | f"Read{prefix}Rows" >> beam.ParDo(ReadParquetWithPointers(["image_id", "embedding", "phash"]))
-    light = rows | f"{prefix}Row" >> beam.Map(_light_row)
-    pointers = rows | f"{prefix}Pointer" >> beam.Map(lambda r: (r["image_id"], (r["bytes_file"], r["bytes_row_group"])))
-    return light, pointers
+    return p | f"{prefix}Files" >> beam.Create(files) | f"Read{prefix}Rows" >> beam.ParDo(ReadParquetWithPointers(["image_id", "embedding", "phash"])) | f"{prefix}Row" >> beam.Map(_light_row)
 
 
 def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
@@ -294,7 +292,7 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
         inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
         if cfg.copies:  # the copy step reads the embeddings, pHashes and pointers; later only the candidates' bytes
-            inputs["copy_light"], inputs["copy_pointers"] = copy_inputs(p, files)
+            inputs["copy_light"] = copy_inputs(p, files)
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
         out = inputs | "Pair" >> PairImages(cfg, feature_dir)

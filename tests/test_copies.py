@@ -345,8 +345,8 @@ def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
     candidates = sorted(family) + sorted(family.values())
     feature_dir = str(tmp_path / "features")
     with TestPipeline() as p:
-        light, pointers = copy_inputs(p, files)
-        found = {"light": light, "pointers": pointers} | FindCopies(PairConfig(), feature_dir)
+        light = copy_inputs(p, files)
+        found = {"light": light} | FindCopies(PairConfig(), feature_dir)
         assert_that(found["images_read"], equal_to(candidates), label="ReadOnlyCandidates")
         assert_that(found["copy_of"] | beam.Map(lambda kv: (min(kv), max(kv))), equal_to(sorted((d, p) for d, p in family.items())), label="CopiesFound")
         assert_that(found["checks"] | beam.Map(lambda r: (r["image_a"], r["image_b"], r["copy"])), equal_to([(d, p, True) for d, p in sorted(family.items())]), label="Checks")
