@@ -67,10 +67,28 @@ def _pages_html(table) -> dict[str, str]:
     return pages
 
 
+SMALL_JPEG = 3  # photos and ads are made at a third of their declared side (400x300 -> 133x100)
+
+
+def small_path(path: str) -> str:
+    """The image path with its JPEG size divided by SMALL_JPEG when both sides stay >= 64 (filter's
+    min_side): gencrawl's maker draws the picture the same way, only smaller, so 10^5 images take
+    minutes to make and filter decodes small JPEGs. Logos, icons, thumbnails keep their size."""
+    head, name = path.rsplit("/", 1)
+    stem, ext = name.rsplit(".", 1)
+    if ext != "jpg" or "_" not in stem:
+        return path
+    base, size = stem.rsplit("_", 1)
+    w, h = (int(v) for v in size.split("x"))
+    if min(w, h) // SMALL_JPEG < 64:
+        return path
+    return f"{head}/{base}_{w // SMALL_JPEG}x{h // SMALL_JPEG}.{ext}"
+
+
 def _make_image(url: str) -> bytes:
     from webpairs import gencrawl
 
-    return gencrawl._image(url.split(f":{PORT}", 1)[1], _PHOTOS)
+    return gencrawl._image(small_path(url.split(f":{PORT}", 1)[1]), _PHOTOS)
 
 
 def _init_photos(photos):
@@ -332,6 +350,7 @@ def main() -> list[dict]:
     ap.add_argument("--work", help="folder for inputs and outputs (kept: a second run reuses the inputs); default a temporary folder")
     ap.add_argument("--json", help="write the measurements here after every step")
     ap.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="folder for scale_time.png and scale_memory.png ('' for none)")
+    ap.add_argument("--keep", action="store_true", help="keep each size's stage outputs in --work (a later run with --stages pair shards reads them)")
     ap.add_argument("--plot-only", help="a --json file of an earlier run: print its table and draw its figures")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
@@ -362,6 +381,9 @@ def main() -> list[dict]:
             subprocess.run(cmd, check=True, env=env)
             print(f"inputs generated in {time.perf_counter() - start:.0f} s", flush=True)
         results = []
+        if args.json and os.path.exists(args.json):  # an earlier run's rows (other stages or runners) stay
+            with open(args.json) as fh:
+                results = [r for r in json.load(fh) if not (r["runner"] in args.runners and r["stage"] in args.stages and r["size"] in args.sizes)]
         for runner in args.runners:  # every size on one runner first: a run cut short still has a curve
             for size in sorted(args.sizes):
                 for stage in args.stages:
@@ -371,12 +393,13 @@ def main() -> list[dict]:
                     if proc.returncode != 0:
                         raise SystemExit(f"scale: {stage} at {size}x on {runner} failed:\n{proc.stderr[-3000:]}")
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    results.append(row)
+                    results = [r for r in results if (r["stage"], r["size"], r["runner"]) != (stage, size, runner)] + [row]
                     print(f"{stage:8s} {runner:10s} {size:>3d}x {row['records']:>9,d} records  wall {row['wall']:7.1f} s  cpu {row['cpu']:7.1f} s  peak {row['peak_mb']:6.0f} MB", flush=True)
                     if args.json:
                         with open(args.json, "w") as fh:
                             json.dump(results, fh, indent=1)
-                shutil.rmtree(os.path.join(work, f"out-{runner}-{size}"), ignore_errors=True)  # tens of GB at 16x
+                if not args.keep:
+                    shutil.rmtree(os.path.join(work, f"out-{runner}-{size}"), ignore_errors=True)  # GBs at 16x
     out = summarise(results)
     if args.figures:
         print("figures:", ", ".join(plot(results, args.figures)))
