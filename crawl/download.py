@@ -104,26 +104,25 @@ def _judge(url: str, sites, user_agent_token, disallowed_header_directives, body
 
 
 def _polite_fetch(url: str, gate, max_retry_after: float, *args) -> bytes:
-    """`fetch` inside one of the host's connection slots (crawl/polite.py); a 429/503 with a
-    Retry-After is waited for (the host's other requests wait too) and asked again while the
-    waits add up to at most `max_retry_after` seconds."""
+    """`fetch` with each request inside one of its host's connection slots (crawl/polite.py), the
+    hosts of redirects included; a 429/503 with a Retry-After is waited for (that host's other
+    requests wait too) and asked again while the waits add up to at most `max_retry_after` seconds."""
     if gate is None:
         return fetch(url, *args)
     from urllib.parse import urlsplit
 
     from crawl.polite import retry_after_seconds
 
-    host, waited = (urlsplit(url).hostname or ""), 0.0
+    waited = 0.0
     while True:
-        with gate.connection(host):
-            try:
-                return fetch(url, *args)
-            except FetchError as err:
-                wait = retry_after_seconds(err.retry_after) if err.reason in ("http_429", "http_503") else None
-                if wait is None or waited + wait > max_retry_after:
-                    raise
-                gate.pause(host, wait)
-                waited += wait
+        try:
+            return fetch(url, *args, slot=gate.connection)
+        except FetchError as err:
+            wait = retry_after_seconds(err.retry_after) if err.reason in ("http_429", "http_503") else None
+            if wait is None or waited + wait > max_retry_after:
+                raise
+            gate.pause(err.host or urlsplit(url).hostname or "", wait)
+            waited += wait
 
 
 def _download_image(row, timeout, user_agent_token, disallowed_header_directives, allow, deadline, max_bytes, pins, agent="webpairs", sites=None, gate=None, max_retry_after=0.0, body_rules=()):

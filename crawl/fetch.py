@@ -19,6 +19,7 @@ maps back to its closed set of reasons.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import socket
@@ -37,10 +38,11 @@ CHUNK = 64 * 1024
 class FetchError(Exception):
     """A fetch that ends without an image; `reason` is one of the download stage's reasons."""
 
-    def __init__(self, reason: str, message: str, retry_after: Optional[str] = None):
+    def __init__(self, reason: str, message: str, retry_after: Optional[str] = None, host: Optional[str] = None):
         super().__init__(f"webpairs:{reason}: {message}")
         self.reason = reason
         self.retry_after = retry_after  # a 429/503 answer's Retry-After header, as sent
+        self.host = host  # the host that answered with it (after redirects: not always the URL's)
 
 
 def parse_pins(entries) -> dict[str, str]:
@@ -95,10 +97,12 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 30.0, max_bytes: int = 20 * 1024 * 1024, user_agent: str = "webpairs", pins: Optional[dict] = None, judge=None, accept: str = "image/*,*/*;q=0.8", trim: bool = True) -> bytes:
+def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 30.0, max_bytes: int = 20 * 1024 * 1024, user_agent: str = "webpairs", pins: Optional[dict] = None, judge=None, accept: str = "image/*,*/*;q=0.8", trim: bool = True, slot=None) -> bytes:
     """The image bytes at `url` (trimmed), or FetchError. `judge` (crawl/judge.py's ResponseJudge)
     is asked before each request, on the headers before the body is read, and on the bytes before
-    they are returned: any refusal raises FetchError with its reason."""
+    they are returned: any refusal raises FetchError with its reason. `slot(host)`, a context
+    manager (crawl/polite.py's HostGate.connection), is held around each request of each hop, so a
+    redirect to another host (a CDN) counts against that host's connections and Crawl-delay."""
     pins = pins or {}
     end = time.monotonic() + deadline
     for hop in range(MAX_REDIRECTS + 1):
@@ -124,24 +128,25 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
         else:
             conn = _PinnedHTTPConnection(parts.hostname, port, address, sock_timeout)
         try:
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", path, headers={"User-Agent": user_agent, "Accept": accept, "Accept-Encoding": "identity"})
-            resp = conn.getresponse()
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                url = urljoin(url, resp.getheader("Location").strip())
-                continue
-            if resp.status >= 400:
-                raise FetchError(f"http_{resp.status}", f"HTTP Error {resp.status}: {resp.reason}", resp.getheader("Retry-After") if resp.status in (429, 503) else None)
-            if judge is not None:
-                judge.on_headers(url, resp.headers)  # before a byte of the body is read
-            declared = resp.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise FetchError("too_large", f"Content-Length {declared} > {max_bytes} bytes")
-            data = _read_capped(resp, conn, end, timeout, deadline, max_bytes)
-            data = trim_trailing(data) if trim else data
-            if judge is not None:
-                judge.on_body(url, data)  # before the bytes are returned to be written anywhere
-            return data
+            with slot(parts.hostname or "") if slot is not None else contextlib.nullcontext():
+                path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                conn.request("GET", path, headers={"User-Agent": user_agent, "Accept": accept, "Accept-Encoding": "identity"})
+                resp = conn.getresponse()
+                if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                    url = urljoin(url, resp.getheader("Location").strip())
+                    continue
+                if resp.status >= 400:
+                    raise FetchError(f"http_{resp.status}", f"HTTP Error {resp.status}: {resp.reason}", resp.getheader("Retry-After") if resp.status in (429, 503) else None, parts.hostname)
+                if judge is not None:
+                    judge.on_headers(url, resp.headers)  # before a byte of the body is read
+                declared = resp.getheader("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise FetchError("too_large", f"Content-Length {declared} > {max_bytes} bytes")
+                data = _read_capped(resp, conn, end, timeout, deadline, max_bytes)
+                data = trim_trailing(data) if trim else data
+                if judge is not None:
+                    judge.on_body(url, data)  # before the bytes are returned to be written anywhere
+                return data
         except FetchError:
             raise
         except (socket.timeout, TimeoutError) as err:

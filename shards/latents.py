@@ -6,7 +6,9 @@ image size); everything else is copied byte for byte. The trainer then reads the
 runs the VAE's encoder (fast-DiT: 0.56 -> 0.84 steps/s on an A100 from this alone). The output is a
 complete shards output of its own (tars, index/ with the new byte offsets, manifest.json with a
 "latent" entry, stats.json): a target that cannot be decoded is rejected (`unreadable_image`), so
-input = kept + rejected.
+input = kept + rejected. The input's `max_shard_bytes` and `samples_per_shard` (its manifest's
+config) still bound every tar: a tar that the latents would take past them closes and the next
+one opens, and a sample that no tar could hold is rejected (`sample_over_max_shard_bytes`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 
@@ -25,11 +28,46 @@ from PIL import Image
 from core import sample_layout as layout
 from core.latents import center, load_space
 from core.records import REJECTED_SCHEMA
+from core.config import ShardConfig
 from core.stageio import StageError, StageOutput, read_success
-from shards.writer import INDEX_SCHEMA, _members, _ShardFile, write_wids
+from shards.writer import INDEX_SCHEMA, TOO_LARGE, _member_bytes, _members, _ShardFile, tar_file_size, write_wids
 
 STAGE = "shards"
 BAD_IMAGE = "unreadable_image"
+_NAME = re.compile(r"pairs-(\d+)-\d+\.tar$")
+
+
+class _Roller:
+    """The output tars: a tar closes before a sample that would take it past the input's
+    `max_shard_bytes` or `samples_per_shard` (the latents make every sample larger, so one input
+    tar can become two). Output names keep the input's file number and count their own sequence,
+    so a run whose tars never overflow keeps the input's names."""
+
+    def __init__(self, out_dir: str, limits: dict):
+        self.out_dir, self.limits = out_dir, limits
+        self.shard, self.summaries, self.seq = None, [], {}
+
+    def add(self, name: str, sample: dict) -> dict:
+        members = _members(sample)
+        if self.shard is not None and (self.shard.samples >= self.limits["samples_per_shard"] or self.shard.size_with(members) > self.limits["max_shard_bytes"] or self.shard.source_file != self._file(name)):
+            self.close()
+        if self.shard is None:
+            file = self._file(name)
+            seq = self.seq.get(file, 0)
+            self.seq[file] = seq + 1
+            self.shard = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=file, seq=seq))
+            self.shard.source_file = file
+        return self.shard.add(sample, members)
+
+    @staticmethod
+    def _file(name: str) -> int:
+        m = _NAME.search(name)
+        return int(m.group(1)) if m else 0
+
+    def close(self) -> None:
+        if self.shard is not None:
+            self.summaries.append(self.shard.close())
+            self.shard = None
 
 
 def _samples(path: str):
@@ -75,11 +113,14 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
         raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's factor {space.factor}")
     info = {"vae": space.name, "scale_factor": space.scale_factor, "shift_factor": space.shift_factor, "image_size": image_size}
     info_bytes = json.dumps(info, sort_keys=True).encode()
-    n_in, index_rows, rejected, summaries = 0, [], [], []
+    defaults = ShardConfig()
+    config = manifest.get("config", {})
+    limits = {"max_shard_bytes": int(config.get("max_shard_bytes") or defaults.max_shard_bytes), "samples_per_shard": int(config.get("samples_per_shard") or defaults.samples_per_shard)}
+    n_in, index_rows, rejected = 0, [], []
     with StageOutput(out_dir, STAGE) as out:
+        roller = _Roller(out.path, limits)
         for entry in manifest["shards"]:
             name = entry["shard"]
-            shard = _ShardFile(out.path, name)
             pending: list = []
 
             def flush():
@@ -92,7 +133,11 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
                     files[layout.LATENT_NPY] = layout.npy_bytes(z)
                     files[layout.LATENT_JSON] = info_bytes
                     sample = {"key": key, "files": files, "meta": _meta(files)}
-                    index_rows.append(shard.add(sample, _members(sample)))
+                    alone = tar_file_size(sum(_member_bytes(info) for info, _ in _members(sample)))
+                    if alone > limits["max_shard_bytes"]:
+                        rejected.append({"record_id": key, "stage": STAGE, "reason": TOO_LARGE, "detail": f"sample with its latent is {alone} bytes as a tar > max_shard_bytes {limits['max_shard_bytes']}", "url": sample["meta"]["page_url"]})
+                        continue
+                    index_rows.append(roller.add(name, sample))
                 pending.clear()
 
             for key, files in _samples(os.path.join(shards, name)):
@@ -108,12 +153,8 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
                 if len(pending) >= batch:
                     flush()
             flush()
-            if shard.samples:
-                summaries.append(shard.close())
-            else:  # every target of this shard was unreadable: no empty tar
-                shard.tar.close()
-                shard.raw.close()
-                os.remove(shard.tmp)
+        roller.close()
+        summaries = roller.summaries
         os.makedirs(os.path.join(out.path, "index"), exist_ok=True)
         pq.write_table(pa.Table.from_pylist(index_rows, schema=INDEX_SCHEMA), os.path.join(out.path, "index", "part-00000-of-00001.parquet"))
         os.makedirs(os.path.join(out.path, "rejected"), exist_ok=True)

@@ -123,8 +123,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = (_jpeg(seed) + b"\0" * FIVE_MB)[:FIVE_MB]
             headers = {"/xrobots.jpg": [("X-Robots-Tag", "noai")], "/tdm.jpg": [("tdm-reservation", "1")], "/mine.jpg": [("X-Robots-Tag", "webpairs: noimageai")], "/other.jpg": [("X-Robots-Tag", "otherbot: noai")]}.get(path, [])
             return self._send(200, body, headers=headers, pace=True)
-        if host == "busy.test":
+        if host == "busy.test" or host == "cdn.test":
             time.sleep(0.3)
+        if host.startswith("front") and path.startswith("/to-cdn/"):  # every front site serves its images from one CDN
+            self.send_response(302)
+            self.send_header("Location", f"http://cdn.test:{self.server.server_address[1]}/{host}{path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if host == "ratelimit.test" and n == 1:
             if path == "/seconds.jpg":
                 return self._send(429, b"slow down", "text/plain", [("Retry-After", "2")])
@@ -155,7 +161,8 @@ def web():
     server.server_close()
 
 
-HOSTS = ["ua.test", "star.test", "fivexx.test", "missing.test", "tdm.test", "optout.test", "busy.test", "delay.test", "ratelimit.test", "flaky.test"]
+FRONTS = [f"front{i}.test" for i in range(4)]
+HOSTS = ["ua.test", "star.test", "fivexx.test", "missing.test", "tdm.test", "optout.test", "busy.test", "delay.test", "ratelimit.test", "flaky.test", *FRONTS]
 PATHS = {
     "ua.test": ["/public/1.jpg", "/private/2.jpg", "/public/to-star.jpg", "/public/to-hop.jpg"],
     "star.test": ["/public/1.jpg", "/private/2.jpg"],
@@ -167,6 +174,7 @@ PATHS = {
     "delay.test": [f"/{i}.jpg" for i in range(3)],
     "ratelimit.test": ["/seconds.jpg", "/date.jpg", "/toolong.jpg"],
     "flaky.test": ["/x.jpg", "/gone.jpg", "/fine.jpg"],
+    **{h: [f"/to-cdn/{i}.jpg" for i in range(6)] for h in FRONTS},
 }
 EXPECTED = {  # (host, path) -> the reason, None: kept
     ("ua.test", "/public/1.jpg"): None, ("ua.test", "/private/2.jpg"): "robots_disallowed",
@@ -180,6 +188,7 @@ EXPECTED = {  # (host, path) -> the reason, None: kept
     **{("delay.test", p): None for p in PATHS["delay.test"]},
     ("ratelimit.test", "/seconds.jpg"): None, ("ratelimit.test", "/date.jpg"): None, ("ratelimit.test", "/toolong.jpg"): "http_429",
     ("flaky.test", "/x.jpg"): "http_500", ("flaky.test", "/gone.jpg"): "http_404", ("flaky.test", "/fine.jpg"): None,
+    **{(h, p): None for h in FRONTS for p in PATHS[h]},
 }
 
 
@@ -201,7 +210,7 @@ def _links_stage(folder, port: int) -> str:
 def _cli_download(links: str, out: str, *extra: str) -> int:
     from webpairs.cli import main
 
-    resolve = [a for h in HOSTS + ["hop.test"] for a in ("--resolve", f"{h}:127.0.0.1")]  # repeated, as curl users do
+    resolve = [a for h in HOSTS + ["hop.test", "cdn.test"] for a in ("--resolve", f"{h}:127.0.0.1")]  # repeated, as curl users do
     return main(["crawl", "download", links, "--out", out, "--allow-hosts", "127.0.0.1", "--allow-hosts", "::1", *resolve,
                  "--processes", "2", "--threads", "16", "--timeout", "5",
                  "--min-links-per-page", "0", "--no-url-boilerplate", "--max-retry-after", "10", "--samples-per-shard", "8", *extra])
@@ -236,8 +245,8 @@ def test_every_link_ends_with_what_its_site_said(downloaded):
     assert got == EXPECTED
     stats = read_stats(out)
     assert stats["input"] == len(EXPECTED) and stats["rejected"] == dict(collections.Counter(r for r in EXPECTED.values() if r))
-    # hop.test, reached only by a redirect, was asked by a worker and is kept in the run too
-    assert stats["consent"]["sites"] == len(HOSTS) + 1 and stats["consent"]["robots"] == {"missing": 6, "ok": 4, "unavailable": 1}
+    # hop.test and cdn.test, reached only by redirects, were asked by a worker and are kept in the run too
+    assert stats["consent"]["sites"] == len(HOSTS) + 2 and stats["consent"]["robots"] == {"missing": 6 + len(FRONTS) + 1, "ok": 4, "unavailable": 1}
     hosts = pq.read_table(os.path.join(out, "consent", "hosts.parquet")).to_pandas().set_index("origin")
     assert hosts.loc[f"http://fivexx.test:{port}", "robots_http"] == 503 and hosts.loc[f"http://tdm.test:{port}", "tdmrep_status"] == "ok"
     assert hosts.loc[f"http://hop.test:{port}", "robots_status"] == "ok" and not glob.glob(os.path.join(out, "consent", "hop-*"))
@@ -252,7 +261,7 @@ def test_refused_urls_are_never_requested_and_site_files_come_first(downloaded):
     # a redirect's target is judged before it is asked: another planned site's robots.txt, or the
     # robots.txt of a site the plan never saw, asked by the worker first
     assert asked[("star.test", "/private/x.jpg")] == asked[("hop.test", "/private/x.jpg")] == 0
-    assert asked[("hop.test", "/robots.txt")] == 1  # once, by whichever worker got there first
+    assert asked[("hop.test", "/robots.txt")] == asked[("cdn.test", "/robots.txt")] == 1  # once, by whichever worker got there first
     for host in HOSTS:  # robots.txt and tdmrep.json once per host, before any image of it
         mine = [(p, t) for h, p, t, _ in requests if h == host]
         assert [p for p, _ in mine].count("/robots.txt") == 1, host
@@ -286,6 +295,10 @@ def test_at_most_four_connections_per_host_across_processes(downloaded, web):
     assert web.max_open["busy.test"] == 4  # 2 processes x 16 threads, 24 slow images: the limit, reached
     assert all(n <= 4 for n in web.max_open.values())
     assert len(os.listdir(tmp / "dl" / "img2dataset")) > 2  # several shards, so both processes fetched
+    # four sites redirect 24 images to one CDN: the CDN's own slots hold each request (the slot was the
+    # planned URL's host, so the CDN had up to 16 connections open at once)
+    assert sum(1 for h, p, _, _ in requests if h == "cdn.test" and p.endswith(".jpg")) == 24
+    assert 2 <= web.max_open["cdn.test"] <= 4
 
 
 def test_crawl_delay_spaces_the_requests(downloaded):

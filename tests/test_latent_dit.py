@@ -78,12 +78,14 @@ def test_stored_latents_equal_the_vae_encoding_of_every_target(shards, latent_sh
     space = load_space(f"vae:{vae_dir}")
     manifest = json.load(open(os.path.join(latent_shards, layout.MANIFEST)))
     assert manifest["latent"] == {"vae": f"vae:{vae_dir}", "channels": 4, "factor": 2, "scale_factor": pytest.approx(0.18215), "shift_factor": 0.0, "image_size": SIZE}
+    source = json.load(open(os.path.join(shards, layout.MANIFEST)))
+    before = {k: v for e in source["shards"] for k, v in _tar_samples(os.path.join(shards, e["shard"])).items()}
     seen = 0
     for entry in manifest["shards"]:
-        before = _tar_samples(os.path.join(shards, entry["shard"]))
         after = _tar_samples(os.path.join(latent_shards, entry["shard"]))
-        assert sorted(before) == sorted(after) and len(after) == entry["samples"]
+        assert len(after) == entry["samples"]
         for key, files in after.items():
+            assert set(files) == set(before[key]) | {layout.LATENT_NPY, layout.LATENT_JSON}
             for ext, data in before[key].items():  # everything else is copied byte for byte
                 assert files[ext] == data
             info = json.loads(files[layout.LATENT_JSON])
@@ -94,7 +96,7 @@ def test_stored_latents_equal_the_vae_encoding_of_every_target(shards, latent_sh
             assert stored.dtype == np.float16 and stored.shape == (4, SIZE // 2, SIZE // 2)
             np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
             seen += 1
-    assert seen == 16
+    assert seen == 16 and sorted(before) == sorted(k for e in manifest["shards"] for k in _tar_samples(os.path.join(latent_shards, e["shard"])))
     wids = json.load(open(os.path.join(latent_shards, layout.WIDS)))  # webdataset's indexed reader: the new tars
     assert [(s["url"], s["nsamples"], s["filesize"]) for s in wids["shardlist"]] == [(e["shard"], e["samples"], os.path.getsize(os.path.join(latent_shards, e["shard"]))) for e in manifest["shards"]]
     # the index points at each sample's bytes in its new tar (read with DuckDB)
@@ -108,6 +110,46 @@ def test_stored_latents_equal_the_vae_encoding_of_every_target(shards, latent_sh
         assert names and all(n.startswith(key + ".") for n in names) and f"{key}.latent.npy" in names
     stats = json.load(open(os.path.join(latent_shards, "stats.json")))
     assert (stats["input"], stats["kept"], stats["rejected"]) == (16, 16, {})
+
+
+def _with_limits(shards: str, dest: str, **limits) -> str:
+    """A copy of a shards output whose manifest records these shard limits (as `shards` writes them)."""
+    import shutil
+
+    shutil.copytree(shards, dest)
+    path = os.path.join(dest, layout.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["config"] = dict(manifest.get("config", {}), **limits)
+    json.dump(manifest, open(path, "w"))
+    return dest
+
+
+def test_latents_keep_the_inputs_max_shard_bytes(shards, vae_dir, tmp_path):
+    """The latents make every sample larger: a tar that was within --max-shard-bytes must not pass it
+    (they were added to the input's tars as they were, so a full tar went over the bound)."""
+    import duckdb
+
+    source = json.load(open(os.path.join(shards, layout.MANIFEST)))
+    bound = max(os.path.getsize(os.path.join(shards, e["shard"])) for e in source["shards"])  # every input tar fits exactly
+    limited = _with_limits(shards, str(tmp_path / "in"), max_shard_bytes=bound, samples_per_shard=8)
+    out = str(tmp_path / "out")
+    assert main(["latents", limited, "--out", out, "--latent", f"vae:{vae_dir}", "--image-size", str(SIZE)]) == 0
+    manifest = json.load(open(os.path.join(out, layout.MANIFEST)))
+    sizes = [os.path.getsize(os.path.join(out, e["shard"])) for e in manifest["shards"]]
+    assert len(sizes) > len(source["shards"]) and all(s <= bound for s in sizes), (bound, sizes)
+    keys = [k for e in manifest["shards"] for k in _tar_samples(os.path.join(out, e["shard"]))]
+    assert sorted(keys) == sorted(f"{i:016x}" for i in range(16))  # every sample once, none lost
+    for key, shard, offset, size in duckdb.sql(f"select key, shard, \"offset\", size from read_parquet('{out}/index/*.parquet')").fetchall():
+        with open(os.path.join(out, shard), "rb") as fh:
+            fh.seek(offset)
+            names = [m.name for m in tarfile.open(fileobj=io.BytesIO(fh.read(size) + b"\0" * 1024))]
+        assert sorted(names) == sorted(f"{key}.{ext}" for ext in (layout.COND_JPG, layout.TARGET_JPG, layout.COND_NPY, layout.META_JSON, layout.LATENT_NPY, layout.LATENT_JSON))
+    # a bound that no sample with its latent fits: each is rejected with the shards stage's reason, and counted
+    tiny = _with_limits(shards, str(tmp_path / "tiny"), max_shard_bytes=4096)
+    out = str(tmp_path / "tiny-out")
+    assert main(["latents", tiny, "--out", out, "--latent", f"vae:{vae_dir}", "--image-size", str(SIZE)]) == 0
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    assert (stats["input"], stats["kept"], stats["rejected"]) == (16, 0, {"sample_over_max_shard_bytes": 16})
 
 
 def test_an_unreadable_target_is_rejected_and_counted(vae_dir, tmp_path):
