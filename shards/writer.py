@@ -175,15 +175,41 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
+def _template() -> tuple[bytes, int]:
+    """tarfile's ustar header of a member with an empty name and size 0 (mode 0644, mtime 0, as
+    `_members` writes them), its checksum field as spaces, and the byte sum of the rest."""
+    info = tarfile.TarInfo("")
+    info.size, info.mtime, info.mode = 0, 0, 0o644
+    h = bytearray(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    h[148:156] = b" " * 8
+    return bytes(h), sum(h) - sum(h[124:136])
+
+
+_USTAR, _USTAR_SUM = _template()
+
+
+def _header(name: str, size: int) -> bytes:
+    """The ustar header tarfile writes for a regular file `name` of `size` bytes with `_members`'
+    fixed metadata (same bytes as `TarInfo.tobuf`; tests/test_pair_shards.py compares them), made
+    from a template: only the name, the size and the checksum change. Names over 100 bytes (ustar
+    splits them) and sizes of 8 GiB and more go through tarfile itself."""
+    raw = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    size_field = b"%011o\0" % size
+    h = bytearray(_USTAR)
+    h[: len(raw)] = raw
+    h[124:136] = size_field
+    h[148:156] = b"%06o\0 " % (_USTAR_SUM + sum(raw) + sum(size_field))
+    return bytes(h)
+
+
 def _members(sample: dict) -> list[tuple[bytes, bytes]]:
-    """The tar members of a sample as (header, data), with fixed metadata (reproducible bytes): the
-    header is tarfile's own (`TarInfo.tobuf`, ustar), made once per member."""
-    members = []
-    for ext, data in sample["files"].items():
-        info = tarfile.TarInfo(f"{sample['key']}.{ext}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        members.append((info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data))
-    return members
+    """The tar members of a sample as (header, data), with fixed metadata (reproducible bytes):
+    tarfile's ustar header (`_header`), made once per member."""
+    return [(_header(f"{sample['key']}.{ext}", len(data)), data) for ext, data in sample["files"].items()]
 
 
 def _member_bytes(member: tuple[bytes, bytes]) -> int:
@@ -268,7 +294,7 @@ class WriteShards(beam.DoFn):
 
     def process(self, item):
         number, path = item
-        shard, seq = None, 0
+        shard, seq, index = None, 0, []
         store = self._store(path)
         try:
             for batch in _batches(self._stubs(path), self.cfg.samples_per_shard):
@@ -283,12 +309,14 @@ class WriteShards(beam.DoFn):
                         continue
                     if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.size_with(members) > self.cfg.max_shard_bytes):
                         yield beam.pvalue.TaggedOutput("summary", shard.close())
-                        shard = None
+                        yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+                        shard, index = None, []
                     if shard is None:
-                        shard, seq = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1
-                    yield shard.add(value, members)
+                        shard, seq, index = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1, []
+                    index.append(shard.add(value, members))
             if shard is not None:
                 yield beam.pvalue.TaggedOutput("summary", shard.close())
+                yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
         finally:
             store.close()
 
@@ -376,7 +404,8 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
                 | "WriteShards" >> beam.ParDo(WriteShards(out.path, cfg)).with_outputs("summary", REJECTED, main="index")
             )
             counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
-            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA)
+            # index rows leave each writer as one table per shard (Beam's cost is per element)
+            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
             _ = (
                 p
                 | "ManifestSeed" >> beam.Create([None])
