@@ -96,7 +96,7 @@ def bare_tar_copy(shard_dir: str, out_dir: str) -> tuple[int, int, float, float]
     return samples, size, time.perf_counter() - start, time.process_time() - cpu
 
 
-def child(tmp: str) -> None:
+def child(tmp: str) -> dict:
     from core.config import PairConfig, ShardConfig
     from pairing.pipeline import run_pair
     from shards.writer import run_shards
@@ -112,12 +112,15 @@ def child(tmp: str) -> None:
     # peak, which survives fork and exec, so run_all's big parent would leak into it)
     with open("/proc/self/status") as fh:
         hwm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    print(json.dumps({"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": hwm_kb / 1024,
-                      "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu}))
+    return {"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": hwm_kb / 1024,
+                      "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu}
 
 
-def run_size(n_pages: int, per_page: int) -> dict:
+def run_size(n_pages: int, per_page: int, smoke: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
+        if smoke:  # one process: the code paths run, the figures mean nothing
+            generate(tmp, n_pages, per_page)
+            return child(tmp)
         subprocess.run([sys.executable, __file__, "--generate", tmp, "--pages", str(n_pages), "--per-page", str(per_page)], check=True)
         proc = subprocess.Popen([sys.executable, __file__, "--child", tmp], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         stdout, _ = proc.communicate()
@@ -141,10 +144,10 @@ def main() -> list[dict]:
         generate(args.generate, args.pages, args.per_page)
         return {}
     if args.child:
-        child(args.child)
+        print(json.dumps(child(args.child)))
         return {}
-    small = run_size(args.pages, args.per_page)
-    big = run_size(args.pages * 10, args.per_page)
+    small = run_size(args.pages, args.per_page, args.smoke)
+    big = run_size(args.pages * (2 if args.smoke else 10), args.per_page, args.smoke)
     r1, r10 = small["images"] / small["seconds"], big["images"] / big["seconds"]
     mem = big["peak_rss_mb"] / small["peak_rss_mb"]
     res = report(

@@ -146,8 +146,12 @@ def generate(work: str, sizes: list[int], full_pages: int, full_images: int, fil
     page_index = np.array([order[p] for p in page_urls])
     urls = table.column("image_url").to_pylist()
     distinct = sorted(set(urls))
-    with multiprocessing.Pool(2, initializer=_init_photos, initargs=(photos,)) as pool:
-        blobs = dict(zip(distinct, pool.map(_make_image, distinct, chunksize=256)))
+    if len(distinct) < 2000:  # a smoke run: no worker processes
+        _init_photos(photos)
+        blobs = {u: _make_image(u) for u in distinct}
+    else:
+        with multiprocessing.Pool(2, initializer=_init_photos, initargs=(photos,)) as pool:
+            blobs = dict(zip(distinct, pool.map(_make_image, distinct, chunksize=256)))
     import hashlib
 
     sha = {u: hashlib.sha256(b).hexdigest() for u, b in blobs.items()}
@@ -196,8 +200,8 @@ def _inputs(work: str, stage: str, size: int, runner: str) -> tuple[str, str]:
     return src, os.path.join(base, stage)
 
 
-def child(work: str, stage: str, size: int, runner: str) -> None:
-    """Run one stage once; print one JSON line: records, wall, cpu, peak_mb."""
+def child(work: str, stage: str, size: int, runner: str) -> dict:
+    """Run one stage once: {stage, size, runner, records, wall, cpu, peak_mb}."""
     import contextlib
     import shutil
 
@@ -259,7 +263,7 @@ def child(work: str, stage: str, size: int, runner: str) -> None:
             cpu += sum(after[w][0] - before[w][0] for w in after if w in before)
             peak = max([peak] + [after[w][1] for w in after])
             client.close()
-    print(json.dumps({"stage": stage, "size": size, "runner": runner, "records": n, "wall": wall, "cpu": cpu, "peak_mb": peak}))
+    return {"stage": stage, "size": size, "runner": runner, "records": n, "wall": wall, "cpu": cpu, "peak_mb": peak}
 
 
 # ---------------------------------------------------------------- the table and the figures
@@ -357,7 +361,7 @@ def main() -> list[dict]:
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), args.child[3])
+        print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), args.child[3])))
         return []
     if args.plot_only:
         with open(args.plot_only) as fh:
@@ -378,7 +382,10 @@ def main() -> list[dict]:
         if not os.path.exists(os.path.join(work, f"download-{max(args.sizes)}", "_SUCCESS")):
             start = time.perf_counter()
             cmd = [sys.executable, __file__, "--generate", work, str(args.files), "--sizes", *map(str, args.sizes), "--pages", str(args.pages), "--images", str(args.images)]
-            subprocess.run(cmd, check=True, env=env)
+            if args.smoke:  # one process: a smoke run proves the code paths, its figures mean nothing
+                generate(work, args.sizes, args.pages, args.images, args.files)
+            else:
+                subprocess.run(cmd, check=True, env=env)
             print(f"inputs generated in {time.perf_counter() - start:.0f} s", flush=True)
         results = []
         if args.json and os.path.exists(args.json):  # an earlier run's rows (other stages or runners) stay
@@ -389,10 +396,13 @@ def main() -> list[dict]:
                 for stage in args.stages:
                     if runner == "dask" and stage == "plan":
                         continue  # DuckDB, not Beam: the same on both
-                    proc = subprocess.run([sys.executable, __file__, "--child", work, stage, str(size), runner], env=env, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"scale: {stage} at {size}x on {runner} failed:\n{proc.stderr[-3000:]}")
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    if args.smoke:
+                        row = child(work, stage, size, runner)
+                    else:
+                        proc = subprocess.run([sys.executable, __file__, "--child", work, stage, str(size), runner], env=env, capture_output=True, text=True)
+                        if proc.returncode != 0:
+                            raise SystemExit(f"scale: {stage} at {size}x on {runner} failed:\n{proc.stderr[-3000:]}")
+                        row = json.loads(proc.stdout.strip().splitlines()[-1])
                     results = [r for r in results if (r["stage"], r["size"], r["runner"]) != (stage, size, runner)] + [row]
                     print(f"{stage:8s} {runner:10s} {size:>3d}x {row['records']:>9,d} records  wall {row['wall']:7.1f} s  cpu {row['cpu']:7.1f} s  peak {row['peak_mb']:6.0f} MB", flush=True)
                     if args.json:
