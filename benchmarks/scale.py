@@ -195,8 +195,11 @@ def _worker_usage():
 
 
 def _inputs(work: str, stage: str, size: int, runner: str) -> tuple[str, str]:
+    """(input, output) of a stage; the input of plan, pair and shards is the upstream stage's output
+    of this runner, or of the runner named by WEBPAIRS_SCALE_INPUTS_FROM (`--inputs-from`)."""
     base = os.path.join(work, f"out-{runner}-{size}")
-    src = {"extract": os.path.join(work, f"warc-{size}", "*.warc.gz"), "plan": os.path.join(base, "extract"), "filter": os.path.join(work, f"download-{size}"), "pair": os.path.join(base, "filter"), "shards": os.path.join(base, "pair")}[stage]
+    up = os.path.join(work, f"out-{os.environ.get('WEBPAIRS_SCALE_INPUTS_FROM') or runner}-{size}")
+    src = {"extract": os.path.join(work, f"warc-{size}", "*.warc.gz"), "plan": os.path.join(up, "extract"), "filter": os.path.join(work, f"download-{size}"), "pair": os.path.join(up, "filter"), "shards": os.path.join(up, "pair")}[stage]
     return src, os.path.join(base, stage)
 
 
@@ -355,6 +358,7 @@ def main() -> list[dict]:
     ap.add_argument("--json", help="write the measurements here after every step")
     ap.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="folder for scale_time.png and scale_memory.png ('' for none)")
     ap.add_argument("--keep", action="store_true", help="keep each size's stage outputs in --work (a later run with --stages pair shards reads them)")
+    ap.add_argument("--inputs-from", choices=["inprocess", "dask"], help="read each stage's input from this runner's outputs in --work (kept with --keep): e.g. pair and shards on Dask from the in-process filter output, which is the same")
     ap.add_argument("--plot-only", help="a --json file of an earlier run: print its table and draw its figures")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
@@ -379,6 +383,8 @@ def main() -> list[dict]:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=ROOT)
+        if args.inputs_from:
+            env["WEBPAIRS_SCALE_INPUTS_FROM"] = os.environ["WEBPAIRS_SCALE_INPUTS_FROM"] = args.inputs_from
         if not os.path.exists(os.path.join(work, f"download-{max(args.sizes)}", "_SUCCESS")):
             start = time.perf_counter()
             cmd = [sys.executable, __file__, "--generate", work, str(args.files), "--sizes", *map(str, args.sizes), "--pages", str(args.pages), "--images", str(args.images)]
