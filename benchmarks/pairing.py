@@ -102,7 +102,8 @@ def child(tmp: str) -> dict:
     from shards.writer import run_shards
 
     start, cpu0 = time.perf_counter(), time.process_time()
-    pair_stats = run_pair(os.path.join(tmp, "filter"), os.path.join(tmp, "pair"), PairConfig(sim_low=0.0, sim_high=0.99))
+    copies = os.environ.get("WEBPAIRS_BENCH_COPIES", "1") == "1"  # --no-copies
+    pair_stats = run_pair(os.path.join(tmp, "filter"), os.path.join(tmp, "pair"), PairConfig(sim_low=0.0, sim_high=0.99, copies=copies))
     mid, cpu1 = time.perf_counter(), time.process_time()
     shard_stats = run_shards(os.path.join(tmp, "pair"), os.path.join(tmp, "shards"), ShardConfig(samples_per_shard=2000))
     seconds = time.perf_counter() - start
@@ -135,11 +136,14 @@ def main() -> list[dict]:
     ap.add_argument("--per-page", type=int, default=4)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--generate", help=argparse.SUPPRESS)
+    ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py: SIFT on the candidates, its two joins held in memory by the local runner)")
     ap.add_argument("--before", type=float, default=BEFORE, help="records per CPU-second of pair + shards at 10x before issue 34 (main's code, this input)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
     if args.smoke:
         args.pages = 20
+    if args.no_copies:
+        os.environ["WEBPAIRS_BENCH_COPIES"] = "0"  # the children inherit it
     if args.generate:
         generate(args.generate, args.pages, args.per_page)
         return {}
