@@ -72,28 +72,40 @@ def generate(tmp: str, n_pages: int, per_page: int) -> None:
 
 def bare_tar_copy(shard_dir: str, out_dir: str) -> tuple[int, int, float, float]:
     """The disk's side of `shards`: the members of the shards just written (read back with tarfile,
-    not timed) copied into tars of the same size, each fsynced. Returns (samples, bytes, wall, CPU)."""
+    one shard at a time, not timed) copied into tars of the same size, each fsynced. Returns
+    (samples, bytes, wall, CPU)."""
     import glob
     import tarfile
 
-    members = []
-    for path in sorted(glob.glob(os.path.join(shard_dir, "*.tar"))):
-        with tarfile.open(path) as tar:
-            members.append([(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()])
     os.makedirs(out_dir)
-    start, cpu = time.perf_counter(), time.process_time()
+    wall = cpu = 0.0
     samples = size = 0
-    for i, shard in enumerate(members):
-        path = os.path.join(out_dir, f"bare-{i:06d}.tar")
-        with open(path, "wb") as fh:
+    for i, path in enumerate(sorted(glob.glob(os.path.join(shard_dir, "*.tar")))):
+        with tarfile.open(path) as tar:  # one shard's members in memory at a time
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        start, cpu0 = time.perf_counter(), time.process_time()
+        with open(os.path.join(out_dir, f"bare-{i:06d}.tar"), "wb") as fh:
             with tarfile.open(fileobj=fh, mode="w") as tar:
-                for info, data in shard:
+                for info, data in members:
                     tar.addfile(info, io.BytesIO(data))
                     size += len(data)
                     samples += info.name.endswith(".json")
             fh.flush()
             os.fsync(fh.fileno())
-    return samples, size, time.perf_counter() - start, time.process_time() - cpu
+        wall, cpu = wall + time.perf_counter() - start, cpu + time.process_time() - cpu0
+    return samples, size, wall, cpu
+
+
+def _peak_mb(reset: bool = False) -> float:
+    """VmHWM, the peak RSS of this process's own address space (ru_maxrss would include the parent's
+    peak, which survives fork and exec, so run_all's big parent would leak into it); `reset` then
+    sets the mark back to the current RSS (Linux: "5" into /proc/self/clear_refs)."""
+    with open("/proc/self/status") as fh:
+        mb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    if reset:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    return mb
 
 
 def child(tmp: str) -> dict:
@@ -104,17 +116,15 @@ def child(tmp: str) -> dict:
     start, cpu0 = time.perf_counter(), time.process_time()
     copies = os.environ.get("WEBPAIRS_BENCH_COPIES", "1") == "1"  # --no-copies
     pair_stats = run_pair(os.path.join(tmp, "filter"), os.path.join(tmp, "pair"), PairConfig(sim_low=0.0, sim_high=0.99, copies=copies))
+    pair_peak = _peak_mb(reset=True)
     mid, cpu1 = time.perf_counter(), time.process_time()
     shard_stats = run_shards(os.path.join(tmp, "pair"), os.path.join(tmp, "shards"), ShardConfig(samples_per_shard=2000))
     seconds = time.perf_counter() - start
     shards_s, shards_cpu, pair_cpu = time.perf_counter() - mid, time.process_time() - cpu1, cpu1 - cpu0
+    shards_peak = _peak_mb()  # before the baseline, which holds a shard's bytes of its own
     bare_samples, bare_bytes, bare_s, bare_cpu = bare_tar_copy(os.path.join(tmp, "shards"), os.path.join(tmp, "bare"))
-    # VmHWM: peak RSS of this process's own address space (ru_maxrss would include the parent's
-    # peak, which survives fork and exec, so run_all's big parent would leak into it)
-    with open("/proc/self/status") as fh:
-        hwm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    return {"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": hwm_kb / 1024,
-                      "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu}
+    return {"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": max(pair_peak, shards_peak), "pair_peak_mb": pair_peak, "shards_peak_mb": shards_peak,
+            "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu}
 
 
 def run_size(n_pages: int, per_page: int, smoke: bool = False) -> dict:
@@ -160,6 +170,7 @@ def main() -> list[dict]:
             ("1x images", small["images"], "records"), ("1x pairs", small["pairs"], "pairs"), ("1x throughput", r1, "records/s"), ("1x peak RSS", small["peak_rss_mb"], "MB"),
             ("10x images", big["images"], "records"), ("10x pairs", big["pairs"], "pairs"), ("10x throughput", r10, "records/s"), ("10x peak RSS", big["peak_rss_mb"], "MB"),
             ("peak memory growth 10x/1x (limit 1.2)", mem, "x"),
+            ("pair's peak RSS 1x -> 10x", big["pair_peak_mb"], f"MB (from {small['pair_peak_mb']:.0f})"), ("shards' peak RSS 1x -> 10x", big["shards_peak_mb"], f"MB (from {small['shards_peak_mb']:.0f})"),
         ],
         r10 / r1,
         1.0,
