@@ -105,7 +105,7 @@ def main() -> list[dict]:
     photos = os.path.join(SHARED, "photos-imagenet-sample")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        demo(os.path.join(tmp, "demo"), photos if os.path.isdir(photos) else None, pages=4 if args.smoke else 12, model=False)
+        demo(os.path.join(tmp, "demo"), photos if os.path.isdir(photos) else None, model=False)
         shards = os.path.join(tmp, "demo", "shards")
         dim = condition_dim(DataConfig(shards=shards))
         torch.manual_seed(0)
