@@ -23,7 +23,7 @@ from browse.report import STAGE_ORDER, find_stage_dirs
 
 PAGE_SIZE = 24
 HOST_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)"
-ORDERS = {"random": "rpos", "similarity": "similarity, key", "-similarity": "similarity DESC, key", "page": "page_url, key"}  # random: a fixed shuffle of the run
+ORDERS = {"random": "rpos", "similarity": "similarity, key", "-similarity": "similarity DESC, key", "page": "page_url, key", "-nsfw": "nsfw DESC NULLS LAST, key"}  # random: a fixed shuffle of the run
 BOILERPLATE = ("boilerplate_url_site", "boilerplate_url_global", "boilerplate_site", "boilerplate_global")
 # where the image of a rejected link is: (stage whose occurrences map link -> image, stage and part holding the bytes)
 REJECT_IMAGES = {"download": ("download", "download", "downloads"), "filter": ("download", "download", "downloads"), "pair": ("filter", "filter", "images")}
@@ -76,7 +76,7 @@ class RunData:
         pairs = _files(self.dirs.get("pair"), "pairs")
         texts = "p.cond_url, p.target_url, p.cond_alt, p.target_alt" if pairs else "NULL AS cond_url, NULL AS target_url, NULL AS cond_alt, NULL AS target_alt"
         join = f"LEFT JOIN read_parquet({_sql_list(pairs)}) p ON p.pair_id = i.key" if pairs else ""
-        con.execute(f"CREATE TABLE pairs0 AS SELECT i.key, i.shard, i.offset, i.size, i.page_url, i.similarity, {texts}, {self._faces_sql()} AS faces FROM read_parquet({_sql_list(index)}) i {join}")
+        con.execute(f"CREATE TABLE pairs0 AS SELECT i.key, i.shard, i.offset, i.size, i.page_url, i.similarity, {texts}, {self._faces_sql()} AS faces, {self._nsfw_sql(index)} AS nsfw FROM read_parquet({_sql_list(index)}) i {join}")
         self._page_sites()
         con.execute("CREATE TABLE pairs AS SELECT p.*, coalesce(s.site, '') AS site, hash(p.key) AS rnd, row_number() OVER (ORDER BY hash(p.key), p.key) AS rpos FROM pairs0 p LEFT JOIN page_site s USING (page_url)")
         con.execute("DROP TABLE pairs0")
@@ -91,6 +91,13 @@ class RunData:
             return "NULL::INTEGER"
         self.con.execute(f"CREATE TABLE faces AS SELECT image_id, max(faces) AS faces FROM read_parquet({_sql_list(images)}) GROUP BY image_id")
         return "(SELECT sum(f.faces) FROM faces f WHERE f.image_id IN (i.cond_image_id, i.target_image_id))::INTEGER"
+
+    def _nsfw_sql(self, index: list[str]) -> str:
+        """A pair's nsfw score: the higher of its two images' (the index carries both; issue 32),
+        NULL where filter had no safety head or the index predates the score."""
+        if "cond_nsfw" not in pq.ParquetFile(index[0]).schema_arrow.names:
+            return "NULL::FLOAT"
+        return "greatest(i.cond_nsfw, i.target_nsfw)"
 
     def _page_sites(self) -> None:
         """page_site(page_url, site): from the occurrences stages wrote (they carry the site), and
@@ -202,13 +209,16 @@ class RunData:
         row["run"] = self.run_dir
         return row
 
-    def pairs(self, site: str = "", page: str = "", smin: Optional[float] = None, smax: Optional[float] = None, order: str = "random", offset: int = 0, limit: int = PAGE_SIZE, fmin: Optional[int] = None, fmax: Optional[int] = None) -> dict:
+    def pairs(self, site: str = "", page: str = "", smin: Optional[float] = None, smax: Optional[float] = None, order: str = "random", offset: int = 0, limit: int = PAGE_SIZE, fmin: Optional[int] = None, fmax: Optional[int] = None,
+              nmin: Optional[float] = None, nmax: Optional[float] = None) -> dict:
         """One page of pairs and the number of pairs that match the filters. `random` is one fixed
-        shuffle of the run (a hash of the pair id), so pages do not overlap as a user pages on."""
+        shuffle of the run (a hash of the pair id), so pages do not overlap as a user pages on.
+        nmin/nmax bound the pair's nsfw score (the higher of its two images'; unscored pairs never match)."""
         if order not in ORDERS:
             raise BrowseError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         where, params = [], {}
-        for name, value, clause in (("site", site, "site = $site"), ("page", page, "page_url = $page"), ("smin", smin, "similarity >= $smin"), ("smax", smax, "similarity <= $smax"), ("fmin", fmin, "faces >= $fmin"), ("fmax", fmax, "faces <= $fmax")):
+        for name, value, clause in (("site", site, "site = $site"), ("page", page, "page_url = $page"), ("smin", smin, "similarity >= $smin"), ("smax", smax, "similarity <= $smax"), ("fmin", fmin, "faces >= $fmin"), ("fmax", fmax, "faces <= $fmax"),
+                                     ("nmin", nmin, "nsfw >= $nmin"), ("nmax", nmax, "nsfw <= $nmax")):
             if value not in (None, ""):
                 where.append(clause)
                 params[name] = value
@@ -216,9 +226,9 @@ class RunData:
         total = self._rows(f"SELECT count(*) AS n FROM pairs {cond}", params)[0]["n"]
         params.update(lim=max(1, min(int(limit), 200)), off=max(0, int(offset)))
         if order == "random" and not where:  # any page of the whole shuffle: a range of its positions, no top-N
-            rows = self._rows("SELECT key, page_url, site, similarity, faces, cond_url, target_url, cond_alt, target_alt FROM pairs WHERE rpos > $off AND rpos <= $off + $lim ORDER BY rpos", params)
+            rows = self._rows("SELECT key, page_url, site, similarity, faces, nsfw, cond_url, target_url, cond_alt, target_alt FROM pairs WHERE rpos > $off AND rpos <= $off + $lim ORDER BY rpos", params)
             return {"total": total, "offset": params["off"], "rows": rows}
-        rows = self._rows(f"SELECT key, page_url, site, similarity, faces, cond_url, target_url, cond_alt, target_alt FROM pairs {cond} ORDER BY {ORDERS[order]} LIMIT $lim OFFSET $off", params)
+        rows = self._rows(f"SELECT key, page_url, site, similarity, faces, nsfw, cond_url, target_url, cond_alt, target_alt FROM pairs {cond} ORDER BY {ORDERS[order]} LIMIT $lim OFFSET $off", params)
         return {"total": total, "offset": params["off"], "rows": rows}
 
     def stratified(self, per_band: int = 4) -> list[dict]:

@@ -67,11 +67,24 @@ def funnel(data: dict) -> list[tuple[str, int]]:
     return rows
 
 
-SAFETY_REASONS = ("blocklisted", "scrubbed")  # issue 32: the hash blocklist at download, `webpairs scrub` later
+SAFETY_REASONS = ("blocklisted", "scrubbed", "nsfw")  # issue 32: the hash blocklist at download, `webpairs scrub` later, filter's --max-nsfw
+NSFW_BINS = 10  # the nsfw score histogram: ten bins of 0.1 over [0, 1] (a score of 1.0 in the last)
+
+
+def nsfw_histogram(scores) -> dict:
+    """{"scored", "edges", "counts", "max"} of filter's nsfw scores (None when nothing was scored)."""
+    import numpy as np
+
+    values = np.asarray([v for v in scores if v is not None], dtype=np.float64)
+    if not len(values):
+        return None
+    counts, edges = np.histogram(values, bins=NSFW_BINS, range=(0.0, 1.0))
+    return {"scored": int(len(values)), "edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts], "max": float(values.max())}
 
 
 def safety(stats: dict, stages: dict) -> dict:
-    """The safety section: refusals by stage and reason, and the faces filter found."""
+    """The safety section: refusals by stage and reason, the faces filter found and the histogram
+    of its nsfw scores."""
     out: dict = {"reasons": {f"{stage} {reason}": s["rejected"][reason] for stage, s in stats.items() for reason in SAFETY_REASONS if s["rejected"].get(reason)}}
     if "filter" in stages and stage_files(stages["filter"], "images"):
         files = stage_files(stages["filter"], "images")
@@ -81,7 +94,21 @@ def safety(stats: dict, stages: dict) -> dict:
             faces = [f for f in read_table(stages["filter"], "images", columns=["faces"]).column("faces").to_pylist() if f is not None]
             if faces:  # not with --faces off
                 out["faces"] = {"checked": len(faces), "images_with_faces": sum(1 for f in faces if f), "faces": sum(faces)}
+        if "nsfw" in pq.ParquetFile(files[0]).schema_arrow.names:
+            hist = nsfw_histogram(read_table(stages["filter"], "images", columns=["nsfw"]).column("nsfw").to_pylist())
+            if hist:  # not without a safety head
+                out["nsfw"] = hist
     return out
+
+
+def _has_safety(data: dict) -> bool:
+    s = data.get("safety", {})
+    return bool(s.get("reasons") or s.get("faces") or s.get("nsfw"))
+
+
+def _nsfw_bins(hist: dict) -> list[tuple[str, int]]:
+    e = hist["edges"]
+    return [(f"{e[i]:.1f}-{e[i + 1]:.1f}", n) for i, n in enumerate(hist["counts"])]
 # the reasons by which a site or a page refuses (crawl/consent.py): a rule each
 CONSENT_REASONS = {
     "robots_disallowed": "robots.txt disallows it (or was unavailable: all disallowed for the run)",
@@ -186,13 +213,16 @@ def summary_text(data: dict) -> str:
     if data.get("pages_per_site"):
         sites = data["pages_per_site"]
         lines.append(f"pages per site:    {_quantiles(list(sites.values()))}; {len(sites)} sites, most: " + ", ".join(f"{s} ({n})" for s, n in list(sites.items())[:5]))
-    if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
+    if _has_safety(data):
         s = data["safety"]
         text = ", ".join(f"{k}={v}" for k, v in s["reasons"].items()) or "nothing refused"
         if s.get("faces"):
             f = s["faces"]
             text += f"; images with faces: {f['images_with_faces']} of {f['checked']} ({f['faces']} faces)"
         lines.append(f"safety:            {text}")
+        if s.get("nsfw"):
+            h = s["nsfw"]
+            lines.append(f"nsfw score ({h['scored']} images, max {h['max']:.3f}): " + ", ".join(f"{label}: {n}" for label, n in _nsfw_bins(h)))
     if "copies" in data:
         c = data["copies"]
         lines.append(f"copies across sites: {c['groups']} groups, {c['removed']} dresses removed ({c['copy_stand_ins']} stand-ins); {c['copy_candidates']} candidate pairs, {c['copy_pairs_verified']} verified as copies")
@@ -272,6 +302,21 @@ def _plots(data: dict) -> list[tuple[str, str]]:
     return plots
 
 
+def _nsfw_png(hist: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(hist["edges"][:-1], hist["counts"], width=0.1, align="edge", color="#ee5253")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("nsfw score")
+    ax.set_ylabel("images")
+    ax.set_title("nsfw score (LAION's CLIP-based head)")
+    return _figure_png(fig)
+
+
 def example_pairs(run, per_band: int = 4) -> list[dict]:
     """Example pairs drawn across the run (browse.data.RunData.stratified: low, middle and high
     thirds of the similarity range, one pair per page, sites in turn), with thumbnails read from
@@ -314,7 +359,7 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
     for name, png in _plots(data):
         parts.append(f"<img class='plot' id='plot-{name}' alt='{name}' src='data:image/png;base64,{png}'>")
     parts.append("</div>")
-    if data.get("safety", {}).get("reasons") or data.get("safety", {}).get("faces"):
+    if _has_safety(data):
         s = data["safety"]
         parts.append("<h2>Safety</h2><table id='safety'><tr><th style='text-align:left'>what</th><th>count</th></tr>")
         parts += [f"<tr><td style='text-align:left'>{esc(k)}</td><td>{v:,}</td></tr>" for k, v in s["reasons"].items()]
@@ -322,6 +367,11 @@ def render_html(data: dict, examples: Optional[list[dict]] = None, gallery: Opti
             f = s["faces"]
             parts.append(f"<tr><td style='text-align:left'>filter: images with faces (of {f['checked']:,} checked)</td><td>{f['images_with_faces']:,}</td></tr><tr><td style='text-align:left'>filter: faces</td><td>{f['faces']:,}</td></tr>")
         parts.append("</table>")
+        if s.get("nsfw"):
+            h = s["nsfw"]
+            parts.append(f"<h3>nsfw score of the images filter kept ({h['scored']:,} scored, 1 = NSFW)</h3><table id='nsfw-histogram'><tr><th style='text-align:left'>score</th><th>images</th></tr>")
+            parts += [f"<tr><td style='text-align:left'>{label}</td><td>{n:,}</td></tr>" for label, n in _nsfw_bins(h)]
+            parts.append(f"</table><img class='plot' id='plot-nsfw' alt='nsfw score histogram' src='data:image/png;base64,{_nsfw_png(h)}'>")
     if "pairs_with_boilerplate" in data:
         bad, total = data["pairs_with_boilerplate"]
         parts.append(f"<h2>Pair quality</h2><p id='pairs-with-boilerplate'>Pairs with an image flagged as boilerplate (of its site or of the crawl): {bad} of {total}</p>")

@@ -3,7 +3,8 @@
 Routes (GET only; anything else is 404, so nothing outside the run is ever served):
     /                                 the app (browse/app.html)
     /api/summary                      pairs, pages, sites, rejects, similarity range
-    /api/pairs?site&page&smin&smax&fmin&fmax&order&offset&limit  (fmin/fmax: faces on the pair)
+    /api/pairs?site&page&smin&smax&fmin&fmax&nmin&nmax&order&offset&limit  (fmin/fmax: faces on the pair;
+                nmin/nmax: its nsfw score, the higher of its two images')
     /api/reasons                      rejects per stage and reason
     /api/rejects?stage&reason&offset&limit
     /api/sites?offset&limit
@@ -92,7 +93,7 @@ def make_handler(data: RunData):
             if name == "summary":
                 return self._json(data.summary())
             if name == "pairs":
-                return self._json(data.pairs(q.get("site", ""), q.get("page", ""), _float(q.get("smin")), _float(q.get("smax")), q.get("order", "random"), _int(q.get("offset"), 0), _int(q.get("limit"), 24), _int(q.get("fmin"), None), _int(q.get("fmax"), None)))
+                return self._json(data.pairs(q.get("site", ""), q.get("page", ""), _float(q.get("smin")), _float(q.get("smax")), q.get("order", "random"), _int(q.get("offset"), 0), _int(q.get("limit"), 24), _int(q.get("fmin"), None), _int(q.get("fmax"), None), _float(q.get("nmin")), _float(q.get("nmax"))))
             if name == "reasons":
                 return self._json(data.reasons())
             if name == "rejects":

@@ -110,8 +110,13 @@ class FilterConfig:
     url_words: tuple[str, ...] = ("logo", "icon", "favicon", "sprite", "avatar", "badge", "button")  # path tokens ...
     reject_url_words: bool = False  # ... that reject as url_word when on; counted in stats either way
     faces: str = "detect"  # filter/faces.py: detect (count + boxes per kept image), blur (also blur them in the stored bytes), off
+    # the nsfw score (core/safety.py): LAION's CLIP-based NSFW head on an image embedding
+    safety_encoder: str = ""  # whose embedding the head reads: "" the main encoder's, another name embeds each image again, "none" no score
+    safety_encoder_weights: str = ""  # local weights file for safety_encoder
+    safety_head: str = ""  # head file or http(s) URL in LAION's format; "" = LAION's head for the safety encoder (downloaded on first use)
+    max_nsfw: Optional[float] = None  # reject images scoring above this as nsfw (off by default; needs a head)
 
-    RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0), "flat_colours": (0, 4096), "flat_share": (0.0, 1.0)}
+    RANGES: ClassVar[dict] = {"min_side": (1, 100_000), "max_aspect": (1.0, 10_000), "max_pixels": (1, 10**10), "phash_size": (2, 64), "batch_size": (1, 65536), "min_clip_score": (-1.0, 1.0), "flat_colours": (0, 4096), "flat_share": (0.0, 1.0), "max_nsfw": (0.0, 1.0)}
     CHOICES: ClassVar[dict] = {"animated": ("first_frame", "reject"), "faces": ("detect", "blur", "off")}
 
 

@@ -118,6 +118,7 @@ IMAGE_SCHEMA = pa.schema(
         ("pdq", pa.string()),  # PDQ perceptual hash (core/perceptual.py) as 64 hex: `webpairs scrub --blocklist` matches it
         ("faces", pa.int32()),  # faces found (filter/faces.py; null with --faces off)
         ("face_boxes", pa.list_(pa.int32())),  # their boxes, flat: x, y, w, h per face, in the image's pixels
+        ("nsfw", pa.float32()),  # LAION's NSFW head on the embedding (core/safety.py), 1 = NSFW; null without a head
     ]
 )
 
@@ -139,6 +140,8 @@ PAIR_SCHEMA = pa.schema(
         ("cond_bytes_row_group", pa.int32()),  # ... and its row group), as in IMAGE_SCHEMA
         ("target_bytes_file", pa.string()),
         ("target_bytes_row_group", pa.int32()),
+        ("cond_nsfw", pa.float32()),  # the two images' nsfw scores (IMAGE_SCHEMA), null without a head
+        ("target_nsfw", pa.float32()),
     ]
 )
 
@@ -253,6 +256,7 @@ class ImageRecord:
     pdq: Optional[str] = None
     faces: Optional[int] = None
     face_boxes: Optional[list[int]] = None
+    nsfw: Optional[float] = None
 
     def to_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -290,6 +294,8 @@ class PairRecord:
             "cond_bytes_row_group": cond.get("bytes_row_group"),
             "target_bytes_file": target.get("bytes_file"),
             "target_bytes_row_group": target.get("bytes_row_group"),
+            "cond_nsfw": cond.get("nsfw"),
+            "target_nsfw": target.get("nsfw"),
         }
 
 

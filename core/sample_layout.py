@@ -10,7 +10,8 @@ One sample per pair, all files sharing the key (the pair_id):
     {key}.latent.json  {"vae", "scale_factor", "shift_factor", "image_size"} of that latent: the
                        diffusion model trains on (latent - shift_factor) * scale_factor
     {key}.json         {"pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt",
-                        "cond_image_id", "target_image_id", "similarity", "encoder"}
+                        "cond_image_id", "target_image_id", "similarity", "encoder", "cond_nsfw",
+                        "target_nsfw"} (the nsfw scores: null when filter had no safety head)
 
 Shards are named `pairs-{file:06d}-{seq:06d}.tar` (the pair parquet file they come from, then a
 sequence number); beside them `index/*.parquet` (key -> shard, byte
@@ -33,7 +34,7 @@ LATENT_NPY = "latent.npy"
 LATENT_JSON = "latent.json"
 META_JSON = "json"
 SHARD_PATTERN = "pairs-{file:06d}-{seq:06d}.tar"
-META_FIELDS = ("pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt", "cond_image_id", "target_image_id", "similarity", "encoder")  # {key}.json
+META_FIELDS = ("pair_id", "page_url", "cond_url", "target_url", "cond_alt", "target_alt", "cond_image_id", "target_image_id", "similarity", "encoder", "cond_nsfw", "target_nsfw")  # {key}.json
 MANIFEST = "manifest.json"
 WIDS = "wids.json"  # shard list for webdataset's indexed reader: wids.ShardListDataset(".../wids.json")
 

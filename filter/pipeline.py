@@ -4,7 +4,9 @@ download keeps each distinct image once (downloads/) and says which image every 
 (its occurrences/). Steps:
 1. per image: decode once, hash (pHash), check size, aspect and the flat-image signal, preprocess
    -> embed and score with RunInference (skipped with encoder "none"; images that only boilerplate
-   evidence links point to are hashed, never embedded) -> optional minimum CLIP score;
+   evidence links point to are hashed, never embedded), the nsfw score from LAION's head on the
+   embedding (core/safety.py; on a second encoder's embedding with --safety-encoder) -> optional
+   maximum nsfw score, minimum CLIP score;
 2. per link: the image's verdict joined to each of its links (CoGroupByKey on image_id), plus the
    link's own checks (declared size, URL words) -> occurrences/ (every link, before any threshold
    could drop a copy: pair's boilerplate evidence and the table pair joins images to pages with)
@@ -14,6 +16,7 @@ download keeps each distinct image once (downloads/) and says which image every 
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import apache_beam as beam
@@ -22,12 +25,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from core.config import FilterConfig
-from core.encoders import EncoderUnavailable, load_encoder, preprocess
+from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
+from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
-from filter.embed import EncoderModelHandler
+from filter.embed import EncoderModelHandler, Safety
 from filter.hashing import phash_hex, sha256_hex
 from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, FLAT_THUMB, URL_WORD, declared_too_small, top_colour_share, url_words
 from filter.validate import Invalid, check_shape, configure_pillow, decode, decode_side
@@ -36,12 +40,15 @@ STAGE = "filter"
 REJECTED = "rejected"
 OCCURRENCES = "occurrences"  # every downloaded link, as boilerplate evidence for `pair`
 VERDICTS = "verdicts"
-LOW_CLIP = "low_clip"
+IMAGE_REJECTS = "image_rejects"  # (image_id, (reason, detail)) of the thresholds on scores
 LINKS = "links"
 LINK_FIELDS = tuple(DOWNLOAD_OCCURRENCE_SCHEMA.names)
 URL_WORD_MATCHES = "url_word_matches"
 LOW_CLIP_SCORE = "low_clip_score"
+NSFW = "nsfw"
 NO_ENCODER = "none"
+
+log = logging.getLogger(__name__)
 
 
 class ValidateAndHash(beam.DoFn):
@@ -50,8 +57,9 @@ class ValidateAndHash(beam.DoFn):
     flat-image signal, and preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
     pHash, size, reason); images that pass and that a kept link points to go on to the encoder."""
 
-    def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3):
+    def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3, second: tuple = ()):
         self.cfg, self.image_size, self.mean, self.std = cfg, image_size, mean, std
+        self.second = second  # (size, mean, std) of a second encoder (the nsfw score's), or ()
         # PDQ (stored for every kept image) needs up to PDQ_SIDE px, so today a JPEG is scaled only
         # when both its sides are >= 2 x PDQ_SIDE; pHash, the flat thumbnail and the encoder alone
         # would take 1/2-1/8 scale of most photos (benchmarks/filter.py prints both)
@@ -95,7 +103,9 @@ class ValidateAndHash(beam.DoFn):
         }
         image = faces.apply(record, decoded.image, self.cfg.faces, (decoded.width, decoded.height), lambda side: decode(data, self.cfg, side).image) or decoded.image  # blurred with --faces blur
         self.kept.inc()
-        if self.image_size:
+        if self.image_size and self.second:
+            yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"], preprocess(image, *self.second))
+        elif self.image_size:
             yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"])
         else:
             yield record, None
@@ -110,7 +120,7 @@ class ValidateAndHash(beam.DoFn):
 
 
 class JudgeLinks(beam.DoFn):
-    """(image_id, {"verdict": [...], "low_clip": [...], "links": [...]}) -> for each link of the
+    """(image_id, {"verdict": [...], "image_rejects": [...], "links": [...]}) -> for each link of the
     image: its occurrence row (tagged `occurrences`), and its outcome: the image's verdict, then the
     link's own checks (declared size, URL words); kept links yield 1, the others a rejected row.
     Links that download rejected as URL boilerplate (fetched as evidence) only leave occurrences."""
@@ -123,10 +133,10 @@ class JudgeLinks(beam.DoFn):
         verdict = (list(grouped["verdict"]) or [None])[0]
         if verdict is None:  # a link whose image is not in downloads/: the download output is damaged
             raise StageError(f"filter: image {image} of the download occurrences is missing from its downloads/")
-        low_clip = list(grouped["low_clip"])
+        image_rejects = list(grouped[IMAGE_REJECTS])
         reason, detail = verdict["reason"], verdict["detail"]
-        if reason is None and low_clip:
-            reason, detail = LOW_CLIP_SCORE, low_clip[0]
+        if reason is None and image_rejects:
+            reason, detail = image_rejects[0]
         for link in grouped["links"]:
             own, own_detail, words = reason, detail, None
             if link.get("reason"):  # evidence only: rejected by download already
@@ -161,17 +171,23 @@ class JudgeLinks(beam.DoFn):
 
 
 def _attach(item, encoder_name: str):
-    record, (embedding, score) = item
+    record, (embedding, score, nsfw) = item
     record = dict(record)
     record["embedding"] = np.asarray(embedding, dtype=np.float16).tolist()
     record["encoder"] = encoder_name
     record["clip_score"] = score
+    record["nsfw"] = nsfw
     return record
 
 
-def _check_clip_score(record: dict, min_score):
+def _check_scores(record: dict, min_score, max_nsfw):
+    """The thresholds on an image's scores: nsfw first (a safety rule), then the CLIP score."""
+    nsfw = record.get("nsfw")
+    if max_nsfw is not None and nsfw is not None and nsfw > max_nsfw:
+        yield beam.pvalue.TaggedOutput(IMAGE_REJECTS, (record["image_id"], (NSFW, f"nsfw score {nsfw:.4f} > {max_nsfw}")))
+        return
     if min_score is not None and record["clip_score"] is not None and record["clip_score"] < min_score:
-        yield beam.pvalue.TaggedOutput(LOW_CLIP, (record["image_id"], f"{record['clip_score']:.3f} < {min_score}"))
+        yield beam.pvalue.TaggedOutput(IMAGE_REJECTS, (record["image_id"], (LOW_CLIP_SCORE, f"{record['clip_score']:.3f} < {min_score}")))
         return
     yield record
 
@@ -180,17 +196,20 @@ class FilterImages(beam.PTransform):
     """{"images": download rows (one per distinct image), "links": download occurrences} ->
     {"input_count", "kept" images, "kept_count" (links), "rejected" (links), "occurrences", ...}."""
 
-    def __init__(self, cfg: FilterConfig, encoder_info: tuple = ()):
+    def __init__(self, cfg: FilterConfig, encoder_info: tuple = (), safety: Optional[Safety] = None):
         super().__init__()
         self.cfg = cfg
         self.encoder_info = encoder_info  # (image_size, mean, std) of the encoder, () when disabled
+        self.safety = safety  # the nsfw head (and a second encoder), None: no score
 
     def expand(self, pcolls):
         images, links = pcolls["images"], pcolls["links"]
         size, mean, std = self.encoder_info or (0, (0.5,) * 3, (0.5,) * 3)
-        checked = images | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std)).with_outputs(VERDICTS, main="valid")
+        safety = self.safety if size else None
+        second = (safety.image_size, safety.mean, safety.std) if safety and safety.encoder else ()
+        checked = images | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std, second)).with_outputs(VERDICTS, main="valid")
         if size:
-            handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size, self.cfg.fixed_batch))
+            handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size, self.cfg.fixed_batch, safety))
             embedded = (
                 checked.valid
                 | "Embed" >> RunInference(handler)
@@ -198,10 +217,10 @@ class FilterImages(beam.PTransform):
             )
         else:
             embedded = checked.valid | "NoEmbedding" >> beam.Map(lambda item: item[0])
-        scored = embedded | "MinClipScore" >> beam.FlatMap(_check_clip_score, self.cfg.min_clip_score).with_outputs(LOW_CLIP, main="kept")
+        scored = embedded | "ScoreThresholds" >> beam.FlatMap(_check_scores, self.cfg.min_clip_score, self.cfg.max_nsfw).with_outputs(IMAGE_REJECTS, main="kept")
         keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], r))  # read with LINK_FIELDS only
         judged = (
-            {"verdict": checked[VERDICTS], "low_clip": scored[LOW_CLIP], "links": keyed_links}
+            {"verdict": checked[VERDICTS], IMAGE_REJECTS: scored[IMAGE_REJECTS], "links": keyed_links}
             | "JoinLinks" >> beam.CoGroupByKey()
             | "JudgeLinks" >> beam.ParDo(JudgeLinks(self.cfg)).with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, LINKS, main="kept_links")
         )
@@ -211,15 +230,48 @@ class FilterImages(beam.PTransform):
         }
 
 
+def _driver_encoder(name: str, weights: str) -> Encoder:
+    try:
+        return load_encoder(name, weights)
+    except EncoderUnavailable as err:
+        raise StageError(f"filter: {err}") from err
+
+
 def encoder_info(cfg: FilterConfig) -> tuple:
     """Load the encoder once in the driver so a missing model fails at start, not per record."""
     if cfg.encoder == NO_ENCODER:
         return ()
-    try:
-        enc = load_encoder(cfg.encoder, cfg.encoder_weights)
-    except EncoderUnavailable as err:
-        raise StageError(f"filter: {err}") from err
+    enc = _driver_encoder(cfg.encoder, cfg.encoder_weights)
     return (enc.image_size, enc.mean, enc.std)
+
+
+def safety_plan(cfg: FilterConfig, encoder: Optional[Encoder]) -> tuple[Optional[Safety], str]:
+    """The nsfw scoring of this run, fetched in the driver (a missing head fails at start, in one
+    sentence): (the head of the safety encoder (the main one unless --safety-encoder names another),
+    ""), or (None, the one line to log) when there is no head to apply. --max-nsfw without a score
+    is an error: a safety threshold must never be skipped in silence."""
+    name = cfg.safety_encoder or cfg.encoder
+    if cfg.safety_encoder and cfg.safety_encoder != NO_ENCODER and encoder is None:
+        raise StageError(f"filter: --safety-encoder {cfg.safety_encoder} scores the images filter embeds, and --encoder none embeds none: choose an encoder")
+    source = cfg.safety_head or (head_url(name) if name != NO_ENCODER else None)
+    if name == NO_ENCODER or source is None:
+        why = ("the safety encoder is none" if cfg.safety_encoder == NO_ENCODER else "encoder none embeds nothing" if name == NO_ENCODER
+               else f"encoder {name} has no NSFW safety head (LAION's heads fit open_clip:ViT-B-32 and open_clip:ViT-L-14 with OpenAI's weights)")
+        if cfg.max_nsfw is not None:
+            fix = "choose an encoder" if cfg.encoder == NO_ENCODER else f"add --safety-encoder {SAFETY_ENCODER} (a second embedding for the score) or --safety-head FILE"
+            raise StageError(f"filter: --max-nsfw {cfg.max_nsfw} needs an nsfw score, but {why}: {fix}")
+        return None, f"filter: no nsfw score: {why}; the nsfw columns stay empty (--safety-encoder {SAFETY_ENCODER} computes a second embedding for the score)"
+    second = encoder if name == cfg.encoder else _driver_encoder(name, cfg.safety_encoder_weights)
+    try:
+        head = head_for(source)
+    except SafetyUnavailable as err:
+        raise StageError(f"filter: {err}") from err
+    if head.dim != second.dim:
+        raise StageError(f"filter: the NSFW head {source} reads {head.dim}-d embeddings and {name} makes {second.dim}-d ones: give the head of that encoder with --safety-head, or --safety-encoder {SAFETY_ENCODER}")
+    log.info("filter: nsfw score from %s on the %s embedding", source, name)
+    if name == cfg.encoder:
+        return Safety(head), ""
+    return Safety(head, name, cfg.safety_encoder_weights, second.image_size, tuple(second.mean), tuple(second.std)), ""
 
 
 def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None) -> dict:
@@ -230,12 +282,17 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
     if not link_files:
         raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs crawl download`): run `webpairs crawl download` into it again")
     check_columns(link_files, DOWNLOAD_OCCURRENCE_SCHEMA, input_path, "download")
-    info = encoder_info(cfg)
+    encoder = None if cfg.encoder == NO_ENCODER else _driver_encoder(cfg.encoder, cfg.encoder_weights)
+    info = (encoder.image_size, encoder.mean, encoder.std) if encoder is not None else ()
+    safety, notice = safety_plan(cfg, encoder)
+    del encoder  # the workers load their own
     with StageOutput(out_dir, STAGE) as out:
+        if notice:  # said once the stage runs (an error before it stays the only line)
+            (log.info if cfg.safety_encoder == NO_ENCODER else log.warning)(notice)  # asked for, or to be noticed
         with stage_pipeline(beam_args) as p:
             images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
             links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=list(LINK_FIELDS))
-            outputs = {"images": images, "links": links} | "Filter" >> FilterImages(cfg, info)
+            outputs = {"images": images, "links": links} | "Filter" >> FilterImages(cfg, info, safety)
             more = {OCCURRENCES: OCCURRENCE_SCHEMA}
             site_files = stage_files(input_path, "sites", expected="download")
             if site_files:  # pages per site in the crawl, passed on to pair

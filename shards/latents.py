@@ -94,7 +94,8 @@ def _meta(files: dict) -> dict:
         meta = json.loads(files.get(layout.META_JSON, b"{}"))
     except ValueError:
         meta = {}
-    return {"page_url": meta.get("page_url", ""), "cond_image_id": meta.get("cond_image_id", ""), "target_image_id": meta.get("target_image_id", ""), "similarity": float(meta.get("similarity") or 0.0)}
+    return {"page_url": meta.get("page_url", ""), "cond_image_id": meta.get("cond_image_id", ""), "target_image_id": meta.get("target_image_id", ""), "similarity": float(meta.get("similarity") or 0.0),
+            "cond_nsfw": meta.get("cond_nsfw"), "target_nsfw": meta.get("target_nsfw")}
 
 
 def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, batch: int = 16, device: str = "cpu") -> dict:

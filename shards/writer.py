@@ -50,6 +50,8 @@ INDEX_SCHEMA = pa.schema(
         ("cond_image_id", pa.string()),
         ("target_image_id", pa.string()),
         ("similarity", pa.float32()),
+        ("cond_nsfw", pa.float32()),  # the two images' nsfw scores (filter's, core/safety.py), null without a head
+        ("target_nsfw", pa.float32()),
     ]
 )
 
@@ -57,7 +59,7 @@ INDEX_SCHEMA = pa.schema(
 # What a sample needs of a pair row (the pair stage carries both images' info, see PAIR_SCHEMA).
 PAIR_COLUMNS = [
     "pair_id", "page_url", "cond_image_id", "target_image_id", "similarity", "cond_url", "target_url", "cond_alt", "target_alt", "encoder",
-    "cond_bytes_file", "cond_bytes_row_group", "target_bytes_file", "target_bytes_row_group",
+    "cond_bytes_file", "cond_bytes_row_group", "target_bytes_file", "target_bytes_row_group", "cond_nsfw", "target_nsfw",
 ]
 
 
@@ -253,7 +255,8 @@ class _ShardFile:
             self.offset += len(header) + len(data) + pad
         m = sample["meta"]
         self.samples += 1
-        return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"]}
+        return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"],
+                "cond_nsfw": m.get("cond_nsfw"), "target_nsfw": m.get("target_nsfw")}
 
     def close(self) -> dict:
         self.stream.write(bytes(tar_file_size(self.offset) - self.offset))  # end of archive, record padding

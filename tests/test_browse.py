@@ -70,6 +70,31 @@ def test_queries_pages_filters_and_images(synthetic_run):
         data.close()
 
 
+def test_pairs_filter_by_nsfw_score(synthetic_run):
+    """The nsfw filter (issue 32): a pair's score is the higher of its two images' (the index's
+    cond_nsfw, target_nsfw, read back here with pyarrow); nmin/nmax select exactly those pairs."""
+    import pyarrow.parquet as pq
+
+    index = pq.read_table(os.path.join(synthetic_run, "shards", "index")).to_pylist()
+    score = {r["key"]: max(r["cond_nsfw"], r["target_nsfw"]) for r in index}
+    data = RunData(synthetic_run)
+    try:
+        for nmin, nmax in ((0.9, None), (None, 0.5), (0.3, 0.6)):
+            want = {k for k, v in score.items() if (nmin is None or v >= nmin) and (nmax is None or v <= nmax)}
+            got = data.pairs(nmin=nmin, nmax=nmax, limit=200, order="-nsfw")
+            rows = got["rows"] + [r for off in range(200, got["total"], 200) for r in data.pairs(nmin=nmin, nmax=nmax, limit=200, offset=off, order="-nsfw")["rows"]]
+            assert 0 < got["total"] == len(want) < len(score) and {r["key"] for r in rows} == want, (nmin, nmax)
+            assert all(r["nsfw"] == pytest.approx(score[r["key"]]) for r in rows)
+            assert [r["nsfw"] for r in rows] == sorted((r["nsfw"] for r in rows), reverse=True)
+    finally:
+        data.close()
+    with BrowseServer(synthetic_run, port=0) as server:  # the app's query string
+        status, body = _get(server.url, "/api/pairs?nmin=0.9&limit=200")
+        assert status == 200 and json.loads(body)["total"] == sum(v >= 0.9 for v in score.values())
+        status, body = _get(server.url, "/api/pairs?nmax=abc")
+        assert status == 400
+
+
 def test_server_serves_nothing_outside_the_run(synthetic_run):
     with BrowseServer(synthetic_run, port=0) as server:
         status, body = _get(server.url, "/api/pairs?limit=2")

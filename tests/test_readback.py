@@ -489,9 +489,9 @@ def test_browser_cards_show_each_pairs_own_images(runs, tmp_path):
                 sims = sorted(r["similarity"] for r in index.values())
                 lo, hi = sims[len(sims) // 3], sims[2 * len(sims) // 3]
                 n = int(page.evaluate("document.body.dataset.renders"))
-                page.select_option("#site", "")  # a change of #site renders all sites by itself: wait for it,
-                page.wait_for_function(f"+document.body.dataset.renders > {n}", timeout=60_000)  # or its cards
-                n = int(page.evaluate("document.body.dataset.renders"))  # pass for the range's (a race)
+                page.select_option("#site", "")  # a change of site renders on its own: wait for it first
+                page.wait_for_function(f"+document.body.dataset.renders > {n}", timeout=60_000)
+                n = int(page.evaluate("document.body.dataset.renders"))
                 page.fill("#smin", f"{lo:.4f}")
                 page.fill("#smax", f"{hi:.4f}")
                 page.click("#apply")

@@ -62,6 +62,14 @@ def _consent_arg(p, what: str) -> None:
     p.add_argument("--consent", choices=("on", "off"), help=f"on (default): {what}; off: ignore them, only for sites you own (one warning line per run)")
 
 
+def _safety_args(p) -> None:
+    g = p.add_argument_group("nsfw score (LAION's CLIP-based NSFW head on the image embedding)")
+    g.add_argument("--max-nsfw", type=float, metavar="T", help="reject images whose nsfw score (0-1, 1 = NSFW) is above T, with reason nsfw (default off; needs a head: see --safety-encoder)")
+    g.add_argument("--safety-encoder", metavar="NAME", help="the encoder whose embedding the head scores (default: the main encoder; LAION's heads fit open_clip:ViT-B-32 and open_clip:ViT-L-14, so with another --encoder, --safety-encoder open_clip:ViT-B-32 embeds each image a second time for the score; 'none': no score)")
+    g.add_argument("--safety-encoder-weights", metavar="FILE", help="local weights file for --safety-encoder")
+    g.add_argument("--safety-head", metavar="FILE|URL", help="the head, in LAION's format (a PyTorch state dict: norm.mean, norm.variance, linear_1..N); default LAION's head for the safety encoder, downloaded on first use into torch's hub cache (cache only with --offline)")
+
+
 def _blocklist_args(p) -> None:
     g = p.add_argument_group("unsafe content (a match is never written to any file of the run)")
     g.add_argument("--blocklist", action="append", metavar="FILE", help="hash list: lines sha256:<hex>, md5:<hex> or pdq:<64 hex> (Meta's PDQ), # comments; a matching image is rejected as blocklisted as its bytes arrive (repeatable)")
@@ -176,6 +184,7 @@ def register_filter(sub, handlers) -> None:
     p.add_argument("--flat-colours", type=int, help="how many colours --flat-share counts (default 8; 0: rule off)")
     p.add_argument("--faces", choices=("detect", "blur", "off"), help="faces in kept images (OpenCV's bundled Haar cascade): detect stores each image's face count and boxes (default), blur also blurs them in the stored image (so in the shards, as DataComp does), off skips it")
     p.add_argument("--reject-url-words", action="store_true", default=None, help="reject images whose URL path names logo, icon, sprite, avatar, badge or button (off by default; stats count them either way)")
+    _safety_args(p)
     handlers["filter"] = cmd_filter
     cmd_filter.accepts_beam_args = True
 
@@ -312,6 +321,7 @@ def register_run(sub, handlers) -> None:
     _model_flags(p)
     p.add_argument("--ray-address", help="train on an existing Ray cluster (default: a local ray.init())")
     _blocklist_args(p)
+    _safety_args(p)
     handlers["run"] = cmd_run
     cmd_run.accepts_beam_args = True
 
@@ -362,7 +372,8 @@ def cmd_run(args, beam_args) -> int:
             crawl["consent"] = args.consent
         download = {k: v for k, v in (("resolve", args.resolve), ("consent", args.consent)) if v is not None}
         download.update({k: getattr(args, k) for k in ("blocklist", "blocklist_pdq_distance") if getattr(args, k) is not None})
-        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, download_overrides=download, encoder=args.encoder, encoder_weights=args.encoder_weights)
+        safety = {k: getattr(args, k) for k in ("max_nsfw", "safety_encoder", "safety_encoder_weights", "safety_head") if getattr(args, k) is not None}
+        cfg = RunConfig.load(args.config, allow_hosts=args.allow_hosts, crawl_overrides=crawl, download_overrides=download, encoder=args.encoder, encoder_weights=args.encoder_weights, **safety)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **_train_flags(args)))
         done = run_pipeline(args.input, args.out, cfg, beam_args, model=args.model, ray_address=args.ray_address, overwrite=args.overwrite)
     except (StageError, config.ConfigError) as err:

@@ -39,6 +39,7 @@ def _complete(out_dir: str, stage: str, n_input: int, kept: int, rejected: dict)
 def make_run(out: str, pairs: int, sites: int = 50, pages_per_site: int = 0, distinct_samples: int = 64, rejects: int = 0, seed: int = 0, batch: int = 250_000) -> dict:
     """Write the run under `out` (pair/ and shards/); returns {"pairs", "sites", "pages"}."""
     rng = np.random.default_rng(seed)
+    scores = np.random.default_rng(seed + 1)  # nsfw scores: a stream of their own (the other values stay as they were)
     pages_per_site = pages_per_site or max(1, pairs // (sites * 4))
     pair_dir, shards_dir = os.path.join(out, "pair"), os.path.join(out, "shards")
     for d in (os.path.join(pair_dir, "pairs"), os.path.join(pair_dir, "rejected"), os.path.join(shards_dir, "index")):
@@ -62,9 +63,12 @@ def make_run(out: str, pairs: int, sites: int = 50, pages_per_site: int = 0, dis
         page_url = [f"https://www.site{s:05d}.com/p/{p}.html" for s, p in zip(site, page)]
         keys = [f"{i:016x}" for i in idx]
         sim = rng.uniform(0.2, 0.8, len(idx)).astype(np.float32)
-        index = pa.table({"key": keys, "shard": [SHARD] * len(idx), "offset": offsets[idx % distinct_samples], "size": sizes[idx % distinct_samples], "page_url": page_url, "cond_image_id": [f"c{i:015x}" for i in idx], "target_image_id": [f"t{i:015x}" for i in idx], "similarity": sim})
+        nsfw = scores.uniform(0.0, 1.0, (2, len(idx))).astype(np.float32)
+        index = pa.table({"key": keys, "shard": [SHARD] * len(idx), "offset": offsets[idx % distinct_samples], "size": sizes[idx % distinct_samples], "page_url": page_url, "cond_image_id": [f"c{i:015x}" for i in idx], "target_image_id": [f"t{i:015x}" for i in idx], "similarity": sim,
+                          "cond_nsfw": nsfw[0], "target_nsfw": nsfw[1]})
         pq.write_table(index, os.path.join(shards_dir, "index", f"index-{part:05d}.parquet"))
-        rows = pa.table({"pair_id": keys, "page_url": page_url, "cond_image_id": index["cond_image_id"], "target_image_id": index["target_image_id"], "similarity": sim, "cond_url": [u.replace(".html", "/a.jpg") for u in page_url], "target_url": [u.replace(".html", "/b.jpg") for u in page_url], "cond_alt": [f"photo {i} a" for i in idx], "target_alt": [f"photo {i} b" for i in idx]})
+        rows = pa.table({"pair_id": keys, "page_url": page_url, "cond_image_id": index["cond_image_id"], "target_image_id": index["target_image_id"], "similarity": sim, "cond_url": [u.replace(".html", "/a.jpg") for u in page_url], "target_url": [u.replace(".html", "/b.jpg") for u in page_url], "cond_alt": [f"photo {i} a" for i in idx], "target_alt": [f"photo {i} b" for i in idx],
+                         "cond_nsfw": nsfw[0], "target_nsfw": nsfw[1]})
         pq.write_table(rows, os.path.join(pair_dir, "pairs", f"pairs-{part:05d}.parquet"))
     reasons = ["near_duplicate", "no_pair_in_band", "boilerplate_site"]
     rej = pa.table({"record_id": [f"r{i:015x}" for i in range(rejects)], "stage": ["pair"] * rejects, "reason": [reasons[i % 3] for i in range(rejects)], "detail": ["generated"] * rejects, "url": [f"https://www.site{i % sites:05d}.com/img/{i}.jpg" for i in range(rejects)]})
