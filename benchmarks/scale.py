@@ -252,7 +252,8 @@ def child(work: str, stage: str, size: int, runner: str) -> dict:
         elif stage == "pair":
             from pairing.pipeline import run_pair
 
-            n = run_pair(src, out, PairConfig(sim_low=0.0, sim_high=0.99), beam_args)["input"]
+            copies = os.environ.get("WEBPAIRS_SCALE_COPIES", "1") == "1"  # --no-copies
+            n = run_pair(src, out, PairConfig(sim_low=0.0, sim_high=0.99, copies=copies), beam_args)["input"]
         else:
             from shards.writer import run_shards
 
@@ -359,6 +360,7 @@ def main() -> list[dict]:
     ap.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="folder for scale_time.png and scale_memory.png ('' for none)")
     ap.add_argument("--keep", action="store_true", help="keep each size's stage outputs in --work (a later run with --stages pair shards reads them)")
     ap.add_argument("--inputs-from", choices=["inprocess", "dask"], help="read each stage's input from this runner's outputs in --work (kept with --keep): e.g. pair and shards on Dask from the in-process filter output, which is the same")
+    ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py): on the generated crawl's photo crops most images are copy candidates, and the local runner holds the step's two joins of SIFT features in memory (8.6 GB at 1x on 2026-12-05)")
     ap.add_argument("--plot-only", help="a --json file of an earlier run: print its table and draw its figures")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
@@ -383,6 +385,8 @@ def main() -> list[dict]:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=ROOT)
+        if args.no_copies:
+            env["WEBPAIRS_SCALE_COPIES"] = os.environ["WEBPAIRS_SCALE_COPIES"] = "0"
         if args.inputs_from:
             env["WEBPAIRS_SCALE_INPUTS_FROM"] = os.environ["WEBPAIRS_SCALE_INPUTS_FROM"] = args.inputs_from
         if not os.path.exists(os.path.join(work, f"download-{max(args.sizes)}", "_SUCCESS")):
