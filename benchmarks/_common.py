@@ -60,10 +60,11 @@ def mark_complete(out_dir: str, stage: str, n: int) -> None:
     finish_stage(out_dir, stage)
 
 
-def photo_downloads(out_dir: str, repeat: int, files: int = 1) -> list[bytes]:
+def photo_downloads(out_dir: str, repeat: int, files: int = 1, side: int = 0) -> list[bytes]:
     """A complete `crawl download` output of the 300 shared photos `repeat` times, in `files`
     parquet files, one link per image row (each repeat counts as its own image, so that filter
-    does the work `repeat` times); returns the image bytes in row order."""
+    does the work `repeat` times); returns the image bytes in row order. With `side` the photos
+    are re-encoded first (JPEG q90, long side `side` px)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -71,6 +72,8 @@ def photo_downloads(out_dir: str, repeat: int, files: int = 1) -> list[bytes]:
 
     folder = need_shared("photos-imagenet-sample")
     blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
+    if side:
+        blobs = [_resized_jpeg(b, side) for b in blobs]
     rows = [
         {"image_id": f"{r}-{i}", "page_url": f"http://example.org/p{i // 4}", "image_url": f"http://example.org/{r}/{i}.jpg", "alt": "a photo", "position": i % 4, "image_bytes": b, "sha256": None, "links": 1}
         for r in range(repeat)
@@ -85,3 +88,15 @@ def photo_downloads(out_dir: str, repeat: int, files: int = 1) -> list[bytes]:
         pq.write_table(pa.Table.from_pylist(links[f * per_file : (f + 1) * per_file], schema=DOWNLOAD_OCCURRENCE_SCHEMA), os.path.join(out_dir, "occurrences", f"part-{f}.parquet"))
     mark_complete(out_dir, "download", len(rows))
     return [r["image_bytes"] for r in rows]
+
+
+def _resized_jpeg(data: bytes, side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = side / max(img.size)
+    buf = io.BytesIO()
+    img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS).save(buf, "JPEG", quality=90)
+    return buf.getvalue()

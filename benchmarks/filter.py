@@ -1,10 +1,20 @@
-"""filter throughput: the stage without encoder vs two bare decode+sha256+pHash loops (every pixel
-decoded, as the stage did before issue 34; and the JPEG decoded at the DCT scale the stage uses,
-Pillow's `Image.draft`), and the RunInference encoder step vs a bare batched forward of the same
-encoder at the same batch size.
+"""filter throughput: the stage without encoder vs bare loops, and the RunInference encoder step vs
+a bare batched forward of the same encoder at the same batch size.
 
-Input: the shared real photos (../shared/data/photos-imagenet-sample), written as a downloads
-parquet (`--repeat` copies so that Beam's fixed start-up is not what gets timed).
+Bare loops (the same images, this process, CPU time):
+- decode every pixel + sha256 + pHash: the naive loop issue 34 measures the stage against;
+- the same with the JPEG decoded at the DCT scale pHash and the flat thumbnail alone would need
+  (Pillow's `Image.draft`);
+- the same work as the stage's hashes: every pixel + sha256 + pHash + PDQ (pdqhash on the image
+  fitted to 512 px, Meta's reference), since filter stores a PDQ for the blocklist (issue 32).
+
+The stage runs with `--faces off`: face detection (`--faces detect`, the default) is a model like
+the encoder, a Haar cascade at <= 640 px; its CPU time per image is printed on its own.
+
+Input: the shared real photos (../shared/data/photos-imagenet-sample, 500 x 375 px typically),
+written as a downloads parquet (`--repeat` copies so that Beam's fixed start-up is not what gets
+timed). `--side N` re-encodes them larger first (JPEG q90, long side N px: web photos are larger
+than ImageNet's).
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ import numpy as np
 from _common import SMOKE_HELP, photo_downloads, report, timed, timed_cpu
 
 
-def bare_checks(blobs: list[bytes], side: int = 0) -> int:
+def bare_checks(blobs: list[bytes], side: int = 0, pdq: bool = False) -> int:
     """The per-image work without the pipeline: decode (every pixel, or with `side` a JPEG at the
-    smallest DCT scale whose sides stay >= side), sha256, pHash."""
+    smallest DCT scale whose sides stay >= side), sha256, pHash (and with `pdq` Meta's PDQ of the
+    image fitted to 512 px, as its reference hashes)."""
     import imagehash
+    import pdqhash
     from PIL import Image
 
     for b in blobs:
@@ -32,8 +44,29 @@ def bare_checks(blobs: list[bytes], side: int = 0) -> int:
             img.draft(img.mode, (side, side))
         img.load()
         hashlib.sha256(b).hexdigest()
-        str(imagehash.phash(img.convert("RGB")))
+        rgb = img.convert("RGB")
+        str(imagehash.phash(rgb))
+        if pdq:
+            rgb.thumbnail((512, 512))
+            pdqhash.compute(np.asarray(rgb))
     return len(blobs)
+
+
+def face_ms(blobs: list[bytes], cfg) -> float:
+    """CPU ms per image of `--faces detect` alone (filter/faces.apply on the stage's decode)."""
+    import time
+
+    from core.perceptual import MAX_SIDE
+    from filter import faces
+    from filter.signals import FLAT_THUMB
+    from filter.validate import decode, decode_side
+
+    side = decode_side(cfg, 0, FLAT_THUMB, MAX_SIDE)
+    decoded = [(b, decode(b, cfg, side)) for b in blobs]
+    start = time.process_time()
+    for b, d in decoded:
+        faces.apply({}, d.image, "detect", (d.width, d.height), lambda s, b=b: decode(b, cfg, s).image)
+    return 1000 * (time.process_time() - start) / len(decoded)
 
 
 def bare_forward(encoder, images: list, batch: int) -> int:
@@ -50,16 +83,18 @@ def bare_forward(encoder, images: list, batch: int) -> int:
 
 def main() -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeat", type=int, default=4, help="copies of the 300 photos for the no-encoder comparison")
+    ap.add_argument("--repeat", type=int, default=8, help="copies of the 300 photos for the no-encoder comparison (8: 2,400 images, so that Beam's fixed cost weighs little, as in a real download shard)")
     ap.add_argument("--encoder", default="efficientnet-lite0", help="encoder of the registry (default works offline)")
     ap.add_argument("--encoder-images", type=int, default=200, help="images for the encoder comparison")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-encoder", action="store_true", help="only the comparison without encoder")
     ap.add_argument("--runs", type=int, default=2, help="runs of the no-encoder comparison (the best of each counts)")
+    ap.add_argument("--side", type=int, default=0, help="re-encode the photos with this long side first (0: as they are, ~500 px)")
+    ap.add_argument("--face-images", type=int, default=100, help="images the face detector is timed on")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args, beam_args = ap.parse_known_args()
     if args.smoke:
-        args.repeat, args.encoder_images, args.batch_size, args.runs = 1, 16, 4, 1
+        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images = 1, 16, 4, 1, 4
     import torch
 
     from core.config import FilterConfig
@@ -70,12 +105,13 @@ def main() -> list[dict]:
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        blobs = photo_downloads(tmp, args.repeat)
-        cfg = FilterConfig(encoder="none")
-        side = decode_side(cfg, 0, FLAT_THUMB)  # what pHash and the flat thumbnail need (the stage also keeps PDQ's pixels)
-        best = {k: [float("inf"), float("inf")] for k in ("full", "scaled", "stage")}  # [wall, cpu]
-        for i in range(args.runs):  # the three take turns; each one's best counts
-            for key, call in (("full", lambda: bare_checks(blobs)), ("scaled", lambda: bare_checks(blobs, side)), ("stage", lambda i=i: run_filter(tmp, os.path.join(tmp, f"nocode{i}"), cfg, beam_args))):
+        blobs = photo_downloads(tmp, args.repeat, side=args.side)
+        cfg = FilterConfig(encoder="none", faces="off")  # faces: timed apart below
+        side = decode_side(cfg, 0, FLAT_THUMB)  # what pHash and the flat thumbnail alone need (the stage also keeps PDQ's 512 px)
+        loops = {"full": lambda: bare_checks(blobs), "scaled": lambda: bare_checks(blobs, side), "pdq": lambda: bare_checks(blobs, pdq=True)}
+        best = {k: [float("inf"), float("inf")] for k in (*loops, "stage")}  # [wall, cpu]
+        for i in range(args.runs):  # they take turns; each one's best counts
+            for key, call in (*loops.items(), ("stage", lambda i=i: run_filter(tmp, os.path.join(tmp, f"nocode{i}"), cfg, beam_args))):
                 out, wall, cpu = timed_cpu(call)
                 best[key] = [min(best[key][0], wall), min(best[key][1], cpu)]
                 if key == "full":
@@ -84,13 +120,19 @@ def main() -> list[dict]:
                     stats = out
         m = stats["input"]
         rows = [("images", n, "images")]
+        labels = {"full": "bare loop, every pixel", "scaled": f"bare loop, DCT-scaled to >= {side} px", "pdq": "bare loop, every pixel, + PDQ (512 px)"}
         for kind, col in (("wall", 0), ("CPU", 1)):
-            rows += [(f"bare loop, every pixel ({kind})", n / best["full"][col], "images/s"), (f"bare loop, DCT-scaled to >= {side} px ({kind})", n / best["scaled"][col], "images/s"), (f"webpairs filter --encoder none ({kind})", m / best["stage"][col], "images/s")]
+            rows += [(f"{labels[k]} ({kind})", n / best[k][col], "images/s") for k in loops] + [(f"webpairs filter --encoder none --faces off ({kind})", m / best["stage"][col], "images/s")]
+        rate = {k: n / best[k][1] for k in loops}
+        stage_rate = m / best["stage"][1]
         # CPU time: FnApiRunner runs in this process, so its CPU time is the stage's; on a shared
         # machine it is the measure other tenants cannot inflate (wall time is printed too)
-        results.append(report("filter without encoder / bare loop decoding every pixel (CPU time)", rows, (m / best["stage"][1]) / (n / best["full"][1]), 1.0))
-        results.append(report("filter without encoder / bare loop with the same DCT-scaled decode (CPU time)", rows[-3:], (m / best["stage"][1]) / (n / best["scaled"][1]), 0.5))
-        print(f"  wall-time ratios: {(m / best['stage'][0]) / (n / best['full'][0]):.2f} (every pixel), {(m / best['stage'][0]) / (n / best['scaled'][0]):.2f} (DCT-scaled)")
+        results.append(report("filter without encoder / bare loop decoding every pixel (CPU time)", rows, stage_rate / rate["full"], 1.0))
+        results.append(report("filter without encoder / bare loop with the same DCT-scaled decode (CPU time)", [rows[-3], rows[-1]], stage_rate / rate["scaled"], 0.5))
+        results.append(report("filter without encoder / bare loop of the same hashes, PDQ included (CPU time)", [rows[-2], rows[-1]], stage_rate / rate["pdq"], 0.8))
+        print(f"  wall-time ratios: {(m / best['stage'][0]) / (n / best['full'][0]):.2f} (every pixel), {(m / best['stage'][0]) / (n / best['scaled'][0]):.2f} (DCT-scaled), {(m / best['stage'][0]) / (n / best['pdq'][0]):.2f} (+ PDQ)")
+        ms = face_ms(blobs[: args.face_images], FilterConfig(encoder="none"))
+        print(f"  --faces detect (the default) adds {ms:.1f} CPU ms per kept image: the stage with it would run at about {1000 / (1000 / stage_rate + ms):.0f} images/s")
     if args.skip_encoder:
         return results
 

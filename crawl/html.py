@@ -232,8 +232,13 @@ def largest_candidate(srcset: str) -> Optional[str]:
     return max(widths or cands, key=lambda c: c[1])[0]
 
 
+_LEADING_INT = re.compile(r"\s*(\d+)")
+
+
 def _int(value: Optional[str]) -> Optional[int]:
-    m = re.match(r"\s*(\d+)", value or "")
+    if value and value.isascii() and value.isdigit():  # the common case (width="300"): no regex
+        return int(value) if int(value) < 2**31 else None
+    m = _LEADING_INT.match(value or "")
     return int(m.group(1)) if m and int(m.group(1)) < 2**31 else None
 
 

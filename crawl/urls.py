@@ -175,9 +175,9 @@ def _normalize_general(raw: str, base: str, allow: Optional[AllowList] = None) -
 def _assemble(scheme: str, host: str, port: Optional[int], path: Optional[str], query: str, allow: Optional[AllowList]) -> tuple[Optional[str], Optional[str]]:
     """The fetch policy on a split URL (scheme and host lower-case), then the normalised URL:
     default port dropped, empty path "/", unsafe characters percent-encoded, no fragment."""
-    if allow is not None and not allow.allows(host):
+    if allow is not None:  # the host's verdict is cached; the allow list is read only for a refused host
         reason = _host_reason(host)
-        if reason is not None:
+        if reason is not None and not allow.allows(host):
             return None, reason
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"

@@ -60,9 +60,10 @@ class ValidateAndHash(beam.DoFn):
     def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3, second: tuple = ()):
         self.cfg, self.image_size, self.mean, self.std = cfg, image_size, mean, std
         self.second = second  # (size, mean, std) of a second encoder (the nsfw score's), or ()
-        # PDQ (stored for every kept image) needs up to PDQ_SIDE px, so today a JPEG is scaled only
-        # when both its sides are >= 2 x PDQ_SIDE; pHash, the flat thumbnail and the encoder alone
-        # would take 1/2-1/8 scale of most photos (benchmarks/filter.py prints both)
+        # PDQ (stored for every kept image) sees the image fitted to PDQ_SIDE (512) px, as Meta's
+        # reference does, so a JPEG is scaled only when both its sides are >= 2 x PDQ_SIDE; pHash,
+        # the flat thumbnail and the encoder alone would take 1/2-1/8 scale of most photos, but PDQ
+        # below 512 px drifts by ~17 bits (benchmarks/filter.py prints both baselines)
         self.side = decode_side(cfg, image_size, FLAT_THUMB, PDQ_SIDE) if cfg.scaled_decode else 0
         self.kept = Metrics.counter(STAGE, "valid")
 

@@ -125,7 +125,7 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[Val
         return Invalid(DECODE_ERROR, str(err)[:200])
     try:
         width, height = _true_size(img, (w, h)) if img.size != (w, h) else (None, None)
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that needs no turn
         rgb = to_rgb(img)
     except (OSError, ValueError) as err:
         return Invalid(DECODE_ERROR, str(err)[:200])

@@ -239,3 +239,19 @@ def test_collapse_page_keeps_one_link_per_image_url():
     kept, rejected = collapse_page(page, [("f.warc", 7, [og, img, other]), ("g.warc", 3, [img])])
     assert [k[2:8] for k in kept] == [img, other] and kept[0][8:] == ("f.warc", 7)
     assert sorted(r["detail"] for r in rejected) == ["img", "og:image"] and {r["reason"] for r in rejected} == {"duplicate_link"}
+
+
+def test_declared_size_fast_path_reads_what_the_regex_reads():
+    """crawl/html._int skips the regex for plain ASCII digits (issue 34's profile: two calls per
+    <img>); every other spelling still goes through it, with the same answers."""
+    import re
+
+    from crawl.html import _int
+
+    def by_regex(value):
+        m = re.match(r"\s*(\d+)", value or "")
+        return int(m.group(1)) if m and int(m.group(1)) < 2**31 else None
+
+    values = [None, "", "300", "0", "007", " 300", "300px", "12.5", "2147483647", "2147483648", "99999999999999", "\u00b2", "\u0661\u0662", "x1", "-5", "1e3"]
+    assert [_int(v) for v in values] == [by_regex(v) for v in values]
+    assert _int("300") == 300 and _int("2147483648") is None and _int("\u00b2") is None

@@ -92,6 +92,46 @@ def test_phash_within_a_bit_of_the_full_decode(photos_dir):
     assert max(diffs) <= PairConfig().near_duplicate_distance, max(diffs)
 
 
+def test_phash_of_the_reduced_copy_within_a_bit_of_every_pixel(photos_dir):
+    """filter/hashing.phash_hex box-reduces the image first (short side >= 16 x hash_size): on
+    every shared photo, against imagehash's pHash of the full decode, 1 bit or less on average and
+    never the near-duplicate distance."""
+    from filter.hashing import phash_hex
+
+    diffs = []
+    for data in _photos(photos_dir, 300):
+        full = decode(data, CFG).image
+        diffs.append(imagehash.phash(full) - imagehash.hex_to_hash(phash_hex(full)))
+    assert len(diffs) == 300 and sum(d > 0 for d in diffs) > 0  # the reduction does change some bits
+    assert np.mean(diffs) <= 1.0, np.mean(diffs)
+    assert max(diffs) < PairConfig().near_duplicate_distance, max(diffs)
+
+
+def test_pdq_of_bytes_is_metas_512_px_reference_within_its_tolerance(photos_dir):
+    """core/perceptual fits an image to 512 px before PDQ, as Meta's reference implementations do
+    (Python: Image.open + thumbnail((512, 512))); a large JPEG is drafted at a DCT scale first. On
+    photos enlarged to 1,600 px, the hash stays within Meta's 11-bit tolerance between
+    implementations of that reference, and a photo of at most 512 px is hashed from every pixel."""
+    import pdqhash
+
+    from core.perceptual import distance, pdq_of_bytes, pdq_of_image
+
+    def reference(data: bytes) -> bytes:
+        img = Image.open(io.BytesIO(data))
+        img.thumbnail((512, 512))
+        bits, _ = pdqhash.compute(np.asarray(img.convert("RGB")))
+        return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()
+
+    dists = []
+    for data in _photos(photos_dir, 40):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if max(img.size) <= 512:  # every pixel, as before
+            assert pdq_of_bytes(data)[0] == pdq_of_image(img)[0] == reference(data)
+        big = _jpeg(img.resize((1600, round(1600 * img.height / img.width)), Image.BICUBIC))
+        dists.append(distance(pdq_of_bytes(big)[0], reference(big)))
+    assert len(dists) == 40 and max(dists) <= 11, dists
+
+
 def test_embeddings_within_the_encoders_tolerance(photos_dir):
     """efficientnet-lite0 (224 px): each photo at 2x its size, embedded from the full decode and from
     the 1/2-scale decode the stage makes for it: cosine >= 0.99 on every image."""
@@ -115,7 +155,8 @@ def test_embeddings_within_the_encoders_tolerance(photos_dir):
 def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     """filter's stored PDQ (images.pdq, which `webpairs scrub` matches) is the hash that download's
     blocklist check computes from the bytes (pdq_of_bytes), for a photo and for one over 4096 px
-    that both decode at a DCT scale."""
+    that both decode at a DCT scale, and for a photo whose EXIF says to turn it (filter hashes it
+    upright; the blocklist hashed the stored orientation, 90 degrees off)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -128,7 +169,9 @@ def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     import json
 
     img = Image.open(os.path.join(photos_dir, sorted(os.listdir(photos_dir))[2])).convert("RGB")
-    blobs = [_photos(photos_dir, 1)[0], _jpeg(img.resize((4400, 4200)))]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    blobs = [_photos(photos_dir, 1)[0], _jpeg(img.resize((4400, 4200))), _jpeg(img, exif=exif.tobytes())]
     rows, links = [], []
     for i, b in enumerate(blobs):
         iid = hashlib.sha256(b).hexdigest()[:16]
@@ -138,11 +181,11 @@ def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, DOWNLOAD_OCCURRENCE_SCHEMA)):
         os.makedirs(d / name)
         pq.write_table(pa.Table.from_pylist(data, schema=schema), str(d / name / "part-0.parquet"))
-    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": 2, "kept": 2, "rejected": {}}))
+    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": 3, "kept": 3, "rejected": {}}))
     finish_stage(str(d), "download")
     run_filter(str(d), str(tmp_path / "filter"), FilterConfig(encoder="none", max_pixels=50_000_000))
     stored = {r["image_id"]: r["pdq"] for r in read_table(str(tmp_path / "filter"), "images", ["image_id", "pdq"]).to_pylist()}
-    assert len(stored) == 2
+    assert len(stored) == 3
     for r in rows:
         assert stored[r["image_id"]] == pdq_of_bytes(r["image_bytes"])[0].hex()
 
@@ -176,13 +219,27 @@ def _assert_same(full: dict, scaled: dict) -> None:
     assert bits and np.mean(bits) <= 1.0
 
 
+def _phash_every_pixel(image, hash_size: int = 8) -> str:
+    """The pHash filter stored before issue 34: imagehash on every decoded pixel."""
+    return str(imagehash.phash(image, hash_size=hash_size))
+
+
+def _full_as_before(download: str, out: str, encoder: str) -> dict:
+    """filter + pair as before issue 34: every pixel decoded, pHash on all of them."""
+    from filter import pipeline
+
+    with pytest.MonkeyPatch.context() as mp:  # the in-process runner calls the module's function
+        mp.setattr(pipeline, "phash_hex", _phash_every_pixel)
+        return _filter_and_pair(download, out, False, encoder)
+
+
 def test_same_verdicts_and_pairs_on_the_test_web_plan_on(tmp_path, test_web):
     from crawl.download import run_download
     from crawl.extract import run_extract
 
     run_extract(test_web.warc_path, str(tmp_path / "links"), CrawlConfig(allow_hosts=("127.0.0.1",)))
     run_download(str(tmp_path / "links"), str(tmp_path / "download"), DownloadConfig(allow_hosts=("127.0.0.1",), timeout=2.5, processes=1))
-    full = _filter_and_pair(str(tmp_path / "download"), str(tmp_path / "full"), False, "tiny-clip")
+    full = _full_as_before(str(tmp_path / "download"), str(tmp_path / "full"), "tiny-clip")
     scaled = _filter_and_pair(str(tmp_path / "download"), str(tmp_path / "scaled"), True, "tiny-clip")
     _assert_same(full, scaled)
 
@@ -198,7 +255,7 @@ def test_same_verdicts_and_pairs_on_the_multisite_web_plan_off(tmp_path):
         run_extract(web.warc_path, str(tmp_path / "links"), CrawlConfig(allow_hosts=("127.0.0.1",)))
         no_plan = dict(min_side=0, skip_extensions=(), url_boilerplate=False, max_links_per_page=0, min_links_per_page=0)
         run_download(str(tmp_path / "links"), str(tmp_path / "download"), DownloadConfig(allow_hosts=("127.0.0.1",), processes=1, **no_plan))
-    full = _filter_and_pair(str(tmp_path / "download"), str(tmp_path / "full"), False, "tiny-clip")
+    full = _full_as_before(str(tmp_path / "download"), str(tmp_path / "full"), "tiny-clip")
     scaled = _filter_and_pair(str(tmp_path / "download"), str(tmp_path / "scaled"), True, "tiny-clip")
     _assert_same(full, scaled)
     reasons = {reason for _, reason in full["pair_rejected"]}
