@@ -52,7 +52,7 @@ def main() -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
     if args.smoke:
-        args.sites, args.seeds = 4, [0]
+        args.sites, args.seeds, args.encoder = 4, [0], "tiny-clip"
     results = []
     for seed in args.seeds:
         score, stats = run_once(args.sites, seed, args.encoder)

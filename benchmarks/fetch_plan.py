@@ -116,8 +116,8 @@ def real_pages_links(tmp: str, port: int, pages: int = 0) -> str:
     return out
 
 
-def memory_child(mode: str, links_dir: str) -> None:
-    """Prepare the download of `links_dir` (mode "plan" or "old") and print the peak RSS in MiB."""
+def memory_child(mode: str, links_dir: str) -> dict:
+    """Prepare the download of `links_dir` (mode "plan" or "old"): {mode, peak_mib (peak RSS), fetched}."""
     from core.config import DownloadConfig
     from core.stageio import read_table, stage_files
     from crawl.urls import AllowList, policy_reason
@@ -142,10 +142,10 @@ def memory_child(mode: str, links_dir: str) -> None:
             n = len(allowed)
     with open("/proc/self/status") as fh:
         hwm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
-    print(json.dumps({"mode": mode, "peak_mib": hwm_kb / 1024, "fetched": n}))
+    return {"mode": mode, "peak_mib": hwm_kb / 1024, "fetched": n}
 
 
-def _memory(tmp: str, sizes: list[int]) -> dict:
+def _memory(tmp: str, sizes: list[int], smoke: bool = False) -> dict:
     from webpairs.gencrawl import write_links
 
     out = {}
@@ -153,6 +153,9 @@ def _memory(tmp: str, sizes: list[int]) -> dict:
         links_dir = os.path.join(tmp, f"mem-{n}")
         rows = write_links(links_dir, n, 8000, seed=1, files=8)
         for mode in ("plan", "old"):
+            if smoke:  # in this process: the code paths run, the peaks mean nothing
+                out[(mode, n)] = {**memory_child(mode, links_dir), "links": rows}
+                continue
             res = subprocess.run([sys.executable, __file__, "--memory-child", mode, links_dir], capture_output=True, text=True, cwd=ROOT)
             if res.returncode:
                 raise SystemExit(res.stderr[-2000:])
@@ -174,9 +177,9 @@ def main() -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
     if args.smoke:
-        args.links, args.memory_sizes = 400, [2000, 4000]
+        args.links, args.memory_sizes, args.encoder = 400, [2000, 4000], "tiny-clip"
     if args.memory_child:
-        memory_child(*args.memory_child)
+        print(json.dumps(memory_child(*args.memory_child)))
         return []
     from webpairs import gencrawl
 
@@ -191,7 +194,7 @@ def main() -> list[dict]:
             gen = _funnel(f"generated crawl ({args.links:,} links)", gen_dir, tmp, args.encoder)
         results.append(report("fetch plan: downloads per paired image, before / plan (generated crawl)", [("same pairs (1 = yes)", float(gen["same_pairs"]), ""), ("fetched / links allowed (generated)", gen["selected_share"] * 100, "%"), ("fetched / links allowed (real pages)", real["selected_share"] * 100, "%")], gen["ratio"] if gen["same_pairs"] else 0.0, 3.0))
         if not args.skip_memory:
-            growth = _memory(tmp, args.memory_sizes)
+            growth = _memory(tmp, args.memory_sizes, args.smoke)
             results[-1]["memory_growth"] = growth["plan"]
     return results
 

@@ -67,10 +67,28 @@ def _pages_html(table) -> dict[str, str]:
     return pages
 
 
+SMALL_JPEG = 3  # photos and ads are made at a third of their declared side (400x300 -> 133x100)
+
+
+def small_path(path: str) -> str:
+    """The image path with its JPEG size divided by SMALL_JPEG when both sides stay >= 64 (filter's
+    min_side): gencrawl's maker draws the picture the same way, only smaller, so 10^5 images take
+    minutes to make and filter decodes small JPEGs. Logos, icons, thumbnails keep their size."""
+    head, name = path.rsplit("/", 1)
+    stem, ext = name.rsplit(".", 1)
+    if ext != "jpg" or "_" not in stem:
+        return path
+    base, size = stem.rsplit("_", 1)
+    w, h = (int(v) for v in size.split("x"))
+    if min(w, h) // SMALL_JPEG < 64:
+        return path
+    return f"{head}/{base}_{w // SMALL_JPEG}x{h // SMALL_JPEG}.{ext}"
+
+
 def _make_image(url: str) -> bytes:
     from webpairs import gencrawl
 
-    return gencrawl._image(url.split(f":{PORT}", 1)[1], _PHOTOS)
+    return gencrawl._image(small_path(url.split(f":{PORT}", 1)[1]), _PHOTOS)
 
 
 def _init_photos(photos):
@@ -128,8 +146,12 @@ def generate(work: str, sizes: list[int], full_pages: int, full_images: int, fil
     page_index = np.array([order[p] for p in page_urls])
     urls = table.column("image_url").to_pylist()
     distinct = sorted(set(urls))
-    with multiprocessing.Pool(2, initializer=_init_photos, initargs=(photos,)) as pool:
-        blobs = dict(zip(distinct, pool.map(_make_image, distinct, chunksize=256)))
+    if len(distinct) < 2000:  # a smoke run: no worker processes
+        _init_photos(photos)
+        blobs = {u: _make_image(u) for u in distinct}
+    else:
+        with multiprocessing.Pool(2, initializer=_init_photos, initargs=(photos,)) as pool:
+            blobs = dict(zip(distinct, pool.map(_make_image, distinct, chunksize=256)))
     import hashlib
 
     sha = {u: hashlib.sha256(b).hexdigest() for u, b in blobs.items()}
@@ -173,13 +195,16 @@ def _worker_usage():
 
 
 def _inputs(work: str, stage: str, size: int, runner: str) -> tuple[str, str]:
+    """(input, output) of a stage; the input of plan, pair and shards is the upstream stage's output
+    of this runner, or of the runner named by WEBPAIRS_SCALE_INPUTS_FROM (`--inputs-from`)."""
     base = os.path.join(work, f"out-{runner}-{size}")
-    src = {"extract": os.path.join(work, f"warc-{size}", "*.warc.gz"), "plan": os.path.join(base, "extract"), "filter": os.path.join(work, f"download-{size}"), "pair": os.path.join(base, "filter"), "shards": os.path.join(base, "pair")}[stage]
+    up = os.path.join(work, f"out-{os.environ.get('WEBPAIRS_SCALE_INPUTS_FROM') or runner}-{size}")
+    src = {"extract": os.path.join(work, f"warc-{size}", "*.warc.gz"), "plan": os.path.join(up, "extract"), "filter": os.path.join(work, f"download-{size}"), "pair": os.path.join(up, "filter"), "shards": os.path.join(up, "pair")}[stage]
     return src, os.path.join(base, stage)
 
 
-def child(work: str, stage: str, size: int, runner: str) -> None:
-    """Run one stage once; print one JSON line: records, wall, cpu, peak_mb."""
+def child(work: str, stage: str, size: int, runner: str) -> dict:
+    """Run one stage once: {stage, size, runner, records, wall, cpu, peak_mb}."""
     import contextlib
     import shutil
 
@@ -227,7 +252,8 @@ def child(work: str, stage: str, size: int, runner: str) -> None:
         elif stage == "pair":
             from pairing.pipeline import run_pair
 
-            n = run_pair(src, out, PairConfig(sim_low=0.0, sim_high=0.99), beam_args)["input"]
+            copies = os.environ.get("WEBPAIRS_SCALE_COPIES", "1") == "1"  # --no-copies
+            n = run_pair(src, out, PairConfig(sim_low=0.0, sim_high=0.99, copies=copies), beam_args)["input"]
         else:
             from shards.writer import run_shards
 
@@ -241,7 +267,7 @@ def child(work: str, stage: str, size: int, runner: str) -> None:
             cpu += sum(after[w][0] - before[w][0] for w in after if w in before)
             peak = max([peak] + [after[w][1] for w in after])
             client.close()
-    print(json.dumps({"stage": stage, "size": size, "runner": runner, "records": n, "wall": wall, "cpu": cpu, "peak_mb": peak}))
+    return {"stage": stage, "size": size, "runner": runner, "records": n, "wall": wall, "cpu": cpu, "peak_mb": peak}
 
 
 # ---------------------------------------------------------------- the table and the figures
@@ -332,13 +358,16 @@ def main() -> list[dict]:
     ap.add_argument("--work", help="folder for inputs and outputs (kept: a second run reuses the inputs); default a temporary folder")
     ap.add_argument("--json", help="write the measurements here after every step")
     ap.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="folder for scale_time.png and scale_memory.png ('' for none)")
+    ap.add_argument("--keep", action="store_true", help="keep each size's stage outputs in --work (a later run with --stages pair shards reads them)")
+    ap.add_argument("--inputs-from", choices=["inprocess", "dask"], help="read each stage's input from this runner's outputs in --work (kept with --keep): e.g. pair and shards on Dask from the in-process filter output, which is the same")
+    ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py): on the generated crawl's photo crops most images are copy candidates, and the local runner holds the step's two joins of SIFT features in memory (8.6 GB at 1x on 2026-12-05)")
     ap.add_argument("--plot-only", help="a --json file of an earlier run: print its table and draw its figures")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), args.child[3])
+        print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), args.child[3])))
         return []
     if args.plot_only:
         with open(args.plot_only) as fh:
@@ -356,27 +385,41 @@ def main() -> list[dict]:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=ROOT)
+        if args.no_copies:
+            env["WEBPAIRS_SCALE_COPIES"] = os.environ["WEBPAIRS_SCALE_COPIES"] = "0"
+        if args.inputs_from:
+            env["WEBPAIRS_SCALE_INPUTS_FROM"] = os.environ["WEBPAIRS_SCALE_INPUTS_FROM"] = args.inputs_from
         if not os.path.exists(os.path.join(work, f"download-{max(args.sizes)}", "_SUCCESS")):
             start = time.perf_counter()
             cmd = [sys.executable, __file__, "--generate", work, str(args.files), "--sizes", *map(str, args.sizes), "--pages", str(args.pages), "--images", str(args.images)]
-            subprocess.run(cmd, check=True, env=env)
+            if args.smoke:  # one process: a smoke run proves the code paths, its figures mean nothing
+                generate(work, args.sizes, args.pages, args.images, args.files)
+            else:
+                subprocess.run(cmd, check=True, env=env)
             print(f"inputs generated in {time.perf_counter() - start:.0f} s", flush=True)
         results = []
+        if args.json and os.path.exists(args.json):  # an earlier run's rows (other stages or runners) stay
+            with open(args.json) as fh:
+                results = [r for r in json.load(fh) if not (r["runner"] in args.runners and r["stage"] in args.stages and r["size"] in args.sizes)]
         for runner in args.runners:  # every size on one runner first: a run cut short still has a curve
             for size in sorted(args.sizes):
                 for stage in args.stages:
                     if runner == "dask" and stage == "plan":
                         continue  # DuckDB, not Beam: the same on both
-                    proc = subprocess.run([sys.executable, __file__, "--child", work, stage, str(size), runner], env=env, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"scale: {stage} at {size}x on {runner} failed:\n{proc.stderr[-3000:]}")
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                    results.append(row)
+                    if args.smoke:
+                        row = child(work, stage, size, runner)
+                    else:
+                        proc = subprocess.run([sys.executable, __file__, "--child", work, stage, str(size), runner], env=env, capture_output=True, text=True)
+                        if proc.returncode != 0:
+                            raise SystemExit(f"scale: {stage} at {size}x on {runner} failed:\n{proc.stderr[-3000:]}")
+                        row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    results = [r for r in results if (r["stage"], r["size"], r["runner"]) != (stage, size, runner)] + [row]
                     print(f"{stage:8s} {runner:10s} {size:>3d}x {row['records']:>9,d} records  wall {row['wall']:7.1f} s  cpu {row['cpu']:7.1f} s  peak {row['peak_mb']:6.0f} MB", flush=True)
                     if args.json:
                         with open(args.json, "w") as fh:
                             json.dump(results, fh, indent=1)
-                shutil.rmtree(os.path.join(work, f"out-{runner}-{size}"), ignore_errors=True)  # tens of GB at 16x
+                if not args.keep:
+                    shutil.rmtree(os.path.join(work, f"out-{runner}-{size}"), ignore_errors=True)  # GBs at 16x
     out = summarise(results)
     if args.figures:
         print("figures:", ", ".join(plot(results, args.figures)))

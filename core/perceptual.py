@@ -43,8 +43,9 @@ def pdq_hex(img) -> str:
 
 def pdq_of_bytes(data: bytes) -> Optional[tuple[bytes, int]]:
     """The PDQ hash of encoded image bytes, or None when Pillow cannot decode them (or they declare
-    more than MAX_PIXELS pixels)."""
-    from PIL import Image
+    more than MAX_PIXELS pixels). The image is hashed upright (its EXIF orientation applied), as
+    filter decodes it, so the hash download's blocklist check computes is the one filter stores."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -53,7 +54,8 @@ def pdq_of_bytes(data: bytes) -> Optional[tuple[bytes, int]]:
             if img.format == "JPEG" and (img.width > MAX_SIDE or img.height > MAX_SIDE):
                 img.draft("RGB", (MAX_SIDE, MAX_SIDE))
             img.load()
-            return pdq_of_image(img)
+            upright = ImageOps.exif_transpose(img)
+            return pdq_of_image(upright if upright is not None else img)
     except Exception:  # noqa: BLE001 - not an image Pillow reads: no perceptual hash
         return None
 

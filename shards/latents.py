@@ -134,7 +134,7 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
                     files[layout.LATENT_NPY] = layout.npy_bytes(z)
                     files[layout.LATENT_JSON] = info_bytes
                     sample = {"key": key, "files": files, "meta": _meta(files)}
-                    alone = tar_file_size(sum(_member_bytes(info) for info, _ in _members(sample)))
+                    alone = tar_file_size(sum(_member_bytes(m) for m in _members(sample)))
                     if alone > limits["max_shard_bytes"]:
                         rejected.append({"record_id": key, "stage": STAGE, "reason": TOO_LARGE, "detail": f"sample with its latent is {alone} bytes as a tar > max_shard_bytes {limits['max_shard_bytes']}", "url": sample["meta"]["page_url"]})
                         continue

@@ -1,11 +1,15 @@
 """`shards`: PairRecords -> webdataset pair shards, a parquet index, manifest.json.
 
 No shuffle and no join: each pair row already carries what its sample needs of both images (URLs,
-alt texts, pointers to the image bytes; see PAIR_SCHEMA). One writer per
-pair parquet file reads it one row group at a time, fetches the image bytes of a shard's worth of
-pairs with the condition embeddings (one filter row group at a time, only the wanted images), builds the samples (layout in
-core/sample_layout.py) and streams them into a tar under a temporary name, renamed into place when
-the shard is full (count or bytes) -> index/ parquet with byte offsets, manifest.json and stats.
+alt texts, pointers to the image bytes; see PAIR_SCHEMA). One writer per pair parquet file:
+first it reads the file's pointer columns and fetches every image the file needs, each filter row
+group read once (only the image id, bytes and embedding columns, only the wanted rows kept), into a
+local spill file (`_ImageStore`: each image once, already as JPEG, with its .npy embedding); then
+it streams the pair rows in record batches, builds the samples (layout in core/sample_layout.py)
+and writes them into a tar under a temporary name, renamed into place when the shard is full
+(count or bytes) -> index/ parquet with byte offsets, manifest.json and stats. Memory holds one
+row group and one shard's index rows, whatever the input size; the filter output is read once per
+pair file, not once per shard (the bytes read grew with shards x row groups: time ~ size^1.24).
 The pair count comes from the parquet footers, so the counts reconcile against the input.
 """
 
@@ -61,37 +65,99 @@ PAIR_COLUMNS = [
 
 def build_stub(pair: dict) -> dict:
     """A sample without its image bytes: metadata and where each image lives (file, row group,
-    image id). The writer fetches the bytes (and the condition embedding) of a whole batch of
-    stubs at once, one row group at a time."""
+    image id). The writer fetches the bytes (and the condition embedding) of every stub of a pair
+    file at once (`_ImageStore`), one row group at a time."""
     meta = {k: pair[k] for k in layout.META_FIELDS}
     sources = {side: (pair[f"{side}_bytes_file"], pair[f"{side}_bytes_row_group"], pair[f"{side}_image_id"]) for side in ("cond", "target")}
     return {"key": pair["pair_id"], "meta": meta, "sources": sources}
 
 
-def materialise(stubs: list[dict], store_embedding: bool):
-    """Fetch the image bytes (and condition embeddings) of a batch of stubs and build full samples;
-    yields samples or ("rejected", row) for a pair whose image cannot be read."""
-    from core.stageio import fetch_rows
+POINTER_COLUMNS = [f"{side}_{c}" for side in ("cond", "target") for c in ("bytes_file", "bytes_row_group", "image_id")]
 
-    refs = [src for s in stubs for src in s["sources"].values() if src[0] is not None]
-    columns = ["image_bytes"] + (["embedding"] if store_embedding else [])
-    rows = fetch_rows({(f, rg) for f, rg, _ in refs}, "image_id", columns, wanted={i for _, _, i in refs}) if refs else {}
+
+class _ImageStore:
+    """The images of one pair file's samples, fetched from filter's output once each: every wanted
+    (file, row group) is read once (columns image_id, image_bytes and embedding), the wanted rows'
+    bytes are converted to JPEG (`layout.as_jpeg`) and their embedding to .npy once, and both are
+    appended to an anonymous temporary file; `get` reads an image back with one `pread`. The spill
+    is the page cache's, not the process's memory, and vanishes with the process."""
+
+    def __init__(self, wanted: dict, store_embedding: bool):
+        import tempfile
+
+        self.store_embedding = store_embedding
+        self.where: dict = {}  # image id -> (offset, JPEG length, .npy length) or the error converting its bytes
+        self.fh = tempfile.TemporaryFile()
+        self._fill(wanted)
+
+    def _fill(self, wanted: dict) -> None:
+        """`wanted`: {(file, row group): {image ids}}."""
+        import pyarrow.compute as pc
+
+        columns = ["image_id", "image_bytes"] + (["embedding"] if self.store_embedding else [])
+        offset = 0
+        by_file: dict = {}
+        for (f, rg), ids in wanted.items():
+            by_file.setdefault(f, {}).setdefault(rg, set()).update(ids)
+        for f, groups in sorted(by_file.items()):
+            with FileSystems.open(f) as fh:
+                pf = pq.ParquetFile(fh)
+                for rg, ids in sorted(groups.items()):
+                    if not 0 <= rg < pf.num_row_groups:
+                        continue  # a pointer past the file: its images are missing
+                    t = pf.read_row_group(rg, columns=columns)
+                    t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(ids), type=t.schema.field("image_id").type)))
+                    embeddings = t.column("embedding").to_pylist() if self.store_embedding else [None] * t.num_rows
+                    for image_id, data, emb in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist(), embeddings):
+                        if data is None or image_id in self.where:
+                            continue
+                        try:
+                            jpg = layout.as_jpeg(data)
+                        except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
+                            self.where[image_id] = str(err)
+                            continue
+                        npy = layout.npy_bytes(emb) if emb is not None else b""
+                        self.fh.write(jpg + npy)
+                        self.where[image_id] = (offset, len(jpg), len(npy))
+                        offset += len(jpg) + len(npy)
+        self.fh.flush()
+
+    def get(self, image_id: str):
+        """(JPEG bytes, .npy bytes or None), None when the image was not found, or the error text
+        of bytes that are not an image."""
+        found = self.where.get(image_id)
+        if found is None or isinstance(found, str):
+            return found
+        offset, n_jpg, n_npy = found
+        data = os.pread(self.fh.fileno(), n_jpg + n_npy, offset)
+        return data[:n_jpg], (data[n_jpg:] if n_npy else None)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def materialise(stubs: list[dict], store: _ImageStore, store_embedding: bool):
+    """Build the full samples of a batch of stubs from the fetched images; yields samples or
+    ("rejected", row) for a pair whose image cannot be found or read."""
     for s in stubs:
+        jpgs, npy = {}, None
         try:
-            jpgs = {}
             for side, (f, _, image_id) in s["sources"].items():
-                data = rows.get(image_id, {}).get("image_bytes")
-                if data is None:
+                found = store.get(image_id) if f is not None else None
+                if found is None:
                     raise KeyError(f"{side} bytes of {image_id} not found in {f}")
-                jpgs[side] = layout.as_jpeg(data)
+                if isinstance(found, str):
+                    raise ValueError(found)
+                jpgs[side] = found[0]
+                if side == "cond":
+                    npy = found[1]
         except Exception as err:  # noqa: BLE001 - reject the pair, never crash the shard
             reason = MISSING_IMAGE if isinstance(err, KeyError) else BAD_IMAGE
             yield REJECTED, Rejected(s["key"], STAGE, reason, str(err)[:200], s["meta"]["page_url"]).to_row()
             continue
         files = {layout.COND_JPG: jpgs["cond"], layout.TARGET_JPG: jpgs["target"], layout.META_JSON: json.dumps(s["meta"], sort_keys=True).encode()}
-        embedding = rows[s["sources"]["cond"][2]].get("embedding") if store_embedding else None
-        if embedding is not None:
-            files[layout.COND_NPY] = layout.npy_bytes(embedding)
+        if store_embedding and npy is not None:
+            files[layout.COND_NPY] = npy
         yield "sample", {"key": s["key"], "files": files, "meta": s["meta"]}
 
 
@@ -111,20 +177,47 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
-def _members(sample: dict) -> list[tuple[tarfile.TarInfo, bytes]]:
-    """The tar members of a sample, with fixed metadata (reproducible bytes)."""
-    members = []
-    for ext, data in sample["files"].items():
-        info = tarfile.TarInfo(f"{sample['key']}.{ext}")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        members.append((info, data))
-    return members
+def _template() -> tuple[bytes, int]:
+    """tarfile's ustar header of a member with an empty name and size 0 (mode 0644, mtime 0, as
+    `_members` writes them), its checksum field as spaces, and the byte sum of the rest."""
+    info = tarfile.TarInfo("")
+    info.size, info.mtime, info.mode = 0, 0, 0o644
+    h = bytearray(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    h[148:156] = b" " * 8
+    return bytes(h), sum(h) - sum(h[124:136])
 
 
-def _member_bytes(info: tarfile.TarInfo) -> int:
+_USTAR, _USTAR_SUM = _template()
+
+
+def _header(name: str, size: int) -> bytes:
+    """The ustar header tarfile writes for a regular file `name` of `size` bytes with `_members`'
+    fixed metadata (same bytes as `TarInfo.tobuf`; tests/test_pair_shards.py compares them), made
+    from a template: only the name, the size and the checksum change. Names over 100 bytes (ustar
+    splits them) and sizes of 8 GiB and more go through tarfile itself."""
+    raw = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    size_field = b"%011o\0" % size
+    h = bytearray(_USTAR)
+    h[: len(raw)] = raw
+    h[124:136] = size_field
+    h[148:156] = b"%06o\0 " % (_USTAR_SUM + sum(raw) + sum(size_field))
+    return bytes(h)
+
+
+def _members(sample: dict) -> list[tuple[bytes, bytes]]:
+    """The tar members of a sample as (header, data), with fixed metadata (reproducible bytes):
+    tarfile's ustar header (`_header`), made once per member."""
+    return [(_header(f"{sample['key']}.{ext}", len(data)), data) for ext, data in sample["files"].items()]
+
+
+def _member_bytes(member: tuple[bytes, bytes]) -> int:
     """Bytes a member takes in the archive: its header block(s) and its data padded to 512."""
-    header = len(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
-    return header + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    header, data = member
+    return len(header) + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def tar_file_size(content_bytes: int) -> int:
@@ -136,45 +229,49 @@ def tar_file_size(content_bytes: int) -> int:
 
 class _ShardFile:
     """One tar being written under a temporary name; `close()` renames it into place, so a killed
-    run never leaves a complete-looking shard."""
+    run never leaves a complete-looking shard. The archive is written as tarfile writes it (each
+    member: its ustar header, its data, zeros to a 512-byte block; at the end two zero blocks and
+    zeros to a 10 KiB record: the same bytes as `tarfile.open(mode="w|")`, checked by
+    tests/test_pair_shards.py), without tarfile's per-member copies and header rebuilds."""
 
     def __init__(self, out_dir: str, name: str):
         self.name, self.final = name, os.path.join(out_dir, name)
         self.tmp = os.path.join(out_dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         self.raw = FileSystems.create(self.tmp)
         self.stream = _HashingWriter(self.raw)
-        self.tar = tarfile.open(fileobj=self.stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.offset = 0  # archive position of the next header
         self.samples = 0
 
     def size_with(self, members: list) -> int:
         """The size the closed tar file would have with these members added (exact, not a guess)."""
-        return tar_file_size(self.tar.offset + sum(_member_bytes(info) for info, _ in members))
+        return tar_file_size(self.offset + sum(_member_bytes(m) for m in members))
 
     def add(self, sample: dict, members: list | None = None) -> dict:
-        # `tar.offset` is the archive position of the next header; tarfile keeps offsets on its
-        # own copies of the TarInfo, never on ours, so the sample's range is measured here
         members = _members(sample) if members is None else members
-        start = self.tar.offset
-        for info, data in members:
-            self.tar.addfile(info, io.BytesIO(data))
+        start = self.offset
+        for header, data in members:
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self.stream.write(b"".join((header, data, bytes(pad))))
+            self.offset += len(header) + len(data) + pad
         m = sample["meta"]
         self.samples += 1
-        return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.tar.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"],
+        return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"],
                 "cond_nsfw": m.get("cond_nsfw"), "target_nsfw": m.get("target_nsfw")}
 
     def close(self) -> dict:
-        self.tar.close()
+        self.stream.write(bytes(tar_file_size(self.offset) - self.offset))  # end of archive, record padding
         self.raw.close()
         FileSystems.rename([self.tmp], [self.final])
         return {"shard": self.name, "samples": self.samples, "bytes": self.stream.n, "sha256": self.stream.sha.hexdigest()}
 
 
 class WriteShards(beam.DoFn):
-    """(file number, pair parquet file) -> tar shards, streaming: pair rows are read in record
-    batches, their image bytes fetched a shard's worth at a time, and a shard closes at
-    `samples_per_shard` samples or `max_shard_bytes`, whichever comes first. No shuffle: memory
-    holds one shard's samples, whatever the input size. Shards are named by file number and
-    sequence (`layout.SHARD_PATTERN`), so a rerun on the same pair files writes the same shards."""
+    """(file number, pair parquet file) -> tar shards, streaming: the file's images are fetched once
+    (`_ImageStore`), then pair rows are read in record batches and written sample by sample, and a
+    shard closes at `samples_per_shard` samples or `max_shard_bytes`, whichever comes first. No
+    shuffle: memory holds a row group, a batch of stubs and the store's offsets, whatever the input
+    size. Shards are named by file number and sequence (`layout.SHARD_PATTERN`), so a rerun on the
+    same pair files writes the same shards."""
 
     def __init__(self, out_dir: str, cfg: ShardConfig):
         self.out_dir, self.cfg = out_dir, cfg
@@ -186,27 +283,45 @@ class WriteShards(beam.DoFn):
                 for row in batch.to_pylist():
                     yield build_stub(row)
 
+    def _store(self, path: str) -> _ImageStore:
+        """Every image the pair file's samples need, fetched once (the pointer columns only)."""
+        wanted: dict = {}
+        with FileSystems.open(path) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=POINTER_COLUMNS):
+                cols = {name: batch.column(name).to_pylist() for name in POINTER_COLUMNS}
+                for side in ("cond", "target"):
+                    for f, rg, image_id in zip(cols[f"{side}_bytes_file"], cols[f"{side}_bytes_row_group"], cols[f"{side}_image_id"]):
+                        if f is not None:
+                            wanted.setdefault((f, rg), set()).add(image_id)
+        return _ImageStore(wanted, self.cfg.store_embedding)
+
     def process(self, item):
         number, path = item
-        shard, seq = None, 0
-        for batch in _batches(self._stubs(path), self.cfg.samples_per_shard):
-            for tag, value in materialise(batch, self.cfg.store_embedding):
-                if tag == REJECTED:
-                    yield beam.pvalue.TaggedOutput(REJECTED, value)
-                    continue
-                members = _members(value)
-                alone = tar_file_size(sum(_member_bytes(info) for info, _ in members))
-                if alone > self.cfg.max_shard_bytes:  # no shard could hold it within the limit
-                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(value["key"], STAGE, TOO_LARGE, f"sample of {alone} bytes as a tar > max_shard_bytes {self.cfg.max_shard_bytes}", value["meta"]["page_url"]).to_row())
-                    continue
-                if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.size_with(members) > self.cfg.max_shard_bytes):
-                    yield beam.pvalue.TaggedOutput("summary", shard.close())
-                    shard = None
-                if shard is None:
-                    shard, seq = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1
-                yield shard.add(value, members)
-        if shard is not None:
-            yield beam.pvalue.TaggedOutput("summary", shard.close())
+        shard, seq, index = None, 0, []
+        store = self._store(path)
+        try:
+            for batch in _batches(self._stubs(path), self.cfg.samples_per_shard):
+                for tag, value in materialise(batch, store, self.cfg.store_embedding):
+                    if tag == REJECTED:
+                        yield beam.pvalue.TaggedOutput(REJECTED, value)
+                        continue
+                    members = _members(value)
+                    alone = tar_file_size(sum(_member_bytes(m) for m in members))
+                    if alone > self.cfg.max_shard_bytes:  # no shard could hold it within the limit
+                        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(value["key"], STAGE, TOO_LARGE, f"sample of {alone} bytes as a tar > max_shard_bytes {self.cfg.max_shard_bytes}", value["meta"]["page_url"]).to_row())
+                        continue
+                    if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.size_with(members) > self.cfg.max_shard_bytes):
+                        yield beam.pvalue.TaggedOutput("summary", shard.close())
+                        yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+                        shard, index = None, []
+                    if shard is None:
+                        shard, seq, index = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1, []
+                    index.append(shard.add(value, members))
+            if shard is not None:
+                yield beam.pvalue.TaggedOutput("summary", shard.close())
+                yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+        finally:
+            store.close()
 
 
 def _batches(items, size: int):
@@ -292,7 +407,8 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
                 | "WriteShards" >> beam.ParDo(WriteShards(out.path, cfg)).with_outputs("summary", REJECTED, main="index")
             )
             counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
-            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA)
+            # index rows leave each writer as one table per shard (Beam's cost is per element)
+            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
             _ = (
                 p
                 | "ManifestSeed" >> beam.Create([None])

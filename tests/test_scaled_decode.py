@@ -155,7 +155,8 @@ def test_embeddings_within_the_encoders_tolerance(photos_dir):
 def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     """filter's stored PDQ (images.pdq, which `webpairs scrub` matches) is the hash that download's
     blocklist check computes from the bytes (pdq_of_bytes), for a photo and for one over 4096 px
-    that both decode at a DCT scale."""
+    that both decode at a DCT scale, and for a photo whose EXIF says to turn it (filter hashes it
+    upright; the blocklist hashed the stored orientation, 90 degrees off)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -168,7 +169,9 @@ def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     import json
 
     img = Image.open(os.path.join(photos_dir, sorted(os.listdir(photos_dir))[2])).convert("RGB")
-    blobs = [_photos(photos_dir, 1)[0], _jpeg(img.resize((4400, 4200)))]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    blobs = [_photos(photos_dir, 1)[0], _jpeg(img.resize((4400, 4200))), _jpeg(img, exif=exif.tobytes())]
     rows, links = [], []
     for i, b in enumerate(blobs):
         iid = hashlib.sha256(b).hexdigest()[:16]
@@ -178,11 +181,11 @@ def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, DOWNLOAD_OCCURRENCE_SCHEMA)):
         os.makedirs(d / name)
         pq.write_table(pa.Table.from_pylist(data, schema=schema), str(d / name / "part-0.parquet"))
-    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": 2, "kept": 2, "rejected": {}}))
+    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": 3, "kept": 3, "rejected": {}}))
     finish_stage(str(d), "download")
     run_filter(str(d), str(tmp_path / "filter"), FilterConfig(encoder="none", max_pixels=50_000_000))
     stored = {r["image_id"]: r["pdq"] for r in read_table(str(tmp_path / "filter"), "images", ["image_id", "pdq"]).to_pylist()}
-    assert len(stored) == 2
+    assert len(stored) == 3
     for r in rows:
         assert stored[r["image_id"]] == pdq_of_bytes(r["image_bytes"])[0].hex()
 
