@@ -218,12 +218,15 @@ class SiteRules:
     @property
     def rows(self) -> dict[str, dict]:
         if self._rows is None:
-            self._rows = {}
+            # filled before it is published: a worker's other threads saw the empty dict while the
+            # file was read, took a planned site for a new one and asked its robots.txt a second time
+            rows: dict[str, dict] = {}
             path = os.path.join(self.folder, HOSTS_FILE)
             if os.path.exists(path):
                 for row in pq.read_table(path).to_pylist():
-                    self._rows[row["origin"]] = row
+                    rows[row["origin"]] = row
                 self._saved = True
+            self._rows = rows
         return self._rows
 
     def __getstate__(self):

@@ -127,8 +127,8 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
             conn = _PinnedHTTPSConnection(parts.hostname, port, address, sock_timeout, ssl.create_default_context())
         else:
             conn = _PinnedHTTPConnection(parts.hostname, port, address, sock_timeout)
-        try:
-            with slot(parts.hostname or "") if slot is not None else contextlib.nullcontext():
+        with slot(parts.hostname or "") if slot is not None else contextlib.nullcontext():
+            try:
                 path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
                 conn.request("GET", path, headers={"User-Agent": user_agent, "Accept": accept, "Accept-Encoding": "identity"})
                 resp = conn.getresponse()
@@ -147,14 +147,14 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
                 if judge is not None:
                     judge.on_body(url, data)  # before the bytes are returned to be written anywhere
                 return data
-        except FetchError:
-            raise
-        except (socket.timeout, TimeoutError) as err:
-            raise FetchError("timeout", f"timed out: {err}") from None
-        except (OSError, http.client.HTTPException, ssl.SSLError) as err:
-            raise FetchError("download_error", f"{type(err).__name__}: {err}") from None
-        finally:
-            conn.close()
+            except FetchError:
+                raise
+            except (socket.timeout, TimeoutError) as err:
+                raise FetchError("timeout", f"timed out: {err}") from None
+            except (OSError, http.client.HTTPException, ssl.SSLError) as err:
+                raise FetchError("download_error", f"{type(err).__name__}: {err}") from None
+            finally:
+                conn.close()
     raise FetchError("download_error", f"more than {MAX_REDIRECTS} redirects")
 
 

@@ -468,3 +468,34 @@ def test_repeated_resolve_and_allow_hosts_are_all_kept_and_run_takes_resolve(tmp
     (tmp_path / "c.yaml").write_text("download:\n  consent: off\n  per_host_connections: 2\ncrawl:\n  consent: on\n")
     cfg = RunConfig.load(str(tmp_path / "c.yaml"))
     assert cfg.download.consent == "off" and cfg.crawl.consent == "on" and cfg.download.per_host_connections == 2
+
+
+def test_a_workers_threads_all_see_every_planned_site(tmp_path, monkeypatch):
+    """A worker reads the plan's answers on first use, and its other threads must never see a half-read
+    table: one that saw the empty dict took a planned site for a new one and asked its robots.txt again
+    (star.test's robots.txt was asked twice under load)."""
+    import pickle
+
+    from crawl import consent
+
+    rules = consent.SiteRules(str(tmp_path / "consent"))
+    for i in range(50):
+        rules.rows[f"http://site{i}.test"] = {"origin": f"http://site{i}.test", "robots_status": "ok", "robots_http": 200, "robots_txt": "", "tdmrep_status": "missing", "tdmrep_http": 404, "tdmrep_json": "", "error": None, "fetched": ""}
+    rules.save()
+    worker = pickle.loads(pickle.dumps(rules))  # as img2dataset's worker gets it: without the rows
+    assert worker._rows is None
+    read = consent.pq.read_table
+
+    def slow_read(*args, **kwargs):  # a loaded machine: the file takes a while to read
+        time.sleep(0.3)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(consent.pq, "read_table", slow_read)
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(len(worker.rows))) for _ in range(4)]
+    for i, t in enumerate(threads):
+        t.start()
+        time.sleep(0.05 * (i > 0))
+    for t in threads:
+        t.join()
+    assert seen == [50] * 4
