@@ -119,15 +119,17 @@ def fetch(url: str, allow: AllowList, timeout: float = 10.0, deadline: float = 3
             raise
         if judge is not None:  # after the URL policy (its reason comes first), before the request
             judge.before_request(url)
-        left = end - time.monotonic()
-        if left <= 0:
-            raise FetchError("timeout", f"deadline of {deadline:g}s passed")
-        sock_timeout = min(timeout, left)
-        if parts.scheme == "https":
-            conn = _PinnedHTTPSConnection(parts.hostname, port, address, sock_timeout, ssl.create_default_context())
-        else:
-            conn = _PinnedHTTPConnection(parts.hostname, port, address, sock_timeout)
+        queued = time.monotonic()
         with slot(parts.hostname or "") if slot is not None else contextlib.nullcontext():
+            end += time.monotonic() - queued  # the wait for the host's slot and Crawl-delay is politeness, not this fetch's time
+            left = end - time.monotonic()
+            if left <= 0:
+                raise FetchError("timeout", f"deadline of {deadline:g}s passed")
+            sock_timeout = min(timeout, left)
+            if parts.scheme == "https":
+                conn = _PinnedHTTPSConnection(parts.hostname, port, address, sock_timeout, ssl.create_default_context())
+            else:
+                conn = _PinnedHTTPConnection(parts.hostname, port, address, sock_timeout)
             try:
                 path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
                 conn.request("GET", path, headers={"User-Agent": user_agent, "Accept": accept, "Accept-Encoding": "identity"})
