@@ -45,18 +45,16 @@ class _Roller:
 
     def __init__(self, out_dir: str, limits: dict):
         self.out_dir, self.limits = out_dir, limits
-        self.shard, self.summaries, self.seq = None, [], {}
+        self.shard, self.file, self.summaries, self.seq = None, None, [], {}
 
-    def add(self, name: str, sample: dict) -> dict:
-        members = _members(sample)
-        if self.shard is not None and (self.shard.samples >= self.limits["samples_per_shard"] or self.shard.size_with(members) > self.limits["max_shard_bytes"] or self.shard.source_file != self._file(name)):
+    def add(self, name: str, sample: dict, members: list) -> dict:
+        file = self._file(name)
+        if self.shard is not None and (self.shard.samples >= self.limits["samples_per_shard"] or self.shard.size_with(members) > self.limits["max_shard_bytes"] or self.file != file):
             self.close()
         if self.shard is None:
-            file = self._file(name)
             seq = self.seq.get(file, 0)
             self.seq[file] = seq + 1
-            self.shard = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=file, seq=seq))
-            self.shard.source_file = file
+            self.shard, self.file = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=file, seq=seq)), file
         return self.shard.add(sample, members)
 
     @staticmethod
@@ -134,11 +132,12 @@ def run_latents(shards: str, out_dir: str, latent: str, image_size: int = 256, b
                     files[layout.LATENT_NPY] = layout.npy_bytes(z)
                     files[layout.LATENT_JSON] = info_bytes
                     sample = {"key": key, "files": files, "meta": _meta(files)}
-                    alone = tar_file_size(sum(_member_bytes(m) for m in _members(sample)))
+                    members = _members(sample)
+                    alone = tar_file_size(sum(_member_bytes(m) for m in members))
                     if alone > limits["max_shard_bytes"]:
                         rejected.append({"record_id": key, "stage": STAGE, "reason": TOO_LARGE, "detail": f"sample with its latent is {alone} bytes as a tar > max_shard_bytes {limits['max_shard_bytes']}", "url": sample["meta"]["page_url"]})
                         continue
-                    index_rows.append(roller.add(name, sample))
+                    index_rows.append(roller.add(name, sample, members))
                 pending.clear()
 
             for key, files in _samples(os.path.join(shards, name)):
