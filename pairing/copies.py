@@ -113,8 +113,16 @@ def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: 
         index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 40
         index.hnsw.efSearch = max(32, 2 * k)
-    index.add(x)
-    sims, idx = index.search(x, k)
+    # one OpenMP thread: a worker is one core (Beam runs a worker per core), and faiss's threads
+    # spin while they wait: at 2 x 10^4 images two threads cost 1.7x the CPU of one for the same
+    # index (and a single-threaded HNSW build is deterministic: the same candidates every run)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.add(x)
+        sims, idx = index.search(x, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
     rows = np.repeat(np.arange(n), k)
     sims, idx = sims.reshape(-1), idx.reshape(-1)
     keep = (idx >= 0) & (idx != rows) & (sims >= min_cosine)
@@ -288,10 +296,12 @@ def trim_borders(grey: np.ndarray, tol: float = 6.0, max_share: float = 0.4) -> 
     return top, bottom, left, right
 
 
-def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300) -> Optional[dict]:
+def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300, mirror: bool = True) -> Optional[dict]:
     """What verification needs of one image, computed once: SIFT keypoints (as fractions of the
-    trimmed content frame) and uint8 descriptors of the image and of its mirror, the content frame
-    in pixels and the recompression signals. None when the bytes do not decode."""
+    trimmed content frame) and uint8 descriptors of the image and (`mirror`) of its mirror, the
+    content frame in pixels and the recompression signals. None when the bytes do not decode.
+    `verify(a, b)` uses only a's mirror: the copy step computes it for the images that are the
+    first of a candidate pair, and leaves it out (half the SIFT) for the others."""
     import cv2
     from PIL import Image, ImageOps
 
@@ -320,10 +330,12 @@ def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300) -
         return pts, np.clip(np.rint(desc), 0, 255).astype(np.uint8)
 
     pts, desc = describe(content)
-    pts_m, desc_m = describe(np.ascontiguousarray(content[:, ::-1]))
+    mirrored = {}
+    if mirror:
+        mirrored["pts_m"], mirrored["desc_m"] = describe(np.ascontiguousarray(content[:, ::-1]))
     return {
         "w": sw, "h": sh,  # the frame the keypoints live in (trimmed, downscaled)
-        "pts": pts, "desc": desc, "pts_m": pts_m, "desc_m": desc_m,
+        "pts": pts, "desc": desc, **mirrored,
         "content": int((bottom - top) * (right - left)),  # pixels inside the trimmed borders
         "quality": quality, "bytes_per_pixel": len(data) / max(1, full_w * full_h),
     }
@@ -507,18 +519,54 @@ def feature_path(feature_dir: str, image_id: str) -> str:
     import hashlib
 
     name = hashlib.sha1(image_id.encode("utf-8")).hexdigest()
-    return "/".join((feature_dir.rstrip("/"), name[:2], name + ".npz"))
+    return "/".join((feature_dir.rstrip("/"), name[:2], name + ".feat"))
+
+
+_FEATURE_MAGIC = b"WPF1"  # the layout below, version 1
+
+
+def features_to_bytes(f: Optional[dict]) -> bytes:
+    """One image's features as raw little-endian arrays (no pickle, no zip: an .npz cost ~0.3 ms
+    each way, as much as the verification of its pairs): magic, int64 [keypoints, mirrored
+    keypoints or -1], float64 scalars, then pts (float32 n x 2), desc (uint8 n x 128) and, when
+    computed, pts_m and desc_m. Empty for an image that did not decode."""
+    if f is None:
+        return b""
+    n, n_m = len(f["pts"]), (len(f["pts_m"]) if "pts_m" in f else -1)
+    parts = [_FEATURE_MAGIC, np.array([n, n_m], "<i8").tobytes(), np.array([f[k] for k in _SCALARS], "<f8").tobytes()]
+    for k in _ARRAYS[: 4 if n_m >= 0 else 2]:
+        parts.append(np.ascontiguousarray(f[k], dtype="<f4" if k.startswith("pts") else np.uint8).tobytes())
+    return b"".join(parts)
+
+
+def features_from_bytes(data: bytes) -> Optional[dict]:
+    """The features `features_to_bytes` wrote; None for an image that did not decode."""
+    if not data:
+        return None
+    if data[:4] != _FEATURE_MAGIC:
+        raise ValueError("not a features file of this version")
+    n, n_m = np.frombuffer(data, "<i8", 2, 4).tolist()
+    scalars = np.frombuffer(data, "<f8", len(_SCALARS), 20).tolist()
+    f, at = {}, 20 + 8 * len(_SCALARS)
+    for k in _ARRAYS[: 4 if n_m >= 0 else 2]:
+        rows = n if not k.endswith("_m") else n_m
+        if k.startswith("pts"):
+            f[k] = np.frombuffer(data, "<f4", rows * 2, at).reshape(rows, 2)
+            at += rows * 8
+        else:
+            f[k] = np.frombuffer(data, np.uint8, rows * 128, at).reshape(rows, 128)
+            at += rows * 128
+    f.update(zip(_SCALARS, scalars))
+    f["w"], f["h"], f["content"], f["quality"] = int(f["w"]), int(f["h"]), int(f["content"]), int(f["quality"])
+    return f
 
 
 def save_features(path: str, f: Optional[dict]) -> None:
-    """One image's features as an .npz (no pickle); an empty file for an image that did not decode."""
+    """One image's features (`features_to_bytes`); an empty file for an image that did not decode."""
     from apache_beam.io.filesystems import FileSystems
 
-    buf = io.BytesIO()
-    if f is not None:
-        np.savez(buf, scalars=np.array([f[k] for k in _SCALARS], dtype=np.float64), **{k: f[k] for k in _ARRAYS})
     with FileSystems.create(path) as fh:
-        fh.write(buf.getvalue())
+        fh.write(features_to_bytes(f))
 
 
 def load_features(path: str) -> Optional[dict]:
@@ -526,15 +574,7 @@ def load_features(path: str) -> Optional[dict]:
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(path) as fh:
-        data = fh.read()
-    if not data:
-        return None
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        f = {k: z[k] for k in _ARRAYS}
-        scalars = z["scalars"].tolist()
-    f.update(zip(_SCALARS, scalars))
-    f["w"], f["h"], f["content"], f["quality"] = int(f["w"]), int(f["h"]), int(f["content"]), int(f["quality"])
-    return f
+        return features_from_bytes(fh.read())
 
 
 def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
@@ -546,20 +586,22 @@ def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
 
 
 def _candidates_and_reads(rows: list, cfg) -> tuple[list, list]:
-    """(candidate pairs, [((file, row group), [the candidate ids whose bytes it holds])]) of the
-    collected (image_id, embedding or None, pHash, (file, row group)) rows: each candidate image
-    once, however many pairs name it; nothing for the others."""
+    """(candidate pairs, [((file, row group), [(candidate id whose bytes it holds, whether its
+    mirror is needed)])]) of the collected (image_id, embedding or None, pHash, (file, row group))
+    rows: each candidate image once, however many pairs name it; nothing for the others. The
+    mirror is needed of the images that come first in a pair (`verify` mirrors the first)."""
     candidates = _candidates([r[:3] for r in rows], cfg)
-    wanted = {x for a, b, _, _ in candidates for x in (a, b)}
+    first = {a for a, _, _, _ in candidates}
+    wanted = first | {b for _, b, _, _ in candidates}
     reads: dict = {}
     for r in rows:
         if r[0] in wanted and r[3] is not None:
-            reads.setdefault(tuple(r[3]), []).append(r[0])
+            reads.setdefault(tuple(r[3]), []).append((r[0], r[0] in first))
     return candidates, sorted(reads.items())
 
 
 class _Featurize(beam.DoFn):
-    """((file, row group), [[candidate image ids]]) -> each image's features written under
+    """((file, row group), [[(candidate image id, mirror needed)]]) -> each image's features written under
     `feature_dir`; yields (image_id, keep signals) and, tagged IMAGES_READ, every id whose bytes were
     read. Only the candidates' rows of the row group are kept (core.stageio.fetch_rows)."""
 
@@ -570,11 +612,12 @@ class _Featurize(beam.DoFn):
         from core.stageio import fetch_rows
 
         (path, row_group), lists = item
-        rows = fetch_rows([(path, row_group)], "image_id", ["image_bytes"], wanted={x for ids in lists for x in ids})
+        mirror = {x: m for ids in lists for x, m in ids}
+        rows = fetch_rows([(path, row_group)], "image_id", ["image_bytes"], wanted=set(mirror))
         for image_id in sorted(rows):
             data = rows.pop(image_id)["image_bytes"]
             yield beam.pvalue.TaggedOutput(IMAGES_READ, image_id)
-            f = image_features(data, self.cfg.copy_max_side, self.cfg.copy_max_keypoints) if data else None
+            f = image_features(data, self.cfg.copy_max_side, self.cfg.copy_max_keypoints, mirror[image_id]) if data else None
             save_features(feature_path(self.feature_dir, image_id), f)
             if f is not None:
                 yield image_id, {"content": f["content"], "quality": f["quality"], "bytes_per_pixel": f["bytes_per_pixel"]}
