@@ -322,7 +322,7 @@ def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pairing.copies import FindCopies
+    from pairing.copies import FindCopies, group_feature_path, load_group_features, read_group_index
     from pairing.pipeline import copy_inputs
 
     rng = random.Random(3)
@@ -350,5 +350,17 @@ def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
         assert_that(found["images_read"], equal_to(candidates), label="ReadOnlyCandidates")
         assert_that(found["copy_of"] | beam.Map(lambda kv: (min(kv), max(kv))), equal_to(sorted((d, p) for d, p in family.items())), label="CopiesFound")
         assert_that(found["checks"] | beam.Map(lambda r: (r["image_a"], r["image_b"], r["copy"])), equal_to([(d, p, True) for d, p in sorted(family.items())]), label="Checks")
-    written = sorted(os.path.relpath(os.path.join(d, f), feature_dir) for d, _, fs in os.walk(feature_dir) for f in fs)
-    assert len(written) == len(candidates)  # one feature file per candidate image, none for the others
+    # one features file per row group holding candidates, with exactly the candidates in it (each
+    # once, readable), none for the others
+    written = sorted(os.path.join(d, f) for d, _, fs in os.walk(feature_dir) for f in fs)
+    pointers = {(f, rg) for f in files for rg in range(pq.ParquetFile(f).num_row_groups)}
+    holding = {p for p in pointers if set(pq.ParquetFile(p[0]).read_row_group(p[1], columns=["image_id"]).column(0).to_pylist()) & set(candidates)}
+    assert sorted(written) == sorted(group_feature_path(feature_dir, p) for p in holding)
+    in_files = []
+    for path in written:
+        with open(path, "rb") as fh:
+            index = read_group_index(fh)
+        in_files += list(index)
+        feats = load_group_features(path, index)
+        assert all(f is not None and len(f["desc"]) == len(f["pts"]) > 0 and "desc_m" not in f for f in feats.values())
+    assert sorted(in_files) == sorted(candidates)
