@@ -146,7 +146,7 @@ def main() -> list[dict]:
     ap.add_argument("--per-page", type=int, default=4)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--generate", help=argparse.SUPPRESS)
-    ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py: SIFT on the candidates, its two joins held in memory by the local runner)")
+    ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py: one SIFT per candidate image, then a geometric check per candidate pair)")
     ap.add_argument("--before", type=float, default=BEFORE, help="records per CPU-second of pair + shards at 10x before issue 34 (main's code, this input)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
