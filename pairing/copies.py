@@ -717,6 +717,8 @@ class _VerifyBlock(beam.DoFn):
         self.indexes = OrderedDict()
 
     def process(self, item, written):
+        if not hasattr(self, "indexes"):  # a runner that skipped setup
+            self.setup()
         _, lists = item
         pairs = [p for block in lists for p in block]
         by_file: dict = {}
