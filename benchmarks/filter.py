@@ -8,6 +8,11 @@ Bare loops (the same images, this process, CPU time):
 - the same work as the stage's hashes: every pixel + sha256 + pHash + PDQ (pdqhash on the image
   fitted to 512 px, Meta's reference), since filter stores a PDQ for the blocklist (issue 32).
 
+Then each step's CPU ms per image outside Beam (the bare loop's and the stage's; what the stage run
+costs beyond its steps is Beam, reading and writing parquet, the links and the stats), and PDQ by
+core/perceptual (NumPy, the stage's) against pdqhash (the reference, Meta's C++; the same bits,
+tests/test_pdq.py).
+
 The stage runs with `--faces off`: face detection (`--faces detect`, the default) is a model like
 the encoder, a Haar cascade at <= 640 px; its CPU time per image is printed on its own.
 
@@ -50,6 +55,60 @@ def bare_checks(blobs: list[bytes], side: int = 0, pdq: bool = False) -> int:
             rgb.thumbnail((512, 512))
             pdqhash.compute(np.asarray(rgb))
     return len(blobs)
+
+
+def step_ms(blobs: list[bytes], cfg) -> dict:
+    """CPU ms per image of each step, outside Beam, on the distinct images of `blobs`: the bare
+    loop's steps and the stage's (ValidateAndHash's calls, in its order), and PDQ by pdqhash (both
+    PDQs include fitting a larger image to 512 px, as the stage does)."""
+    import time
+
+    import imagehash
+    import pdqhash
+    from PIL import Image
+
+    from core.perceptual import MAX_SIDE, pdq_hex
+    from filter.hashing import phash_hex, sha256_hex
+    from filter.signals import FLAT_THUMB, top_colour_share
+    from filter.validate import check_shape, decode, decode_side
+
+    blobs = list(dict.fromkeys(blobs))  # each photo once
+    side = decode_side(cfg, 0, FLAT_THUMB, MAX_SIDE) if cfg.scaled_decode else 0
+    decoded = [decode(b, cfg, side) for b in blobs]
+    full = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+
+    def pdq_reference(img):  # what core/perceptual did before issue 34: fit to 512 px, then pdqhash
+        if max(img.size) > MAX_SIDE:
+            img = img.copy()
+            img.thumbnail((MAX_SIDE, MAX_SIDE))
+        return pdqhash.compute(np.asarray(img))
+
+    def bare_decode():
+        for b in blobs:
+            img = Image.open(io.BytesIO(b))
+            img.load()
+            img.convert("RGB")
+
+    steps = {
+        "bare: decode every pixel + convert('RGB')": bare_decode,
+        "bare: sha256": lambda: [hashlib.sha256(b).hexdigest() for b in blobs],
+        "bare: pHash (imagehash, every pixel)": lambda: [str(imagehash.phash(img)) for img in full],
+        "stage: decode (filter/validate.decode: header checks, EXIF, RGB)": lambda: [decode(b, cfg, side) for b in blobs],
+        "stage: sha256": lambda: [sha256_hex(b) for b in blobs],
+        "stage: pHash (box-reduced copy)": lambda: [phash_hex(d.image, cfg.phash_size) for d in decoded],
+        "stage: size, aspect and flat-image checks": lambda: [check_shape(d, cfg) or top_colour_share(d.image, cfg.flat_colours) for d in decoded],
+        "stage: PDQ (core/perceptual, NumPy)": lambda: [pdq_hex(d.image) for d in decoded],
+        "PDQ by pdqhash (the reference, not run by the stage)": lambda: [pdq_reference(d.image) for d in decoded],
+    }
+    out = {}
+    for name, call in steps.items():
+        best = float("inf")
+        for _ in range(2):
+            start = time.process_time()
+            call()
+            best = min(best, time.process_time() - start)
+        out[name] = 1000 * best / len(blobs)
+    return out
 
 
 def face_ms(blobs: list[bytes], cfg) -> float:
@@ -131,6 +190,18 @@ def main() -> list[dict]:
         results.append(report("filter without encoder / bare loop with the same DCT-scaled decode (CPU time)", [rows[-3], rows[-1]], stage_rate / rate["scaled"], 0.5))
         results.append(report("filter without encoder / bare loop of the same hashes, PDQ included (CPU time)", [rows[-2], rows[-1]], stage_rate / rate["pdq"], 0.8))
         print(f"  wall-time ratios: {(m / best['stage'][0]) / (n / best['full'][0]):.2f} (every pixel), {(m / best['stage'][0]) / (n / best['scaled'][0]):.2f} (DCT-scaled), {(m / best['stage'][0]) / (n / best['pdq'][0]):.2f} (+ PDQ)")
+        steps = step_ms(blobs, cfg)
+        stage_ms = 1000 / stage_rate
+        print("\n  CPU ms per image, step by step (outside Beam, each photo once; best of 2):")
+        for name, value in steps.items():
+            print(f"    {name:70s} {value:6.2f}")
+        bare_sum = sum(v for k, v in steps.items() if k.startswith("bare"))
+        own = sum(v for k, v in steps.items() if k.startswith("stage"))
+        print(f"    {'bare loop, sum of its steps (the loop itself: ' + format(1000 / rate['full'], '.2f') + ')':70s} {bare_sum:6.2f}")
+        print(f"    {'stage, sum of its steps':70s} {own:6.2f}")
+        print(f"    {'stage run (' + format(stage_ms, '.2f') + ') - its steps: Beam, parquet read + write, links, stats':70s} {stage_ms - own:6.2f}")
+        pdq_ratio = steps["PDQ by pdqhash (the reference, not run by the stage)"] / steps["stage: PDQ (core/perceptual, NumPy)"]
+        results.append(report("PDQ: core/perceptual (NumPy, pdqhash's bits) / pdqhash (CPU time a photo)", [("pdqhash, ms per image", steps["PDQ by pdqhash (the reference, not run by the stage)"], "ms"), ("core/perceptual, ms per image", steps["stage: PDQ (core/perceptual, NumPy)"], "ms")], pdq_ratio, 2.0))
         ms = face_ms(blobs[: args.face_images], FilterConfig(encoder="none"))
         print(f"  --faces detect (the default) adds {ms:.1f} CPU ms per kept image: the stage with it would run at about {1000 / (1000 / stage_rate + ms):.0f} images/s")
     if args.skip_encoder:
