@@ -70,3 +70,21 @@ def test_read_rows_gives_every_row_of_every_row_group(tmp_path):
         some = p | "Files2" >> beam.Create(files) | "Read2" >> ReadRows(["image_id", "links"])
         assert_that(full, equal_to(expected), label="full")
         assert_that(some, equal_to([{"image_id": r["image_id"], "links": r["links"]} for r in expected]), label="columns")
+
+
+def test_phash_hex_is_imagehash_str(photos_dir):
+    """filter/hashing.phash_hex packs the bits itself: the hex imagehash prints, for every photo and
+    the hash sizes filter allows (8, 16, and an odd 3 that imagehash formats itself)."""
+    import imagehash
+
+    from filter.hashing import PHASH_REDUCE_FACTOR, phash_hex
+
+    names = sorted(os.listdir(photos_dir))
+    assert len(names) == 300
+    for name in names:
+        with Image.open(os.path.join(photos_dir, name)) as img:
+            rgb = img.convert("RGB")
+        for size in (8, 16, 3):
+            factor = min(rgb.size) // (PHASH_REDUCE_FACTOR * size)
+            expected = str(imagehash.phash(rgb.reduce(factor) if factor > 1 else rgb, hash_size=size))
+            assert phash_hex(rgb, size) == expected, (name, size)
