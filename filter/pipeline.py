@@ -45,6 +45,10 @@ VERDICTS = "verdicts"
 IMAGE_REJECTS = "image_rejects"  # (image_id, (reason, detail)) of the thresholds on scores
 LINKS = "links"
 LINK_FIELDS = tuple(DOWNLOAD_OCCURRENCE_SCHEMA.names)
+# what crosses the join (CoGroupByKey, held whole by the in-process runner) is tuples of these, not
+# dicts that encode every field's name again: a link's 258 encoded bytes become 138 (issue 34)
+LINK_VALUES = tuple(f for f in LINK_FIELDS if f != "image_id")  # the image_id is the join's key
+VERDICT_FIELDS = ("sha256", "phash", "width", "height", "reason", "detail")
 URL_WORD_MATCHES = "url_word_matches"
 LOW_CLIP_SCORE = "low_clip_score"
 NSFW = "nsfw"
@@ -83,7 +87,7 @@ class ValidateAndHash(beam.DoFn):
             problem = check_shape(decoded, self.cfg) or self._flat(decoded)
         if problem is not None:
             verdict.update(reason=problem.reason, detail=problem.detail)
-        yield beam.pvalue.TaggedOutput(VERDICTS, (row["image_id"], verdict))
+        yield beam.pvalue.TaggedOutput(VERDICTS, (row["image_id"], tuple(verdict[f] for f in VERDICT_FIELDS)))
         if problem is not None or not row.get("links", 1):  # rejected, or only boilerplate evidence
             return
         record = {
@@ -123,7 +127,7 @@ class ValidateAndHash(beam.DoFn):
 
 
 class JudgeLinks(beam.DoFn):
-    """(image_id, {"verdict": [...], "image_rejects": [...], "links": [...]}) -> for each link of the
+    """(image_id, {"verdict": [VERDICT_FIELDS tuple], "image_rejects": [...], "links": [LINK_VALUES tuples]}) -> for each link of the
     image: its occurrence row (tagged `occurrences`), and its outcome: the image's verdict, then the
     link's own checks (declared size, URL words); kept links yield 1, the others a rejected row.
     Links that download rejected as URL boilerplate (fetched as evidence) only leave occurrences."""
@@ -136,11 +140,13 @@ class JudgeLinks(beam.DoFn):
         verdict = (list(grouped["verdict"]) or [None])[0]
         if verdict is None:  # a link whose image is not in downloads/: the download output is damaged
             raise StageError(f"filter: image {image} of the download occurrences is missing from its downloads/")
+        verdict = dict(zip(VERDICT_FIELDS, verdict))
         image_rejects = list(grouped[IMAGE_REJECTS])
         reason, detail = verdict["reason"], verdict["detail"]
         if reason is None and image_rejects:
             reason, detail = image_rejects[0]
-        for link in grouped["links"]:
+        for values in grouped["links"]:
+            link = dict(zip(LINK_VALUES, values))
             own, own_detail, words = reason, detail, None
             if link.get("reason"):  # evidence only: rejected by download already
                 own = link["reason"]
@@ -222,7 +228,7 @@ class FilterImages(beam.PTransform):
             kept, image_rejects = scored.kept, scored[IMAGE_REJECTS]
         else:  # ValidateAndHash yields the records themselves: no score, so no threshold to apply
             kept, image_rejects = checked.valid, images.pipeline | "NoImageRejects" >> beam.Create([])
-        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], r))  # read with LINK_FIELDS only
+        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], tuple(r[f] for f in LINK_VALUES)))  # read with LINK_FIELDS only
         judged = (
             {"verdict": checked[VERDICTS], IMAGE_REJECTS: image_rejects, "links": keyed_links}
             | "JoinLinks" >> beam.CoGroupByKey()
