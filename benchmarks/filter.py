@@ -153,10 +153,11 @@ def main() -> list[dict]:
     ap.add_argument("--runs", type=int, default=2, help="runs of the no-encoder comparison (the best of each counts)")
     ap.add_argument("--side", type=int, default=0, help="re-encode the photos with this long side first (0: as they are, ~500 px)")
     ap.add_argument("--face-images", type=int, default=100, help="images the face detector is timed on")
+    ap.add_argument("--step-images", type=int, default=300, help="distinct images each step is timed on outside Beam (300: every photo)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args, beam_args = ap.parse_known_args()
     if args.smoke:
-        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images = 1, 16, 4, 1, 4
+        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images, args.step_images = 1, 16, 4, 1, 4, 16
     import torch
 
     from core.config import FilterConfig
@@ -193,7 +194,7 @@ def main() -> list[dict]:
         results.append(report("filter without encoder / bare loop with the same DCT-scaled decode (CPU time)", [rows[-3], rows[-1]], stage_rate / rate["scaled"], 0.5))
         results.append(report("filter without encoder / bare loop of the same hashes, PDQ included (CPU time)", [rows[-2], rows[-1]], stage_rate / rate["pdq"], 0.8))
         print(f"  wall-time ratios: {(m / best['stage'][0]) / (n / best['full'][0]):.2f} (every pixel), {(m / best['stage'][0]) / (n / best['scaled'][0]):.2f} (DCT-scaled), {(m / best['stage'][0]) / (n / best['pdq'][0]):.2f} (+ PDQ)")
-        steps = step_ms(blobs, cfg)
+        steps = step_ms(list(dict.fromkeys(blobs))[: args.step_images], cfg)
         stage_ms = 1000 / stage_rate
         print("\n  CPU ms per image, step by step (outside Beam, each photo once; best of 2):")
         for name, value in steps.items():
