@@ -8,6 +8,11 @@ Bare loops (the same images, this process, CPU time):
 - the same work as the stage's hashes: every pixel + sha256 + pHash + PDQ (pdqhash on the image
   fitted to 512 px, Meta's reference), since filter stores a PDQ for the blocklist (issue 32).
 
+Then each step's CPU ms per image outside Beam (the bare loop's and the stage's; what the stage run
+costs beyond its steps is Beam, reading and writing parquet, the links and the stats), and PDQ by
+core/perceptual (NumPy, the stage's) against pdqhash (the reference, Meta's C++; the same bits,
+tests/test_pdq.py).
+
 The stage runs with `--faces off`: face detection (`--faces detect`, the default) is a model like
 the encoder, a Haar cascade at <= 640 px; its CPU time per image is printed on its own.
 
@@ -52,6 +57,63 @@ def bare_checks(blobs: list[bytes], side: int = 0, pdq: bool = False) -> int:
     return len(blobs)
 
 
+def step_ms(blobs: list[bytes], cfg) -> dict:
+    """CPU ms per image of each step, outside Beam, on the distinct images of `blobs`: the bare
+    loop's steps and the stage's (ValidateAndHash's calls, in its order), and PDQ by pdqhash (both
+    PDQs include fitting a larger image to 512 px, as the stage does)."""
+    import time
+
+    import imagehash
+    import pdqhash
+    from PIL import Image
+
+    from core.perceptual import MAX_SIDE, pdq_hex
+    from filter.hashing import phash_hex, sha256_hex
+    from filter.signals import FLAT_THUMB, top_colour_share
+    from filter.validate import check_shape, decode, decode_side
+
+    blobs = list(dict.fromkeys(blobs))  # each photo once
+    side = decode_side(cfg, 0, FLAT_THUMB, MAX_SIDE) if cfg.scaled_decode else 0
+    decoded = [decode(b, cfg, side) for b in blobs]
+    full = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+
+    def pdq_reference(img):  # what core/perceptual did before issue 34: fit to 512 px, then pdqhash
+        if max(img.size) > MAX_SIDE:
+            img = img.copy()
+            img.thumbnail((MAX_SIDE, MAX_SIDE))
+        return pdqhash.compute(np.asarray(img))
+
+    def bare_decode():
+        for b in blobs:
+            img = Image.open(io.BytesIO(b))
+            img.load()
+            img.convert("RGB")
+
+    def each(fn, items):  # nothing kept: a list of decoded images would time page faults too
+        return lambda: [None for x in items if fn(x) is None]
+
+    steps = {
+        "bare: decode every pixel + convert('RGB')": bare_decode,
+        "bare: sha256": each(lambda b: hashlib.sha256(b).hexdigest(), blobs),
+        "bare: pHash (imagehash, every pixel)": each(lambda img: str(imagehash.phash(img)), full),
+        "stage: decode (filter/validate.decode: header checks, EXIF, RGB)": each(lambda b: decode(b, cfg, side), blobs),
+        "stage: sha256": each(sha256_hex, blobs),
+        "stage: pHash (box-reduced copy)": each(lambda d: phash_hex(d.image, cfg.phash_size), decoded),
+        "stage: size, aspect and flat-image checks": each(lambda d: check_shape(d, cfg) or top_colour_share(d.image, cfg.flat_colours), decoded),
+        "stage: PDQ (core/perceptual, NumPy)": each(lambda d: pdq_hex(d.image), decoded),
+        "PDQ by pdqhash (the reference, not run by the stage)": each(lambda d: pdq_reference(d.image), decoded),
+    }
+    out = {}
+    for name, call in steps.items():
+        best = float("inf")
+        for _ in range(2):
+            start = time.process_time()
+            call()
+            best = min(best, time.process_time() - start)
+        out[name] = 1000 * best / len(blobs)
+    return out
+
+
 def face_ms(blobs: list[bytes], cfg) -> float:
     """CPU ms per image of `--faces detect` alone (filter/faces.apply on the stage's decode)."""
     import time
@@ -91,10 +153,11 @@ def main() -> list[dict]:
     ap.add_argument("--runs", type=int, default=2, help="runs of the no-encoder comparison (the best of each counts)")
     ap.add_argument("--side", type=int, default=0, help="re-encode the photos with this long side first (0: as they are, ~500 px)")
     ap.add_argument("--face-images", type=int, default=100, help="images the face detector is timed on")
+    ap.add_argument("--step-images", type=int, default=300, help="distinct images each step is timed on outside Beam (300: every photo)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args, beam_args = ap.parse_known_args()
     if args.smoke:
-        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images = 1, 16, 4, 1, 4
+        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images, args.step_images = 1, 16, 4, 1, 4, 16
     import torch
 
     from core.config import FilterConfig
@@ -131,6 +194,18 @@ def main() -> list[dict]:
         results.append(report("filter without encoder / bare loop with the same DCT-scaled decode (CPU time)", [rows[-3], rows[-1]], stage_rate / rate["scaled"], 0.5))
         results.append(report("filter without encoder / bare loop of the same hashes, PDQ included (CPU time)", [rows[-2], rows[-1]], stage_rate / rate["pdq"], 0.8))
         print(f"  wall-time ratios: {(m / best['stage'][0]) / (n / best['full'][0]):.2f} (every pixel), {(m / best['stage'][0]) / (n / best['scaled'][0]):.2f} (DCT-scaled), {(m / best['stage'][0]) / (n / best['pdq'][0]):.2f} (+ PDQ)")
+        steps = step_ms(list(dict.fromkeys(blobs))[: args.step_images], cfg)
+        stage_ms = 1000 / stage_rate
+        print("\n  CPU ms per image, step by step (outside Beam, each photo once; best of 2):")
+        for name, value in steps.items():
+            print(f"    {name:70s} {value:6.2f}")
+        bare_sum = sum(v for k, v in steps.items() if k.startswith("bare"))
+        own = sum(v for k, v in steps.items() if k.startswith("stage"))
+        print(f"    {'bare loop, sum of its steps (the loop itself: ' + format(1000 / rate['full'], '.2f') + ')':70s} {bare_sum:6.2f}")
+        print(f"    {'stage, sum of its steps':70s} {own:6.2f}")
+        print(f"    {'stage run (' + format(stage_ms, '.2f') + ') - its steps: Beam, parquet read + write, links, stats':70s} {stage_ms - own:6.2f}")
+        pdq_ratio = steps["PDQ by pdqhash (the reference, not run by the stage)"] / steps["stage: PDQ (core/perceptual, NumPy)"]
+        results.append(report("PDQ: core/perceptual (NumPy, pdqhash's bits) / pdqhash (CPU time a photo)", [("pdqhash, ms per image", steps["PDQ by pdqhash (the reference, not run by the stage)"], "ms"), ("core/perceptual, ms per image", steps["stage: PDQ (core/perceptual, NumPy)"], "ms")], pdq_ratio, 2.0))
         ms = face_ms(blobs[: args.face_images], FilterConfig(encoder="none"))
         print(f"  --faces detect (the default) adds {ms:.1f} CPU ms per kept image: the stage with it would run at about {1000 / (1000 / stage_rate + ms):.0f} images/s")
     if args.skip_encoder:

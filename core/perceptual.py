@@ -4,10 +4,23 @@ filter (the hash stored for every kept image, which `webpairs scrub` matches lat
 A hash is 32 bytes; its hex form is the one ThreatExchange and Meta's tools print (bit 0 of
 `pdqhash.compute`'s vector is the most significant bit of the first hex digit). Distances are
 Hamming distances in bits; Meta calls two hashes within 31 bits a confident match.
+
+The hash is the one `pdqhash.compute` (Meta's C++ reference, bound) gives, computed the same way
+with NumPy (issue 34): pdqhash spends ~1 ms a 500-px photo making float64 luma in its binding and
+then runs four full-image box-filter passes, but PDQ reads the filtered image at 64 x 64 points
+only. Here the luma is Pillow's "F" conversion ((299 R + 587 G + 114 B) / 1000 in float32, the
+reference's coefficients), and the two box-filter passes per axis (Jarosz: windows clipped at the
+edges, as `box1DFloat`) followed by the decimation are one 64 x n matrix per axis, applied as at
+most 2w - 1 weighted rows (w = the window, <= 4 at 512 px); then the same 16 x 64 DCT, quality
+metric and median threshold. The float sums differ from the reference's running float32 sums by
+< 0.003 on the 16 x 16 coefficients (the 300 shared photos, tests/test_pdq.py), so where two
+coefficients at the median are closer than PDQ_MARGIN (or the quality metric is that close to
+another value) the image is hashed by pdqhash itself: the result is pdqhash's, bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Optional
 
@@ -16,8 +29,8 @@ import numpy as np
 PDQ_BYTES = 32
 PDQ_MATCH_DISTANCE = 31  # Meta's confident-match threshold
 # larger images are scaled down to fit MAX_SIDE first (JPEG: by DCT draft, then Pillow's thumbnail),
-# as Meta's reference implementations do (C++ `DOWNSAMPLE_DIMS = 512`, Python `thumbnail((512, 512))`:
-# the Jarosz filter's cost grows with the side cubed). Below it PDQ must see every pixel: a hash of
+# as Meta's reference implementations do (C++ `DOWNSAMPLE_DIMS = 512`, Python `thumbnail((512, 512))`).
+# Below it PDQ must see every pixel: a hash of
 # a 1/2-scale decode of a 500-px photo drifts by 17 of 256 bits on average (max 44), over Meta's
 # 11-bit tolerance between implementations (measured on the 300 shared photos, issue 34)
 MAX_SIDE = 512
@@ -25,15 +38,94 @@ MAX_PIXELS = 100_000_000  # a declared size above this is not decoded at all (de
 
 
 def pdq_of_image(img) -> tuple[bytes, int]:
-    """(32-byte hash, quality 0-100) of a Pillow image (frame 0 of an animation)."""
-    import pdqhash
-
+    """(32-byte hash, quality 0-100) of a Pillow image (frame 0 of an animation): pdqhash's."""
     if img.width > MAX_SIDE or img.height > MAX_SIDE:
         img = img.copy()
         img.thumbnail((MAX_SIDE, MAX_SIDE))
-    arr = np.ascontiguousarray(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))  # no copy of RGB pixels
-    bits, quality = pdqhash.compute(arr)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return _pdq_numpy(rgb) or pdqhash_of_image(rgb)
+
+
+def pdqhash_of_image(rgb) -> tuple[bytes, int]:
+    """(32-byte hash, quality) of an RGB Pillow image by the `pdqhash` binding (Meta's C++)."""
+    import pdqhash
+
+    bits, quality = pdqhash.compute(np.ascontiguousarray(np.asarray(rgb)))  # no copy of RGB pixels
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes(), int(quality)
+
+
+PDQ_MARGIN = 0.02  # coefficients at the median closer than this: pdqhash decides (see above)
+QUALITY_MARGIN = 0.005  # a gradient step of the quality metric this close to an integer: it may round either way
+_MIN_HASHABLE = 5  # Meta's MIN_HASHABLE_DIM: smaller images hash to zeros (pdqhash answers)
+_DCT = np.sqrt(2.0 / 64) * np.cos((np.pi / 2 / 64) * np.outer(np.arange(1, 17), 2 * np.arange(64) + 1))  # PDQ's dct_matrix_64
+
+
+@functools.lru_cache(maxsize=1024)
+def _taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PDQ's filter + decimation along an axis of n pixels as (rows (K, 64), weights (K, 64) in
+    float32 and float64): output point o is sum_k weights[k, o] * pixel[rows[k, o]]. Two passes of
+    Meta's `box1DFloat` (window w = ceil(n / 128); the mean over [i - (w - h), i + h - 1] clipped
+    to the vector, h = (w + 2) // 2), read at `decimateFloat`'s points int((o + 0.5) * n / 64)."""
+    w = (n + 127) // 128
+    half = (w + 2) // 2
+    before, after = w - half, half - 1
+
+    def window(i: int) -> range:
+        return range(max(0, i - before), min(n - 1, i + after) + 1)
+
+    points = ((np.arange(64) + 0.5) * n / 64).astype(np.intp)
+    taps = []
+    for i in points:
+        weights: dict[int, float] = {}
+        outer = window(int(i))
+        for m in outer:
+            inner = window(m)
+            for k in inner:
+                weights[k] = weights.get(k, 0.0) + 1.0 / (len(outer) * len(inner))
+        taps.append(sorted(weights.items()))
+    depth = max(len(t) for t in taps)
+    rows, wts = np.zeros((depth, 64), np.intp), np.zeros((depth, 64))
+    for o, t in enumerate(taps):
+        for k, (row, weight) in enumerate(t):
+            rows[k, o], wts[k, o] = row, weight
+        rows[len(t):, o] = t[-1][0]  # padding: weight 0
+    return rows, wts.astype(np.float32), wts
+
+
+def _downsampled(rgb) -> tuple[np.ndarray, np.ndarray]:
+    """PDQ's 64 x 64 image (float64) of an RGB image and its 256 DCT coefficients (Meta's 16 x 16,
+    row-major)."""
+    luma = np.asarray(rgb.convert("F"))  # (299 R + 587 G + 114 B) / 1000, float32
+    rows, wr, _ = _taps(rgb.height)
+    cols, _, wc = _taps(rgb.width)
+    part = luma[rows[0]] * wr[0][:, None]  # 64 x width: the filter along the columns, at PDQ's rows
+    for k in range(1, len(rows)):
+        part += luma[rows[k]] * wr[k][:, None]
+    part = part.astype(np.float64)
+    small = part[:, cols[0]] * wc[0]  # 64 x 64: the same along the rows
+    for k in range(1, len(cols)):
+        small += part[:, cols[k]] * wc[k]
+    return small, (_DCT @ small @ _DCT.T).ravel()  # (1..16) x (1..16) of the 64 x 64 DCT
+
+
+def _pdq_numpy(rgb) -> Optional[tuple[bytes, int]]:
+    """pdqhash's (hash, quality) of an RGB image, or None where it would take pdqhash itself to
+    tell (a coefficient or the quality metric within PDQ_MARGIN of flipping, a tiny image)."""
+    if rgb.width < _MIN_HASHABLE or rgb.height < _MIN_HASHABLE:
+        return None
+    small, coef = _downsampled(rgb)
+    low, high = np.partition(coef, (127, 128))[127:129]  # torben's median is the 128th smallest
+    if high - low < PDQ_MARGIN:
+        return None
+    grad = np.concatenate([(small[:-1] - small[1:]).ravel(), (small[:, :-1] - small[:, 1:]).ravel()]) * (100 / 255)
+    steps = np.abs(np.trunc(grad))  # (int) of ((u - v) * 100) / 255
+    total = int(steps.sum())
+    near = np.abs(grad - np.round(grad)) < QUALITY_MARGIN
+    unsure = int(np.count_nonzero(near & (np.round(grad) != 0)))
+    if unsure and min(100, (total - unsure) // 90) != min(100, (total + unsure) // 90):
+        return None
+    bits = (coef > low)[::-1]  # pdqhash's bit vector: bit i * 16 + j of Meta's hash, last first
+    return np.packbits(bits).tobytes(), min(100, total // 90)
 
 
 def pdq_hex(img) -> str:

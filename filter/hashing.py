@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import imagehash
+import numpy as np
 from PIL import Image
 
 from core.records import phash_distance  # noqa: F401 - re-exported: the pHash contract lives in core
@@ -33,5 +34,8 @@ def phash_hex(image: Image.Image, hash_size: int = 8) -> str:
     factor = min(image.size) // (PHASH_REDUCE_FACTOR * hash_size)
     if factor > 1:
         image = image.reduce(factor)
-    return str(imagehash.phash(image, hash_size=hash_size))
+    bits = imagehash.phash(image, hash_size=hash_size).hash.ravel()
+    if bits.size % 8:  # imagehash's own hex (a Python loop over the bits) for odd sizes
+        return str(imagehash.ImageHash(bits.reshape(hash_size, hash_size)))
+    return np.packbits(bits).tobytes().hex()  # what str(ImageHash) prints, without its per-bit loop
 

@@ -21,6 +21,8 @@ from typing import Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
@@ -43,6 +45,10 @@ VERDICTS = "verdicts"
 IMAGE_REJECTS = "image_rejects"  # (image_id, (reason, detail)) of the thresholds on scores
 LINKS = "links"
 LINK_FIELDS = tuple(DOWNLOAD_OCCURRENCE_SCHEMA.names)
+# what crosses the join (CoGroupByKey, held whole by the in-process runner) is tuples of these, not
+# dicts that encode every field's name again: a link's 258 encoded bytes become 138 (issue 34)
+LINK_VALUES = tuple(f for f in LINK_FIELDS if f != "image_id")  # the image_id is the join's key
+VERDICT_FIELDS = ("sha256", "phash", "width", "height", "reason", "detail")
 URL_WORD_MATCHES = "url_word_matches"
 LOW_CLIP_SCORE = "low_clip_score"
 NSFW = "nsfw"
@@ -81,7 +87,7 @@ class ValidateAndHash(beam.DoFn):
             problem = check_shape(decoded, self.cfg) or self._flat(decoded)
         if problem is not None:
             verdict.update(reason=problem.reason, detail=problem.detail)
-        yield beam.pvalue.TaggedOutput(VERDICTS, (row["image_id"], verdict))
+        yield beam.pvalue.TaggedOutput(VERDICTS, (row["image_id"], tuple(verdict[f] for f in VERDICT_FIELDS)))
         if problem is not None or not row.get("links", 1):  # rejected, or only boilerplate evidence
             return
         record = {
@@ -108,8 +114,8 @@ class ValidateAndHash(beam.DoFn):
             yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"], preprocess(image, *self.second))
         elif self.image_size:
             yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"])
-        else:
-            yield record, None
+        else:  # no encoder: the record is kept as it is (no score to threshold)
+            yield record
 
     def _flat(self, decoded) -> Optional[Invalid]:
         cfg = self.cfg
@@ -121,7 +127,7 @@ class ValidateAndHash(beam.DoFn):
 
 
 class JudgeLinks(beam.DoFn):
-    """(image_id, {"verdict": [...], "image_rejects": [...], "links": [...]}) -> for each link of the
+    """(image_id, {"verdict": [VERDICT_FIELDS tuple], "image_rejects": [...], "links": [LINK_VALUES tuples]}) -> for each link of the
     image: its occurrence row (tagged `occurrences`), and its outcome: the image's verdict, then the
     link's own checks (declared size, URL words); kept links yield 1, the others a rejected row.
     Links that download rejected as URL boilerplate (fetched as evidence) only leave occurrences."""
@@ -134,11 +140,13 @@ class JudgeLinks(beam.DoFn):
         verdict = (list(grouped["verdict"]) or [None])[0]
         if verdict is None:  # a link whose image is not in downloads/: the download output is damaged
             raise StageError(f"filter: image {image} of the download occurrences is missing from its downloads/")
+        verdict = dict(zip(VERDICT_FIELDS, verdict))
         image_rejects = list(grouped[IMAGE_REJECTS])
         reason, detail = verdict["reason"], verdict["detail"]
         if reason is None and image_rejects:
             reason, detail = image_rejects[0]
-        for link in grouped["links"]:
+        for values in grouped["links"]:
+            link = dict(zip(LINK_VALUES, values))
             own, own_detail, words = reason, detail, None
             if link.get("reason"):  # evidence only: rejected by download already
                 own = link["reason"]
@@ -216,19 +224,57 @@ class FilterImages(beam.PTransform):
                 | "Embed" >> RunInference(handler)
                 | "Attach" >> beam.Map(_attach, encoder_name=self.cfg.encoder)
             )
-        else:
-            embedded = checked.valid | "NoEmbedding" >> beam.Map(lambda item: item[0])
-        scored = embedded | "ScoreThresholds" >> beam.FlatMap(_check_scores, self.cfg.min_clip_score, self.cfg.max_nsfw).with_outputs(IMAGE_REJECTS, main="kept")
-        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], r))  # read with LINK_FIELDS only
+            scored = embedded | "ScoreThresholds" >> beam.FlatMap(_check_scores, self.cfg.min_clip_score, self.cfg.max_nsfw).with_outputs(IMAGE_REJECTS, main="kept")
+            kept, image_rejects = scored.kept, scored[IMAGE_REJECTS]
+        else:  # ValidateAndHash yields the records themselves: no score, so no threshold to apply
+            kept, image_rejects = checked.valid, images.pipeline | "NoImageRejects" >> beam.Create([])
+        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], tuple(r[f] for f in LINK_VALUES)))  # read with LINK_FIELDS only
         judged = (
-            {"verdict": checked[VERDICTS], IMAGE_REJECTS: scored[IMAGE_REJECTS], "links": keyed_links}
+            {"verdict": checked[VERDICTS], IMAGE_REJECTS: image_rejects, "links": keyed_links}
             | "JoinLinks" >> beam.CoGroupByKey()
             | "JudgeLinks" >> beam.ParDo(JudgeLinks(self.cfg)).with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, LINKS, main="kept_links")
         )
         return {
-            "input_count": judged[LINKS], "kept": scored.kept, "kept_count": judged.kept_links, "rejected": judged[REJECTED],
-            OCCURRENCES: judged[OCCURRENCES], URL_WORD_MATCHES: judged[URL_WORD_MATCHES], "images": images, "images_kept": scored.kept,
+            "input_count": judged[LINKS], "kept": kept, "kept_count": judged.kept_links, "rejected": judged[REJECTED],
+            OCCURRENCES: judged[OCCURRENCES], URL_WORD_MATCHES: judged[URL_WORD_MATCHES], "images": images, "images_kept": kept,
         }
+
+
+READ_BATCH = 64  # rows converted to dicts at a time
+READ_BUFFER = 1 << 20  # column chunks are read in pieces of this size, not whole
+
+
+def _row_groups(path: str) -> list[tuple[str, int]]:
+    with FileSystems.open(path) as fh:
+        return [(path, i) for i in range(pq.ParquetFile(fh).num_row_groups)]
+
+
+class _ReadRowGroup(beam.DoFn):
+    def __init__(self, columns: Optional[list] = None):
+        self.columns = columns
+
+    def process(self, item: tuple[str, int]):
+        path, group = item
+        with FileSystems.open(path) as fh:
+            batches = pq.ParquetFile(fh, buffer_size=READ_BUFFER).iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=self.columns, use_threads=False)
+            for batch in batches:
+                yield from batch.to_pylist()
+
+
+class ReadRows(beam.PTransform):
+    """Parquet files -> their rows as dicts, each row group its own element after a reshuffle (as
+    ReadAllFromParquet splits them), read READ_BATCH rows at a time on the calling thread.
+    ReadAllFromParquet passed each row group on as one pyarrow table (decoded whole, then every row
+    at once as Python objects, and pickled once more by Beam to estimate its size) with pyarrow's
+    thread pool, which cost more CPU than it saved: 0.38 vs 0.15 CPU-s for 2,400 photos' bytes
+    (issue 34; the image bytes dominate a downloads file)."""
+
+    def __init__(self, columns: Optional[list] = None):
+        super().__init__()
+        self.columns = columns
+
+    def expand(self, files):
+        return files | "RowGroups" >> beam.FlatMap(_row_groups) | "Spread" >> beam.Reshuffle() | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))
 
 
 def _driver_encoder(name: str, weights: str) -> Encoder:
@@ -291,8 +337,8 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
         if notice:  # said once the stage runs (an error before it stays the only line)
             (log.info if cfg.safety_encoder == NO_ENCODER else log.warning)(notice)  # asked for, or to be noticed
         with stage_pipeline(beam_args) as p:
-            images = p | "Files" >> beam.Create(files) | "Read" >> beam.io.ReadAllFromParquet()
-            links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=list(LINK_FIELDS))
+            images = p | "Files" >> beam.Create(files) | "Read" >> ReadRows()
+            links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> ReadRows(list(LINK_FIELDS))
             outputs = {"images": images, "links": links} | "Filter" >> FilterImages(cfg, info, safety)
             more = {OCCURRENCES: OCCURRENCE_SCHEMA}
             site_files = stage_files(input_path, "sites", expected="download")

@@ -13,6 +13,7 @@ repetition across pages can (pure functions, no Beam).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional
 from urllib.parse import urlsplit
@@ -34,15 +35,38 @@ def declared_too_small(width: Optional[int], height: Optional[int], min_side: in
     return f"declared {', '.join(small)} < {min_side}" if small else None
 
 
+def thumb_size(width: int, height: int, side: int = FLAT_THUMB) -> Optional[tuple[int, int]]:
+    """The size `Image.thumbnail((side, side))` gives a width x height image (Pillow's rounding of
+    the aspect ratio), or None when it fits already."""
+    x = y = side
+    if x >= width and y >= height:
+        return None
+    aspect = width / height
+
+    def round_aspect(number: float, key) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    if x / y >= aspect:
+        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
+    else:
+        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
+    return x, y
+
+
 def top_colour_share(image: Image.Image, colours: int) -> float:
-    """Share of pixels covered by the `colours` most frequent exact RGB colours."""
-    thumb = image.convert("RGB")
-    thumb.thumbnail((FLAT_THUMB, FLAT_THUMB), Image.NEAREST)  # nearest: no blended edge colours
-    a = np.asarray(thumb, dtype=np.int32)
-    codes = (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]
-    counts = np.unique(codes, return_counts=True)[1]
-    counts.sort()
-    return float(counts[::-1][:colours].sum() / codes.size)
+    """Share of pixels covered by the `colours` most frequent exact RGB colours, on the image's
+    nearest-neighbour thumbnail (`thumbnail((FLAT_THUMB, FLAT_THUMB), NEAREST)`'s pixels, resized
+    straight from the image: no full-size copy first)."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    size = thumb_size(*rgb.size)
+    thumb = rgb if size is None else rgb.resize(size, Image.NEAREST)  # nearest: no blended edge colours
+    a = np.asarray(thumb)
+    codes = np.sort(((a[..., 0].astype(np.int32) << 16) | (a[..., 1].astype(np.int32) << 8) | a[..., 2]), axis=None)
+    ends = np.flatnonzero(codes[1:] != codes[:-1])
+    counts = np.diff(np.concatenate(([-1], ends, [codes.size - 1])))  # of each distinct colour
+    if counts.size > colours:
+        counts = np.partition(counts, counts.size - colours)[-colours:]
+    return float(counts.sum() / codes.size)
 
 
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
