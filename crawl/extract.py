@@ -19,7 +19,7 @@ from core.records import LINK_SCHEMA, Rejected, stable_id
 from core.stageio import WriteStageOutputs
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
-from crawl.urls import AllowList, normalize_url
+from crawl.urls import AllowList, normalize_links, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
@@ -45,8 +45,8 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
     base = base or page_url
     links, rejected = [], []
     limit = cfg.max_links_per_page
-    for n, raw in enumerate(raw_links):
-        url, reason = normalize_url(raw.url, base, allow)  # resolution, normalisation and URL policy
+    raw_links = list(raw_links)
+    for n, (raw, (url, reason)) in enumerate(zip(raw_links, normalize_links([r.url for r in raw_links], base, allow))):  # resolution, normalisation, URL policy
         if reason is None and n >= limit:
             reason = REASON_TOO_MANY
         if reason is None:

@@ -71,6 +71,44 @@ def test_fast_url_path_agrees_with_urllib(warc_dir):
     assert fast_taken > 900  # the real links do take the fast path
 
 
+def test_normalize_links_agrees_with_normalize_url(warc_dir):
+    """normalize_links (a page's links against its base, plain references by concatenation: issue
+    34) gives exactly normalize_url's answer for each: every link of the shared WARCs against its
+    page's base, and generated references (relative, "./", root-relative, protocol-relative,
+    absolute, with spaces, dots, ports, private hosts) against plain and odd bases, with and
+    without an allow list. Most real links take the concatenation."""
+    import random
+
+    from crawl.html import decode_html, extract_page
+    from crawl.urls import _NORMAL_ABSOLUTE, _PLAIN_RELATIVE, normalize_links
+    from crawl.warc import Page, iter_file
+
+    by_base: dict = {}
+    for path in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))):
+        if not path.endswith(".wat"):
+            for doc in iter_file(path):
+                if isinstance(doc, Page):
+                    raw, base_href, _ = extract_page(decode_html(doc.body, doc.charset))
+                    page = normalize_url(doc.url, doc.url)[0]
+                    base = (normalize_url(base_href, page)[0] if base_href else None) or page
+                    by_base.setdefault(base, []).extend(link.url for link in raw)
+    real = sum(len(v) for v in by_base.values())
+    assert real > 1000
+    fast = sum(bool(_PLAIN_RELATIVE.match(r.strip()) or _NORMAL_ABSOLUTE.match(r.strip()) or r.startswith("//")) for v in by_base.values() for r in v)
+    assert fast > 0.8 * real, (fast, real)
+    pieces = ["a", "B", "/", "//", ".", "..", "./", "../", "?", "#", "%2F", "%zz", " ", "\t", "\x00", ":", "@", ";", "~", "é", "\u212a", "\u00a0",
+              "http:", "HTTPS://", "http://", "https://", "//h.Com", "ex.com", "cdn.ex.com/", "x.jpg", "=", "&", "127.0.0.1", "localhost", ":80", ":99999", "[::1]", "\\", "data:", "0x7f.1", "Ex.Com.", "-", "_", "'", "+", "$"]
+    bases = ["http://ex.com/a/b.html", "https://Ex.COM:443/a//b/", "http://h", "http://h?x/y", "http://h/d;x/p", "HTTP://h.com:8080/a/./b", "http://h./x", "http://127.0.0.1:8000/p/q",
+             "http://ex.com/d%20x/é/p.html", "http://ex.com/a b/", "https://ex.com:8443/x/y?z", "http://10.0.0.1/a/", "http://localhost/x/", "https://ex.com/"]
+    rng = random.Random(0)
+    for _ in range(20000):
+        by_base.setdefault(rng.choice(bases), []).append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))))
+    for allow in (None, AllowList(), AllowList(["127.0.0.1", "localhost"])):
+        for base, raws in by_base.items():
+            for raw, got in zip(raws, normalize_links(raws, base, allow)):
+                assert got == normalize_url(raw, base, allow), (raw, base)
+
+
 def test_url_policy_blocks_internal_addresses_unless_allowed():
     deny = AllowList()
     for url in ["http://127.0.0.1/a", "http://localhost:8000/a", "http://169.254.169.254/latest", "http://10.1.2.3/x", "http://192.168.0.1/", "http://[::1]/a", "http://0.0.0.0/", "http://2130706433/", "http://[::ffff:127.0.0.1]/"]:
