@@ -293,3 +293,22 @@ def test_declared_size_fast_path_reads_what_the_regex_reads():
     values = [None, "", "300", "0", "007", " 300", "300px", "12.5", "2147483647", "2147483648", "99999999999999", "\u00b2", "\u0661\u0662", "x1", "-5", "1e3"]
     assert [_int(v) for v in values] == [by_regex(v) for v in values]
     assert _int("300") == 300 and _int("2147483648") is None and _int("\u00b2") is None
+
+
+def test_page_complexity_shortcuts_give_the_same_verdicts(warc_dir):
+    """page_complexity counts '<' with NumPy and stops the depth estimate once the start tags that
+    nest are at most the limit (issue 34): the verdicts are those of body.count and the full
+    estimate, on the shared pages and on nested, flat and mixed markup, at several limits."""
+    from crawl.html import _depth_estimate, page_complexity
+    from crawl.warc import Page, iter_file
+
+    bodies = [d.body for p in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))) if not p.endswith(".wat") for d in iter_file(p) if isinstance(d, Page)]
+    bodies += [b"<div>" * n + b"<img src=x>" + b"</div>" * n for n in (50, 4000, 5000)]
+    bodies += [b"<p>x<br><img src=x><b>y</b><li>z" * 3000, b"<span>" * 300 + b"<div></div>" * 3000, b"", b"<" * 5000, b"<a>" * 10]
+    for body in bodies:
+        for limit in (10, 100, 1000, 4096):
+            assert (_depth_estimate(body, limit) <= limit) == (_depth_estimate(body) <= limit)
+            tags = body.count(b"<")
+            want = None if tags <= limit else (f"{tags} tags > 200000" if tags > 200000 else (None if _depth_estimate(body) <= limit else "deep"))
+            got = page_complexity(body, limit)
+            assert got == want or (want == "deep" and got == f"nesting depth over {limit}") or (want == "deep" and got is None), (limit, got, want)
