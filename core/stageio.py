@@ -187,6 +187,15 @@ class _CountEach(beam.CombineFn):
         return counts
 
 
+class _CountTables(_CountEach):
+    """_CountEach over pyarrow tables of rejected rows: each table adds its reasons' counts."""
+
+    def add_input(self, counts: dict, table) -> dict:
+        for vc in table.column("reason").value_counts().to_pylist():
+            counts[vc["values"]] = counts.get(vc["values"], 0) + vc["counts"]
+        return counts
+
+
 class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
@@ -194,15 +203,17 @@ class WriteStageOutputs(beam.PTransform):
     counted (or give `input_count`, a PCollection of numbers that are summed), `kept` rows follow
     `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema; give `kept_count`,
     numbers that are summed, when the kept rows are not the records counted), `rejected` rows
-    follow REJECTED_SCHEMA. Any other entry is counted too and lands in stats.json under its name
+    follow REJECTED_SCHEMA (or, with `rejected_tables=True`, are pyarrow tables with that schema,
+    written as they come). Any other entry is counted too and lands in stats.json under its name
     (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
     """
 
-    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None):
+    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False):
         super().__init__()
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
         self.kept_tables = kept_tables
+        self.rejected_tables = rejected_tables
         self.more = more or {}
 
     def expand(self, pcolls):
@@ -213,9 +224,11 @@ class WriteStageOutputs(beam.PTransform):
         else:
             write = beam.io.WriteToParquet(kept_path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         _ = kept | "WriteKept" >> write
-        _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(
-            os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
-        )
+        rejected_path = os.path.join(self.out_dir, "rejected", "part")
+        if self.rejected_tables:
+            _ = rejected | "WriteRejected" >> beam.io.WriteToParquetBatched(rejected_path, REJECTED_SCHEMA, file_name_suffix=".parquet")
+        else:
+            _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(rejected_path, REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         for other, schema in self.more.items():
             _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
@@ -230,11 +243,14 @@ class WriteStageOutputs(beam.PTransform):
             n_kept = kept | "KeptRows" >> beam.Map(lambda t: t.num_rows) | "SumKept" >> beam.CombineGlobally(sum)
         else:
             n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
-        reasons = (
-            rejected
-            | "Reason" >> beam.Map(lambda r: r["reason"])
-            | "CountReasons" >> beam.CombineGlobally(_CountEach())
-        )
+        if self.rejected_tables:
+            reasons = rejected | "CountReasons" >> beam.CombineGlobally(_CountTables())
+        else:
+            reasons = (
+                rejected
+                | "Reason" >> beam.Map(lambda r: r["reason"])
+                | "CountReasons" >> beam.CombineGlobally(_CountEach())
+            )
         counts = {
             name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> beam.combiners.Count.Globally())
             for name, pc in pcolls.items()

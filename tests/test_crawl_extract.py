@@ -312,3 +312,65 @@ def test_page_complexity_shortcuts_give_the_same_verdicts(warc_dir):
             want = None if tags <= limit else (f"{tags} tags > 200000" if tags > 200000 else (None if _depth_estimate(body) <= limit else "deep"))
             got = page_complexity(body, limit)
             assert got == want or (want == "deep" and got == f"nesting depth over {limit}") or (want == "deep" and got is None), (limit, got, want)
+
+
+def test_pages_with_several_captures_collapse_across_files(tmp_path):
+    """Issue 34's extract reads each file into a spill file and collapses the pages with one
+    capture there; pages captured more than once (in two files, or twice in one file) meet in the
+    shuffle. Every kept and rejected row is the one collapse_page gives on all captures of the
+    page; the spill folder is gone from the output."""
+    import pyarrow.parquet as pq
+
+    from core.stageio import read_success
+    from crawl.extract import collapse_page, page_links, run_extract
+    from crawl.html import extract_page
+    from crawl.urls import AllowList
+    from crawl.warc import Page, iter_file
+    from webpairs.testweb import write_warc
+
+    def html(*imgs):
+        return "<html><body>" + "".join(imgs) + "</body></html>"
+
+    a = {
+        "http://a.test/twice": html('<meta property="og:image" content="/1.jpg">', '<img src="2.jpg" alt="two">', '<img src="/1.jpg">', '<img src="3.jpg" alt="three">'),
+        "http://a.test/once": html('<img src="x.jpg" alt="x">', '<img src="x.jpg" alt="">', '<img src="y.jpg">', '<img src="data:image/png;base64,AA">'),
+        "http://a.test/inone": html('<img src="p.jpg">'),
+    }
+    b = {
+        "http://a.test/twice": html('<img src="/1.jpg" alt="one">', '<img src="4.jpg">', '<img src="2.jpg">'),
+        "http://b.test/other": html('<img src="q.jpg" alt="q">', '<img src="q.jpg" alt="q2">'),
+    }
+    c = {"http://a.test/inone": html('<img src="p.jpg" alt="again">', '<img src="r.jpg">')}
+    for name, pages in (("a", a), ("b", b)):
+        write_warc(str(tmp_path / "in" / f"{name}.warc.gz"), pages)
+    write_warc(str(tmp_path / "in" / "c.warc.gz"), c)
+    stats = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), CrawlConfig())
+
+    captures: dict = {}  # the reference: collapse_page over every capture of each page
+    cfg = CrawlConfig()
+    for path in sorted(glob.glob(str(tmp_path / "in" / "*.warc.gz"))):
+        for doc in iter_file(path):
+            if isinstance(doc, Page):
+                raw, base, _ = extract_page(doc.body.decode())
+                links, _ = page_links(doc.url, raw, base, cfg, AllowList())
+                captures.setdefault(doc.url, []).append((path, doc.offset, links))
+    want_kept, want_rejected = [], []
+    for page, caps in captures.items():
+        kept, rejected = collapse_page(page, caps)
+        want_kept += kept
+        want_rejected += [r for r in rejected]
+    got = pq.read_table(glob.glob(str(tmp_path / "out" / "links" / "*.parquet"))).to_pylist()
+    assert sorted(tuple(r.values()) for r in got) == sorted(want_kept)
+    rejected = pq.read_table(glob.glob(str(tmp_path / "out" / "rejected" / "*.parquet"))).to_pylist()
+    dups = sorted((r["record_id"], r["detail"], r["url"]) for r in rejected if r["reason"] == "duplicate_link")
+    assert dups == sorted((r["record_id"], r["detail"], r["url"]) for r in want_rejected)
+    assert stats["rejected"] == {"duplicate_link": len(want_rejected), "data_uri": 1}
+    assert stats["input"] == stats["kept"] + sum(stats["rejected"].values()) == 16
+    by_url = {(r["page_url"], r["image_url"]): r for r in got}
+    assert by_url[("http://a.test/twice", "http://a.test/1.jpg")]["kind"] == "img"  # the <img> beats the og:image of the other file
+    assert by_url[("http://a.test/twice", "http://a.test/1.jpg")]["alt"] == "one"  # its alt from the other capture
+    assert by_url[("http://a.test/inone", "http://a.test/p.jpg")]["alt"] == "again"
+    assert by_url[("http://a.test/once", "http://a.test/x.jpg")]["alt"] == "x"
+    assert len(got) == 9
+    assert not os.path.exists(tmp_path / "out" / ".spill")
+    assert not any(".spill" in f for f in read_success(str(tmp_path / "out"))["files"])
