@@ -107,18 +107,17 @@ class _Spill:
         h = page_hash(page_url)
         self.hashes.append(h)
         n = len(links)
-        urls = [link[0] for link in links]
+        urls, alts, positions, kinds, widths, heights = zip(*links)  # columns of the page's links
         c = self.cols
         prefix, sha1 = page_url + "\x1f", hashlib.sha1  # stable_id(page_url, url), inlined: once per link
         c["link_id"] += [sha1((prefix + url).encode("utf-8", "surrogatepass")).hexdigest()[:16] for url in urls]
         c["page_url"] += [page_url] * n
         c["image_url"] += urls
-        alts = [link[1] for link in links]
         c["alt"] += alts
-        c["position"] += [link[2] for link in links]
-        c["kind"] += [link[3] for link in links]
-        c["width"] += [link[4] for link in links]
-        c["height"] += [link[5] for link in links]
+        c["position"] += positions
+        c["kind"] += kinds
+        c["width"] += widths
+        c["height"] += heights
         c["source_offset"] += [offset] * n
         c["page_hash"] += [h] * n
         if len(set(urls)) == n:  # the common case: every image URL once
@@ -127,8 +126,8 @@ class _Spill:
         else:  # collapse_page's rule for one capture
             kept, kept_alt = [False] * n, list(alts)
             by_url: dict[str, list] = {}
-            for i, link in enumerate(links):
-                by_url.setdefault(link[0], []).append(i)
+            for i, url in enumerate(urls):
+                by_url.setdefault(url, []).append(i)
             for found in by_url.values():
                 if len(found) > 1:
                     found.sort(key=lambda i: (KIND_RANK.get(links[i][3], 9), links[i][2]))
