@@ -187,12 +187,17 @@ class _CountEach(beam.CombineFn):
         return counts
 
 
-class _CountTables(_CountEach):
-    """_CountEach over pyarrow tables of rejected rows: each table adds its reasons' counts."""
+def _reason_counts(table) -> dict:
+    """{reason: rows} of a pyarrow table of rejected rows."""
+    return {vc["values"]: vc["counts"] for vc in table.column("reason").value_counts().to_pylist()}
 
-    def add_input(self, counts: dict, table) -> dict:
-        for vc in table.column("reason").value_counts().to_pylist():
-            counts[vc["values"]] = counts.get(vc["values"], 0) + vc["counts"]
+
+class _CountDicts(_CountEach):
+    """_CountEach over {value: count} dicts (a table's `_reason_counts`): merged."""
+
+    def add_input(self, counts: dict, more: dict) -> dict:
+        for value, n in more.items():
+            counts[value] = counts.get(value, 0) + n
         return counts
 
 
@@ -204,7 +209,8 @@ class WriteStageOutputs(beam.PTransform):
     `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema; give `kept_count`,
     numbers that are summed, when the kept rows are not the records counted), `rejected` rows
     follow REJECTED_SCHEMA (or, with `rejected_tables=True`, are pyarrow tables with that schema,
-    written as they come). Any other entry is counted too and lands in stats.json under its name
+    written as they come). With tables, `kept` and `rejected` may be tuples of PCollections, each
+    written by its own sink. Any other entry is counted too and lands in stats.json under its name
     (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
     """
 
@@ -218,17 +224,27 @@ class WriteStageOutputs(beam.PTransform):
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
+        # With tables, `kept` and `rejected` may each be a tuple of PCollections: each is written
+        # by its own sink (part-*, part-1-*, ...) and only their counts meet. (A Flatten of
+        # PCollections made in different stages is held whole in memory by the local runner.)
+        kept_all = list(kept) if isinstance(kept, (tuple, list)) else [kept]
+        rejected_all = list(rejected) if isinstance(rejected, (tuple, list)) else [rejected]
+        if (len(kept_all) > 1 and not self.kept_tables) or (len(rejected_all) > 1 and not self.rejected_tables):
+            raise ValueError("several kept or rejected PCollections need kept_tables / rejected_tables")
         kept_path = os.path.join(self.out_dir, self.name, "part")
-        if self.kept_tables:  # each table is written as it comes
-            write = beam.io.WriteToParquetBatched(kept_path, self.schema, file_name_suffix=".parquet")
-        else:
-            write = beam.io.WriteToParquet(kept_path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-        _ = kept | "WriteKept" >> write
         rejected_path = os.path.join(self.out_dir, "rejected", "part")
-        if self.rejected_tables:
-            _ = rejected | "WriteRejected" >> beam.io.WriteToParquetBatched(rejected_path, REJECTED_SCHEMA, file_name_suffix=".parquet")
-        else:
-            _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(rejected_path, REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        for i, pc in enumerate(kept_all):
+            path, label = (kept_path, "WriteKept") if i == 0 else (f"{kept_path}-{i}", f"WriteKept{i}")
+            if self.kept_tables:  # each table is written as it comes
+                _ = pc | label >> beam.io.WriteToParquetBatched(path, self.schema, file_name_suffix=".parquet")
+            else:
+                _ = pc | label >> beam.io.WriteToParquet(path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        for i, pc in enumerate(rejected_all):
+            path, label = (rejected_path, "WriteRejected") if i == 0 else (f"{rejected_path}-{i}", f"WriteRejected{i}")
+            if self.rejected_tables:
+                _ = pc | label >> beam.io.WriteToParquetBatched(path, REJECTED_SCHEMA, file_name_suffix=".parquet")
+            else:
+                _ = pc | label >> beam.io.WriteToParquet(path, REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         for other, schema in self.more.items():
             _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
@@ -240,11 +256,15 @@ class WriteStageOutputs(beam.PTransform):
         if "kept_count" in pcolls:  # kept rows are not what is counted (filter: images kept, links counted)
             n_kept = pcolls["kept_count"] | "SumKept" >> beam.CombineGlobally(sum)
         elif self.kept_tables:
-            n_kept = kept | "KeptRows" >> beam.Map(lambda t: t.num_rows) | "SumKept" >> beam.CombineGlobally(sum)
+            sizes = [pc | (f"KeptRows{i}" if i else "KeptRows") >> beam.Map(lambda t: t.num_rows) for i, pc in enumerate(kept_all)]
+            sizes = sizes[0] if len(sizes) == 1 else sizes | "AllKeptRows" >> beam.Flatten()
+            n_kept = sizes | "SumKept" >> beam.CombineGlobally(sum)
         else:
             n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
         if self.rejected_tables:
-            reasons = rejected | "CountReasons" >> beam.CombineGlobally(_CountTables())
+            per_table = [pc | (f"Reasons{i}" if i else "Reasons") >> beam.Map(_reason_counts) for i, pc in enumerate(rejected_all)]
+            per_table = per_table[0] if len(per_table) == 1 else per_table | "AllReasons" >> beam.Flatten()
+            reasons = per_table | "CountReasons" >> beam.CombineGlobally(_CountDicts())
         else:
             reasons = (
                 rejected
@@ -257,7 +277,7 @@ class WriteStageOutputs(beam.PTransform):
             if name not in ("input", "input_count", "kept", "kept_count", "rejected")
         }
         return (
-            kept.pipeline
+            kept_all[0].pipeline
             | "StatsSeed" >> beam.Create([None])
             | "WriteStats"
             >> beam.Map(

@@ -3,7 +3,7 @@
 Steps: list files -> read each file as a stream and extract image links per page (a file is the
 unit of parallelism), rejecting refused URLs with a reason, into a spill file per input file ->
 collapse exact duplicate (page_url, image_url) links: pages with one capture from their spill file,
-a row group at a time, as whole columns; the few pages with several captures (found from every
+a record batch at a time, as whole columns; the few pages with several captures (found from every
 file's page hashes) meet in a shuffle -> write links/ and rejected/ (pyarrow tables), stats.json.
 """
 
@@ -64,7 +64,7 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
 SPILL = ".spill"  # in the stage's output folder; finish_stage removes dot folders before _SUCCESS
 PAGES = "pages"  # per file, the page hashes of its captures (pages with accepted links)
 REPEATED = "repeated"  # links of pages with several captures, on their way to the shuffle
-SPILL_ROWS = 50_000  # links per spill row group (a row group ends with a page)
+SPILL_ROWS = 50_000  # links per spill record batch (a batch ends with a page)
 SPILL_SCHEMA = pa.schema(
     [
         ("link_id", pa.string()),
@@ -90,8 +90,9 @@ def page_hash(page_url: str) -> int:
 
 
 class _Spill:
-    """The accepted links of one input file, in SPILL_SCHEMA columns, written as parquet row
-    groups of about SPILL_ROWS links (whole pages) to `path`. Each page is collapsed as if it had
+    """The accepted links of one input file, in SPILL_SCHEMA columns, written as Arrow IPC record
+    batches of about SPILL_ROWS links (whole pages) to `path` (IPC, not parquet: written and read
+    back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is collapsed as if it had
     one capture (`kept`, `kept_alt`); the pages that turn out to have more are collapsed again."""
 
     NAMES = [f.name for f in SPILL_SCHEMA]
@@ -142,15 +143,13 @@ class _Spill:
             self.flush()
 
     def flush(self) -> None:
-        import pyarrow.parquet as pq
-
         if not self.rows:
             return
         table = pa.Table.from_arrays([pa.array(self.cols[f.name], type=f.type) for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
         if self.writer is None:
             self.fh = FileSystems.create(self.path)
-            self.writer = pq.ParquetWriter(self.fh, SPILL_SCHEMA, compression="none")
-        self.writer.write_table(table, row_group_size=table.num_rows)
+            self.writer = pa.ipc.new_file(self.fh, SPILL_SCHEMA)
+        self.writer.write_batch(table.to_batches()[0])  # one record batch per flush: whole pages
         self.cols = {n: [] for n in self.NAMES}
         self.rows = 0
 
@@ -190,7 +189,7 @@ class ExtractFileLinks(beam.DoFn):
 
         counters: dict = {}
         candidates = 0
-        spill = _Spill(os.path.join(self.spill_dir, f"{stable_id(path, length=32)}.parquet"))
+        spill = _Spill(os.path.join(self.spill_dir, f"{stable_id(path, length=32)}.arrow"))
         rejected: list[dict] = []
         for doc in iter_file(path, counters, self.cfg.retries):
             if len(rejected) >= 10_000:
@@ -265,20 +264,19 @@ class _RepeatedPages(beam.CombineFn):
 
 
 class SplitSpill(beam.DoFn):
-    """(file, spill path) -> the spill's links, a row group at a time: the links of pages with one
+    """(file, spill path) -> the spill's links, a record batch at a time: the links of pages with one
     capture as LINK_SCHEMA tables (the kept ones) and rejected tables (their duplicates), whole
     columns at once; the links of pages with several captures (`repeated`, a side input) as
     (page_url, pickled [(file, offset, [link tuple, ...]), ...]) for the shuffle to collapse."""
 
     def process(self, item, repeated):
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         source_file, spill_path = item
         with FileSystems.open(spill_path) as fh:
-            spill = pq.ParquetFile(fh)
-            for i in range(spill.num_row_groups):
-                table = spill.read_row_group(i)
+            spill = pa.ipc.open_file(fh)
+            for i in range(spill.num_record_batches):
+                table = pa.Table.from_batches([spill.get_batch(i)])
                 many = pc.is_in(table["page_hash"], value_set=pa.array(sorted(repeated), pa.uint64())) if repeated else None
                 if many is not None and pc.any(many).as_py():
                     yield from self._repeated(table.filter(many), source_file)
@@ -372,8 +370,9 @@ class CollapseDuplicates(beam.DoFn):
 
 
 class ExtractLinks(beam.PTransform):
-    """Files (a PCollection of paths) -> {"input_count", "kept" (pyarrow tables), "rejected"
-    (pyarrow tables)}. Spill files go under `spill_dir`."""
+    """Files (a PCollection of paths) -> {"input_count", "kept" (two PCollections of pyarrow
+    tables: pages with one capture, pages with several), "rejected" (three PCollections of pyarrow
+    tables: read and URL problems, duplicates of both)}. Spill files go under `spill_dir`."""
 
     def __init__(self, cfg: CrawlConfig, spill_dir: str):
         super().__init__()
@@ -389,9 +388,9 @@ class ExtractLinks(beam.PTransform):
             | "GroupPages" >> beam.GroupByKey()
             | "Collapse" >> beam.ParDo(CollapseDuplicates()).with_outputs(REJECTED, main="kept")
         )
-        kept = (split.kept, deduped.kept) | "AllKept" >> beam.Flatten()
-        rejected = (found[REJECTED], split[REJECTED], deduped[REJECTED]) | "AllRejected" >> beam.Flatten()
-        return {"input_count": found[CANDIDATES], "kept": kept, "rejected": rejected}
+        # not flattened: each is written by its own sink (the local runner would hold a Flatten
+        # of outputs of different stages whole in memory)
+        return {"input_count": found[CANDIDATES], "kept": (split.kept, deduped.kept), "rejected": (found[REJECTED], split[REJECTED], deduped[REJECTED])}
 
 
 def _count(table, reason: str) -> int:
@@ -417,9 +416,9 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
     with StageOutput(out_dir, STAGE) as out:
         with stage_pipeline(beam_args) as p:
             outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg, os.path.join(out.path, SPILL))
-            rejected = outputs["rejected"]
+            read_problems = outputs["rejected"][0]  # the file and record problems are all rejected there
             for reason, key in FILE_STATS.items():  # counted apart in stats.json too: one element per row of the reason
-                outputs[key] = rejected | f"Only_{reason}" >> beam.FlatMap(lambda t, reason=reason: [None] * _count(t, reason))
+                outputs[key] = read_problems | f"Only_{reason}" >> beam.FlatMap(lambda t, reason=reason: [None] * _count(t, reason))
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True)
         spill_dir = os.path.join(out.path, SPILL)
         if FileSystems.exists(spill_dir):
