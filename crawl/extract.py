@@ -121,19 +121,23 @@ class _Spill:
         c["height"] += heights
         c["source_offset"] += [offset] * n
         c["page_hash"] += [h] * n
-        if len(set(urls)) == n:  # the common case: every image URL once
+        seen = set(urls)
+        if len(seen) == n:  # the common case: every image URL once
             c["kept_alt"] += alts
             c["kept"] += [True] * n
-        else:  # collapse_page's rule for one capture
-            kept, kept_alt = [False] * n, list(alts)
-            by_url: dict[str, list] = {}
+        else:  # collapse_page's rule for one capture, on the URLs that repeat
+            kept, kept_alt = [True] * n, list(alts)
+            first: dict[str, int] = {}
+            groups: dict[str, list] = {}
             for i, url in enumerate(urls):
-                by_url.setdefault(url, []).append(i)
-            for found in by_url.values():
-                if len(found) > 1:
-                    found.sort(key=lambda i: (KIND_RANK.get(links[i][3], 9), links[i][2]))
+                j = first.setdefault(url, i)
+                if j != i:
+                    groups.setdefault(url, [j]).append(i)
+            for found in groups.values():
+                found.sort(key=lambda i: (KIND_RANK.get(kinds[i], 9), positions[i]))
+                for i in found[1:]:
+                    kept[i] = False
                 best = found[0]
-                kept[best] = True
                 if not alts[best]:
                     kept_alt[best] = next((alts[i] for i in found if alts[i]), "")
             c["kept_alt"] += kept_alt

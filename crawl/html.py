@@ -124,7 +124,9 @@ def _depth_estimate(body: bytes, limit: Optional[int] = None) -> int:
     n2 = np.where(alnum(n2), n2, 0)
     n3 = np.where((n2 != 0) & alnum(n3), n3, 0)
     code = (n1.astype(np.int64) << 16) | (n2.astype(np.int64) << 8) | n3
-    keep = (n1 >= 97) & (n1 <= 122) & ~np.isin(code, _NO_NEST_CODES)
+    no_nest = np.asarray(_NO_NEST_CODES, dtype=np.int64)  # sorted: a binary search per tag (np.isin sorts both, 3x slower)
+    listed = no_nest[np.minimum(np.searchsorted(no_nest, code), no_nest.size - 1)] == code
+    keep = (n1 >= 97) & (n1 <= 122) & ~listed
     code, step = code[keep], np.where(close[keep], -1, 1)
     if code.size == 0:
         return 0
