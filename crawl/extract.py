@@ -150,8 +150,9 @@ class _Spill:
         if not self.rows:
             return
         table = pa.Table.from_arrays([pa.array(self.cols[f.name], type=f.type) for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
-        if self.writer is None:
-            self.fh = FileSystems.create(self.path)
+        if self.writer is None:  # written under a name of its own, renamed when whole: a retried file never mixes two attempts
+            self.tmp = f"{self.path}.{os.getpid()}-{id(self):x}.tmp"
+            self.fh = FileSystems.create(self.tmp)
             self.writer = pa.ipc.new_file(self.fh, SPILL_SCHEMA)
         self.writer.write_batch(table.to_batches()[0])  # one record batch per flush: whole pages
         self.cols = {n: [] for n in self.NAMES}
@@ -164,6 +165,7 @@ class _Spill:
             return False
         self.writer.close()
         self.fh.close()
+        FileSystems.rename([self.tmp], [self.path])
         return True
 
 
