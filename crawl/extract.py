@@ -64,7 +64,7 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
 SPILL = ".spill"  # in the stage's output folder; finish_stage removes dot folders before _SUCCESS
 PAGES = "pages"  # per file, the page hashes of its captures (pages with accepted links)
 REPEATED = "repeated"  # links of pages with several captures, on their way to the shuffle
-SPILL_ROWS = 50_000  # links per spill record batch (a batch ends with a page)
+SPILL_ROWS = 20_000  # links per spill record batch (a batch ends with a page)
 SPILL_SCHEMA = pa.schema(
     [
         ("link_id", pa.string()),
