@@ -92,8 +92,9 @@ def page_hash(page_url: str) -> int:
 class _Spill:
     """The accepted links of one input file, in SPILL_SCHEMA columns, written as Arrow IPC record
     batches of about SPILL_ROWS links (whole pages) to `path` (IPC, not parquet: written and read
-    back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is collapsed as if it had
-    one capture (`kept`, `kept_alt`); the pages that turn out to have more are collapsed again."""
+    back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is
+    collapsed as if it had one capture (`kept`, `kept_alt`); the pages that turn out to have more
+    are collapsed again."""
 
     NAMES = [f.name for f in SPILL_SCHEMA]
 
@@ -279,11 +280,12 @@ class SplitSpill(beam.DoFn):
         import pyarrow.compute as pc
 
         source_file, spill_path = item
+        repeated = pa.array(sorted(repeated), pa.uint64()) if repeated else None
         with FileSystems.open(spill_path) as fh:
             spill = pa.ipc.open_file(fh)
             for i in range(spill.num_record_batches):
                 table = pa.Table.from_batches([spill.get_batch(i)])
-                many = pc.is_in(table["page_hash"], value_set=pa.array(sorted(repeated), pa.uint64())) if repeated else None
+                many = pc.is_in(table["page_hash"], value_set=repeated) if repeated is not None else None
                 if many is not None and pc.any(many).as_py():
                     yield from self._repeated(table.filter(many), source_file)
                     table = table.filter(pc.invert(many))
