@@ -187,6 +187,20 @@ class _CountEach(beam.CombineFn):
         return counts
 
 
+def _reason_counts(table) -> dict:
+    """{reason: rows} of a pyarrow table of rejected rows."""
+    return {vc["values"]: vc["counts"] for vc in table.column("reason").value_counts().to_pylist()}
+
+
+class _CountDicts(_CountEach):
+    """_CountEach over {value: count} dicts (a table's `_reason_counts`): merged."""
+
+    def add_input(self, counts: dict, more: dict) -> dict:
+        for value, n in more.items():
+            counts[value] = counts.get(value, 0) + n
+        return counts
+
+
 class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
@@ -194,28 +208,43 @@ class WriteStageOutputs(beam.PTransform):
     counted (or give `input_count`, a PCollection of numbers that are summed), `kept` rows follow
     `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema; give `kept_count`,
     numbers that are summed, when the kept rows are not the records counted), `rejected` rows
-    follow REJECTED_SCHEMA. Any other entry is counted too and lands in stats.json under its name
+    follow REJECTED_SCHEMA (or, with `rejected_tables=True`, are pyarrow tables with that schema,
+    written as they come). With tables, `kept` and `rejected` may be tuples of PCollections, each
+    written by its own sink. Any other entry is counted too and lands in stats.json under its name
     (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
     """
 
-    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None):
+    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False):
         super().__init__()
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
         self.kept_tables = kept_tables
+        self.rejected_tables = rejected_tables
         self.more = more or {}
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
+        # With tables, `kept` and `rejected` may each be a tuple of PCollections: each is written
+        # by its own sink (part-*, part-1-*, ...) and only their counts meet. (A Flatten of
+        # PCollections made in different stages is held whole in memory by the local runner.)
+        kept_all = list(kept) if isinstance(kept, (tuple, list)) else [kept]
+        rejected_all = list(rejected) if isinstance(rejected, (tuple, list)) else [rejected]
+        if (len(kept_all) > 1 and not self.kept_tables) or (len(rejected_all) > 1 and not self.rejected_tables):
+            raise ValueError("several kept or rejected PCollections need kept_tables / rejected_tables")
         kept_path = os.path.join(self.out_dir, self.name, "part")
-        if self.kept_tables:  # each table is written as it comes
-            write = beam.io.WriteToParquetBatched(kept_path, self.schema, file_name_suffix=".parquet")
-        else:
-            write = beam.io.WriteToParquet(kept_path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-        _ = kept | "WriteKept" >> write
-        _ = rejected | "WriteRejected" >> beam.io.WriteToParquet(
-            os.path.join(self.out_dir, "rejected", "part"), REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
-        )
+        rejected_path = os.path.join(self.out_dir, "rejected", "part")
+        for i, pc in enumerate(kept_all):
+            path, label = (kept_path, "WriteKept") if i == 0 else (f"{kept_path}-{i}", f"WriteKept{i}")
+            if self.kept_tables:  # each table is written as it comes
+                _ = pc | label >> beam.io.WriteToParquetBatched(path, self.schema, file_name_suffix=".parquet")
+            else:
+                _ = pc | label >> beam.io.WriteToParquet(path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        for i, pc in enumerate(rejected_all):
+            path, label = (rejected_path, "WriteRejected") if i == 0 else (f"{rejected_path}-{i}", f"WriteRejected{i}")
+            if self.rejected_tables:
+                _ = pc | label >> beam.io.WriteToParquetBatched(path, REJECTED_SCHEMA, file_name_suffix=".parquet")
+            else:
+                _ = pc | label >> beam.io.WriteToParquet(path, REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         for other, schema in self.more.items():
             _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
@@ -227,21 +256,28 @@ class WriteStageOutputs(beam.PTransform):
         if "kept_count" in pcolls:  # kept rows are not what is counted (filter: images kept, links counted)
             n_kept = pcolls["kept_count"] | "SumKept" >> beam.CombineGlobally(sum)
         elif self.kept_tables:
-            n_kept = kept | "KeptRows" >> beam.Map(lambda t: t.num_rows) | "SumKept" >> beam.CombineGlobally(sum)
+            sizes = [pc | (f"KeptRows{i}" if i else "KeptRows") >> beam.Map(lambda t: t.num_rows) for i, pc in enumerate(kept_all)]
+            sizes = sizes[0] if len(sizes) == 1 else sizes | "AllKeptRows" >> beam.Flatten()
+            n_kept = sizes | "SumKept" >> beam.CombineGlobally(sum)
         else:
             n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
-        reasons = (
-            rejected
-            | "Reason" >> beam.Map(lambda r: r["reason"])
-            | "CountReasons" >> beam.CombineGlobally(_CountEach())
-        )
+        if self.rejected_tables:
+            per_table = [pc | (f"Reasons{i}" if i else "Reasons") >> beam.Map(_reason_counts) for i, pc in enumerate(rejected_all)]
+            per_table = per_table[0] if len(per_table) == 1 else per_table | "AllReasons" >> beam.Flatten()
+            reasons = per_table | "CountReasons" >> beam.CombineGlobally(_CountDicts())
+        else:
+            reasons = (
+                rejected
+                | "Reason" >> beam.Map(lambda r: r["reason"])
+                | "CountReasons" >> beam.CombineGlobally(_CountEach())
+            )
         counts = {
             name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> beam.combiners.Count.Globally())
             for name, pc in pcolls.items()
             if name not in ("input", "input_count", "kept", "kept_count", "rejected")
         }
         return (
-            kept.pipeline
+            kept_all[0].pipeline
             | "StatsSeed" >> beam.Create([None])
             | "WriteStats"
             >> beam.Map(

@@ -1,25 +1,30 @@
 """`crawl extract`: WARC/WAT files -> LinkRecord parquet (Apache Beam).
 
 Steps: list files -> read each file as a stream and extract image links per page (a file is the
-unit of parallelism) -> reject refused URLs with a reason -> group by page and collapse exact
-duplicate (page_url, image_url) links -> write links/ (pyarrow tables, batched), rejected/,
-stats.json.
+unit of parallelism), rejecting refused URLs with a reason, into a spill file per input file ->
+collapse exact duplicate (page_url, image_url) links: pages with one capture from their spill file,
+a record batch at a time, as whole columns; the few pages with several captures (found from every
+file's page hashes) meet in a shuffle -> write links/ and rejected/ (pyarrow tables), stats.json.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 from typing import Iterable
 
 import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from core.config import CrawlConfig
-from core.records import LINK_SCHEMA, Rejected, stable_id
+from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, stable_id
 from core.stageio import WriteStageOutputs
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
-from crawl.urls import AllowList, normalize_url
+from crawl.urls import AllowList, normalize_links, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
@@ -45,8 +50,8 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
     base = base or page_url
     links, rejected = [], []
     limit = cfg.max_links_per_page
-    for n, raw in enumerate(raw_links):
-        url, reason = normalize_url(raw.url, base, allow)  # resolution, normalisation and URL policy
+    raw_links = list(raw_links)
+    for n, (raw, (url, reason)) in enumerate(zip(raw_links, normalize_links([r.url for r in raw_links], base, allow))):  # resolution, normalisation, URL policy
         if reason is None and n >= limit:
             reason = REASON_TOO_MANY
         if reason is None:
@@ -56,13 +61,126 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
     return links, rejected
 
 
-class ExtractFileLinks(beam.DoFn):
-    """Read one WARC/WAT file as a stream. Outputs: per page with accepted links,
-    (page_url, (file, record offset, [link tuple, ...])); rejected rows (tag REJECTED); per file,
-    the number of candidate links it held (tag CANDIDATES, what stats.json calls `input`)."""
+SPILL = ".spill"  # in the stage's output folder; finish_stage removes dot folders before _SUCCESS
+PAGES = "pages"  # per file, the page hashes of its captures (pages with accepted links)
+REPEATED = "repeated"  # links of pages with several captures, on their way to the shuffle
+SPILL_ROWS = 20_000  # links per spill record batch (a batch ends with a page)
+SPILL_SCHEMA = pa.schema(
+    [
+        ("link_id", pa.string()),
+        ("page_url", pa.string()),
+        ("image_url", pa.string()),
+        ("alt", pa.string()),  # as written on the page
+        ("kept_alt", pa.string()),  # the alt the kept link gets if the page has no other capture
+        ("position", pa.int32()),
+        ("kind", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("kept", pa.bool_()),  # kept if the page has no other capture (else collapse_page decides)
+        ("page_hash", pa.uint64()),
+    ]
+)
 
-    def __init__(self, cfg: CrawlConfig):
+
+def page_hash(page_url: str) -> int:
+    """64-bit hash of a page URL, the same on every worker. Two pages that share one only take
+    the slow path (the shuffle, keyed by the URL itself), so a collision changes no output."""
+    return int.from_bytes(hashlib.blake2b(page_url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+class _Spill:
+    """The accepted links of one input file, in SPILL_SCHEMA columns, written as Arrow IPC record
+    batches of about SPILL_ROWS links (whole pages) to `path` (IPC, not parquet: written and read
+    back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is
+    collapsed as if it had one capture (`kept`, `kept_alt`); the pages that turn out to have more
+    are collapsed again."""
+
+    NAMES = [f.name for f in SPILL_SCHEMA]
+
+    def __init__(self, path: str):
+        self.path = path
+        self.cols: dict = {n: [] for n in self.NAMES}
+        self.rows = 0
+        self.hashes: list[int] = []
+        self.writer = self.fh = None
+
+    def add(self, page_url: str, offset: int, links: list[tuple]) -> None:
+        h = page_hash(page_url)
+        self.hashes.append(h)
+        n = len(links)
+        urls, alts, positions, kinds, widths, heights = zip(*links)  # columns of the page's links
+        c = self.cols
+        prefix, sha1 = page_url + "\x1f", hashlib.sha1  # stable_id(page_url, url), inlined: once per link
+        c["link_id"] += [sha1((prefix + url).encode("utf-8", "surrogatepass")).hexdigest()[:16] for url in urls]
+        c["page_url"] += [page_url] * n
+        c["image_url"] += urls
+        c["alt"] += alts
+        c["position"] += positions
+        c["kind"] += kinds
+        c["width"] += widths
+        c["height"] += heights
+        c["source_offset"] += [offset] * n
+        c["page_hash"] += [h] * n
+        seen = set(urls)
+        if len(seen) == n:  # the common case: every image URL once
+            c["kept_alt"] += alts
+            c["kept"] += [True] * n
+        else:  # collapse_page's rule for one capture, on the URLs that repeat
+            kept, kept_alt = [True] * n, list(alts)
+            first: dict[str, int] = {}
+            groups: dict[str, list] = {}
+            for i, url in enumerate(urls):
+                j = first.setdefault(url, i)
+                if j != i:
+                    groups.setdefault(url, [j]).append(i)
+            for found in groups.values():
+                found.sort(key=lambda i: (KIND_RANK.get(kinds[i], 9), positions[i]))
+                for i in found[1:]:
+                    kept[i] = False
+                best = found[0]
+                if not alts[best]:
+                    kept_alt[best] = next((alts[i] for i in found if alts[i]), "")
+            c["kept_alt"] += kept_alt
+            c["kept"] += kept
+        self.rows += n
+        if self.rows >= SPILL_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_arrays([pa.array(self.cols[f.name], type=f.type) for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
+        if self.writer is None:  # written under a name of its own, renamed when whole: a retried file never mixes two attempts
+            self.tmp = f"{self.path}.{os.getpid()}-{id(self):x}.tmp"
+            self.fh = FileSystems.create(self.tmp)
+            self.writer = pa.ipc.new_file(self.fh, SPILL_SCHEMA)
+        self.writer.write_batch(table.to_batches()[0])  # one record batch per flush: whole pages
+        self.cols = {n: [] for n in self.NAMES}
+        self.rows = 0
+
+    def close(self) -> bool:
+        """Write what is left; True when the file holds any link."""
+        self.flush()
+        if self.writer is None:
+            return False
+        self.writer.close()
+        self.fh.close()
+        FileSystems.rename([self.tmp], [self.path])
+        return True
+
+
+class ExtractFileLinks(beam.DoFn):
+    """Read one WARC/WAT file as a stream. The accepted links of its pages go to a spill file
+    (`_Spill`, under `spill_dir`); outputs: (file, spill path) once the file is read; rejected
+    rows as pyarrow tables (tag REJECTED); the page hashes of its captures (tag PAGES, a NumPy
+    array); the number of candidate links it held (tag CANDIDATES, what stats.json calls `input`).
+    A file is read and written once per element: no link crosses a shuffle (issue 34: the
+    in-process runner held every link of the input in memory there)."""
+
+    def __init__(self, cfg: CrawlConfig, spill_dir: str):
         self.cfg = cfg
+        self.spill_dir = spill_dir
         self.pages = Metrics.counter(STAGE, "html_pages")
         self.wat_pages = Metrics.counter(STAGE, "wat_pages")
         self.broken = Metrics.counter(STAGE, "truncated_files")
@@ -71,12 +189,19 @@ class ExtractFileLinks(beam.DoFn):
         self.allow = AllowList(self.cfg.allow_hosts)
 
     def process(self, path: str):
+        import numpy as np
+
         from crawl.html import page_complexity
         from crawl.warc import Page, Problem, iter_file
 
         counters: dict = {}
         candidates = 0
+        spill = _Spill(os.path.join(self.spill_dir, f"{stable_id(path, length=32)}.arrow"))
+        rejected: list[dict] = []
         for doc in iter_file(path, counters, self.cfg.retries):
+            if len(rejected) >= 10_000:
+                yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
+                rejected = []
             if isinstance(doc, Page):
                 too_complex = page_complexity(doc.body, self.cfg.max_page_depth, self.cfg.max_page_elements)
                 if too_complex:
@@ -84,7 +209,7 @@ class ExtractFileLinks(beam.DoFn):
             if isinstance(doc, Problem):  # one record in, one rejected row out: the counts still reconcile
                 candidates += 1
                 detail = f"{doc.file} @ {doc.offset}: {doc.detail}"
-                yield beam.pvalue.TaggedOutput(REJECTED, Rejected(stable_id(doc.file, str(doc.offset), doc.reason), STAGE, doc.reason, detail[:1000], doc.url or doc.file).to_row())
+                rejected.append(Rejected(stable_id(doc.file, str(doc.offset), doc.reason), STAGE, doc.reason, detail[:1000], doc.url or doc.file).to_row())
                 continue
             page_url, _ = normalize_url(doc.url, doc.url)
             if page_url is None:
@@ -100,17 +225,93 @@ class ExtractFileLinks(beam.DoFn):
                 page_base = (normalize_url(base, page_url)[0] if base else None) or page_url
                 for link in raw:
                     url = normalize_url(link.url, page_base)[0] or link.url
-                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(stable_id(page_url, link.url), STAGE, PAGE_OPT_OUT, f"{page_url[:300]}: {opted_out}", url[:2048]).to_row())
+                    rejected.append(Rejected(stable_id(page_url, link.url), STAGE, PAGE_OPT_OUT, f"{page_url[:300]}: {opted_out}", url[:2048]).to_row())
                 continue
-            links, rejected = page_links(page_url, raw, base, self.cfg, self.allow)
-            for row in rejected:
-                yield beam.pvalue.TaggedOutput(REJECTED, row)
-            if links:  # one element per page, packed: the shuffle moves one bytes object per page
-                yield page_url, pickle.dumps((path, doc.offset, links), protocol=pickle.HIGHEST_PROTOCOL)
+            links, refused = page_links(page_url, raw, base, self.cfg, self.allow)
+            rejected += refused
+            if links:
+                spill.add(page_url, doc.offset, links)
+        if rejected:
+            yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
+        if spill.close():
+            yield path, spill.path
+            yield beam.pvalue.TaggedOutput(PAGES, np.array(spill.hashes, dtype=np.uint64))
         yield beam.pvalue.TaggedOutput(CANDIDATES, candidates)
         self.pages.inc(counters.get("html_pages", 0))
         self.wat_pages.inc(counters.get("wat_pages", 0))
         self.broken.inc(counters.get("truncated_files", 0))
+
+
+class _RepeatedPages(beam.CombineFn):
+    """NumPy arrays of page hashes (one per capture) -> the set of hashes seen more than once:
+    the pages with several captures, whose links must meet in one place to be collapsed."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, hashes):
+        acc.append(hashes)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return [self._reduce([a for acc in accs for a in acc])]
+
+    def extract_output(self, acc):
+        import numpy as np
+
+        both = self._reduce(acc)
+        values, counts = np.unique(both, return_counts=True)
+        return set(values[counts > 1].tolist())
+
+    @staticmethod
+    def _reduce(arrays):
+        import numpy as np
+
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint64)
+
+
+class SplitSpill(beam.DoFn):
+    """(file, spill path) -> the spill's links, a record batch at a time: the links of pages with one
+    capture as LINK_SCHEMA tables (the kept ones) and rejected tables (their duplicates), whole
+    columns at once; the links of pages with several captures (`repeated`, a side input) as
+    (page_url, pickled [(file, offset, [link tuple, ...]), ...]) for the shuffle to collapse."""
+
+    def process(self, item, repeated):
+        import pyarrow.compute as pc
+
+        source_file, spill_path = item
+        repeated = pa.array(sorted(repeated), pa.uint64()) if repeated else None
+        with FileSystems.open(spill_path) as fh:
+            spill = pa.ipc.open_file(fh)
+            for i in range(spill.num_record_batches):
+                table = pa.Table.from_batches([spill.get_batch(i)])
+                many = pc.is_in(table["page_hash"], value_set=repeated) if repeated is not None else None
+                if many is not None and pc.any(many).as_py():
+                    yield from self._repeated(table.filter(many), source_file)
+                    table = table.filter(pc.invert(many))
+                kept = table.filter(table["kept"])
+                if kept.num_rows:
+                    n = kept.num_rows
+                    yield pa.Table.from_arrays(
+                        [kept["link_id"], kept["page_url"], kept["image_url"], kept["kept_alt"], kept["position"], kept["kind"], kept["width"], kept["height"], pa.array([source_file] * n, pa.string()), kept["source_offset"]],
+                        schema=LINK_SCHEMA,
+                    )
+                dropped = table.filter(pc.invert(table["kept"]))
+                if dropped.num_rows:
+                    n = dropped.num_rows
+                    record_id = pc.binary_join_element_wise(dropped["link_id"], dropped["kind"], pc.cast(dropped["position"], pa.string()), ":")
+                    yield beam.pvalue.TaggedOutput(
+                        REJECTED,
+                        pa.Table.from_arrays([record_id, pa.array([STAGE] * n, pa.string()), pa.array([REASON_DUPLICATE] * n, pa.string()), dropped["kind"], dropped["image_url"]], schema=REJECTED_SCHEMA),
+                    )
+
+    @staticmethod
+    def _repeated(table, source_file):
+        captures: dict = {}
+        for page_url, offset, url, alt, position, kind, width, height in zip(*(table[c].to_pylist() for c in ("page_url", "source_offset", "image_url", "alt", "position", "kind", "width", "height"))):
+            captures.setdefault(page_url, {}).setdefault(offset, []).append((url, alt, position, kind, width, height))
+        for page_url, by_offset in captures.items():
+            yield beam.pvalue.TaggedOutput(REPEATED, (page_url, pickle.dumps([(source_file, offset, links) for offset, links in by_offset.items()], protocol=pickle.HIGHEST_PROTOCOL)))
 
 
 def collapse_page(page_url: str, captures: list[tuple]) -> tuple[list[tuple], list[dict]]:
@@ -140,57 +341,71 @@ def collapse_page(page_url: str, captures: list[tuple]) -> tuple[list[tuple], li
 
 
 class CollapseDuplicates(beam.DoFn):
-    """(page_url, captures) groups -> pyarrow tables of kept links (LINK_SCHEMA, about
-    `batch_rows` rows each, the rest at the end of the bundle) and rejected duplicate rows.
-    Batching keeps Beam's per-element cost per table instead of per link."""
+    """(page_url, [pickled captures, ...]) groups of the pages with several captures -> pyarrow
+    tables of kept links (LINK_SCHEMA, about `batch_rows` rows each, the rest at the end of the
+    bundle) and tables of rejected duplicates."""
 
     def __init__(self, batch_rows: int = 20000):
         self.batch_rows = batch_rows
 
     def start_bundle(self):
         self.rows: list[tuple] = []
+        self.rejected: list[dict] = []
 
     def process(self, item):
         page_url, packed = item
-        kept, rejected = collapse_page(page_url, [pickle.loads(b) for b in packed])
+        kept, rejected = collapse_page(page_url, [c for b in packed for c in pickle.loads(b)])
         self.rows += kept
-        for row in rejected:
-            yield beam.pvalue.TaggedOutput(REJECTED, row)
-        if len(self.rows) >= self.batch_rows:
-            yield self._table()
+        self.rejected += rejected
+        if len(self.rows) + len(self.rejected) >= self.batch_rows:
+            yield from self._tables(lambda x: x)
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.timestamp import MIN_TIMESTAMP
         from apache_beam.utils.windowed_value import WindowedValue
 
+        yield from self._tables(lambda x: WindowedValue(x, MIN_TIMESTAMP, [GlobalWindow()]))
+
+    def _tables(self, wrap):
         if self.rows:
-            yield WindowedValue(self._table(), MIN_TIMESTAMP, [GlobalWindow()])
-
-    def _table(self):
-        import pyarrow as pa
-
-        columns = list(zip(*self.rows))
-        self.rows = []
-        return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, LINK_SCHEMA)], schema=LINK_SCHEMA)
+            columns = list(zip(*self.rows))
+            self.rows = []
+            yield wrap(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, LINK_SCHEMA)], schema=LINK_SCHEMA))
+        if self.rejected:
+            table, self.rejected = rows_to_table(self.rejected, REJECTED_SCHEMA), []
+            yield beam.pvalue.TaggedOutput(REJECTED, wrap(table))
 
 
 class ExtractLinks(beam.PTransform):
-    """Files (a PCollection of paths) -> {"input_count", "kept" (pyarrow tables), "rejected"}."""
+    """Files (a PCollection of paths) -> {"input_count", "kept" (two PCollections of pyarrow
+    tables: pages with one capture, pages with several), "rejected" (three PCollections of pyarrow
+    tables: read and URL problems, duplicates of both)}. Spill files go under `spill_dir`."""
 
-    def __init__(self, cfg: CrawlConfig):
+    def __init__(self, cfg: CrawlConfig, spill_dir: str):
         super().__init__()
         self.cfg = cfg
+        self.spill_dir = spill_dir
 
     def expand(self, files):
-        found = files | "Spread" >> beam.Reshuffle() | "ReadAndExtract" >> beam.ParDo(ExtractFileLinks(self.cfg)).with_outputs(REJECTED, CANDIDATES, main="links")
+        found = files | "Spread" >> beam.Reshuffle() | "ReadAndExtract" >> beam.ParDo(ExtractFileLinks(self.cfg, self.spill_dir)).with_outputs(REJECTED, CANDIDATES, PAGES, main="spills")
+        repeated = beam.pvalue.AsSingleton(found[PAGES] | "RepeatedPages" >> beam.CombineGlobally(_RepeatedPages()))
+        split = found.spills | "SplitSpills" >> beam.ParDo(SplitSpill(), repeated).with_outputs(REJECTED, REPEATED, main="kept")
         deduped = (
-            found.links
+            split[REPEATED]
             | "GroupPages" >> beam.GroupByKey()
             | "Collapse" >> beam.ParDo(CollapseDuplicates()).with_outputs(REJECTED, main="kept")
         )
-        rejected = (found[REJECTED], deduped[REJECTED]) | "AllRejected" >> beam.Flatten()
-        return {"input_count": found[CANDIDATES], "kept": deduped.kept, "rejected": rejected}
+        # not flattened: each is written by its own sink (the local runner would hold a Flatten
+        # of outputs of different stages whole in memory)
+        return {"input_count": found[CANDIDATES], "kept": (split.kept, deduped.kept), "rejected": (found[REJECTED], split[REJECTED], deduped[REJECTED])}
+
+
+def _count(table, reason: str) -> int:
+    """Rows of a rejected table with this reason."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.equal(table["reason"], reason)).as_py() or 0)
 
 
 def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=None) -> dict:
@@ -208,11 +423,14 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
         raise StageError(f"extract: no WARC/WAT files match {input_pattern}")
     with StageOutput(out_dir, STAGE) as out:
         with stage_pipeline(beam_args) as p:
-            outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg)
-            rejected = outputs["rejected"]
-            for reason, key in FILE_STATS.items():  # counted apart in stats.json too
-                outputs[key] = rejected | f"Only_{reason}" >> beam.Filter(lambda r, reason=reason: r["reason"] == reason)
-            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True)
+            outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg, os.path.join(out.path, SPILL))
+            read_problems = outputs["rejected"][0]  # the file and record problems are all rejected there
+            for reason, key in FILE_STATS.items():  # counted apart in stats.json too: one element per row of the reason
+                outputs[key] = read_problems | f"Only_{reason}" >> beam.FlatMap(lambda t, reason=reason: [None] * _count(t, reason))
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True)
+        spill_dir = os.path.join(out.path, SPILL)
+        if FileSystems.exists(spill_dir):
+            FileSystems.delete([spill_dir])
         stats = out.commit()
     unreadable = stats.get("failed_files", 0) + stats.get("not_warc_files", 0)
     if unreadable == len(files):

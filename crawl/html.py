@@ -94,10 +94,13 @@ def _prefix_code(name: bytes) -> int:
 _NO_NEST_CODES = sorted({_prefix_code(n) for n in (_VOID | _AUTO_CLOSED | _RAW_TEXT)})
 
 
-def _depth_estimate(body: bytes) -> int:
+def _depth_estimate(body: bytes, limit: Optional[int] = None) -> int:
     """An over-estimate of the nesting depth in a few vectorised passes: every start tag of a name
     that nests counts +1, its end tag -1, per name (a stray `</span>` does not cancel a `<div>`)
-    and never below zero; self-closing and non-nesting tags do not count."""
+    and never below zero; self-closing and non-nesting tags do not count. With `limit`, the number
+    of start tags that nest is returned as soon as it is at most `limit` (no name can be open more
+    often than it was opened, so the estimate is at most that: the same verdict, without the
+    per-name walk that costs most)."""
     import numpy as np
 
     a = np.frombuffer(body, np.uint8)
@@ -121,10 +124,16 @@ def _depth_estimate(body: bytes) -> int:
     n2 = np.where(alnum(n2), n2, 0)
     n3 = np.where((n2 != 0) & alnum(n3), n3, 0)
     code = (n1.astype(np.int64) << 16) | (n2.astype(np.int64) << 8) | n3
-    keep = (n1 >= 97) & (n1 <= 122) & ~np.isin(code, _NO_NEST_CODES)
+    no_nest = np.asarray(_NO_NEST_CODES, dtype=np.int64)  # sorted: a binary search per tag (np.isin sorts both, 3x slower)
+    listed = no_nest[np.minimum(np.searchsorted(no_nest, code), no_nest.size - 1)] == code
+    keep = (n1 >= 97) & (n1 <= 122) & ~listed
     code, step = code[keep], np.where(close[keep], -1, 1)
     if code.size == 0:
         return 0
+    if limit is not None:
+        opened = int(np.count_nonzero(step > 0))
+        if opened <= limit:
+            return opened
     order = np.lexsort((np.arange(code.size), code))  # grouped by name, in document order
     sc, ss = code[order], step[order]
     start = np.r_[True, sc[1:] != sc[:-1]]
@@ -143,12 +152,16 @@ def _depth_estimate(body: bytes) -> int:
 
 def page_complexity(body: bytes, max_depth: int = MAX_DEPTH, max_elements: int = MAX_ELEMENTS) -> Optional[str]:
     """None when the page is safe to parse, else why not ("N tags > limit", "nesting depth ...")."""
-    tags = body.count(b"<")
+    if len(body) <= max_depth:  # fewer bytes than the limit: fewer tags too
+        return None
+    import numpy as np
+
+    tags = int(np.count_nonzero(np.frombuffer(body, np.uint8) == 60))  # body.count(b"<"), 3x faster (SIMD)
     if tags <= max_depth:
         return None
     if tags > max_elements:
         return f"{tags} tags > {max_elements}"
-    if _depth_estimate(body) <= max_depth:
+    if _depth_estimate(body, max_depth) <= max_depth:
         return None
     # the exact scan, for the rare page the estimate flags: a stack of open elements where an end
     # tag closes up to the nearest open element of its name and is ignored when there is none

@@ -136,6 +136,68 @@ def _resolve_plain(raw: str, base: str) -> Optional[str]:
     return origin + directory + raw
 
 
+# Plain references, resolved by concatenation (issue 34: one regex per link instead of a resolution).
+# A relative one: path segments of URL-safe ASCII characters or spaces, none starting with "." (so
+# no dot segment and no empty segment), no ":" or ";" in the path, then an optional non-empty query
+# of the same characters (and ":;?"); no fragment. It starts with "/" (appended to the base's
+# origin) or not (to the base's directory). Spaces become %20, as quote_unsafe writes them; nothing
+# else in it is encoded, so its normalised URL is a prefix that depends only on the base, plus the
+# reference. An absolute one: http(s) in lower case, a lower-case host of the characters
+# _PLAIN_ABSOLUTE allows, no port, a path and an optional non-empty query of URL-safe characters:
+# normalised, it is itself. Everything else goes through normalize_url.
+_REL_SEGMENT = r"[A-Za-z0-9_\-~!$&'()*+,=@% ][A-Za-z0-9_\-~!$&'()*+,=@% .]*"
+_REL_PATH = rf"{_REL_SEGMENT}(?:/{_REL_SEGMENT})*/?"
+_PLAIN_QUERY = r"(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~? ]+)?"
+_PLAIN_RELATIVE = re.compile(rf"(?:(/)(?:{_REL_PATH})?|(?:\./)*({_REL_PATH})){_PLAIN_QUERY}\Z")
+_NORMAL_ABSOLUTE = re.compile(r"https?://([a-z0-9\-_]+(?:\.[a-z0-9\-_]+)*)/[A-Za-z0-9/%:@!$&'()*+,=\-._~]*(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]+)?\Z")
+
+
+def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tuple[str, str]]:
+    """(directory prefix, origin prefix) of a base URL for the references _PLAIN_RELATIVE matches.
+    None when the base is not plain (normalize_url's fast path would not take it) or its host is
+    refused: those links go through normalize_url."""
+    split = _split_base(base)
+    if split is None:
+        return None
+    _, origin, directory = split
+    m = _PLAIN_ABSOLUTE.match(origin + directory + "a")
+    if m is None:
+        return None
+    result = _finish_plain(m, allow)
+    if result is None or result[1] is not None:
+        return None
+    url = result[0]  # scheme://netloc + the quoted directory + "a"
+    return url[:-1], url[: url.index("/", url.index("//") + 2)]
+
+
+def normalize_links(raws: Iterable[str], base: str, allow: Optional[AllowList] = None) -> list[tuple[Optional[str], Optional[str]]]:
+    """[normalize_url(raw, base, allow) for raw in raws], with the base looked at once: plain
+    references (most links of real pages) are a regex match and a concatenation each
+    (tests/test_crawl_extract.py compares the two on real and generated links)."""
+    prefixes = base_prefixes(base, allow)
+    scheme = base[: base.index(":")].lower() if prefixes is not None else ""
+    relative, absolute = _PLAIN_RELATIVE.match, _NORMAL_ABSOLUTE.match
+    out = []
+    for raw in raws:
+        ref = raw.strip()
+        if prefixes is not None:
+            m = relative(ref)
+            if m is not None:
+                if m.group(1) is None and m.start(2) > 0:  # "./x" is "x"
+                    ref = ref[m.start(2) :]
+                url = (prefixes[0] if m.group(1) is None else prefixes[1]) + ref
+                out.append((url.replace(" ", "%20") if " " in ref else url, None))
+                continue
+            if ref[:2] == "//":
+                ref = f"{scheme}:{ref}"
+        m = absolute(ref)
+        if m is not None and _host_reason(m.group(1)) is None:
+            out.append((ref, None))
+        else:
+            out.append(normalize_url(raw, base, allow))
+    return out
+
+
 def _finish_plain(m: re.Match, allow: Optional[AllowList]) -> Optional[tuple[Optional[str], Optional[str]]]:
     """Normalise a URL matched by _PLAIN_ABSOLUTE; None when it needs the general path."""
     port = int(m["port"]) if m["port"] is not None else None

@@ -71,6 +71,44 @@ def test_fast_url_path_agrees_with_urllib(warc_dir):
     assert fast_taken > 900  # the real links do take the fast path
 
 
+def test_normalize_links_agrees_with_normalize_url(warc_dir):
+    """normalize_links (a page's links against its base, plain references by concatenation: issue
+    34) gives exactly normalize_url's answer for each: every link of the shared WARCs against its
+    page's base, and generated references (relative, "./", root-relative, protocol-relative,
+    absolute, with spaces, dots, ports, private hosts) against plain and odd bases, with and
+    without an allow list. Most real links take the concatenation."""
+    import random
+
+    from crawl.html import decode_html, extract_page
+    from crawl.urls import _NORMAL_ABSOLUTE, _PLAIN_RELATIVE, normalize_links
+    from crawl.warc import Page, iter_file
+
+    by_base: dict = {}
+    for path in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))):
+        if not path.endswith(".wat"):
+            for doc in iter_file(path):
+                if isinstance(doc, Page):
+                    raw, base_href, _ = extract_page(decode_html(doc.body, doc.charset))
+                    page = normalize_url(doc.url, doc.url)[0]
+                    base = (normalize_url(base_href, page)[0] if base_href else None) or page
+                    by_base.setdefault(base, []).extend(link.url for link in raw)
+    real = sum(len(v) for v in by_base.values())
+    assert real > 1000
+    fast = sum(bool(_PLAIN_RELATIVE.match(r.strip()) or _NORMAL_ABSOLUTE.match(r.strip()) or r.startswith("//")) for v in by_base.values() for r in v)
+    assert fast > 0.8 * real, (fast, real)
+    pieces = ["a", "B", "/", "//", ".", "..", "./", "../", "?", "#", "%2F", "%zz", " ", "\t", "\x00", ":", "@", ";", "~", "é", "\u212a", "\u00a0",
+              "http:", "HTTPS://", "http://", "https://", "//h.Com", "ex.com", "cdn.ex.com/", "x.jpg", "=", "&", "127.0.0.1", "localhost", ":80", ":99999", "[::1]", "\\", "data:", "0x7f.1", "Ex.Com.", "-", "_", "'", "+", "$"]
+    bases = ["http://ex.com/a/b.html", "https://Ex.COM:443/a//b/", "http://h", "http://h?x/y", "http://h/d;x/p", "HTTP://h.com:8080/a/./b", "http://h./x", "http://127.0.0.1:8000/p/q",
+             "http://ex.com/d%20x/é/p.html", "http://ex.com/a b/", "https://ex.com:8443/x/y?z", "http://10.0.0.1/a/", "http://localhost/x/", "https://ex.com/"]
+    rng = random.Random(0)
+    for _ in range(20000):
+        by_base.setdefault(rng.choice(bases), []).append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))))
+    for allow in (None, AllowList(), AllowList(["127.0.0.1", "localhost"])):
+        for base, raws in by_base.items():
+            for raw, got in zip(raws, normalize_links(raws, base, allow)):
+                assert got == normalize_url(raw, base, allow), (raw, base)
+
+
 def test_url_policy_blocks_internal_addresses_unless_allowed():
     deny = AllowList()
     for url in ["http://127.0.0.1/a", "http://localhost:8000/a", "http://169.254.169.254/latest", "http://10.1.2.3/x", "http://192.168.0.1/", "http://[::1]/a", "http://0.0.0.0/", "http://2130706433/", "http://[::ffff:127.0.0.1]/"]:
@@ -255,3 +293,84 @@ def test_declared_size_fast_path_reads_what_the_regex_reads():
     values = [None, "", "300", "0", "007", " 300", "300px", "12.5", "2147483647", "2147483648", "99999999999999", "\u00b2", "\u0661\u0662", "x1", "-5", "1e3"]
     assert [_int(v) for v in values] == [by_regex(v) for v in values]
     assert _int("300") == 300 and _int("2147483648") is None and _int("\u00b2") is None
+
+
+def test_page_complexity_shortcuts_give_the_same_verdicts(warc_dir):
+    """page_complexity counts '<' with NumPy and stops the depth estimate once the start tags that
+    nest are at most the limit (issue 34): the verdicts are those of body.count and the full
+    estimate, on the shared pages and on nested, flat and mixed markup, at several limits."""
+    from crawl.html import _depth_estimate, page_complexity
+    from crawl.warc import Page, iter_file
+
+    bodies = [d.body for p in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))) if not p.endswith(".wat") for d in iter_file(p) if isinstance(d, Page)]
+    bodies += [b"<div>" * n + b"<img src=x>" + b"</div>" * n for n in (50, 4000, 5000)]
+    bodies += [b"<p>x<br><img src=x><b>y</b><li>z" * 3000, b"<span>" * 300 + b"<div></div>" * 3000, b"", b"<" * 5000, b"<a>" * 10]
+    for body in bodies:
+        for limit in (10, 100, 1000, 4096):
+            assert (_depth_estimate(body, limit) <= limit) == (_depth_estimate(body) <= limit)
+            tags = body.count(b"<")
+            want = None if tags <= limit else (f"{tags} tags > 200000" if tags > 200000 else (None if _depth_estimate(body) <= limit else "deep"))
+            got = page_complexity(body, limit)
+            assert got == want or (want == "deep" and got == f"nesting depth over {limit}") or (want == "deep" and got is None), (limit, got, want)
+
+
+def test_pages_with_several_captures_collapse_across_files(tmp_path):
+    """Issue 34's extract reads each file into a spill file and collapses the pages with one
+    capture there; pages captured more than once (in two files, or twice in one file) meet in the
+    shuffle. Every kept and rejected row is the one collapse_page gives on all captures of the
+    page; the spill folder is gone from the output."""
+    import pyarrow.parquet as pq
+
+    from core.stageio import read_success
+    from crawl.extract import collapse_page, page_links, run_extract
+    from crawl.html import extract_page
+    from crawl.urls import AllowList
+    from crawl.warc import Page, iter_file
+    from webpairs.testweb import write_warc
+
+    def html(*imgs):
+        return "<html><body>" + "".join(imgs) + "</body></html>"
+
+    a = {
+        "http://a.test/twice": html('<meta property="og:image" content="/1.jpg">', '<img src="2.jpg" alt="two">', '<img src="/1.jpg">', '<img src="3.jpg" alt="three">'),
+        "http://a.test/once": html('<img src="x.jpg" alt="x">', '<img src="x.jpg" alt="">', '<img src="y.jpg">', '<img src="data:image/png;base64,AA">'),
+        "http://a.test/inone": html('<img src="p.jpg">'),
+    }
+    b = {
+        "http://a.test/twice": html('<img src="/1.jpg" alt="one">', '<img src="4.jpg">', '<img src="2.jpg">'),
+        "http://b.test/other": html('<img src="q.jpg" alt="q">', '<img src="q.jpg" alt="q2">'),
+    }
+    c = {"http://a.test/inone": html('<img src="p.jpg" alt="again">', '<img src="r.jpg">')}
+    for name, pages in (("a", a), ("b", b)):
+        write_warc(str(tmp_path / "in" / f"{name}.warc.gz"), pages)
+    write_warc(str(tmp_path / "in" / "c.warc.gz"), c)
+    stats = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), CrawlConfig())
+
+    captures: dict = {}  # the reference: collapse_page over every capture of each page
+    cfg = CrawlConfig()
+    for path in sorted(glob.glob(str(tmp_path / "in" / "*.warc.gz"))):
+        for doc in iter_file(path):
+            if isinstance(doc, Page):
+                raw, base, _ = extract_page(doc.body.decode())
+                links, _ = page_links(doc.url, raw, base, cfg, AllowList())
+                captures.setdefault(doc.url, []).append((path, doc.offset, links))
+    want_kept, want_rejected = [], []
+    for page, caps in captures.items():
+        kept, rejected = collapse_page(page, caps)
+        want_kept += kept
+        want_rejected += [r for r in rejected]
+    got = pq.read_table(glob.glob(str(tmp_path / "out" / "links" / "*.parquet"))).to_pylist()
+    assert sorted(tuple(r.values()) for r in got) == sorted(want_kept)
+    rejected = pq.read_table(glob.glob(str(tmp_path / "out" / "rejected" / "*.parquet"))).to_pylist()
+    dups = sorted((r["record_id"], r["detail"], r["url"]) for r in rejected if r["reason"] == "duplicate_link")
+    assert dups == sorted((r["record_id"], r["detail"], r["url"]) for r in want_rejected)
+    assert stats["rejected"] == {"duplicate_link": len(want_rejected), "data_uri": 1}
+    assert stats["input"] == stats["kept"] + sum(stats["rejected"].values()) == 16
+    by_url = {(r["page_url"], r["image_url"]): r for r in got}
+    assert by_url[("http://a.test/twice", "http://a.test/1.jpg")]["kind"] == "img"  # the <img> beats the og:image of the other file
+    assert by_url[("http://a.test/twice", "http://a.test/1.jpg")]["alt"] == "one"  # its alt from the other capture
+    assert by_url[("http://a.test/inone", "http://a.test/p.jpg")]["alt"] == "again"
+    assert by_url[("http://a.test/once", "http://a.test/x.jpg")]["alt"] == "x"
+    assert len(got) == 9
+    assert not os.path.exists(tmp_path / "out" / ".spill")
+    assert not any(".spill" in f for f in read_success(str(tmp_path / "out"))["files"])
