@@ -465,6 +465,49 @@ class StageLock:
         self.release()
 
 
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _remove_tree(fs, path: str) -> None:
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)
+
+
+def _move_tree(fs, src: str, dst: str) -> None:
+    """Move every object under `src` to the same relative key under `dst` on an object store (s3fs,
+    gcsfs: `fs.mv(src, dst, recursive=True)` copies the prefix's own pseudo-folder key there and
+    fails). `_SUCCESS` goes last, so `dst/_SUCCESS` exists only once all of `src` is in `dst`."""
+    src, dst = src.rstrip("/"), dst.rstrip("/")
+    fs.invalidate_cache(src)
+    files = [f for f in fs.find(src, withdirs=False) if f.rstrip("/") != src]
+    files.sort(key=lambda f: (f[len(src) + 1 :] == SUCCESS_FILE, f))
+    for f in files:
+        fs.mv(f, dst + f[len(src) :])
+    _remove_tree(fs, src)  # pseudo-folder keys left by other writers
+    fs.invalidate_cache(dst)
+
+
+def _recover_swap(fs, out: str, old: str, partial: str) -> None:
+    """Put an object store's output back in order after a commit killed mid-swap (`_move_tree`
+    moves `_SUCCESS` last): `out/_SUCCESS` with the committed partial folder gone is the new output,
+    complete (the old one's removal was cut short); `out/_SUCCESS` with the partial folder still
+    there is the old output cut short while being parked, so the parked part goes back; no
+    `out/_SUCCESS` is the new output cut short while moving in, so the parked old one replaces it."""
+    success = out.rstrip("/") + "/" + SUCCESS_FILE
+    if fs.exists(success):
+        if fs.exists(partial.rstrip("/") + "/" + SUCCESS_FILE):
+            _move_tree(fs, old, out)
+        else:
+            _remove_tree(fs, old)
+    else:
+        _remove_tree(fs, out)
+        _move_tree(fs, old, out)
+
+
 class StageOutput:
     """Owns a stage's `--out` while the stage runs (use as a context manager):
 
@@ -499,10 +542,13 @@ class StageOutput:
             if fs.exists(out) and not fs.isdir(out):
                 raise StageError(f"--out {self.out_dir} is a file, not a folder")
             if fs.exists(old):
-                if fs.exists(out):
-                    fs.rm(old, recursive=True)
+                if _is_local(fs):
+                    if fs.exists(out):
+                        fs.rm(old, recursive=True)
+                    else:
+                        fs.mv(old, out, recursive=True)  # a swap was interrupted between its two moves
                 else:
-                    fs.mv(old, out, recursive=True)  # a swap was interrupted between its two moves
+                    _recover_swap(fs, out, old, partial)
             if fs.exists(partial) and not self.resumable:
                 fs.rm(partial, recursive=True)
             fs.makedirs(partial, exist_ok=True)
@@ -515,11 +561,17 @@ class StageOutput:
         """Reconcile, mark complete and swap the new output in; returns the stats."""
         stats = finish_stage(self.path, self.stage)
         fs, out, old, partial = self.fs, self._p(self.out_dir), self._p(self._old), self._p(self.path)
-        if fs.exists(out):
-            fs.mv(out, old, recursive=True)
-        fs.mv(partial, out, recursive=True)
-        if fs.exists(old):
-            fs.rm(old, recursive=True)
+        if _is_local(fs):  # two atomic renames
+            if fs.exists(out):
+                fs.mv(out, old, recursive=True)
+            fs.mv(partial, out, recursive=True)
+            if fs.exists(old):
+                fs.rm(old, recursive=True)
+        else:  # an object store has no folders to rename: the same swap, key by key
+            if fs.exists(out):
+                _move_tree(fs, out, old)
+            _move_tree(fs, partial, out)
+            _remove_tree(fs, old)
         self.committed = True
         return stats
 
