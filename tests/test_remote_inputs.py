@@ -8,6 +8,7 @@ import http.server
 import os
 import shutil
 import threading
+import uuid
 
 import pytest
 
@@ -204,3 +205,81 @@ def test_common_crawl_over_s3(s3_tree, cc_tree, local_run, tmp_path):
     # the glob form of the issue's second command
     globbed = run_extract(f"s3://commoncrawl/{SNAPSHOT}/segments/*/warc/*.warc.gz", str(tmp_path / "glob"), CrawlConfig())
     assert globbed["files"] == len([w for w in cc_tree[1] if w.endswith(".warc.gz")]) == 4 and globbed["failed_files"] == 0
+
+
+@pytest.fixture()
+def s3_out(s3_tree, monkeypatch):
+    """A writable bucket on the same moto server (credentials set, as a real writer has them): (s3fs, bucket)."""
+    import fsspec
+    from s3fs import S3FileSystem
+
+    for var, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_tree}.items():
+        monkeypatch.setenv(var, value)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, client_kwargs={"endpoint_url": s3_tree})
+    bucket = f"out-{uuid.uuid4().hex[:12]}"  # moto's state outlives its server: a fresh bucket per test
+    fs.mkdir(bucket)
+    S3FileSystem.clear_instance_cache()  # the stage's own s3fs must reach this test's server, not a cached one's
+    yield fs, bucket
+    S3FileSystem.clear_instance_cache()
+
+
+def _rows_by_folder(fs, root: str) -> dict:
+    """Every row of every parquet file under `root`, read with pyarrow through `fs`: {subfolder: sorted rows}."""
+    import pyarrow.parquet as pq
+
+    rows: dict = {}
+    for path in fs.find(root, withdirs=False):
+        if path.endswith(".parquet"):
+            folder = path[len(root.rstrip("/")) + 1 :].split("/")[0]
+            rows.setdefault(folder, []).extend(repr(sorted(r.items())) for r in pq.read_table(path, filesystem=fs).to_pylist())
+    return {k: sorted(v) for k, v in rows.items()}
+
+
+def test_a_stage_writes_its_output_to_s3_and_swaps_it_on_a_rerun(s3_out, cc_tree, local_run):
+    import json
+
+    import fsspec
+
+    fs, bucket = s3_out
+    manifest = str(cc_tree[0] / SNAPSHOT / "warc.paths.gz")
+    local_folder, local_stats = local_run["warc"]
+    expected = _rows_by_folder(fsspec.filesystem("file"), local_folder)
+    assert set(expected) == {"links", "rejected"} and all(expected.values())
+    for attempt in ("first run", "rerun over the output (the swap)"):
+        stats = run_extract(manifest, f"s3://{bucket}/run/links", CrawlConfig())
+        assert stats == local_stats, attempt
+        assert _rows_by_folder(fs, f"{bucket}/run/links") == expected, attempt
+        fs.invalidate_cache()
+        keys = sorted(fs.find(bucket, withdirs=False))
+        assert all(k.startswith(f"{bucket}/run/links/") for k in keys), (attempt, keys)  # no .links.partial / .links.old left
+        on_s3 = json.loads(fs.cat(f"{bucket}/run/links/stats.json"))
+        assert on_s3 == local_stats and on_s3["input"] == on_s3["kept"] + sum(on_s3["rejected"].values())
+        listed = json.loads(fs.cat(f"{bucket}/run/links/_SUCCESS"))["files"]
+        assert sorted([f"{bucket}/run/links/{f}" for f in listed] + [f"{bucket}/run/links/_SUCCESS"]) == keys, attempt
+
+
+@pytest.mark.parametrize("killed", ["parking the old output", "moving the new one in", "removing the old one"])
+def test_a_swap_killed_mid_way_on_s3_is_put_right_by_the_next_run(s3_out, killed):
+    from core.stageio import StageOutput
+
+    fs, bucket = s3_out
+    old_files = {"_SUCCESS": b"old", "links/a.parquet": b"old-a", "links/b.parquet": b"old-b", "stats.json": b"old-s"}
+    new_files = {"_SUCCESS": b"new", "links/a.parquet": b"new-a", "links/c.parquet": b"new-c", "stats.json": b"new-s"}
+    out, old, partial = f"{bucket}/run/links", f"{bucket}/run/.links.old", f"{bucket}/run/.links.partial"
+    if killed == "parking the old output":  # two old files parked, the rest (with _SUCCESS) still in place
+        state = {old: {k: v for k, v in old_files.items() if k.startswith("links/")}, out: {k: v for k, v in old_files.items() if not k.startswith("links/")}, partial: new_files}
+        want = old_files
+    elif killed == "moving the new one in":  # old parked whole, new half moved (without its _SUCCESS)
+        state = {old: old_files, out: {"links/a.parquet": b"new-a"}, partial: {k: v for k, v in new_files.items() if k != "links/a.parquet"}}
+        want = old_files
+    else:  # the new output in place, the parked old one half removed
+        state = {old: {"links/b.parquet": b"old-b"}, out: new_files}
+        want = new_files
+    for prefix, files in state.items():
+        for rel, data in files.items():
+            fs.pipe(f"{prefix}/{rel}", data)
+    fs.invalidate_cache()
+    with StageOutput(f"s3://{out}", "extract") as so:
+        fs.invalidate_cache()
+        assert {k[len(out) + 1 :]: fs.cat(k) for k in fs.find(out, withdirs=False)} == want, killed
+        assert not fs.exists(old) and so.path == f"s3://{partial}"
