@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from typing import Optional, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -74,6 +75,16 @@ def _true_size(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
     return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")  # e.g. <_io.BytesIO object at 0x7f...>
+
+
+def _detail(err: BaseException) -> str:
+    """A reject detail from a decoder's exception, the same on every run: Pillow names the
+    stream it read (`cannot identify image file <_io.BytesIO object at 0x...>`); that memory
+    address goes."""
+    return _OBJECT_REPR.sub("", str(err)).strip()[:200]
+
+
 def _looks_like_svg(data: bytes) -> bool:
     head = data[:512].lstrip().lower()
     return head.startswith((b"<svg", b"<?xml")) and b"<svg" in data[:4096].lower()
@@ -99,9 +110,9 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[Val
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        return Invalid(BOMB, str(err)[:200])
+        return Invalid(BOMB, _detail(err))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        return Invalid(DECODE_ERROR, str(err)[:200])
+        return Invalid(DECODE_ERROR, _detail(err))
     fmt = img.format or "?"
     if fmt not in RASTER_FORMATS:
         return Invalid(UNSUPPORTED, fmt)
@@ -117,18 +128,18 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[Val
             img.draft(img.mode, (side, side))
         img.load()
     except Image.DecompressionBombError as err:
-        return Invalid(BOMB, str(err)[:200])
+        return Invalid(BOMB, _detail(err))
     except OSError as err:
         reason = TRUNCATED if "truncated" in str(err).lower() else DECODE_ERROR
-        return Invalid(reason, str(err)[:200])
+        return Invalid(reason, _detail(err))
     except (ValueError, SyntaxError, EOFError) as err:
-        return Invalid(DECODE_ERROR, str(err)[:200])
+        return Invalid(DECODE_ERROR, _detail(err))
     try:
         width, height = _true_size(img, (w, h)) if img.size != (w, h) else (None, None)
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that needs no turn
         rgb = to_rgb(img)
     except (OSError, ValueError) as err:
-        return Invalid(DECODE_ERROR, str(err)[:200])
+        return Invalid(DECODE_ERROR, _detail(err))
     if width is None:  # decoded in full: the pixels are the true size
         width, height = rgb.size
     return ValidImage(rgb, fmt, width, height, animated)

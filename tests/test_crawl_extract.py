@@ -374,3 +374,139 @@ def test_pages_with_several_captures_collapse_across_files(tmp_path):
     assert len(got) == 9
     assert not os.path.exists(tmp_path / "out" / ".spill")
     assert not any(".spill" in f for f in read_success(str(tmp_path / "out"))["files"])
+
+
+# Pages for the single-capture collapse in _Spill.add (crawl/extract.py): each repeats image URLs
+# within one capture, so the kept link and its alt are chosen before any shuffle.
+def _page(*tags):
+    return "<html><head></head><body>" + "".join(tags) + "</body></html>"
+
+
+CAT_PAGE = "http://a.test/cat"
+ONE_CAPTURE_PAGES = {
+    # og:image first, then an <img> with an empty alt, then one with an alt: the first <img> is kept
+    # (kind before position) and borrows "cat" from the later duplicate
+    CAT_PAGE: _page('<meta property="og:image" content="/u.jpg">', '<img src="/u.jpg" alt="">', '<img src="/u.jpg" alt="cat">', '<img src="/v.jpg" alt="v">'),
+    # no duplicate has an alt: the kept <img> stays without one; the og:image loses to a later <img>
+    "http://a.test/noalt": _page('<meta property="og:image" content="/w.jpg">', '<img src="/n.jpg">', '<img src="/n.jpg">', '<img src="/w.jpg" alt="w">'),
+    # two <img> with alts: the first is kept with its own alt
+    "http://a.test/twoalts": _page('<img src="/t.jpg" alt="first">', '<img src="/t.jpg" alt="second">', '<img src="/s.jpg">'),
+    # every URL once: the common path
+    "http://a.test/plain": _page('<img src="/p1.jpg" alt="p1">', '<img src="/p2.jpg">'),
+}
+TWICE_PAGE = "http://b.test/twice"
+
+
+def _write_two_captures(path):
+    """A WARC with TWICE_PAGE captured twice (two response records in this one file) and a page
+    captured once, written with warcio itself (webpairs.testweb.write_warc takes a dict: one
+    record per URL)."""
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    records = [
+        (TWICE_PAGE, _page('<meta property="og:image" content="/k.jpg">', '<img src="/m.jpg">', '<img src="/m.jpg" alt="">')),
+        ("http://b.test/single", _page('<meta property="og:image" content="/z.jpg">', '<img src="/z.jpg" alt="">', '<img src="/z.jpg" alt="zed">')),
+        (TWICE_PAGE, _page('<img src="/k.jpg" alt="kay">', '<img src="/m.jpg" alt="em">', '<img src="/o.jpg">')),
+    ]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        writer = WARCWriter(fh, gzip=path.endswith(".gz"))
+        for url, html in records:
+            http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()), http_headers=http))
+
+
+def _extract_matches_collapse_page(tmp_path):
+    """Run extract on tmp_path/in; every kept link row and every duplicate_link row must be the
+    one collapse_page gives on the raw links of all captures of the page (read by crawl.warc,
+    parsed by crawl.html, outputs read back with pyarrow). Returns the kept rows and the
+    duplicate rows."""
+    import pyarrow.parquet as pq
+
+    from crawl.extract import collapse_page, page_links, run_extract
+    from crawl.html import extract_page
+    from crawl.warc import Page, iter_file
+
+    stats = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), CrawlConfig())
+    captures: dict = {}
+    for path in sorted(glob.glob(str(tmp_path / "in" / "*.warc*"))):
+        for doc in iter_file(path):
+            if isinstance(doc, Page):
+                raw, base, _ = extract_page(doc.body.decode())
+                links, refused = page_links(doc.url, raw, base, CrawlConfig(), AllowList())
+                assert refused == []
+                captures.setdefault(doc.url, []).append((path, doc.offset, links))
+    want_kept, want_dups = [], []
+    for page, caps in captures.items():
+        kept, rejected = collapse_page(page, caps)
+        want_kept += kept
+        want_dups += [(r["record_id"], r["detail"], r["url"]) for r in rejected]
+    got = pq.read_table(glob.glob(str(tmp_path / "out" / "links" / "*.parquet"))).to_pylist()
+    assert sorted(tuple(r.values()) for r in got) == sorted(want_kept)
+    rejected = pq.read_table(glob.glob(str(tmp_path / "out" / "rejected" / "*.parquet"))).to_pylist()
+    assert {r["reason"] for r in rejected} <= {"duplicate_link"}
+    dups = sorted((r["record_id"], r["detail"], r["url"]) for r in rejected)
+    assert dups == sorted(want_dups)
+    assert stats["input"] == stats["kept"] + sum(stats["rejected"].values()) == len(got) + len(dups)
+    return {(r["page_url"], r["image_url"]): r for r in got}, dups
+
+
+def _check_cat_page(by_url, dups):
+    """The hand-written answer for CAT_PAGE (not collapse_page's): kind img at position 1, alt
+    "cat" borrowed from position 2; the og:image (position 0) and the second <img> rejected."""
+    u = "http://a.test/u.jpg"
+    row = by_url[(CAT_PAGE, u)]
+    assert (row["kind"], row["alt"], row["position"]) == ("img", "cat", 1)
+    sid = stable_id(CAT_PAGE, u)
+    assert sorted(d for d in dups if d[2] == u) == sorted([(f"{sid}:og:image:0", "og:image", u), (f"{sid}:img:2", "img", u)])
+    assert by_url[("http://a.test/noalt", "http://a.test/w.jpg")]["kind"] == "img"
+    assert by_url[("http://a.test/noalt", "http://a.test/n.jpg")]["alt"] == ""
+    assert by_url[("http://a.test/twoalts", "http://a.test/t.jpg")]["alt"] == "first"
+
+
+def test_single_capture_collapse_keeps_best_kind_and_borrows_alt(tmp_path):
+    """Pages captured once are collapsed in the spill file (_Spill.add), never by collapse_page:
+    the kept duplicate is the best kind first, then the earliest, and it takes an alt from a
+    duplicate when it has none. Every row of the file equals collapse_page on the page's links."""
+    from webpairs.testweb import write_warc
+
+    write_warc(str(tmp_path / "in" / "one.warc.gz"), ONE_CAPTURE_PAGES)
+    by_url, dups = _extract_matches_collapse_page(tmp_path)
+    _check_cat_page(by_url, dups)
+    assert len(by_url) == 8 and len(dups) == 5
+
+
+def test_page_captured_twice_in_one_file(tmp_path):
+    """Two captures of a page in ONE file meet in the shuffle and collapse as one page (the <img>
+    of the second capture beats the og:image of the first; alts come from either capture); the
+    file's page captured once is collapsed in the spill, with the same rule."""
+    _write_two_captures(str(tmp_path / "in" / "two.warc.gz"))
+    by_url, dups = _extract_matches_collapse_page(tmp_path)
+    k, m = by_url[(TWICE_PAGE, "http://b.test/k.jpg")], by_url[(TWICE_PAGE, "http://b.test/m.jpg")]
+    assert (k["kind"], k["alt"], m["kind"], m["alt"], m["position"]) == ("img", "kay", "img", "em", 1)
+    assert k["source_offset"] != m["source_offset"]  # each from its own capture
+    z = by_url[("http://b.test/single", "http://b.test/z.jpg")]
+    assert (z["kind"], z["alt"], z["position"]) == ("img", "zed", 1)
+    assert len(by_url) == 4 and len(dups) == 5
+
+
+@pytest.mark.parametrize("patch", ["every_page_hash_collides", "spill_batches_of_3"])
+def test_collapse_is_the_same_on_the_shuffle_path_and_in_small_spill_batches(tmp_path, monkeypatch, patch):
+    """The same pages with every page hash equal (every page then looks captured several times
+    and takes the shuffle, keyed by its URL: a collision changes no output) and with spill record
+    batches of 3 links (a batch ends with a page, so most batches hold one page)."""
+    import crawl.extract
+    from webpairs.testweb import write_warc
+
+    if patch == "every_page_hash_collides":
+        monkeypatch.setattr(crawl.extract, "page_hash", lambda page_url: 7)
+    else:
+        monkeypatch.setattr(crawl.extract, "SPILL_ROWS", 3)
+    write_warc(str(tmp_path / "in" / "one.warc.gz"), ONE_CAPTURE_PAGES)
+    _write_two_captures(str(tmp_path / "in" / "two.warc.gz"))
+    by_url, dups = _extract_matches_collapse_page(tmp_path)
+    _check_cat_page(by_url, dups)
+    assert len(by_url) == 12 and len(dups) == 10

@@ -71,6 +71,30 @@ def test_bad_inputs_have_reasons(photos_dir):
         assert isinstance(out, Invalid) and out.reason == reason, (reason, out)
 
 
+
+def test_decode_error_detail_is_stable():
+    """Pillow's "cannot identify image file" names the BytesIO it read, with its memory address
+    (`<_io.BytesIO object at 0x7f...>`): a reject detail that changed from run to run. The detail
+    is now the message alone, the same for every input that is not an image, in this process and
+    in another one."""
+    import subprocess
+    import sys
+
+    not_images = [b"not an image", b"<html><body>a page, not an image</body></html>", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a\x01\x00", b"\x00" * 64]
+    held = []  # keep each buffer's neighbours alive so the streams do not reuse one address
+    details = []
+    for data in not_images:
+        held.append(io.BytesIO(data))
+        out = validate(data, CFG)
+        assert isinstance(out, Invalid) and out.reason == "decode_error", out
+        details.append(out.detail)
+    assert all("0x" not in d and " object at " not in d for d in details), details
+    assert set(details) == {"cannot identify image file"}
+    code = "from core.config import FilterConfig; from filter.validate import validate; print(validate(b'not an image', FilterConfig()).detail)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == details[0]
+
+
 def test_phash_survives_resize_and_recompression(photos_dir):
     names = sorted(os.listdir(photos_dir))[:40]
     imgs = [Image.open(os.path.join(photos_dir, n)).convert("RGB") for n in names]
