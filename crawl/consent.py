@@ -22,6 +22,8 @@ before the body is read: `tdm-reservation: 1` (`tdm_reserved`) and `X-Robots-Tag
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -285,6 +287,22 @@ class SiteRules:
 
         return os.path.join(self.folder, f"hop-{hashlib.sha1(origin.encode()).hexdigest()[:20]}.json")
 
+    @contextlib.contextmanager
+    def asking(self, origin: str):
+        """Held while a worker process asks a site the plan did not: the other processes of this
+        machine wait for its answer (an flock beside the hop file) instead of asking too."""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fh = open(os.path.join(self.folder, f".{os.path.basename(self._hop_file(origin))[:-5]}.lock"), "a")
+        except OSError:  # a worker on another machine: no lock to share
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+        finally:
+            fh.close()
+
     def read_hop(self, origin: str) -> None:
         try:
             with open(self._hop_file(origin)) as fh:
@@ -305,6 +323,8 @@ class SiteRules:
             self.save()
             for path in files:
                 os.remove(path)
+        for path in glob.glob(os.path.join(self.folder, ".hop-*.lock")):  # the workers' `asking` locks
+            os.remove(path)
         return len(files)
 
     def policy(self, origin: str) -> Optional[SitePolicy]:
@@ -355,7 +375,7 @@ class SiteConsent:
         if origin is None or origin == planned_origin:
             return
         if origin not in self.rules.rows:
-            with _ASK_LOCK:
+            with _ASK_LOCK, self.rules.asking(origin):
                 if origin not in self.rules.rows:
                     self.rules.read_hop(origin)  # another worker may have asked it already
                 if origin not in self.rules.rows:

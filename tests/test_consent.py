@@ -499,3 +499,59 @@ def test_a_workers_threads_all_see_every_planned_site(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert seen == [50] * 4
+
+
+def _ask_in_a_worker(blob: bytes, url: str, go) -> None:
+    import pickle
+
+    from crawl.consent import SiteConsent
+
+    go.wait(10)
+    SiteConsent(pickle.loads(blob)).before_request(url, planned_origin="http://planned.test")
+
+
+def test_two_worker_processes_ask_a_redirect_targets_site_once(tmp_path):
+    """Two img2dataset worker processes redirected at the same moment to a site the plan never saw:
+    one asks its robots.txt, the other waits for that answer (cdn.test's robots.txt was asked twice
+    in a full-suite run: each process had only its own lock)."""
+    import multiprocessing
+    import pickle
+
+    from crawl import consent
+
+    asked = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            time.sleep(0.5 if self.path == "/robots.txt" else 0)  # a slow site: both workers get to it before its answer
+            body = b"User-agent: *\nAllow: /\n" if self.path == "/robots.txt" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rules = consent.SiteRules(str(tmp_path / "consent"), allow_hosts=("127.0.0.1",), timeout=5)
+        rules.save()  # as the driver leaves it: the plan's (here no) answers in hosts.parquet
+        blob = pickle.dumps(rules)
+        url = f"http://127.0.0.1:{server.server_address[1]}/x.jpg"
+        ctx = multiprocessing.get_context("fork")
+        go = ctx.Event()
+        workers = [ctx.Process(target=_ask_in_a_worker, args=(blob, url, go)) for _ in range(2)]
+        for w in workers:
+            w.start()
+        go.set()
+        for w in workers:
+            w.join(30)
+        assert [w.exitcode for w in workers] == [0, 0]
+    finally:
+        server.shutdown()
+    assert asked.count("/robots.txt") == 1 and asked.count("/.well-known/tdmrep.json") == 1, asked
+    assert rules.absorb_hops() == 1 and rules.rows[url.rsplit("/", 1)[0]]["robots_status"] == "ok"
+    assert os.listdir(tmp_path / "consent") == ["hosts.parquet"]  # no hop file and no lock left
