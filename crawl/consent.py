@@ -359,7 +359,7 @@ _ASK_LOCK = threading.Lock()  # one worker thread asks a site the plan did not; 
 
 class SiteConsent:
     """`before_request`: a redirect hop to another origin than the planned one is judged on that
-    origin's robots.txt and TDMRep, asked on first need (once per worker process) when the plan did
+    origin's robots.txt and TDMRep, asked on first need (once per machine: `SiteRules.asking`) when the plan did
     not ask it. The planned origin itself was judged by the plan."""
 
     def __init__(self, rules: SiteRules):
