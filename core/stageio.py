@@ -233,18 +233,13 @@ class WriteStageOutputs(beam.PTransform):
             raise ValueError("several kept or rejected PCollections need kept_tables / rejected_tables")
         kept_path = os.path.join(self.out_dir, self.name, "part")
         rejected_path = os.path.join(self.out_dir, "rejected", "part")
-        for i, pc in enumerate(kept_all):
-            path, label = (kept_path, "WriteKept") if i == 0 else (f"{kept_path}-{i}", f"WriteKept{i}")
-            if self.kept_tables:  # each table is written as it comes
-                _ = pc | label >> beam.io.WriteToParquetBatched(path, self.schema, file_name_suffix=".parquet")
-            else:
-                _ = pc | label >> beam.io.WriteToParquet(path, self.schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-        for i, pc in enumerate(rejected_all):
-            path, label = (rejected_path, "WriteRejected") if i == 0 else (f"{rejected_path}-{i}", f"WriteRejected{i}")
-            if self.rejected_tables:
-                _ = pc | label >> beam.io.WriteToParquetBatched(path, REJECTED_SCHEMA, file_name_suffix=".parquet")
-            else:
-                _ = pc | label >> beam.io.WriteToParquet(path, REJECTED_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+        for pcs, path, label, schema, tables in ((kept_all, kept_path, "WriteKept", self.schema, self.kept_tables), (rejected_all, rejected_path, "WriteRejected", REJECTED_SCHEMA, self.rejected_tables)):
+            for i, pc in enumerate(pcs):  # part-*, then part-1-*, part-2-*...
+                sink_path, sink_label = (path, label) if i == 0 else (f"{path}-{i}", f"{label}{i}")
+                if tables:  # each table is written as it comes
+                    _ = pc | sink_label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
+                else:
+                    _ = pc | sink_label >> beam.io.WriteToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         for other, schema in self.more.items():
             _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
@@ -478,9 +473,13 @@ def _remove_tree(fs, path: str) -> None:
 
 
 def _move_tree(fs, src: str, dst: str) -> None:
-    """Move every object under `src` to the same relative key under `dst` on an object store (s3fs,
-    gcsfs: `fs.mv(src, dst, recursive=True)` copies the prefix's own pseudo-folder key there and
-    fails). `_SUCCESS` goes last, so `dst/_SUCCESS` exists only once all of `src` is in `dst`."""
+    """Move the folder `src` to `dst`: one atomic rename on a local filesystem; on an object store
+    (s3fs, gcsfs: `fs.mv(src, dst, recursive=True)` copies the prefix's own pseudo-folder key there
+    and fails) every object under `src` to the same relative key under `dst`, `_SUCCESS` last, so
+    `dst/_SUCCESS` exists only once all of `src` is in `dst`."""
+    if _is_local(fs):
+        fs.mv(src, dst, recursive=True)
+        return
     src, dst = src.rstrip("/"), dst.rstrip("/")
     fs.invalidate_cache(src)
     files = [f for f in fs.find(src, withdirs=False) if f.rstrip("/") != src]
@@ -561,17 +560,10 @@ class StageOutput:
         """Reconcile, mark complete and swap the new output in; returns the stats."""
         stats = finish_stage(self.path, self.stage)
         fs, out, old, partial = self.fs, self._p(self.out_dir), self._p(self._old), self._p(self.path)
-        if _is_local(fs):  # two atomic renames
-            if fs.exists(out):
-                fs.mv(out, old, recursive=True)
-            fs.mv(partial, out, recursive=True)
-            if fs.exists(old):
-                fs.rm(old, recursive=True)
-        else:  # an object store has no folders to rename: the same swap, key by key
-            if fs.exists(out):
-                _move_tree(fs, out, old)
-            _move_tree(fs, partial, out)
-            _remove_tree(fs, old)
+        if fs.exists(out):  # two renames locally; key by key on an object store (`_move_tree`)
+            _move_tree(fs, out, old)
+        _move_tree(fs, partial, out)
+        _remove_tree(fs, old)
         self.committed = True
         return stats
 
