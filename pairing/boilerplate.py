@@ -70,15 +70,6 @@ class PageSet(beam.CombineFn):
         return acc
 
 
-def close_neighbours(members: list[tuple[str, set]], max_distance: int):
-    """For each pHash of one LSH bucket, the page sets of the other members within `max_distance`
-    bits: (pHash, pages of one neighbour)."""
-    for i, (h, _) in enumerate(members):
-        for j, (other, pages) in enumerate(members):
-            if i != j and phash_distance(h, other) <= max_distance:
-                yield h, pages
-
-
 def site_threshold(site_pages: int, cfg: PairConfig) -> int:
     """Pages a content or URL must be on to be boilerplate of a site with `site_pages` pages."""
     import math
@@ -86,9 +77,35 @@ def site_threshold(site_pages: int, cfg: PairConfig) -> int:
     return max(cfg.site_min_pages, math.ceil(cfg.site_share * site_pages - 1e-9))
 
 
+def close_pairs_by_scope(members: list[tuple], max_distance: int):
+    """For one LSH bucket of (site, pHash, pages of that content on that site) members: each
+    pHash's neighbours within `max_distance` bits, in both scopes at once: ((GLOBAL, pHash),
+    pages of one neighbour on any site) and ((site, pHash), pages of one neighbour on that site).
+    Distances are computed once per pair of distinct pHashes, however many sites show them."""
+    by_hash: dict = {}
+    for site, h, pages in members:
+        by_hash.setdefault(h, {})[site] = pages
+    hashes = list(by_hash)
+    for i, h in enumerate(hashes):
+        for other in hashes[i + 1 :]:
+            if phash_distance(h, other) > max_distance:
+                continue
+            for a, b in ((h, other), (other, h)):
+                sites_a, sites_b = by_hash[a], by_hash[b]
+                yield (GLOBAL, a), set().union(*sites_b.values())
+                for site in sites_a.keys() & sites_b.keys():
+                    yield (site, a), sites_b[site]
+
+
 class _ContentPages(beam.PTransform):
-    """((scope, pHash), page) -> ((scope, pHash), pages of its close neighbourhood), pages capped at
-    `cap` (0: no cap)."""
+    """((site, pHash), page) -> {"site": ((site, pHash), pages of its close neighbourhood on the
+    site), "global": ((GLOBAL, pHash), pages of its close neighbourhood anywhere, at most `cap`)}.
+
+    One LSH banding serves both scopes: each (site, pHash) goes to its bands once with its pages
+    on the site, and a bucket pairs close pHashes across sites for the crawl-wide rule and within a
+    site for the site rule (two bandings, one per scope, moved every content through the band
+    shuffle twice). A content's crawl-wide pages are the union of its sites' (capped at `cap`:
+    only "more than K" matters)."""
 
     def __init__(self, max_distance: int, cap: int):
         super().__init__()
@@ -96,14 +113,19 @@ class _ContentPages(beam.PTransform):
 
     def expand(self, keyed):
         d, cap = self.max_distance, self.cap
-        own = keyed | "PagesPerHash" >> beam.CombinePerKey(PageSet(cap))
+        own = keyed | "PagesPerHash" >> beam.CombinePerKey(PageSet())
+        own_global = own | "GlobalKey" >> beam.Map(lambda kv: ((GLOBAL, kv[0][1]), kv[1])) | "GlobalPagesPerHash" >> beam.CombinePerKey(PageSet(cap))
         neighbours = (
             own
-            | "Bands" >> beam.FlatMap(lambda kv: [((kv[0][0], b), pickle.dumps((kv[0][1], kv[1]), protocol=pickle.HIGHEST_PROTOCOL)) for b in band_keys(kv[0][1], d)])
+            | "Bands" >> beam.FlatMap(lambda kv: [(b, pickle.dumps((kv[0][0], kv[0][1], kv[1]), protocol=pickle.HIGHEST_PROTOCOL)) for b in band_keys(kv[0][1], d)])
             | "GroupBands" >> beam.GroupByKey()
-            | "Neighbours" >> beam.FlatMap(lambda kv: (((kv[0][0], h), pages) for h, pages in close_neighbours([pickle.loads(b) for b in kv[1]], d)))
+            | "Neighbours" >> beam.FlatMap(lambda kv: close_pairs_by_scope([pickle.loads(b) for b in kv[1]], d))
+            | "ByScope" >> beam.Partition(lambda kv, _: int(kv[0][0] == GLOBAL), 2)
         )
-        return (own, neighbours) | "OwnAndNeighbours" >> beam.Flatten() | "Neighbourhood" >> beam.CombinePerKey(PageSet(cap))
+        return {
+            "site": (own, neighbours[0]) | "SiteOwnAndNeighbours" >> beam.Flatten() | "SiteNeighbourhood" >> beam.CombinePerKey(PageSet()),
+            "global": (own_global, neighbours[1]) | "GlobalOwnAndNeighbours" >> beam.Flatten() | "GlobalNeighbourhood" >> beam.CombinePerKey(PageSet(cap)),
+        }
 
 
 def _global_rows(kv, kind: str, more_than: int):
@@ -139,14 +161,14 @@ class FlagBoilerplate(beam.PTransform):
         occ = occ | "Pages" >> beam.Map(lambda r: (r["site"], r["image_url"], r["phash"], page_key(r["page_url"])))
         hashed = occ | "Decoded" >> beam.Filter(lambda o: o[2] is not None)
         # crawl-wide: pages capped at K+1 (enough to say "more than K")
-        g_content = hashed | "GlobalHash" >> beam.Map(lambda o: ((GLOBAL, o[2]), o[3])) | "GlobalContent" >> _ContentPages(cfg.boilerplate_phash_distance, k + 1)
+        content = hashed | "SiteHash" >> beam.Map(lambda o: ((o[0], o[2]), o[3])) | "Content" >> _ContentPages(cfg.boilerplate_phash_distance, k + 1)
+        g_content, s_content = content["global"], content["site"]
         g_url = occ | "GlobalUrl" >> beam.Map(lambda o: ((GLOBAL, o[1]), o[3])) | "GlobalUrlPages" >> beam.CombinePerKey(PageSet(k + 1))
         flags = [
             g_content | "GlobalContentRows" >> beam.FlatMap(_global_rows, CONTENT, k),
             g_url | "GlobalUrlRows" >> beam.FlatMap(_global_rows, URL, k),
         ]
         # per site: counted against the site's page count (a CoGroupByKey on the site)
-        s_content = hashed | "SiteHash" >> beam.Map(lambda o: ((o[0], o[2]), o[3])) | "SiteContent" >> _ContentPages(cfg.boilerplate_phash_distance, 0)
         s_url = occ | "SiteUrl" >> beam.Map(lambda o: ((o[0], o[1]), o[3])) | "SiteUrlPages" >> beam.CombinePerKey(PageSet())
         min_pages = cfg.site_min_pages
         candidates = [

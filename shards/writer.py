@@ -75,6 +75,89 @@ def build_stub(pair: dict) -> dict:
 POINTER_COLUMNS = [f"{side}_{c}" for side in ("cond", "target") for c in ("bytes_file", "bytes_row_group", "image_id")]
 
 
+def _npy_column(column) -> list[bytes]:
+    """The .npy bytes of each embedding of a list<float16> column (b"" for a null), as
+    `layout.npy_bytes` writes them, without a Python float per value: the values as one NumPy
+    array, each row's slice after the header of its length (made once per length)."""
+    import numpy as np
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:
+        return []
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype("<f2", copy=False)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    headers: dict = {}
+    out = []
+    for k in range(len(column)):
+        if not valid[k]:
+            out.append(b"")
+            continue
+        lo, hi = int(offsets[k]), int(offsets[k + 1])
+        header = headers.get(hi - lo)
+        if header is None:
+            full = layout.npy_bytes(values[lo:hi])
+            header = headers[hi - lo] = full[: len(full) - 2 * (hi - lo)]
+        out.append(header + values[lo:hi].tobytes())
+    return out
+
+
+def plain_rgb_jpeg(data: bytes) -> bool:
+    """True when `layout.as_jpeg` would return `data` unchanged (Pillow opens it as a JPEG, mode
+    RGB, with no EXIF orientation), decided from the markers alone: Pillow's JPEG header parsing
+    in Python (~25 us an image) was a fifth of what shards does per image. Conservative: only a
+    plain layout is accepted (SOI; APP0, APP3-APP12, APP14, APP15, DQT, DHT, DRI, COM segments
+    with the lengths Pillow's handlers need; one or more 8-bit 3-component baseline, extended or
+    progressive SOF; then SOS), checked as Pillow 12's JpegImagePlugin reads them; anything else
+    (APP1: EXIF or XMP, which may carry an orientation; APP2: ICC, MPO; APP13; fill bytes; other
+    frame types; truncation; a size over Pillow's pixel limit) answers False and goes through
+    `as_jpeg`, which decides. tests/test_pair_shards.py checks the two agree."""
+    from PIL import Image
+
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    i, frame = 2, None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        length = (data[i + 2] << 8) | data[i + 3]
+        end = i + 2 + length
+        if length < 2 or end > n:
+            return False
+        s = data[i + 4 : end]
+        if marker == 0xDA:  # start of scan: Pillow stops reading the header here
+            if frame is None:
+                return False
+            w, h = frame
+            limit = Image.MAX_IMAGE_PIXELS
+            return w > 0 and h > 0 and (limit is None or w * h <= limit)
+        if marker in (0xC0, 0xC1, 0xC2):
+            if len(s) < 6 or s[0] != 8 or s[5] != 3:
+                return False
+            frame = ((s[3] << 8) | s[4], (s[1] << 8) | s[2])
+        elif marker == 0xDB:
+            while s:
+                need = 1 + (64 if s[0] // 16 == 0 else 128)
+                if len(s) < need:
+                    return False
+                s = s[need:]
+        elif marker == 0xE0:
+            if s.startswith(b"JFIF") and len(s) < 7:
+                return False
+        elif marker == 0xEE:
+            if s.startswith(b"Adobe") and len(s) < 7:
+                return False
+        elif not (marker in (0xC4, 0xDD, 0xFE, 0xEF) or 0xE3 <= marker <= 0xEC):
+            return False
+        i = end
+    return False
+
+
+_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True) without a new encoder per call
+
+
 class _ImageStore:
     """The images of one pair file's samples, fetched from filter's output once each: every wanted
     (file, row group) is read once (columns image_id, image_bytes and embedding), the wanted rows'
@@ -107,16 +190,15 @@ class _ImageStore:
                         continue  # a pointer past the file: its images are missing
                     t = pf.read_row_group(rg, columns=columns)
                     t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(ids), type=t.schema.field("image_id").type)))
-                    embeddings = t.column("embedding").to_pylist() if self.store_embedding else [None] * t.num_rows
-                    for image_id, data, emb in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist(), embeddings):
+                    embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
+                    for image_id, data, npy in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist(), embeddings):
                         if data is None or image_id in self.where:
                             continue
                         try:
-                            jpg = layout.as_jpeg(data)
+                            jpg = data if plain_rgb_jpeg(data) else layout.as_jpeg(data)
                         except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
                             self.where[image_id] = str(err)
                             continue
-                        npy = layout.npy_bytes(emb) if emb is not None else b""
                         self.fh.write(jpg + npy)
                         self.where[image_id] = (offset, len(jpg), len(npy))
                         offset += len(jpg) + len(npy)
@@ -155,7 +237,7 @@ def materialise(stubs: list[dict], store: _ImageStore, store_embedding: bool):
             reason = MISSING_IMAGE if isinstance(err, KeyError) else BAD_IMAGE
             yield REJECTED, Rejected(s["key"], STAGE, reason, str(err)[:200], s["meta"]["page_url"]).to_row()
             continue
-        files = {layout.COND_JPG: jpgs["cond"], layout.TARGET_JPG: jpgs["target"], layout.META_JSON: json.dumps(s["meta"], sort_keys=True).encode()}
+        files = {layout.COND_JPG: jpgs["cond"], layout.TARGET_JPG: jpgs["target"], layout.META_JSON: _JSON.encode(s["meta"]).encode()}
         if store_embedding and npy is not None:
             files[layout.COND_NPY] = npy
         yield "sample", {"key": s["key"], "files": files, "meta": s["meta"]}
@@ -227,6 +309,9 @@ def tar_file_size(content_bytes: int) -> int:
     return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
 class _ShardFile:
     """One tar being written under a temporary name; `close()` renames it into place, so a killed
     run never leaves a complete-looking shard. The archive is written as tarfile writes it (each
@@ -249,10 +334,12 @@ class _ShardFile:
     def add(self, sample: dict, members: list | None = None) -> dict:
         members = _members(sample) if members is None else members
         start = self.offset
-        for header, data in members:
-            pad = -len(data) % tarfile.BLOCKSIZE
-            self.stream.write(b"".join((header, data, bytes(pad))))
-            self.offset += len(header) + len(data) + pad
+        parts = []
+        for header, data in members:  # the sample's members in one write
+            parts += (header, data, _ZEROS[: -len(data) % tarfile.BLOCKSIZE])
+        chunk = b"".join(parts)
+        self.stream.write(chunk)
+        self.offset += len(chunk)
         m = sample["meta"]
         self.samples += 1
         return {"key": sample["key"], "shard": self.name, "offset": start, "size": self.offset - start, "page_url": m["page_url"], "cond_image_id": m["cond_image_id"], "target_image_id": m["target_image_id"], "similarity": m["similarity"],

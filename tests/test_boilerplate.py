@@ -84,6 +84,52 @@ def test_site_and_global_rules_in_a_pipeline():
         ]))
 
 
+def test_flags_equal_their_definition_on_close_hashes_across_sites():
+    """The flags of FlagBoilerplate (one LSH banding for both scopes) are exactly the rules'
+    definition computed by brute force over every pair of occurrences: 600 occurrences on 5
+    sites, pHashes in clusters of variants 0-6 bits from a few bases (so close pairs span sites,
+    sit within a site, and chain), repeated URLs, unhashed links; the crawl-wide counts capped at
+    K + 1 as the stage reports them."""
+    import random
+
+    from core.records import phash_distance
+
+    rng = random.Random(7)
+    cfg = dataclasses.replace(PairConfig(), boilerplate_pages=6, site_share=0.2, site_min_pages=2)
+    d, k = cfg.boilerplate_phash_distance, cfg.boilerplate_pages
+    bases = [rng.getrandbits(64) for _ in range(6)]
+    rows = []
+    for n in range(600):
+        site = f"s{rng.randrange(5)}.org"
+        page = f"http://www.{site}/{rng.randrange(12)}"
+        h = rng.choice(bases)
+        for bit in rng.sample(range(64), rng.choice([0, 0, 1, 2, 3, 4, 5, 6])):
+            h ^= 1 << bit
+        phash = None if n % 37 == 0 else (f"{h:016x}" if rng.random() < 0.7 else f"{rng.getrandbits(64):016x}")
+        rows.append({"page_url": page, "site": site_of(page), "image_url": f"http://cdn/{rng.randrange(40)}.jpg", "phash": phash})
+    expected = []
+    sites = sorted({r["site"] for r in rows})
+    site_pages = {s: len({r["page_url"] for r in rows if r["site"] == s}) for s in sites}
+    for kind, field, close in (("content", "phash", lambda a, b: phash_distance(a, b) <= d), ("url", "image_url", lambda a, b: a == b)):
+        keyed = [r for r in rows if r[field] is not None]
+        for key in sorted({r[field] for r in keyed}):
+            pages = {r["page_url"] for r in keyed if close(key, r[field])}
+            if len(pages) > k:
+                expected.append({"scope": "*", "kind": kind, "key": key, "pages": min(len(pages), k + 1), "site_pages": 0})
+            for s in sites:
+                if not any(r["site"] == s and r[field] == key for r in keyed):
+                    continue
+                pages = {r["page_url"] for r in keyed if r["site"] == s and close(key, r[field])}
+                if len(pages) >= cfg.site_min_pages and len(pages) >= site_threshold(site_pages[s], cfg):
+                    expected.append({"scope": s, "kind": kind, "key": key, "pages": len(pages), "site_pages": site_pages[s]})
+    assert sum(e["kind"] == "content" and e["scope"] == "*" for e in expected) > 5 and sum(e["kind"] == "content" and e["scope"] != "*" for e in expected) > 5
+    import apache_beam as beam
+
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+        flags = p | beam.Create(rows) | FlagBoilerplate(cfg)
+        assert_that(flags, equal_to(expected))
+
+
 def test_thresholds_and_reason_precedence():
     cfg = PairConfig()
     assert [site_threshold(n, cfg) for n in (2, 3, 6, 7, 100)] == [3, 3, 3, 4, 50]

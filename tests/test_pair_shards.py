@@ -308,3 +308,103 @@ def test_shards_read_each_filter_row_group_once_per_pair_file(pipeline_dirs, tmp
 
     small, big = members(tmp_path / "small"), members(tmp_path / "big")
     assert small == big and len(small) >= 3 * stats["kept"]
+
+
+def _jpeg_variants():
+    """JPEG bytes in the layouts shards meets: plain, greyscale, CMYK, progressive, with an ICC
+    profile, EXIF (with and without an orientation), XMP orientation, Adobe and COM segments, an
+    MPO, fill bytes, 16-bit tables, truncated and corrupted headers, not a JPEG at all."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
+
+    def save(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    plain = save(rgb, quality=90)
+    out = {"plain": plain, "grey": save(rgb.convert("L")), "cmyk": save(rgb.convert("CMYK")), "progressive": save(rgb, progressive=True),
+           "icc": save(rgb, icc_profile=b"\0" * 200), "comment": save(rgb, comment=b"hello"), "q100_16bit_free": save(rgb, quality=100)}
+    exif = Image.Exif()
+    out["exif_no_orientation"] = save(rgb, exif=exif.tobytes())
+    for o in (1, 3, 6, 8):
+        exif[0x0112] = o
+        out[f"exif_orientation_{o}"] = save(rgb, exif=exif.tobytes())
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    out["xmp_orientation"] = save(rgb, xmp=xmp)
+    buf = io.BytesIO()
+    rgb.save(buf, "MPO", save_all=True, append_images=[rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    out["mpo"] = buf.getvalue()
+    sof = plain.index(b"\xff\xc0")
+    app14 = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01"
+    out["adobe"] = plain[:2] + app14 + plain[2:]
+    out["adobe_short"] = plain[:2] + b"\xff\xee\x00\x07Adobe" + plain[2:]
+    out["jfif_short"] = plain[:2] + b"\xff\xe0\x00\x06JFIF" + plain[2:]
+    out["app5"] = plain[:2] + b"\xff\xe5\x00\x05abc" + plain[2:]
+    out["fill_bytes"] = plain[:sof] + b"\xff" + plain[sof:]
+    out["twelve_bit"] = plain[: sof + 4] + b"\x0c" + plain[sof + 5 :]
+    out["four_layers_sof"] = plain[: sof + 9] + b"\x04" + plain[sof + 10 :]
+    out["zero_width"] = plain[: sof + 7] + b"\x00\x00" + plain[sof + 9 :]
+    dqt = plain.index(b"\xff\xdb")
+    out["bad_dqt"] = plain[: dqt + 2] + b"\x00\x20" + plain[dqt + 4 :]
+    out["short_length"] = plain[:dqt + 2] + b"\x00\x01" + plain[dqt + 4 :]
+    out["truncated_header"] = plain[: sof + 5]
+    out["no_sos"] = plain[: plain.index(b"\xff\xda")]
+    out["sos_before_sof"] = plain[:2] + b"\xff\xda\x00\x02" + plain[2:]
+    buf = io.BytesIO()
+    rgb.save(buf, "PNG")
+    out["png"], out["empty"], out["soi_only"] = buf.getvalue(), b"", b"\xff\xd8\xff"
+    return out
+
+
+def test_plain_jpeg_check_agrees_with_as_jpeg():
+    """shards passes a JPEG through unchanged when its markers say Pillow would (`plain_rgb_jpeg`)
+    instead of opening it with Pillow: whenever the check says yes, `layout.as_jpeg` returns the
+    bytes themselves, on every shared photo and on JPEGs in every layout the check must refuse
+    (EXIF or XMP orientation, CMYK, greyscale, MPO, ICC, fill bytes, broken headers), and the
+    plain and progressive ones, at least, pass."""
+    from core import sample_layout as layout
+    from shards.writer import plain_rgb_jpeg
+
+    variants = _jpeg_variants()
+    for path in sorted(glob.glob("/work/shared/data/photos-imagenet-sample/*"))[:300]:
+        with open(path, "rb") as fh:
+            variants[os.path.basename(path)] = fh.read()
+    said_yes = set()
+    for name, data in variants.items():
+        try:
+            same = layout.as_jpeg(data) is data
+        except Exception:  # noqa: BLE001 - Pillow cannot read it: the check must not pass it
+            same = False
+        if plain_rgb_jpeg(data):
+            said_yes.add(name)
+            assert same, name
+    assert {"plain", "progressive", "comment", "adobe", "app5", "q100_16bit_free"} <= said_yes
+    assert not said_yes & {"cmyk", "grey", "icc", "mpo", "exif_orientation_6", "xmp_orientation", "fill_bytes", "twelve_bit", "bad_dqt", "png", "truncated_header", "no_sos", "sos_before_sof", "zero_width"}
+
+
+def test_npy_column_writes_what_npy_bytes_writes():
+    """The shards' .npy bytes of a whole embedding column are `layout.npy_bytes` of each row (nulls
+    and rows of other lengths included), and numpy reads them back to the same float16 values."""
+    import io
+
+    import pyarrow as pa
+
+    from core import sample_layout as layout
+    from shards.writer import _npy_column
+
+    rng = np.random.default_rng(1)
+    rows = [rng.normal(size=d).astype(np.float16).tolist() if d else None for d in (64, 64, 0, 3, 512, 64, 1)] + [[]]
+    for column in (pa.array(rows, pa.list_(pa.float16())), pa.chunked_array([pa.array(rows[:3], pa.list_(pa.float16())), pa.array(rows[3:], pa.list_(pa.float16()))])):
+        got = _npy_column(column)
+        assert len(got) == len(rows)
+        for row, data in zip(rows, got):
+            if row is None:
+                assert data == b""
+                continue
+            assert data == layout.npy_bytes(row)
+            assert np.load(io.BytesIO(data)).tolist() == np.asarray(row, np.float16).tolist()
