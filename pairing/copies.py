@@ -145,19 +145,21 @@ def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 25
     mirrored = h ^ np.uint64(_MIRROR_MASK)
     flips = np.concatenate([[0], 1 << np.arange(16)]).astype(np.uint64) if n < flip_below else np.zeros(1, np.uint64)
     tables = []
-    for c in range(4):
-        key = (h >> np.uint64(16 * c)) & np.uint64(0xFFFF)
+    for c in range(4):  # per chunk: rows sorted by the chunk's value, and where each of the 65,536 values starts
+        key = ((h >> np.uint64(16 * c)) & np.uint64(0xFFFF)).astype(np.int64)
         order = np.argsort(key, kind="stable")
-        tables.append((np.uint64(16 * c), order, key[order]))
+        starts = np.zeros(65537, np.int64)
+        np.cumsum(np.bincount(key, minlength=65536), out=starts[1:])
+        tables.append((np.uint64(16 * c), order, starts))
     out_i, out_j, out_d = [], [], []
     for lo in range(0, n, batch):
         rows = np.arange(lo, min(n, lo + batch))
         found_i, found_j = [], []
-        for shift, order, sorted_keys in tables:
+        for shift, order, starts in tables:
             for q in (h[rows], mirrored[rows]):
-                probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1)
-                left = np.searchsorted(sorted_keys, probes, "left")
-                count = np.searchsorted(sorted_keys, probes, "right") - left
+                probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1).astype(np.int64)
+                left = starts[probes]  # a table lookup per probe (two binary searches before)
+                count = starts[probes + 1] - left
                 count[count > max_bucket] = 0
                 total = int(count.sum())
                 if not total:
@@ -267,12 +269,21 @@ def jpeg_quality(img) -> int:
     tables = getattr(img, "quantization", None)
     if not tables:
         return 100
-    luma = np.asarray(tables.get(0, next(iter(tables.values()))), dtype=np.float64)
-    if luma.size != 64:
-        return 100
-    scale = float(np.mean(luma / _STD_LUMA)) * 100.0  # libjpeg: table = std * scale / 100
-    q = (200.0 - scale) / 2.0 if scale <= 100 else 5000.0 / scale
-    return int(max(1, min(100, round(q))))
+    table = tuple(tables.get(0, next(iter(tables.values()))))
+    q = _QUALITY_OF.get(table)
+    if q is None:  # most images of a crawl share a few encoders' tables: each is estimated once
+        luma = np.asarray(table, dtype=np.float64)
+        if luma.size != 64:
+            return 100
+        scale = float(np.mean(luma / _STD_LUMA)) * 100.0  # libjpeg: table = std * scale / 100
+        q = (200.0 - scale) / 2.0 if scale <= 100 else 5000.0 / scale
+        q = int(max(1, min(100, round(q))))
+        if len(_QUALITY_OF) < 4096:
+            _QUALITY_OF[table] = q
+    return q
+
+
+_QUALITY_OF: dict = {}  # luminance table -> estimated quality (bounded)
 
 
 def trim_borders(grey: np.ndarray, tol: float = 6.0, max_share: float = 0.4) -> tuple[int, int, int, int]:
@@ -308,7 +319,8 @@ def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300, m
     try:
         img = Image.open(io.BytesIO(data))
         quality = jpeg_quality(img) if img.format == "JPEG" else 100
-        img = ImageOps.exif_transpose(img).convert("L")
+        ImageOps.exif_transpose(img, in_place=True)  # no copy of the decoded image (the same pixels)
+        img = img.convert("L")
     except Exception:  # noqa: BLE001 - filter decoded it; a failure here only skips the image
         return None
     grey = np.asarray(img)

@@ -12,7 +12,7 @@ from typing import Iterable
 import numpy as np
 
 from core.config import PairConfig
-from core.records import PairRecord, phash_distance, stable_id
+from core.records import PairRecord, stable_id
 
 NEAR_DUPLICATE = "near_duplicate"
 OVER_PAGE_CAP = "over_page_cap"
@@ -27,15 +27,26 @@ def collapse_near_duplicates(images: list[dict], max_distance: int) -> tuple[lis
     position then image_id.
     """
     order = sorted(images, key=lambda r: (-(r["width"] * r["height"]), r["position"], r["image_id"]))
-    kept: list[dict] = []
+    kept: list[tuple[int, dict]] = []  # (place in `order`, image)
+    bits: dict[int, int] = {}  # pHashes as ints, each parsed once, when first compared (phash_distance's bits)
+
+    def value(k: int, r: dict) -> int:
+        if k not in bits:
+            bits[k] = int(r["phash"], 16)
+        return bits[k]
+
     dropped: list[tuple[dict, str]] = []
-    for img in order:
-        twin = next((k for k in kept if k["image_id"] == img["image_id"] or phash_distance(k["phash"], img["phash"]) <= max_distance), None)
+    for n, img in enumerate(order):
+        twin = None
+        for m, k in kept:
+            if k["image_id"] == img["image_id"] or (value(m, k) ^ value(n, img)).bit_count() <= max_distance:
+                twin = k
+                break
         if twin is None:
-            kept.append(img)
+            kept.append((n, img))
         else:
             dropped.append((img, twin["image_id"]))
-    return kept, dropped
+    return [k for _, k in kept], dropped
 
 
 def cosine_matrix(images: list[dict]) -> np.ndarray:
@@ -54,12 +65,9 @@ def select_pairs(page_url: str, images: list[dict], cfg: PairConfig) -> tuple[li
     if len(images) < 2:
         return [], set()
     sims = cosine_matrix(images)
-    candidates = [
-        (i, j)
-        for i in range(len(images))
-        for j in range(len(images))
-        if i != j and cfg.sim_low <= sims[i, j] <= cfg.sim_high
-    ]
+    band = (sims >= cfg.sim_low) & (sims <= cfg.sim_high)  # the same float32 comparisons, row-major like a double loop
+    np.fill_diagonal(band, False)
+    candidates = list(zip(*(a.tolist() for a in np.nonzero(band))))
     used = {images[i]["image_id"] for i, j in candidates} | {images[j]["image_id"] for i, j in candidates}
     rng = random.Random(stable_id(str(cfg.seed), page_url))
     if len(candidates) > cfg.max_pairs_per_page:

@@ -292,8 +292,25 @@ def _header(name: str, size: int) -> bytes:
 
 def _members(sample: dict) -> list[tuple[bytes, bytes]]:
     """The tar members of a sample as (header, data), with fixed metadata (reproducible bytes):
-    tarfile's ustar header (`_header`), made once per member."""
-    return [(_header(f"{sample['key']}.{ext}", len(data)), data) for ext, data in sample["files"].items()]
+    tarfile's ustar header (the bytes `_header` makes: the template with the name, the size and
+    the checksum filled in, the key's share of the checksum summed once a sample)."""
+    key = sample["key"].encode(tarfile.ENCODING, "surrogateescape")
+    key_sum = _USTAR_SUM + sum(key) + ord(".")  # the checksum's share of the template, the key and the dot, once a sample
+    out = []
+    for ext, data in sample["files"].items():
+        ext_raw = ext.encode(tarfile.ENCODING, "surrogateescape")
+        raw = key + b"." + ext_raw
+        size = len(data)
+        if len(raw) > 100 or size >= 8**11:
+            out.append((_header(f"{sample['key']}.{ext}", size), data))
+            continue
+        size_field = b"%011o\0" % size
+        h = bytearray(_USTAR)
+        h[: len(raw)] = raw
+        h[124:136] = size_field
+        h[148:156] = b"%06o\0 " % (key_sum + sum(ext_raw) + sum(size_field))
+        out.append((bytes(h), data))
+    return out
 
 
 def _member_bytes(member: tuple[bytes, bytes]) -> int:
