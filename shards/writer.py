@@ -171,6 +171,7 @@ class _ImageStore:
         self.store_embedding = store_embedding
         self.where: dict = {}  # image id -> (offset, JPEG length, .npy length) or the error converting its bytes
         self.fh = tempfile.TemporaryFile()
+        self.recent: dict = {}  # the last images read back (at most _RECENT)
         self._fill(wanted)
 
     def _fill(self, wanted: dict) -> None:
@@ -204,15 +205,24 @@ class _ImageStore:
                         offset += len(jpg) + len(npy)
         self.fh.flush()
 
+    _RECENT = 64  # images kept after a read: a page's pairs are neighbours in the pair file and share images
+
     def get(self, image_id: str):
         """(JPEG bytes, .npy bytes or None), None when the image was not found, or the error text
         of bytes that are not an image."""
+        recent = self.recent.get(image_id)
+        if recent is not None:
+            return recent
         found = self.where.get(image_id)
         if found is None or isinstance(found, str):
             return found
         offset, n_jpg, n_npy = found
         data = os.pread(self.fh.fileno(), n_jpg + n_npy, offset)
-        return data[:n_jpg], (data[n_jpg:] if n_npy else None)
+        out = data[:n_jpg], (data[n_jpg:] if n_npy else None)
+        if len(self.recent) >= self._RECENT:
+            del self.recent[next(iter(self.recent))]  # the oldest
+        self.recent[image_id] = out
+        return out
 
     def close(self) -> None:
         self.fh.close()
@@ -384,8 +394,11 @@ class WriteShards(beam.DoFn):
         with FileSystems.open(path) as fh:
             # record batches, not row groups: a row group can hold a whole file's pairs
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024, columns=PAIR_COLUMNS):
-                for row in batch.to_pylist():
-                    yield build_stub(row)
+                # column by column (build_stub's values, without a dict of every column per row)
+                cols = {name: batch.column(name).to_pylist() for name in PAIR_COLUMNS}
+                sources = [zip(*(cols[f"{side}_{c}"] for c in ("bytes_file", "bytes_row_group", "image_id"))) for side in ("cond", "target")]
+                for key, values, cond, target in zip(cols["pair_id"], zip(*(cols[k] for k in layout.META_FIELDS)), *sources):
+                    yield {"key": key, "meta": dict(zip(layout.META_FIELDS, values)), "sources": {"cond": cond, "target": target}}
 
     def _store(self, path: str) -> _ImageStore:
         """Every image the pair file's samples need, fetched once (the pointer columns only)."""

@@ -452,3 +452,19 @@ def test_page_outcome_equals_the_plain_double_loops():
         cfg = PairConfig(sim_low=rng.choice([-1.0, 0.0, 0.2]), sim_high=rng.choice([0.5, 0.99, 1.0]), max_pairs_per_page=rng.choice([1, 3, 100]))
         assert collapse_near_duplicates(imgs, cfg.near_duplicate_distance) == collapse_reference(imgs, cfg.near_duplicate_distance)
         assert repr(select_pairs(f"http://p/{trial}", imgs, cfg)) == repr(select_reference(f"http://p/{trial}", imgs, cfg))
+
+
+def test_stubs_are_build_stub_of_each_pair_row(pipeline_dirs):
+    """The writer's stubs, built column by column, are `build_stub` of every pair row, in order."""
+    import pyarrow.parquet as pq
+
+    from core.config import ShardConfig
+    from core.stageio import stage_files
+    from shards.writer import PAIR_COLUMNS, WriteShards, build_stub
+
+    n = 0
+    for f in stage_files(pipeline_dirs["pair"], "pairs", expected="pair"):
+        expected = [build_stub(r) for r in pq.read_table(f, columns=PAIR_COLUMNS).to_pylist()]
+        assert list(WriteShards("", ShardConfig())._stubs(f)) == expected
+        n += len(expected)
+    assert n > 10
