@@ -179,35 +179,49 @@ def test_a_link_to_an_image_missing_from_downloads_is_an_error(tmp_path, photos_
         assert isinstance(err.value, StageError) or "StageError" in repr(err.value)
 
 
-def test_the_link_join_crosses_no_shuffle(tmp_path):
+def test_the_link_join_crosses_no_shuffle(tmp_path, photos_dir, monkeypatch):
     """No link, verdict or score reject goes through a GroupByKey (the in-process runner holds a
-    shuffle's whole input in memory: filter's peak grew 1.5x from 26,130 to 416,958 links with its
-    CoGroupByKey): the only shuffles left spread file names, row groups and bucket numbers
-    (Reshuffle), and the sinks' file results."""
+    shuffle's whole input in memory: filter's peak grew 1.7x from 26,130 to 416,958 links with its
+    CoGroupByKey): in the pipeline run_filter builds, without and with an encoder and in several
+    buckets, the only shuffles left spread file names, row groups and bucket numbers (Reshuffle)
+    and the sinks' file results (Write)."""
+    import contextlib
+
     import apache_beam as beam
     from apache_beam.pipeline import PipelineVisitor
 
-    from filter.pipeline import FilterImages
+    import filter.pipeline as fp
 
-    shuffles = []
+    download = str(tmp_path / "download")
+    _download(download, photos_dir)
+    monkeypatch.setattr(fp, "JOIN_LINKS", 7, raising=False)
+    shuffles: list = []
 
     class Visit(PipelineVisitor):
-        def visit_transform(self, node):
-            if isinstance(node.transform, (beam.GroupByKey, beam.CoGroupByKey)):
-                shuffles.append(node.full_label)
-
         def enter_composite_transform(self, node):
             if isinstance(node.transform, beam.CoGroupByKey):
                 shuffles.append(node.full_label)
 
-    for encoder_info in ((), (32, (0.5,) * 3, (0.5,) * 3)):
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.GroupByKey):
+                shuffles.append(node.full_label)
+
+    class Built(Exception):
+        pass
+
+    @contextlib.contextmanager
+    def built_only(beam_args=None):  # the pipeline run_filter builds, looked at instead of run
         p = beam.Pipeline()
-        images = p | "Images" >> beam.Create([])
-        link_files = p | "LinkFiles" >> beam.Create([])
-        _ = {"images": images, "link_files": link_files} | "Filter" >> FilterImages(FilterConfig(encoder="tiny-clip"), str(tmp_path), 3, encoder_info)
+        yield p
         p.visit(Visit())
-        assert shuffles and all("Reshuffle" in label for label in shuffles), shuffles
+        raise Built
+
+    monkeypatch.setattr(fp, "stage_pipeline", built_only)
+    for encoder in ("none", "tiny-clip"):
         shuffles.clear()
+        with pytest.raises(Built):
+            fp.run_filter(download, str(tmp_path / encoder), FilterConfig(encoder=encoder, faces="off"))
+        assert shuffles and all("Reshuffle" in label or label.startswith("Write/") for label in shuffles), shuffles
 
 
 def test_the_spilled_join_on_dask_gives_the_local_rows(tmp_path, photos_dir, monkeypatch):
