@@ -9,6 +9,7 @@ file's page hashes) meet in a shuffle -> write links/ and rejected/ (pyarrow tab
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -170,6 +171,27 @@ class _Spill:
         return True
 
 
+@contextlib.contextmanager
+def _startup_heap_frozen():
+    """While a file is read, Python's cyclic garbage collector leaves alone the objects that existed
+    before (`gc.freeze`: the worker's modules, Beam's pipeline and runner, ~150,000 objects). A
+    file's pages allocate many short-lived containers, so the collector's full passes come every
+    few thousand pages, and each walked that whole heap (~0.1 CPU s: issue 34's profile, ~8 % of
+    the stage). Only the collector's scheduling changes: objects are freed by reference counting
+    as before, and cycles made while frozen are still collected; at the end the heap is unfrozen
+    (unless someone else had frozen it first)."""
+    import gc
+
+    mine = gc.get_freeze_count() == 0
+    if mine:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
 class ExtractFileLinks(beam.DoFn):
     """Read one WARC/WAT file as a stream. The accepted links of its pages go to a spill file
     (`_Spill`, under `spill_dir`); outputs: (file, spill path) once the file is read; rejected
@@ -189,6 +211,10 @@ class ExtractFileLinks(beam.DoFn):
         self.allow = AllowList(self.cfg.allow_hosts)
 
     def process(self, path: str):
+        with _startup_heap_frozen():
+            yield from self._process(path)
+
+    def _process(self, path: str):
         import numpy as np
 
         from crawl.html import page_complexity
