@@ -133,8 +133,9 @@ def connect(tmp_dir: str, memory: str):
     """A DuckDB connection that stays under `memory` and spills to `tmp_dir` beyond it, with one
     thread per MEMORY_PER_THREAD of it (at least one, at most one per core): each thread's hash
     tables and sort runs take memory of their own, so a small limit shared by many threads is
-    exceeded (at one Common Crawl file's size the process grew by ~130 MB with 128 MB and two
-    threads, 76 MB with 64 MB and one; 64 MB with two threads once ran out of memory)."""
+    exceeded (at one Common Crawl file's size the plan grew the process by 119 MB with 128 MB and
+    two threads, 84 MB with 64 MB and two, 78 MB with 64 MB and one; 64 MB with two threads ran out
+    of memory with the queries of issue 34's second sitting)."""
     import duckdb
 
     os.makedirs(tmp_dir, exist_ok=True)
