@@ -22,7 +22,7 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected
+from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
 from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
@@ -48,9 +48,9 @@ def _mark(r: dict, shared: bool, flags: dict, cfg: PairConfig):
     else (page_url, packed record with its `shared` flag) on its way to the page buckets."""
     found = boilerplate_reason(site_of(r["page_url"]), r["phash"], r["image_url"], flags, cfg)
     if found:
-        return beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, found[0], found[1], r["image_url"]).to_row())
+        return None, Rejected(record_id(r), STAGE, found[0], found[1], r["image_url"]).to_row()
     r["_shared"] = shared
-    return r["page_url"], pack(r, PAGE_SPILL_FIELDS)
+    return (r["page_url"], pack(r, PAGE_SPILL_FIELDS)), None
 
 
 class JoinBucket(beam.DoFn):
@@ -61,7 +61,9 @@ class JoinBucket(beam.DoFn):
     (its kept links name more than one page) or a kept dress of the copy step (a dress that stands
     in for others); only pairs of two shared images can recur on another page. One bucket's images
     and links are in memory at a time. With `copies`, pairing/copies.py `on_pages_with_copies`
-    makes the records (tagged outputs `rejected`, `copies`, `stand_ins`)."""
+    makes the records (tagged outputs `rejected`, `copies`, `stand_ins`). The rejected rows leave
+    as one pyarrow table a bucket (each producer of rejected rows has its own sink: the local runner
+    holds a Flatten of outputs of different stages whole)."""
 
     def __init__(self, cfg: PairConfig, copies: bool):
         self.cfg, self.copies = cfg, copies
@@ -73,31 +75,40 @@ class JoinBucket(beam.DoFn):
             paths[name].append(path)
         images, links = read_groups(paths["image"]), read_groups(paths["links"])
         cfg = self.cfg
+        rejected: list = []
         for key in sorted(images.keys() | links.keys()):
-            packed, group_links = images.get(key, []), links.get(key, [])
+            packed, group_links = images.pop(key, []), links.pop(key, [])
             if self.copies:
                 records = []
                 for out in on_pages_with_copies((key, {"image": packed, "links": group_links}), COPY_JOIN_FIELDS, LINK_FIELDS, STAGE):
-                    if isinstance(out, beam.pvalue.TaggedOutput):
-                        yield out
-                    else:
+                    if not isinstance(out, beam.pvalue.TaggedOutput):
                         records.append(out)
+                    elif out.tag == REJECTED:
+                        rejected.append(out.value)
+                    else:
+                        yield out
                 # a kept dress of several (copy_of's values) is shared; else its own links' pages
                 shared = len(set(packed)) > 1 or len({r["page_url"] for r in records}) > 1
-                for r in records:
-                    yield _mark(r, shared, flags, cfg)
-                continue
-            if not packed:
+            elif not packed:
                 if group_links:
                     raise StageError(f"pair: image {key} of the filter occurrences is missing from its images/")
                 continue
-            base = unpack(packed[0], IMAGE_JOIN_FIELDS)
-            rows = [unpack(b, LINK_FIELDS) for b in group_links]
-            shared = len({link["page_url"] for link in rows}) > 1
-            for link in rows:
-                r = dict(base)
-                r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
-                yield _mark(r, shared, flags, cfg)
+            else:
+                base = unpack(packed[0], IMAGE_JOIN_FIELDS)
+                records = []
+                for link in (unpack(b, LINK_FIELDS) for b in group_links):
+                    r = dict(base)
+                    r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
+                    records.append(r)
+                shared = len({r["page_url"] for r in records}) > 1
+            for r in records:
+                on_page, row = _mark(r, shared, flags, cfg)
+                if on_page is not None:
+                    yield on_page
+                else:
+                    rejected.append(row)
+        if rejected:
+            yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
 
 
 def pack(row: dict, names: tuple) -> bytes:
@@ -111,11 +122,11 @@ def unpack(data: bytes, names: tuple) -> dict:
     return dict(zip(names, pickle.loads(data)))
 
 
-def _page(page_url: str, records: list, cfg: PairConfig, shared: set):
+def _page(page_url: str, records: list, cfg: PairConfig, shared: set, rejected: list):
     """One page's outcome. A pair can recur on another page only when both its images are `shared`
     (seen on several pages): those go to the cross-page dedup, keyed by contents; the rest are
     final here, so the dedup carries only the few pairs that may be duplicates."""
-    pairs, kept, rejected = page_outcome(page_url, records, cfg)
+    pairs, kept, dropped = page_outcome(page_url, records, cfg)
     by_id = {r["image_id"]: r for r in kept}
     for p in pairs:
         # the row carries both images' info for `shards`
@@ -126,20 +137,24 @@ def _page(page_url: str, records: list, cfg: PairConfig, shared: set):
             yield beam.pvalue.TaggedOutput("pairs", row)
     for r in kept:
         yield r
-    for r, reason, detail in rejected:
-        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
+    for r, reason, detail in dropped:
+        rejected.append(Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
 
 
 def _pages_of_bucket(item, cfg: PairConfig):
     """(bucket, [(name, spill file)]) of the records spilled by page -> each page's outcome
-    (`_page`), pages in URL order, and one PAGES element per page. One bucket in memory at a time."""
+    (`_page`), pages in URL order, and one PAGES element per page; the rejected rows as one table.
+    One bucket in memory at a time."""
     _, listed = item
     groups = read_groups(path for _, path in listed)
+    rejected: list = []
     for page_url in sorted(groups):
         records = sorted((unpack(b, PAGE_SPILL_FIELDS) for b in groups.pop(page_url)), key=lambda r: r["link_id"])
         shared = {r["image_id"] for r in records if r.pop("_shared")}
         yield beam.pvalue.TaggedOutput(PAGES, 1)
-        yield from _page(page_url, records, cfg, shared)
+        yield from _page(page_url, records, cfg, shared, rejected)
+    if rejected:
+        yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
 
 
 def _first_page_wins(item):
@@ -193,7 +208,7 @@ class PairImages(beam.PTransform):
             keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
-        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"))
+        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir, buckets)
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
@@ -217,7 +232,7 @@ class PairImages(beam.PTransform):
             per_page[SHARED_PAIRS] | "SpillContents" >> beam.ParDo(SpillByKey(spill_dir, "contents", buckets)) | "GroupContentBuckets" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
-        rejected = (joined[REJECTED], per_page[REJECTED]) | "AllRejected" >> beam.Flatten()
+        rejected = (joined[REJECTED], per_page[REJECTED])  # tables, each producer's written by its own sink
         if copies:  # the input: every kept link, and every page a kept dress stands in on
             counts = [pc | f"Count_{name}" >> beam.combiners.Count.Globally() for name, pc in (("links", keys), ("stand_ins", out["copy_stand_ins"]))]
             out.update(input_count=counts | "InputCount" >> beam.Flatten(), links=keys)
@@ -356,4 +371,4 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         more = {"boilerplate": BOILERPLATE_SCHEMA}
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more)
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, rejected_tables=True)

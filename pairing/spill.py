@@ -24,7 +24,8 @@ from apache_beam.transforms.window import GlobalWindows
 
 SCHEMA = pa.schema([("key", pa.string()), ("value", pa.binary())])
 BATCH_ROWS = 2048  # rows of one bucket per record batch
-BUFFER_BYTES = 8 << 20  # a writer writes every buffered row once it holds this many bytes
+BUFFER_BYTES = 4 << 20  # a writer writes every buffered row once it holds this many bytes
+ROW_OVERHEAD = 120  # bytes of Python objects per buffered row beyond its key and value (str, bytes, list slots)
 ROWS_PER_BUCKET = 4096  # what `bucket_count` aims at: rows of one input in a bucket
 MAX_BUCKETS = 1024
 
@@ -60,7 +61,7 @@ class SpillByKey(beam.DoFn):
             buf = self.buffers[b] = [[], [], 0]
         buf[0].append(key)
         buf[1].append(value)
-        size = len(value) + len(key)
+        size = len(value) + len(key) + ROW_OVERHEAD
         buf[2] += size
         self.held += size
         if len(buf[0]) >= BATCH_ROWS:
