@@ -24,7 +24,7 @@ import apache_beam as beam
 from core.config import PairConfig, to_dict
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
+from core.stageio import ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
 from pairing.select import page_outcome
@@ -122,10 +122,11 @@ def unpack(data: bytes, names: tuple) -> dict:
     return dict(zip(names, pickle.loads(data)))
 
 
-def _page(page_url: str, records: list, cfg: PairConfig, shared: set, rejected: list):
+def _page(page_url: str, records: list, cfg: PairConfig, shared: set, out: dict):
     """One page's outcome. A pair can recur on another page only when both its images are `shared`
-    (seen on several pages): those go to the cross-page dedup, keyed by contents; the rest are
-    final here, so the dedup carries only the few pairs that may be duplicates."""
+    (seen on several pages): those go to the cross-page dedup, keyed by contents (yielded); the
+    rest are final here (out["pairs"]), so the dedup carries only the few pairs that may be
+    duplicates. Kept images go to out["kept"] (as written), rejected rows to out["rejected"]."""
     pairs, kept, dropped = page_outcome(page_url, records, cfg)
     by_id = {r["image_id"]: r for r in kept}
     for p in pairs:
@@ -134,40 +135,60 @@ def _page(page_url: str, records: list, cfg: PairConfig, shared: set, rejected: 
         if p.cond_image_id in shared and p.target_image_id in shared:
             yield beam.pvalue.TaggedOutput(SHARED_PAIRS, (f"{p.cond_image_id}\x1f{p.target_image_id}", pack(row, PAIR_FIELDS)))
         else:
-            yield beam.pvalue.TaggedOutput("pairs", row)
-    for r in kept:
-        yield r
+            out["pairs"].append(row)
+    out["kept"] += (_for_parquet(r) for r in kept)
     for r, reason, detail in dropped:
-        rejected.append(Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
+        out["rejected"].append(Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
+
+
+TABLE_ROWS = 512  # rows of one output table (one row group): what a bucket step holds of its outputs
+OUTPUT_SCHEMAS = {"kept": IMAGE_SCHEMA, "pairs": PAIR_SCHEMA, REJECTED: REJECTED_SCHEMA}
+
+
+def _tables(out: dict, at_least: int):
+    """The rows collected in `out` ({tag: rows}) as pyarrow tables, for each tag holding at least
+    `at_least` rows (the main output is "kept"); each producer's tables are written as they come by
+    its own sink, so nothing is held between steps."""
+    for tag, rows in out.items():
+        if rows and len(rows) >= at_least:
+            table = rows_to_table(rows, OUTPUT_SCHEMAS[tag])
+            rows.clear()
+            yield table if tag == "kept" else beam.pvalue.TaggedOutput(tag, table)
 
 
 def _pages_of_bucket(item, cfg: PairConfig):
     """(bucket, [(name, spill file)]) of the records spilled by page -> each page's outcome
-    (`_page`), pages in URL order, and one PAGES element per page; the rejected rows as one table.
-    One bucket in memory at a time."""
+    (`_page`), pages in URL order, and one PAGES element per page; kept images, final pairs and
+    rejected rows as tables of up to TABLE_ROWS rows. One bucket in memory at a time."""
     _, listed = item
     groups = read_groups(path for _, path in listed)
-    rejected: list = []
+    out: dict = {"kept": [], "pairs": [], REJECTED: []}
     for page_url in sorted(groups):
         records = sorted((unpack(b, PAGE_SPILL_FIELDS) for b in groups.pop(page_url)), key=lambda r: r["link_id"])
         shared = {r["image_id"] for r in records if r.pop("_shared")}
         yield beam.pvalue.TaggedOutput(PAGES, 1)
-        yield from _page(page_url, records, cfg, shared, rejected)
-    if rejected:
-        yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
+        yield from _page(page_url, records, cfg, shared, out)
+        yield from _tables(out, TABLE_ROWS)
+    yield from _tables(out, 1)
 
 
 def _first_page_wins(item):
     """(bucket, [(name, spill file)]) of the pairs of two shared images, spilled by their contents
-    -> per (condition, target) contents the pair of the first page (by URL); the others' ids as
-    duplicates."""
+    -> per (condition, target) contents the pair of the first page (by URL), as tables of up to
+    TABLE_ROWS rows; the others' ids as duplicates."""
     _, listed = item
     groups = read_groups(path for _, path in listed)
+    unique: list = []
     for key in sorted(groups):
         pairs = sorted((unpack(b, PAIR_FIELDS) for b in groups.pop(key)), key=lambda p: p["page_url"])
-        yield pairs[0]
+        unique.append(pairs[0])
         for p in pairs[1:]:
             yield beam.pvalue.TaggedOutput("duplicate_pairs", p["pair_id"])
+        if len(unique) >= TABLE_ROWS:
+            yield rows_to_table(unique, PAIR_SCHEMA)
+            unique = []
+    if unique:
+        yield rows_to_table(unique, PAIR_SCHEMA)
 
 
 class PairImages(beam.PTransform):
@@ -361,14 +382,13 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
         out = inputs | "Pair" >> PairImages(cfg, feature_dir, spill_dir, buckets)
-        out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
         ones = []
-        for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/
+        for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/, tables as they come
             pairs = out.pop(name)
-            _ = pairs | f"Write_{name}" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-            ones.append(pairs | f"One_{name}" >> beam.Map(lambda _: 1))
+            _ = pairs | f"Write_{name}" >> beam.io.WriteToParquetBatched(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet")
+            ones.append(pairs | f"One_{name}" >> beam.FlatMap(lambda t: [1] * t.num_rows))
         out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
         more = {"boilerplate": BOILERPLATE_SCHEMA}
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, rejected_tables=True)
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True)

@@ -30,9 +30,10 @@ ROWS_PER_BUCKET = 4096  # what `bucket_count` aims at: rows of one input in a bu
 MAX_BUCKETS = 1024
 
 
-def bucket_count(rows: int, per_bucket: int = ROWS_PER_BUCKET) -> int:
-    """Buckets for an input of about `rows` rows: ~`per_bucket` rows in each (1 to MAX_BUCKETS)."""
-    return max(1, min(MAX_BUCKETS, -(-rows // per_bucket)))
+def bucket_count(rows: int, per_bucket: int = 0) -> int:
+    """Buckets for an input of about `rows` rows: ~`per_bucket` (ROWS_PER_BUCKET) rows in each, 1 to
+    MAX_BUCKETS."""
+    return max(1, min(MAX_BUCKETS, -(-rows // (per_bucket or ROWS_PER_BUCKET))))
 
 
 def bucket_of(key: str, buckets: int) -> int:
