@@ -7,20 +7,28 @@ download keeps each distinct image once (downloads/) and says which image every 
    evidence links point to are hashed, never embedded), the nsfw score from LAION's head on the
    embedding (core/safety.py; on a second encoder's embedding with --safety-encoder) -> optional
    maximum nsfw score, minimum CLIP score;
-2. per link: the image's verdict joined to each of its links (CoGroupByKey on image_id), plus the
-   link's own checks (declared size, URL words) -> occurrences/ (every link, before any threshold
-   could drop a copy: pair's boilerplate evidence and the table pair joins images to pages with)
-   and rejected/ (per link, so that input == kept + rejected counts links);
+2. per link: the image's verdict joined to each of its links, plus the link's own checks (declared
+   size, URL words) -> occurrences/ (every link, before any threshold could drop a copy: pair's
+   boilerplate evidence and the table pair joins images to pages with) and rejected/ (per link, so
+   that input == kept + rejected counts links). The join crosses no shuffle (issue 34: the
+   in-process runner held every link and verdict of a CoGroupByKey in memory): verdicts and score
+   rejects are spilled as they come, into one Arrow IPC file per join bucket (a hash of the image
+   id) under the output's `.spill/`, the links too when there are several buckets, and each
+   bucket is joined on its own, holding only that bucket's verdicts (JOIN_LINKS links a bucket);
 3. write images/ (one row per kept image), occurrences/, rejected/, stats.json.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+import zlib
 from typing import Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -45,10 +53,15 @@ VERDICTS = "verdicts"
 IMAGE_REJECTS = "image_rejects"  # (image_id, (reason, detail)) of the thresholds on scores
 LINKS = "links"
 LINK_FIELDS = tuple(DOWNLOAD_OCCURRENCE_SCHEMA.names)
-# what crosses the join (CoGroupByKey, held whole by the in-process runner) is tuples of these, not
-# dicts that encode every field's name again: a link's 258 encoded bytes become 138 (issue 34)
-LINK_VALUES = tuple(f for f in LINK_FIELDS if f != "image_id")  # the image_id is the join's key
 VERDICT_FIELDS = ("sha256", "phash", "width", "height", "reason", "detail")
+# the link join (issue 34): no shuffle; spilled rows keyed by image id, one Arrow IPC file per
+# bucket, and each bucket joined on its own
+SPILL = ".spill"  # in the stage's output folder, removed before _SUCCESS
+JOIN_LINKS = 100_000  # links per join bucket: a bucket's verdicts (<= its links) are what the join holds
+SPILL_ROWS = 16_384  # rows per spilled record batch
+JOIN_BATCH = 8_192  # links read at a time by the join
+VERDICT_SCHEMA = pa.schema([("image_id", pa.string()), ("sha256", pa.string()), ("phash", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
+IMAGE_REJECT_SCHEMA = pa.schema([("image_id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 URL_WORD_MATCHES = "url_word_matches"
 LOW_CLIP_SCORE = "low_clip_score"
 NSFW = "nsfw"
@@ -126,57 +139,191 @@ class ValidateAndHash(beam.DoFn):
         return None
 
 
-class JudgeLinks(beam.DoFn):
-    """(image_id, {"verdict": [VERDICT_FIELDS tuple], "image_rejects": [...], "links": [LINK_VALUES tuples]}) -> for each link of the
-    image: its occurrence row (tagged `occurrences`), and its outcome: the image's verdict, then the
-    link's own checks (declared size, URL words); kept links yield 1, the others a rejected row.
-    Links that download rejected as URL boilerplate (fetched as evidence) only leave occurrences."""
+def join_buckets(links: int) -> int:
+    """How many buckets the link join of `links` links is split into (JOIN_LINKS links each)."""
+    return max(1, -(-links // JOIN_LINKS))
+
+
+def bucket_of(image_id: str, buckets: int) -> int:
+    """The join bucket of an image: the same on every worker (CRC-32 of the id, not Python's hash)."""
+    return zlib.crc32(image_id.encode("utf-8", "surrogatepass")) % buckets if buckets > 1 else 0
+
+
+class _SpillFiles:
+    """Rows or record batches of one schema, into one Arrow IPC file per join bucket under
+    `spill_dir` (IPC: written and read back as they are in memory; the spill lives only until the
+    stage ends). Each file is written under a temporary name and renamed when whole, so a retried
+    task never mixes two attempts; `close` gives [(bucket, path)] of the files it wrote."""
+
+    def __init__(self, spill_dir: str, prefix: str, schema: pa.Schema):
+        self.spill_dir, self.prefix, self.schema = spill_dir, prefix, schema
+        self.rows: dict[int, list] = {}
+        self.files: dict[int, tuple] = {}  # bucket -> (path, tmp, file, writer)
+
+    def add(self, bucket: int, row: tuple) -> None:
+        rows = self.rows.setdefault(bucket, [])
+        rows.append(row)
+        if len(rows) >= SPILL_ROWS:
+            self._flush(bucket)
+
+    def add_batch(self, bucket: int, batch: pa.RecordBatch) -> None:
+        self._writer(bucket).write_batch(batch)
+
+    def _flush(self, bucket: int) -> None:
+        rows = self.rows.pop(bucket, None)
+        if rows:
+            columns = zip(*rows)
+            self._writer(bucket).write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, self.schema)], schema=self.schema))
+
+    def _writer(self, bucket: int):
+        if bucket not in self.files:
+            path = os.path.join(self.spill_dir, f"{self.prefix}-{bucket}-{uuid.uuid4().hex}.arrow")
+            tmp = f"{path}.tmp"
+            fh = FileSystems.create(tmp)
+            self.files[bucket] = (path, tmp, fh, pa.ipc.new_file(fh, self.schema))
+        return self.files[bucket][3]
+
+    def close(self) -> list[tuple[int, str]]:
+        for bucket in list(self.rows):
+            self._flush(bucket)
+        done = []
+        for bucket, (path, tmp, fh, writer) in sorted(self.files.items()):
+            writer.close()
+            fh.close()
+            FileSystems.rename([tmp], [path])
+            done.append((bucket, path))
+        self.files = {}
+        return done
+
+
+def _read_spill(path: str):
+    """The record batches of a spill file."""
+    with FileSystems.open(path) as fh:
+        spill = pa.ipc.open_file(fh)
+        for i in range(spill.num_record_batches):
+            yield spill.get_batch(i)
+
+
+def _columns(batch) -> list[list]:
+    return [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+
+
+class SpillByImage(beam.DoFn):
+    """(image_id, values tuple) -> the rows, spilled into their join bucket's file (one per bucket
+    and bundle); outputs (bucket, path) of each file at the end of the bundle."""
+
+    def __init__(self, spill_dir: str, prefix: str, schema: pa.Schema, buckets: int):
+        self.spill_dir, self.prefix, self.schema, self.buckets = spill_dir, prefix, schema, buckets
+
+    def start_bundle(self):
+        self.files = _SpillFiles(self.spill_dir, self.prefix, self.schema)
+
+    def process(self, item):
+        image_id, values = item
+        self.files.add(bucket_of(image_id, self.buckets), (image_id, *values))
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.timestamp import MIN_TIMESTAMP
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for found in self.files.close():
+            yield WindowedValue(found, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+class SpillLinks(beam.DoFn):
+    """(occurrences file, row group) -> its links (LINK_FIELDS), split into their join buckets'
+    files (one per bucket and row group): outputs (bucket, path) of each."""
+
+    def __init__(self, spill_dir: str, buckets: int):
+        self.spill_dir, self.buckets = spill_dir, buckets
+
+    def process(self, item: tuple[str, int]):
+        import numpy as np
+
+        files = _SpillFiles(self.spill_dir, "links", pa.schema([DOWNLOAD_OCCURRENCE_SCHEMA.field(f) for f in LINK_FIELDS]))
+        for batch in _parquet_batches(item, list(LINK_FIELDS), JOIN_BATCH):
+            ids = batch.column(LINK_FIELDS.index("image_id")).to_pylist()
+            buckets = np.fromiter((bucket_of(i, self.buckets) for i in ids), dtype=np.int64, count=len(ids))
+            for b in np.unique(buckets).tolist():
+                files.add_batch(b, batch.filter(pa.array(buckets == b)))
+        yield from files.close()
+
+
+class JoinLinks(beam.DoFn):
+    """A join bucket -> for each link of its images: its occurrence row (tagged `occurrences`), and
+    its outcome: the image's verdict (or score reject), then the link's own checks (declared size,
+    URL words); kept links are counted in the main output, the others give a rejected row; the
+    links counted (tag `links`) per batch. Links that download rejected as URL boilerplate
+    (fetched as evidence) only leave occurrences. Side inputs: [(bucket, path)] of the verdict and
+    score-reject spills, and the links: [(bucket, path)] spills, or with one bucket
+    [(occurrences file, row group)] read in place. Holds one bucket's verdicts at a time."""
 
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
 
-    def process(self, item):
-        image, grouped = item
-        verdict = (list(grouped["verdict"]) or [None])[0]
-        if verdict is None:  # a link whose image is not in downloads/: the download output is damaged
-            raise StageError(f"filter: image {image} of the download occurrences is missing from its downloads/")
-        verdict = dict(zip(VERDICT_FIELDS, verdict))
-        image_rejects = list(grouped[IMAGE_REJECTS])
-        reason, detail = verdict["reason"], verdict["detail"]
-        if reason is None and image_rejects:
-            reason, detail = image_rejects[0]
-        for values in grouped["links"]:
-            link = dict(zip(LINK_VALUES, values))
-            own, own_detail, words = reason, detail, None
-            if link.get("reason"):  # evidence only: rejected by download already
-                own = link["reason"]
+    def process(self, bucket: int, verdict_spills, reject_spills, link_sources):
+        verdicts: dict = {}
+        for b, path in verdict_spills:
+            if b == bucket:
+                for batch in _read_spill(path):
+                    columns = _columns(batch)
+                    for image_id, *values in zip(*columns):
+                        verdicts.setdefault(image_id, values)
+        image_rejects: dict = {}
+        for b, path in reject_spills:
+            if b == bucket:
+                for batch in _read_spill(path):
+                    for image_id, reason, detail in zip(*_columns(batch)):
+                        image_rejects.setdefault(image_id, (reason, detail))
+        for source in link_sources:
+            if isinstance(source[0], str):  # one bucket: an occurrences row group, read in place
+                batches = _parquet_batches(source, list(LINK_FIELDS), JOIN_BATCH)
+            elif source[0] == bucket:
+                batches = _read_spill(source[1])
+            else:
+                continue
+            for batch in batches:
+                yield from self._judge(_columns(batch), verdicts, image_rejects)
+
+    def _judge(self, columns: list, verdicts: dict, image_rejects: dict):
+        cfg = self.cfg
+        counted = kept = 0
+        for link_id, page_url, site, image_url, alt, position, declared_width, declared_height, image, link_reason in zip(*columns):
+            verdict = verdicts.get(image)
+            if verdict is None:  # a link whose image is not in downloads/: the download output is damaged
+                raise StageError(f"filter: image {image} of the download occurrences is missing from its downloads/")
+            sha, phash, width, height, reason, detail = verdict
+            if reason is None and image in image_rejects:
+                reason, detail = image_rejects[image]
+            own, own_detail = reason, detail
+            if link_reason:  # evidence only: rejected by download already
+                own = link_reason
             elif own is None:
-                found = self._link_checks(link)
-                if found:
-                    own, own_detail = found
-                words = url_words(link["image_url"], self.cfg.url_words)
+                if cfg.check_declared_size:
+                    found = declared_too_small(declared_width, declared_height, cfg.min_side)
+                    if found:
+                        own, own_detail = DECLARED_TOO_SMALL, found
+                words = url_words(image_url, cfg.url_words)
                 if words:  # counted whether or not the rule is on: what it catches (or would)
-                    yield beam.pvalue.TaggedOutput(URL_WORD_MATCHES, link["link_id"])
-                    if own is None and self.cfg.reject_url_words:
+                    yield beam.pvalue.TaggedOutput(URL_WORD_MATCHES, link_id)
+                    if own is None and cfg.reject_url_words:
                         own, own_detail = URL_WORD, f"URL path names {', '.join(words)}"
             yield beam.pvalue.TaggedOutput(OCCURRENCES, {
-                "link_id": link["link_id"], "page_url": link["page_url"], "site": link["site"], "image_url": link["image_url"], "alt": link["alt"] or "", "position": link["position"] or 0,
-                "image_id": image, "sha256": verdict["sha256"], "phash": verdict["phash"], "width": verdict["width"], "height": verdict["height"], "filter_reason": own,
+                "link_id": link_id, "page_url": page_url, "site": site, "image_url": image_url, "alt": alt or "", "position": position or 0,
+                "image_id": image, "sha256": sha, "phash": phash, "width": width, "height": height, "filter_reason": own,
             })
-            if link.get("reason"):
+            if link_reason:
                 continue
-            yield beam.pvalue.TaggedOutput(LINKS, 1)
+            counted += 1
             if own is None:
-                yield 1
+                kept += 1
             else:
-                yield beam.pvalue.TaggedOutput(REJECTED, Rejected(link["link_id"], STAGE, own, own_detail or "", link["image_url"]).to_row())
-
-    def _link_checks(self, link: dict):
-        if self.cfg.check_declared_size:
-            detail = declared_too_small(link.get("declared_width"), link.get("declared_height"), self.cfg.min_side)
-            if detail:
-                return DECLARED_TOO_SMALL, detail
-        return None
+                yield beam.pvalue.TaggedOutput(REJECTED, Rejected(link_id, STAGE, own, own_detail or "", image_url).to_row())
+        if counted:
+            yield beam.pvalue.TaggedOutput(LINKS, counted)
+        if kept:
+            yield kept
 
 
 def _attach(item, encoder_name: str):
@@ -202,21 +349,24 @@ def _check_scores(record: dict, min_score, max_nsfw):
 
 
 class FilterImages(beam.PTransform):
-    """{"images": download rows (one per distinct image), "links": download occurrences} ->
-    {"input_count", "kept" images, "kept_count" (links), "rejected" (links), "occurrences", ...}."""
+    """{"images": download rows (one per distinct image), "link_files": download occurrences files}
+    -> {"input_count", "kept" images, "kept_count" (links), "rejected" (links), "occurrences", ...}.
+    Spill files (the join's) go under `spill_dir`; `buckets`: join_buckets(links of the input)."""
 
-    def __init__(self, cfg: FilterConfig, encoder_info: tuple = (), safety: Optional[Safety] = None):
+    def __init__(self, cfg: FilterConfig, spill_dir: str, buckets: int = 1, encoder_info: tuple = (), safety: Optional[Safety] = None):
         super().__init__()
         self.cfg = cfg
+        self.spill_dir, self.buckets = spill_dir, buckets
         self.encoder_info = encoder_info  # (image_size, mean, std) of the encoder, () when disabled
         self.safety = safety  # the nsfw head (and a second encoder), None: no score
 
     def expand(self, pcolls):
-        images, links = pcolls["images"], pcolls["links"]
+        images, link_files = pcolls["images"], pcolls["link_files"]
         size, mean, std = self.encoder_info or (0, (0.5,) * 3, (0.5,) * 3)
         safety = self.safety if size else None
         second = (safety.image_size, safety.mean, safety.std) if safety and safety.encoder else ()
         checked = images | "ValidateAndHash" >> beam.ParDo(ValidateAndHash(self.cfg, size, mean, std, second)).with_outputs(VERDICTS, main="valid")
+        spills = {"verdicts": checked[VERDICTS] | "SpillVerdicts" >> beam.ParDo(SpillByImage(self.spill_dir, "verdicts", VERDICT_SCHEMA, self.buckets))}
         if size:
             handler = KeyedModelHandler(EncoderModelHandler(self.cfg.encoder, self.cfg.encoder_weights, self.cfg.batch_size, self.cfg.fixed_batch, safety))
             embedded = (
@@ -225,14 +375,19 @@ class FilterImages(beam.PTransform):
                 | "Attach" >> beam.Map(_attach, encoder_name=self.cfg.encoder)
             )
             scored = embedded | "ScoreThresholds" >> beam.FlatMap(_check_scores, self.cfg.min_clip_score, self.cfg.max_nsfw).with_outputs(IMAGE_REJECTS, main="kept")
-            kept, image_rejects = scored.kept, scored[IMAGE_REJECTS]
+            kept = scored.kept
+            spills["rejects"] = scored[IMAGE_REJECTS] | "SpillImageRejects" >> beam.ParDo(SpillByImage(self.spill_dir, "rejects", IMAGE_REJECT_SCHEMA, self.buckets))
         else:  # ValidateAndHash yields the records themselves: no score, so no threshold to apply
-            kept, image_rejects = checked.valid, images.pipeline | "NoImageRejects" >> beam.Create([])
-        keyed_links = links | "KeyLinks" >> beam.Map(lambda r: (r["image_id"], tuple(r[f] for f in LINK_VALUES)))  # read with LINK_FIELDS only
+            kept = checked.valid
+            spills["rejects"] = images.pipeline | "NoImageRejects" >> beam.Create([])
+        groups = link_files | "LinkRowGroups" >> beam.FlatMap(_row_groups)
+        if self.buckets > 1:  # the links too, split by bucket; with one bucket the join reads them in place
+            groups = groups | "SpreadLinks" >> beam.Reshuffle() | "SpillLinks" >> beam.ParDo(SpillLinks(self.spill_dir, self.buckets))
         judged = (
-            {"verdict": checked[VERDICTS], IMAGE_REJECTS: image_rejects, "links": keyed_links}
-            | "JoinLinks" >> beam.CoGroupByKey()
-            | "JudgeLinks" >> beam.ParDo(JudgeLinks(self.cfg)).with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, LINKS, main="kept_links")
+            images.pipeline
+            | "Buckets" >> beam.Create(list(range(self.buckets)))  # spread by Create's own reshuffle
+            | "JoinLinks" >> beam.ParDo(JoinLinks(self.cfg), beam.pvalue.AsList(spills["verdicts"]), beam.pvalue.AsList(spills["rejects"]), beam.pvalue.AsList(groups))
+            .with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, LINKS, main="kept_links")
         )
         return {
             "input_count": judged[LINKS], "kept": kept, "kept_count": judged.kept_links, "rejected": judged[REJECTED],
@@ -249,16 +404,20 @@ def _row_groups(path: str) -> list[tuple[str, int]]:
         return [(path, i) for i in range(pq.ParquetFile(fh).num_row_groups)]
 
 
+def _parquet_batches(item: tuple[str, int], columns: Optional[list], batch_size: int):
+    """The record batches of one row group of a parquet file, read on the calling thread."""
+    path, group = item
+    with FileSystems.open(path) as fh:
+        yield from pq.ParquetFile(fh, buffer_size=READ_BUFFER).iter_batches(batch_size=batch_size, row_groups=[group], columns=columns, use_threads=False)
+
+
 class _ReadRowGroup(beam.DoFn):
     def __init__(self, columns: Optional[list] = None):
         self.columns = columns
 
     def process(self, item: tuple[str, int]):
-        path, group = item
-        with FileSystems.open(path) as fh:
-            batches = pq.ParquetFile(fh, buffer_size=READ_BUFFER).iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=self.columns, use_threads=False)
-            for batch in batches:
-                yield from batch.to_pylist()
+        for batch in _parquet_batches(item, self.columns, READ_BATCH):
+            yield from batch.to_pylist()
 
 
 class ReadRows(beam.PTransform):
@@ -275,6 +434,15 @@ class ReadRows(beam.PTransform):
 
     def expand(self, files):
         return files | "RowGroups" >> beam.FlatMap(_row_groups) | "Spread" >> beam.Reshuffle() | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))
+
+
+def _rows(paths: list[str]) -> int:
+    """Rows of parquet files, from their footers."""
+    total = 0
+    for path in paths:
+        with FileSystems.open(path) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
 
 
 def _driver_encoder(name: str, weights: str) -> Encoder:
@@ -336,14 +504,18 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
     with StageOutput(out_dir, STAGE) as out:
         if notice:  # said once the stage runs (an error before it stays the only line)
             (log.info if cfg.safety_encoder == NO_ENCODER else log.warning)(notice)  # asked for, or to be noticed
+        spill_dir = os.path.join(out.path, SPILL)
+        buckets = join_buckets(_rows(link_files))
         with stage_pipeline(beam_args) as p:
             images = p | "Files" >> beam.Create(files) | "Read" >> ReadRows()
-            links = p | "LinkFiles" >> beam.Create(link_files) | "ReadLinks" >> ReadRows(list(LINK_FIELDS))
-            outputs = {"images": images, "links": links} | "Filter" >> FilterImages(cfg, info, safety)
+            link_paths = p | "LinkFiles" >> beam.Create(link_files)
+            outputs = {"images": images, "link_files": link_paths} | "Filter" >> FilterImages(cfg, spill_dir, buckets, info, safety)
             more = {OCCURRENCES: OCCURRENCE_SCHEMA}
             site_files = stage_files(input_path, "sites", expected="download")
             if site_files:  # pages per site in the crawl, passed on to pair
                 outputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
                 more["sites"] = SITE_SCHEMA
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more)
+        if FileSystems.exists(spill_dir):
+            FileSystems.delete([spill_dir])
         return out.commit()
