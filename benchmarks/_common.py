@@ -60,18 +60,19 @@ def mark_complete(out_dir: str, stage: str, n: int) -> None:
     finish_stage(out_dir, stage)
 
 
-def photo_downloads(out_dir: str, repeat: int, files: int = 1, side: int = 0) -> list[bytes]:
+def photo_downloads(out_dir: str, repeat: int, files: int = 1, side: int = 0, photos: int = 0) -> list[bytes]:
     """A complete `crawl download` output of the 300 shared photos `repeat` times, in `files`
     parquet files, one link per image row (each repeat counts as its own image, so that filter
     does the work `repeat` times); returns the image bytes in row order. With `side` the photos
-    are re-encoded first (JPEG q90, long side `side` px)."""
+    are re-encoded first (JPEG q90, long side `side` px); with `photos` only the first that many
+    (a smoke run's size)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA
 
     folder = need_shared("photos-imagenet-sample")
-    blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
+    blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))[: photos or None]]
     if side:
         blobs = [_resized_jpeg(b, side) for b in blobs]
     rows = [

@@ -17,6 +17,7 @@ Dask / in-process ratio (goal >= 0.7), for each stage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -32,8 +33,9 @@ def main() -> list[dict]:
     ap.add_argument("--runs", type=int, default=3, help="runs of each configuration (the best counts)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
-    if args.smoke:
-        args.copies, args.repeat, args.files, args.runs = 2, 1, 2, 1  # copies // files pages per file: at least one
+    photos = 0  # all 300 shared photos per repeat
+    if args.smoke:  # copies // files pages per file: at least one; 40 photos; one cluster (below)
+        args.copies, args.repeat, args.files, args.runs, photos = 2, 1, 2, 1, 40
     from core.config import CrawlConfig, FilterConfig
     from core.dask_runner import dask_cluster
     from crawl.extract import run_extract
@@ -43,7 +45,7 @@ def main() -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         warcs = build_corpus(os.path.join(tmp, "warc"), args.copies, args.files)
-        photo_downloads(os.path.join(tmp, "download"), args.repeat, args.files)
+        photo_downloads(os.path.join(tmp, "download"), args.repeat, args.files, photos=photos)
         stages = {
             "crawl extract": lambda out, beam_args: run_extract(os.path.join(tmp, "warc", "*.warc.gz"), out, CrawlConfig(), beam_args),
             "filter (no encoder)": lambda out, beam_args: run_filter(os.path.join(tmp, "download"), out, FilterConfig(encoder="none"), beam_args),
@@ -54,8 +56,12 @@ def main() -> list[dict]:
         # one after the other would compare different machines. Best of --runs: the first run on a
         # fresh cluster also pays each worker's imports (a long-lived cluster pays them once)
         start = time.perf_counter()
-        with dask_cluster(None, 1) as one, dask_cluster(None, 2) as two:
-            print(f"LocalClusters of 1 and 2 worker processes started in {time.perf_counter() - start:.1f} s")
+        with contextlib.ExitStack() as clusters:
+            # --smoke starts one cluster (2 workers) and submits both Dask configurations to it: the
+            # same stage calls and figures, one cluster's start-up instead of two
+            one = clusters.enter_context(dask_cluster(None, 2 if args.smoke else 1))
+            two = one if args.smoke else clusters.enter_context(dask_cluster(None, 2))
+            print(f"LocalClusters of 1 and 2 worker processes started in {time.perf_counter() - start:.1f} s" + (" (--smoke: one of 2 workers for both)" if args.smoke else ""))
             configs = {"in-process": None, 1: ["--runner", "dask", "--dask-address", one], 2: ["--runner", "dask", "--dask-address", two]}
             for name, run in stages.items():
                 times: dict = {config: [] for config in configs}

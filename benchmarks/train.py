@@ -72,11 +72,11 @@ def old_small(cond_dim: int):
     return SemanticaUNet(dataclasses.replace(PRESETS["small"], attention_blocks=2), cond_dim)
 
 
-def trainer_rate(shards: str, run_dir: str, workers: int, steps: int = 40) -> tuple[float, float]:
-    """(samples/s of `webpairs train --preset small` over steps steps/4-steps, seconds from start to step 1)."""
+def trainer_rate(shards: str, run_dir: str, workers: int, steps: int = 40, preset: str = "small") -> tuple[float, float]:
+    """(samples/s of `webpairs train --preset PRESET` over steps steps/4-steps, seconds from start to step 1)."""
     start = time.time()
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "webpairs.cli", "train", shards, "--out", run_dir, "--steps", str(steps), "--workers", str(workers), "--preset", "small"]
+    cmd = [sys.executable, "-m", "webpairs.cli", "train", shards, "--out", run_dir, "--steps", str(steps), "--workers", str(workers), "--preset", preset]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)  # cwd: benchmarks/train.py must not shadow the train package
     if out.returncode != 0:
         raise SystemExit(f"webpairs train failed:\n{out.stderr[-3000:]}")
@@ -94,8 +94,8 @@ def main() -> list[dict]:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the new step (minutes of compilation)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
-    if args.smoke:
-        args.steps = 1
+    if args.smoke:  # the same calls on less: a 6-page demo web, batch 2, one timed step, `tiny` in the Ray run
+        args.steps, args.batch = 1, 2
     import torch
 
     from train.data import DataConfig, condition_dim
@@ -105,7 +105,7 @@ def main() -> list[dict]:
     photos = os.path.join(SHARED, "photos-imagenet-sample")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        demo(os.path.join(tmp, "demo"), photos if os.path.isdir(photos) else None, model=False)
+        demo(os.path.join(tmp, "demo"), photos if os.path.isdir(photos) else None, model=False, **(dict(pages=6, topics=3) if args.smoke else {}))
         shards = os.path.join(tmp, "demo", "shards")
         dim = condition_dim(DataConfig(shards=shards))
         torch.manual_seed(0)
@@ -123,7 +123,7 @@ def main() -> list[dict]:
             rate, _ = step_rate(build_model(preset, dim), dim, args.batch, args.steps, channels_last=True, fused=True)
             results.append(report(f"train loader vs {preset} steps (batch {args.batch}, 1 process)", [("loader alone", load, "samples/s"), (f"{preset} training steps", rate, "samples/s")], load / rate, 3.0))
         if args.smoke:  # one Ray Train run proves the path (Ray's start-up is most of a smoke run); its figures stand for both
-            one, first = trainer_rate(shards, os.path.join(tmp, "run1"), 1, 4)
+            one, first = trainer_rate(shards, os.path.join(tmp, "run1"), 1, 4, "tiny")
             two = one
         else:
             two, first = trainer_rate(shards, os.path.join(tmp, "run2"), 2, 40)

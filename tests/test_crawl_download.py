@@ -33,12 +33,9 @@ def test_reason_mapping(message, reason):
 
 
 @pytest.fixture(scope="module")
-def links_dir(tmp_path_factory, test_web):
-    from crawl.extract import run_extract
-
-    out = str(tmp_path_factory.mktemp("links"))
-    run_extract(test_web.warc_path, out, CrawlConfig(allow_hosts=("127.0.0.1",)))
-    return out
+def links_dir(pipeline_dirs):
+    """extract's links of the test web (allow_hosts 127.0.0.1), the session's run (conftest), read only."""
+    return pipeline_dirs["links"]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,18 @@ def model(tiny_run):
     return loaded, load_encoder(loaded.encoder_name)
 
 
+@pytest.fixture(scope="module")
+def eval_photos(tmp_path_factory, photos_dir):
+    """Every 10th shared photo (30 of 300, sorted): `eval --topics 3` makes 3 topics of 10 (1
+    condition, 9 real images each). What the eval tests check (rows, per-sample scores, their
+    pairing) does not depend on how many real images there are; each evaluation embeds 27 of
+    them instead of 297."""
+    folder = tmp_path_factory.mktemp("eval_photos")
+    for name in sorted(os.listdir(photos_dir))[::10]:
+        os.symlink(os.path.join(photos_dir, name), folder / name)
+    return str(folder)
+
+
 def _pixels(folder: str, prefix: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(os.path.join(folder, n))) for n in sorted(os.listdir(folder)) if n.startswith(prefix)]
 
@@ -113,17 +125,17 @@ def test_interpolate_ranks_candidates(model, photos_dir, tmp_path):
         generate.interpolate(loaded, encoder, a, b, str(tmp_path / "x"), frames=3, candidates=1, steps=5, rank_prompt="a bird")
 
 
-def test_sample_and_eval_commands(tiny_run, photos_dir, tmp_path, capsys):
+def test_sample_and_eval_commands(tiny_run, photos_dir, eval_photos, tmp_path, capsys):
     run = tiny_run["run"]
     assert main(["sample", "variations", run, "--image", os.path.join(photos_dir, TENCH), "--n", "2", "--steps", "5", "--out", str(tmp_path / "v")]) == 0
     assert len(_pixels(str(tmp_path / "v"), "variation")) == 2
     assert main(["sample", "interpolate", run, "--a", os.path.join(photos_dir, TENCH), "--b", os.path.join(photos_dir, HEN), "--frames", "3", "--candidates", "2", "--steps", "5", "--noise", "0.3..0.5", "--out", str(tmp_path / "i")]) == 0
     assert len(_pixels(str(tmp_path / "i"), "frame")) == 3
     out = str(tmp_path / "eval.json")
-    assert main(["eval", run, "--images", photos_dir, "--topics", "3", "--samples-per-class", "3", "--steps", "5", "--out", out]) == 0
+    assert main(["eval", run, "--images", eval_photos, "--topics", "3", "--samples-per-class", "3", "--steps", "5", "--out", out]) == 0
     result = json.load(open(out))
     assert [r["guidance"] for r in result["rows"]] == [3.0, 0.0, "real"]
-    assert len(result["classes"]) == 3 and result["real_images"] == 3 * 99
+    assert len(result["classes"]) == 3 and result["real_images"] == 3 * 9
     for row in result["rows"][:2]:
         assert row["fid"] >= 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and -1 <= row["consistency"] <= 1
     assert os.path.exists(str(tmp_path / "eval_sheet.png"))
@@ -137,14 +149,14 @@ def test_sample_and_eval_commands(tiny_run, photos_dir, tmp_path, capsys):
     assert "strength" in capsys.readouterr().err
 
 
-def test_eval_compare_pairs_two_models(tiny_run, photos_dir, tmp_path, capsys):
+def test_eval_compare_pairs_two_models(tiny_run, eval_photos, tmp_path, capsys):
     """`eval --compare A B`: the step-20 and step-40 checkpoints of one run get the same conditions
     and noise; the paired statistics are those of the per-sample scores both runs stored."""
     from train.train import checkpoint_folders
 
     older = checkpoint_folders(tiny_run["run"])[-1]
     out = str(tmp_path / "cmp.json")
-    args = ["--images", photos_dir, "--topics", "3", "--samples-per-class", "4", "--steps", "4", "--guidance", "3", "--out", out]
+    args = ["--images", eval_photos, "--topics", "3", "--samples-per-class", "4", "--steps", "4", "--guidance", "3", "--out", out]
     assert main(["eval", "--compare", older, tiny_run["run"], *args]) == 0
     printed = capsys.readouterr().out
     result = json.load(open(out))

@@ -233,14 +233,12 @@ def _full_as_before(download: str, out: str, encoder: str) -> dict:
         return _filter_and_pair(download, out, False, encoder)
 
 
-def test_same_verdicts_and_pairs_on_the_test_web_plan_on(tmp_path, test_web):
-    from crawl.download import run_download
-    from crawl.extract import run_extract
-
-    run_extract(test_web.warc_path, str(tmp_path / "links"), CrawlConfig(allow_hosts=("127.0.0.1",)))
-    run_download(str(tmp_path / "links"), str(tmp_path / "download"), DownloadConfig(allow_hosts=("127.0.0.1",), timeout=2.5, processes=1))
-    full = _full_as_before(str(tmp_path / "download"), str(tmp_path / "full"), "tiny-clip")
-    scaled = _filter_and_pair(str(tmp_path / "download"), str(tmp_path / "scaled"), True, "tiny-clip")
+def test_same_verdicts_and_pairs_on_the_test_web_plan_on(tmp_path, pipeline_dirs):
+    # the session's download of the test web (conftest: extract with allow_hosts 127.0.0.1, then
+    # download at timeout 2.5 s, 1 process: this test's own run of both, done once)
+    download = pipeline_dirs["download"]
+    full = _full_as_before(download, str(tmp_path / "full"), "tiny-clip")
+    scaled = _filter_and_pair(download, str(tmp_path / "scaled"), True, "tiny-clip")
     _assert_same(full, scaled)
 
 
