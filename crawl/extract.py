@@ -203,13 +203,13 @@ def _startup_heap_frozen():
     file's pages allocate many short-lived containers, so the collector's full passes come every
     few thousand pages, and each walked that whole heap (~0.1 CPU s: issue 34's profile, ~8 % of
     the stage). Only the collector's scheduling changes: objects are freed by reference counting
-    as before, and cycles made while frozen are still collected; at the end the heap is unfrozen
-    (unless someone else had frozen it first)."""
+    as before, and cycles made while frozen are still collected; at the end the heap is unfrozen by
+    the outermost of these blocks (run_extract's in process: the pipeline built since it froze is
+    frozen too when a file starts)."""
     import gc
 
     mine = gc.get_freeze_count() == 0
-    if mine:
-        gc.freeze()
+    gc.freeze()
     try:
         yield
     finally:
