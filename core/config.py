@@ -75,7 +75,7 @@ class DownloadConfig:
     boilerplate_evidence: bool = True  # fetch a flagged URL once (not once per page) so pair's content rule sees it
     max_links_per_page: int = 64  # the first N candidate links of a page by position: page_cap (0: no cap)
     min_links_per_page: int = 2  # pages left with fewer candidates cannot make a pair: page_too_few_links
-    plan_memory: str = "128MB"  # DuckDB memory limit of the plan (it spills to disk beyond it; more on a big node)
+    plan_memory: str = "64MB"  # DuckDB memory limit of the plan (it spills to disk beyond it; one thread per 64 MB of it: more on a big node)
     blocklist: tuple[str, ...] = ()  # hash list files (sha256:/md5:/pdq: lines): a match is rejected as blocklisted, never written
     blocklist_pdq_distance: int = 31  # a pdq: entry matches an image within this many bits (Meta's confident match)
 

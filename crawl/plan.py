@@ -99,26 +99,49 @@ def check_links(link_files: list[str], out_dir: str, allow: AllowList, cfg: Down
     for i, path in enumerate(link_files):
         with FileSystems.open(path) as fh, pq.ParquetWriter(os.path.join(out_dir, f"part-{i:05d}.parquet"), CHECKED_SCHEMA) as writer:
             for batch in pq.ParquetFile(fh).iter_batches(BATCH, columns=columns):
-                cols = batch.to_pydict()
-                reasons = [link_reason(u, w, h, allow, cfg) for u, w, h in zip(cols["image_url"], cols["width"], cols["height"])]
-                cols["site"] = [site_of(u) for u in cols["page_url"]]
-                cols["declared_width"], cols["declared_height"] = cols.pop("width"), cols.pop("height")
-                cols["reason"] = [r[0] if r else None for r in reasons]
-                cols["detail"] = [r[1] if r else None for r in reasons]
-                writer.write_table(pa.Table.from_pydict(cols, schema=CHECKED_SCHEMA))
+                # only the columns the checks read become Python objects; the others pass through as
+                # Arrow arrays (fewer objects made and freed: the process's memory grew with the batches)
+                widths, heights = batch.column("width").to_pylist(), batch.column("height").to_pylist()
+                reasons = [link_reason(u, w, h, allow, cfg) for u, w, h in zip(batch.column("image_url").to_pylist(), widths, heights)]
+                pages = pc.unique(batch.column("page_url"))
+                sites = pa.array([site_of(u) for u in pages.to_pylist()], pa.string()).take(pc.index_in(batch.column("page_url"), value_set=pages))
+                cols = {name: batch.column(name) for name in ("link_id", "page_url", "image_url", "alt", "position")}
+                cols.update(site=sites, declared_width=batch.column("width"), declared_height=batch.column("height"),
+                            reason=pa.array([r[0] if r else None for r in reasons], pa.string()), detail=pa.array([r[1] if r else None for r in reasons], pa.string()))
+                writer.write_table(pa.Table.from_pydict(cols).select(CHECKED_SCHEMA.names).cast(CHECKED_SCHEMA))
                 n += batch.num_rows
                 if progress:
                     progress(batch.num_rows)
     return n
 
 
+MEMORY_PER_THREAD = 64 * 10**6  # (DuckDB's MB) DuckDB threads the plan runs: one per this much of its memory limit
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def memory_bytes(memory: str) -> int:
+    """Bytes of a size such as "64MB" or "4 GiB" (DuckDB's units; download checks the spelling)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", memory, re.I)
+    if m is None:
+        raise ValueError(f"not a size: {memory!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
 def connect(tmp_dir: str, memory: str):
-    """A DuckDB connection that stays under `memory` and spills to `tmp_dir` beyond it."""
+    """A DuckDB connection that stays under `memory` and spills to `tmp_dir` beyond it, with one
+    thread per MEMORY_PER_THREAD of it (at least one, at most one per core): each thread's hash
+    tables and sort runs take memory of their own, so a small limit shared by many threads is
+    exceeded (at one Common Crawl file's size the plan grew the process by 119 MB with 128 MB and
+    two threads, 84 MB with 64 MB and two, 78 MB with 64 MB and one; 64 MB with two threads ran out
+    of memory with the queries of issue 34's second sitting)."""
     import duckdb
 
     os.makedirs(tmp_dir, exist_ok=True)
-    con = duckdb.connect(os.path.join(tmp_dir, "plan.duckdb"), config={"memory_limit": memory, "temp_directory": tmp_dir, "preserve_insertion_order": False})
-    return con
+    threads = max(1, min(os.cpu_count() or 1, memory_bytes(memory) // MEMORY_PER_THREAD))
+    config = {"memory_limit": memory, "temp_directory": tmp_dir, "preserve_insertion_order": False, "threads": threads}
+    return duckdb.connect(os.path.join(tmp_dir, "plan.duckdb"), config=config)
 
 
 def write_query(con, sql: str, path: str, schema: pa.Schema, rows_per_file: int = 0, params: Optional[list] = None) -> int:
@@ -195,15 +218,18 @@ def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig, sites=N
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE consent (image_url VARCHAR, reason VARCHAR, detail VARCHAR)")
     # a URL the site refuses is never fetched, not even as boilerplate evidence: it leaves the candidates
-    con.execute("CREATE OR REPLACE TEMP TABLE cand AS SELECT link_id, page_url, site, image_url, position FROM checked WHERE reason IS NULL AND image_url NOT IN (SELECT image_url FROM consent)")
+    # (a view, read where it is used: as a table it held ~100 MB of DuckDB's memory at one Common Crawl file's size)
+    con.execute("CREATE OR REPLACE TEMP VIEW cand AS SELECT link_id, page_url, site, image_url, position FROM checked WHERE reason IS NULL AND image_url NOT IN (SELECT image_url FROM consent)")
     # pages are counted over every link (whatever its own check said), as pair counts them: a
     # site's pages are all its pages in the crawl, a URL's pages all the pages that link it
     con.execute("CREATE OR REPLACE TEMP TABLE site_pages AS SELECT site, count(DISTINCT page_url) AS pages FROM checked GROUP BY site")
     if cfg.url_boilerplate:
         con.execute(
             """CREATE OR REPLACE TEMP TABLE url_flag AS
-            WITH url_pages AS (SELECT image_url, count(DISTINCT page_url) AS pages FROM checked GROUP BY image_url),
-                 site_url_pages AS (SELECT site, image_url, count(DISTINCT page_url) AS pages FROM checked GROUP BY site, image_url)
+            WITH site_url_pages AS (SELECT site, image_url, count(*) AS pages FROM (SELECT DISTINCT site, image_url, page_url FROM checked) GROUP BY site, image_url),
+                 -- a page has one site (check_links derives it from the page URL), so a URL's pages are the sum over its sites:
+                 -- one distinct count over the links instead of two
+                 url_pages AS (SELECT image_url, sum(pages)::BIGINT AS pages FROM site_url_pages GROUP BY image_url)
             SELECT su.site, su.image_url,
                    CASE WHEN u.pages > $k THEN $global
                         WHEN su.pages >= $share * sp.pages AND su.pages >= $min_pages THEN $site END AS reason,
@@ -220,12 +246,13 @@ def make_plan(con, checked_dir: str, plan_dir: str, cfg: DownloadConfig, sites=N
     con.execute(
         """CREATE OR REPLACE TEMP TABLE page_rule AS
         WITH left_over AS (SELECT c.link_id, c.page_url, c.position FROM cand c ANTI JOIN url_flag f ON c.site = f.site AND c.image_url = f.image_url),
-             ranked AS (SELECT link_id, count(*) OVER (PARTITION BY page_url) AS n, row_number() OVER (PARTITION BY page_url ORDER BY position, link_id) AS rank FROM left_over)
-        SELECT link_id,
-               CASE WHEN least(n, $cap) < $min_links THEN $few WHEN rank > $cap THEN $capped END AS reason,
-               CASE WHEN least(n, $cap) < $min_links THEN n || ' candidate link(s) left on the page (< ' || $min_links || ')'
-                    WHEN rank > $cap THEN 'link ' || rank || ' of ' || n || ' on the page (cap ' || $cap || ')' END AS detail
-        FROM ranked""",
+             page_n AS (SELECT page_url, count(*) AS n FROM left_over GROUP BY page_url),
+             ranked AS (SELECT l.link_id, p.n, row_number() OVER (PARTITION BY l.page_url ORDER BY l.position, l.link_id) AS rank
+                        FROM left_over l JOIN page_n p USING (page_url) WHERE p.n > $cap AND NOT least(p.n, $cap) < $min_links)
+        SELECT l.link_id, $few AS reason, p.n || ' candidate link(s) left on the page (< ' || $min_links || ')' AS detail
+        FROM left_over l JOIN page_n p USING (page_url) WHERE least(p.n, $cap) < $min_links
+        UNION ALL
+        SELECT link_id, $capped, 'link ' || rank || ' of ' || n || ' on the page (cap ' || $cap || ')' FROM ranked WHERE rank > $cap""",
         {"cap": cap, "min_links": cfg.min_links_per_page, "few": PAGE_TOO_FEW_LINKS, "capped": PAGE_CAP},
     )
     os.makedirs(os.path.join(plan_dir, "urls"), exist_ok=True)

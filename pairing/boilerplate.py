@@ -16,6 +16,10 @@ Rules (PairConfig):
 Close pHashes are found with LSH banding (pairing/select.py `band_keys`): only hashes that share a
 band are compared, and the pigeonhole principle makes every close pair share one. A content's page
 count is the union of the pages of its close neighbourhood; pages travel as 63-bit ints.
+
+Each count is made where its key's rows meet, in hash-bucket spill files read one bucket at a time
+(pairing/spill.py), not in the runner's combines and shuffles, so memory does not grow with the
+crawl (issue 34).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import apache_beam as beam
 from core.config import PairConfig
 from core.records import phash_distance, stable_id
 from pairing.select import band_keys
+from pairing.spill import SpillByKey, read_groups
 
 GLOBAL = "*"  # the scope of the crawl-wide rule
 CONTENT, URL = "content", "url"
@@ -37,37 +42,6 @@ BOILERPLATE_GLOBAL = "boilerplate_global"
 def page_key(page_url: str) -> int:
     """A page as a 63-bit int (sets of pages per content stay small; Beam's int coder is signed 64-bit)."""
     return int(stable_id(page_url), 16) >> 1
-
-
-class PageSet(beam.CombineFn):
-    """Union of page sets (or single pages), keeping at most `cap` pages when a cap is given: enough
-    to tell 'more than K' apart with bounded memory."""
-
-    def __init__(self, cap: int = 0):
-        self.cap = cap
-
-    def create_accumulator(self):
-        return set()
-
-    def add_input(self, acc, value):
-        if self.cap and len(acc) >= self.cap:
-            return acc
-        if isinstance(value, (set, frozenset)):
-            acc |= value
-        else:
-            acc.add(value)
-        if self.cap and len(acc) > self.cap:
-            return set(list(acc)[: self.cap])
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = set()
-        for acc in accs:
-            out = self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
 
 
 def close_neighbours(members: list[tuple[str, set]], max_distance: int):
@@ -86,88 +60,161 @@ def site_threshold(site_pages: int, cfg: PairConfig) -> int:
     return max(cfg.site_min_pages, math.ceil(cfg.site_share * site_pages - 1e-9))
 
 
-class _ContentPages(beam.PTransform):
-    """((scope, pHash), page) -> ((scope, pHash), pages of its close neighbourhood), pages capped at
-    `cap` (0: no cap)."""
-
-    def __init__(self, max_distance: int, cap: int):
-        super().__init__()
-        self.max_distance, self.cap = max_distance, cap
-
-    def expand(self, keyed):
-        d, cap = self.max_distance, self.cap
-        own = keyed | "PagesPerHash" >> beam.CombinePerKey(PageSet(cap))
-        neighbours = (
-            own
-            | "Bands" >> beam.FlatMap(lambda kv: [((kv[0][0], b), pickle.dumps((kv[0][1], kv[1]), protocol=pickle.HIGHEST_PROTOCOL)) for b in band_keys(kv[0][1], d)])
-            | "GroupBands" >> beam.GroupByKey()
-            | "Neighbours" >> beam.FlatMap(lambda kv: (((kv[0][0], h), pages) for h, pages in close_neighbours([pickle.loads(b) for b in kv[1]], d)))
-        )
-        return (own, neighbours) | "OwnAndNeighbours" >> beam.Flatten() | "Neighbourhood" >> beam.CombinePerKey(PageSet(cap))
+def _capped(pages: set, cap: int) -> set:
+    """At most `cap` of the pages (0: all), the smallest: the same on every run. A union of capped
+    sets capped again has min(true size, cap) pages, all the rules need to tell 'more than K'."""
+    return pages if not cap or len(pages) <= cap else set(sorted(pages)[:cap])
 
 
-def _global_rows(kv, kind: str, more_than: int):
-    (_, key), pages = kv
-    if len(pages) > more_than:
-        yield {"scope": GLOBAL, "kind": kind, "key": key, "pages": len(pages), "site_pages": 0}
+def neighbourhoods(own: dict, max_distance: int, cap: int = 0) -> dict:
+    """{pHash: pages} of one scope -> {pHash: pages of its close neighbourhood} (itself and every
+    pHash within `max_distance` bits), capped at `cap` (0: no cap). Close pHashes are found in LSH
+    bands (`band_keys`): only band-mates are compared."""
+    bands: dict = {}
+    for h in own:
+        for b in band_keys(h, max_distance):
+            bands.setdefault(b, []).append(h)
+    out = {h: set(pages) for h, pages in own.items()}
+    for members in bands.values():
+        if len(members) > 1:
+            for h, pages in close_neighbours([(m, own[m]) for m in members], max_distance):
+                out[h] |= pages
+    return {h: _capped(pages, cap) for h, pages in out.items()}
 
 
-def _site_rows(item, cfg: PairConfig):
-    site, grouped = item
-    n = list(grouped["site_pages"])
-    if not n:
-        return
-    need = site_threshold(n[0], cfg)
-    for kind, key, pages in grouped["candidates"]:
-        if pages >= need:
-            yield {"scope": site, "kind": kind, "key": key, "pages": pages, "site_pages": n[0]}
+def _named_groups(item) -> dict:
+    """(bucket, [(name, spill file)]) -> {name: {key: [values]}} (pairing/spill.py)."""
+    paths: dict = {}
+    for name, path in item[1]:
+        paths.setdefault(name, []).append(path)
+    return {name: read_groups(found) for name, found in paths.items()}
+
+
+def _site_rows(item, cfg: PairConfig, given: bool):
+    """One bucket of sites: each site's occurrences (image URL, pHash, page), and with `given` its
+    page count in the crawl -> its BOILERPLATE_SCHEMA rows: a content (its close neighbourhood) or
+    an image URL on at least site_threshold of the site's pages."""
+    groups = _named_groups(item)
+    occurrences, counts = groups.get("site_occ", {}), groups.get("site_pages", {})
+    d = cfg.boilerplate_phash_distance
+    for site in sorted(occurrences):
+        occ = [pickle.loads(v) for v in occurrences.pop(site)]
+        if given:
+            found = counts.get(site)
+            if not found:
+                continue
+            n = pickle.loads(found[0])
+        else:
+            n = len({o[2] for o in occ})
+        need = max(cfg.site_min_pages, site_threshold(n, cfg))
+        by_url: dict = {}
+        by_hash: dict = {}
+        for url, h, page in occ:
+            by_url.setdefault(url, set()).add(page)
+            if h is not None:
+                by_hash.setdefault(h, set()).add(page)
+        for kind, found in ((CONTENT, neighbourhoods(by_hash, d)), (URL, by_url)):
+            for key, pages in found.items():
+                if len(pages) >= need:
+                    yield {"scope": site, "kind": kind, "key": key, "pages": len(pages), "site_pages": n}
+
+
+def _global_url_rows(item, more_than: int):
+    """One bucket of image URLs (pages of each) -> a row for each on more than `more_than` pages."""
+    for url, pages in sorted(_named_groups(item).get("url", {}).items()):
+        n = len({pickle.loads(v) for v in pages})
+        if n > more_than:
+            yield {"scope": GLOBAL, "kind": URL, "key": url, "pages": min(n, more_than + 1), "site_pages": 0}
+
+
+def _own_pages(item, cap: int):
+    """One bucket of pHashes (pages of each) -> (pHash, its pages capped at `cap`), as the next
+    two spills take them: own (keyed by pHash) and one per LSH band (keyed by the band)."""
+    for h, pages in sorted(_named_groups(item).get("hash", {}).items()):
+        yield h, _capped({pickle.loads(v) for v in pages}, cap)
+
+
+def _band_neighbours(item, max_distance: int):
+    """One bucket of LSH bands (the pHashes in each, with their pages) -> (pHash, pickled pages of
+    a close neighbour) for every close pair of band-mates."""
+    for _, members in sorted(_named_groups(item).get("band", {}).items()):
+        if len(members) > 1:
+            for h, pages in close_neighbours([pickle.loads(v) for v in members], max_distance):
+                yield h, pickle.dumps(pages, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _global_content_rows(item, more_than: int):
+    """One bucket of pHashes (own pages and close neighbours' pages) -> a row for each whose
+    neighbourhood is on more than `more_than` pages."""
+    for h, found in sorted(_named_groups(item).get("near", {}).items()):
+        pages: set = set()
+        for v in found:
+            pages |= pickle.loads(v)
+        if len(pages) > more_than:
+            yield {"scope": GLOBAL, "kind": CONTENT, "key": h, "pages": more_than + 1, "site_pages": 0}
+
+
+def _dumps(value) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class FlagBoilerplate(beam.PTransform):
     """Occurrences {page_url, site, image_url, phash} -> BOILERPLATE_SCHEMA rows (site and global).
 
     `sites`, when given, is a PCollection of {site, pages}: each site's pages in the crawl (download's
-    sites/); without it a site's pages are those with at least one occurrence."""
+    sites/); without it a site's pages are those with at least one occurrence.
 
-    def __init__(self, cfg: PairConfig, sites=None):
+    Each count meets its key's occurrences in hash-bucket spill files under `spill_dir`
+    (pairing/spill.py, `buckets` buckets; a temporary folder if none is given), one bucket in memory
+    at a time: a site's occurrences (its URL and content rules, its page count), an image URL's
+    pages, a pHash's pages, then an LSH band's pHashes (their close neighbours), then a pHash's
+    own and neighbours' pages (the crawl-wide content rule)."""
+
+    def __init__(self, cfg: PairConfig, sites=None, spill_dir: str = "", buckets: int = 1):
         super().__init__()
         self.cfg = cfg
         self.sites = sites
+        self.spill_dir, self.buckets = spill_dir, buckets
 
     def expand(self, occ):
-        cfg, k = self.cfg, self.cfg.boilerplate_pages
+        import tempfile
+
+        cfg, k, d = self.cfg, self.cfg.boilerplate_pages, self.cfg.boilerplate_phash_distance
+        spill_dir, buckets = self.spill_dir or tempfile.mkdtemp(prefix="webpairs-boilerplate-"), self.buckets
+
+        def spill(pcoll, label: str, name: str):
+            return pcoll | f"Spill{label}" >> beam.ParDo(SpillByKey(f"{spill_dir}/boilerplate", name, buckets))
+
         occ = occ | "Pages" >> beam.Map(lambda r: (r["site"], r["image_url"], r["phash"], page_key(r["page_url"])))
-        hashed = occ | "Decoded" >> beam.Filter(lambda o: o[2] is not None)
-        # crawl-wide: pages capped at K+1 (enough to say "more than K")
-        g_content = hashed | "GlobalHash" >> beam.Map(lambda o: ((GLOBAL, o[2]), o[3])) | "GlobalContent" >> _ContentPages(cfg.boilerplate_phash_distance, k + 1)
-        g_url = occ | "GlobalUrl" >> beam.Map(lambda o: ((GLOBAL, o[1]), o[3])) | "GlobalUrlPages" >> beam.CombinePerKey(PageSet(k + 1))
-        flags = [
-            g_content | "GlobalContentRows" >> beam.FlatMap(_global_rows, CONTENT, k),
-            g_url | "GlobalUrlRows" >> beam.FlatMap(_global_rows, URL, k),
-        ]
-        # per site: counted against the site's page count (a CoGroupByKey on the site)
-        s_content = hashed | "SiteHash" >> beam.Map(lambda o: ((o[0], o[2]), o[3])) | "SiteContent" >> _ContentPages(cfg.boilerplate_phash_distance, 0)
-        s_url = occ | "SiteUrl" >> beam.Map(lambda o: ((o[0], o[1]), o[3])) | "SiteUrlPages" >> beam.CombinePerKey(PageSet())
-        min_pages = cfg.site_min_pages
-        candidates = [
-            pc | f"{kind}Candidates" >> beam.FlatMap(lambda kv, kind=kind: [(kv[0][0], (kind, kv[0][1], len(kv[1])))] if len(kv[1]) >= min_pages else [])
-            for kind, pc in ((CONTENT, s_content), (URL, s_url))
-        ]
-        if self.sites is not None:
-            site_pages = self.sites | "SitePagesGiven" >> beam.Map(lambda r: (r["site"], r["pages"]))
-        else:
-            site_pages = (
-                occ
-                | "SitePage" >> beam.Map(lambda o: (o[0], o[3]))
-                | "DistinctSitePages" >> beam.Distinct()
-                | "PagesPerSite" >> beam.combiners.Count.PerKey()
-            )
-        site_flags = (
-            {"site_pages": site_pages, "candidates": candidates | "AllCandidates" >> beam.Flatten()}
-            | "JoinSite" >> beam.CoGroupByKey()
-            | "SiteRows" >> beam.FlatMap(_site_rows, cfg)
+        # crawl-wide URLs: pages capped at K+1 (enough to say "more than K")
+        g_url = (
+            spill(occ | "GlobalUrl" >> beam.Map(lambda o: (o[1], _dumps(o[3]))), "Urls", "url")
+            | "GroupUrlBuckets" >> beam.GroupByKey() | "GlobalUrlRows" >> beam.FlatMap(_global_url_rows, k)
         )
-        return (*flags, site_flags) | "AllFlags" >> beam.Flatten()
+        # crawl-wide contents: each pHash's pages, then its close neighbours' (through LSH bands)
+        own = (
+            spill(occ | "Decoded" >> beam.Filter(lambda o: o[2] is not None) | "GlobalHash" >> beam.Map(lambda o: (o[2], _dumps(o[3]))), "Hashes", "hash")
+            | "GroupHashBuckets" >> beam.GroupByKey() | "OwnPages" >> beam.FlatMap(_own_pages, k + 1)
+        )
+        bands = own | "Bands" >> beam.FlatMap(lambda kv: [(b, _dumps(kv)) for b in band_keys(kv[0], d)])
+        near = (
+            spill(bands, "Bands", "band") | "GroupBandBuckets" >> beam.GroupByKey()
+            | "Neighbours" >> beam.FlatMap(_band_neighbours, d)
+        )
+        own_near = (
+            spill(own | "OwnNear" >> beam.Map(lambda kv: (kv[0], _dumps(kv[1]))), "Own", "near"),
+            spill(near, "Near", "near"),
+        )
+        g_content = own_near | "NearFiles" >> beam.Flatten() | "GroupNearBuckets" >> beam.GroupByKey() | "GlobalContentRows" >> beam.FlatMap(_global_content_rows, k)
+        # per site: counted against the site's page count
+        site_files = [spill(occ | "SiteOcc" >> beam.Map(lambda o: (o[0], _dumps((o[1], o[2], o[3])))), "Sites", "site_occ")]
+        if self.sites is not None:
+            site_files.append(spill(self.sites | "SitePagesGiven" >> beam.Map(lambda r: (r["site"], _dumps(r["pages"]))), "SitePages", "site_pages"))
+        site_flags = (
+            site_files | "SiteFiles" >> beam.Flatten() | "GroupSiteBuckets" >> beam.GroupByKey()
+            | "SiteRows" >> beam.FlatMap(_site_rows, cfg, self.sites is not None)
+        )
+        return (g_content, g_url, site_flags) | "AllFlags" >> beam.Flatten()
 
 
 def boilerplate_reason(site: str, phash: str, image_url: str, flags: dict, cfg: PairConfig):

@@ -1,14 +1,18 @@
 """`pair`: ImageRecords -> same-page (condition, target) PairRecords with Beam.
 
 Steps: from filter's occurrences (every fetched link, kept or not), flag boilerplate of each site
-and of the crawl (pairing/boilerplate.py), and from its kept links the images seen on several
-pages -> join each image (one record) to its kept links (CoGroupByKey on image_id: the image on
-each of its pages) and drop the boilerplate (the flags are a side input)
--> GroupByKey(page_url) -> collapse near-duplicates, cap images per page, pick in-band pairs
-(pairing/select.py) -> pairs of two shared images go through a GroupByKey on their contents so
-each (condition, target) content pair is kept once across pages; the rest are final -> write
+and of the crawl (pairing/boilerplate.py) -> join each image (one record) to its kept links (the
+image on each of its pages; an image is `shared` when they name several pages) and drop the
+boilerplate (the flags are a side input) -> per page: collapse near-duplicates, cap images per
+page, pick in-band pairs (pairing/select.py) -> pairs of two shared images meet by their contents
+so each (condition, target) content pair is kept once across pages; the rest are final -> write
 pairs/ (each row carries what `shards` needs of its two images), images/, boilerplate/ (the flags),
-rejected/, stats.json. Records cross the shuffles packed (one bytes object each).
+rejected/, stats.json.
+
+The three meetings (image with links, page with images, pairs by contents) are not shuffles held
+by the runner: the records, packed (one bytes object each), are spilled into hash-bucket files
+under the output's `.spill/` and read back one bucket at a time (pairing/spill.py), so pair's
+memory does not grow with its input (issue 34).
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, Rejected
+from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import ROW_GROUP_BYTES, ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
-from pairing.boilerplate import FlagBoilerplate, PageSet, boilerplate_reason
+from core.stageio import ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
+from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
 from pairing.select import page_outcome
+from pairing.spill import SpillByKey, bucket_count, read_groups
 
 STAGE = "pair"
 REJECTED = "rejected"
 SHARED_PAIRS = "shared_pairs"
+PAGES = "pages"  # one element per page with a record (counted in stats.json)
+SPILL = ".spill"  # the joins' spill files, in the stage's temporary output; removed when the pipeline ends
 
 
 def record_id(r: dict) -> str:
@@ -35,36 +42,73 @@ def record_id(r: dict) -> str:
     return r["link_id"]
 
 
-def _on_page(item):
-    """(image_id, {"image": [packed record], "links": [kept links]}) -> the image's record on each
-    of its pages (its page, URL, alt and position are the link's)."""
-    image, grouped = item
-    packed = list(grouped["image"])
-    links = list(grouped["links"])
-    if not packed:
-        if links:
-            raise StageError(f"pair: image {image} of the filter occurrences is missing from its images/")
-        return
-    base = unpack(packed[0], IMAGE_JOIN_FIELDS)
-    for link in (unpack(b, LINK_FIELDS) for b in links):
-        r = dict(base)
-        r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
-        yield r
+def _mark(r: dict, shared: bool, flags: dict, cfg: PairConfig):
+    """A record on its page: rejected if its content or image URL was flagged as boilerplate of its
+    site or of the crawl (`flags`: a side input of the flags only, a small fraction of all keys),
+    else (page_url, packed record with its `shared` flag) on its way to the page buckets."""
+    found = boilerplate_reason(site_of(r["page_url"]), r["phash"], r["image_url"], flags, cfg)
+    if found:
+        return None, Rejected(record_id(r), STAGE, found[0], found[1], r["image_url"]).to_row()
+    r["_shared"] = shared
+    return (r["page_url"], pack(r, PAGE_SPILL_FIELDS)), None
 
 
-class MarkBoilerplate(beam.DoFn):
-    """Reject records whose content or image URL was flagged as boilerplate of their site or of the
-    crawl (side input: the flags only, a small fraction of all keys); pass the others through."""
+class JoinBucket(beam.DoFn):
+    """(bucket, [(name, spill file)]) of the images and kept links spilled by image id (or, with
+    the copy step, by the kept dress's id) -> each image on each of its pages (its page, URL, alt
+    and position are the link's), boilerplate rejected, the rest as (page_url, packed record) for
+    the page buckets. Each record carries whether its image is `shared`: seen on several pages
+    (its kept links name more than one page) or a kept dress of the copy step (a dress that stands
+    in for others); only pairs of two shared images can recur on another page. One bucket's images
+    and links are in memory at a time. With `copies`, pairing/copies.py `on_pages_with_copies`
+    makes the records (tagged outputs `rejected`, `copies`, `stand_ins`). The rejected rows leave
+    as one pyarrow table a bucket (each producer of rejected rows has its own sink: the local runner
+    holds a Flatten of outputs of different stages whole)."""
 
-    def __init__(self, cfg: PairConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: PairConfig, copies: bool):
+        self.cfg, self.copies = cfg, copies
 
-    def process(self, r, flags):
-        found = boilerplate_reason(site_of(r["page_url"]), r["phash"], r["image_url"], flags, self.cfg)
-        if found:
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, found[0], found[1], r["image_url"]).to_row())
-        else:
-            yield r
+    def process(self, item, flags):
+        _, listed = item
+        paths: dict = {"image": [], "links": []}
+        for name, path in listed:
+            paths[name].append(path)
+        images, links = read_groups(paths["image"]), read_groups(paths["links"])
+        cfg = self.cfg
+        rejected: list = []
+        for key in sorted(images.keys() | links.keys()):
+            packed, group_links = images.pop(key, []), links.pop(key, [])
+            if self.copies:
+                records = []
+                for out in on_pages_with_copies((key, {"image": packed, "links": group_links}), COPY_JOIN_FIELDS, LINK_FIELDS, STAGE):
+                    if not isinstance(out, beam.pvalue.TaggedOutput):
+                        records.append(out)
+                    elif out.tag == REJECTED:
+                        rejected.append(out.value)
+                    else:
+                        yield out
+                # a kept dress of several (copy_of's values) is shared; else its own links' pages
+                shared = len(set(packed)) > 1 or len({r["page_url"] for r in records}) > 1
+            elif not packed:
+                if group_links:
+                    raise StageError(f"pair: image {key} of the filter occurrences is missing from its images/")
+                continue
+            else:
+                base = unpack(packed[0], IMAGE_JOIN_FIELDS)
+                records = []
+                for link in (unpack(b, LINK_FIELDS) for b in group_links):
+                    r = dict(base)
+                    r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
+                    records.append(r)
+                shared = len({r["page_url"] for r in records}) > 1
+            for r in records:
+                on_page, row = _mark(r, shared, flags, cfg)
+                if on_page is not None:
+                    yield on_page
+                else:
+                    rejected.append(row)
+        if rejected:
+            yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
 
 
 def pack(row: dict, names: tuple) -> bytes:
@@ -78,51 +122,73 @@ def unpack(data: bytes, names: tuple) -> dict:
     return dict(zip(names, pickle.loads(data)))
 
 
-def _page(item, cfg: PairConfig, shared: dict):
+def _page(page_url: str, records: list, cfg: PairConfig, shared: set, out: dict):
     """One page's outcome. A pair can recur on another page only when both its images are `shared`
-    (seen on several pages): those go to the cross-page dedup, keyed by contents; the rest are
-    final here, so the dedup shuffle carries only the few pairs that may be duplicates."""
-    page_url, packed = item
-    pairs, kept, rejected = page_outcome(page_url, [unpack(b, IMAGE_FIELDS) for b in packed], cfg)
+    (seen on several pages): those go to the cross-page dedup, keyed by contents (yielded); the
+    rest are final here (out["pairs"]), so the dedup carries only the few pairs that may be
+    duplicates. Kept images go to out["kept"] (as written), rejected rows to out["rejected"]."""
+    pairs, kept, dropped = page_outcome(page_url, records, cfg)
     by_id = {r["image_id"]: r for r in kept}
     for p in pairs:
         # the row carries both images' info for `shards`
         row = p.to_row(by_id[p.cond_image_id], by_id[p.target_image_id])
         if p.cond_image_id in shared and p.target_image_id in shared:
-            yield beam.pvalue.TaggedOutput(SHARED_PAIRS, ((p.cond_image_id, p.target_image_id), pack(row, PAIR_FIELDS)))
+            yield beam.pvalue.TaggedOutput(SHARED_PAIRS, (f"{p.cond_image_id}\x1f{p.target_image_id}", pack(row, PAIR_FIELDS)))
         else:
-            yield beam.pvalue.TaggedOutput("pairs", row)
-    for r in kept:
-        yield r
-    for r, reason, detail in rejected:
-        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
+            out["pairs"].append(row)
+    out["kept"] += (_for_parquet(r) for r in kept)
+    for r, reason, detail in dropped:
+        out["rejected"].append(Rejected(record_id(r), STAGE, reason, detail, r["image_url"]).to_row())
+
+
+TABLE_ROWS = 512  # rows of one output table (one row group): what a bucket step holds of its outputs
+OUTPUT_SCHEMAS = {"kept": IMAGE_SCHEMA, "pairs": PAIR_SCHEMA, REJECTED: REJECTED_SCHEMA}
+
+
+def _tables(out: dict, at_least: int):
+    """The rows collected in `out` ({tag: rows}) as pyarrow tables, for each tag holding at least
+    `at_least` rows (the main output is "kept"); each producer's tables are written as they come by
+    its own sink, so nothing is held between steps."""
+    for tag, rows in out.items():
+        if rows and len(rows) >= at_least:
+            table = rows_to_table(rows, OUTPUT_SCHEMAS[tag])
+            rows.clear()
+            yield table if tag == "kept" else beam.pvalue.TaggedOutput(tag, table)
+
+
+def _pages_of_bucket(item, cfg: PairConfig):
+    """(bucket, [(name, spill file)]) of the records spilled by page -> each page's outcome
+    (`_page`), pages in URL order, and one PAGES element per page; kept images, final pairs and
+    rejected rows as tables of up to TABLE_ROWS rows. One bucket in memory at a time."""
+    _, listed = item
+    groups = read_groups(path for _, path in listed)
+    out: dict = {"kept": [], "pairs": [], REJECTED: []}
+    for page_url in sorted(groups):
+        records = sorted((unpack(b, PAGE_SPILL_FIELDS) for b in groups.pop(page_url)), key=lambda r: r["link_id"])
+        shared = {r["image_id"] for r in records if r.pop("_shared")}
+        yield beam.pvalue.TaggedOutput(PAGES, 1)
+        yield from _page(page_url, records, cfg, shared, out)
+        yield from _tables(out, TABLE_ROWS)
+    yield from _tables(out, 1)
 
 
 def _first_page_wins(item):
-    _, packed = item
-    pairs = sorted((unpack(b, PAIR_FIELDS) for b in packed), key=lambda p: p["page_url"])
-    yield pairs[0]
-    for p in pairs[1:]:
-        yield beam.pvalue.TaggedOutput("duplicate_pairs", p["pair_id"])
-
-
-class _OnMorePages(beam.PTransform):
-    """Key records -> (value, True) for each value of `field` seen on more than `more_than` distinct
-    pages (a capped set of pages per value: bounded memory however common the value)."""
-
-    def __init__(self, field: str, more_than: int):
-        super().__init__()
-        self.field, self.more_than = field, more_than
-
-    def expand(self, keys):
-        field, more_than = self.field, self.more_than
-        return (
-            keys
-            | "ValuePage" >> beam.Map(lambda r: (r[field], r["page_url"]))
-            | "PagesPerValue" >> beam.CombinePerKey(PageSet(more_than + 1))
-            | "OnMorePages" >> beam.Filter(lambda kv: len(kv[1]) > more_than)
-            | "Flag" >> beam.Map(lambda kv: (kv[0], True))
-        )
+    """(bucket, [(name, spill file)]) of the pairs of two shared images, spilled by their contents
+    -> per (condition, target) contents the pair of the first page (by URL), as tables of up to
+    TABLE_ROWS rows; the others' ids as duplicates."""
+    _, listed = item
+    groups = read_groups(path for _, path in listed)
+    unique: list = []
+    for key in sorted(groups):
+        pairs = sorted((unpack(b, PAIR_FIELDS) for b in groups.pop(key)), key=lambda p: p["page_url"])
+        unique.append(pairs[0])
+        for p in pairs[1:]:
+            yield beam.pvalue.TaggedOutput("duplicate_pairs", p["pair_id"])
+        if len(unique) >= TABLE_ROWS:
+            yield rows_to_table(unique, PAIR_SCHEMA)
+            unique = []
+    if unique:
+        yield rows_to_table(unique, PAIR_SCHEMA)
 
 
 class PairImages(beam.PTransform):
@@ -132,60 +198,63 @@ class PairImages(beam.PTransform):
     image_url, phash) of every downloaded link} -> {"input" links, "kept" image-on-page records,
     "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
 
-    The sharing count comes from the light links, so the full records are shuffled by image (to
-    their pages) and by page once each."""
+    The records meet their keys' other records in spill files under `spill_dir` (pairing/spill.py:
+    `buckets` hash buckets, one bucket in memory at a time) instead of in the runner's shuffles:
+    images with their links by image id, then image-on-page records by page, then the pairs of
+    two shared images by their contents."""
 
-    def __init__(self, cfg: PairConfig, feature_dir: str = ""):  # feature_dir: needed with cfg.copies
+    def __init__(self, cfg: PairConfig, feature_dir: str = "", spill_dir: str = "", buckets: int = 1):  # feature_dir: needed with cfg.copies
         super().__init__()
+        if not spill_dir:
+            raise ValueError("PairImages needs a folder for its spill files (spill_dir)")
         self.cfg = cfg
         self.feature_dir = feature_dir  # the copy step's features (pairing/copies.py FindCopies)
+        self.spill_dir, self.buckets = spill_dir, buckets
 
     def expand(self, pcolls):
         images, occurrences, links, keys = pcolls["images"], pcolls["occurrences"], pcolls["links"], pcolls["keys"]
-        cfg = self.cfg
+        cfg, spill_dir, buckets = self.cfg, self.spill_dir, self.buckets
         out: dict = {}
+        copies = "copy_light" in pcolls
         # 0. each image (one row) back on its pages, through the kept links of filter's occurrences;
         #    with the copy step (pairing/copies.py), every dress of a photo joins on the group's kept
         #    dress: the others' links are rejected and the kept dress stands in on their pages
-        copy_rejected = None
-        if "copy_light" in pcolls:
+        if copies:
             found = {"light": pcolls["copy_light"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
             copy_of = beam.pvalue.AsDict(found["copy_of"])
             keyed_images = images | "KeyImage" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS)), copy_of)
             keyed_links = links | "KeyLink" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS)), copy_of)
-            joined = (
-                {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey()
-                | "OnPages" >> beam.FlatMap(on_pages_with_copies, COPY_JOIN_FIELDS, LINK_FIELDS, STAGE).with_outputs(REJECTED, COPIES, STAND_INS, main="on_pages")
-            )
-            on_pages, copy_rejected = joined.on_pages, joined[REJECTED]
-            kept_dresses = found["copy_of"] | "KeptDress" >> beam.Map(lambda kv: (kv[1], True)) | "DistinctKept" >> beam.Distinct()
-            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidates"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
-                       copy_images_removed=found["copy_of"], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
         else:
             keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
             keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
-            on_pages = {"image": keyed_images, "links": keyed_links} | "JoinPages" >> beam.CoGroupByKey() | "OnPages" >> beam.FlatMap(_on_page)
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
-        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"))
+        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir, buckets)
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
-        # 2. drop the records that are flagged
-        marked = on_pages | "MarkBoilerplate" >> beam.ParDo(MarkBoilerplate(cfg), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, main="ok")
-        # 3. images seen on several pages (only pairs of two such images can recur on another page)
-        shared = keys | "SharedImages" >> _OnMorePages("image_id", 1)
-        if "copies" in out:  # a kept dress is also on the pages it stands in on
-            shared = (shared, kept_dresses) | "SharedOrKept" >> beam.Flatten() | "DistinctShared" >> beam.Distinct()
-        # 4. per page: near-duplicates, cap, in-band pairs
-        pages = marked.ok | "KeyPage" >> beam.Map(lambda r: (r["page_url"], pack(r, IMAGE_FIELDS))) | "GroupPages" >> beam.GroupByKey()
-        per_page = pages | "PerPage" >> beam.FlatMap(_page, cfg, beam.pvalue.AsDict(shared)).with_outputs(REJECTED, "pairs", SHARED_PAIRS, main="kept")
-        # 5. the same (condition, target) contents from several pages: keep one
+        # 2. the join, one image bucket at a time; the flagged records are rejected there
+        spilled = (
+            keyed_images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets)),
+            keyed_links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets)),
+        )
+        joined = (
+            spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
+            | "JoinPages" >> beam.ParDo(JoinBucket(cfg, copies), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, COPIES, STAND_INS, main="on_pages")
+        )
+        if copies:
+            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidates"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
+                       copy_images_removed=found["copy_of"], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
+        # 3. per page, one page bucket at a time: near-duplicates, cap, in-band pairs
+        per_page = (
+            joined.on_pages | "SpillPages" >> beam.ParDo(SpillByKey(spill_dir, "pages", buckets)) | "GroupPageBuckets" >> beam.GroupByKey()
+            | "PerPage" >> beam.FlatMap(_pages_of_bucket, cfg).with_outputs(REJECTED, "pairs", SHARED_PAIRS, PAGES, main="kept")
+        )
+        # 4. the same (condition, target) contents from several pages: keep one
         deduped = (
-            per_page[SHARED_PAIRS]
-            | "GroupContents" >> beam.GroupByKey()
+            per_page[SHARED_PAIRS] | "SpillContents" >> beam.ParDo(SpillByKey(spill_dir, "contents", buckets)) | "GroupContentBuckets" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
-        rejected = (marked[REJECTED], per_page[REJECTED], *([copy_rejected] if copy_rejected is not None else [])) | "AllRejected" >> beam.Flatten()
-        if "copies" in out:  # the input: every kept link, and every page a kept dress stands in on
+        rejected = (joined[REJECTED], per_page[REJECTED])  # tables, each producer's written by its own sink
+        if copies:  # the input: every kept link, and every page a kept dress stands in on
             counts = [pc | f"Count_{name}" >> beam.combiners.Count.Globally() for name, pc in (("links", keys), ("stand_ins", out["copy_stand_ins"]))]
             out.update(input_count=counts | "InputCount" >> beam.Flatten(), links=keys)
         else:
@@ -197,7 +266,7 @@ class PairImages(beam.PTransform):
             "pairs": per_page.pairs,  # final where they are made (not flattened with the next:
             "deduped_pairs": deduped.unique,  # a flatten across stages would hold every pair)
             "duplicate_pairs": deduped.duplicate_pairs,
-            "pages": pages,
+            "pages": per_page[PAGES],
             "boilerplate": flags,
         }
 
@@ -215,6 +284,7 @@ PAGE_FIELDS = ("page_url", "image_url", "alt", "position")  # an image's, on a p
 IMAGE_JOIN_FIELDS = tuple(f for f in IMAGE_FIELDS_IN if f not in PAGE_FIELDS)  # what the join carries
 COPY_JOIN_FIELDS = IMAGE_JOIN_FIELDS + ("image_url",)  # ... with the copy step: a kept dress's URL too
 PAIR_FIELDS = tuple(PAIR_SCHEMA.names)
+PAGE_SPILL_FIELDS = IMAGE_FIELDS + ("_shared",)  # an image on a page in the page buckets
 
 
 def _compact(row: dict) -> dict:
@@ -264,16 +334,32 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
     import fsspec
 
     feature_dir = out_dir.rstrip("/") + "/_copy_features"  # the copy step's features, removed when the pipeline is done
+    spill_dir = out_dir.rstrip("/") + "/" + SPILL  # the joins' buckets, likewise
     try:
-        _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir)
+        _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir)
     finally:
-        fs, path = fsspec.core.url_to_fs(feature_dir)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        for folder in (feature_dir, spill_dir):
+            fs, path = fsspec.core.url_to_fs(folder)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
 
 
-def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir) -> None:
+def _rows(files: list[str]) -> int:
+    """Rows of parquet files, from their footers."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    n = 0
+    for f in files:
+        with FileSystems.open(f) as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    return n
+
+
+def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir) -> None:
     import os
+
+    buckets = bucket_count(_rows(occurrence_files))  # a few thousand links a bucket
 
     with stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
@@ -295,15 +381,14 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
             inputs["copy_light"] = copy_inputs(p, files)
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
-        out = inputs | "Pair" >> PairImages(cfg, feature_dir)
-        out["kept"] = out["kept"] | "ForParquet" >> beam.Map(_for_parquet)
+        out = inputs | "Pair" >> PairImages(cfg, feature_dir, spill_dir, buckets)
         ones = []
-        for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/
+        for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/, tables as they come
             pairs = out.pop(name)
-            _ = pairs | f"Write_{name}" >> beam.io.WriteToParquet(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
-            ones.append(pairs | f"One_{name}" >> beam.Map(lambda _: 1))
+            _ = pairs | f"Write_{name}" >> beam.io.WriteToParquetBatched(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet")
+            ones.append(pairs | f"One_{name}" >> beam.FlatMap(lambda t: [1] * t.num_rows))
         out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
         more = {"boilerplate": BOILERPLATE_SCHEMA}
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more)
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True)

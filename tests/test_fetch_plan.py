@@ -121,3 +121,43 @@ def test_plan_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="site_share"):
         load(DownloadConfig, str(bad))
     assert dataclasses.replace(DownloadConfig(), min_side=0).min_side == 0
+
+
+def test_page_rule_reasons_and_details_on_every_row(tmp_path):
+    """The page rule (cap, too few) recomputed in Python for every row of the plan: a page's
+    candidates are the links the rule saw (selected, capped or too few), ranked by position then
+    link id; its reason and detail follow from their number and rank (issue 34 computes the rule
+    only for the links it rejects, with the window only over pages past the cap)."""
+    for cap, least in ((4, 2), (2, 3), (0, 2)):
+        _, _, _, out = _plan(tmp_path / f"{cap}-{least}", _web(), max_links_per_page=cap, min_links_per_page=least)
+        rows = pq.read_table(out / "plan.parquet").to_pylist()
+        pages: dict = {}
+        for r in rows:
+            if r["reason"] in (None, plan.PAGE_CAP, plan.PAGE_TOO_FEW_LINKS):
+                pages.setdefault(r["page_url"], []).append(r)
+        limit = cap or 2**31 - 1
+        checked = 0
+        for links in pages.values():
+            n = len(links)
+            for rank, r in enumerate(sorted(links, key=lambda r: (r["position"], r["link_id"])), 1):
+                if min(n, limit) < least:
+                    want = (plan.PAGE_TOO_FEW_LINKS, f"{n} candidate link(s) left on the page (< {least})")
+                elif rank > limit:
+                    want = (plan.PAGE_CAP, f"link {rank} of {n} on the page (cap {limit})")
+                else:
+                    want = (None, None)
+                assert (r["reason"], r["detail"]) == want, (cap, least, r)
+                checked += 1
+        assert checked and (cap != 4 or any(r["reason"] == plan.PAGE_CAP for r in rows))
+
+
+def test_plan_threads_follow_its_memory_limit(tmp_path):
+    """DuckDB gets one thread per 64 MB of plan_memory (at least one, at most one per core)."""
+    assert plan.memory_bytes("64MB") == 64 * 10**6 and plan.memory_bytes("1.5 GiB") == 3 * 2**29
+    with pytest.raises(ValueError):
+        plan.memory_bytes("lots")
+    for memory, want in (("16MB", 1), ("64MB", 1), ("128MB", 2), ("1GB", 15)):
+        con = plan.connect(str(tmp_path / memory), memory)
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == min(want, os.cpu_count() or 1), memory
+        con.close()
+    assert DownloadConfig().plan_memory == "64MB"

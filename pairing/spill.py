@@ -1,0 +1,107 @@
+"""Keyed rows spilled to disk by hash bucket, so that a step that needs every row of a key (an
+image with its links, a page with its images) holds one bucket at a time, not a whole shuffle.
+
+The in-process runner (FnApiRunner) holds the whole input of a GroupByKey or CoGroupByKey in
+memory, as Python objects; pair's joins grew its peak memory with the input (issue 34). Here a
+writer (`SpillByKey`) appends each (key, bytes) row to the Arrow IPC file of its bucket
+(crc32(key) mod `buckets`; one file per bucket and bundle, written a record batch at a time), and
+emits only (bucket, (name, path)) for each file it closed. A GroupByKey of those few paths then
+gives each bucket's files to one reader (`read_groups`), which has every row of each of its keys:
+a key's rows are all in one bucket. The files are referenced only through the writers' outputs,
+so a bundle that a runner retries (a worker killed on Dask) leaves at most unreferenced files,
+which are removed with the folder when the stage ends.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
+
+SCHEMA = pa.schema([("key", pa.string()), ("value", pa.binary())])
+BATCH_ROWS = 2048  # rows of one bucket per record batch
+BUFFER_BYTES = 4 << 20  # a writer writes every buffered row once it holds this many bytes
+ROW_OVERHEAD = 120  # bytes of Python objects per buffered row beyond its key and value (str, bytes, list slots)
+ROWS_PER_BUCKET = 4096  # what `bucket_count` aims at: rows of one input in a bucket
+MAX_BUCKETS = 1024
+
+
+def bucket_count(rows: int, per_bucket: int = 0) -> int:
+    """Buckets for an input of about `rows` rows: ~`per_bucket` (ROWS_PER_BUCKET) rows in each, 1 to
+    MAX_BUCKETS."""
+    return max(1, min(MAX_BUCKETS, -(-rows // (per_bucket or ROWS_PER_BUCKET))))
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """The bucket of a key: the same in every process (crc32, not Python's salted hash)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets if buckets > 1 else 0
+
+
+class SpillByKey(beam.DoFn):
+    """(key str, value bytes) -> its bucket's file under `spill_dir`/`name`/; emits (bucket, (name,
+    path)) for every file when the bundle ends. Memory: at most BUFFER_BYTES of rows (plus one
+    record batch per bucket), whatever the input's size."""
+
+    def __init__(self, spill_dir: str, name: str, buckets: int):
+        self.spill_dir, self.name, self.buckets = spill_dir.rstrip("/"), name, buckets
+
+    def start_bundle(self):
+        self.buffers: dict = {}  # bucket -> [keys, values, bytes]
+        self.held = 0
+        self.writers: dict = {}  # bucket -> (file, writer, path)
+
+    def process(self, kv):
+        key, value = kv
+        b = bucket_of(key, self.buckets)
+        buf = self.buffers.get(b)
+        if buf is None:
+            buf = self.buffers[b] = [[], [], 0]
+        buf[0].append(key)
+        buf[1].append(value)
+        size = len(value) + len(key) + ROW_OVERHEAD
+        buf[2] += size
+        self.held += size
+        if len(buf[0]) >= BATCH_ROWS:
+            self._flush(b)
+        elif self.held >= BUFFER_BYTES:
+            for b in list(self.buffers):
+                self._flush(b)
+
+    def _flush(self, b: int) -> None:
+        keys, values, size = self.buffers.pop(b)
+        self.held -= size
+        found = self.writers.get(b)
+        if found is None:
+            path = f"{self.spill_dir}/{self.name}/{b:05d}-{uuid.uuid4().hex}.arrow"
+            fh = FileSystems.create(path)
+            found = self.writers[b] = (fh, pa.ipc.new_file(fh, SCHEMA), path)
+        found[1].write_batch(pa.record_batch([pa.array(keys, pa.string()), pa.array(values, pa.binary())], schema=SCHEMA))
+
+    def finish_bundle(self):
+        for b in list(self.buffers):
+            self._flush(b)
+        for b, (fh, writer, path) in sorted(self.writers.items()):
+            writer.close()
+            fh.close()
+            yield GlobalWindows.windowed_value((b, (self.name, path)))
+        self.writers = {}
+
+
+def read_groups(paths) -> dict:
+    """{key: [values]} of the rows in `paths` (one bucket's files). The order of a key's values is
+    not fixed (file names are random): callers sort what they need sorted."""
+    groups: dict = {}
+    for path in sorted(paths):
+        with FileSystems.open(path) as fh:
+            table = pa.ipc.open_file(fh).read_all()
+        for key, value in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [value]
+            else:
+                found.append(value)
+    return groups
