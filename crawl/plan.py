@@ -129,6 +129,15 @@ def memory_bytes(memory: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a container's cpuset), not
+    the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def connect(tmp_dir: str, memory: str):
     """A DuckDB connection that stays under `memory` and spills to `tmp_dir` beyond it, with one
     thread per MEMORY_PER_THREAD of it (at least one, at most one per core): each thread's hash
@@ -139,7 +148,7 @@ def connect(tmp_dir: str, memory: str):
     import duckdb
 
     os.makedirs(tmp_dir, exist_ok=True)
-    threads = max(1, min(os.cpu_count() or 1, memory_bytes(memory) // MEMORY_PER_THREAD))
+    threads = max(1, min(usable_cores(), memory_bytes(memory) // MEMORY_PER_THREAD))
     config = {"memory_limit": memory, "temp_directory": tmp_dir, "preserve_insertion_order": False, "threads": threads}
     return duckdb.connect(os.path.join(tmp_dir, "plan.duckdb"), config=config)
 

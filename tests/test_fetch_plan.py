@@ -158,6 +158,19 @@ def test_plan_threads_follow_its_memory_limit(tmp_path):
         plan.memory_bytes("lots")
     for memory, want in (("16MB", 1), ("64MB", 1), ("128MB", 2), ("1GB", 15)):
         con = plan.connect(str(tmp_path / memory), memory)
-        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == min(want, os.cpu_count() or 1), memory
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == min(want, len(os.sched_getaffinity(0))), memory
         con.close()
     assert DownloadConfig().plan_memory == "64MB"
+
+
+def test_plan_threads_count_the_cores_this_process_may_use(tmp_path):
+    """Pinned to one core (taskset, a container's cpuset), 1GB of plan_memory runs one DuckDB
+    thread, not one per core of the machine."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        con = plan.connect(str(tmp_path / "pinned"), "1GB")
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+        con.close()
+    finally:
+        os.sched_setaffinity(0, before)

@@ -140,7 +140,7 @@ def register_crawl(sub, handlers) -> None:
     g.add_argument("--no-boilerplate-evidence", dest="boilerplate_evidence", action="store_false", default=None, help="never fetch a flagged URL (default: once, so pair's content rule sees the logo in its other sizes)")
     g.add_argument("--max-links-per-page", type=int, help="fetch the first N candidate links of a page by position (default 64; 0: no cap)")
     g.add_argument("--min-links-per-page", type=int, help="pages left with fewer candidates cannot make a pair: page_too_few_links (default 2)")
-    g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it (default 128MB: bounded on any machine; give a cluster node more, e.g. 8GB, to spill less)")
+    g.add_argument("--plan-memory", help="memory limit of the plan's DuckDB, which spills to disk beyond it; it also sets DuckDB's threads, one per 64MB of it, at most one per usable core (default 64MB: one thread, bounded on any machine; give a cluster node more, e.g. 1GB for 15 threads, to spill less and run faster)")
     _blocklist_args(p)
     p.set_defaults(crawl_handler=cmd_crawl_download)
 
