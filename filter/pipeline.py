@@ -145,8 +145,11 @@ def join_buckets(links: int) -> int:
 
 
 def bucket_of(image_id: str, buckets: int) -> int:
-    """The join bucket of an image: the same on every worker (CRC-32 of the id, not Python's hash)."""
-    return zlib.crc32(image_id.encode("utf-8", "surrogatepass")) % buckets if buckets > 1 else 0
+    """The join bucket of an image: the same on every worker (CRC-32 of the id, not Python's hash).
+    A link without an image id goes to bucket 0, where the join names it missing in one sentence."""
+    if buckets <= 1 or image_id is None:
+        return 0
+    return zlib.crc32(image_id.encode("utf-8", "surrogatepass")) % buckets
 
 
 class _SpillFiles:
@@ -167,6 +170,8 @@ class _SpillFiles:
             self._flush(bucket)
 
     def add_batch(self, bucket: int, batch: pa.RecordBatch) -> None:
+        if batch.schema != self.schema:  # e.g. an older occurrences file's int64 position: the spill's types
+            batch = batch.cast(self.schema)
         self._writer(bucket).write_batch(batch)
 
     def _flush(self, bucket: int) -> None:

@@ -54,9 +54,10 @@ def _images(photos_dir: str) -> list[tuple[bytes, str]]:
 
 
 image_verdicts: dict = {}  # link_id -> its image's own verdict (None: the image passes)
+input_links: dict = {}  # link_id -> its occurrence row as download wrote it
 
 
-def _download(root: str, photos_dir: str, missing: bool = False) -> dict:
+def _download(root: str, photos_dir: str, missing=False, position_type=None) -> dict:
     """A complete download output: every image above with 1-4 links over two sites (some with a
     declared size under min_side, some whose URL names a logo, some fetched only as boilerplate
     evidence); returns {link_id: the filter_reason its occurrence must have}."""
@@ -65,6 +66,7 @@ def _download(root: str, photos_dir: str, missing: bool = False) -> dict:
 
     rows, links, expected = [], [], {}
     image_verdicts.clear()
+    input_links.clear()
     for i, (data, verdict) in enumerate(_images(photos_dir)):
         iid = hashlib.sha256(data + bytes([i])).hexdigest()[:16]
         rows.append({"image_id": iid, "image_url": f"http://a.example/img/{i}.jpg", "page_url": "http://a.example/p0", "alt": f"a photo {i}", "position": 0, "image_bytes": data, "sha256": hashlib.sha256(data).hexdigest(), "links": 1})
@@ -74,6 +76,7 @@ def _download(root: str, photos_dir: str, missing: bool = False) -> dict:
             link = {"link_id": f"l{i}-{k}", "page_url": f"http://{site}/p{k}", "site": site, "image_url": url, "alt": f"alt {i}" if k else None, "position": k,
                     "declared_width": 20 if (i + k) % 7 == 3 else None, "declared_height": None, "image_id": iid, "reason": "url_boilerplate" if (i * 3 + k) % 11 == 5 else None}
             links.append(link)
+            input_links[link["link_id"]] = link
             image_verdicts[link["link_id"]] = verdict
             if link["reason"]:
                 expected[link["link_id"]] = link["reason"]
@@ -83,9 +86,12 @@ def _download(root: str, photos_dir: str, missing: bool = False) -> dict:
                 expected[link["link_id"]] = "declared_too_small"
             else:
                 expected[link["link_id"]] = None
-    if missing:
-        links.append({**links[0], "link_id": "orphan", "image_id": "0123456789abcdef"})
-    for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, DOWNLOAD_OCCURRENCE_SCHEMA)):
+    if missing:  # True: an id that downloads/ lacks; "null": no id at all
+        links.append({**links[0], "link_id": "orphan", "image_id": "0123456789abcdef" if missing is True else None})
+    occurrence_schema = DOWNLOAD_OCCURRENCE_SCHEMA
+    if position_type is not None:  # an occurrences file written with other integer types (older or hand-made)
+        occurrence_schema = occurrence_schema.set(occurrence_schema.get_field_index("position"), pa.field("position", position_type))
+    for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, occurrence_schema)):
         os.makedirs(os.path.join(root, name))
         for f in range(2):  # two files, several row groups each
             pq.write_table(pa.Table.from_pylist(data[f::2], schema=schema), os.path.join(root, name, f"part-{f}.parquet"), row_group_size=5)
@@ -124,11 +130,18 @@ def test_every_link_gets_its_images_verdict_in_any_number_of_buckets(tmp_path, p
         assert row["filter_reason"] == want, link_id
         assert row["sha256"] == hashlib.sha256(downloads[row["image_id"]]["image_bytes"]).hexdigest()
         assert (row["phash"] is None) == (row["width"] is None) == (image_verdicts[link_id] in ("decode_error", "empty"))
+        source = input_links[link_id]  # the link's own columns, from the download row it came from
+        assert (row["page_url"], row["site"], row["image_url"], row["alt"], row["position"], row["image_id"]) == (
+            source["page_url"], source["site"], source["image_url"], source["alt"] or "", source["position"] or 0, source["image_id"]), link_id
     rejected = {r[0]: r[2] for r in _rows(con, out, "rejected")}  # link_id -> reason; evidence links are not counted
     assert rejected == {k: v for k, v in expected.items() if v and v != "url_boilerplate"}
     counted = [k for k, v in expected.items() if v != "url_boilerplate"]
     assert stats["input"] == len(counted) and stats["kept"] == sum(expected[k] is None for k in counted)
     assert read_stats(out) == stats and stats["occurrences"] == len(expected)
+    from filter.signals import url_words
+
+    words = [k for k, link in input_links.items() if not link["reason"] and image_verdicts[k] is None and url_words(link["image_url"], FilterConfig().url_words)]
+    assert len(words) > 2 and stats["url_word_matches"] == len(words)
     assert not os.path.exists(os.path.join(out, fp.SPILL)) and not any(".spill" in f for f in json.load(open(os.path.join(out, "_SUCCESS")))["files"])
     if join_links != 100_000:  # the same rows as with one bucket
         monkeypatch.setattr(fp, "JOIN_LINKS", 100_000)
@@ -169,14 +182,34 @@ def test_a_link_to_an_image_missing_from_downloads_is_an_error(tmp_path, photos_
     import filter.pipeline as fp
     from core.stageio import StageError
 
+    for missing, name in ((True, "0123456789abcdef"), ("null", "None")):  # an unknown id; a link with no id
+        download = str(tmp_path / f"download-{name}")
+        _download(download, photos_dir, missing=missing)
+        for join_links in (100_000, 4):
+            monkeypatch.setattr(fp, "JOIN_LINKS", join_links)
+            with pytest.raises(Exception) as err:
+                fp.run_filter(download, str(tmp_path / f"filter-{name}-{join_links}"), FilterConfig(encoder="none", faces="off"))
+            assert f"image {name} of the download occurrences is missing from its downloads/" in str(err.value), (name, join_links)
+            assert isinstance(err.value, StageError) or "StageError" in repr(err.value)
+
+
+def test_occurrences_with_other_integer_types_join_in_any_number_of_buckets(tmp_path, photos_dir, monkeypatch):
+    """An occurrences file whose position is int64 (older or hand-made) is read as with one bucket
+    when the links are spilled by bucket: the same rows, every one."""
+    import filter.pipeline as fp
+
     download = str(tmp_path / "download")
-    _download(download, photos_dir, missing=True)
+    expected = _download(download, photos_dir, position_type=pa.int64())
+    con = duckdb.connect()
+    outs = {}
     for join_links in (100_000, 4):
         monkeypatch.setattr(fp, "JOIN_LINKS", join_links)
-        with pytest.raises(Exception) as err:
-            fp.run_filter(download, str(tmp_path / f"filter{join_links}"), FilterConfig(encoder="none", faces="off"))
-        assert "image 0123456789abcdef of the download occurrences is missing from its downloads/" in str(err.value)
-        assert isinstance(err.value, StageError) or "StageError" in repr(err.value)
+        outs[join_links] = str(tmp_path / f"filter{join_links}")
+        fp.run_filter(download, outs[join_links], FilterConfig(encoder="none", faces="off"))
+    occ = _rows(con, outs[4], "occurrences")
+    assert {r[0] for r in occ} == set(expected)
+    for name in ("images", "occurrences", "rejected"):
+        assert _rows(con, outs[4], name) == _rows(con, outs[100_000], name), name
 
 
 def test_the_link_join_crosses_no_shuffle(tmp_path, photos_dir, monkeypatch):
