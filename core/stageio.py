@@ -369,6 +369,15 @@ def check_columns(files: list[str], schema: pa.Schema, stage_dir: str, expected:
         raise StageError(f"{stage_dir} lacks the columns {', '.join(missing)} of a `{COMMANDS[expected]}` output; run `{COMMANDS[expected]}` to make this stage's input")
 
 
+def parquet_rows(paths: Iterable[str]) -> int:
+    """Rows of parquet files (any filesystem Beam knows), from their footers only."""
+    total = 0
+    for path in paths:
+        with FileSystems.open(path) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
 def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) -> pa.Table:
     """Read a stage's parquet output into one table (small outputs, tests and reports)."""
     files = stage_files(path, name)

@@ -38,7 +38,7 @@ from core.config import FilterConfig
 from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
-from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
 from filter.embed import EncoderModelHandler, Safety
@@ -441,15 +441,6 @@ class ReadRows(beam.PTransform):
         return files | "RowGroups" >> beam.FlatMap(_row_groups) | "Spread" >> beam.Reshuffle() | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))
 
 
-def _rows(paths: list[str]) -> int:
-    """Rows of parquet files, from their footers."""
-    total = 0
-    for path in paths:
-        with FileSystems.open(path) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
-
-
 def _driver_encoder(name: str, weights: str) -> Encoder:
     try:
         return load_encoder(name, weights)
@@ -510,7 +501,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
         if notice:  # said once the stage runs (an error before it stays the only line)
             (log.info if cfg.safety_encoder == NO_ENCODER else log.warning)(notice)  # asked for, or to be noticed
         spill_dir = os.path.join(out.path, SPILL)
-        buckets = join_buckets(_rows(link_files))
+        buckets = join_buckets(parquet_rows(link_files))
         with stage_pipeline(beam_args) as p:
             images = p | "Files" >> beam.Create(files) | "Read" >> ReadRows()
             link_paths = p | "LinkFiles" >> beam.Create(link_files)

@@ -24,7 +24,7 @@ import apache_beam as beam
 from core.config import PairConfig, to_dict
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, stage_pipeline, stage_files
+from core.stageio import ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
 from pairing.select import page_outcome
@@ -344,22 +344,10 @@ def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, 
                 fs.rm(path, recursive=True)
 
 
-def _rows(files: list[str]) -> int:
-    """Rows of parquet files, from their footers."""
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    n = 0
-    for f in files:
-        with FileSystems.open(f) as fh:
-            n += pq.ParquetFile(fh).metadata.num_rows
-    return n
-
-
 def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir) -> None:
     import os
 
-    buckets = bucket_count(_rows(occurrence_files))  # a few thousand links a bucket
+    buckets = bucket_count(parquet_rows(occurrence_files))  # a few thousand links a bucket
 
     with stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
