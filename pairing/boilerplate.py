@@ -31,7 +31,7 @@ import apache_beam as beam
 from core.config import PairConfig
 from core.records import phash_distance, stable_id
 from pairing.select import band_keys
-from pairing.spill import SpillByKey, read_groups
+from pairing.spill import SpillByKey, in_order, read_groups
 
 GLOBAL = "*"  # the scope of the crawl-wide rule
 CONTENT, URL = "content", "url"
@@ -97,7 +97,7 @@ def _site_rows(item, cfg: PairConfig, given: bool):
     groups = _named_groups(item)
     occurrences, counts = groups.get("site_occ", {}), groups.get("site_pages", {})
     d = cfg.boilerplate_phash_distance
-    for site in sorted(occurrences):
+    for site in in_order(occurrences):
         occ = [pickle.loads(v) for v in occurrences.pop(site)]
         if given:
             found = counts.get(site)
@@ -121,7 +121,9 @@ def _site_rows(item, cfg: PairConfig, given: bool):
 
 def _global_url_rows(item, more_than: int):
     """One bucket of image URLs (pages of each) -> a row for each on more than `more_than` pages."""
-    for url, pages in sorted(_named_groups(item).get("url", {}).items()):
+    urls = _named_groups(item).get("url", {})
+    for url in in_order(urls):
+        pages = urls[url]
         n = len({pickle.loads(v) for v in pages})
         if n > more_than:
             yield {"scope": GLOBAL, "kind": URL, "key": url, "pages": min(n, more_than + 1), "site_pages": 0}
@@ -170,17 +172,15 @@ class FlagBoilerplate(beam.PTransform):
     pages, a pHash's pages, then an LSH band's pHashes (their close neighbours), then a pHash's
     own and neighbours' pages (the crawl-wide content rule)."""
 
-    def __init__(self, cfg: PairConfig, sites=None, spill_dir: str = "", buckets: int = 1):
+    def __init__(self, cfg: PairConfig, sites=None, *, spill_dir: str, buckets: int = 1):
         super().__init__()
         self.cfg = cfg
         self.sites = sites
         self.spill_dir, self.buckets = spill_dir, buckets
 
     def expand(self, occ):
-        import tempfile
-
         cfg, k, d = self.cfg, self.cfg.boilerplate_pages, self.cfg.boilerplate_phash_distance
-        spill_dir, buckets = self.spill_dir or tempfile.mkdtemp(prefix="webpairs-boilerplate-"), self.buckets
+        spill_dir, buckets = self.spill_dir, self.buckets  # the caller's folder: it removes it
 
         def spill(pcoll, label: str, name: str):
             return pcoll | f"Spill{label}" >> beam.ParDo(SpillByKey(f"{spill_dir}/boilerplate", name, buckets))

@@ -28,7 +28,7 @@ from core.stageio import ReadParquetWithPointers, StageError, StageOutput, Write
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
 from pairing.select import page_outcome
-from pairing.spill import SpillByKey, bucket_count, read_groups
+from pairing.spill import SpillByKey, bucket_count, in_order, read_groups
 
 STAGE = "pair"
 REJECTED = "rejected"
@@ -76,7 +76,7 @@ class JoinBucket(beam.DoFn):
         images, links = read_groups(paths["image"]), read_groups(paths["links"])
         cfg = self.cfg
         rejected: list = []
-        for key in sorted(images.keys() | links.keys()):
+        for key in in_order(images.keys() | links.keys()):
             packed, group_links = images.pop(key, []), links.pop(key, [])
             if self.copies:
                 records = []
@@ -163,7 +163,7 @@ def _pages_of_bucket(item, cfg: PairConfig):
     _, listed = item
     groups = read_groups(path for _, path in listed)
     out: dict = {"kept": [], "pairs": [], REJECTED: []}
-    for page_url in sorted(groups):
+    for page_url in in_order(groups):
         records = sorted((unpack(b, PAGE_SPILL_FIELDS) for b in groups.pop(page_url)), key=lambda r: r["link_id"])
         shared = {r["image_id"] for r in records if r.pop("_shared")}
         yield beam.pvalue.TaggedOutput(PAGES, 1)
@@ -179,7 +179,7 @@ def _first_page_wins(item):
     _, listed = item
     groups = read_groups(path for _, path in listed)
     unique: list = []
-    for key in sorted(groups):
+    for key in in_order(groups):
         pairs = sorted((unpack(b, PAIR_FIELDS) for b in groups.pop(key)), key=lambda p: p["page_url"])
         unique.append(pairs[0])
         for p in pairs[1:]:
@@ -229,7 +229,7 @@ class PairImages(beam.PTransform):
             keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
-        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir, buckets)
+        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir=spill_dir, buckets=buckets)
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (

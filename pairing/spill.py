@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
+from typing import Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -36,9 +37,17 @@ def bucket_count(rows: int, per_bucket: int = 0) -> int:
     return max(1, min(MAX_BUCKETS, -(-rows // (per_bucket or ROWS_PER_BUCKET))))
 
 
-def bucket_of(key: str, buckets: int) -> int:
-    """The bucket of a key: the same in every process (crc32, not Python's salted hash)."""
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets if buckets > 1 else 0
+def bucket_of(key: Optional[str], buckets: int) -> int:
+    """The bucket of a key: the same in every process (crc32, not Python's salted hash). A null key
+    (an occurrence without a site or image URL) is a key like any other, in bucket 0."""
+    if buckets <= 1 or key is None:
+        return 0
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets
+
+
+def in_order(keys) -> list:
+    """Keys sorted, a null key first (plain `sorted` cannot compare None with a string)."""
+    return sorted(keys, key=lambda k: (k is not None, k or ""))
 
 
 class SpillByKey(beam.DoFn):
@@ -62,7 +71,7 @@ class SpillByKey(beam.DoFn):
             buf = self.buffers[b] = [[], [], 0]
         buf[0].append(key)
         buf[1].append(value)
-        size = len(value) + len(key) + ROW_OVERHEAD
+        size = len(value) + len(key or "") + ROW_OVERHEAD
         buf[2] += size
         self.held += size
         if len(buf[0]) >= BATCH_ROWS:

@@ -134,7 +134,7 @@ def plain_rgb_jpeg(data: bytes) -> bool:
             limit = Image.MAX_IMAGE_PIXELS
             return w > 0 and h > 0 and (limit is None or w * h <= limit)
         if marker in (0xC0, 0xC1, 0xC2):
-            if len(s) < 6 or s[0] != 8 or s[5] != 3:
+            if len(s) < 6 or (len(s) - 6) % 3 or s[0] != 8 or s[5] != 3:  # Pillow reads 3-byte component records
                 return False
             frame = ((s[3] << 8) | s[4], (s[1] << 8) | s[2])
         elif marker == 0xDB:

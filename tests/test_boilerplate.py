@@ -53,7 +53,7 @@ def _occ(site_pages: dict[str, list[tuple[str, str, str]]]) -> list[dict]:
     return [{"page_url": page, "site": site_of(page), "image_url": url, "phash": phash} for page, imgs in site_pages.items() for url, phash in imgs]
 
 
-def test_site_and_global_rules_in_a_pipeline():
+def test_site_and_global_rules_in_a_pipeline(tmp_path):
     """Site a.com (6 pages): a logo in two sizes (pHashes 2 bits apart) on 3 + 2 pages -> the
     content is on 5 of 6 pages; a photo on 2 pages stays content. Site b.com (2 pages): an image on
     both pages is under site_min_pages. A banner on 11 pages of 11 sites is global boilerplate."""
@@ -74,7 +74,7 @@ def test_site_and_global_rules_in_a_pipeline():
     import apache_beam as beam
 
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:  # (imported by module: pytest would collect the class)
-        flags = p | beam.Create(_occ(pages)) | FlagBoilerplate(PairConfig())
+        flags = p | beam.Create(_occ(pages)) | FlagBoilerplate(PairConfig(), spill_dir=str(tmp_path))
         assert_that(flags, equal_to([
             {"scope": "a.com", "kind": "content", "key": logo, "pages": 5, "site_pages": 6},
             {"scope": "a.com", "kind": "content", "key": logo_small, "pages": 5, "site_pages": 6},
@@ -84,7 +84,7 @@ def test_site_and_global_rules_in_a_pipeline():
         ]))
 
 
-def test_flags_equal_their_definition_on_close_hashes_across_sites():
+def test_flags_equal_their_definition_on_close_hashes_across_sites(tmp_path):
     """The flags of FlagBoilerplate (one LSH banding for both scopes) are exactly the rules'
     definition computed by brute force over every pair of occurrences: 600 occurrences on 5
     sites, pHashes in clusters of variants 0-6 bits from a few bases (so close pairs span sites,
@@ -126,7 +126,7 @@ def test_flags_equal_their_definition_on_close_hashes_across_sites():
     import apache_beam as beam
 
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
-        flags = p | beam.Create(rows) | FlagBoilerplate(cfg)
+        flags = p | beam.Create(rows) | FlagBoilerplate(cfg, spill_dir=str(tmp_path))
         assert_that(flags, equal_to(expected))
 
 

@@ -355,6 +355,11 @@ def _jpeg_variants():
     out["truncated_header"] = plain[: sof + 5]
     out["no_sos"] = plain[: plain.index(b"\xff\xda")]
     out["sos_before_sof"] = plain[:2] + b"\xff\xda\x00\x02" + plain[2:]
+    sof_length = int.from_bytes(plain[sof + 2 : sof + 4], "big")
+    for k in (1, 2, 4):  # bytes after the 3-byte component records: Pillow cannot open it
+        out[f"sof_junk_{k}"] = plain[: sof + 2] + (sof_length + k).to_bytes(2, "big") + plain[sof + 4 : sof + 2 + sof_length] + b"\x00" * k + plain[sof + 2 + sof_length :]
+    out["dqt_16bit_truncated"] = plain[: dqt + 4] + bytes([plain[dqt + 4] | 0x10]) + plain[dqt + 5 :]  # a 16-bit table with 8-bit bytes
+    out["over_twice_the_pixel_limit"] = plain[: sof + 5] + b"\xff\xff\xff\xff" + plain[sof + 9 :]  # 65,535 x 65,535
     buf = io.BytesIO()
     rgb.save(buf, "PNG")
     out["png"], out["empty"], out["soi_only"] = buf.getvalue(), b"", b"\xff\xd8\xff"
@@ -384,7 +389,7 @@ def test_plain_jpeg_check_agrees_with_as_jpeg():
             said_yes.add(name)
             assert same, name
     assert {"plain", "progressive", "comment", "adobe", "app5", "q100_16bit_free"} <= said_yes
-    assert not said_yes & {"cmyk", "grey", "icc", "mpo", "exif_orientation_6", "xmp_orientation", "fill_bytes", "twelve_bit", "bad_dqt", "png", "truncated_header", "no_sos", "sos_before_sof", "zero_width"}
+    assert not said_yes & {"cmyk", "grey", "icc", "mpo", "exif_orientation_6", "xmp_orientation", "fill_bytes", "twelve_bit", "bad_dqt", "png", "truncated_header", "no_sos", "sos_before_sof", "zero_width", "sof_junk_1", "sof_junk_2", "sof_junk_4", "dqt_16bit_truncated", "over_twice_the_pixel_limit"}
 
 
 def test_npy_column_writes_what_npy_bytes_writes():

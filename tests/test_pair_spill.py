@@ -17,7 +17,7 @@ from core.config import PairConfig
 from core.records import phash_distance
 from core.sites import site_of
 from pairing.boilerplate import FlagBoilerplate, page_key
-from pairing.spill import SpillByKey, bucket_count, bucket_of, read_groups
+from pairing.spill import SpillByKey, bucket_count, bucket_of, in_order, read_groups
 
 
 def _each_key(item):
@@ -115,8 +115,8 @@ def test_boilerplate_flags_equal_a_brute_force_count_with_any_bucket_count(tmp_p
         with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
             rows = p | f"Occ{buckets}" >> beam.Create(occ)
             sites = p | f"Sites{buckets}" >> beam.Create([{"site": s, "pages": n} for s, n in given.items()])
-            own = rows | f"Own{buckets}" >> FlagBoilerplate(cfg, None, str(tmp_path / f"own{buckets}"), buckets)
-            with_sites = rows | f"Given{buckets}" >> FlagBoilerplate(cfg, sites, str(tmp_path / f"given{buckets}"), buckets)
+            own = rows | f"Own{buckets}" >> FlagBoilerplate(cfg, None, spill_dir=str(tmp_path / f"own{buckets}"), buckets=buckets)
+            with_sites = rows | f"Given{buckets}" >> FlagBoilerplate(cfg, sites, spill_dir=str(tmp_path / f"given{buckets}"), buckets=buckets)
             assert_that(own, equal_to(expected_own), label=f"CheckOwn{buckets}")
             assert_that(with_sites, equal_to(expected_given), label=f"CheckGiven{buckets}")
 
@@ -146,3 +146,25 @@ def test_pair_is_the_same_with_many_buckets_and_leaves_no_spill(tmp_path, pipeli
         assert _table(out, name) == _table(ref, name), name
     assert not [n for n in os.listdir(out) if n.startswith(".")]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_null_sites_and_image_urls_are_keys_like_any_other(tmp_path):
+    """An occurrence without a site or an image URL (a damaged or hand-made filter output) is
+    counted as the shuffles counted it before the spill (a null key is a key): with 3 buckets and
+    with 1, the flags are exactly those of main's code before issue 34's third sitting (a50dab4),
+    null scope and null URL key included; the spill raised TypeError on the null key."""
+    occ = [{"page_url": f"http://a.org/p{i}", "site": "a.org" if i % 2 else None, "image_url": None if i % 3 else "http://a.org/l.png", "phash": "0123456789abcdef"} for i in range(30)]
+    h = "0123456789abcdef"
+    expected = [
+        {"scope": "*", "kind": "content", "key": h, "pages": 11, "site_pages": 0},
+        {"scope": "*", "kind": "url", "key": None, "pages": 11, "site_pages": 0},
+        {"scope": "a.org", "kind": "content", "key": h, "pages": 15, "site_pages": 15},
+        {"scope": "a.org", "kind": "url", "key": None, "pages": 10, "site_pages": 15},
+        {"scope": None, "kind": "content", "key": h, "pages": 15, "site_pages": 15},
+        {"scope": None, "kind": "url", "key": None, "pages": 10, "site_pages": 15},
+    ]
+    for buckets in (3, 1):
+        with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+            flags = p | beam.Create(occ) | FlagBoilerplate(PairConfig(), None, spill_dir=str(tmp_path / f"b{buckets}"), buckets=buckets)
+            assert_that(flags, equal_to(expected))
+    assert bucket_of(None, 7) == 0 and in_order(["b", None, "a"]) == [None, "a", "b"]
