@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zlib
 from typing import Any, Optional
 
 import pyarrow as pa
 
 # Embeddings are stored as float16 lists: half the bytes of float32, ample for cosine similarity.
 EMBEDDING_TYPE = pa.list_(pa.float16())
+
+
+def bucket_of(key: Optional[str], buckets: int) -> int:
+    """The hash bucket of a key, the same in every process (CRC-32, not Python's salted hash): how
+    filter's link join and pair's spills split rows by key. A null key (a link without an image id,
+    an occurrence without a site) is a key like any other, in bucket 0."""
+    if buckets <= 1 or key is None:
+        return 0
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets
 
 
 def stable_id(*parts: str, length: int = 16) -> str:

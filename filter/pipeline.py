@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-import zlib
 from typing import Optional
 
 import apache_beam as beam
@@ -37,7 +36,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from core.config import FilterConfig
 from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
-from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected
+from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
@@ -142,14 +141,6 @@ class ValidateAndHash(beam.DoFn):
 def join_buckets(links: int) -> int:
     """How many buckets the link join of `links` links is split into (JOIN_LINKS links each)."""
     return max(1, -(-links // JOIN_LINKS))
-
-
-def bucket_of(image_id: str, buckets: int) -> int:
-    """The join bucket of an image: the same on every worker (CRC-32 of the id, not Python's hash).
-    A link without an image id goes to bucket 0, where the join names it missing in one sentence."""
-    if buckets <= 1 or image_id is None:
-        return 0
-    return zlib.crc32(image_id.encode("utf-8", "surrogatepass")) % buckets
 
 
 class _SpillFiles:

@@ -15,13 +15,13 @@ which are removed with the folder when the stage ends.
 from __future__ import annotations
 
 import uuid
-import zlib
-from typing import Optional
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
+
+from core.records import bucket_of
 
 SCHEMA = pa.schema([("key", pa.string()), ("value", pa.binary())])
 BATCH_ROWS = 2048  # rows of one bucket per record batch
@@ -35,14 +35,6 @@ def bucket_count(rows: int, per_bucket: int = 0) -> int:
     """Buckets for an input of about `rows` rows: ~`per_bucket` (ROWS_PER_BUCKET) rows in each, 1 to
     MAX_BUCKETS."""
     return max(1, min(MAX_BUCKETS, -(-rows // (per_bucket or ROWS_PER_BUCKET))))
-
-
-def bucket_of(key: Optional[str], buckets: int) -> int:
-    """The bucket of a key: the same in every process (crc32, not Python's salted hash). A null key
-    (an occurrence without a site or image URL) is a key like any other, in bucket 0."""
-    if buckets <= 1 or key is None:
-        return 0
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % buckets
 
 
 def in_order(keys) -> list:
