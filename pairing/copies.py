@@ -27,8 +27,10 @@ Three steps, each bounded:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import threading
 from typing import Iterable, Optional
 
 import apache_beam as beam
@@ -332,16 +334,11 @@ def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300, m
     if scale < 1.0:
         content = cv2.resize(content, (max(8, round(cw * scale)), max(8, round(ch * scale))), interpolation=cv2.INTER_AREA)
     sh, sw = content.shape
-    sift = cv2.SIFT_create(nfeatures=max_keypoints)
-
-    def describe(g):
-        kps, desc = sift.detectAndCompute(g, None)
-        if desc is None or not kps:
-            return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+    kps, desc = _sift(max_keypoints).detectAndCompute(np.ascontiguousarray(content), None)
+    if desc is None or not kps:
+        pts, desc = np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8)
+    else:
         pts = np.array([k.pt for k in kps], dtype=np.float32)
-        return pts, np.clip(np.rint(desc), 0, 255).astype(np.uint8)
-
-    pts, desc = describe(content)
     f = {
         "w": sw, "h": sh,  # the frame the keypoints live in (trimmed, downscaled)
         "pts": pts, "desc": desc,
@@ -349,6 +346,40 @@ def image_features(data: bytes, max_side: int = 320, max_keypoints: int = 300, m
         "quality": quality, "bytes_per_pixel": len(data) / max(1, full_w * full_h),
     }
     return mirror_features(f) if mirror else f
+
+
+_SIFTS = threading.local()  # per thread: {max_keypoints: detector}
+
+
+def _sift(max_keypoints: int):
+    """One OpenCV SIFT detector per (thread, keypoint cap), reused: a new one per image cost ~0.1
+    ms of CPU (a seventh of a 64-px image's SIFT). Its descriptors come out as uint8 (OpenCV rounds
+    each value to the nearest integer within 0..255, as np.rint + clip of its float ones did)."""
+    import cv2
+
+    cache = getattr(_SIFTS, "by_cap", None)
+    if cache is None:
+        cache = _SIFTS.by_cap = {}
+    sift = cache.get(max_keypoints)
+    if sift is None:
+        sift = cache[max_keypoints] = cv2.SIFT_create(nfeatures=max_keypoints, nOctaveLayers=3, contrastThreshold=0.04, edgeThreshold=10, sigma=1.6, descriptorType=cv2.CV_8U)  # OpenCV's defaults; uint8 descriptors
+    return sift
+
+
+@contextlib.contextmanager
+def one_opencv_thread():
+    """OpenCV on the calling thread only, for a block of images (restored after): a worker is one
+    core (Beam runs a worker per core), and on this 2-core machine OpenCV's second thread cost
+    ~15 % more CPU for a small image's SIFT (its pool's threads wait actively). SIFT's keypoints
+    are sorted before the cap, so its output does not depend on the threads."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 # SIFT is mirror-equivariant: the mirror's keypoints are the image's at x -> w - 0.5 - x (OpenCV
@@ -516,18 +547,80 @@ def best_member(members: list[str], info: dict[str, dict], tolerance: float = 0.
 # the Beam step
 # ---------------------------------------------------------------------------------------------
 
-def _candidates(rows: list, cfg) -> list[tuple[str, str, float, int]]:
-    """find_candidates over the collected (image_id, embedding or None, pHash) rows."""
-    rows = sorted(rows, key=lambda r: r[0])
-    ids = [r[0] for r in rows]
-    with_emb = [i for i, r in enumerate(rows) if r[1] is not None and len(r[1])]
-    emb = None
-    if len(with_emb) == len(rows):
-        emb = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
-    elif with_emb:  # a mixed input (some images not embedded): search the embedded ones
-        sub = find_candidates([ids[i] for i in with_emb], np.stack([np.asarray(rows[i][1], dtype=np.float32) for i in with_emb]), [None] * len(with_emb), cfg)
-        return _merge(sub, find_candidates(ids, None, [r[2] for r in rows], cfg))
-    return find_candidates(ids, emb, [r[2] for r in rows], cfg)
+class LightRows:
+    """What the candidate search reads of filter's images, column by column: ids, pHashes, the
+    (file, row group) where each image's bytes are, and the embeddings as one float16 matrix (a row
+    without an embedding: `has_emb` False, its row zeros). No per-image Python object but the id and
+    the pHash strings: at 10^5 images the rows as tuples of arrays (what the step collected before)
+    held ~600 bytes an image twice over (the objects and the runner's pickled list)."""
+
+    def __init__(self, ids: list, phashes: list, pointers: list, emb: Optional[np.ndarray], has_emb: np.ndarray, ragged: Optional[list] = None):
+        self.ids, self.phashes, self.pointers = ids, phashes, pointers
+        self.emb, self.has_emb = emb, has_emb
+        self.ragged = ragged  # embeddings of unequal lengths (not one encoder's): the rows' own arrays
+
+    @classmethod
+    def read(cls, files: Iterable[str]) -> "LightRows":
+        """image_id, embedding (as float16, as filter stores it) and phash of every row of the
+        images files, row group by row group, with each row's (file, row group)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
+
+        ids: list = []
+        phashes: list = []
+        pointers: list = []
+        blocks: list = []  # (float16 values of the embedded rows, has_emb, lengths) per row group
+        for path in sorted(files):
+            with FileSystems.open(path) as fh:
+                pf = pq.ParquetFile(fh)
+                for rg in range(pf.num_row_groups):
+                    t = pf.read_row_group(rg, columns=["image_id", "embedding", "phash"])
+                    ids += t.column("image_id").to_pylist()
+                    phashes += t.column("phash").to_pylist()
+                    pointers += [(path, rg)] * t.num_rows
+                    col = t.column("embedding").combine_chunks()
+                    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+                    values = pc.list_flatten(col)
+                    values = values.to_numpy(zero_copy_only=False).astype(np.float16) if len(values) else np.zeros(0, np.float16)
+                    blocks.append((values, lengths > 0, lengths))
+        n = len(ids)
+        has_emb = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, bool)
+        lengths = np.concatenate([b[2] for b in blocks]) if blocks else np.zeros(0, np.int64)
+        values = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, np.float16)
+        dims = np.unique(lengths[has_emb])
+        emb, ragged = None, None
+        if len(dims) == 1:
+            emb = np.zeros((n, int(dims[0])), np.float16)
+            emb[has_emb] = values.reshape(-1, int(dims[0]))
+        elif len(dims) > 1:  # not one encoder's embeddings: each row its own array (the search then fails as before)
+            ends = np.cumsum(lengths)
+            ragged = [values[e - k : e] if k else None for e, k in zip(ends.tolist(), lengths.tolist())]
+        return cls(ids, phashes, pointers, emb, has_emb, ragged)
+
+    def embedding(self, i: int) -> np.ndarray:
+        return self.ragged[i] if self.ragged is not None else self.emb[i]
+
+
+def _candidates(light: LightRows, cfg) -> list[tuple[str, str, float, int]]:
+    """find_candidates over the images' ids, embeddings (those that have one) and pHashes, in id
+    order (the order the index is built in: the same candidates whatever order the files come)."""
+    order = sorted(range(len(light.ids)), key=light.ids.__getitem__)
+    ids = [light.ids[i] for i in order]
+    phashes = [light.phashes[i] for i in order]
+    with_emb = [k for k, i in enumerate(order) if light.has_emb[i]]
+
+    def matrix(rows):
+        if light.ragged is None:
+            return light.emb[[order[k] for k in rows]].astype(np.float32)
+        return np.stack([np.asarray(light.embedding(order[k]), dtype=np.float32) for k in rows])
+
+    if with_emb and len(with_emb) == len(ids):
+        return find_candidates(ids, matrix(with_emb), phashes, cfg)
+    if with_emb:  # a mixed input (some images not embedded): search the embedded ones
+        sub = find_candidates([ids[k] for k in with_emb], matrix(with_emb), [None] * len(with_emb), cfg)
+        return _merge(sub, find_candidates(ids, None, phashes, cfg))
+    return find_candidates(ids, None, phashes, cfg)
 
 
 def _merge(a: list, b: list) -> list:
@@ -658,19 +751,20 @@ def _check_row(a: str, b: str, cos: float, dist: int, res: dict) -> dict:
     }
 
 
-def _candidates_and_reads(rows: list, cfg) -> tuple[list, list, dict]:
+def _candidates_and_reads(files: list, cfg) -> tuple[list, list, dict]:
     """(candidate pairs, [((file, row group), [the candidate ids whose bytes it holds])], {candidate
-    id: its (file, row group)}) of the collected (image_id, embedding or None, pHash, (file, row
-    group)) rows: each candidate image once, however many pairs name it; nothing for the others."""
-    candidates = _candidates([r[:3] for r in rows], cfg)
+    id: its (file, row group)}) of filter's images `files` (LightRows: ids, embeddings, pHashes and
+    row groups, read here column by column): each candidate image once, however many pairs name
+    it; nothing for the others."""
+    light = LightRows.read(files)
+    candidates = _candidates(light, cfg)
     wanted = {x for a, b, _, _ in candidates for x in (a, b)}
     reads: dict = {}
     where: dict = {}
-    for r in rows:
-        if r[0] in wanted and r[3] is not None:
-            pointer = tuple(r[3])
-            reads.setdefault(pointer, []).append(r[0])
-            where[r[0]] = pointer
+    for image_id, pointer in zip(light.ids, light.pointers):
+        if image_id in wanted:
+            reads.setdefault(pointer, []).append(image_id)
+            where[image_id] = pointer
     return candidates, sorted(reads.items()), where
 
 
@@ -700,7 +794,8 @@ class _Featurize(beam.DoFn):
                     out.append((image_id, {"content": f["content"], "quality": f["quality"], "bytes_per_pixel": f["bytes_per_pixel"]}))
                 yield image_id, f
 
-        write_group_features(group_feature_path(self.feature_dir, (path, row_group)), features())
+        with one_opencv_thread():
+            write_group_features(group_feature_path(self.feature_dir, (path, row_group)), features())
         yield from out
 
 
@@ -744,11 +839,14 @@ class _VerifyBlock(beam.DoFn):
             self.indexes.move_to_end(path)
             while len(self.indexes) > self._INDEXES_KEPT:
                 self.indexes.popitem(last=False)
-        for a, b, cos, dist, _, _ in pairs:
-            fa, fb = feats.get(a), feats.get(b)
-            if fa is None or fb is None:
-                continue  # did not decode (or no bytes): the pair stays unverified (no copy)
-            yield _check_row(a, b, cos, dist, verify(fa, fb, self.cfg))
+        rows = []
+        with one_opencv_thread():
+            for a, b, cos, dist, _, _ in pairs:
+                fa, fb = feats.get(a), feats.get(b)
+                if fa is None or fb is None:
+                    continue  # did not decode (or no bytes): the pair stays unverified (no copy)
+                rows.append(_check_row(a, b, cos, dist, verify(fa, fb, self.cfg)))
+        yield from rows
 
 
 def _groups(edges, info):
@@ -756,13 +854,14 @@ def _groups(edges, info):
 
 
 class FindCopies(beam.PTransform):
-    """{"light": (image_id, embedding or None, pHash, (file, row group) where its bytes are) of every
-    image} -> {"copy_of": (member, kept member) for each member that is not kept, "checks": one
+    """{"light": the paths of filter's images files (pairing/pipeline.py copy_inputs), of which the
+    candidate search reads each image's (image_id, embedding or None, pHash, (file, row group) where
+    its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept, "checks": one
     COPY_CHECK_SCHEMA row per verified candidate pair, "candidates": the candidate pairs,
     "images_read": the ids whose bytes were read}.
 
     Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in the
-    images), which also lists the row groups that hold candidates. Only those row groups are read,
+    images; the embeddings one float16 matrix), which also lists the row groups that hold candidates. Only those row groups are read,
     each once, keeping the candidates' rows; each candidate's features are computed once and
     written under `feature_dir`, one file a row group (the caller makes and removes it: a folder every worker can reach,
     e.g. under the stage's temporary output). The candidate pairs then go to the workers in blocks
@@ -777,7 +876,7 @@ class FindCopies(beam.PTransform):
 
     def expand(self, pcolls):
         cfg, feature_dir = self.cfg, self.feature_dir
-        listed = pcolls["light"] | "CopyRows" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates_and_reads, cfg)
+        listed = pcolls["light"] | "CopyFiles" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates_and_reads, cfg)
         candidates = listed | "EachCandidate" >> beam.FlatMap(lambda c: c[0])
         # the row groups that hold candidates, spread over the workers by a GroupByKey
         by_group = listed | "RowGroups" >> beam.FlatMap(lambda c: c[1]) | "SpreadRowGroups" >> beam.GroupByKey()
