@@ -799,16 +799,46 @@ class _Featurize(beam.DoFn):
         yield from out
 
 
-def _blocks(listed, size: int = VERIFY_BLOCK):
+def _blocks(listed, feature_dir: str, size: int = VERIFY_BLOCK):
     """The sorted candidate list in blocks of `size` pairs (pairs of one image stay together), each
-    pair with the (file, row group) of its two images (where their features are), or None."""
+    pair with the (file, row group) of its two images (where their features are), or None. The
+    blocks are written one after another into one file under `feature_dir`; what is yielded is
+    (block number, (that file, offset, length)): the GroupByKey that spreads the blocks over the
+    workers carries references, not pairs (the in-process runner holds a GroupByKey's values
+    decoded, ~250 bytes a candidate pair: ~130 MB for the 5 x 10^5 pairs of 10^5 images)."""
+    import pickle
+
+    from apache_beam.io.filesystems import CompressionTypes, FileSystems
+
     candidates, _, where = listed
-    for k in range(0, len(candidates), size):
-        yield k // size, [(a, b, cos, dist, where.get(a), where.get(b)) for a, b, cos, dist in candidates[k : k + size]]
+    if not candidates:
+        return
+    path = "/".join((feature_dir.rstrip("/"), "_blocks", "candidates.blocks"))
+    refs, at = [], 0
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        for k in range(0, len(candidates), size):
+            data = pickle.dumps([(a, b, cos, dist, where.get(a), where.get(b)) for a, b, cos, dist in candidates[k : k + size]], protocol=pickle.HIGHEST_PROTOCOL)
+            fh.write(data)
+            refs.append((k // size, (path, at, len(data))))
+            at += len(data)
+    yield from refs
+
+
+def read_block(ref) -> list:
+    """The candidate pairs of one block that `_blocks` wrote: ref = (file, offset, length)."""
+    import pickle
+
+    from apache_beam.io.filesystems import CompressionTypes, FileSystems
+
+    path, at, size = ref
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        fh.seek(at)
+        return pickle.loads(fh.read(size))
 
 
 class _VerifyBlock(beam.DoFn):
-    """(block, [[candidate pairs]]) -> one check row per pair whose two images decoded. The block's
+    """(block, [reference to its candidate pairs (`read_block`)]) -> one check row per pair whose
+    two images decoded. The block's
     features are read from disk once each (each features file opened once a block, its index kept
     for the next blocks: at most `_INDEXES_KEPT`) and dropped with the block; `written` (the count
     of featurised images) is a side input only so that this runs after every feature is written."""
@@ -826,8 +856,8 @@ class _VerifyBlock(beam.DoFn):
     def process(self, item, written):
         if not hasattr(self, "indexes"):  # a runner that skipped setup
             self.setup()
-        _, lists = item
-        pairs = [p for block in lists for p in block]
+        _, refs = item
+        pairs = [p for ref in refs for p in read_block(ref)]
         by_file: dict = {}
         for a, b, _, _, wa, wb in pairs:
             for image_id, pointer in ((a, wa), (b, wb)):
@@ -865,7 +895,8 @@ class FindCopies(beam.PTransform):
     each once, keeping the candidates' rows; each candidate's features are computed once and
     written under `feature_dir`, one file a row group (the caller makes and removes it: a folder every worker can reach,
     e.g. under the stage's temporary output). The candidate pairs then go to the workers in blocks
-    of VERIFY_BLOCK, which read the block's features back: a worker holds one row group or one
+    of VERIFY_BLOCK (written to one file under `feature_dir`; references cross the shuffle), which
+    read the block's pairs and features back: a worker holds one row group or one
     block, so memory does not grow with the images, and what crosses the shuffles is ids."""
 
     def __init__(self, cfg, feature_dir: str):
@@ -884,7 +915,7 @@ class FindCopies(beam.PTransform):
         info = featurized.info
         written = info | "CountWritten" >> beam.combiners.Count.Globally()
         checks = (
-            listed | "Blocks" >> beam.FlatMap(_blocks) | "SpreadBlocks" >> beam.GroupByKey()
+            listed | "Blocks" >> beam.FlatMap(_blocks, feature_dir) | "SpreadBlocks" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
         )
         edges = checks | "Copies" >> beam.Filter(lambda r: r["copy"]) | "Edge" >> beam.Map(lambda r: (r["image_a"], r["image_b"]))

@@ -352,7 +352,7 @@ def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
         assert_that(found["checks"] | beam.Map(lambda r: (r["image_a"], r["image_b"], r["copy"])), equal_to([(d, p, True) for d, p in sorted(family.items())]), label="Checks")
     # one features file per row group holding candidates, with exactly the candidates in it (each
     # once, readable), none for the others
-    written = sorted(os.path.join(d, f) for d, _, fs in os.walk(feature_dir) for f in fs)
+    written = sorted(os.path.join(d, f) for d, _, fs in os.walk(feature_dir) for f in fs if f.endswith(".feats"))  # (and _blocks/: the candidate pairs)
     pointers = {(f, rg) for f in files for rg in range(pq.ParquetFile(f).num_row_groups)}
     holding = {p for p in pointers if set(pq.ParquetFile(p[0]).read_row_group(p[1], columns=["image_id"]).column(0).to_pylist()) & set(candidates)}
     assert sorted(written) == sorted(group_feature_path(feature_dir, p) for p in holding)
