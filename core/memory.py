@@ -1,5 +1,5 @@
-"""How a stage worker allocates memory: the allocator of Arrow buffers, glibc's thresholds, and the
-cyclic garbage collector's view of the startup heap (issue 34: filter's per-image overhead).
+"""How a stage worker allocates memory: the allocator of Arrow buffers and glibc's thresholds
+(issue 34: filter's per-image overhead).
 
 Measured on filter (benchmarks/filter.py, 2,400 photos, `perf record` of the stage run): pyarrow's
 default pool, mimalloc, reserves a 1 GiB arena advised MADV_HUGEPAGE and purges freed 4 MiB
@@ -12,11 +12,8 @@ which is not trimmed after each free) keeps those pages mapped and reused.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
-import gc
-from typing import Iterator
 
 M_TRIM_THRESHOLD = -1  # glibc malloc.h
 M_MMAP_THRESHOLD = -3
@@ -52,19 +49,3 @@ def tune_allocators() -> bool:
     _tuned = True
     return ok
 
-
-@contextlib.contextmanager
-def startup_heap_frozen() -> Iterator[None]:
-    """While the block runs, Python's cyclic garbage collector leaves alone the objects that existed
-    before (`gc.freeze`: the worker's modules, Beam's pipeline and runner). Per-record work makes
-    many short-lived containers, so full collections come often, and each walked that whole heap
-    (~7 % of filter's CPU in issue 34's profile). Only the collector's scheduling changes: objects
-    are freed by reference counting as before, cycles made meanwhile are still collected; the
-    outermost block unfreezes the heap at its end."""
-    mine = gc.get_freeze_count() == 0
-    gc.freeze()
-    try:
-        yield
-    finally:
-        if mine:
-            gc.unfreeze()

@@ -38,7 +38,7 @@ from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
-from core.memory import startup_heap_frozen, tune_allocators
+from core.memory import tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
 from filter.embed import EncoderModelHandler, Safety
@@ -89,13 +89,6 @@ class ValidateAndHash(beam.DoFn):
     def setup(self):
         configure_pillow(self.cfg)
         tune_allocators()  # a Dask worker's too: Arrow's system pool, glibc's thresholds (core/memory.py)
-
-    def start_bundle(self):  # the heap that exists now (modules, the pipeline, the runner) is frozen for the GC
-        self._frozen = startup_heap_frozen()
-        self._frozen.__enter__()
-
-    def finish_bundle(self):
-        self._frozen.__exit__(None, None, None)
 
     def process(self, row: dict):
         data = row.get("image_bytes")
@@ -503,7 +496,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
         spill_dir = os.path.join(out.path, SPILL)
         buckets = join_buckets(parquet_rows(link_files))
         tune_allocators()  # in process the pipeline runs here (core/memory.py)
-        with startup_heap_frozen(), stage_pipeline(beam_args) as p:
+        with stage_pipeline(beam_args) as p:
             images = p | "Files" >> beam.Create(files) | "Read" >> ReadRows()
             link_paths = p | "LinkFiles" >> beam.Create(link_files)
             outputs = {"images": images, "link_files": link_paths} | "Filter" >> FilterImages(cfg, spill_dir, buckets, info, safety)
