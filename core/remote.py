@@ -40,6 +40,15 @@ def _has_aws_credentials() -> bool:
     return os.path.exists(os.path.expanduser(env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")))
 
 
+def export_s3_endpoint() -> None:
+    """Make WEBPAIRS_S3_ENDPOINT the endpoint of every S3 client the run starts, not only of
+    `storage_options`' readers: a stage's writes go through Beam's S3 filesystem (boto3) and s3fs,
+    which both read AWS_ENDPOINT_URL_S3."""
+    endpoint = os.environ.get("WEBPAIRS_S3_ENDPOINT")
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+
+
 def storage_options(url: str) -> dict:
     """fsspec options for `url`'s scheme (see the module docstring)."""
     proto = protocol(url)

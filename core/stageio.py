@@ -394,10 +394,11 @@ def read_table(path: str, name: str, columns: Optional[Iterable[str]] = None) ->
 
 
 def _fs(url: str):
-    """(fsspec filesystem, path) of a local path or URL."""
-    import fsspec
+    """(fsspec filesystem, path) of a local path or URL, with core.remote's options (an S3 output
+    honours WEBPAIRS_S3_ENDPOINT as inputs do)."""
+    from core.remote import filesystem
 
-    return fsspec.core.url_to_fs(url)
+    return filesystem(url)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -537,6 +538,9 @@ class StageOutput:
         self.path = os.path.join(parent, f".{name}.partial")
         self._old = os.path.join(parent, f".{name}.old")
         self.lock = StageLock(self.out_dir, COMMANDS.get(stage, stage))
+        from core.remote import export_s3_endpoint
+
+        export_s3_endpoint()  # the stage's Beam and s3fs writers reach the endpoint its readers do
         self.fs, _ = _fs(self.out_dir)
         self.committed = False
 

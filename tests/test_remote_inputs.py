@@ -213,8 +213,11 @@ def s3_out(s3_tree, monkeypatch):
     import fsspec
     from s3fs import S3FileSystem
 
-    for var, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_tree}.items():
+    for var, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(var, value)
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # the server is named by WEBPAIRS_S3_ENDPOINT alone (s3_tree)
+        monkeypatch.setenv(var, "unset")  # recorded first, so that teardown also drops the stage's export
+        monkeypatch.delenv(var)
     fs = fsspec.filesystem("s3", skip_instance_cache=True, client_kwargs={"endpoint_url": s3_tree})
     bucket = f"out-{uuid.uuid4().hex[:12]}"  # moto's state outlives its server: a fresh bucket per test
     fs.mkdir(bucket)
