@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import pickle
-from typing import Iterable
+from typing import Iterable, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -25,7 +25,7 @@ from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, 
 from core.stageio import WriteStageOutputs
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
-from crawl.urls import AllowList, normalize_links, normalize_url
+from crawl.urls import AllowList, normalize_link_columns, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
@@ -48,19 +48,20 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
     encode several times faster. Two lists rather than a generator of tagged rows: this runs once
     per link of the crawl (issue 34's profile)."""
     raw_links = list(raw_links)
-    return _accept(page_url, raw_links, _resolve(page_url, raw_links, base_href, allow), cfg.max_links_per_page)
+    return _accept(page_url, raw_links, *_resolve(page_url, raw_links, base_href, allow), cfg.max_links_per_page)
 
 
-def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList) -> list[tuple]:
-    """[(url, reason)] of a page's links: resolution against its base, normalisation, URL policy."""
+def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList) -> tuple[list, Optional[list]]:
+    """([url or None], [reason or None] or None when all are accepted) of a page's links:
+    resolution against its base, normalisation, URL policy (the page's plain references together)."""
     base, _ = normalize_url(base_href, page_url) if base_href else (None, None)
-    return normalize_links([r.url for r in raw_links], base or page_url, allow)
+    return normalize_link_columns([r.url for r in raw_links], base or page_url, allow)
 
 
-def _accept(page_url: str, raw_links: list, resolved: list[tuple], limit: int) -> tuple[list[tuple], list[dict]]:
+def _accept(page_url: str, raw_links: list, urls: list, reasons: Optional[list], limit: int) -> tuple[list[tuple], list[dict]]:
     """page_links' answer from the resolved links."""
     links, rejected = [], []
-    for n, (raw, (url, reason)) in enumerate(zip(raw_links, resolved)):
+    for n, (raw, url, reason) in enumerate(zip(raw_links, urls, reasons or [None] * len(urls))):
         if reason is None and n >= limit:
             reason = REASON_TOO_MANY
         if reason is None:
@@ -118,10 +119,9 @@ class _Spill:
         """page_links + add for one page's extracted links; returns the Rejected rows of the refused
         ones. The common page (every link accepted, none over the cap) goes into the columns
         straight from its RawLinks, without a tuple per link made and taken apart again."""
-        resolved = _resolve(page_url, raw, base_href, allow)
-        urls, reasons = zip(*resolved)
-        if len(raw) > cfg.max_links_per_page or reasons.count(None) != len(raw):
-            links, refused = _accept(page_url, raw, resolved, cfg.max_links_per_page)
+        urls, reasons = _resolve(page_url, raw, base_href, allow)
+        if len(raw) > cfg.max_links_per_page or reasons is not None:
+            links, refused = _accept(page_url, raw, urls, reasons, cfg.max_links_per_page)
             if links:
                 self.add(page_url, offset, links)
             return refused

@@ -94,6 +94,16 @@ def _prefix_code(name: bytes) -> int:
 _NO_NEST_CODES = sorted({_prefix_code(n) for n in (_VOID | _AUTO_CLOSED | _RAW_TEXT)})
 
 
+def _by_name(code):
+    """The indices that sort 24-bit tag codes, ties in document order: np.lexsort((arange, code))'s
+    order from two stable sorts of 16-bit keys, which NumPy radix-sorts (~6x faster on a page of
+    7,500 tags: issue 34)."""
+    import numpy as np
+
+    low = np.argsort((code & 0xFFFF).astype(np.uint16), kind="stable")
+    return low[np.argsort((code[low] >> 16).astype(np.uint16), kind="stable")]
+
+
 def _depth_estimate(body: bytes, limit: Optional[int] = None) -> int:
     """An over-estimate of the nesting depth in a few vectorised passes: every start tag of a name
     that nests counts +1, its end tag -1, per name (a stray `</span>` does not cancel a `<div>`)
@@ -134,7 +144,7 @@ def _depth_estimate(body: bytes, limit: Optional[int] = None) -> int:
         opened = int(np.count_nonzero(step > 0))
         if opened <= limit:
             return opened
-    order = np.lexsort((np.arange(code.size), code))  # grouped by name, in document order
+    order = _by_name(code)  # grouped by name, in document order
     sc, ss = code[order], step[order]
     start = np.r_[True, sc[1:] != sc[:-1]]
     gid = np.cumsum(start) - 1

@@ -38,6 +38,7 @@ from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
+from core.memory import tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
 from filter.embed import EncoderModelHandler, Safety
@@ -87,6 +88,7 @@ class ValidateAndHash(beam.DoFn):
 
     def setup(self):
         configure_pillow(self.cfg)
+        tune_allocators()  # a Dask worker's too: Arrow's system pool, glibc's thresholds (core/memory.py)
 
     def process(self, row: dict):
         data = row.get("image_bytes")
@@ -493,6 +495,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
             (log.info if cfg.safety_encoder == NO_ENCODER else log.warning)(notice)  # asked for, or to be noticed
         spill_dir = os.path.join(out.path, SPILL)
         buckets = join_buckets(parquet_rows(link_files))
+        tune_allocators()  # in process the pipeline runs here (core/memory.py)
         with stage_pipeline(beam_args) as p:
             images = p | "Files" >> beam.Create(files) | "Read" >> ReadRows()
             link_paths = p | "LinkFiles" >> beam.Create(link_files)

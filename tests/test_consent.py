@@ -66,14 +66,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # bytes sent means bytes the client let in
         self.vhost = None
 
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            if self.vhost is not None:
-                with self.server.lock:
-                    self.server.open[self.vhost] -= 1
-
     def log_message(self, *args):
         pass
 
@@ -97,14 +89,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 time.sleep(0.002)
 
     def do_GET(self):  # noqa: N802
-        srv = self.server
+        # a request is open from its arrival until its answer is written: the client cannot have
+        # read the answer, released its slot and opened the next connection before that. (Counting
+        # until the handler thread's finish() saw 5 open at load 13: the client's next connection
+        # arrived before the server thread of its last one had run.)
         host = (self.headers.get("Host") or "").split(":")[0].lower()
+        with self.server.lock:
+            self.server.open[host] += 1
+            self.server.max_open[host] = max(self.server.max_open[host], self.server.open[host])
+        try:
+            self._get(host)
+        finally:
+            with self.server.lock:
+                self.server.open[host] -= 1
+
+    def _get(self, host: str):
+        srv = self.server
         path = self.path
         with srv.lock:
             if self.vhost is None:
                 self.vhost = host
-                srv.open[host] += 1
-                srv.max_open[host] = max(srv.max_open[host], srv.open[host])
             srv.requests.append((host, path, time.monotonic(), self.headers.get("User-Agent", "")))
             srv.answers[(host, path)] += 1
             n = srv.answers[(host, path)]

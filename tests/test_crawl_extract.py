@@ -73,14 +73,15 @@ def test_fast_url_path_agrees_with_urllib(warc_dir):
 
 def test_normalize_links_agrees_with_normalize_url(warc_dir):
     """normalize_links (a page's links against its base, plain references by concatenation: issue
-    34) gives exactly normalize_url's answer for each: every link of the shared WARCs against its
+    34) and normalize_link_columns (a page's references recognised by one findall) give exactly
+    normalize_url's answer for each: every link of the shared WARCs against its
     page's base, and generated references (relative, "./", root-relative, protocol-relative,
     absolute, with spaces, dots, ports, private hosts) against plain and odd bases, with and
     without an allow list. Most real links take the concatenation."""
     import random
 
     from crawl.html import decode_html, extract_page
-    from crawl.urls import _NORMAL_ABSOLUTE, _PLAIN_RELATIVE, normalize_links
+    from crawl.urls import _NORMAL_ABSOLUTE, _PLAIN_RELATIVE, normalize_link_columns, normalize_links
     from crawl.warc import Page, iter_file
 
     by_base: dict = {}
@@ -103,10 +104,25 @@ def test_normalize_links_agrees_with_normalize_url(warc_dir):
     rng = random.Random(0)
     for _ in range(20000):
         by_base.setdefault(rng.choice(bases), []).append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))))
+    hosts = ["ex.com", "Ex.com", "127.0.0.1", "localhost", "10.1.2.3", "a-b_c.d", "0x7f.1", "h", "169.254.169.254", "x.localhost", "2130706433"]
+    paths = ["/", "/a.jpg", "/a b.jpg", "/a?b=c", "/a?", "/a#f", "/%41", "/é", "/a//b", "/./a", "", "/[x]"]
+    absolute = [f"{s}{h}{p}" for s in ("http://", "https://", "HTTP://", "//") for h in hosts for p in paths]  # normal ones, refused hosts
+    for base in bases:
+        by_base[base] += absolute + [rng.choice(pieces) + "\n" + rng.choice(pieces) for _ in range(20)]  # a newline inside a reference
     for allow in (None, AllowList(), AllowList(["127.0.0.1", "localhost"])):
         for base, raws in by_base.items():
-            for raw, got in zip(raws, normalize_links(raws, base, allow)):
-                assert got == normalize_url(raw, base, allow), (raw, base)
+            expected = [normalize_url(raw, base, allow) for raw in raws]
+            for raw, got, want in zip(raws, normalize_links(raws, base, allow), expected):
+                assert got == want, (raw, base)
+            # normalize_link_columns resolves a page's references together: pages of 0 to 40 of them
+            start = 0
+            while start < len(raws):
+                size = rng.randint(0, 40)
+                page = raws[start : start + size]
+                urls, reasons = normalize_link_columns(page, base, allow)
+                assert list(zip(urls, reasons or [None] * len(page))) == expected[start : start + size], (page, base)
+                assert (reasons is None) == all(r is None for _, r in expected[start : start + size])
+                start += size
 
 
 def test_url_policy_blocks_internal_addresses_unless_allowed():
@@ -306,12 +322,30 @@ def test_page_complexity_shortcuts_give_the_same_verdicts(warc_dir):
     bodies += [b"<div>" * n + b"<img src=x>" + b"</div>" * n for n in (50, 4000, 5000)]
     bodies += [b"<p>x<br><img src=x><b>y</b><li>z" * 3000, b"<span>" * 300 + b"<div></div>" * 3000, b"", b"<" * 5000, b"<a>" * 10]
     for body in bodies:
+        estimate = _depth_estimate(body)
         for limit in (10, 100, 1000, 4096):
-            assert (_depth_estimate(body, limit) <= limit) == (_depth_estimate(body) <= limit)
+            assert (_depth_estimate(body, limit) <= limit) == (estimate <= limit)
             tags = body.count(b"<")
             want = None if tags <= limit else (f"{tags} tags > 200000" if tags > 200000 else (None if _depth_estimate(body) <= limit else "deep"))
             got = page_complexity(body, limit)
             assert got == want or (want == "deep" and got == f"nesting depth over {limit}") or (want == "deep" and got is None), (limit, got, want)
+
+
+def test_depth_estimate_orders_tags_as_lexsort():
+    """The depth estimate groups tags by name with two radix sorts (issue 34): the order is
+    np.lexsort's by (code, position) for every array: random 24-bit codes, few names, one name,
+    the extremes, empty."""
+    import numpy as np
+
+    from crawl.html import _by_name
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 1 << 24, n) for n in (0, 1, 2, 7, 100, 7542, 20000)]
+    arrays += [rng.choice(np.array([0x646976, 0x737061, 0x610000, 0x756C00, 0xFFFFFF, 0], dtype=np.int64), n) for n in (5, 5000)]
+    arrays += [np.full(300, 0x646976, dtype=np.int64), np.array([0xFFFFFF, 0, 0xFFFF, 0x10000, 0xFF00FF, 0x00FFFF], dtype=np.int64)]
+    for code in arrays:
+        code = code.astype(np.int64)
+        assert np.array_equal(_by_name(code), np.lexsort((np.arange(code.size), code))), code.size
 
 
 def test_pages_with_several_captures_collapse_across_files(tmp_path):

@@ -88,3 +88,16 @@ def test_phash_hex_is_imagehash_str(photos_dir):
             factor = min(rgb.size) // (PHASH_REDUCE_FACTOR * size)
             expected = str(imagehash.phash(rgb.reduce(factor) if factor > 1 else rgb, hash_size=size))
             assert phash_hex(rgb, size) == expected, (name, size)
+
+
+def test_filter_tunes_the_allocators_once():
+    """core/memory.tune_allocators (called by filter's run and each worker's ValidateAndHash.setup):
+    Arrow's buffers come from the system pool afterwards (mimalloc's huge-page arena re-faulted
+    every image's bytes, issue 34), glibc's thresholds are set, and a second call changes nothing."""
+    import pyarrow as pa
+
+    from core import memory
+
+    assert memory.tune_allocators() is True  # glibc: mallopt answered 1 for both thresholds
+    assert pa.default_memory_pool().backend_name == "system"
+    assert memory.tune_allocators() is True and pa.default_memory_pool().backend_name == "system"

@@ -1,0 +1,51 @@
+"""How a stage worker allocates memory: the allocator of Arrow buffers and glibc's thresholds
+(issue 34: filter's per-image overhead).
+
+Measured on filter (benchmarks/filter.py, 2,400 photos, `perf record` of the stage run): pyarrow's
+default pool, mimalloc, reserves a 1 GiB arena advised MADV_HUGEPAGE and purges freed 4 MiB
+spans with MADV_DONTNEED, so every image's bytes that Arrow holds (the downloads read, the images/
+write: ~75 KB an image, built by appends that grow) fault in freshly zeroed huge pages again:
+the kernel's page clearing was 15 % of the stage's CPU and its system time 1.3-1.7 ms an image.
+Arrow's system pool (glibc malloc) with glibc's thresholds fixed (large buffers stay in the heap,
+which is not trimmed after each free) keeps those pages mapped and reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1  # glibc malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's own dynamic ceiling (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+TRIM_THRESHOLD = 128 << 20  # free memory kept at the heap's top before it is given back
+
+_tuned = False
+
+
+def tune_allocators() -> bool:
+    """Once per process: Arrow's buffers from the system pool (glibc malloc) instead of mimalloc,
+    and glibc's mmap and trim thresholds fixed at MMAP_THRESHOLD / TRIM_THRESHOLD (glibc raises
+    its mmap threshold by itself, but only up to the size of the last freed mapped chunk, and
+    trims the heap's top at twice it). Outputs do not change; only where buffers live. Returns
+    whether glibc's thresholds were set (False on a libc without mallopt)."""
+    global _tuned
+    if _tuned:
+        return True
+    import pyarrow as pa
+
+    try:
+        pa.set_memory_pool(pa.system_memory_pool())
+    except (NotImplementedError, pa.ArrowException):  # a build without it: its default stays
+        pass
+    ok = False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        ok = False
+    _tuned = True
+    return ok
+
