@@ -374,12 +374,24 @@ def one_opencv_thread():
     are sorted before the cap, so its output does not depend on the threads."""
     import cv2
 
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
+    # cv2.setNumThreads is one setting of the process: the first block to enter saves it, the last
+    # to leave restores it (blocks of several runner threads overlap)
+    with _OPENCV_LOCK:
+        if _OPENCV_USERS[0] == 0:
+            _OPENCV_USERS[1] = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+        _OPENCV_USERS[0] += 1
     try:
         yield
     finally:
-        cv2.setNumThreads(threads)
+        with _OPENCV_LOCK:
+            _OPENCV_USERS[0] -= 1
+            if _OPENCV_USERS[0] == 0:
+                cv2.setNumThreads(_OPENCV_USERS[1])
+
+
+_OPENCV_LOCK = threading.Lock()
+_OPENCV_USERS = [0, 0]  # blocks inside one_opencv_thread now, OpenCV's threads before the first
 
 
 # SIFT is mirror-equivariant: the mirror's keypoints are the image's at x -> w - 0.5 - x (OpenCV
@@ -563,6 +575,7 @@ class LightRows:
     def read(cls, files: Iterable[str]) -> "LightRows":
         """image_id, embedding (as float16, as filter stores it) and phash of every row of the
         images files, row group by row group, with each row's (file, row group)."""
+        import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
         from apache_beam.io.filesystems import FileSystems
@@ -580,6 +593,8 @@ class LightRows:
                     phashes += t.column("phash").to_pylist()
                     pointers += [(path, rg)] * t.num_rows
                     col = t.column("embedding").combine_chunks()
+                    if pa.types.is_null(col.type):  # a column written with no embedding at all (pyarrow's null type)
+                        col = pa.nulls(len(col), pa.list_(pa.float16()))
                     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
                     values = pc.list_flatten(col)
                     values = values.to_numpy(zero_copy_only=False).astype(np.float16) if len(values) else np.zeros(0, np.float16)

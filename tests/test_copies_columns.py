@@ -146,3 +146,43 @@ def test_reused_uint8_sift_on_one_thread_gives_the_old_features(photos_dir):
         for f in (a, b):
             assert f["desc"].dtype == np.uint8 and f["pts"].dtype == np.float32
             assert np.array_equal(f["pts"], old["pts"]) and np.array_equal(f["desc"], old["desc"]) and f["quality"] == old["quality"]
+
+
+def test_an_embedding_column_of_the_null_type_leaves_the_phash_candidates(tmp_path):
+    # a table made with every embedding None stores the column as pyarrow's null type: its images
+    # have no embedding, and their pHashes still make candidates (as before the column reads)
+    path = str(tmp_path / "nulltype.parquet")
+    pq.write_table(pa.Table.from_pylist([{"image_id": f"{i:04x}", "embedding": None, "phash": "0000000000000000", "image_bytes": b"x"} for i in range(3)]), path)
+    assert pq.read_schema(path).field("embedding").type == pa.null()
+    pairs = _candidates_and_reads([path], PairConfig())[0]
+    assert sorted(tuple(sorted(p[:2])) for p in pairs) == [("0000", "0001"), ("0000", "0002"), ("0001", "0002")]
+
+
+def test_overlapping_blocks_keep_opencv_on_one_thread_until_the_last_leaves():
+    import threading
+
+    import cv2
+
+    before = cv2.getNumThreads()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    inside_b_after_a: list = []
+
+    def first():
+        with one_opencv_thread():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with one_opencv_thread():
+            b_in.set()
+            a_out.wait(10)
+            inside_b_after_a.append(cv2.getNumThreads())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert inside_b_after_a == [1] and cv2.getNumThreads() == before
