@@ -23,6 +23,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import zlib
 from typing import Iterator, Optional
 
@@ -330,6 +331,16 @@ def decode_body(body: bytes, headers, limit: int = MAX_HTML_BYTES) -> Optional[b
     return body if len(body) <= limit else None
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value) -> str:
+    """A WAT JSON value as text: JSON may escape a lone surrogate (`"\\ud800"`), which no UTF-8
+    writer takes; it becomes U+FFFD, as the HTML parser makes of `&#xD800;`."""
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text if text.isascii() else _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
     """Parse one WAT JSON metadata record; None when it is not a response's HTML metadata."""
     try:
@@ -342,13 +353,13 @@ def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
         return None
     html = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("HTML-Metadata", {})
     links = [
-        {"url": link.get("url", ""), "alt": link.get("alt", "")}
+        {"url": _text(link.get("url")), "alt": _text(link.get("alt"))}
         for link in html.get("Links", [])
         if link.get("path") == "IMG@/src"
     ]
     head = html.get("Head", {})
-    base = head.get("Base")
+    base = _text(head.get("Base")) or None
     http_headers = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("Headers", {})
-    headers = _consent_headers(http_headers.items() if isinstance(http_headers, dict) else ())
-    metas = tuple((str(m.get("name", "")), str(m.get("content", ""))) for m in head.get("Metas", []) if isinstance(m, dict) and str(m.get("name", "")).strip().lower() in CONSENT_METAS)
+    headers = _consent_headers([(_text(k), _text(v)) for k, v in http_headers.items()] if isinstance(http_headers, dict) else ())
+    metas = tuple((_text(m.get("name", "")), _text(m.get("content", ""))) for m in head.get("Metas", []) if isinstance(m, dict) and str(m.get("name", "")).strip().lower() in CONSENT_METAS)
     return WatLinks(target_uri(header.get("WARC-Target-URI")) or url, links, base, offset, headers, metas)

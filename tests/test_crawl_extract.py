@@ -544,3 +544,45 @@ def test_collapse_is_the_same_on_the_shuffle_path_and_in_small_spill_batches(tmp
     by_url, dups = _extract_matches_collapse_page(tmp_path)
     _check_cat_page(by_url, dups)
     assert len(by_url) == 12 and len(dups) == 10
+
+
+def test_a_lone_surrogate_in_a_wat_link_is_a_replacement_character_not_a_failed_stage(tmp_path, warc_dir):
+    # WAT is JSON: a link URL or alt may escape a lone surrogate ("\ud800"), which no UTF-8 writer
+    # takes; the stage failed with UnicodeEncodeError (issue 34's review). It becomes U+FFFD, as the
+    # HTML parser makes of &#xD800;, and the page's other links are extracted as before.
+    import io
+    import json
+
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.warcwriter import WARCWriter
+
+    from crawl.extract import run_extract
+
+    src, folder = os.path.join(warc_dir, "cc-2014-35.warc.wat"), tmp_path / "wat"
+    folder.mkdir()
+    page = None
+    with open(src, "rb") as fh, open(folder / "x.warc.wat", "wb") as out:
+        writer = WARCWriter(out, gzip=False)
+        for rec in ArchiveIterator(fh):
+            if rec.rec_type != "metadata":
+                continue
+            try:
+                doc = json.loads(rec.content_stream().read())
+            except ValueError:
+                continue
+            env = doc.get("Envelope", {})
+            html = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("HTML-Metadata", {})
+            if env.get("WARC-Header-Metadata", {}).get("WARC-Type") != "response" or not html:
+                continue
+            html.setdefault("Links", []).append({"path": "IMG@/src", "url": "/img/\ud800.jpg", "alt": "a \udfff b"})
+            body = json.dumps(doc).encode()  # ensure_ascii: the escapes \ud800 and \udfff
+            assert b"\\ud800" in body and b"\\udfff" in body
+            page = rec.rec_headers.get_header("WARC-Target-URI")
+            writer.write_record(writer.create_warc_record(page, "metadata", payload=io.BytesIO(body), warc_headers_dict={"Content-Type": "application/json"}))
+            break
+    assert page is not None
+    stats = run_extract(str(folder), str(tmp_path / "out"), CrawlConfig())
+    assert stats["input"] == stats["kept"] + sum(stats["rejected"].values())
+    links = read_table(str(tmp_path / "out"), "links").to_pandas()
+    mine = links[links.image_url.str.endswith("/img/%EF%BF%BD.jpg")]
+    assert len(mine) == 1 and mine.alt.tolist() == ["a \ufffd b"]
