@@ -151,7 +151,8 @@ _REL_SEGMENT = r"[A-Za-z0-9_\-~!$&'()*+,=@% ][A-Za-z0-9_\-~!$&'()*+,=@% .]*+"
 _REL_PATH = rf"{_REL_SEGMENT}(?:/{_REL_SEGMENT})*+/?"
 _PLAIN_QUERY = r"(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~? ]++)?"
 _PLAIN_RELATIVE = re.compile(rf"(?:(/)(?:{_REL_PATH})?|(?:\./)*+({_REL_PATH})){_PLAIN_QUERY}\Z")
-_NORMAL_ABSOLUTE = re.compile(r"https?://([a-z0-9\-_]+(?:\.[a-z0-9\-_]+)*)/[A-Za-z0-9/%:@!$&'()*+,=\-._~]*(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]+)?\Z")
+_ABSOLUTE_BODY = r"https?://([a-z0-9\-_]+(?:\.[a-z0-9\-_]+)*+)/[A-Za-z0-9/%:@!$&'()*+,=\-._~]*+(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]++)?"
+_NORMAL_ABSOLUTE = re.compile(rf"{_ABSOLUTE_BODY}\Z")
 
 
 def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tuple[str, str]]:
@@ -177,7 +178,6 @@ def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tupl
 # reference without its "./", already-normal absolute URL, its host, the line), the first four
 # empty unless the line is one of those. sre jumps from "\n" to "\n" and each line is matched
 # once, in C, with no match object made for it.
-_ABSOLUTE_BODY = r"https?://([a-z0-9\-_]+(?:\.[a-z0-9\-_]+)*+)/[A-Za-z0-9/%:@!$&'()*+,=\-._~]*+(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]++)?"
 _PAGE_LINES = re.compile(rf"\n(?:(/(?:{_REL_PATH})?{_PLAIN_QUERY})|(?:\./)*+({_REL_PATH}{_PLAIN_QUERY})|({_ABSOLUTE_BODY}))(?=\n|\Z)|\n([^\n]*+)")
 
 

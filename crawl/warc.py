@@ -284,7 +284,7 @@ CONSENT_HEADERS = ("x-robots-tag", "tdm-reservation")
 
 def _consent_headers(pairs) -> tuple:
     """The (name, value) header pairs a page's consent is read from (crawl/consent.py)."""
-    return tuple((str(k), str(v)) for k, v in pairs if str(k).strip().lower() in CONSENT_HEADERS)
+    return tuple((_text(k), _text(v)) for k, v in pairs if str(k).strip().lower() in CONSENT_HEADERS)
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -360,6 +360,6 @@ def _wat_links(record, url: str, offset: int) -> Optional[WatLinks]:
     head = html.get("Head", {})
     base = _text(head.get("Base")) or None
     http_headers = env.get("Payload-Metadata", {}).get("HTTP-Response-Metadata", {}).get("Headers", {})
-    headers = _consent_headers([(_text(k), _text(v)) for k, v in http_headers.items()] if isinstance(http_headers, dict) else ())
+    headers = _consent_headers(http_headers.items() if isinstance(http_headers, dict) else ())
     metas = tuple((_text(m.get("name", "")), _text(m.get("content", ""))) for m in head.get("Metas", []) if isinstance(m, dict) and str(m.get("name", "")).strip().lower() in CONSENT_METAS)
     return WatLinks(target_uri(header.get("WARC-Target-URI")) or url, links, base, offset, headers, metas)
