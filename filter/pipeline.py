@@ -231,7 +231,7 @@ class SpillByImage(beam.DoFn):
 
 class SpillLinks(beam.DoFn):
     """(occurrences file, row group) -> its links (LINK_FIELDS), split into their join buckets'
-    files (one per bucket and row group): outputs (bucket, path) of each."""
+    files (one per bucket and row group): outputs (bucket, (file, row group), path) of each."""
 
     def __init__(self, spill_dir: str, buckets: int):
         self.spill_dir, self.buckets = spill_dir, buckets
@@ -245,42 +245,64 @@ class SpillLinks(beam.DoFn):
             buckets = np.fromiter((bucket_of(i, self.buckets) for i in ids), dtype=np.int64, count=len(ids))
             for b in np.unique(buckets).tolist():
                 files.add_batch(b, batch.filter(pa.array(buckets == b)))
-        yield from files.close()
+        for bucket, path in files.close():
+            yield bucket, tuple(item), path
 
 
 class JoinLinks(beam.DoFn):
-    """A join bucket -> for each link of its images: its occurrence row (tagged `occurrences`), and
-    its outcome: the image's verdict (or score reject), then the link's own checks (declared size,
-    URL words); kept links are counted in the main output, the others give a rejected row; the
-    links counted (tag `links`) per batch. Links that download rejected as URL boilerplate
-    (fetched as evidence) only leave occurrences. Side inputs: [(bucket, path)] of the verdict and
-    score-reject spills, and the links: [(bucket, path)] spills, or with one bucket
-    [(occurrences file, row group)] read in place. Holds one bucket's verdicts at a time."""
+    """(join bucket, occurrences row group) -> for each link of that row group in that bucket: its
+    occurrence row (tagged `occurrences`), and its outcome: the image's verdict (or score reject),
+    then the link's own checks (declared size, URL words); kept links are counted in the main
+    output, the others give a rejected row; the links counted (tag `links`) per batch. Links that
+    download rejected as URL boilerplate (fetched as evidence) only leave occurrences. Side inputs:
+    [(bucket, path)] of the verdict and score-reject spills, and with several buckets the links'
+    [(bucket, row group, path)] spills (with one bucket the row group is read in place).
 
-    def __init__(self, cfg: FilterConfig):
-        self.cfg = cfg
+    One element is one row group's share of a bucket, not the whole bucket: a runner that keeps a
+    bundle's outputs until it ends (Dask: one element is one partition, core/dask_runner) holds
+    that share's rows, not the bucket's (issue 34: a worker's peak grew with the links a bucket
+    had). The bucket's verdicts are read once per worker and bucket while its row groups come
+    (`_held`), so a worker holds one bucket's verdicts at a time."""
 
-    def process(self, bucket: int, verdict_spills, reject_spills, link_sources):
+    def __init__(self, cfg: FilterConfig, spilled: bool = False):
+        self.cfg, self.spilled = cfg, spilled
+        self._held = None
+
+    def setup(self):
+        self._held = None  # (the bucket and the spill files it was read from, verdicts, image rejects)
+
+    def teardown(self):
+        self._held = None
+
+    def _bucket(self, bucket: int, verdict_spills, reject_spills) -> tuple[dict, dict]:
+        """The verdicts and score rejects of one bucket's images, read from its spill files (kept
+        for the next element of the same bucket: the key names the files, which are the run's own)."""
+        key = (bucket, tuple(sorted(p for b, p in verdict_spills if b == bucket)), tuple(sorted(p for b, p in reject_spills if b == bucket)))
+        if self._held is not None and self._held[0] == key:
+            return self._held[1], self._held[2]
+        self._held = None  # the previous bucket's go before this one's are read
         verdicts: dict = {}
-        for b, path in verdict_spills:
-            if b == bucket:
-                for batch in _read_spill(path):
-                    columns = _columns(batch)
-                    for image_id, *values in zip(*columns):
-                        verdicts.setdefault(image_id, values)
+        for path in key[1]:
+            for batch in _read_spill(path):
+                for image_id, *values in zip(*_columns(batch)):
+                    verdicts.setdefault(image_id, values)
         image_rejects: dict = {}
-        for b, path in reject_spills:
-            if b == bucket:
-                for batch in _read_spill(path):
-                    for image_id, reason, detail in zip(*_columns(batch)):
-                        image_rejects.setdefault(image_id, (reason, detail))
-        for source in link_sources:
-            if isinstance(source[0], str):  # one bucket: an occurrences row group, read in place
-                batches = _parquet_batches(source, list(LINK_FIELDS), JOIN_BATCH)
-            elif source[0] == bucket:
-                batches = _read_spill(source[1])
-            else:
-                continue
+        for path in key[2]:
+            for batch in _read_spill(path):
+                for image_id, reason, detail in zip(*_columns(batch)):
+                    image_rejects.setdefault(image_id, (reason, detail))
+        self._held = (key, verdicts, image_rejects)
+        return verdicts, image_rejects
+
+    def process(self, element: tuple, verdict_spills, reject_spills, link_spills):
+        bucket, item = element
+        verdicts, image_rejects = self._bucket(bucket, verdict_spills, reject_spills)
+        if not self.spilled:  # one bucket: the occurrences row group, read in place
+            sources = [_parquet_batches(item, list(LINK_FIELDS), JOIN_BATCH)]
+        else:
+            item = tuple(item)
+            sources = [_read_spill(path) for b, source, path in link_spills if b == bucket and tuple(source) == item]
+        for batches in sources:
             for batch in batches:
                 yield from self._judge(_columns(batch), verdicts, image_rejects)
 
@@ -347,19 +369,20 @@ def _check_scores(record: dict, min_score, max_nsfw):
 
 
 class FilterImages(beam.PTransform):
-    """{"images": download rows (one per distinct image), "link_files": download occurrences files}
-    -> {"input_count", "kept" images, "kept_count" (links), "rejected" (links), "occurrences", ...}.
-    Spill files (the join's) go under `spill_dir`; `buckets`: join_buckets(links of the input)."""
+    """{"images": download rows (one per distinct image)} -> {"input_count", "kept" images,
+    "kept_count" (links), "rejected" (links), "occurrences", ...}. `link_groups`: the (file, row
+    group) of every row group of download's occurrences (`row_groups`); spill files (the join's) go
+    under `spill_dir`; `buckets`: join_buckets(links of the input)."""
 
-    def __init__(self, cfg: FilterConfig, spill_dir: str, buckets: int = 1, encoder_info: tuple = (), safety: Optional[Safety] = None):
+    def __init__(self, cfg: FilterConfig, spill_dir: str, link_groups: list, buckets: int = 1, encoder_info: tuple = (), safety: Optional[Safety] = None):
         super().__init__()
         self.cfg = cfg
-        self.spill_dir, self.buckets = spill_dir, buckets
+        self.spill_dir, self.link_groups, self.buckets = spill_dir, list(link_groups), buckets
         self.encoder_info = encoder_info  # (image_size, mean, std) of the encoder, () when disabled
         self.safety = safety  # the nsfw head (and a second encoder), None: no score
 
     def expand(self, pcolls):
-        images, link_files = pcolls["images"], pcolls["link_files"]
+        images, link_groups = pcolls["images"], self.link_groups
         size, mean, std = self.encoder_info or (0, (0.5,) * 3, (0.5,) * 3)
         safety = self.safety if size else None
         second = (safety.image_size, safety.mean, safety.std) if safety and safety.encoder else ()
@@ -378,13 +401,16 @@ class FilterImages(beam.PTransform):
         else:  # ValidateAndHash yields the records themselves: no score, so no threshold to apply
             kept = checked.valid
             spills["rejects"] = images.pipeline | "NoImageRejects" >> beam.Create([])
-        groups = link_files | "LinkRowGroups" >> beam.FlatMap(_row_groups)
-        if self.buckets > 1:  # the links too, split by bucket; with one bucket the join reads them in place
-            groups = groups | "SpreadLinks" >> beam.Reshuffle() | "SpillLinks" >> beam.ParDo(SpillLinks(self.spill_dir, self.buckets))
+        spilled = self.buckets > 1  # the links too, split by bucket; with one bucket the join reads them in place
+        if spilled:
+            link_spills = images.pipeline | "LinkRowGroups" >> beam.Create(link_groups) | "SpillLinks" >> beam.ParDo(SpillLinks(self.spill_dir, self.buckets))
+        else:
+            link_spills = images.pipeline | "NoLinkSpills" >> beam.Create([])
         judged = (
             images.pipeline
-            | "Buckets" >> beam.Create(list(range(self.buckets)))  # spread by Create's own reshuffle
-            | "JoinLinks" >> beam.ParDo(JoinLinks(self.cfg), beam.pvalue.AsList(spills["verdicts"]), beam.pvalue.AsList(spills["rejects"]), beam.pvalue.AsList(groups))
+            # one element per bucket and occurrences row group, spread by Create's own reshuffle
+            | "Buckets" >> beam.Create([(bucket, item) for bucket in range(self.buckets) for item in link_groups])
+            | "JoinLinks" >> beam.ParDo(JoinLinks(self.cfg, spilled), beam.pvalue.AsList(spills["verdicts"]), beam.pvalue.AsList(spills["rejects"]), beam.pvalue.AsList(link_spills))
             .with_outputs(REJECTED, OCCURRENCES, URL_WORD_MATCHES, LINKS, main="kept_links")
         )
         return {
@@ -402,6 +428,15 @@ def _row_groups(path: str) -> list[tuple[str, int]]:
         return [(path, i) for i in range(pq.ParquetFile(fh).num_row_groups)]
 
 
+def row_groups(paths: list[str]) -> list[tuple[str, int]]:
+    """(file, row group) of every row group of parquet files, from their footers (in the driver):
+    the stage's units of work. On Dask each is one partition (`--dask_partition_size=1`), and a
+    partition's outputs are held until it ends, so the work a worker holds at once is one row
+    group's, whatever the size of the files (issue 34: with one partition per file a worker's peak
+    grew with the file)."""
+    return [group for path in paths for group in _row_groups(path)]
+
+
 def _parquet_batches(item: tuple[str, int], columns: Optional[list], batch_size: int):
     """The record batches of one row group of a parquet file, read on the calling thread."""
     path, group = item
@@ -416,6 +451,18 @@ class _ReadRowGroup(beam.DoFn):
     def process(self, item: tuple[str, int]):
         for batch in _parquet_batches(item, self.columns, READ_BATCH):
             yield from batch.to_pylist()
+
+
+class ReadRowGroups(beam.PTransform):
+    """(file, row group) items (`row_groups`) -> the rows of each as dicts, READ_BATCH rows at a
+    time on the calling thread."""
+
+    def __init__(self, columns: Optional[list] = None):
+        super().__init__()
+        self.columns = columns
+
+    def expand(self, groups):
+        return groups | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))
 
 
 class ReadRows(beam.PTransform):
@@ -497,9 +544,9 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
         buckets = join_buckets(parquet_rows(link_files))
         tune_allocators()  # in process the pipeline runs here (core/memory.py)
         with stage_pipeline(beam_args) as p:
-            images = p | "Files" >> beam.Create(files) | "Read" >> ReadRows()
-            link_paths = p | "LinkFiles" >> beam.Create(link_files)
-            outputs = {"images": images, "link_files": link_paths} | "Filter" >> FilterImages(cfg, spill_dir, buckets, info, safety)
+            # one element per row group (spread by Create's reshuffle; one Dask partition each)
+            images = p | "RowGroups" >> beam.Create(row_groups(files)) | "Read" >> ReadRowGroups()
+            outputs = {"images": images} | "Filter" >> FilterImages(cfg, spill_dir, row_groups(link_files), buckets, info, safety)
             more = {OCCURRENCES: OCCURRENCE_SCHEMA}
             site_files = stage_files(input_path, "sites", expected="download")
             if site_files:  # pages per site in the crawl, passed on to pair

@@ -275,3 +275,51 @@ def test_the_spilled_join_on_dask_gives_the_local_rows(tmp_path, photos_dir, mon
     for name in ("images", "occurrences", "rejected"):
         assert _rows(con, on_dask, name) == _rows(con, local, name), name
     assert not os.path.exists(os.path.join(on_dask, fp.SPILL))
+
+
+@pytest.mark.parametrize("join_links", [100_000, 7])
+def test_each_dask_partition_is_one_row_group(tmp_path, photos_dir, monkeypatch, join_links):
+    """On Dask a partition's outputs are held until it ends (core/dask_runner), so a partition must
+    be a bounded unit of work: in the graph the Dask runner makes of run_filter's pipeline, the
+    images are read and validated one downloads row group to a partition, and the link join runs
+    one partition per join bucket and occurrences row group. (Before, a partition was a whole
+    downloads file and a whole bucket: on benchmarks/scale.py's 8 files a worker's peak grew
+    740 -> 1,476 MB from 1x to 16x.)"""
+    import contextlib
+
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    import filter.pipeline as fp
+    from core.dask_runner import DaskRunner
+    from core.stageio import stage_files
+
+    download = str(tmp_path / "download")
+    _download(download, photos_dir)
+    monkeypatch.setattr(fp, "JOIN_LINKS", join_links)
+    graphs: dict = {}
+
+    class Built(Exception):
+        pass
+
+    @contextlib.contextmanager
+    def built_only(beam_args=None):  # the pipeline run_filter builds, translated as the Dask runner does
+        p = beam.Pipeline()
+        yield p
+        p.replace_all(dask_overrides())
+        visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 1})  # core/stageio's default on Dask
+        p.visit(visitor)
+        graphs.update({node.full_label: bag for node, bag in visitor.bags.items() if bag is not None})
+        raise Built
+
+    monkeypatch.setattr(fp, "stage_pipeline", built_only)
+    with pytest.raises(Built):
+        fp.run_filter(download, str(tmp_path / "filter"), FilterConfig(encoder="none", faces="off"))
+    groups = {name: sum(pq.ParquetFile(f).num_row_groups for f in stage_files(download, name, expected="download")) for name in ("downloads", "occurrences")}
+    links = sum(pq.ParquetFile(f).metadata.num_rows for f in stage_files(download, "occurrences", expected="download"))
+    buckets = fp.join_buckets(links)
+    assert groups["downloads"] > 2 and groups["occurrences"] > 2 and buckets == (1 if join_links == 100_000 else -(-links // 7))
+    assert graphs["Read/ReadRowGroup"].npartitions == groups["downloads"]
+    assert graphs["Filter/ValidateAndHash/ParDo(ValidateAndHash)"].npartitions == groups["downloads"]
+    assert graphs["Filter/JoinLinks/ParDo(JoinLinks)"].npartitions == buckets * groups["occurrences"]
