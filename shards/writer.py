@@ -405,7 +405,7 @@ class WriteShards(beam.DoFn):
         """Every image the pair file's samples need, fetched once (the pointer columns only)."""
         wanted: dict = {}
         with FileSystems.open(path) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=POINTER_COLUMNS):
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=POINTER_COLUMNS):
                 cols = {name: batch.column(name).to_pylist() for name in POINTER_COLUMNS}
                 for side in ("cond", "target"):
                     for f, rg, image_id in zip(cols[f"{side}_bytes_file"], cols[f"{side}_bytes_row_group"], cols[f"{side}_image_id"]):
