@@ -330,8 +330,11 @@ def phash_distance(a: str, b: str) -> int:
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Build a table with exactly `schema`'s columns from plain dict rows."""
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    """Build a table with exactly `schema`'s columns from plain dict rows (a key a row lacks is
+    null, keys outside the schema are ignored: pyarrow's `from_pylist` reads each of the schema's
+    names from each row, column by column; a copy of every row restricted to the schema's fields,
+    as before, cost a Field object per value)."""
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def occurrence_of(image_row: dict[str, Any], link_id: str = "") -> dict[str, Any]:
