@@ -137,6 +137,29 @@ def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipel
             yield p
 
 
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """The objects that exist when a stage starts (modules, Beam's and pyarrow's classes: ~1.4 x
+    10^5 after pair's imports) moved out of the garbage collector's sight for the stage
+    (`gc.freeze`, undone after): each full collection during the stage then walks only what the
+    stage made (a full collection of pair at 20,000 images cost ~0.1 CPU s, six of them ~0.6 of its
+    ~20 s; issue 34). What the stage drops is collected as before. One full collection first, so
+    that garbage already there (filter's, in `webpairs run`) is not held frozen for the stage. Only
+    the outermost block unfreezes: a block inside another, or inside someone else's `gc.freeze`,
+    leaves the heap frozen as it found it."""
+    import gc
+
+    mine = gc.get_freeze_count() == 0  # nested, or frozen by someone else: the outermost block unfreezes
+    if mine:
+        gc.collect()  # what is garbage already goes now, not held frozen for the whole stage
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
 class _DaskPipeline(beam.Pipeline):
     """A pipeline that goes to the Dask runner without Beam's runner-API round trip: Beam makes it
     (proto and back) for runners outside the Fn API only as a check, and it cost a second of the
@@ -212,15 +235,26 @@ class WriteStageOutputs(beam.PTransform):
     written as they come). With tables, `kept` and `rejected` may be tuples of PCollections, each
     written by its own sink. Any other entry is counted too and lands in stats.json under its name
     (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
+
+    With `count_together`, every count (input, kept, reasons, the other entries) is tallied in the
+    step that makes its elements (`_Tally`: one {count: n} a bundle) and summed by one global
+    combine, read by the stats step as one side input: the same stats.json as a Count.Globally per
+    entry (8 transforms each; 15 of them were ~0.8 CPU s of Beam's fixed cost in pair, issue 34).
+    Then `input` and the other entries may also be tuples of PCollections (counted together), and
+    the entries named in `table_counts` hold pyarrow tables, counted by their rows.
     """
 
-    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False):
+    def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
+                 count_together: bool = False, table_counts: tuple = ()):
         super().__init__()
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
         self.kept_tables = kept_tables
         self.rejected_tables = rejected_tables
         self.more = more or {}
+        self.count_together, self.table_counts = count_together, tuple(table_counts)
+        if table_counts and not count_together:
+            raise ValueError("table_counts needs count_together")
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
@@ -244,6 +278,8 @@ class WriteStageOutputs(beam.PTransform):
             _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
             )
+        if self.count_together:
+            return self._stats_together(pcolls, kept_all, rejected_all)
         if "input_count" in pcolls:
             n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
         else:
@@ -286,6 +322,70 @@ class WriteStageOutputs(beam.PTransform):
                 **counts,
             )
         )
+
+    def _stats_together(self, pcolls: dict, kept_all: list, rejected_all: list):
+        """stats.json from one global combine of every count (see the class)."""
+        tallies = []
+
+        def tally(pcs, key, label: str, rows: bool = False) -> None:
+            for i, pc in enumerate(pcs if isinstance(pcs, (tuple, list)) else [pcs]):
+                tallies.append(pc | (f"{label}{i}" if i else label) >> beam.ParDo(_Tally(key, rows)))
+
+        if "input_count" in pcolls:
+            tallies.append(pcolls["input_count"] | "TallyInputCount" >> beam.Map(lambda n: {_INPUT: n}))
+        else:
+            tally(pcolls["input"], _INPUT, "TallyInput")
+        if "kept_count" in pcolls:
+            tallies.append(pcolls["kept_count"] | "TallyKeptCount" >> beam.Map(lambda n: {_KEPT: n}))
+        else:
+            tally(kept_all, _KEPT, "TallyKept", rows=self.kept_tables)
+        for i, pc in enumerate(rejected_all):
+            label = f"TallyReasons{i}" if i else "TallyReasons"
+            if self.rejected_tables:
+                tallies.append(pc | label >> beam.Map(lambda t: {(_REASON, k): v for k, v in _reason_counts(t).items()}))
+            else:
+                tallies.append(pc | label >> beam.ParDo(_Tally(_REASON)))
+        names = [name for name in pcolls if name not in ("input", "input_count", "kept", "kept_count", "rejected")]
+        for name in names:
+            tally(pcolls[name], (_COUNT, name), f"Tally_{name}", rows=name in self.table_counts)
+        totals = tallies | "AllTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(_CountDicts())
+        return (
+            kept_all[0].pipeline
+            | "StatsSeed" >> beam.Create([None])
+            | "WriteStats" >> beam.Map(_write_tallied_stats, totals=beam.pvalue.AsSingleton(totals), names=names, out_dir=self.out_dir, stage=self.stage, extra=self.extra)
+        )
+
+
+_INPUT, _KEPT, _REASON, _COUNT = "input", "kept", "reason", "count"  # the keys of `_Tally`'s counts
+
+
+class _Tally(beam.DoFn):
+    """Counts a bundle's elements (or, with `rows`, the rows of its pyarrow tables; with key
+    _REASON, each rejected row under (_REASON, its reason)) and emits {key: n} when the bundle ends:
+    what Count.Globally's lifted combine does in the producing step, without its eight transforms."""
+
+    def __init__(self, key, rows: bool = False):
+        self.key, self.rows = key, rows
+
+    def start_bundle(self):
+        self.counts: dict = {}
+
+    def process(self, element):
+        key = (_REASON, element["reason"]) if self.key == _REASON else self.key
+        self.counts[key] = self.counts.get(key, 0) + (element.num_rows if self.rows else 1)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        if self.counts:
+            yield GlobalWindows.windowed_value(self.counts)
+        self.counts = {}
+
+
+def _write_tallied_stats(_, totals: dict, names: list, out_dir: str, stage: str, extra: dict):
+    reasons = {key[1]: n for key, n in totals.items() if isinstance(key, tuple) and key[0] == _REASON}
+    counts = {name: totals.get((_COUNT, name), 0) for name in names}
+    return _write_stats(None, out_dir, stage, totals.get(_INPUT, 0), totals.get(_KEPT, 0), reasons, extra, **counts)
 
 
 def finish_stage(out_dir: str, stage: Optional[str] = None) -> dict:

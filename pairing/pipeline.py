@@ -22,9 +22,10 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
+from core.memory import system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import ReadParquetWithPointers, StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
 from pairing.select import page_outcome
@@ -219,22 +220,24 @@ class PairImages(beam.PTransform):
         # 0. each image (one row) back on its pages, through the kept links of filter's occurrences;
         #    with the copy step (pairing/copies.py), every dress of a photo joins on the group's kept
         #    dress: the others' links are rejected and the kept dress stands in on their pages
+        #    (each record keyed and packed in its spill's step: `keyed`)
         if copies:
             found = {"light": pcolls["copy_light"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
-            copy_of = beam.pvalue.AsDict(found["copy_of"])
-            keyed_images = images | "KeyImage" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS)), copy_of)
-            keyed_links = links | "KeyLink" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS)), copy_of)
+            side = (beam.pvalue.AsDict(found["copy_of"]),)
+            key_image = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS))  # noqa: E731
+            key_link = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS))  # noqa: E731
         else:
-            keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
-            keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
+            side = ()
+            key_image = lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS))  # noqa: E731
+            key_link = lambda r: (r["image_id"], pack(r, LINK_FIELDS))  # noqa: E731
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
         flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir=spill_dir, buckets=buckets)
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
-            keyed_images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets)),
-            keyed_links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets)),
+            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image), *side),
+            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link), *side),
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
@@ -254,9 +257,8 @@ class PairImages(beam.PTransform):
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
         rejected = (joined[REJECTED], per_page[REJECTED])  # tables, each producer's written by its own sink
-        if copies:  # the input: every kept link, and every page a kept dress stands in on
-            counts = [pc | f"Count_{name}" >> beam.combiners.Count.Globally() for name, pc in (("links", keys), ("stand_ins", out["copy_stand_ins"]))]
-            out.update(input_count=counts | "InputCount" >> beam.Flatten(), links=keys)
+        if copies:  # the input: every kept link, and every page a kept dress stands in on (counted together)
+            out.update(input=(keys, out["copy_stand_ins"]), links=keys)
         else:
             out["input"] = keys
         return {
@@ -294,6 +296,43 @@ def _compact(row: dict) -> dict:
     return row
 
 
+def embedding_arrays(column) -> list:
+    """A row group's embedding column (a pyarrow list array, or the null type) -> per row a float16
+    NumPy array (None where null): what `_compact` makes of each row's Python list, without the
+    list. Values are cast from the column's float type as NumPy casts the list's Python floats (those
+    hold the stored values exactly), so the arrays are equal bit for bit."""
+    import numpy as np
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_null(column.type):
+        return [None] * len(column)
+    offsets = column.offsets.to_numpy().tolist()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float16)
+    valid = column.is_valid().to_numpy(zero_copy_only=False).tolist()
+    return [values[offsets[i] : offsets[i + 1]].copy() if valid[i] else None for i in range(len(column))]
+
+
+class ReadImages(beam.DoFn):
+    """Filter's images files -> one record per row (META_COLUMNS, no bytes) with its pointer
+    (`bytes_file`, `bytes_row_group`) and its embedding as a float16 array: core.stageio
+    ReadParquetWithPointers then `_compact` as one step, the embeddings taken from the column (a
+    Python list of floats per row cost ~25 us, and a Beam step per record)."""
+
+    def process(self, path: str):
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(path) as fh:
+            pf = pq.ParquetFile(fh)
+            for rg in range(pf.num_row_groups):
+                table = pf.read_row_group(rg, columns=META_COLUMNS)
+                embeddings = embedding_arrays(table.column("embedding"))
+                for row, embedding in zip(table.drop_columns(["embedding"]).to_pylist(), embeddings):
+                    row["embedding"], row["bytes_file"], row["bytes_row_group"] = embedding, path, rg
+                    yield row
+
+
 def _for_parquet(row: dict) -> dict:
     row = dict(row)
     if row.get("embedding") is not None:
@@ -311,7 +350,8 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
     if not occurrence_files:
         raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs filter`): run `webpairs filter` into it again")
     check_columns(occurrence_files, OCCURRENCE_SCHEMA, input_path, "filter")
-    with StageOutput(out_dir, STAGE) as stage_out:
+    system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
+    with frozen_gc(), StageOutput(out_dir, STAGE) as stage_out:
         _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args, stage_files(input_path, "sites", expected="filter"))
         return stage_out.commit()
 
@@ -359,20 +399,21 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         )
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
         # the records stream into the page shuffle instead of being held for that stage
-        images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadParquetWithPointers(META_COLUMNS)) | "Compact" >> beam.Map(_compact)
+        images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadImages())
         inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
         if cfg.copies:  # the copy step reads the embeddings, pHashes and pointers; later only the candidates' bytes
             inputs["copy_light"] = copy_inputs(p, files)
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
         out = inputs | "Pair" >> PairImages(cfg, feature_dir, spill_dir, buckets)
-        ones = []
+        tables = []
         for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/, tables as they come
             pairs = out.pop(name)
             _ = pairs | f"Write_{name}" >> beam.io.WriteToParquetBatched(os.path.join(out_dir, "pairs", prefix), PAIR_SCHEMA, file_name_suffix=".parquet")
-            ones.append(pairs | f"One_{name}" >> beam.FlatMap(lambda t: [1] * t.num_rows))
-        out["pairs"] = ones | "AllPairs" >> beam.Flatten()  # counted once, as ones
+            tables.append(pairs)
+        out["pairs"] = tuple(tables)  # counted once, by their rows
         more = {"boilerplate": BOILERPLATE_SCHEMA}
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True)
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True,
+                                                 count_together=True, table_counts=("pairs",))

@@ -31,8 +31,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
+from core.memory import system_arrow_pool
 from core.records import Rejected
-from core.stageio import StageError, StageOutput, WriteStageOutputs, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, frozen_gc, stage_pipeline, stage_files
 
 STAGE = "shards"
 REJECTED = "rejected"
@@ -404,7 +405,7 @@ class WriteShards(beam.DoFn):
         """Every image the pair file's samples need, fetched once (the pointer columns only)."""
         wanted: dict = {}
         with FileSystems.open(path) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=POINTER_COLUMNS):
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=POINTER_COLUMNS):
                 cols = {name: batch.column(name).to_pylist() for name in POINTER_COLUMNS}
                 for side in ("cond", "target"):
                     for f, rg, image_id in zip(cols[f"{side}_bytes_file"], cols[f"{side}_bytes_row_group"], cols[f"{side}_image_id"]):
@@ -515,7 +516,8 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
     """Write pair shards from a pair stage directory; returns reconciled stats."""
     pair_files = stage_files(input_path, "pairs", expected="pair")
     n_pairs, encoder = _pair_files_info(pair_files)  # footers only, no data pass
-    with StageOutput(out_dir, STAGE) as out:
+    system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
+    with frozen_gc(), StageOutput(out_dir, STAGE) as out:
         with stage_pipeline(beam_args) as p:
             written = (
                 p
@@ -525,7 +527,7 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
             )
             counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
             # index rows leave each writer as one table per shard (Beam's cost is per element)
-            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
+            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True, count_together=True)
             _ = (
                 p
                 | "ManifestSeed" >> beam.Create([None])

@@ -1,0 +1,199 @@
+"""Issue 34, pair + shards per core: the counts of stats.json tallied together (one combine instead
+of a Count.Globally per entry) and the image reader's embeddings taken from the column give what
+the steps they replace gave."""
+
+import json
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from core.records import REJECTED_SCHEMA
+from core.stageio import STATS_FILE, WriteStageOutputs, pipeline_options
+
+SCHEMA = pa.schema([("id", pa.string())])
+
+
+def _stats(out_dir: str, together: bool) -> dict:
+    """stats.json of a stage with every kind of count: an input (with `together`, two PCollections;
+    else their flatten), kept tables, rejected tables from two producers and rejected rows, other
+    entries with elements, with none, and of tables (counted by rows)."""
+    kept = [pa.table({"id": [f"k{i}" for i in range(n)]}, schema=SCHEMA) for n in (3, 0, 5)]
+    reasons = ["too_small"] * 4 + ["near_duplicate"] * 2 + ["boilerplate_site"]
+    rejected = [pa.Table.from_pylist([{"record_id": f"r{i}", "stage": "t", "reason": r, "detail": "", "url": ""} for i, r in enumerate(reasons[a:b])], schema=REJECTED_SCHEMA) for a, b in ((0, 3), (3, 7))]
+    with beam.Pipeline(options=pipeline_options([])) as p:
+        links = p | "Links" >> beam.Create(list(range(11)))
+        stand_ins = p | "StandIns" >> beam.Create(["a", "b"])
+        pair_tables = (p | "P1" >> beam.Create([kept[0], kept[2]]), p | "P2" >> beam.Create([kept[1]]))
+        pcolls = {
+            "kept": p | "Kept" >> beam.Create(kept),
+            "rejected": (p | "Rej0" >> beam.Create(rejected[:1]), p | "Rej1" >> beam.Create(rejected[1:])),
+            "links": links,
+            "empty": p | "Empty" >> beam.Create([]),
+            "pages": p | "Pages" >> beam.Create(["x"] * 7),
+        }
+        if together:
+            pcolls.update(input=(links, stand_ins), pairs=pair_tables)
+            write = WriteStageOutputs(out_dir, "t", "kept", SCHEMA, kept_tables=True, rejected_tables=True, count_together=True, table_counts=("pairs",))
+        else:
+            pcolls.update(input=(links, stand_ins) | "AllInput" >> beam.Flatten(), pairs=pair_tables | "AllPairs" >> beam.Flatten() | "Ones" >> beam.FlatMap(lambda t: [1] * t.num_rows))
+            write = WriteStageOutputs(out_dir, "t", "kept", SCHEMA, kept_tables=True, rejected_tables=True)
+        _ = pcolls | "Write" >> write
+    with open(f"{out_dir}/{STATS_FILE}") as fh:
+        return json.load(fh)
+
+
+def test_counts_tallied_together_are_the_counts_of_a_combine_per_entry(tmp_path):
+    one_by_one, together = _stats(str(tmp_path / "a"), False), _stats(str(tmp_path / "b"), True)
+    assert together == one_by_one
+    assert together == {"stage": "t", "input": 13, "kept": 8, "rejected": {"boilerplate_site": 1, "near_duplicate": 2, "too_small": 4},
+                        "links": 11, "empty": 0, "pages": 7, "pairs": 8}
+
+
+def test_rejected_rows_are_tallied_by_reason(tmp_path):
+    rows = [{"record_id": str(i), "stage": "t", "reason": r, "detail": "", "url": ""} for i, r in enumerate(["a", "b", "a", "c", "a"])]
+    with beam.Pipeline(options=pipeline_options([])) as p:
+        pcolls = {"input": p | "In" >> beam.Create(range(9)), "kept": p | "Kept" >> beam.Create([{"id": "x"}] * 4), "rejected": p | "Rej" >> beam.Create(rows)}
+        _ = pcolls | "Write" >> WriteStageOutputs(str(tmp_path), "t", "kept", SCHEMA, count_together=True)
+    with open(tmp_path / STATS_FILE) as fh:
+        assert json.load(fh) == {"stage": "t", "input": 9, "kept": 4, "rejected": {"a": 3, "b": 1, "c": 1}}
+
+
+def test_table_counts_need_count_together():
+    with pytest.raises(ValueError):
+        WriteStageOutputs("x", "t", "kept", SCHEMA, table_counts=("pairs",))
+
+
+@pytest.mark.parametrize("value_type", [pa.float16(), pa.float32()])
+def test_embeddings_from_the_column_equal_the_compacted_lists(value_type):
+    from pairing.pipeline import _compact, embedding_arrays
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(300):
+        if i % 17 == 0:
+            rows.append(None)  # no embedding
+        elif i % 29 == 0:
+            rows.append([])  # an empty one
+        else:
+            rows.append((rng.normal(size=8 + i % 3) * 10.0 ** rng.integers(-6, 3)).astype(np.float16 if value_type == pa.float16() else np.float32).tolist())
+    column = pa.chunked_array([pa.array(rows[:100], pa.list_(value_type)), pa.array(rows[100:], pa.list_(value_type))])
+    got = embedding_arrays(column)
+    assert len(got) == len(rows)
+    for value, mine in zip(column.to_pylist(), got):
+        want = _compact({"embedding": value})["embedding"]
+        if want is None:
+            assert mine is None
+        else:
+            assert mine.dtype == want.dtype == np.float16 and mine.shape == want.shape and mine.tobytes() == want.tobytes()
+            assert mine.base is None or mine.base.size == mine.size  # its own copy, not a view of the row group's values
+
+
+def test_embeddings_of_a_null_typed_column_are_none():
+    from pairing.pipeline import embedding_arrays
+
+    assert embedding_arrays(pa.nulls(4)) == [None] * 4
+
+
+def test_pair_and_shards_take_arrows_system_pool(monkeypatch):
+    """run_pair and run_shards each call core/memory.system_arrow_pool (Arrow's buffers from the
+    system pool, whose freed memory glibc reuses: mimalloc held ~40 MB more at shards' peak); the
+    stages are stopped right after it, at their first read of the input."""
+    import pairing.pipeline
+    import shards.writer
+    from core.config import PairConfig, ShardConfig
+
+    called = []
+
+    class Stop(Exception):
+        pass
+
+    def recorder():
+        called.append(True)
+        raise Stop
+
+    for module in (pairing.pipeline, shards.writer):
+        monkeypatch.setattr(module, "system_arrow_pool", recorder)
+        monkeypatch.setattr(module, "stage_files", lambda *a, **k: ["part-0.parquet"])  # the input checks pass
+    monkeypatch.setattr(pairing.pipeline, "check_columns", lambda *a, **k: None)
+    monkeypatch.setattr(shards.writer, "_pair_files_info", lambda files: (1, "tiny-clip"))
+    with pytest.raises(Stop):
+        pairing.pipeline.run_pair("/nonexistent/filter", "/nonexistent/pair", PairConfig())
+    with pytest.raises(Stop):
+        shards.writer.run_shards("/nonexistent/pair", "/nonexistent/shards", ShardConfig())
+    assert called == [True, True]
+
+
+def test_system_arrow_pool_sets_the_system_pool():
+    from core.memory import system_arrow_pool
+
+    before = pa.default_memory_pool()
+    try:
+        system_arrow_pool()
+        assert pa.default_memory_pool().backend_name == "system"
+    finally:
+        pa.set_memory_pool(before)
+
+
+def test_a_tally_starts_each_bundle_from_zero():
+    """_Tally emits each bundle's own counts: Beam (and the Dask runner, one bundle a partition)
+    runs many bundles on one DoFn instance, so a count carried over would be summed twice."""
+    from core.stageio import _REASON, _Tally
+
+    tally = _Tally("kept")
+    emitted = []
+    for bundle in (["a", "b", "c"], ["d"], []):
+        tally.start_bundle()
+        for element in bundle:
+            tally.process(element)
+        emitted += [wv.value for wv in tally.finish_bundle()]
+    assert emitted == [{"kept": 3}, {"kept": 1}]
+    reasons = _Tally(_REASON)
+    emitted = []
+    for bundle in ([{"reason": "a"}, {"reason": "b"}, {"reason": "a"}], [{"reason": "b"}]):
+        reasons.start_bundle()
+        for element in bundle:
+            reasons.process(element)
+        emitted += [wv.value for wv in reasons.finish_bundle()]
+    assert emitted == [{(_REASON, "a"): 2, (_REASON, "b"): 1}, {(_REASON, "b"): 1}]
+    rows = _Tally("pairs", rows=True)
+    rows.start_bundle()
+    for table in (pa.table({"x": [1, 2]}), pa.table({"x": [3]})):
+        rows.process(table)
+    assert [wv.value for wv in rows.finish_bundle()] == [{"pairs": 3}]
+
+
+def test_rows_to_table_takes_any_iterable_of_mappings_and_refuses_tuples():
+    from types import MappingProxyType
+
+    from core.records import rows_to_table
+
+    schema = pa.schema([("a", pa.int64()), ("b", pa.string())])
+    rows = [{"a": 1, "b": "x", "extra": 0}, {"a": 2}, MappingProxyType({"b": "z"})]
+    want = [{"a": 1, "b": "x"}, {"a": 2, "b": None}, {"a": None, "b": "z"}]
+    assert rows_to_table(rows, schema).to_pylist() == want
+    assert rows_to_table(iter(rows), schema).to_pylist() == want  # a generator: walked once
+    with pytest.raises(TypeError, match="rows must be mappings"):
+        rows_to_table([{"a": 1}, (2, "y")], schema)
+
+
+def test_frozen_gc_nests_and_leaves_someone_elses_freeze_frozen():
+    import gc
+
+    from core.stageio import frozen_gc
+
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        outer = gc.get_freeze_count()
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() >= outer  # not unfrozen by the block
+    finally:
+        gc.unfreeze()
+    with frozen_gc():
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() > 0  # the inner block left the outer one's freeze
+    assert gc.get_freeze_count() == 0
