@@ -259,7 +259,7 @@ class WriteStageOutputs(beam.PTransform):
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
         # With tables, `kept` and `rejected` may each be a tuple of PCollections: each is written
-        # by its own sink (part-*, part-1-*, ...) and only their counts meet. (A Flatten of
+        # by its own sink (part-*, part_1-*, ...) and only their counts meet. (A Flatten of
         # PCollections made in different stages is held whole in memory by the local runner.)
         kept_all = list(kept) if isinstance(kept, (tuple, list)) else [kept]
         rejected_all = list(rejected) if isinstance(rejected, (tuple, list)) else [rejected]
@@ -268,8 +268,11 @@ class WriteStageOutputs(beam.PTransform):
         kept_path = os.path.join(self.out_dir, self.name, "part")
         rejected_path = os.path.join(self.out_dir, "rejected", "part")
         for pcs, path, label, schema, tables in ((kept_all, kept_path, "WriteKept", self.schema, self.kept_tables), (rejected_all, rejected_path, "WriteRejected", REJECTED_SCHEMA, self.rejected_tables)):
-            for i, pc in enumerate(pcs):  # part-*, then part-1-*, part-2-*...
-                sink_path, sink_label = (path, label) if i == 0 else (f"{path}-{i}", f"{label}{i}")
+            for i, pc in enumerate(pcs):  # part-*, then part_1-*, part_2-*...
+                # not part-1: each sink's finalize deletes what matches its own `part-*-of-N` first,
+                # and that matched a second sink's finished part-1-00000-of-00001 (rows lost when
+                # the second sink finished first: 1 run in 3 in process, found in review)
+                sink_path, sink_label = (path, label) if i == 0 else (f"{path}_{i}", f"{label}{i}")
                 if tables:  # each table is written as it comes
                     _ = pc | sink_label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
                 else:

@@ -339,3 +339,52 @@ def test_stage_output_commit_swaps_whole_folders(tmp_path):
             stage.commit()
     assert sorted(os.listdir(out / "links")) == ["part-2.parquet"] and sorted(os.listdir(tmp_path)) == ["s"]
     assert stage_files(str(out), "links", expected="extract") == [str(out / "links" / "part-2.parquet")]
+
+
+def test_no_sink_of_a_stage_deletes_another_sinks_files(tmp_path):
+    """WriteStageOutputs writes each of several kept or rejected PCollections by a sink of its own
+    into one folder. Beam's sink deletes whatever matches its own `<prefix>-*-of-<N>.parquet` before
+    it renames its files into place, and the second sink's prefix was `part-1`: the first sink's
+    `part-*-of-00001` matched its finished `part-1-00000-of-00001.parquet`, and those rows were
+    lost whenever the second sink finished first (pair's and extract's rejected rows; found in
+    review, 1 run in 3 in process). Every sink's glob must match its own files only, and every row
+    must be back, whichever sink finishes first (one producer behind a GroupByKey, twice)."""
+    import fnmatch
+
+    import apache_beam as beam
+    import duckdb
+    import pyarrow as pa
+
+    from core.records import REJECTED_SCHEMA
+    from core.stageio import WriteStageOutputs, pipeline_options
+
+    schema = pa.schema([("id", pa.string())])
+
+    def table(prefix, n):
+        return pa.table({"id": [f"{prefix}{i}" for i in range(n)]}, schema=schema)
+
+    def rejected(prefix, n):
+        return pa.Table.from_pylist([{"record_id": f"{prefix}{i}", "stage": "t", "reason": "too_small", "detail": "", "url": ""} for i in range(n)], schema=REJECTED_SCHEMA)
+
+    for trial, late in enumerate((0, 1)):
+        out = tmp_path / f"run{trial}"
+
+        def source(p, label, tables, delayed):
+            pc = p | label >> beam.Create(tables)
+            if delayed:  # behind a shuffle: this sink finishes after the others
+                pc = pc | f"{label}Key" >> beam.Map(lambda t: (0, t)) | f"{label}Group" >> beam.GroupByKey() | f"{label}Out" >> beam.FlatMap(lambda kv: kv[1])
+            return pc
+
+        with beam.Pipeline(options=pipeline_options([])) as p:
+            kept = tuple(source(p, f"K{i}", [table(f"k{i}-", 3 + i)], i == late) for i in range(3))
+            rej = tuple(source(p, f"R{i}", [rejected(f"r{i}-", 2 + i)], i != late) for i in range(3))
+            _ = {"input": p | "In" >> beam.Create(range(3 + 4 + 5 + 2 + 3 + 4)), "kept": kept, "rejected": rej} | WriteStageOutputs(
+                str(out), "t", "kept", schema, kept_tables=True, rejected_tables=True, count_together=True)
+        for folder, column, want in (("kept", "id", {f"k{i}-{j}" for i in range(3) for j in range(3 + i)}), ("rejected", "record_id", {f"r{i}-{j}" for i in range(3) for j in range(2 + i)})):
+            names = sorted(os.listdir(out / folder))
+            for name in names:  # <prefix>-SSSSS-of-NNNNN.parquet: Beam's finalize glob of that sink
+                prefix, _, _, shards = name.rsplit("-", 3)
+                mine = fnmatch.filter(names, f"{prefix}-*-of-{shards}")
+                assert all(n.rsplit("-", 3)[0] == prefix for n in mine), (name, mine)
+            got = duckdb.sql(f"SELECT {column} FROM read_parquet('{out / folder}/*.parquet')").fetchall()
+            assert sorted(r[0] for r in got) == sorted(want), (trial, folder)
