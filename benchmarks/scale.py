@@ -357,7 +357,7 @@ def main() -> list[dict]:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--work", help="folder for inputs and outputs (kept: a second run reuses the inputs); default a temporary folder")
     ap.add_argument("--json", help="write the measurements here after every step")
-    ap.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="folder for scale_time.png and scale_memory.png ('' for none)")
+    ap.add_argument("--figures", help="folder for scale_time.png and scale_memory.png ('' for none); default docs/figures (the README's plots), but only for a run of every stage on both runners or --plot-only: a run of some stages or one runner draws no figures unless this names a folder")
     ap.add_argument("--keep", action="store_true", help="keep each size's stage outputs in --work (a later run with --stages pair shards reads them)")
     ap.add_argument("--inputs-from", choices=["inprocess", "dask"], help="read each stage's input from this runner's outputs in --work (kept with --keep): e.g. pair and shards on Dask from the in-process filter output, which is the same")
     ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py): on the generated crawl's photo crops most images are copy candidates, and the local runner holds the step's two joins of SIFT features in memory (8.6 GB at 1x on 2026-12-05)")
@@ -366,6 +366,11 @@ def main() -> list[dict]:
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.figures is None:
+        whole = args.plot_only or (sorted(args.stages) == sorted(STAGES) and sorted(args.runners) == ["dask", "inprocess"])
+        args.figures = os.path.join(ROOT, "docs", "figures") if whole else ""
+        if not whole and not args.child and not args.generate:
+            print("figures: none (a run of some stages or one runner would redraw the README's plots with part of them; --figures DIR draws them)", flush=True)
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), args.child[3])))
         return []

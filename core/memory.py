@@ -49,3 +49,18 @@ def tune_allocators() -> bool:
     _tuned = True
     return ok
 
+
+
+def system_arrow_pool() -> None:
+    """Arrow's buffers from its system pool (glibc malloc) instead of mimalloc, glibc's own
+    thresholds left as they are (pair and shards, issue 34): mimalloc kept ~40-50 MB more resident
+    at the peak of shards after pair at 20,000 images (benchmarks/pairing.py: 10x 417 -> 379 MB, 1x
+    351 -> 330 MB) and cost a little CPU; `tune_allocators`' fixed trim threshold (filter's) keeps
+    up to 128 MB of freed heap, which raised pair's 10x peak instead (352 -> 407 MB). Outputs do not
+    change; only where buffers live."""
+    import pyarrow as pa
+
+    try:
+        pa.set_memory_pool(pa.system_memory_pool())
+    except (NotImplementedError, pa.ArrowException):  # a build without it: its default stays
+        pass

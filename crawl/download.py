@@ -22,6 +22,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +38,24 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imp
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from img2dataset.downloader import Downloader  # noqa: E402
+
+
+def _drop_wandb_temp_folders() -> None:
+    """img2dataset imports wandb, which makes two empty temporary folders when it is imported
+    (`tmp*wandb-media`, `tmp*wandb-artifacts`) and removes them only at a normal interpreter exit.
+    img2dataset's spawned workers are terminated, not exited, so each one left two behind: 2,341
+    in /tmp after a day of this project's tests. wandb is disabled here (`enable_wandb=False`,
+    WANDB_MODE) and never writes into them, so they are removed as soon as it is imported."""
+    if os.environ.get("WANDB_MODE") != "disabled":
+        return
+    media = getattr(sys.modules.get("wandb.sdk.data_types._private"), "MEDIA_TMP", None)
+    artifact = getattr(sys.modules.get("wandb.sdk.artifacts.artifact"), "Artifact", None)
+    for folder in (media, getattr(artifact, "_TMP_DIR", None)):
+        if isinstance(folder, tempfile.TemporaryDirectory):
+            folder.cleanup()
+
+
+_drop_wandb_temp_folders()
 
 from crawl import consent  # noqa: E402
 from crawl.fetch import FetchError, fetch, parse_pins  # noqa: E402

@@ -182,18 +182,19 @@ class FlagBoilerplate(beam.PTransform):
         cfg, k, d = self.cfg, self.cfg.boilerplate_pages, self.cfg.boilerplate_phash_distance
         spill_dir, buckets = self.spill_dir, self.buckets  # the caller's folder: it removes it
 
-        def spill(pcoll, label: str, name: str):
-            return pcoll | f"Spill{label}" >> beam.ParDo(SpillByKey(f"{spill_dir}/boilerplate", name, buckets))
+        def spill(pcoll, label: str, name: str, keyed=None):  # keyed: the (key, value) of an element, in the spill's step
+            return pcoll | f"Spill{label}" >> beam.ParDo(SpillByKey(f"{spill_dir}/boilerplate", name, buckets, keyed))
 
         occ = occ | "Pages" >> beam.Map(lambda r: (r["site"], r["image_url"], r["phash"], page_key(r["page_url"])))
         # crawl-wide URLs: pages capped at K+1 (enough to say "more than K")
         g_url = (
-            spill(occ | "GlobalUrl" >> beam.Map(lambda o: (o[1], _dumps(o[3]))), "Urls", "url")
+            spill(occ, "Urls", "url", lambda o: (o[1], _dumps(o[3])))
             | "GroupUrlBuckets" >> beam.GroupByKey() | "GlobalUrlRows" >> beam.FlatMap(_global_url_rows, k)
         )
-        # crawl-wide contents: each pHash's pages, then its close neighbours' (through LSH bands)
+        # crawl-wide contents: each pHash's pages (an occurrence without one is not spilled), then
+        # its close neighbours' (through LSH bands)
         own = (
-            spill(occ | "Decoded" >> beam.Filter(lambda o: o[2] is not None) | "GlobalHash" >> beam.Map(lambda o: (o[2], _dumps(o[3]))), "Hashes", "hash")
+            spill(occ, "Hashes", "hash", lambda o: (o[2], _dumps(o[3])) if o[2] is not None else None)
             | "GroupHashBuckets" >> beam.GroupByKey() | "OwnPages" >> beam.FlatMap(_own_pages, k + 1)
         )
         bands = own | "Bands" >> beam.FlatMap(lambda kv: [(b, _dumps(kv)) for b in band_keys(kv[0], d)])
@@ -202,14 +203,14 @@ class FlagBoilerplate(beam.PTransform):
             | "Neighbours" >> beam.FlatMap(_band_neighbours, d)
         )
         own_near = (
-            spill(own | "OwnNear" >> beam.Map(lambda kv: (kv[0], _dumps(kv[1]))), "Own", "near"),
+            spill(own, "Own", "near", lambda kv: (kv[0], _dumps(kv[1]))),
             spill(near, "Near", "near"),
         )
         g_content = own_near | "NearFiles" >> beam.Flatten() | "GroupNearBuckets" >> beam.GroupByKey() | "GlobalContentRows" >> beam.FlatMap(_global_content_rows, k)
         # per site: counted against the site's page count
-        site_files = [spill(occ | "SiteOcc" >> beam.Map(lambda o: (o[0], _dumps((o[1], o[2], o[3])))), "Sites", "site_occ")]
+        site_files = [spill(occ, "Sites", "site_occ", lambda o: (o[0], _dumps((o[1], o[2], o[3]))))]
         if self.sites is not None:
-            site_files.append(spill(self.sites | "SitePagesGiven" >> beam.Map(lambda r: (r["site"], _dumps(r["pages"]))), "SitePages", "site_pages"))
+            site_files.append(spill(self.sites, "SitePages", "site_pages", lambda r: (r["site"], _dumps(r["pages"]))))
         site_flags = (
             site_files | "SiteFiles" >> beam.Flatten() | "GroupSiteBuckets" >> beam.GroupByKey()
             | "SiteRows" >> beam.FlatMap(_site_rows, cfg, self.sites is not None)

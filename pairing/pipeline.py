@@ -22,6 +22,7 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
+from core.memory import system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
@@ -219,22 +220,24 @@ class PairImages(beam.PTransform):
         # 0. each image (one row) back on its pages, through the kept links of filter's occurrences;
         #    with the copy step (pairing/copies.py), every dress of a photo joins on the group's kept
         #    dress: the others' links are rejected and the kept dress stands in on their pages
+        #    (each record keyed and packed in its spill's step: `keyed`)
         if copies:
             found = {"light": pcolls["copy_light"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
-            copy_of = beam.pvalue.AsDict(found["copy_of"])
-            keyed_images = images | "KeyImage" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS)), copy_of)
-            keyed_links = links | "KeyLink" >> beam.Map(lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS)), copy_of)
+            side = (beam.pvalue.AsDict(found["copy_of"]),)
+            key_image = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS))  # noqa: E731
+            key_link = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS))  # noqa: E731
         else:
-            keyed_images = images | "KeyImage" >> beam.Map(lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS)))
-            keyed_links = links | "KeyLink" >> beam.Map(lambda r: (r["image_id"], pack(r, LINK_FIELDS)))
+            side = ()
+            key_image = lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS))  # noqa: E731
+            key_link = lambda r: (r["image_id"], pack(r, LINK_FIELDS))  # noqa: E731
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
         flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir=spill_dir, buckets=buckets)
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
-            keyed_images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets)),
-            keyed_links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets)),
+            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image), *side),
+            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link), *side),
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
@@ -347,6 +350,7 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
     if not occurrence_files:
         raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs filter`): run `webpairs filter` into it again")
     check_columns(occurrence_files, OCCURRENCE_SCHEMA, input_path, "filter")
+    system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
     with frozen_gc(), StageOutput(out_dir, STAGE) as stage_out:
         _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args, stage_files(input_path, "sites", expected="filter"))
         return stage_out.commit()

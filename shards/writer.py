@@ -31,6 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
+from core.memory import system_arrow_pool
 from core.records import Rejected
 from core.stageio import StageError, StageOutput, WriteStageOutputs, frozen_gc, stage_pipeline, stage_files
 
@@ -404,7 +405,7 @@ class WriteShards(beam.DoFn):
         """Every image the pair file's samples need, fetched once (the pointer columns only)."""
         wanted: dict = {}
         with FileSystems.open(path) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=POINTER_COLUMNS):
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=POINTER_COLUMNS):
                 cols = {name: batch.column(name).to_pylist() for name in POINTER_COLUMNS}
                 for side in ("cond", "target"):
                     for f, rg, image_id in zip(cols[f"{side}_bytes_file"], cols[f"{side}_bytes_row_group"], cols[f"{side}_image_id"]):
@@ -515,6 +516,7 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
     """Write pair shards from a pair stage directory; returns reconciled stats."""
     pair_files = stage_files(input_path, "pairs", expected="pair")
     n_pairs, encoder = _pair_files_info(pair_files)  # footers only, no data pass
+    system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
     with frozen_gc(), StageOutput(out_dir, STAGE) as out:
         with stage_pipeline(beam_args) as p:
             written = (

@@ -176,3 +176,19 @@ def test_a_failing_url_rejects_every_link_to_it_and_a_good_one_is_fetched_once(t
     photo = occ[occ.image_url == base + "/photo.jpg"]
     assert len(photo) == 2 and photo.image_id.nunique() == 1
     assert stats["urls"] == 4 and stats["urls_downloaded"] == 3 and stats["images"] == 3
+
+
+def test_a_killed_process_that_imported_the_download_stage_leaves_no_wandb_folders(tmp_path):
+    """img2dataset imports wandb, which makes two temporary folders at import and removes them only
+    at a normal exit; img2dataset's spawned workers are terminated, so each left two empty
+    `tmp*wandb-*` folders in /tmp. A process that imports the stage and is killed (SIGKILL, no
+    exit handlers, like a terminated worker) must leave its TMPDIR as empty as it found it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the stage's own default
+    env.update(TMPDIR=str(tmp), PYTHONPATH=ROOT)
+    code = "import os, signal, crawl.download, wandb; print('imported', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert "imported" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp)) == []
