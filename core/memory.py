@@ -57,7 +57,10 @@ def system_arrow_pool() -> None:
     at the peak of shards after pair at 20,000 images (benchmarks/pairing.py: 10x 417 -> 379 MB, 1x
     351 -> 330 MB) and cost a little CPU; `tune_allocators`' fixed trim threshold (filter's) keeps
     up to 128 MB of freed heap, which raised pair's 10x peak instead (352 -> 407 MB). Outputs do not
-    change; only where buffers live."""
+    change; only where buffers live. It is a setting of the process: in `webpairs run`, filter
+    runs first in the same process and its `tune_allocators` (this pool and glibc's fixed
+    thresholds) stays for pair and shards, so the figures above are those of `webpairs pair` and
+    `webpairs shards` run alone, on the in-process runner (on Dask it sets the driver's pool only)."""
     import pyarrow as pa
 
     try:

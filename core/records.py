@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import zlib
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -334,6 +335,10 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     null, keys outside the schema are ignored: pyarrow's `from_pylist` reads each of the schema's
     names from each row, column by column; a copy of every row restricted to the schema's fields,
     as before, cost a Field object per value)."""
+    rows = rows if isinstance(rows, list) else list(rows)  # from_pylist walks the rows once per column
+    if not all(isinstance(r, Mapping) for r in rows):  # a tuple row would read as all nulls (`name in row` looks at its values)
+        bad = next(r for r in rows if not isinstance(r, Mapping))
+        raise TypeError(f"rows_to_table: rows must be mappings (dicts), got {type(bad).__name__}")
     return pa.Table.from_pylist(rows, schema=schema)
 
 

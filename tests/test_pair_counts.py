@@ -96,12 +96,104 @@ def test_embeddings_of_a_null_typed_column_are_none():
     assert embedding_arrays(pa.nulls(4)) == [None] * 4
 
 
-def test_pair_and_shards_take_arrows_system_pool():
-    """core/memory.system_arrow_pool (called by run_pair and run_shards): Arrow's buffers from the
-    system pool, whose freed memory glibc reuses (mimalloc held ~40 MB more at shards' peak)."""
-    import pyarrow as pa
+def test_pair_and_shards_take_arrows_system_pool(monkeypatch):
+    """run_pair and run_shards each call core/memory.system_arrow_pool (Arrow's buffers from the
+    system pool, whose freed memory glibc reuses: mimalloc held ~40 MB more at shards' peak); the
+    stages are stopped right after it, at their first read of the input."""
+    import pairing.pipeline
+    import shards.writer
+    from core.config import PairConfig, ShardConfig
 
+    called = []
+
+    class Stop(Exception):
+        pass
+
+    def recorder():
+        called.append(True)
+        raise Stop
+
+    for module in (pairing.pipeline, shards.writer):
+        monkeypatch.setattr(module, "system_arrow_pool", recorder)
+        monkeypatch.setattr(module, "stage_files", lambda *a, **k: ["part-0.parquet"])  # the input checks pass
+    monkeypatch.setattr(pairing.pipeline, "check_columns", lambda *a, **k: None)
+    monkeypatch.setattr(shards.writer, "_pair_files_info", lambda files: (1, "tiny-clip"))
+    with pytest.raises(Stop):
+        pairing.pipeline.run_pair("/nonexistent/filter", "/nonexistent/pair", PairConfig())
+    with pytest.raises(Stop):
+        shards.writer.run_shards("/nonexistent/pair", "/nonexistent/shards", ShardConfig())
+    assert called == [True, True]
+
+
+def test_system_arrow_pool_sets_the_system_pool():
     from core.memory import system_arrow_pool
 
-    system_arrow_pool()
-    assert pa.default_memory_pool().backend_name == "system"
+    before = pa.default_memory_pool()
+    try:
+        system_arrow_pool()
+        assert pa.default_memory_pool().backend_name == "system"
+    finally:
+        pa.set_memory_pool(before)
+
+
+def test_a_tally_starts_each_bundle_from_zero():
+    """_Tally emits each bundle's own counts: Beam (and the Dask runner, one bundle a partition)
+    runs many bundles on one DoFn instance, so a count carried over would be summed twice."""
+    from core.stageio import _REASON, _Tally
+
+    tally = _Tally("kept")
+    emitted = []
+    for bundle in (["a", "b", "c"], ["d"], []):
+        tally.start_bundle()
+        for element in bundle:
+            tally.process(element)
+        emitted += [wv.value for wv in tally.finish_bundle()]
+    assert emitted == [{"kept": 3}, {"kept": 1}]
+    reasons = _Tally(_REASON)
+    emitted = []
+    for bundle in ([{"reason": "a"}, {"reason": "b"}, {"reason": "a"}], [{"reason": "b"}]):
+        reasons.start_bundle()
+        for element in bundle:
+            reasons.process(element)
+        emitted += [wv.value for wv in reasons.finish_bundle()]
+    assert emitted == [{(_REASON, "a"): 2, (_REASON, "b"): 1}, {(_REASON, "b"): 1}]
+    rows = _Tally("pairs", rows=True)
+    rows.start_bundle()
+    for table in (pa.table({"x": [1, 2]}), pa.table({"x": [3]})):
+        rows.process(table)
+    assert [wv.value for wv in rows.finish_bundle()] == [{"pairs": 3}]
+
+
+def test_rows_to_table_takes_any_iterable_of_mappings_and_refuses_tuples():
+    from types import MappingProxyType
+
+    from core.records import rows_to_table
+
+    schema = pa.schema([("a", pa.int64()), ("b", pa.string())])
+    rows = [{"a": 1, "b": "x", "extra": 0}, {"a": 2}, MappingProxyType({"b": "z"})]
+    want = [{"a": 1, "b": "x"}, {"a": 2, "b": None}, {"a": None, "b": "z"}]
+    assert rows_to_table(rows, schema).to_pylist() == want
+    assert rows_to_table(iter(rows), schema).to_pylist() == want  # a generator: walked once
+    with pytest.raises(TypeError, match="rows must be mappings"):
+        rows_to_table([{"a": 1}, (2, "y")], schema)
+
+
+def test_frozen_gc_nests_and_leaves_someone_elses_freeze_frozen():
+    import gc
+
+    from core.stageio import frozen_gc
+
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        outer = gc.get_freeze_count()
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() >= outer  # not unfrozen by the block
+    finally:
+        gc.unfreeze()
+    with frozen_gc():
+        with frozen_gc():
+            pass
+        assert gc.get_freeze_count() > 0  # the inner block left the outer one's freeze
+    assert gc.get_freeze_count() == 0
