@@ -132,13 +132,19 @@ def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: 
     return rows[keep], idx[keep], sims[keep]
 
 
-def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 256, batch: int = 20_000, flip_below: int = 1 << 17):
+PHASH_BATCH_HITS = 1 << 18  # raw pHash-index hits held at once (~100 bytes each at the peak of a batch: ~26 MB)
+
+
+def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 256, batch: int = 20_000, flip_below: int = 1 << 17, max_hits: int = PHASH_BATCH_HITS):
     """(rows i, rows j, distance) of pHash pairs within `max_distance` bits, mirror-aware (each
     hash is also looked up mirrored), by multi-index hashing in numpy: four 16-bit chunks, each
     probed as is and, below `flip_below` images, with one bit flipped (every pair within 7 bits
     shares a probe; above it, within 3 bits: a chunk then holds n / 65536 random rows, and 17
-    probes of each would make the raw hits grow with n per image). Queries go in batches (memory
-    bounded by the batch); buckets over `max_bucket` rows (flat images share hashes) are skipped."""
+    probes of each would make the raw hits grow with n per image). Queries go in batches of at most
+    `batch` rows and at most `max_hits` raw hits (each row's hits counted first): the raw hits of
+    a row grow with n (a bucket holds ~n / 65536 rows, more where photos' hashes cluster), so a
+    batch of a fixed number of rows held ~4x the memory at 4x the images (347 MB at 77,327
+    images, issue 34); buckets over `max_bucket` rows (flat images share hashes) are skipped."""
     n = len(hashes)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     if n < 2:
@@ -153,22 +159,39 @@ def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 25
         starts = np.zeros(65537, np.int64)
         np.cumsum(np.bincount(key, minlength=65536), out=starts[1:])
         tables.append((np.uint64(16 * c), order, starts))
-    out_i, out_j, out_d = [], [], []
-    for lo in range(0, n, batch):
-        rows = np.arange(lo, min(n, lo + batch))
-        found_i, found_j = [], []
+
+    def probes_of(rows):  # per table and query (as is, mirrored): (the table's row order, where each probe's bucket starts, its size)
         for shift, order, starts in tables:
             for q in (h[rows], mirrored[rows]):
                 probes = (((q >> shift) & np.uint64(0xFFFF))[:, None] ^ flips[None, :]).reshape(-1).astype(np.int64)
                 left = starts[probes]  # a table lookup per probe (two binary searches before)
                 count = starts[probes + 1] - left
                 count[count > max_bucket] = 0
-                total = int(count.sum())
-                if not total:
-                    continue
-                found_i.append(rows[np.repeat(np.arange(len(probes)) // len(flips), count)])
-                offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-                found_j.append(order[np.repeat(left, count) + offsets])
+                yield order, left, count
+
+    hits = np.zeros(n, np.int64)  # each row's raw hits, so that a batch's hits are bounded
+    for lo in range(0, n, batch):
+        rows = np.arange(lo, min(n, lo + batch))
+        for _, _, count in probes_of(rows):
+            hits[rows] += count.reshape(len(rows), len(flips)).sum(axis=1)
+    bounds, lo, total = [], 0, np.cumsum(hits)
+    while lo < n:  # the longest run of rows from lo within `batch` rows and `max_hits` hits (at least one row)
+        before = total[lo - 1] if lo else 0
+        hi = int(np.searchsorted(total, before + max_hits, side="right"))
+        hi = min(max(hi, lo + 1), lo + batch, n)
+        bounds.append((lo, hi))
+        lo = hi
+    out_i, out_j, out_d = [], [], []
+    for lo, hi in bounds:
+        rows = np.arange(lo, hi)
+        found_i, found_j = [], []
+        for order, left, count in probes_of(rows):
+            found = int(count.sum())
+            if not found:
+                continue
+            found_i.append(rows[np.repeat(np.arange(len(count)) // len(flips), count)])
+            offsets = np.arange(found) - np.repeat(np.cumsum(count) - count, count)
+            found_j.append(order[np.repeat(left, count) + offsets])
         if not found_i:
             continue
         i, j = np.concatenate(found_i), np.concatenate(found_j)
@@ -208,55 +231,70 @@ def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: l
         parts.append((rows[i], rows[j], np.full(len(i), np.nan), dist.astype(np.int64)))
     if not parts:
         return []
-    i = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    j = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    # what follows holds a few arrays of the raw pairs at a time (each dropped when used: at 77,327
+    # images, 1.2 x 10^6 raw pairs, all of them alive together and the Python ints of the degree
+    # loop were a 280 MB peak, issue 34), indices as int32 and distances as int16 (the same values,
+    # so the same sorts)
     cos = np.concatenate([p[2] for p in parts])
-    dist = np.concatenate([p[3] for p in parts])
-    if not len(i):  # neighbour searches that found nothing (no two images close enough)
+    dist = np.concatenate([p[3] for p in parts]).astype(np.int16)
+    key = np.concatenate([np.minimum(p[0], p[1]).astype(np.int64) * n + np.maximum(p[0], p[1]) for p in parts])
+    del parts
+    if not len(key):  # neighbour searches that found nothing (no two images close enough)
         return []
-    lo, hi = np.minimum(i, j), np.maximum(i, j)
-    key = lo * n + hi
     # one row per pair: its cosine (if any) and its smallest pHash distance (if any)
     order = np.argsort(key, kind="stable")
-    key, lo, hi, cos, dist = key[order], lo[order], hi[order], cos[order], dist[order]
+    key = key[order]
+    cos = cos[order]
+    dist = dist[order]
+    del order
     first = np.concatenate([[True], key[1:] != key[:-1]])
-    group = np.cumsum(first) - 1
+    group = np.cumsum(first, dtype=np.int32) - 1
     n_pairs = int(group[-1]) + 1
     pair_cos = np.full(n_pairs, np.nan)
     has_cos = ~np.isnan(cos)
     pair_cos[group[has_cos]] = cos[has_cos]
-    pair_dist = np.full(n_pairs, 99, np.int64)
+    del cos, has_cos
+    pair_dist = np.full(n_pairs, 99, np.int16)
     has_dist = dist >= 0
     np.minimum.at(pair_dist, group[has_dist], dist[has_dist])
-    plo, phi = lo[first], hi[first]
+    del dist, has_dist, group
+    key = key[first]
+    del first
+    plo, phi = (key // n).astype(np.int32), (key % n).astype(np.int32)
+    del key
     # cap partners per image: rank each image's pairs by cosine (pHash-only ones after, closest first)
     rank_cos = np.where(np.isnan(pair_cos), -2.0, pair_cos)
     ends = np.concatenate([plo, phi])
-    pidx = np.concatenate([np.arange(n_pairs), np.arange(n_pairs)])
     order = np.lexsort((np.concatenate([pair_dist, pair_dist]), -np.concatenate([rank_cos, rank_cos]), ends))
-    ends, pidx = ends[order], pidx[order]
+    ends = ends[order]
+    pidx = (order % n_pairs).astype(np.int32)  # the pair of each end (ends are plo then phi)
+    del order
     starts = np.concatenate([[True], ends[1:] != ends[:-1]])
-    pos = np.arange(len(ends)) - np.maximum.accumulate(np.where(starts, np.arange(len(ends)), 0))
+    at = np.arange(len(ends), dtype=np.int32)
+    pos = at - np.maximum.accumulate(np.where(starts, at, 0))
+    del starts, at, ends
     allowed = np.zeros(n_pairs, bool)
     allowed[pidx[pos < cfg.copy_max_candidates]] = True
+    del pidx, pos
     # ... and no image in more than 2 x copy_max_candidates checks (a hub that many images name as
     # a neighbour keeps its closest), so the work per image is bounded, not only its average
     chosen = np.flatnonzero(allowed)
+    del allowed
     chosen = chosen[np.lexsort((pair_dist[chosen], -rank_cos[chosen]))]
     degree = np.zeros(n, np.int64)
     limit = 2 * cfg.copy_max_candidates
-    keep = []
-    for p, a, b in zip(chosen.tolist(), plo[chosen].tolist(), phi[chosen].tolist()):
-        if degree[a] < limit and degree[b] < limit:
-            degree[a] += 1
-            degree[b] += 1
-            keep.append(p)
     out = []
-    for p in keep:
-        a, b = ids[plo[p]], ids[phi[p]]
-        if a > b:
-            a, b = b, a
-        out.append((a, b, float(pair_cos[p]), int(pair_dist[p]) if pair_dist[p] != 99 else -1))
+    for lo in range(0, len(chosen), 1 << 16):  # in slices: no Python int of every pair at once
+        part = chosen[lo : lo + (1 << 16)]
+        for p, a, b in zip(part.tolist(), plo[part].tolist(), phi[part].tolist()):
+            if degree[a] < limit and degree[b] < limit:
+                degree[a] += 1
+                degree[b] += 1
+                x, y = ids[a], ids[b]
+                if x > y:
+                    x, y = y, x
+                d = int(pair_dist[p])
+                out.append((x, y, float(pair_cos[p]), d if d != 99 else -1))
     out.sort()
     return out
 

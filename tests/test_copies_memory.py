@@ -1,0 +1,87 @@
+"""The copy step's candidate search holds memory bounded by its batches, not by the images
+(issue 34: at 77,327 images the pHash index's batches of 20,000 queries held 347 MB, 4.7x their
+memory at 4x fewer images, and find_candidates peaked at 444 MB; pair's peak grew 1.78x from 1x
+to 16x). The answers stay the same: the same pHash pairs whatever the batches, the same candidates."""
+
+import tracemalloc
+
+import numpy as np
+
+from core.config import PairConfig
+from pairing.copies import find_candidates, mirror_phash, phash_neighbours
+
+
+def _clustered_hashes(n: int, cluster: int = 20, seed: int = 0) -> np.ndarray:
+    """n 64-bit hashes in clusters of `cluster`, each a few bits from its cluster's base (photos'
+    crops and re-encodings: many near hashes, so each query has many raw hits)."""
+    rng = np.random.default_rng(seed)
+    bases = rng.integers(0, 2**63, size=n // cluster + 1, dtype=np.uint64)
+    out = np.repeat(bases, cluster)[:n].copy()
+    for bit_round in range(3):
+        flip = np.uint64(1) << rng.integers(0, 64, size=n).astype(np.uint64)
+        out ^= np.where(rng.random(n) < 0.7, flip, np.uint64(0))
+    return out
+
+
+def _sorted(triple):
+    i, j, d = triple
+    o = np.lexsort((d, j, i))
+    return np.stack([i[o], j[o], d[o]])
+
+
+def _brute_force(hashes: np.ndarray, max_distance: int) -> set:
+    mask = np.uint64(int(mirror_phash("0" * 16), 16))
+    out = set()
+    for a in range(len(hashes)):
+        d = np.minimum(np.bitwise_count(hashes[a] ^ hashes[a + 1 :]), np.bitwise_count((hashes[a] ^ mask) ^ hashes[a + 1 :]))
+        out.update((a, a + 1 + int(k)) for k in np.flatnonzero(d <= max_distance))
+    return out
+
+
+def test_phash_pairs_are_the_same_in_batches_of_any_number_of_hits():
+    hashes = _clustered_hashes(3000)
+    whole = _sorted(phash_neighbours(hashes, 10, max_hits=1 << 40))  # one batch of every query (as before)
+    for max_hits in (1, 97, 5000, 1 << 18):
+        assert np.array_equal(_sorted(phash_neighbours(hashes, 10, max_hits=max_hits)), whole), max_hits
+    found = {(int(i), int(j)) for i, j, d in whole.T if d <= 7}
+    assert found == {p for p in _brute_force(hashes, 7)}  # every pair within 7 bits (mirror-aware) is found
+    assert len(found) > 3000  # the clusters are close: many pairs
+
+
+def test_phash_search_memory_is_bounded_by_the_hits_of_a_batch():
+    """8,000 clustered hashes: batches of at most 2^14 raw hits peak at under half the memory of
+    one batch of every query (what a batch of 20,000 queries was at this size; ~100 bytes a raw
+    hit, 347 MB at the 16x scale input)."""
+    hashes = _clustered_hashes(8000, seed=8)
+    peaks = []
+    for max_hits in (1 << 40, 1 << 14):
+        tracemalloc.start()
+        try:
+            phash_neighbours(hashes, 10, max_hits=max_hits)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] <= 0.5 * peaks[0], peaks
+
+
+def test_candidates_of_clustered_images_are_bounded_and_symmetric():
+    """find_candidates (the merge, the caps, the degree loop in slices) on 3,000 images in clusters:
+    every pair once, id_a < id_b, no image in more than 2 x copy_max_candidates pairs, the pHash-only
+    pairs with their distance and no cosine, the same list from the ids in another order."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    hashes = _clustered_hashes(n, seed=3)
+    emb = np.repeat(rng.normal(size=(n // 20 + 1, 32)), 20, axis=0)[:n] + rng.normal(scale=0.05, size=(n, 32))
+    ids = [f"img{i:05d}" for i in range(n)]
+    cfg = PairConfig(copy_max_candidates=4)
+    cands = find_candidates(ids, emb, [f"{int(h):016x}" for h in hashes], cfg)
+    assert cands == sorted(cands) and len({(a, b) for a, b, _, _ in cands}) == len(cands)
+    degree: dict = {}
+    for a, b, cos, dist in cands:
+        assert a < b and (cos >= cfg.copy_min_cosine or (np.isnan(cos) and 0 <= dist <= cfg.copy_phash_distance))
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    assert max(degree.values()) <= 8 and len(degree) > 0.9 * n
+    # the same images named in reverse order: the same pairs (the merge does not depend on the order)
+    rev = find_candidates(ids[::-1], emb[::-1], [f"{int(h):016x}" for h in hashes[::-1]], cfg)
+    assert {(a, b) for a, b, _, _ in rev} == {(a, b) for a, b, _, _ in cands}
