@@ -42,7 +42,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from apache_beam import TaggedOutput
 from apache_beam.runners.dask import transform_evaluator as te
@@ -302,7 +302,7 @@ class DaskRunner(BeamDaskRunner):
         leaves = [bag for node, bag in visitor.bags.items() if id(node) not in consumed and bag is not None]
         # every leaf (fix 3); side inputs are shared dask.delayed lists (_side), so graph
         # optimisation cannot duplicate a sink's initialize_write into each reader
-        futures = client.compute(_fused(leaves), optimize_graph=False)
+        futures = client.compute(_fused(leaves, [side.key for side in visitor.sides.values()]), optimize_graph=False)
         return _Result(client, futures)
 
     @staticmethod
@@ -371,7 +371,7 @@ class DaskRunner(BeamDaskRunner):
         return Visitor()
 
 
-def _fused(bags: list) -> list:
+def _fused(bags: list, sides: Iterable = ()) -> list:
     """The bags' graph culled and with every maximal linear chain fused into one task (fix 8):
     a chain is tasks where each is the only dependency of the next and the next its only
     dependent. dask.bag's own `fuse_linear_task_spec` walks the graph in dict order, which follows
@@ -383,7 +383,7 @@ def _fused(bags: list) -> list:
     from dask.bag.core import Bag
     from dask.base import tokenize
     from dask.core import flatten, reverse_dict, toposort
-    from dask.highlevelgraph import HighLevelGraph
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
     from dask.optimization import cull, default_fused_keys_renamer
 
     graph = convert_legacy_graph(dict(HighLevelGraph.merge(*[bag.__dask_graph__() for bag in bags])))
@@ -417,8 +417,45 @@ def _fused(bags: list) -> list:
     # with it, a single-file extract's reject counts came out empty on these fused chains
     # (test_every_beam_stage_on_dask_matches_the_local_run); the lists stay lists
     name = "webpairs-pipeline-" + tokenize(*keys)
-    merged = HighLevelGraph({name: fused}, {name: set()})
+    layer = MaterializedLayer(fused, annotations={"priority": _priorities(fused, sides).get})  # fix 9
+    merged = HighLevelGraph({name: layer}, {name: set()})
     return [Bag(merged, bag.name, bag.npartitions) for bag in bags]
+
+
+SMALL_SIDE = 16  # a side input computed from at most this many tasks runs first (fix 9)
+
+
+def _priorities(graph: dict, sides: Iterable = ()) -> dict:
+    """Each task's priority (dask runs a worker's ready tasks, and hands out queued source
+    partitions, highest first; fix 9):
+
+    * its depth, the longest chain of tasks from a source down to it: the consumers of a
+      finished partition run before the worker starts a partition of an earlier step, so outputs
+      are consumed as they come instead of piling up (filter's JoinLinks partitions all became
+      ready at once, after the side inputs they wait for, and ran one after the other first);
+    * above every depth, a side input computed from at most SMALL_SIDE tasks, with those tasks: a
+      file sink's `initialize_write`, which every bundle of its writer waits for, was a source
+      partition like the input's and came after all of them, so every partition's rows (filter's
+      images, with their bytes) waited in the workers until the whole input had been read."""
+    from dask.core import get_dependencies, toposort
+
+    dependencies = {key: get_dependencies(graph, key) for key in graph}
+    priority: dict = {}
+    for key in toposort(graph, dependencies=dependencies):
+        priority[key] = 1 + max((priority[d] for d in dependencies[key]), default=-1)
+    first = max(priority.values(), default=0) + 1
+    for side in sides:
+        if side not in graph:
+            continue
+        upstream, todo = {side}, [side]
+        while todo and len(upstream) <= SMALL_SIDE:
+            for dep in dependencies[todo.pop()]:
+                if dep not in upstream:
+                    upstream.add(dep)
+                    todo.append(dep)
+        if len(upstream) <= SMALL_SIDE:
+            priority.update(dict.fromkeys(upstream, first))
+    return priority
 
 
 class _Result(DaskRunnerResult):
