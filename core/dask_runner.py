@@ -31,6 +31,11 @@ docs/cluster.md):
    GroupByKey's grouped partitions always fuse into the ParDo that reads them (dask's own walk
    follows set order and broke that chain in some runs, and the scheduler then stacked the heavy
    ParDo's partitions on one worker).
+9. A partition's outputs wait in its worker until every consumer has run, and dask's own order
+   ran partitions of an earlier step before the consumers of finished ones (a file sink's
+   `initialize_write`, which its bundles wait for, was queued behind every source partition):
+   outputs piled up with the input. Here each task's priority is its depth, and a side input
+   computed from a few tasks comes first (`_priorities`).
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -285,7 +290,7 @@ def _select(bag, producer, pcoll):
 
 
 class DaskRunner(BeamDaskRunner):
-    """Beam's DaskRunner with the fixes of this module's docstring (1-8)."""
+    """Beam's DaskRunner with the fixes of this module's docstring (1-9)."""
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist
