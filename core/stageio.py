@@ -138,7 +138,7 @@ def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipel
 
 
 @contextlib.contextmanager
-def frozen_gc() -> Iterator[None]:
+def frozen_gc(collect: bool = True) -> Iterator[None]:
     """The objects that exist when a stage starts (modules, Beam's and pyarrow's classes: ~1.4 x
     10^5 after pair's imports) moved out of the garbage collector's sight for the stage
     (`gc.freeze`, undone after): each full collection during the stage then walks only what the
@@ -146,11 +146,12 @@ def frozen_gc() -> Iterator[None]:
     ~20 s; issue 34). What the stage drops is collected as before. One full collection first, so
     that garbage already there (filter's, in `webpairs run`) is not held frozen for the stage. Only
     the outermost block unfreezes: a block inside another, or inside someone else's `gc.freeze`,
-    leaves the heap frozen as it found it."""
+    leaves the heap frozen as it found it. `collect=False` skips the first collection (extract
+    freezes once per input file, where ~0.1 CPU s a file would count)."""
     import gc
 
     mine = gc.get_freeze_count() == 0  # nested, or frozen by someone else: the outermost block unfreezes
-    if mine:
+    if mine and collect:
         gc.collect()  # what is garbage already goes now, not held frozen for the whole stage
     gc.freeze()
     try:

@@ -9,7 +9,6 @@ file's page hashes) meet in a shuffle -> write links/ and rejected/ (pyarrow tab
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pickle
@@ -22,7 +21,7 @@ from apache_beam.metrics import Metrics
 
 from core.config import CrawlConfig
 from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, stable_id
-from core.stageio import WriteStageOutputs
+from core.stageio import WriteStageOutputs, frozen_gc
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
 from crawl.urls import AllowList, normalize_link_columns, normalize_url
@@ -196,7 +195,6 @@ class _Spill:
         return True
 
 
-@contextlib.contextmanager
 def _startup_heap_frozen():
     """While a file is read, Python's cyclic garbage collector leaves alone the objects that existed
     before (`gc.freeze`: the worker's modules, Beam's pipeline and runner, ~150,000 objects). A
@@ -206,15 +204,7 @@ def _startup_heap_frozen():
     as before, and cycles made while frozen are still collected; at the end the heap is unfrozen by
     the outermost of these blocks (run_extract's in process: the pipeline built since it froze is
     frozen too when a file starts)."""
-    import gc
-
-    mine = gc.get_freeze_count() == 0
-    gc.freeze()
-    try:
-        yield
-    finally:
-        if mine:
-            gc.unfreeze()
+    return frozen_gc(collect=False)  # core/stageio: only the outermost block unfreezes
 
 
 class ExtractFileLinks(beam.DoFn):
