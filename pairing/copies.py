@@ -986,7 +986,14 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
     is the record a link of the kept dress on that page would be: its id is stable_id(page, kept
     URL), its alt text and position the removed link's). So a photo shown on several pages stays
     on every one of them, in one dress. Tagged outputs: `rejected`, `copies` (COPY_SCHEMA rows),
-    `stand_ins` (the stand-ins' ids, counted as inputs)."""
+    `stand_ins` (the stand-ins' ids, counted as inputs).
+
+    Everything is yielded as it is made, and the links stay packed: what is held for a group is
+    its packed links, one small sort key each (page, position, link id) and the dresses' records,
+    not a dict per link and per record made. A photo copied on many pages makes a group whose
+    links grow with the crawl (19,306 links of one kept dress in scale.py's 16x crawl, 714 at 1x):
+    a dict per link and every record held until the group's end made the join the stage's peak
+    (issue 34)."""
     import pickle
 
     from core.records import Rejected, stable_id
@@ -997,9 +1004,9 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
     for b in grouped["image"]:
         r = dict(zip(image_fields, pickle.loads(b)))
         records[r["image_id"]] = r
-    links = [dict(zip(link_fields, pickle.loads(b))) for b in grouped["links"]]
+    packed_links = grouped["links"]
     if not records:
-        if links:
+        if packed_links:
             from core.stageio import StageError
 
             raise StageError(f"pair: image {kept_id} of the filter occurrences is missing from its images/")
@@ -1007,11 +1014,25 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
     kept = records.get(kept_id)
     if kept is None:  # cannot happen (the group's key is one of its records); keep each as it is
         kept = next(iter(records.values()))
-    own_links = sorted((x for x in links if x["image_id"] == kept["image_id"]), key=lambda x: x["image_url"])
-    on_page = {link["page_url"] for link in own_links}
-    kept_url = own_links[0]["image_url"] if own_links else kept.get("image_url")  # one URL of the kept dress
+    at = {name: k for k, name in enumerate(link_fields)}
+    i_image, i_page, i_url, i_pos, i_link = at["image_id"], at["page_url"], at["image_url"], at["position"], at["link_id"]
+    on_page: set = set()
+    kept_url = None  # the kept dress's smallest link URL (one URL of the kept dress)
+    order = []  # (page, position, link id, index) of each link: the order links are handled in
+    for k, b in enumerate(packed_links):
+        t = pickle.loads(b)
+        if t[i_image] == kept["image_id"]:
+            on_page.add(t[i_page])
+            if kept_url is None or t[i_url] < kept_url:
+                kept_url = t[i_url]
+        order.append((t[i_page], t[i_pos] or 0, t[i_link], k))
+    del t
+    order.sort()
+    if kept_url is None:
+        kept_url = kept.get("image_url")
     stood_in: set[str] = set()
-    for link in sorted(links, key=lambda x: (x["page_url"], x["position"] or 0, x["link_id"])):
+    for k in [o[3] for o in order]:
+        link = dict(zip(link_fields, pickle.loads(packed_links[k])))
         own = records.get(link["image_id"])
         if own is None:
             continue
@@ -1040,3 +1061,22 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
             r.update(link_id=stable_id(page, kept_url), page_url=page, image_url=kept_url, alt=link["alt"] or "", position=link["position"] or 0)
             yield beam.pvalue.TaggedOutput(STAND_INS, r["link_id"])
             yield r
+
+
+def records_on_several_pages(grouped, image_fields: tuple, link_fields: tuple) -> bool:
+    """Whether the records `on_pages_with_copies` makes of one group stand on more than one page,
+    known before any is made: they stand on the pages of the links of the group's dresses (a kept
+    dress's own, or a stand-in on a copy's page)."""
+    import pickle
+
+    ids = {pickle.loads(b)[image_fields.index("image_id")] for b in grouped["image"]}
+    i_image, i_page = link_fields.index("image_id"), link_fields.index("page_url")
+    first = None
+    for b in grouped["links"]:
+        t = pickle.loads(b)
+        if t[i_image] in ids:
+            if first is None:
+                first = t[i_page]
+            elif t[i_page] != first:
+                return True
+    return False

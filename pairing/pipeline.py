@@ -27,7 +27,7 @@ from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMA
 from core.sites import site_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
-from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies
+from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies, records_on_several_pages
 from pairing.select import page_outcome
 from pairing.spill import SpillByKey, bucket_count, in_order, read_groups
 
@@ -79,37 +79,50 @@ class JoinBucket(beam.DoFn):
         rejected: list = []
         for key in in_order(images.keys() | links.keys()):
             packed, group_links = images.pop(key, []), links.pop(key, [])
-            if self.copies:
-                records = []
-                for out in on_pages_with_copies((key, {"image": packed, "links": group_links}), COPY_JOIN_FIELDS, LINK_FIELDS, STAGE):
-                    if not isinstance(out, beam.pvalue.TaggedOutput):
-                        records.append(out)
-                    elif out.tag == REJECTED:
-                        rejected.append(out.value)
-                    else:
-                        yield out
-                # a kept dress of several (copy_of's values) is shared; else its own links' pages
-                shared = len(set(packed)) > 1 or len({r["page_url"] for r in records}) > 1
-            elif not packed:
+            if not self.copies and not packed:
                 if group_links:
                     raise StageError(f"pair: image {key} of the filter occurrences is missing from its images/")
                 continue
-            else:
-                base = unpack(packed[0], IMAGE_JOIN_FIELDS)
-                records = []
-                for link in (unpack(b, LINK_FIELDS) for b in group_links):
-                    r = dict(base)
-                    r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
-                    records.append(r)
-                shared = len({r["page_url"] for r in records}) > 1
-            for r in records:
-                on_page, row = _mark(r, shared, flags, cfg)
-                if on_page is not None:
-                    yield on_page
+            # whether the key's records are `shared` is known before any is made (a kept dress of
+            # several, copy_of's values, is shared; else when its records stand on several pages),
+            # so each record is marked and leaves as it comes: nothing is held for a key but its
+            # packed links, however many pages an image (or a photo's copies) is on (issue 34)
+            grouped = {"image": packed if self.copies else packed[:1], "links": group_links}
+            fields = COPY_JOIN_FIELDS if self.copies else IMAGE_JOIN_FIELDS
+            shared = len(set(packed)) > 1 if self.copies else False
+            shared = shared or records_on_several_pages(grouped, fields, LINK_FIELDS)
+            made = on_pages_with_copies((key, grouped), fields, LINK_FIELDS, STAGE) if self.copies else _on_pages(packed[0], group_links)
+            for out in made:
+                if not isinstance(out, beam.pvalue.TaggedOutput):
+                    on_page, row = _mark(out, shared, flags, cfg)
+                    if on_page is not None:
+                        yield on_page
+                    else:
+                        rejected.append(row)
+                elif out.tag == REJECTED:
+                    rejected.append(out.value)
                 else:
-                    rejected.append(row)
+                    yield out
+                if len(rejected) >= REJECTED_TABLE_ROWS:
+                    yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
+                    rejected = []
+            del grouped, packed, group_links
         if rejected:
             yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
+
+
+REJECTED_TABLE_ROWS = 4096  # rejected rows a join bucket holds before they leave as a table (a bucket has ~4,096 links)
+
+
+def _on_pages(packed_image: bytes, group_links: list):
+    """One image (packed) on the page of each of its links (packed), made one at a time: its page,
+    URL, alt and position are the link's."""
+    base = unpack(packed_image, IMAGE_JOIN_FIELDS)
+    for b in group_links:
+        link = unpack(b, LINK_FIELDS)
+        r = dict(base)
+        r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
+        yield r
 
 
 def pack(row: dict, names: tuple) -> bytes:

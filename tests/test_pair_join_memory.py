@@ -1,0 +1,143 @@
+"""pair's image-bucket join (pairing/pipeline.py JoinBucket, pairing/copies.py on_pages_with_copies)
+holds what a key's packed links take, not a record per link: every record leaves as it is made.
+
+A photo copied on many pages makes one copy group whose links grow with the crawl (scale.py's
+crawl: 714 links of one kept dress at 1x, 19,306 at 16x); the join held a dict per link, every
+record it made (one per page: the kept dress stands in on each copy's page) and every rejected row
+of the bucket until the group's end, and pair's peak memory grew 1.80x from 1x to 16x (issue 34).
+The outputs are checked row by row against what the group must give."""
+
+from __future__ import annotations
+
+import pickle
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from apache_beam.pvalue import TaggedOutput
+
+from core.config import PairConfig
+from core.records import stable_id
+from pairing.copies import COPIES, COPY_DUPLICATE, NEAR_DUPLICATE, STAND_INS
+from pairing.pipeline import COPY_JOIN_FIELDS, IMAGE_JOIN_FIELDS, LINK_FIELDS, PAGE_SPILL_FIELDS, REJECTED, JoinBucket, pack
+from pairing.spill import SCHEMA
+
+DRESSES = 20  # the group's dresses: d00 (kept) and 19 copies of it
+
+
+def _image(image_id: str, k: int) -> dict:
+    return {
+        "image_id": image_id, "image_url": f"http://img.example/{image_id}.jpg", "width": 400 - k, "height": 300 - k, "format": "JPEG",
+        "sha256": image_id * 4, "phash": f"{k:016x}", "embedding": np.full(64, k / 100, np.float16), "encoder": "tiny-clip", "clip_score": None,
+        "bytes_file": "/run/filter/images/part-0.parquet", "bytes_row_group": k, "pdq": None, "faces": None, "face_boxes": None, "nsfw": None,
+    }
+
+
+def _links(n: int) -> list[dict]:
+    """n links of the group on n // 2 pages of 40 sites: the kept dress on every tenth page, the
+    copies on the others (two links a page, one of them on a page of the kept dress: a
+    near-duplicate there)."""
+    out = []
+    for i in range(n):
+        page = f"http://site{(i // 2) % 40}.example/page{i // 2}.html"
+        dress = 0 if (i // 2) % 10 == 0 and i % 2 == 0 else 1 + i % (DRESSES - 1)
+        out.append({"link_id": f"link{i:07d}", "image_id": f"d{dress:02d}", "page_url": page, "image_url": f"http://img.example/d{dress:02d}.jpg?v={i % 3}", "alt": f"alt {i}", "position": i % 2})
+    return out
+
+
+def _bucket(folder, links: list[dict]):
+    """The spill files of one bucket (pairing/spill.py's layout) holding one copy group keyed by
+    its kept dress d00: its images and its links, packed."""
+    images = [pack(_image(f"d{k:02d}", k), COPY_JOIN_FIELDS) for k in range(DRESSES)]
+    listed = []
+    for name, values in (("image", images), ("links", [pack(x, LINK_FIELDS) for x in links])):
+        path = str(folder / f"{name}.arrow")
+        with pa.OSFile(path, "wb") as fh, pa.ipc.new_file(fh, SCHEMA) as writer:
+            writer.write_batch(pa.record_batch([pa.array(["d00"] * len(values), pa.string()), pa.array(values, pa.binary())], schema=SCHEMA))
+        listed.append((name, path))
+    return 0, listed
+
+
+def _run(item, copies: bool = True, keep: bool = True):
+    """JoinBucket's outputs ({tag: [values]}) when `keep`, else only counted; and the peak of
+    memory traced while it ran (its input's files are read inside)."""
+    out: dict = {}
+    tracemalloc.start()
+    try:
+        for x in JoinBucket(PairConfig(copies=copies), copies).process(item, {}):
+            tag, value = (x.tag, x.value) if isinstance(x, TaggedOutput) else ("on_pages", x)
+            if keep:
+                out.setdefault(tag, []).append(value)
+            else:
+                out[tag] = out.get(tag, 0) + (value.num_rows if tag == REJECTED else 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return out, peak
+
+
+def test_a_copy_group_gives_each_link_its_outcome(tmp_path):
+    """Every link of a 3,000-link group, row by row: the kept dress's links on their pages, every
+    other link rejected (near-duplicate on a page of the kept dress, else a copy that the kept
+    dress stands in for, once per page, with that link's alt and position) and a copies row."""
+    links = _links(3000)
+    out, _ = _run(_bucket(tmp_path, links))
+    kept_pages = {x["page_url"] for x in links if x["image_id"] == "d00"}
+    kept_url = min(x["image_url"] for x in links if x["image_id"] == "d00")
+    expected_on_page, expected_rejected, expected_copies, stood_in = {}, {}, {}, set()
+    for x in sorted(links, key=lambda x: (x["page_url"], x["position"], x["link_id"])):
+        if x["image_id"] == "d00":
+            expected_on_page[x["link_id"]] = (x["page_url"], x["image_url"], x["alt"], x["position"])
+            continue
+        stand_in = x["page_url"] not in kept_pages and x["page_url"] not in stood_in
+        expected_rejected[x["link_id"]] = NEAR_DUPLICATE if x["page_url"] in kept_pages else COPY_DUPLICATE
+        expected_copies[x["link_id"]] = (x["page_url"], x["image_id"], "d00", kept_url, stand_in)
+        if stand_in:
+            stood_in.add(x["page_url"])
+            expected_on_page[stable_id(x["page_url"], kept_url)] = (x["page_url"], kept_url, x["alt"], x["position"])
+    on_page = {}
+    for page, packed in out["on_pages"]:
+        r = dict(zip(PAGE_SPILL_FIELDS, pickle.loads(packed)))
+        assert r["page_url"] == page and r["image_id"] == "d00" and r["_shared"] is True
+        assert r["link_id"] not in on_page
+        on_page[r["link_id"]] = (r["page_url"], r["image_url"], r["alt"], r["position"])
+    assert on_page == expected_on_page
+    rejected = [row for table in out[REJECTED] for row in table.to_pylist()]
+    assert len(rejected) == len(expected_rejected) and {r["record_id"]: r["reason"] for r in rejected} == expected_rejected
+    assert {r["link_id"]: (r["page_url"], r["image_id"], r["kept_image_id"], r["kept_image_url"], r["stand_in"]) for r in out[COPIES]} == expected_copies
+    assert sorted(out[STAND_INS]) == sorted(stable_id(p, kept_url) for p in stood_in)
+    assert len(stood_in) > 1000 and 0 < sum(v == NEAR_DUPLICATE for v in expected_rejected.values()) < 1000
+
+
+def test_the_join_does_not_hold_a_record_per_link_of_a_copy_group(tmp_path):
+    """The memory traced while one bucket is joined grows by the packed links and a sort key each
+    (~0.5 KB a link here), not by the records made (~1.4 KB a link before, with these small
+    records: a dict per link, a record per page and the bucket's rejected rows, all held to the
+    group's end; several KB a link with real ones)."""
+    peaks = {}
+    for n in (500, 5000, 25000):  # the first: imports and caches of the first call
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        counts, peaks[n] = _run(_bucket(folder, _links(n)), keep=False)
+        assert counts["on_pages"] + counts[REJECTED] - counts[STAND_INS] == n  # every link kept or rejected (stand-ins: added)
+    per_link = (peaks[25000] - peaks[5000]) / 20000
+    assert per_link < 900, f"{per_link:.0f} bytes a link"
+
+
+@pytest.mark.parametrize("pages", [1, 2])
+def test_an_image_without_copies_is_shared_when_on_several_pages(tmp_path, pages):
+    """Without the copy step: an image's records are `shared` when its links name several pages,
+    known before any record is made (each leaves as it comes)."""
+    image = pack(_image("d00", 0), IMAGE_JOIN_FIELDS)
+    links = [{"link_id": f"l{i}", "image_id": "d00", "page_url": f"http://a.example/p{i % pages}", "image_url": "http://img.example/d00.jpg", "alt": None, "position": None} for i in range(6)]
+    listed = []
+    for name, values in (("image", [image]), ("links", [pack(x, LINK_FIELDS) for x in links])):
+        path = str(tmp_path / f"{name}.arrow")
+        with pa.OSFile(path, "wb") as fh, pa.ipc.new_file(fh, SCHEMA) as writer:
+            writer.write_batch(pa.record_batch([pa.array(["d00"] * len(values), pa.string()), pa.array(values, pa.binary())], schema=SCHEMA))
+        listed.append((name, path))
+    out, _ = _run((0, listed), copies=False)
+    records = [dict(zip(PAGE_SPILL_FIELDS, pickle.loads(packed))) for _, packed in out["on_pages"]]
+    assert sorted(r["link_id"] for r in records) == [f"l{i}" for i in range(6)]
+    assert all(r["_shared"] is (pages > 1) and r["alt"] == "" and r["position"] == 0 for r in records)
