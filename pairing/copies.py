@@ -19,7 +19,8 @@ Three steps, each bounded:
    a copy). Only the candidate images' bytes are read (through filter's row-group pointers), each
    one's features computed once and kept on disk; pairs are verified in blocks that read their
    features back, so a worker's memory does not grow with the images (`FindCopies`).
-3. groups (`copy_groups`): union-find over the verified pairs; each group keeps its member with
+3. groups (`copy_groups`; in the pipeline `group_members`, the same on columns): the connected
+   components of the verified pairs; each group keeps its member with
    the largest content (pixels inside trimmed borders; within 5 % counts as equal), then the least
    recompressed (JPEG quality estimated from the quantisation tables, then bytes per pixel); the
    others are copies of it.
@@ -593,6 +594,104 @@ def best_member(members: list[str], info: dict[str, dict], tolerance: float = 0.
     return min(near, key=lambda r: keep_order({**r, "content": 0}))["image_id"]
 
 
+def group_members(edge_tables: Iterable, info_tables: Iterable, tolerance: float = 0.95) -> list[tuple[str, str]]:
+    """`copy_groups` on columns: (member, kept member) for every member that is not kept, sorted,
+    from pyarrow tables of verified pairs (image_a, image_b) and of the members' keep signals
+    (image_id, content, quality, bytes_per_pixel). The groups are the connected components of the
+    pairs (scipy's, over the ids' positions among the sorted distinct ids: `copy_groups`' union-find
+    gives the same groups), each keeping `best_member`'s choice: among the members whose content
+    is within `tolerance` of the largest, the highest quality, then the most bytes per pixel, then
+    the smallest id. What is held is a few numbers a pair and an id, not a Python tuple a pair and a
+    dict a member (~0.2 KB a pair and ~0.4 KB a member: ~100 MB at the 16x scale input, issue 34)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edge_tables = [t for t in edge_tables if t.num_rows]
+    if not edge_tables:
+        return []
+    edges = pa.concat_tables(edge_tables)
+    a, b = edges.column("image_a").combine_chunks(), edges.column("image_b").combine_chunks()
+    del edges
+    ids = pc.unique(pa.concat_arrays([a, b]))
+    ids = ids.take(pc.sort_indices(ids))  # UTF-8 byte order: Python's order of str
+    n = len(ids)
+    ia = pc.index_in(a, value_set=ids).to_numpy().astype(np.int64)
+    ib = pc.index_in(b, value_set=ids).to_numpy().astype(np.int64)
+    del a, b
+    _, label = connected_components(coo_matrix((np.ones(len(ia), np.int8), (ia, ib)), shape=(n, n)), directed=False)
+    del ia, ib
+    content, quality, bpp = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float64)  # keep_order's defaults: no info
+    for t in info_tables:
+        if not t.num_rows:
+            continue
+        at = pc.index_in(t.column("image_id"), value_set=ids)
+        found = at.is_valid().to_numpy(zero_copy_only=False)
+        at = at.to_numpy(zero_copy_only=False)[found].astype(np.int64)
+        content[at] = t.column("content").to_numpy(zero_copy_only=False)[found]
+        quality[at] = t.column("quality").to_numpy(zero_copy_only=False)[found]
+        bpp[at] = t.column("bytes_per_pixel").to_numpy(zero_copy_only=False)[found]
+    groups = int(label.max()) + 1
+    largest = np.zeros(groups, np.int64)
+    np.maximum.at(largest, label, content)
+    near = np.flatnonzero(content >= tolerance * largest[label])
+    near = near[np.lexsort((near, -bpp[near], -quality[near], label[near]))]  # per group, best first
+    first = np.ones(len(near), bool)
+    first[1:] = label[near[1:]] != label[near[:-1]]
+    kept_of = np.empty(groups, np.int64)
+    kept_of[label[near[first]]] = near[first]
+    kept = kept_of[label]
+    members = np.flatnonzero(kept != np.arange(n))
+    return list(zip(ids.take(pa.array(members)).to_pylist(), ids.take(pa.array(kept[members])).to_pylist()))
+
+
+EDGE_TABLE_ROWS = 1 << 14  # verified pairs a step holds before they leave as a table
+
+
+class _EdgeTables(beam.DoFn):
+    """Check rows -> the verified ones' (image_a, image_b) as pyarrow tables of up to
+    EDGE_TABLE_ROWS rows (a table when the bundle ends): what the groups step collects is a few
+    tables, not a tuple a pair."""
+
+    def start_bundle(self):
+        self.a, self.b = [], []
+
+    def process(self, row):
+        if row["copy"]:
+            self.a.append(row["image_a"])
+            self.b.append(row["image_b"])
+            if len(self.a) >= EDGE_TABLE_ROWS:
+                yield self._table()
+
+    def _table(self):
+        import pyarrow as pa
+
+        t = pa.table({"image_a": pa.array(self.a, pa.string()), "image_b": pa.array(self.b, pa.string())})
+        self.a, self.b = [], []
+        return t
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        if self.a:
+            yield GlobalWindows.windowed_value(self._table())
+
+
+def _info_table(rows: list):
+    """(image_id, {content, quality, bytes_per_pixel}) of a row group's featurised images -> one
+    pyarrow table (group_members' info)."""
+    import pyarrow as pa
+
+    rows = sorted(rows)
+    return pa.table({
+        "image_id": pa.array([r[0] for r in rows], pa.string()),
+        "content": pa.array([int(r[1]["content"]) for r in rows], pa.int64()),
+        "quality": pa.array([int(r[1]["quality"]) for r in rows], pa.int64()),
+        "bytes_per_pixel": pa.array([float(r[1]["bytes_per_pixel"]) for r in rows], pa.float64()),
+    })
+
+
 # ---------------------------------------------------------------------------------------------
 # the Beam step
 # ---------------------------------------------------------------------------------------------
@@ -849,7 +948,10 @@ class _Featurize(beam.DoFn):
 
         with one_opencv_thread():
             write_group_features(group_feature_path(self.feature_dir, (path, row_group)), features())
-        yield from out
+        info = [x for x in out if not isinstance(x, beam.pvalue.TaggedOutput)]
+        yield from (x for x in out if isinstance(x, beam.pvalue.TaggedOutput))
+        if info:  # the row group's keep signals as one table (group_members' info)
+            yield _info_table(info)
 
 
 def _blocks(listed, feature_dir: str, size: int = VERIFY_BLOCK):
@@ -932,10 +1034,6 @@ class _VerifyBlock(beam.DoFn):
         yield from rows
 
 
-def _groups(edges, info):
-    return sorted(copy_groups(edges, info).items())
-
-
 class FindCopies(beam.PTransform):
     """{"light": the paths of filter's images files (pairing/pipeline.py copy_inputs), of which the
     candidate search reads each image's (image_id, embedding or None, pHash, (file, row group) where
@@ -971,8 +1069,10 @@ class FindCopies(beam.PTransform):
             listed | "Blocks" >> beam.FlatMap(_blocks, feature_dir) | "SpreadBlocks" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
         )
-        edges = checks | "Copies" >> beam.Filter(lambda r: r["copy"]) | "Edge" >> beam.Map(lambda r: (r["image_a"], r["image_b"]))
-        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(_groups, beam.pvalue.AsDict(info))
+        # the groups from tables of the verified pairs and of the members' keep signals (a list
+        # of tuples and a dict of every member held ~100 MB at 77,327 images: issue 34)
+        edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables())
+        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(group_members, beam.pvalue.AsList(info))
         return {"copy_of": copy_of, "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
 
 

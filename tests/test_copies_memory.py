@@ -85,3 +85,78 @@ def test_candidates_of_clustered_images_are_bounded_and_symmetric():
     # the same images named in reverse order: the same pairs (the merge does not depend on the order)
     rev = find_candidates(ids[::-1], emb[::-1], [f"{int(h):016x}" for h in hashes[::-1]], cfg)
     assert {(a, b) for a, b, _, _ in rev} == {(a, b) for a, b, _, _ in cands}
+
+
+def _random_groups(seed: int, n: int = 3000, edges: int = 2600):
+    """Random verified pairs over n ids (chains, stars, a few large components, repeated and
+    reversed pairs) and keep signals with ties: equal contents, contents within 5 % of the largest,
+    equal qualities and bytes per pixel, members without signals."""
+    import random
+
+    rng = random.Random(seed)
+    ids = [f"{rng.getrandbits(64):016x}" for _ in range(n)]
+    pairs = []
+    for _ in range(edges):
+        a, b = rng.sample(ids[: n // 2], 2) if rng.random() < 0.6 else rng.sample(ids, 2)
+        pairs.append((a, b))
+    pairs += [(b, a) for a, b in rng.sample(pairs, 200)] + rng.sample(pairs, 100)
+    info = {}
+    for x in ids:
+        if rng.random() < 0.05:
+            continue  # no signals: keep_order's zeros
+        info[x] = {"content": rng.choice([10_000, 10_000, 9_600, 9_500, 9_499, 12_000, 400]), "quality": rng.choice([75, 90, 90, 100]), "bytes_per_pixel": rng.choice([0.5, 0.25, 0.25, 1 / 3])}
+    return pairs, info
+
+
+def _tables(pairs, info, chunks: int):
+    import pyarrow as pa
+
+    edge_tables = [pa.table({"image_a": [a for a, _ in pairs[k::chunks]], "image_b": [b for _, b in pairs[k::chunks]]}) for k in range(chunks)]
+    rows = sorted(info.items())
+    info_tables = [
+        pa.table({"image_id": pa.array([x for x, _ in rows[k::chunks]], pa.string()), "content": pa.array([r["content"] for _, r in rows[k::chunks]], pa.int64()),
+                  "quality": pa.array([r["quality"] for _, r in rows[k::chunks]], pa.int64()), "bytes_per_pixel": pa.array([r["bytes_per_pixel"] for _, r in rows[k::chunks]], pa.float64())})
+        for k in range(chunks)
+    ]
+    return edge_tables, info_tables
+
+
+def test_groups_on_columns_are_copy_groups():
+    """group_members (the pipeline's groups step: components and choices on columns) gives
+    copy_groups' (member, kept) for every member, on random graphs with ties, in any chunking."""
+    from pairing.copies import copy_groups, group_members
+
+    for seed in range(4):
+        pairs, info = _random_groups(seed)
+        expected = sorted(copy_groups(pairs, info).items())
+        assert len(expected) > 1000
+        for chunks in (1, 7):
+            assert group_members(*_tables(pairs, info, chunks)) == expected
+    assert group_members([], []) == [] and group_members(*_tables([], {}, 1)) == []
+
+
+def test_groups_hold_numbers_not_a_tuple_per_pair():
+    """The groups step's memory: copy_groups over Python tuples and a dict of members (what the
+    pipeline collected: a ToList of pairs, an AsDict of the members' signals) held ~3.6x what
+    group_members holds over the same pairs as tables (both with their 27,611 (member, kept)
+    answers: ~5 MB). Traced: Python objects and numpy arrays (pyarrow's buffers are not: here the
+    distinct ids, ~1 MB)."""
+    from pairing.copies import copy_groups, group_members
+
+    pairs, info = _random_groups(9, n=40_000, edges=36_000)
+    edge_tables, info_tables = _tables(pairs, info, 4)
+    group_members(*_tables(pairs[:50], info, 1))  # imports scipy's graph code before anything is traced
+    peaks = []
+    for run in ("columns", "tuples"):
+        tracemalloc.start()
+        try:
+            if run == "columns":
+                group_members(edge_tables, info_tables)
+            else:  # what the step received before: the pairs and signals as Python objects
+                got = [(a, b) for t in edge_tables for a, b in zip(t.column(0).to_pylist(), t.column(1).to_pylist())]
+                signals = {x: {"content": c, "quality": q, "bytes_per_pixel": r} for t in info_tables for x, c, q, r in zip(*(t.column(k).to_pylist() for k in range(4)))}
+                sorted(copy_groups(got, signals).items())
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[0] * 2.5 < peaks[1], peaks
