@@ -67,3 +67,28 @@ def system_arrow_pool() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
     except (NotImplementedError, pa.ArrowException):  # a build without it: its default stays
         pass
+
+
+_LIBC = None
+
+
+def release_free_memory() -> bool:
+    """Give the pages of freed heap memory back to the system (glibc's `malloc_trim(0)`: the free
+    top of each arena and the whole free pages inside it): a step that held a large working set
+    (pair's candidate search: ~180 MB of freed NumPy arrays and Python objects at 77,327 images)
+    leaves its freed pages resident otherwise, and the steps after it add their own on top (issue
+    34). Cheap (~1 ms over a few hundred MB): call it where one step ends and the next begins, not
+    per element. Returns False on a libc without it (musl, macOS): nothing done."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            trim = libc.malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            _LIBC = trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC(0)
+    return True

@@ -211,15 +211,69 @@ def phash_neighbours(hashes: np.ndarray, max_distance: int, max_bucket: int = 25
 _MIRROR_MASK = int(mirror_phash("0" * 16), 16)  # the bits mirroring flips (odd columns)
 
 
+class CandidateList:
+    """The candidate pairs as arrays: a sequence of (id_a, id_b, cosine or nan, pHash distance or
+    -1) tuples, each made when it is read (`find_candidates`' list, element for element), held as
+    two int32 positions into `ids`, a float64 and an int16 a pair (~18 bytes, not the ~110 of a
+    tuple with its float: 514,765 candidates at 77,327 images were 58 MB of tuples, and the
+    freed tuples' memory stayed with the steps after; issue 34)."""
+
+    def __init__(self, ids: list, a: np.ndarray, b: np.ndarray, cos: np.ndarray, dist: np.ndarray):
+        self.ids, self.a, self.b, self.cos, self.dist = ids, a, b, cos, dist
+
+    @classmethod
+    def of(cls, tuples: list) -> "CandidateList":
+        """A CandidateList of (id_a, id_b, cosine, distance) tuples (their ids listed once)."""
+        names = sorted({x for t in tuples for x in t[:2]})
+        at = {x: k for k, x in enumerate(names)}
+        return cls(names, np.array([at[t[0]] for t in tuples], np.int32), np.array([at[t[1]] for t in tuples], np.int32),
+                   np.array([t[2] for t in tuples], np.float64), np.array([t[3] for t in tuples], np.int16))
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def _tuple(self, k: int) -> tuple:
+        return (self.ids[int(self.a[k])], self.ids[int(self.b[k])], float(self.cos[k]), int(self.dist[k]))
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._tuple(i) for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self._tuple(k)
+
+    def __iter__(self):
+        ids = self.ids
+        for lo in range(0, len(self), 1 << 14):  # Python values of a slice at a time
+            sl = slice(lo, lo + (1 << 14))
+            for a, b, c, d in zip(self.a[sl].tolist(), self.b[sl].tolist(), self.cos[sl].tolist(), self.dist[sl].tolist()):
+                yield (ids[a], ids[b], c, d)
+
+    def __eq__(self, other) -> bool:
+        return len(self) == len(other) and all(x == y or (x[:2] == y[:2] and x[3] == y[3] and math.isnan(x[2]) and math.isnan(y[2])) for x, y in zip(self, other))
+
+    def members(self) -> set:
+        """The ids named by any pair."""
+        return {self.ids[k] for k in np.unique(np.concatenate([self.a, self.b])).tolist()}
+
+
 def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: list[Optional[str]], cfg) -> list[tuple[str, str, float, int]]:
+    """`candidate_list` as a list of tuples."""
+    return list(candidate_list(ids, embeddings, phashes, cfg))
+
+
+def candidate_list(ids: list[str], embeddings: Optional[np.ndarray], phashes: list[Optional[str]], cfg) -> CandidateList:
     """Candidate copy pairs (id_a < id_b, cosine or nan, mirror-aware pHash distance or -1): the
     embedding neighbours and the pHash neighbours of every image; each image proposes its closest
     `copy_max_candidates` (by cosine, then by pHash distance), and takes part in at most twice that
     many pairs (a hub keeps its closest). Linear in the images: each query returns a bounded list;
-    the merging is numpy over those lists."""
+    the merging is numpy over those lists. Sorted by (id_a, id_b)."""
     n = len(ids)
+    none = CandidateList(list(ids), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64), np.zeros(0, np.int16))
     if n < 2:
-        return []
+        return none
     parts = []  # (i, j, cosine, distance)
     if embeddings is not None and len(embeddings):
         i, j, sims = ann_neighbours(embeddings, cfg.copy_top_k, cfg.copy_min_cosine)
@@ -231,7 +285,7 @@ def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: l
         i, j, dist = phash_neighbours(hashes, cfg.copy_phash_distance)
         parts.append((rows[i], rows[j], np.full(len(i), np.nan), dist.astype(np.int64)))
     if not parts:
-        return []
+        return none
     # what follows holds a few arrays of the raw pairs at a time (each dropped when used: at 77,327
     # images, 1.2 x 10^6 raw pairs, all of them alive together and the Python ints of the degree
     # loop were a 280 MB peak, issue 34), indices as int32 and distances as int16 (the same values,
@@ -241,7 +295,7 @@ def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: l
     key = np.concatenate([np.minimum(p[0], p[1]).astype(np.int64) * n + np.maximum(p[0], p[1]) for p in parts])
     del parts
     if not len(key):  # neighbour searches that found nothing (no two images close enough)
-        return []
+        return none
     # one row per pair: its cosine (if any) and its smallest pHash distance (if any)
     order = np.argsort(key, kind="stable")
     key = key[order]
@@ -284,20 +338,30 @@ def find_candidates(ids: list[str], embeddings: Optional[np.ndarray], phashes: l
     chosen = chosen[np.lexsort((pair_dist[chosen], -rank_cos[chosen]))]
     degree = np.zeros(n, np.int64)
     limit = 2 * cfg.copy_max_candidates
-    out = []
+    take = np.zeros(len(chosen), bool)
     for lo in range(0, len(chosen), 1 << 16):  # in slices: no Python int of every pair at once
         part = chosen[lo : lo + (1 << 16)]
-        for p, a, b in zip(part.tolist(), plo[part].tolist(), phi[part].tolist()):
+        for k, (a, b) in enumerate(zip(plo[part].tolist(), phi[part].tolist())):
             if degree[a] < limit and degree[b] < limit:
                 degree[a] += 1
                 degree[b] += 1
-                x, y = ids[a], ids[b]
-                if x > y:
-                    x, y = y, x
-                d = int(pair_dist[p])
-                out.append((x, y, float(pair_cos[p]), d if d != 99 else -1))
-    out.sort()
-    return out
+                take[lo + k] = True
+    chosen = chosen[take]
+    del take
+    a, b = plo[chosen], phi[chosen]
+    cos, dist = pair_cos[chosen], pair_dist[chosen].astype(np.int16)
+    dist[dist == 99] = -1
+    # each pair as (smaller id, larger id), in the order of (id_a, id_b): the ids' ranks as strings
+    # (equal ids, equal ranks); the ids of the pipeline come sorted, so their ranks are their rows
+    ids = list(ids)
+    if all(ids[k] < ids[k + 1] for k in range(len(ids) - 1)):
+        rank = np.arange(n, dtype=np.int64)
+    else:
+        rank = np.unique(np.array(ids, dtype=object), return_inverse=True)[1].astype(np.int64).reshape(-1)
+    swap = rank[a] > rank[b]
+    a, b = np.where(swap, b, a).astype(np.int32), np.where(swap, a, b).astype(np.int32)
+    order = np.lexsort((dist, cos, rank[b], rank[a]))
+    return CandidateList(ids, a[order], b[order], cos[order], dist[order])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,7 +818,7 @@ class LightRows:
         return self.ragged[i] if self.ragged is not None else self.emb[i]
 
 
-def _candidates(light: LightRows, cfg) -> list[tuple[str, str, float, int]]:
+def _candidates(light: LightRows, cfg) -> CandidateList:
     """find_candidates over the images' ids, embeddings (those that have one) and pHashes, in id
     order (the order the index is built in: the same candidates whatever order the files come)."""
     order = sorted(range(len(light.ids)), key=light.ids.__getitem__)
@@ -768,11 +832,11 @@ def _candidates(light: LightRows, cfg) -> list[tuple[str, str, float, int]]:
         return np.stack([np.asarray(light.embedding(order[k]), dtype=np.float32) for k in rows])
 
     if with_emb and len(with_emb) == len(ids):
-        return find_candidates(ids, matrix(with_emb), phashes, cfg)
+        return candidate_list(ids, matrix(with_emb), phashes, cfg)
     if with_emb:  # a mixed input (some images not embedded): search the embedded ones
         sub = find_candidates([ids[k] for k in with_emb], matrix(with_emb), [None] * len(with_emb), cfg)
-        return _merge(sub, find_candidates(ids, None, phashes, cfg))
-    return find_candidates(ids, None, phashes, cfg)
+        return CandidateList.of(_merge(sub, find_candidates(ids, None, phashes, cfg)))
+    return candidate_list(ids, None, phashes, cfg)
 
 
 def _merge(a: list, b: list) -> list:
@@ -908,9 +972,12 @@ def _candidates_and_reads(files: list, cfg) -> tuple[list, list, dict]:
     id: its (file, row group)}) of filter's images `files` (LightRows: ids, embeddings, pHashes and
     row groups, read here column by column): each candidate image once, however many pairs name
     it; nothing for the others."""
+    from core.memory import release_free_memory
+
     light = LightRows.read(files)
     candidates = _candidates(light, cfg)
-    wanted = {x for a, b, _, _ in candidates for x in (a, b)}
+    release_free_memory()  # the search's freed arrays (~180 MB at 77,327 images), before the steps that follow add theirs
+    wanted = candidates.members()
     reads: dict = {}
     where: dict = {}
     for image_id, pointer in zip(light.ids, light.pointers):
@@ -930,8 +997,10 @@ class _Featurize(beam.DoFn):
         self.cfg, self.feature_dir = cfg, feature_dir
 
     def process(self, item):
+        from core.memory import release_free_memory
         from core.stageio import fetch_rows
 
+        release_free_memory()  # what the step before left freed (the candidate search), and the last row group's bytes
         (path, row_group), lists = item
         rows = fetch_rows([(path, row_group)], "image_id", ["image_bytes"], wanted={x for ids in lists for x in ids})
         out: list = []
@@ -1007,6 +1076,11 @@ class _VerifyBlock(beam.DoFn):
         from collections import OrderedDict
 
         self.indexes = OrderedDict()
+
+    def start_bundle(self):
+        from core.memory import release_free_memory
+
+        release_free_memory()  # what featurising left freed (row groups of image bytes), once a bundle
 
     def process(self, item, written):
         if not hasattr(self, "indexes"):  # a runner that skipped setup

@@ -22,7 +22,7 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.memory import system_arrow_pool
+from core.memory import release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
@@ -68,6 +68,9 @@ class JoinBucket(beam.DoFn):
 
     def __init__(self, cfg: PairConfig, copies: bool):
         self.cfg, self.copies = cfg, copies
+
+    def start_bundle(self):
+        release_free_memory()  # what the steps before left freed (the copy step's), once a bundle
 
     def process(self, item, flags):
         _, listed = item
