@@ -61,9 +61,11 @@ class JoinBucket(beam.DoFn):
     the page buckets. Each record carries whether its image is `shared`: seen on several pages
     (its kept links name more than one page) or a kept dress of the copy step (a dress that stands
     in for others); only pairs of two shared images can recur on another page. One bucket's images
-    and links are in memory at a time. With `copies`, pairing/copies.py `on_pages_with_copies`
-    makes the records (tagged outputs `rejected`, `copies`, `stand_ins`). The rejected rows leave
-    as one pyarrow table a bucket (each producer of rejected rows has its own sink: the local runner
+    and links are in memory at a time, packed; each record leaves as it is made (a key's records
+    are never held together: a photo copied on 19,306 pages was one key at 16x). With `copies`,
+    pairing/copies.py `on_pages_with_copies` makes the records (tagged outputs `rejected`,
+    `copies`, `stand_ins`). The rejected rows leave as pyarrow tables of up to
+    REJECTED_TABLE_ROWS rows (each producer of rejected rows has its own sink: the local runner
     holds a Flatten of outputs of different stages whole)."""
 
     def __init__(self, cfg: PairConfig, copies: bool):
