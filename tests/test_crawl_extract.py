@@ -312,17 +312,21 @@ def test_declared_size_fast_path_reads_what_the_regex_reads():
 
 
 def test_page_complexity_shortcuts_give_the_same_verdicts(warc_dir):
-    """page_complexity counts '<' with NumPy and stops the depth estimate once the start tags that
-    nest are at most the limit (issue 34): the verdicts are those of body.count and the full
-    estimate, on the shared pages and on nested, flat and mixed markup, at several limits."""
+    """page_complexity counts '<' with NumPy, skips the depth estimate when the '<' not followed by
+    '/' are at most the limit, and stops the estimate once the start tags that nest are (issue 34):
+    the verdicts are those of body.count and the full estimate, on the shared pages and on nested,
+    flat, mixed and end-tag-heavy markup, at several limits."""
     from crawl.html import _depth_estimate, page_complexity
     from crawl.warc import Page, iter_file
 
     bodies = [d.body for p in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))) if not p.endswith(".wat") for d in iter_file(p) if isinstance(d, Page)]
     bodies += [b"<div>" * n + b"<img src=x>" + b"</div>" * n for n in (50, 4000, 5000)]
     bodies += [b"<p>x<br><img src=x><b>y</b><li>z" * 3000, b"<span>" * 300 + b"<div></div>" * 3000, b"", b"<" * 5000, b"<a>" * 10]
+    bodies += [b"<div>" * 5000 + b"</div>" * 5000, b"<a></a>" * 3000, b"<b>" * 4000 + b"</" * 3000, b"<\x0f>" * 5000 + b"<i>", b"x</" * 5000 + b"<"]
     for body in bodies:
         estimate = _depth_estimate(body)
+        # the bound page_complexity checks first: start tags the estimate counts <= '<' not followed by '/'
+        assert _depth_estimate(body, 10**9) <= body.count(b"<") - body.count(b"</")
         for limit in (10, 100, 1000, 4096):
             assert (_depth_estimate(body, limit) <= limit) == (estimate <= limit)
             tags = body.count(b"<")
