@@ -171,6 +171,49 @@ _FREEZE_DEPTH = [0]  # frozen_gc blocks open in this process
 _FREEZE_LOCK = threading.Lock()
 
 
+class ArrowTableCoder(beam.coders.Coder):
+    """pyarrow tables as Arrow IPC streams; their size for Beam's element-size metrics is the
+    table's `nbytes`. With the default coder (pickle) Beam pickled every table a step makes just to
+    measure it: an output's first ten elements are always sampled, and a stage's outputs are a few
+    large tables (extract: ~115 MB pickled a Common Crawl file, ~0.06 CPU s, issue 34)."""
+
+    def encode(self, table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    def decode(self, data: bytes) -> pa.Table:
+        return pa.ipc.open_stream(data).read_all()
+
+    def _create_impl(self):
+        from apache_beam.coders.coder_impl import CallbackCoderImpl
+
+        return CallbackCoderImpl(self.encode, self.decode, lambda table: table.nbytes)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return pa.Table
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
+
+
+def of_tables(*pcolls) -> None:
+    """Mark PCollections whose elements are pyarrow tables, so that Beam encodes and measures them
+    with ArrowTableCoder (an untyped DoFn's outputs are `Any`: pickled)."""
+    for pcoll in pcolls:
+        pcoll.element_type = pa.Table
+
+
 class _DaskPipeline(beam.Pipeline):
     """A pipeline that goes to the Dask runner without Beam's runner-API round trip: Beam makes it
     (proto and back) for runners outside the Fn API only as a check, and it cost a second of the

@@ -24,7 +24,7 @@ from apache_beam.metrics import Metrics
 from core.config import CrawlConfig
 from core.memory import system_arrow_pool
 from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, stable_id
-from core.stageio import WriteStageOutputs, frozen_gc
+from core.stageio import WriteStageOutputs, frozen_gc, of_tables
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
 from crawl.urls import AllowList, normalize_link_columns, normalize_url
@@ -497,6 +497,7 @@ class ExtractLinks(beam.PTransform):
             | "GroupPages" >> beam.GroupByKey()
             | "Collapse" >> beam.ParDo(CollapseDuplicates()).with_outputs(REJECTED, main="kept")
         )
+        of_tables(found[REJECTED], split.kept, split[REJECTED], deduped.kept, deduped[REJECTED])
         # not flattened: each is written by its own sink (the local runner would hold a Flatten
         # of outputs of different stages whole in memory)
         return {"input_count": found[CANDIDATES], "kept": (split.kept, deduped.kept), "rejected": (found[REJECTED], split[REJECTED], deduped[REJECTED])}
