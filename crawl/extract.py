@@ -526,7 +526,7 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
             # every count is tallied where its elements are made and summed by one combine; the file
             # and record problems are counted apart in stats.json too, from the rejected rows' reasons
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True,
-                                                       count_together=True, reason_stats={key: reason for reason, key in FILE_STATS.items()})
+                                                       reason_stats={key: reason for reason, key in FILE_STATS.items()})
         spill_dir = os.path.join(out.path, SPILL)
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])
