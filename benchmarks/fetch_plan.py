@@ -32,7 +32,7 @@ from _common import SMOKE_HELP, ROOT, SHARED, need_shared, report
 NO_RULES = dict(min_side=0, skip_extensions=(), url_boilerplate=False, max_links_per_page=0, min_links_per_page=0)
 
 
-def _pipeline(links_dir: str, out: str, rules: bool, encoder: str) -> dict:
+def _pipeline(links_dir: str, out: str, rules: bool, encoder: str, faces: str = "detect") -> dict:
     from core.config import DownloadConfig, FilterConfig, PairConfig
     from core.stageio import read_table
     from crawl.download import run_download
@@ -41,7 +41,7 @@ def _pipeline(links_dir: str, out: str, rules: bool, encoder: str) -> dict:
 
     d = {k: os.path.join(out, k) for k in ("download", "filter", "pair")}
     dl = run_download(links_dir, d["download"], DownloadConfig(allow_hosts=("127.0.0.1",), processes=1, threads=16, timeout=30, deadline=60, **({} if rules else NO_RULES)))
-    flt = run_filter(d["download"], d["filter"], FilterConfig(encoder=encoder))
+    flt = run_filter(d["download"], d["filter"], FilterConfig(encoder=encoder, faces=faces))
     pr = run_pair(d["filter"], d["pair"], PairConfig())
     pairs = read_table(d["pair"], "pairs", ["pair_id", "cond_image_id", "target_image_id"]).to_pandas()
     return {
@@ -60,9 +60,9 @@ def _policy_allowed(links_dir: str) -> int:
     return sum(policy_reason(u, allow) is None for u in read_table(links_dir, "links", ["image_url"]).column(0).to_pylist())
 
 
-def _funnel(name: str, links_dir: str, tmp: str, encoder: str) -> dict:
-    dedupe = _pipeline(links_dir, os.path.join(tmp, name + "-dedupe"), False, encoder)
-    plan = _pipeline(links_dir, os.path.join(tmp, name + "-plan"), True, encoder)
+def _funnel(name: str, links_dir: str, tmp: str, encoder: str, faces: str = "detect") -> dict:
+    dedupe = _pipeline(links_dir, os.path.join(tmp, name + "-dedupe"), False, encoder, faces)
+    plan = _pipeline(links_dir, os.path.join(tmp, name + "-plan"), True, encoder, faces)
     before = _policy_allowed(links_dir)
     print(f"\n== fetch plan: {name} ==")
     print(f"  {'':34s} {'before':>10s} {'dedupe':>10s} {'plan':>10s}")
@@ -172,12 +172,13 @@ def main() -> list[dict]:
     ap.add_argument("--links", type=int, default=10_000, help="links of the generated crawl for the funnel")
     ap.add_argument("--memory-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--encoder", default="efficientnet-lite0")
+    ap.add_argument("--faces", default="detect", choices=("detect", "off"), help="filter's face detection in the funnel runs (detect: the stage's default; it decides no verdict here, only its cost)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
     if args.smoke:
-        args.links, args.memory_sizes, args.encoder = 400, [2000, 4000], "tiny-clip"
+        args.links, args.memory_sizes, args.encoder, args.faces = 400, [2000, 4000], "tiny-clip", "off"  # faces: ~100 ms an image was a third of the smoke run
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
         return []
@@ -188,10 +189,10 @@ def main() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         port = gencrawl.free_port()
         with gencrawl.serve(photos, port):
-            real = _funnel("real pages (../shared/data/warc)", real_pages_links(tmp, port, 6 if args.smoke else 0), tmp, args.encoder)
+            real = _funnel("real pages (../shared/data/warc)", real_pages_links(tmp, port, 6 if args.smoke else 0), tmp, args.encoder, args.faces)
             gen_dir = os.path.join(tmp, "generated-links")
             gencrawl.write_links(gen_dir, args.links, port, seed=0)
-            gen = _funnel(f"generated crawl ({args.links:,} links)", gen_dir, tmp, args.encoder)
+            gen = _funnel(f"generated crawl ({args.links:,} links)", gen_dir, tmp, args.encoder, args.faces)
         results.append(report("fetch plan: downloads per paired image, before / plan (generated crawl)", [("same pairs (1 = yes)", float(gen["same_pairs"]), ""), ("fetched / links allowed (generated)", gen["selected_share"] * 100, "%"), ("fetched / links allowed (real pages)", real["selected_share"] * 100, "%")], gen["ratio"] if gen["same_pairs"] else 0.0, 3.0))
         if not args.skip_memory:
             growth = _memory(tmp, args.memory_sizes, args.smoke)

@@ -157,7 +157,8 @@ def main() -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args, beam_args = ap.parse_known_args()
     if args.smoke:
-        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images, args.step_images = 1, 16, 4, 1, 4, 16
+        args.repeat, args.encoder_images, args.batch_size, args.runs, args.face_images, args.step_images = 1, 8, 4, 1, 4, 16
+        args.encoder = "tiny-clip"  # the same RunInference path; efficientnet-lite0 made this the dearest smoke run (~350 CPU s under load)
     import torch
 
     from core.config import FilterConfig
@@ -212,7 +213,7 @@ def main() -> list[dict]:
         return results
 
     with tempfile.TemporaryDirectory() as tmp:
-        blobs = photo_downloads(tmp, 1)[: args.encoder_images]
+        blobs = photo_downloads(tmp, 1, photos=args.encoder_images if args.smoke else 0)[: args.encoder_images]  # a smoke run's stage runs see only these
         from PIL import Image
 
         enc = load_encoder(args.encoder)

@@ -189,22 +189,22 @@ def _write_stats(_, out_dir: str, stage: str, input_count: int, kept: int, reaso
     return stats
 
 
-class _CountEach(beam.CombineFn):
-    """{value: how many times it came}, for the few distinct values of reject reasons: one global
-    combine (a dict per bundle, merged) where Count.PerElement would shuffle every rejected row."""
+class _SumCounts(beam.CombineFn):
+    """{key: n} dicts (one a bundle, from `_Tally`) summed key by key: one global combine of every
+    count of a stage, whatever the number of rows counted."""
 
     def create_accumulator(self) -> dict:
         return {}
 
-    def add_input(self, counts: dict, value) -> dict:
-        counts[value] = counts.get(value, 0) + 1
+    def add_input(self, counts: dict, more: dict) -> dict:
+        for key, n in more.items():
+            counts[key] = counts.get(key, 0) + n
         return counts
 
     def merge_accumulators(self, accumulators) -> dict:
         merged: dict = {}
         for counts in accumulators:
-            for value, n in counts.items():
-                merged[value] = merged.get(value, 0) + n
+            self.add_input(merged, counts)
         return merged
 
     def extract_output(self, counts: dict) -> dict:
@@ -214,15 +214,6 @@ class _CountEach(beam.CombineFn):
 def _reason_counts(table) -> dict:
     """{reason: rows} of a pyarrow table of rejected rows."""
     return {vc["values"]: vc["counts"] for vc in table.column("reason").value_counts().to_pylist()}
-
-
-class _CountDicts(_CountEach):
-    """_CountEach over {value: count} dicts (a table's `_reason_counts`): merged."""
-
-    def add_input(self, counts: dict, more: dict) -> dict:
-        for value, n in more.items():
-            counts[value] = counts.get(value, 0) + n
-        return counts
 
 
 class WriteStageOutputs(beam.PTransform):
@@ -237,25 +228,23 @@ class WriteStageOutputs(beam.PTransform):
     written by its own sink. Any other entry is counted too and lands in stats.json under its name
     (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
 
-    With `count_together`, every count (input, kept, reasons, the other entries) is tallied in the
-    step that makes its elements (`_Tally`: one {count: n} a bundle) and summed by one global
-    combine, read by the stats step as one side input: the same stats.json as a Count.Globally per
-    entry (8 transforms each; 15 of them were ~0.8 CPU s of Beam's fixed cost in pair, issue 34).
-    Then `input` and the other entries may also be tuples of PCollections (counted together), and
-    the entries named in `table_counts` hold pyarrow tables, counted by their rows.
+    Every count (input, kept, reasons, the other entries) is tallied in the step that makes its
+    elements (`_Tally`: one {count: n} a bundle) and summed by one global combine, read by the
+    stats step as one side input (a Count.Globally per entry was 8 transforms each; 15 of them were
+    ~0.8 CPU s of Beam's fixed cost in pair, issue 34). `input` and the other entries may also be
+    tuples of PCollections (counted together), and the entries named in `table_counts` hold
+    pyarrow tables, counted by their rows.
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
-                 count_together: bool = False, table_counts: tuple = ()):
+                 table_counts: tuple = ()):
         super().__init__()
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
         self.kept_tables = kept_tables
         self.rejected_tables = rejected_tables
         self.more = more or {}
-        self.count_together, self.table_counts = count_together, tuple(table_counts)
-        if table_counts and not count_together:
-            raise ValueError("table_counts needs count_together")
+        self.table_counts = tuple(table_counts)
 
     def expand(self, pcolls):
         kept, rejected = pcolls["kept"], pcolls["rejected"]
@@ -282,52 +271,9 @@ class WriteStageOutputs(beam.PTransform):
             _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
             )
-        if self.count_together:
-            return self._stats_together(pcolls, kept_all, rejected_all)
-        if "input_count" in pcolls:
-            n_input = pcolls["input_count"] | "SumInput" >> beam.CombineGlobally(sum)
-        else:
-            n_input = pcolls["input"] | "CountInput" >> beam.combiners.Count.Globally()
-        if "kept_count" in pcolls:  # kept rows are not what is counted (filter: images kept, links counted)
-            n_kept = pcolls["kept_count"] | "SumKept" >> beam.CombineGlobally(sum)
-        elif self.kept_tables:
-            sizes = [pc | (f"KeptRows{i}" if i else "KeptRows") >> beam.Map(lambda t: t.num_rows) for i, pc in enumerate(kept_all)]
-            sizes = sizes[0] if len(sizes) == 1 else sizes | "AllKeptRows" >> beam.Flatten()
-            n_kept = sizes | "SumKept" >> beam.CombineGlobally(sum)
-        else:
-            n_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
-        if self.rejected_tables:
-            per_table = [pc | (f"Reasons{i}" if i else "Reasons") >> beam.Map(_reason_counts) for i, pc in enumerate(rejected_all)]
-            per_table = per_table[0] if len(per_table) == 1 else per_table | "AllReasons" >> beam.Flatten()
-            reasons = per_table | "CountReasons" >> beam.CombineGlobally(_CountDicts())
-        else:
-            reasons = (
-                rejected
-                | "Reason" >> beam.Map(lambda r: r["reason"])
-                | "CountReasons" >> beam.CombineGlobally(_CountEach())
-            )
-        counts = {
-            name: beam.pvalue.AsSingleton(pc | f"Count_{name}" >> beam.combiners.Count.Globally())
-            for name, pc in pcolls.items()
-            if name not in ("input", "input_count", "kept", "kept_count", "rejected")
-        }
-        return (
-            kept_all[0].pipeline
-            | "StatsSeed" >> beam.Create([None])
-            | "WriteStats"
-            >> beam.Map(
-                _write_stats,
-                out_dir=self.out_dir,
-                stage=self.stage,
-                input_count=beam.pvalue.AsSingleton(n_input),
-                kept=beam.pvalue.AsSingleton(n_kept),
-                reasons=beam.pvalue.AsSingleton(reasons),
-                extra=self.extra,
-                **counts,
-            )
-        )
+        return self._stats(pcolls, kept_all, rejected_all)
 
-    def _stats_together(self, pcolls: dict, kept_all: list, rejected_all: list):
+    def _stats(self, pcolls: dict, kept_all: list, rejected_all: list):
         """stats.json from one global combine of every count (see the class)."""
         tallies = []
 
@@ -352,7 +298,7 @@ class WriteStageOutputs(beam.PTransform):
         names = [name for name in pcolls if name not in ("input", "input_count", "kept", "kept_count", "rejected")]
         for name in names:
             tally(pcolls[name], (_COUNT, name), f"Tally_{name}", rows=name in self.table_counts)
-        totals = tallies | "AllTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(_CountDicts())
+        totals = tallies | "AllTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(_SumCounts())
         return (
             kept_all[0].pipeline
             | "StatsSeed" >> beam.Create([None])

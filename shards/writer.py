@@ -527,7 +527,7 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
             )
             counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
             # index rows leave each writer as one table per shard (Beam's cost is per element)
-            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True, count_together=True)
+            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
             _ = (
                 p
                 | "ManifestSeed" >> beam.Create([None])

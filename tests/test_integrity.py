@@ -379,7 +379,7 @@ def test_no_sink_of_a_stage_deletes_another_sinks_files(tmp_path):
             kept = tuple(source(p, f"K{i}", [table(f"k{i}-", 3 + i)], i == late) for i in range(3))
             rej = tuple(source(p, f"R{i}", [rejected(f"r{i}-", 2 + i)], i != late) for i in range(3))
             _ = {"input": p | "In" >> beam.Create(range(3 + 4 + 5 + 2 + 3 + 4)), "kept": kept, "rejected": rej} | WriteStageOutputs(
-                str(out), "t", "kept", schema, kept_tables=True, rejected_tables=True, count_together=True)
+                str(out), "t", "kept", schema, kept_tables=True, rejected_tables=True)
         for folder, column, want in (("kept", "id", {f"k{i}-{j}" for i in range(3) for j in range(3 + i)}), ("rejected", "record_id", {f"r{i}-{j}" for i in range(3) for j in range(2 + i)})):
             names = sorted(os.listdir(out / folder))
             for name in names:  # <prefix>-SSSSS-of-NNNNN.parquet: Beam's finalize glob of that sink

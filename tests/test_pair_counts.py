@@ -35,7 +35,7 @@ def _stats(out_dir: str, together: bool) -> dict:
         }
         if together:
             pcolls.update(input=(links, stand_ins), pairs=pair_tables)
-            write = WriteStageOutputs(out_dir, "t", "kept", SCHEMA, kept_tables=True, rejected_tables=True, count_together=True, table_counts=("pairs",))
+            write = WriteStageOutputs(out_dir, "t", "kept", SCHEMA, kept_tables=True, rejected_tables=True, table_counts=("pairs",))
         else:
             pcolls.update(input=(links, stand_ins) | "AllInput" >> beam.Flatten(), pairs=pair_tables | "AllPairs" >> beam.Flatten() | "Ones" >> beam.FlatMap(lambda t: [1] * t.num_rows))
             write = WriteStageOutputs(out_dir, "t", "kept", SCHEMA, kept_tables=True, rejected_tables=True)
@@ -55,14 +55,9 @@ def test_rejected_rows_are_tallied_by_reason(tmp_path):
     rows = [{"record_id": str(i), "stage": "t", "reason": r, "detail": "", "url": ""} for i, r in enumerate(["a", "b", "a", "c", "a"])]
     with beam.Pipeline(options=pipeline_options([])) as p:
         pcolls = {"input": p | "In" >> beam.Create(range(9)), "kept": p | "Kept" >> beam.Create([{"id": "x"}] * 4), "rejected": p | "Rej" >> beam.Create(rows)}
-        _ = pcolls | "Write" >> WriteStageOutputs(str(tmp_path), "t", "kept", SCHEMA, count_together=True)
+        _ = pcolls | "Write" >> WriteStageOutputs(str(tmp_path), "t", "kept", SCHEMA)
     with open(tmp_path / STATS_FILE) as fh:
         assert json.load(fh) == {"stage": "t", "input": 9, "kept": 4, "rejected": {"a": 3, "b": 1, "c": 1}}
-
-
-def test_table_counts_need_count_together():
-    with pytest.raises(ValueError):
-        WriteStageOutputs("x", "t", "kept", SCHEMA, table_counts=("pairs",))
 
 
 @pytest.mark.parametrize("value_type", [pa.float16(), pa.float32()])
