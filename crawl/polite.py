@@ -51,6 +51,14 @@ def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Op
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _asked_pause(err: BaseException) -> Optional[float]:
+    """The seconds a failed request's answer asked to wait (a 429/503 with a Retry-After, as
+    crawl/fetch.FetchError carries them), or None."""
+    if getattr(err, "reason", None) not in ("http_429", "http_503"):
+        return None
+    return retry_after_seconds(getattr(err, "retry_after", None))
+
+
 class HostGate:
     """Per-host connection slots and request times, shared by every download process of a run."""
 
@@ -77,6 +85,11 @@ class HostGate:
         try:
             self._wait_turn(base, delay)
             yield
+        except Exception as err:
+            wait = _asked_pause(err)
+            if wait:  # a 429/503's Retry-After holds before the slot is free: no other request slips in first
+                self._push(base, wait)
+            raise
         finally:
             if delay > 0:  # the delay counts from the end of this request (the next one waits for this slot)
                 self._push(base, delay)
