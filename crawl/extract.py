@@ -9,19 +9,22 @@ file's page hashes) meet in a shuffle -> write links/ and rejected/ (pyarrow tab
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import os
 import pickle
 from typing import Iterable, Optional
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from core.config import CrawlConfig
+from core.memory import system_arrow_pool
 from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, stable_id
-from core.stageio import WriteStageOutputs, frozen_gc
+from core.stageio import WriteStageOutputs, frozen_gc, of_tables
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
 from crawl.urls import AllowList, normalize_link_columns, normalize_url
@@ -70,6 +73,11 @@ def _accept(page_url: str, raw_links: list, urls: list, reasons: Optional[list],
     return links, rejected
 
 
+# Pages whose links are resolved and spilled together, after they are parsed: parsing a page
+# (lexbor) evicts from the CPU's caches what resolution uses (the regex engine, the interpreter's
+# paths), which cost ~24 us a page when each page's links were resolved right after it (issue 34:
+# resolution took 1.53 CPU s at 35,000 pages, 0.88 s when run again at once on the same links).
+PAGES_AT_ONCE = 32
 SPILL = ".spill"  # in the stage's output folder; finish_stage removes dot folders before _SUCCESS
 PAGES = "pages"  # per file, the page hashes of its captures (pages with accepted links)
 REPEATED = "repeated"  # links of pages with several captures, on their way to the shuffle
@@ -77,10 +85,10 @@ SPILL_ROWS = 20_000  # links per spill record batch (a batch ends with a page)
 SPILL_SCHEMA = pa.schema(
     [
         ("link_id", pa.string()),
-        ("page_url", pa.string()),
+        ("page_url", pa.dictionary(pa.int32(), pa.string())),  # one value a page, not a link
         ("image_url", pa.string()),
         ("alt", pa.string()),  # as written on the page
-        ("kept_alt", pa.string()),  # the alt the kept link gets if the page has no other capture
+        ("kept_alt", pa.string()),  # null, or the alt the kept link borrows if the page has no other capture
         ("position", pa.int32()),
         ("kind", pa.string()),
         ("width", pa.int32()),
@@ -98,21 +106,43 @@ def page_hash(page_url: str) -> int:
     return int.from_bytes(hashlib.blake2b(page_url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+def link_ids(digests: list) -> pa.Array:
+    """stable_id(page_url, image_url) of each link from its SHA-1 digest (`_Spill._add`): the first 8
+    bytes in hex, written for the whole batch at once rather than a hexdigest and a slice a link."""
+    n = len(digests)
+    first = np.frombuffer(b"".join(digests), np.uint8).reshape(n, 20)[:, :8]
+    return pa.StringArray.from_buffers(n, pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32)), pa.py_buffer(binascii.hexlify(first.tobytes())))
+
+
 class _Spill:
     """The accepted links of one input file, in SPILL_SCHEMA columns, written as Arrow IPC record
     batches of about SPILL_ROWS links (whole pages) to `path` (IPC, not parquet: written and read
     back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is
     collapsed as if it had one capture (`kept`, `kept_alt`); the pages that turn out to have more
-    are collapsed again."""
-
-    NAMES = [f.name for f in SPILL_SCHEMA]
+    are collapsed again. A batch is held as Python lists a link (what the page gave) and a page
+    (URL, offset, hash, how many links: spread over the page's links by NumPy when written)."""
 
     def __init__(self, path: str):
         self.path = path
-        self.cols: dict = {n: [] for n in self.NAMES}
-        self.rows = 0
-        self.hashes: list[int] = []
+        self.hashes: list[int] = []  # every page's, for the PAGES output
         self.writer = self.fh = None
+        self._new_batch()
+
+    def _new_batch(self) -> None:
+        self.digests: list[bytes] = []
+        self.urls: list[str] = []
+        self.alts: list[str] = []
+        self.positions: list[int] = []
+        self.kinds: list[str] = []
+        self.widths: list = []
+        self.heights: list = []
+        self.dropped: list[int] = []  # rows of the batch not kept (a page's duplicate image URLs)
+        self.borrowed: dict[int, str] = {}  # row -> the alt a kept link takes from a duplicate
+        self.page_urls: list[str] = []
+        self.page_offsets: list[int] = []
+        self.page_hashes: list[int] = []
+        self.page_sizes: list[int] = []
+        self.rows = 0
 
     def add_page(self, page_url: str, offset: int, raw: list, base_href, cfg: CrawlConfig, allow: AllowList) -> list[dict]:
         """page_links + add for one page's extracted links; returns the Rejected rows of the refused
@@ -124,7 +154,10 @@ class _Spill:
             if links:
                 self.add(page_url, offset, links)
             return refused
-        self._add(page_url, offset, urls, [r.alt for r in raw], [r.position for r in raw], [r.kind for r in raw], [r.width for r in raw], [r.height for r in raw])
+        n = len(raw)
+        # extract_page numbers a page's links 0..n-1 (a WAT record's may skip): then no list a link
+        positions = range(n) if raw[-1].position == n - 1 and raw[0].position == 0 else [r.position for r in raw]
+        self._add(page_url, offset, urls, [r.alt for r in raw], positions, [r.kind for r in raw], [r.width for r in raw], [r.height for r in raw])
         return []
 
     def add(self, page_url: str, offset: int, links: list[tuple]) -> None:
@@ -135,24 +168,26 @@ class _Spill:
         h = page_hash(page_url)
         self.hashes.append(h)
         n = len(urls)
-        c = self.cols
-        prefix, sha1 = page_url + "\x1f", hashlib.sha1  # stable_id(page_url, url), inlined: once per link
-        c["link_id"] += [sha1((prefix + url).encode("utf-8", "surrogatepass")).hexdigest()[:16] for url in urls]
-        c["page_url"] += [page_url] * n
-        c["image_url"] += urls
-        c["alt"] += alts
-        c["position"] += positions
-        c["kind"] += kinds
-        c["width"] += widths
-        c["height"] += heights
-        c["source_offset"] += [offset] * n
-        c["page_hash"] += [h] * n
-        seen = set(urls)
-        if len(seen) == n:  # the common case: every image URL once
-            c["kept_alt"] += alts
-            c["kept"] += [True] * n
-        else:  # collapse_page's rule for one capture, on the URLs that repeat
-            kept, kept_alt = [True] * n, list(alts)
+        start = self.rows
+        # stable_id(page_url, url) a link: SHA-1 of the page URL and the separator once, copied
+        # and finished with each URL (UTF-8 encodes piece by piece: the same digest); hex at flush
+        copy = hashlib.sha1((page_url + "\x1f").encode("utf-8", "surrogatepass")).copy
+        digests = self.digests
+        for url in urls:
+            sha = copy()
+            sha.update(url.encode("utf-8", "surrogatepass"))
+            digests.append(sha.digest())
+        self.urls += urls
+        self.alts += alts
+        self.positions += positions
+        self.kinds += kinds
+        self.widths += widths
+        self.heights += heights
+        self.page_urls.append(page_url)
+        self.page_offsets.append(offset)
+        self.page_hashes.append(h)
+        self.page_sizes.append(n)
+        if len(set(urls)) != n:  # collapse_page's rule for one capture, on the URLs that repeat
             first: dict[str, int] = {}
             groups: dict[str, list] = {}
             for i, url in enumerate(urls):
@@ -161,13 +196,12 @@ class _Spill:
                     groups.setdefault(url, [j]).append(i)
             for found in groups.values():
                 found.sort(key=lambda i: (KIND_RANK.get(kinds[i], 9), positions[i]))
-                for i in found[1:]:
-                    kept[i] = False
+                self.dropped += [start + i for i in found[1:]]
                 best = found[0]
                 if not alts[best]:
-                    kept_alt[best] = next((alts[i] for i in found if alts[i]), "")
-            c["kept_alt"] += kept_alt
-            c["kept"] += kept
+                    borrowed = next((alts[i] for i in found if alts[i]), "")
+                    if borrowed:
+                        self.borrowed[start + best] = borrowed
         self.rows += n
         if self.rows >= SPILL_ROWS:
             self.flush()
@@ -175,14 +209,34 @@ class _Spill:
     def flush(self) -> None:
         if not self.rows:
             return
-        table = pa.Table.from_arrays([pa.array(self.cols[f.name], type=f.type) for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
+        n, sizes = self.rows, self.page_sizes
+        kept = np.ones(n, dtype=bool)
+        kept[self.dropped] = False
+        kept_alt = [None] * n
+        for row, alt in self.borrowed.items():
+            kept_alt[row] = alt
+        page = pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)), pa.array(self.page_urls, pa.string()))
+        columns = {
+            "link_id": link_ids(self.digests),
+            "page_url": page,
+            "image_url": pa.array(self.urls, pa.string()),
+            "alt": pa.array(self.alts, pa.string()),
+            "kept_alt": pa.array(kept_alt, pa.string()),
+            "position": pa.array(self.positions, pa.int32()),
+            "kind": pa.array(self.kinds, pa.string()),
+            "width": pa.array(self.widths, pa.int32()),
+            "height": pa.array(self.heights, pa.int32()),
+            "source_offset": pa.array(np.repeat(np.array(self.page_offsets, dtype=np.int64), sizes)),
+            "kept": pa.array(kept),
+            "page_hash": pa.array(np.repeat(np.array(self.page_hashes, dtype=np.uint64), sizes)),
+        }
+        batch = pa.RecordBatch.from_arrays([columns[f.name] for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
         if self.writer is None:  # written under a name of its own, renamed when whole: a retried file never mixes two attempts
             self.tmp = f"{self.path}.{os.getpid()}-{id(self):x}.tmp"
             self.fh = FileSystems.create(self.tmp)
-            self.writer = pa.ipc.new_file(self.fh, SPILL_SCHEMA)
-        self.writer.write_batch(table.to_batches()[0])  # one record batch per flush: whole pages
-        self.cols = {n: [] for n in self.NAMES}
-        self.rows = 0
+            self.writer = pa.ipc.new_stream(self.fh, SPILL_SCHEMA)  # a stream: each batch has its own page dictionary
+        self.writer.write_batch(batch)  # one record batch per flush: whole pages
+        self._new_batch()
 
     def close(self) -> bool:
         """Write what is left; True when the file holds any link."""
@@ -224,14 +278,13 @@ class ExtractFileLinks(beam.DoFn):
 
     def setup(self):
         self.allow = AllowList(self.cfg.allow_hosts)
+        system_arrow_pool()  # a Dask worker's too (core/memory.py)
 
     def process(self, path: str):
         with _startup_heap_frozen():
             yield from self._process(path)
 
     def _process(self, path: str):
-        import numpy as np
-
         from crawl.html import page_complexity
         from crawl.warc import Page, Problem, iter_file
 
@@ -239,6 +292,7 @@ class ExtractFileLinks(beam.DoFn):
         candidates = 0
         spill = _Spill(os.path.join(self.spill_dir, f"{stable_id(path, length=32)}.arrow"))
         rejected: list[dict] = []
+        pending: list = []
         for doc in iter_file(path, counters, self.cfg.retries):
             if len(rejected) >= 10_000:
                 yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
@@ -269,7 +323,11 @@ class ExtractFileLinks(beam.DoFn):
                     rejected.append(Rejected(stable_id(page_url, link.url), STAGE, PAGE_OPT_OUT, f"{page_url[:300]}: {opted_out}", url[:2048]).to_row())
                 continue
             if raw:
-                rejected += spill.add_page(page_url, doc.offset, raw, base, self.cfg, self.allow)
+                pending.append((page_url, doc.offset, raw, base))
+                if len(pending) >= PAGES_AT_ONCE:
+                    rejected += self._resolve_pages(pending, spill)
+                    pending = []
+        rejected += self._resolve_pages(pending, spill)
         if rejected:
             yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
         if spill.close():
@@ -279,6 +337,14 @@ class ExtractFileLinks(beam.DoFn):
         self.pages.inc(counters.get("html_pages", 0))
         self.wat_pages.inc(counters.get("wat_pages", 0))
         self.broken.inc(counters.get("truncated_files", 0))
+
+    def _resolve_pages(self, pending: list, spill: _Spill) -> list[dict]:
+        """Resolve and spill the links of a few pages parsed one after the other; the Rejected rows
+        of the refused ones."""
+        rejected: list[dict] = []
+        for page_url, offset, raw, base in pending:
+            rejected += spill.add_page(page_url, offset, raw, base, self.cfg, self.allow)
+        return rejected
 
 
 class _RepeatedPages(beam.CombineFn):
@@ -296,16 +362,12 @@ class _RepeatedPages(beam.CombineFn):
         return [self._reduce([a for acc in accs for a in acc])]
 
     def extract_output(self, acc):
-        import numpy as np
-
         both = self._reduce(acc)
         values, counts = np.unique(both, return_counts=True)
         return set(values[counts > 1].tolist())
 
     @staticmethod
     def _reduce(arrays):
-        import numpy as np
-
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint64)
 
 
@@ -321,9 +383,8 @@ class SplitSpill(beam.DoFn):
         source_file, spill_path = item
         repeated = pa.array(sorted(repeated), pa.uint64()) if repeated else None
         with FileSystems.open(spill_path) as fh:
-            spill = pa.ipc.open_file(fh)
-            for i in range(spill.num_record_batches):
-                table = pa.Table.from_batches([spill.get_batch(i)])
+            for batch in pa.ipc.open_stream(fh):
+                table = pa.Table.from_batches([batch])
                 many = pc.is_in(table["page_hash"], value_set=repeated) if repeated is not None else None
                 if many is not None and pc.any(many).as_py():
                     yield from self._repeated(table.filter(many), source_file)
@@ -332,7 +393,8 @@ class SplitSpill(beam.DoFn):
                 if kept.num_rows:
                     n = kept.num_rows
                     yield pa.Table.from_arrays(
-                        [kept["link_id"], kept["page_url"], kept["image_url"], kept["kept_alt"], kept["position"], kept["kind"], kept["width"], kept["height"], pa.array([source_file] * n, pa.string()), kept["source_offset"]],
+                        [kept["link_id"], kept["page_url"].cast(pa.string()), kept["image_url"], pc.coalesce(kept["kept_alt"], kept["alt"]), kept["position"], kept["kind"], kept["width"], kept["height"],
+                         pa.array([source_file] * n, pa.string()), kept["source_offset"]],
                         schema=LINK_SCHEMA,
                     )
                 dropped = table.filter(pc.invert(table["kept"]))
@@ -435,16 +497,10 @@ class ExtractLinks(beam.PTransform):
             | "GroupPages" >> beam.GroupByKey()
             | "Collapse" >> beam.ParDo(CollapseDuplicates()).with_outputs(REJECTED, main="kept")
         )
+        of_tables(found[REJECTED], split.kept, split[REJECTED], deduped.kept, deduped[REJECTED])
         # not flattened: each is written by its own sink (the local runner would hold a Flatten
         # of outputs of different stages whole in memory)
         return {"input_count": found[CANDIDATES], "kept": (split.kept, deduped.kept), "rejected": (found[REJECTED], split[REJECTED], deduped[REJECTED])}
-
-
-def _count(table, reason: str) -> int:
-    """Rows of a rejected table with this reason."""
-    import pyarrow.compute as pc
-
-    return int(pc.sum(pc.equal(table["reason"], reason)).as_py() or 0)
 
 
 def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=None) -> dict:
@@ -460,13 +516,17 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
         raise StageError(f"extract: cannot list {input_pattern}: {' '.join(str(err).split())[:300]}") from None
     if not files:
         raise StageError(f"extract: no WARC/WAT files match {input_pattern}")
+    # Arrow's buffers from glibc malloc rather than mimalloc, whose freed spans are purged and
+    # faulted in again as freshly zeroed huge pages: ~0.3 CPU s at 35,000 pages (the spill batches,
+    # their read-back, the parquet writes), and ~15 MB less at the peak (core/memory.py)
+    system_arrow_pool()
     with StageOutput(out_dir, STAGE) as out:
         with _startup_heap_frozen(), stage_pipeline(beam_args) as p:  # (in process: the whole run, reading the spills back too)
             outputs = p | "Files" >> beam.Create(files) | "Extract" >> ExtractLinks(cfg, os.path.join(out.path, SPILL))
-            read_problems = outputs["rejected"][0]  # the file and record problems are all rejected there
-            for reason, key in FILE_STATS.items():  # counted apart in stats.json too: one element per row of the reason
-                outputs[key] = read_problems | f"Only_{reason}" >> beam.FlatMap(lambda t, reason=reason: [None] * _count(t, reason))
-            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True)
+            # every count is tallied where its elements are made and summed by one combine; the file
+            # and record problems are counted apart in stats.json too, from the rejected rows' reasons
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True,
+                                                       reason_stats={key: reason for reason, key in FILE_STATS.items()})
         spill_dir = os.path.join(out.path, SPILL)
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])

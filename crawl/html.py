@@ -166,11 +166,19 @@ def page_complexity(body: bytes, max_depth: int = MAX_DEPTH, max_elements: int =
         return None
     import numpy as np
 
-    tags = int(np.count_nonzero(np.frombuffer(body, np.uint8) == 60))  # body.count(b"<"), 3x faster (SIMD)
+    a = np.frombuffer(body, np.uint8)
+    lt = a == 60
+    tags = int(np.count_nonzero(lt))  # body.count(b"<"), 3x faster (SIMD)
     if tags <= max_depth:
         return None
     if tags > max_elements:
         return f"{tags} tags > {max_elements}"
+    # No name can be open more often than it was opened, and a start tag is a '<' not followed by
+    # '/': when those are within the limit, so is the estimate (the same verdict without it: most
+    # long pages close about half their tags; 0.17 s a Common Crawl file of the estimate, issue 34)
+    at = np.flatnonzero(lt)
+    if tags - int(np.count_nonzero(a[np.minimum(at + 1, a.size - 1)] == 47)) <= max_depth:
+        return None
     if _depth_estimate(body, max_depth) <= max_depth:
         return None
     # the exact scan, for the rare page the estimate flags: a stack of open elements where an end

@@ -151,7 +151,8 @@ _REL_SEGMENT = r"[A-Za-z0-9_\-~!$&'()*+,=@% ][A-Za-z0-9_\-~!$&'()*+,=@% .]*+"
 _REL_PATH = rf"{_REL_SEGMENT}(?:/{_REL_SEGMENT})*+/?"
 _PLAIN_QUERY = r"(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~? ]++)?"
 _PLAIN_RELATIVE = re.compile(rf"(?:(/)(?:{_REL_PATH})?|(?:\./)*+({_REL_PATH})){_PLAIN_QUERY}\Z")
-_ABSOLUTE_BODY = r"https?://([a-z0-9\-_]+(?:\.[a-z0-9\-_]+)*+)/[A-Za-z0-9/%:@!$&'()*+,=\-._~]*+(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]++)?"
+_AUTHORITY_PATH = r"//([a-z0-9\-_]+(?:\.[a-z0-9\-_]+)*+)/[A-Za-z0-9/%:@!$&'()*+,=\-._~]*+(?:\?[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]++)?"
+_ABSOLUTE_BODY = rf"https?:{_AUTHORITY_PATH}"
 _NORMAL_ABSOLUTE = re.compile(rf"{_ABSOLUTE_BODY}\Z")
 
 
@@ -159,26 +160,29 @@ def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tupl
     """(directory prefix, origin prefix) of a base URL for the references _PLAIN_RELATIVE matches.
     None when the base is not plain (normalize_url's fast path would not take it) or its host is
     refused: those links go through normalize_url."""
-    split = _split_base(base)
-    if split is None:
-        return None
-    _, origin, directory = split
-    m = _PLAIN_ABSOLUTE.match(origin + directory + "a")
+    m = _PLAIN_ABSOLUTE.match(base)  # what _split_base checks, without its cache (a base a page)
     if m is None:
         return None
-    result = _finish_plain(m, allow)
-    if result is None or result[1] is not None:
+    path = m["path"] or ""
+    if "//" in path or ";" in path or _DOT_SEGMENT.search(path):
         return None
-    url = result[0]  # scheme://netloc + the quoted directory + "a"
+    port = int(m["port"]) if m["port"] is not None else None
+    if port is not None and port > 65535:
+        return None  # the general path rejects it as bad_url
+    directory = path[: path.rfind("/") + 1] or "/"
+    url, reason = _assemble(m["scheme"].lower(), m["host"].lower(), port, directory + "a", "", allow)  # normalize_url(origin + directory + "a")
+    if reason is not None:
+        return None
     return url[:-1], url[: url.index("/", url.index("//") + 2)]
 
 
 # The same references, recognised a whole page at a time: the page's references joined by "\n"
 # (when none holds one), one findall gives a tuple per line: (root-relative reference, relative
-# reference without its "./", already-normal absolute URL, its host, the line), the first four
+# reference without its "./", already-normal absolute URL or protocol-relative one (normal once
+# the base's scheme is put before it, as normalize_url does), its host, the line), the first four
 # empty unless the line is one of those. sre jumps from "\n" to "\n" and each line is matched
 # once, in C, with no match object made for it.
-_PAGE_LINES = re.compile(rf"\n(?:(/(?:{_REL_PATH})?{_PLAIN_QUERY})|(?:\./)*+({_REL_PATH}{_PLAIN_QUERY})|({_ABSOLUTE_BODY}))(?=\n|\Z)|\n([^\n]*+)")
+_PAGE_LINES = re.compile(rf"\n(?:(/(?:{_REL_PATH})?{_PLAIN_QUERY})|(?:\./)*+({_REL_PATH}{_PLAIN_QUERY})|((?:https?:)?{_AUTHORITY_PATH}))(?=\n|\Z)|\n([^\n]*+)")
 
 
 def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = None) -> tuple[list, Optional[list]]:
@@ -197,12 +201,16 @@ def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = N
         return urls, (reasons if reasons.count(None) != n else None)
     directory, origin = prefixes
     refused = _host_reason
-    urls = [origin + root if root else directory + rel if rel else absolute if absolute and refused(host) is None else None for root, rel, absolute, host, _ in found]
+    scheme = base[: base.index(":")].lower()
+    relative_scheme = scheme + ":"  # "//host/x" is the base's scheme + ":" + it
+    urls = [
+        origin + root if root else directory + rel if rel else (absolute if absolute[1] != "/" else relative_scheme + absolute) if absolute and refused(host) is None else None
+        for root, rel, absolute, host, _ in found
+    ]
     if " " in joined:  # plain references write spaces as %20 (absolute ones here have none)
         urls = [u.replace(" ", "%20") if u is not None and " " in u else u for u in urls]
     reasons = None
     if None in urls:
-        scheme = base[: base.index(":")].lower()
         for i, url in enumerate(urls):
             if url is None:
                 urls[i], reason = _normalize_one(raws[i], refs[i], base, scheme, allow)

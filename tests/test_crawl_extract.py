@@ -312,17 +312,21 @@ def test_declared_size_fast_path_reads_what_the_regex_reads():
 
 
 def test_page_complexity_shortcuts_give_the_same_verdicts(warc_dir):
-    """page_complexity counts '<' with NumPy and stops the depth estimate once the start tags that
-    nest are at most the limit (issue 34): the verdicts are those of body.count and the full
-    estimate, on the shared pages and on nested, flat and mixed markup, at several limits."""
+    """page_complexity counts '<' with NumPy, skips the depth estimate when the '<' not followed by
+    '/' are at most the limit, and stops the estimate once the start tags that nest are (issue 34):
+    the verdicts are those of body.count and the full estimate, on the shared pages and on nested,
+    flat, mixed and end-tag-heavy markup, at several limits."""
     from crawl.html import _depth_estimate, page_complexity
     from crawl.warc import Page, iter_file
 
     bodies = [d.body for p in sorted(glob.glob(os.path.join(warc_dir, "*.warc*"))) if not p.endswith(".wat") for d in iter_file(p) if isinstance(d, Page)]
     bodies += [b"<div>" * n + b"<img src=x>" + b"</div>" * n for n in (50, 4000, 5000)]
     bodies += [b"<p>x<br><img src=x><b>y</b><li>z" * 3000, b"<span>" * 300 + b"<div></div>" * 3000, b"", b"<" * 5000, b"<a>" * 10]
+    bodies += [b"<div>" * 5000 + b"</div>" * 5000, b"<a></a>" * 3000, b"<b>" * 4000 + b"</" * 3000, b"<\x0f>" * 5000 + b"<i>", b"x</" * 5000 + b"<"]
     for body in bodies:
         estimate = _depth_estimate(body)
+        # the bound page_complexity checks first: start tags the estimate counts <= '<' not followed by '/'
+        assert _depth_estimate(body, 10**9) <= body.count(b"<") - body.count(b"</")
         for limit in (10, 100, 1000, 4096):
             assert (_depth_estimate(body, limit) <= limit) == (estimate <= limit)
             tags = body.count(b"<")
@@ -586,3 +590,54 @@ def test_a_lone_surrogate_in_a_wat_link_is_a_replacement_character_not_a_failed_
     links = read_table(str(tmp_path / "out"), "links").to_pandas()
     mine = links[links.image_url.str.endswith("/img/%EF%BF%BD.jpg")]
     assert len(mine) == 1 and mine.alt.tolist() == ["a \ufffd b"]
+
+
+def test_arrow_table_coder_round_trips_and_measures_without_encoding():
+    """core/stageio.ArrowTableCoder (issue 34): a table comes back equal (nulls, dictionary and
+    several chunks, empty), and Beam's size estimate is the table's nbytes, not an encoding."""
+    import apache_beam as beam
+    import pyarrow as pa
+
+    from core.stageio import ArrowTableCoder
+
+    page = pa.DictionaryArray.from_arrays(pa.array([0, 1, 1, None], pa.int32()), pa.array(["a", "b"]))
+    t = pa.table({"s": ["x", None, "é", ""], "i": pa.array([1, None, 3, 4], pa.int32()), "d": page})
+    tables = [t, pa.concat_tables([t, t.slice(1, 2)]), t.slice(0, 0)]
+    coder = beam.coders.registry.get_coder(pa.Table)
+    assert isinstance(coder, ArrowTableCoder)
+    impl = coder.get_impl()
+    for table in tables:
+        back = coder.decode(coder.encode(table))
+        assert back.schema == table.schema and back.to_pylist() == table.to_pylist()
+        assert impl.estimate_size(table) == table.nbytes
+
+
+def test_extract_pickles_no_table(tmp_path, monkeypatch):
+    """The tables extract's steps give (kept links, rejected rows) are encoded by ArrowTableCoder:
+    with the default coder Beam pickled each one to measure its size (the first ten an output makes
+    are always measured: ~115 MB pickled a Common Crawl file, issue 34). A pickled pa.Table fails
+    the run here; the outputs are the stage's as before (read back with pyarrow)."""
+    import copyreg
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from crawl.extract import run_extract
+    from webpairs.testweb import write_warc
+
+    pages = {f"http://a.test/p{i}": "".join(f'<img src="/i{j}.jpg" alt="{j}">' for j in range(i % 5 + 1)) + '<img src="data:x">' for i in range(40)}
+    for f in range(2):
+        write_warc(str(tmp_path / "in" / f"{f}.warc.gz"), {f"{u}?f={f}": h for u, h in pages.items()})
+    pickled = []
+
+    def refuse(table):
+        pickled.append(table.num_rows)
+        raise AssertionError("a pyarrow table was pickled")
+
+    monkeypatch.setitem(copyreg.dispatch_table, pa.Table, refuse)
+    stats = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), CrawlConfig())
+    assert pickled == []
+    links = pq.read_table(glob.glob(str(tmp_path / "out" / "links" / "*.parquet")))
+    assert links.num_rows == stats["kept"] == 2 * sum(i % 5 + 1 for i in range(40))
+    assert sorted(links.column("image_url").to_pylist()) == sorted(f"http://a.test/i{j}.jpg" for f in range(2) for i in range(40) for j in range(i % 5 + 1))
+    assert stats["rejected"] == {"data_uri": 80}

@@ -123,7 +123,7 @@ def register_crawl(sub, handlers) -> None:
     g = p.add_argument_group("consent and politeness")
     _consent_arg(g, "robots.txt (token webpairs, else *), TDMRep and the opt-out headers of image responses are honoured")
     g.add_argument("--contact", metavar="URL", help="named in the User-Agent, webpairs/<version> (+URL), so a site owner can learn about the crawl (default: the project's page)")
-    g.add_argument("--per-host-connections", type=int, metavar="N", help="connections open at once to one host, across all download processes (default 4)")
+    g.add_argument("--per-host-connections", type=int, metavar="N", help="connections open at once to one host, across all download processes (default 4; 1 to a host whose robots.txt has a Crawl-delay)")
     g.add_argument("--max-retry-after", type=float, metavar="SECONDS", help="a 429/503 answer's Retry-After up to this is waited for and the image asked again (default 60; 0: never)")
     g.add_argument("--retry-failed", action="store_true", help="on a finished download in --out: fetch again only the links that failed for a transient reason (timeout, 5xx, 429, connection error), keep everything else, write a complete new output")
     p.add_argument("--resize-mode", help="img2dataset resize mode; default 'no' keeps the original bytes for filter")
