@@ -77,8 +77,8 @@ def release_free_memory() -> bool:
     top of each arena and the whole free pages inside it): a step that held a large working set
     (pair's candidate search: ~180 MB of freed NumPy arrays and Python objects at 77,327 images)
     leaves its freed pages resident otherwise, and the steps after it add their own on top (issue
-    34). Cheap (~1 ms over a few hundred MB): call it where one step ends and the next begins, not
-    per element. Returns False on a libc without it (musl, macOS): nothing done."""
+    34). Cheap (~1 ms over a few hundred MB): call it where one step ends and the next begins, or
+    once per large unit of work (pair's featurising calls it per row group), never per record. Returns False on a libc without it (musl, macOS): nothing done."""
     global _LIBC
     if _LIBC is None:
         try:

@@ -1200,7 +1200,6 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
             if kept_url is None or t[i_url] < kept_url:
                 kept_url = t[i_url]
         order.append((t[i_page], t[i_pos] or 0, t[i_link], k))
-    del t
     order.sort()
     if kept_url is None:
         kept_url = kept.get("image_url")

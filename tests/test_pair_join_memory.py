@@ -141,3 +141,12 @@ def test_an_image_without_copies_is_shared_when_on_several_pages(tmp_path, pages
     records = [dict(zip(PAGE_SPILL_FIELDS, pickle.loads(packed))) for _, packed in out["on_pages"]]
     assert sorted(r["link_id"] for r in records) == [f"l{i}" for i in range(6)]
     assert all(r["_shared"] is (pages > 1) and r["alt"] == "" and r["position"] == 0 for r in records)
+
+
+def test_a_copy_group_whose_images_have_no_kept_link_gives_nothing():
+    """A group with its images but no link (every occurrence of them rejected by filter) gives no
+    record and no error, as before the join streamed (it raised UnboundLocalError; found in review)."""
+    from pairing.copies import on_pages_with_copies
+
+    images = [pack(_image(f"d{k:02d}", k), COPY_JOIN_FIELDS) for k in range(3)]
+    assert list(on_pages_with_copies(("d00", {"image": images, "links": []}), COPY_JOIN_FIELDS, LINK_FIELDS, "pair")) == []
