@@ -126,22 +126,20 @@ def _judge(url: str, sites, user_agent_token, disallowed_header_directives, body
 def _polite_fetch(url: str, gate, max_retry_after: float, *args) -> bytes:
     """`fetch` with each request inside one of its host's connection slots (crawl/polite.py), the
     hosts of redirects included; a 429/503 with a Retry-After is waited for (that host's other
-    requests wait too) and asked again while the waits add up to at most `max_retry_after` seconds."""
+    requests wait too: `HostGate.connection` records the pause before it frees the slot) and asked
+    again while the waits add up to at most `max_retry_after` seconds."""
     if gate is None:
         return fetch(url, *args)
-    from urllib.parse import urlsplit
-
-    from crawl.polite import retry_after_seconds
+    from crawl.polite import asked_pause
 
     waited = 0.0
     while True:
         try:
             return fetch(url, *args, slot=gate.connection)
         except FetchError as err:
-            wait = retry_after_seconds(err.retry_after) if err.reason in ("http_429", "http_503") else None
+            wait = asked_pause(err)
             if wait is None or waited + wait > max_retry_after:
                 raise
-            gate.pause(err.host or urlsplit(url).hostname or "", wait)
             waited += wait
 
 

@@ -51,7 +51,7 @@ def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Op
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _asked_pause(err: BaseException) -> Optional[float]:
+def asked_pause(err: BaseException) -> Optional[float]:
     """The seconds a failed request's answer asked to wait (a 429/503 with a Retry-After, as
     crawl/fetch.FetchError carries them), or None."""
     if getattr(err, "reason", None) not in ("http_429", "http_503"):
@@ -86,7 +86,7 @@ class HostGate:
             self._wait_turn(base, delay)
             yield
         except Exception as err:
-            wait = _asked_pause(err)
+            wait = asked_pause(err)
             if wait:  # a 429/503's Retry-After holds before the slot is free: no other request slips in first
                 self._push(base, wait)
             raise
@@ -128,10 +128,6 @@ class HostGate:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-
-    def pause(self, host: str, seconds: float) -> None:
-        """No request to `host` before `seconds` from now (a Retry-After)."""
-        self._push(self._base(host), seconds)
 
     def _push(self, base: str, seconds: float) -> None:
         fd = os.open(f"{base}.time", os.O_RDWR | os.O_CREAT, 0o644)
