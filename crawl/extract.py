@@ -27,7 +27,7 @@ from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, 
 from core.stageio import WriteStageOutputs, frozen_gc, of_tables
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
-from crawl.urls import AllowList, normalize_link_columns, normalize_url
+from crawl.urls import AllowList, normal_url, normalize_link_columns, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
@@ -56,7 +56,7 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
 def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList) -> tuple[list, Optional[list]]:
     """([url or None], [reason or None] or None when all are accepted) of a page's links:
     resolution against its base, normalisation, URL policy (the page's plain references together)."""
-    base, _ = normalize_url(base_href, page_url) if base_href else (None, None)
+    base = normal_url(base_href, page_url) if base_href else None
     return normalize_link_columns([r.url for r in raw_links], base or page_url, allow)
 
 
@@ -187,14 +187,13 @@ class _Spill:
         self.page_offsets.append(offset)
         self.page_hashes.append(h)
         self.page_sizes.append(n)
-        if len(set(urls)) != n:  # collapse_page's rule for one capture, on the URLs that repeat
-            first: dict[str, int] = {}
+        last = dict(zip(urls, range(n)))  # each URL's last row on the page
+        if len(last) != n:  # collapse_page's rule for one capture, on the URLs that repeat
             groups: dict[str, list] = {}
-            for i, url in enumerate(urls):
-                j = first.setdefault(url, i)
-                if j != i:
-                    groups.setdefault(url, [j]).append(i)
-            for found in groups.values():
+            for i in [i for i, url in enumerate(urls) if last[url] != i]:  # every row of a repeated URL but its last
+                groups.setdefault(urls[i], []).append(i)
+            for url, found in groups.items():
+                found.append(last[url])  # its rows in page order
                 found.sort(key=lambda i: (KIND_RANK.get(kinds[i], 9), positions[i]))
                 self.dropped += [start + i for i in found[1:]]
                 best = found[0]
@@ -306,7 +305,7 @@ class ExtractFileLinks(beam.DoFn):
                 detail = f"{doc.file} @ {doc.offset}: {doc.detail}"
                 rejected.append(Rejected(stable_id(doc.file, str(doc.offset), doc.reason), STAGE, doc.reason, detail[:1000], doc.url or doc.file).to_row())
                 continue
-            page_url, _ = normalize_url(doc.url, doc.url)
+            page_url = normal_url(doc.url, doc.url)
             if page_url is None:
                 continue
             if isinstance(doc, Page):
@@ -526,7 +525,7 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
             # every count is tallied where its elements are made and summed by one combine; the file
             # and record problems are counted apart in stats.json too, from the rejected rows' reasons
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True,
-                                                       reason_stats={key: reason for reason, key in FILE_STATS.items()})
+                                                       reason_stats={key: reason for reason, key in FILE_STATS.items()}, table_sinks=True)
         spill_dir = os.path.join(out.path, SPILL)
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])

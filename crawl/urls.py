@@ -81,6 +81,16 @@ def normalize_url(raw: str, base: str, allow: Optional[AllowList] = None) -> tup
     return _normalize_general(raw, base, allow)
 
 
+def normal_url(raw: str, base: str) -> Optional[str]:
+    """normalize_url(raw, base)[0] (no fetch policy): a URL that is normal already (lower-case
+    http(s), a lower-case plain host, no port, a path and query of URL-safe characters: what
+    normalize_url makes of it is itself, as `_normalize_one` uses for links) is taken as it is,
+    without resolving and splitting it (extract: each page's URL and <base href>, issue 34)."""
+    if _NORMAL_ABSOLUTE.match(raw) is not None:
+        return raw
+    return normalize_url(raw, base)[0]
+
+
 # An absolute http(s) URL with a plain host and port and no tab or newline (urlsplit deletes those).
 # (Character classes are spelled out: with re.I, [a-z] would also match the Kelvin sign.)
 _PLAIN_ABSOLUTE = re.compile(
@@ -194,7 +204,15 @@ def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = N
     refs = [r.strip() for r in raws]
     prefixes = base_prefixes(base, allow) if n else None
     joined = "\n" + "\n".join(refs)
-    found = _PAGE_LINES.findall(joined) if prefixes is not None and joined.count("\n") == n else None
+    if prefixes is None or joined.count("\n") != n:
+        found = None
+    else:
+        # Spaces become %20 before the match, in the whole page at once: a plain reference
+        # matches the same way with either (both are in its characters), and its URL is the
+        # prefix (which has none) + the reference, as quote_unsafe writes it; an absolute URL
+        # that matches only with %20 is what normalize_url makes of it (its space-only path or
+        # query quoted the same way: tests/test_crawl_extract.py compares them).
+        found = _PAGE_LINES.findall(joined.replace(" ", "%20") if " " in joined else joined)
     if found is None or len(found) != n:
         pairs = _normalize_each(raws, refs, base, prefixes, allow)
         urls, reasons = [u for u, _ in pairs], [r for _, r in pairs]
@@ -207,8 +225,6 @@ def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = N
         origin + root if root else directory + rel if rel else (absolute if absolute[1] != "/" else relative_scheme + absolute) if absolute and refused(host) is None else None
         for root, rel, absolute, host, _ in found
     ]
-    if " " in joined:  # plain references write spaces as %20 (absolute ones here have none)
-        urls = [u.replace(" ", "%20") if u is not None and " " in u else u for u in urls]
     reasons = None
     if None in urls:
         for i, url in enumerate(urls):

@@ -81,7 +81,7 @@ def test_normalize_links_agrees_with_normalize_url(warc_dir):
     import random
 
     from crawl.html import decode_html, extract_page
-    from crawl.urls import _NORMAL_ABSOLUTE, _PLAIN_RELATIVE, normalize_link_columns, normalize_links
+    from crawl.urls import _NORMAL_ABSOLUTE, _PLAIN_RELATIVE, normal_url, normalize_link_columns, normalize_links
     from crawl.warc import Page, iter_file
 
     by_base: dict = {}
@@ -105,13 +105,15 @@ def test_normalize_links_agrees_with_normalize_url(warc_dir):
     for _ in range(20000):
         by_base.setdefault(rng.choice(bases), []).append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))))
     hosts = ["ex.com", "Ex.com", "127.0.0.1", "localhost", "10.1.2.3", "a-b_c.d", "0x7f.1", "h", "169.254.169.254", "x.localhost", "2130706433"]
-    paths = ["/", "/a.jpg", "/a b.jpg", "/a?b=c", "/a?", "/a#f", "/%41", "/é", "/a//b", "/./a", "", "/[x]"]
+    paths = ["/", "/a.jpg", "/a b.jpg", "/a?b=c", "/a?", "/a#f", "/%41", "/é", "/a//b", "/./a", "", "/[x]", "/a b?c d", "/a%2 b", "/ x/y z/", "/a b#c d", "/a b|c"]
     absolute = [f"{s}{h}{p}" for s in ("http://", "https://", "HTTP://", "//") for h in hosts for p in paths]  # normal ones, refused hosts
     for base in bases:
         by_base[base] += absolute + [rng.choice(pieces) + "\n" + rng.choice(pieces) for _ in range(20)]  # a newline inside a reference
     for allow in (None, AllowList(), AllowList(["127.0.0.1", "localhost"])):
         for base, raws in by_base.items():
             expected = [normalize_url(raw, base, allow) for raw in raws]
+            if allow is None:  # extract's page URLs and <base href>: normal ones as they are
+                assert [normal_url(raw, base) for raw in raws] == [url for url, _ in expected], base
             for raw, got, want in zip(raws, normalize_links(raws, base, allow), expected):
                 assert got == want, (raw, base)
             # normalize_link_columns resolves a page's references together: pages of 0 to 40 of them
