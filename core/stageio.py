@@ -424,7 +424,11 @@ class _WriteTables(beam.DoFn):
 
             folder, prefix = os.path.split(self.sink_path)
             self.tmp = os.path.join(folder, f".{prefix}-{uuid.uuid4().hex}.parquet")
-            self.fh = FileSystems.create(self.tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+            if "://" in self.tmp:
+                self.fh = FileSystems.create(self.tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+            else:  # a local file: Arrow writes it itself, not through a Python file object
+                os.makedirs(folder, exist_ok=True)
+                self.fh = pa.OSFile(self.tmp, "wb")
             self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
         self.writer.write_table(table)
 

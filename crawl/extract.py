@@ -53,11 +53,12 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
     return _accept(page_url, raw_links, *_resolve(page_url, raw_links, base_href, allow), cfg.max_links_per_page)
 
 
-def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList) -> tuple[list, Optional[list]]:
+def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList, stripped: bool = False) -> tuple[list, Optional[list]]:
     """([url or None], [reason or None] or None when all are accepted) of a page's links:
-    resolution against its base, normalisation, URL policy (the page's plain references together)."""
+    resolution against its base, normalisation, URL policy (the page's plain references together).
+    `stripped`: the links' URLs have no surrounding whitespace (extract_page strips them)."""
     base = normal_url(base_href, page_url) if base_href else None
-    return normalize_link_columns([r.url for r in raw_links], base or page_url, allow)
+    return normalize_link_columns([r.url for r in raw_links], base or page_url, allow, stripped)
 
 
 def _accept(page_url: str, raw_links: list, urls: list, reasons: Optional[list], limit: int) -> tuple[list[tuple], list[dict]]:
@@ -144,11 +145,12 @@ class _Spill:
         self.page_sizes: list[int] = []
         self.rows = 0
 
-    def add_page(self, page_url: str, offset: int, raw: list, base_href, cfg: CrawlConfig, allow: AllowList) -> list[dict]:
+    def add_page(self, page_url: str, offset: int, raw: list, base_href, cfg: CrawlConfig, allow: AllowList, stripped: bool = False) -> list[dict]:
         """page_links + add for one page's extracted links; returns the Rejected rows of the refused
         ones. The common page (every link accepted, none over the cap) goes into the columns
-        straight from its RawLinks, without a tuple per link made and taken apart again."""
-        urls, reasons = _resolve(page_url, raw, base_href, allow)
+        straight from its RawLinks, without a tuple per link made and taken apart again.
+        `stripped`: as for _resolve."""
+        urls, reasons = _resolve(page_url, raw, base_href, allow, stripped)
         if len(raw) > cfg.max_links_per_page or reasons is not None:
             links, refused = _accept(page_url, raw, urls, reasons, cfg.max_links_per_page)
             if links:
@@ -232,7 +234,7 @@ class _Spill:
         batch = pa.RecordBatch.from_arrays([columns[f.name] for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
         if self.writer is None:  # written under a name of its own, renamed when whole: a retried file never mixes two attempts
             self.tmp = f"{self.path}.{os.getpid()}-{id(self):x}.tmp"
-            self.fh = FileSystems.create(self.tmp)
+            self.fh = _create(self.tmp)
             self.writer = pa.ipc.new_stream(self.fh, SPILL_SCHEMA)  # a stream: each batch has its own page dictionary
         self.writer.write_batch(batch)  # one record batch per flush: whole pages
         self._new_batch()
@@ -246,6 +248,21 @@ class _Spill:
         self.fh.close()
         FileSystems.rename([self.tmp], [self.path])
         return True
+
+
+def _create(path: str):
+    """A file to write: Arrow's own for a local path (its writes stay in C; through a Python file
+    object each buffer of a batch was a Python call), else Beam's filesystem's."""
+    if "://" in path:
+        return FileSystems.create(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return pa.OSFile(path, "wb")
+
+
+def _open(path: str):
+    """A file to read: memory-mapped when local (record batches read without a copy), else Beam's
+    filesystem's."""
+    return FileSystems.open(path) if "://" in path else pa.memory_map(path)
 
 
 def _startup_heap_frozen():
@@ -292,12 +309,14 @@ class ExtractFileLinks(beam.DoFn):
         spill = _Spill(os.path.join(self.spill_dir, f"{stable_id(path, length=32)}.arrow"))
         rejected: list[dict] = []
         pending: list = []
-        for doc in iter_file(path, counters, self.cfg.retries):
+        cfg = self.cfg
+        max_depth, max_elements, include_srcset, include_og_image, consent = cfg.max_page_depth, cfg.max_page_elements, cfg.include_srcset, cfg.include_og_image, cfg.consent == "on"
+        for doc in iter_file(path, counters, cfg.retries):
             if len(rejected) >= 10_000:
                 yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
                 rejected = []
             if isinstance(doc, Page):
-                too_complex = page_complexity(doc.body, self.cfg.max_page_depth, self.cfg.max_page_elements)
+                too_complex = page_complexity(doc.body, max_depth, max_elements)
                 if too_complex:
                     doc = Problem(REASON_COMPLEX, path, doc.offset, too_complex, doc.url)
             if isinstance(doc, Problem):  # one record in, one rejected row out: the counts still reconcile
@@ -308,13 +327,14 @@ class ExtractFileLinks(beam.DoFn):
             page_url = normal_url(doc.url, doc.url)
             if page_url is None:
                 continue
-            if isinstance(doc, Page):
-                raw, base, metas = extract_page(decode_html(doc.body, doc.charset), self.cfg.include_srcset, self.cfg.include_og_image)
+            is_page = isinstance(doc, Page)
+            if is_page:  # (extract_page strips the links' URLs)
+                raw, base, metas = extract_page(decode_html(doc.body, doc.charset), include_srcset, include_og_image)
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]
                 base, metas = doc.base, doc.metas
             candidates += len(raw)
-            opted_out = page_opt_out(doc.headers, metas) if self.cfg.consent == "on" and raw else None
+            opted_out = page_opt_out(doc.headers, metas) if consent and raw else None
             if opted_out:  # the page gives no image to fetch: each of its links is rejected, with why
                 page_base = (normalize_url(base, page_url)[0] if base else None) or page_url
                 for link in raw:
@@ -322,7 +342,7 @@ class ExtractFileLinks(beam.DoFn):
                     rejected.append(Rejected(stable_id(page_url, link.url), STAGE, PAGE_OPT_OUT, f"{page_url[:300]}: {opted_out}", url[:2048]).to_row())
                 continue
             if raw:
-                pending.append((page_url, doc.offset, raw, base))
+                pending.append((page_url, doc.offset, raw, base, is_page))
                 if len(pending) >= PAGES_AT_ONCE:
                     rejected += self._resolve_pages(pending, spill)
                     pending = []
@@ -341,8 +361,8 @@ class ExtractFileLinks(beam.DoFn):
         """Resolve and spill the links of a few pages parsed one after the other; the Rejected rows
         of the refused ones."""
         rejected: list[dict] = []
-        for page_url, offset, raw, base in pending:
-            rejected += spill.add_page(page_url, offset, raw, base, self.cfg, self.allow)
+        for page_url, offset, raw, base, stripped in pending:
+            rejected += spill.add_page(page_url, offset, raw, base, self.cfg, self.allow, stripped)
         return rejected
 
 
@@ -381,7 +401,7 @@ class SplitSpill(beam.DoFn):
 
         source_file, spill_path = item
         repeated = pa.array(sorted(repeated), pa.uint64()) if repeated else None
-        with FileSystems.open(spill_path) as fh:
+        with _open(spill_path) as fh:
             for batch in pa.ipc.open_stream(fh):
                 table = pa.Table.from_batches([batch])
                 many = pc.is_in(table["page_hash"], value_set=repeated) if repeated is not None else None
@@ -393,7 +413,7 @@ class SplitSpill(beam.DoFn):
                     n = kept.num_rows
                     yield pa.Table.from_arrays(
                         [kept["link_id"], kept["page_url"].cast(pa.string()), kept["image_url"], pc.coalesce(kept["kept_alt"], kept["alt"]), kept["position"], kept["kind"], kept["width"], kept["height"],
-                         pa.array([source_file] * n, pa.string()), kept["source_offset"]],
+                         pa.repeat(pa.scalar(source_file, pa.string()), n), kept["source_offset"]],
                         schema=LINK_SCHEMA,
                     )
                 dropped = table.filter(pc.invert(table["kept"]))

@@ -124,6 +124,7 @@ def test_normalize_links_agrees_with_normalize_url(warc_dir):
                 urls, reasons = normalize_link_columns(page, base, allow)
                 assert list(zip(urls, reasons or [None] * len(page))) == expected[start : start + size], (page, base)
                 assert (reasons is None) == all(r is None for _, r in expected[start : start + size])
+                assert normalize_link_columns([r.strip() for r in page], base, allow, stripped=True) == (urls, reasons)  # extract_page's, stripped already
                 start += size
 
 
