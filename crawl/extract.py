@@ -107,6 +107,36 @@ def page_hash(page_url: str) -> int:
     return int.from_bytes(hashlib.blake2b(page_url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+_KIND_ORDER = pa.array(sorted(KIND_RANK, key=KIND_RANK.get), pa.string())  # KIND_RANK's ranks are its indices
+
+
+def one_capture(page_of_row: np.ndarray, image_url: pa.Array, alt: pa.Array, kind: pa.Array, position: pa.Array) -> tuple[np.ndarray, list]:
+    """collapse_page's rule on pages with one capture, for a batch of whole pages at once (issue
+    34: a Python sort a repeated URL of a page cost ~0.4 CPU s a Common Crawl file): the rows of
+    one image URL on one page are ordered by KIND_RANK (9 for another kind), then position; the
+    first is kept, the others are not; when the kept one has no alt it takes the first non-empty
+    alt in that order. Returns (kept: a bool a row, [(kept row, row whose alt it takes), ...])."""
+    import pyarrow.compute as pc
+
+    n = len(image_url)
+    key = (page_of_row.astype(np.int64) << 32) | pc.dictionary_encode(image_url).indices.to_numpy().astype(np.int64)
+    rank = pc.fill_null(pc.index_in(kind, value_set=_KIND_ORDER), 9).to_numpy()
+    order = np.lexsort((position.to_numpy(zero_copy_only=False), rank, key))
+    ordered = key[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    kept = np.empty(n, dtype=bool)
+    kept[order] = first
+    if first.all():
+        return kept, []
+    starts = np.flatnonzero(first)
+    size = np.diff(np.append(starts, n))
+    has_alt = (pc.binary_length(alt).to_numpy(zero_copy_only=False) > 0)[order]
+    first_alt = np.minimum.reduceat(np.where(has_alt, np.arange(n), n), starts)  # in each group, in order
+    borrow = (size > 1) & ~has_alt[starts] & (first_alt < n)
+    return kept, list(zip(order[starts[borrow]].tolist(), order[first_alt[borrow]].tolist()))
+
+
 def link_ids(digests: list) -> pa.Array:
     """stable_id(page_url, image_url) of each link from its SHA-1 digest (`_Spill._add`): the first 8
     bytes in hex, written for the whole batch at once rather than a hexdigest and a slice a link."""
@@ -137,8 +167,6 @@ class _Spill:
         self.kinds: list[str] = []
         self.widths: list = []
         self.heights: list = []
-        self.dropped: list[int] = []  # rows of the batch not kept (a page's duplicate image URLs)
-        self.borrowed: dict[int, str] = {}  # row -> the alt a kept link takes from a duplicate
         self.page_urls: list[str] = []
         self.page_offsets: list[int] = []
         self.page_hashes: list[int] = []
@@ -170,7 +198,6 @@ class _Spill:
         h = page_hash(page_url)
         self.hashes.append(h)
         n = len(urls)
-        start = self.rows
         # stable_id(page_url, url) a link: SHA-1 of the page URL and the separator once, copied
         # and finished with each URL (UTF-8 encodes piece by piece: the same digest); hex at flush
         copy = hashlib.sha1((page_url + "\x1f").encode("utf-8", "surrogatepass")).copy
@@ -189,20 +216,6 @@ class _Spill:
         self.page_offsets.append(offset)
         self.page_hashes.append(h)
         self.page_sizes.append(n)
-        last = dict(zip(urls, range(n)))  # each URL's last row on the page
-        if len(last) != n:  # collapse_page's rule for one capture, on the URLs that repeat
-            groups: dict[str, list] = {}
-            for i in [i for i, url in enumerate(urls) if last[url] != i]:  # every row of a repeated URL but its last
-                groups.setdefault(urls[i], []).append(i)
-            for url, found in groups.items():
-                found.append(last[url])  # its rows in page order
-                found.sort(key=lambda i: (KIND_RANK.get(kinds[i], 9), positions[i]))
-                self.dropped += [start + i for i in found[1:]]
-                best = found[0]
-                if not alts[best]:
-                    borrowed = next((alts[i] for i in found if alts[i]), "")
-                    if borrowed:
-                        self.borrowed[start + best] = borrowed
         self.rows += n
         if self.rows >= SPILL_ROWS:
             self.flush()
@@ -211,20 +224,20 @@ class _Spill:
         if not self.rows:
             return
         n, sizes = self.rows, self.page_sizes
-        kept = np.ones(n, dtype=bool)
-        kept[self.dropped] = False
+        page_of_row = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        image_url, alt, kind, position = pa.array(self.urls, pa.string()), pa.array(self.alts, pa.string()), pa.array(self.kinds, pa.string()), pa.array(self.positions, pa.int32())
+        kept, borrowed = one_capture(page_of_row, image_url, alt, kind, position)
         kept_alt = [None] * n
-        for row, alt in self.borrowed.items():
-            kept_alt[row] = alt
-        page = pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)), pa.array(self.page_urls, pa.string()))
+        for row, source in borrowed:
+            kept_alt[row] = self.alts[source]
         columns = {
             "link_id": link_ids(self.digests),
-            "page_url": page,
-            "image_url": pa.array(self.urls, pa.string()),
-            "alt": pa.array(self.alts, pa.string()),
+            "page_url": pa.DictionaryArray.from_arrays(pa.array(page_of_row), pa.array(self.page_urls, pa.string())),
+            "image_url": image_url,
+            "alt": alt,
             "kept_alt": pa.array(kept_alt, pa.string()),
-            "position": pa.array(self.positions, pa.int32()),
-            "kind": pa.array(self.kinds, pa.string()),
+            "position": position,
+            "kind": kind,
             "width": pa.array(self.widths, pa.int32()),
             "height": pa.array(self.heights, pa.int32()),
             "source_offset": pa.array(np.repeat(np.array(self.page_offsets, dtype=np.int64), sizes)),

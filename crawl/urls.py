@@ -170,6 +170,17 @@ def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tupl
     """(directory prefix, origin prefix) of a base URL for the references _PLAIN_RELATIVE matches.
     None when the base is not plain (normalize_url's fast path would not take it) or its host is
     refused: those links go through normalize_url."""
+    m = _NORMAL_ABSOLUTE.match(base)
+    if m is not None:  # normal already (most bases: the page's URL): its origin and directory as they are
+        host = m.group(1)
+        if allow is not None and _host_reason(host) is not None and not allow.allows(host):
+            return None
+        origin = base.index("/", base.index("//") + 2)
+        end = base.find("?", origin)
+        path = base[origin:] if end < 0 else base[origin:end]
+        if "//" in path or _DOT_SEGMENT.search(path):  # (a normal path holds no ";")
+            return None
+        return base[: origin + path.rfind("/") + 1], base[:origin]
     m = _PLAIN_ABSOLUTE.match(base)  # what _split_base checks, without its cache (a base a page)
     if m is None:
         return None
