@@ -149,9 +149,10 @@ class _Spill:
     """The accepted links of one input file, in SPILL_SCHEMA columns, written as Arrow IPC record
     batches of about SPILL_ROWS links (whole pages) to `path` (IPC, not parquet: written and read
     back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is
-    collapsed as if it had one capture (`kept`, `kept_alt`); the pages that turn out to have more
-    are collapsed again. A batch is held as Python lists a link (what the page gave) and a page
-    (URL, offset, hash, how many links: spread over the page's links by NumPy when written)."""
+    collapsed as if it had one capture (`kept`, `kept_alt`: `one_capture`, a batch at a time when
+    it is written); the pages that turn out to have more are collapsed again. A batch is held as
+    Python lists a link (what the page gave) and a page (URL, offset, hash, how many links: spread
+    over the page's links by NumPy when written)."""
 
     def __init__(self, path: str):
         self.path = path
