@@ -206,6 +206,9 @@ class SitePolicy:
         return float(delay or 0.0)
 
 
+_ROWS_LOCK = threading.Lock()  # a worker's threads read hosts.parquet once (`SiteRules.rows`)
+
+
 class SiteRules:
     """Every origin's answers for one download: asked once (`ask`), kept in `folder/hosts.parquet`,
     read back on a rerun. Pickled into img2dataset's workers (once per shard) without its rows when
@@ -220,15 +223,19 @@ class SiteRules:
     @property
     def rows(self) -> dict[str, dict]:
         if self._rows is None:
-            # filled before it is published: a worker's other threads saw the empty dict while the
-            # file was read, took a planned site for a new one and asked its robots.txt a second time
-            rows: dict[str, dict] = {}
-            path = os.path.join(self.folder, HOSTS_FILE)
-            if os.path.exists(path):
-                for row in pq.read_table(path).to_pylist():
-                    rows[row["origin"]] = row
-                self._saved = True
-            self._rows = rows
+            with _ROWS_LOCK:  # one thread reads the file; the others wait for its dict
+                if self._rows is None:
+                    # filled before it is published: a worker's other threads saw the empty dict while
+                    # the file was read, took a planned site for a new one and asked its robots.txt a
+                    # second time. Read once: two threads that each read it and published their own
+                    # dict lost the answer one had put in the first, and asked that site again.
+                    rows: dict[str, dict] = {}
+                    path = os.path.join(self.folder, HOSTS_FILE)
+                    if os.path.exists(path):
+                        for row in pq.read_table(path).to_pylist():
+                            rows[row["origin"]] = row
+                        self._saved = True
+                    self._rows = rows
         return self._rows
 
     def __getstate__(self):
