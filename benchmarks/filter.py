@@ -279,7 +279,7 @@ def main() -> list[dict]:
             print(f"\n  Candidate, not the stage: PDQ and pHash from the JPEG's luma plane ({len(d)} photos; {luma['not_luma']} not YCbCr JPEGs)")
             for name, value in luma["ms"].items():
                 print(f"    {name:70s} {value:6.2f}")
-            print(f"    PDQ bits from the stage's: mean {d.mean():.2f}, median {np.median(d):.0f}, max {d.max()}; histogram {dict(zip(*np.unique(np.minimum(d, 32) // 4 * 4, return_counts=True)))} (bins of 4, 32 = 32 or more)")
+            print(f"    PDQ bits from the stage's: mean {d.mean():.2f}, median {np.median(d):.0f}, max {d.max()}; photos at 0, 1, 2... bits: {np.bincount(d).tolist()}")
             p = np.array(luma["phash"])
             print(f"    pHash bits from the stage's: mean {p.mean():.2f}, max {p.max()}, {int((p == 0).sum())} equal")
             g = np.array(luma["flat_grey"])
