@@ -271,10 +271,11 @@ def _reason_counts(table) -> dict:
 
 class WriteRowsToParquet(beam.io.WriteToParquet):
     """Beam's WriteToParquet (row dicts -> parquet), with the pyarrow tables between its two steps
-    (one per row group, ROW_GROUP_BYTES) typed as tables: Beam then measures them with
-    ArrowTableCoder (their `nbytes`) instead of pickling every sampled one whole to estimate its
-    size (an output's first ten always: ~80 MB of filter's images/ pickled a run, 0.16 CPU ms an
-    image of benchmarks/filter.py's 2,400, issue 34). The same steps and files otherwise."""
+    (one per row group: `record_batch_size` rows at least, 1,000 by default, ~110 MB of filter's
+    photos) typed as tables: Beam then measures them with ArrowTableCoder (their `nbytes`) instead
+    of pickling every sampled one whole to estimate its size (an output's first ten always: 0.38
+    CPU s of benchmarks/filter.py's 2,400-photo run in cProfile, issue 34). The same steps and
+    files otherwise (tests/test_filter_fast_paths.py)."""
 
     def expand(self, pcoll):
         if not pcoll.is_bounded or self._schema is None:  # Beam's own paths (streaming, Beam schemas)
