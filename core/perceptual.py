@@ -137,9 +137,13 @@ def _pixels(img) -> np.ndarray:
     """The pixels of an "F" Pillow image as a read-only float32 NumPy view, without the copy that
     `np.asarray` makes (`tobytes`, ~0.07 ms of a 500-px "F" image, issue 34): Pillow's Arrow export
     hands its own memory over. An image Pillow keeps in several blocks (over 16 MB) is copied."""
+    if (4 * img.width) % Image.core.get_alignment():  # rows padded (PILLOW_ALIGNMENT): Pillow's
+        return np.asarray(img)  # Arrow export hands the padded lines over as if contiguous
     try:
         data = pa.array(img).buffers()[1]
     except ValueError:  # several blocks: no zero-copy export
+        return np.asarray(img)
+    if data.size < 4 * img.width * img.height:
         return np.asarray(img)
     return np.frombuffer(data, dtype=np.float32, count=img.width * img.height).reshape(img.height, img.width)
 

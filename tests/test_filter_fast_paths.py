@@ -201,3 +201,22 @@ def _outputs(transform):
     for part in transform.parts:
         found += _outputs(part)
     return found
+
+
+def test_pdq_luma_view_with_padded_rows():
+    """PILLOW_ALIGNMENT (Pillow's documented setting) pads each line of an image; Pillow's Arrow
+    export still hands the memory over as w x h contiguous floats, so the view read padding bytes as
+    pixels and PDQ gave a wrong hash with full confidence. Run in a child: the alignment is per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from PIL import Image; from core.perceptual import _pixels, _pdq_numpy, pdqhash_of_image\n"
+        "rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (377, 501, 3), dtype=np.uint8))\n"
+        "for w, h in ((5, 5), (7, 3), (501, 377)):\n"
+        "    f = rgb.resize((w, h)).convert('F'); assert np.array_equal(_pixels(f), np.asarray(f)), (w, h)\n"
+        "assert _pdq_numpy(rgb) in (None, pdqhash_of_image(rgb))\n"
+    )
+    env = {**os.environ, "PILLOW_ALIGNMENT": "64"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
