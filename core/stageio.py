@@ -269,6 +269,24 @@ def _reason_counts(table) -> dict:
     return {vc["values"]: vc["counts"] for vc in table.column("reason").value_counts().to_pylist()}
 
 
+class WriteRowsToParquet(beam.io.WriteToParquet):
+    """Beam's WriteToParquet (row dicts -> parquet), with the pyarrow tables between its two steps
+    (one per row group: `record_batch_size` rows at least, 1,000 by default, ~110 MB of filter's
+    photos) typed as tables: Beam then measures them with ArrowTableCoder (their `nbytes`) instead
+    of pickling every sampled one whole to estimate its size (an output's first ten always: 0.38
+    CPU s of benchmarks/filter.py's 2,400-photo run in cProfile, issue 34). The same steps and
+    files otherwise (tests/test_filter_fast_paths.py)."""
+
+    def expand(self, pcoll):
+        if not pcoll.is_bounded or self._schema is None:  # Beam's own paths (streaming, Beam schemas)
+            return super().expand(pcoll)
+        from apache_beam.io.iobase import Write
+        from apache_beam.io.parquetio import _RowDictionariesToArrowTable
+
+        convert = _RowDictionariesToArrowTable(self._schema, self._row_group_buffer_size, self._record_batch_size)
+        return pcoll | beam.ParDo(convert).with_output_types(pa.Table) | Write(self._sink)
+
+
 class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
@@ -332,9 +350,9 @@ class WriteStageOutputs(beam.PTransform):
                 elif tables:  # each table is written as it comes
                     _ = pc | sink_label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
                 else:
-                    _ = pc | sink_label >> beam.io.WriteToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+                    _ = pc | sink_label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         for other, schema in self.more.items():
-            _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
+            _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
             )
         return self._stats(pcolls, kept_all, rejected_all)

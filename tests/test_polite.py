@@ -307,3 +307,30 @@ def test_a_redirect_targets_crawl_delay_holds_too(tmp_path):
     assert sorted(p for p, _, _ in seen) == [f"/img/{i}.jpg" for i in range(5)]
     gaps = [b[1] - a[2] for a, b in zip(seen, seen[1:])]  # old gate: all 5 at once, gaps < 0
     assert min(gaps) >= 0.5 - 0.01, [round(g, 3) for g in gaps]
+
+
+# ---- a redirect target's Crawl-delay in the downloader's gate (reviewer) -----------------------------
+
+_CDN_ROW = {"origin": "http://cdn.test", "robots_status": "ok", "robots_http": 200, "robots_txt": "User-agent: *\nCrawl-delay: 0.5\n",
+            "tdmrep_status": "missing", "tdmrep_http": 404, "tdmrep_json": "", "error": None, "fetched": "2026-12-05T00:00:00Z"}
+
+
+def test_a_hop_answer_read_from_another_worker_tells_the_downloaders_gate(tmp_path):
+    """PolicyDownloader, pickled as img2dataset's spawned pool gets it once per shard, holds one gate
+    for its fetches and its SiteConsent; a redirect target's answer that another worker process
+    asked (its hop file) gives this worker's gate the delay too. Fails if PolicyDownloader drops the
+    gate from its SiteConsent, or if only the worker that asked learns the delay."""
+    import pickle
+
+    from crawl import consent
+    from crawl.download import PolicyDownloader
+
+    rules = consent.SiteRules(str(tmp_path / "consent"), allow_hosts=("127.0.0.1",))
+    rules.save()  # the plan asked no site with a Crawl-delay
+    gate = HostGate(str(tmp_path / "hosts"), 4, rules.crawl_delays())
+    d = PolicyDownloader(None, None, 4, False, False, str(tmp_path), [], 5, 8, 5, "sha256", None, "jpg", 0, "webpairs", None, allow_hosts=("127.0.0.1",), sites=rules, gate=gate)
+    rules.keep_hop(dict(_CDN_ROW))  # another worker process asked cdn.test first
+    worker = pickle.loads(pickle.dumps(d))
+    assert worker.sites.gate is worker.gate and worker.gate.delays == {}
+    worker.sites.before_request("http://cdn.test/img/1.jpg", planned_origin="http://front.test")
+    assert worker.gate.delays == {"cdn.test": 0.5}  # the gate __call__ hands to every fetch
