@@ -26,6 +26,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from core.records import REJECTED_SCHEMA
@@ -472,7 +473,15 @@ def _name_table_files(written: list, sinks: dict) -> None:
             with FileSystems.create(f"{sink_path}-00000-of-00001.parquet") as fh:
                 pq.ParquetWriter(fh, schema, compression="none", use_compliant_nested_type=False).close()
             continue
-        FileSystems.rename(files, [f"{sink_path}-{k:05d}-of-{len(files):05d}.parquet" for k in range(len(files))])
+        dests = [f"{sink_path}-{k:05d}-of-{len(files):05d}.parquet" for k in range(len(files))]
+        try:
+            FileSystems.rename(files, dests)
+        except BeamIOError:  # a retried stats step (a runner re-running a lost task): some are named already, as Beam's finalize allows
+            left = [(src, dst) for src, dst in zip(files, dests) if FileSystems.exists(src)]
+            if any(not FileSystems.exists(dst) for src, dst in zip(files, dests) if (src, dst) not in left):
+                raise
+            if left:
+                FileSystems.rename([src for src, _ in left], [dst for _, dst in left])
 
 
 def _write_tallied_stats(_, totals: dict, names: list, out_dir: str, stage: str, extra: dict, reason_stats: Optional[dict] = None, written: Optional[list] = None, sinks: Optional[dict] = None):

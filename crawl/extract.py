@@ -107,7 +107,8 @@ def page_hash(page_url: str) -> int:
     return int.from_bytes(hashlib.blake2b(page_url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-_KIND_ORDER = pa.array(sorted(KIND_RANK, key=KIND_RANK.get), pa.string())  # KIND_RANK's ranks are its indices
+_KIND_ORDER = pa.array(list(KIND_RANK), pa.string())
+_KIND_RANKS = np.array([*KIND_RANK.values(), 9], dtype=np.int64)  # by _KIND_ORDER index; the last: another kind (collapse_page's 9)
 
 
 def one_capture(page_of_row: np.ndarray, image_url: pa.Array, alt: pa.Array, kind: pa.Array, position: pa.Array) -> tuple[np.ndarray, list]:
@@ -120,7 +121,7 @@ def one_capture(page_of_row: np.ndarray, image_url: pa.Array, alt: pa.Array, kin
 
     n = len(image_url)
     key = (page_of_row.astype(np.int64) << 32) | pc.dictionary_encode(image_url).indices.to_numpy().astype(np.int64)
-    rank = pc.fill_null(pc.index_in(kind, value_set=_KIND_ORDER), 9).to_numpy()
+    rank = _KIND_RANKS[pc.fill_null(pc.index_in(kind, value_set=_KIND_ORDER), len(KIND_RANK)).to_numpy()]  # KIND_RANK's own values, whatever they are
     order = np.lexsort((position.to_numpy(zero_copy_only=False), rank, key))
     ordered = key[order]
     first = np.ones(n, dtype=bool)

@@ -703,3 +703,21 @@ def test_base_prefixes_of_normal_bases_are_the_general_ones():
                             url, reason = urls._assemble(scheme, host, None, m["path"][: m["path"].rfind("/") + 1] + "a", "", allow)
                             general = None if reason else (url[:-1], url[: url.index("/", url.index("//") + 2)])
                         assert fast == general, (base, allow)
+
+
+def test_one_capture_ranks_kinds_by_kind_rank_values(monkeypatch):
+    """one_capture orders a repeated URL's rows by KIND_RANK's values (9 for another kind), as
+    collapse_page does, also when the ranks are not 0..k-1 (an og:image ranked after other kinds)."""
+    import numpy as np
+    import pyarrow as pa
+
+    import crawl.extract as ex
+
+    ranks = {"img": 0, "picture": 1, "wat": 2, "og:image": 12}
+    monkeypatch.setattr(ex, "KIND_RANK", ranks)
+    monkeypatch.setattr(ex, "_KIND_ORDER", pa.array(list(ranks), pa.string()), raising=False)
+    monkeypatch.setattr(ex, "_KIND_RANKS", np.array([*ranks.values(), 9]), raising=False)
+    links = [("http://i.test/a.jpg", "", 0, "og:image", None, None), ("http://i.test/a.jpg", "x", 1, "other", None, None)]
+    kept, _ = ex.collapse_page("http://p.test/", [("f", 0, links)])
+    got, _ = ex.one_capture(np.zeros(2, np.int32), pa.array([r[0] for r in links]), pa.array([r[1] for r in links]), pa.array([r[3] for r in links]), pa.array([r[2] for r in links], pa.int32()))
+    assert [links[i][3] for i in np.flatnonzero(got)] == [r[5] for r in kept] == ["other"]

@@ -424,3 +424,29 @@ def test_table_sinks_write_the_files_beams_sinks_write(tmp_path):
     assert files == ["kept/part-00000-of-00001.parquet", "kept/part_1-00000-of-00001.parquet", "rejected/part-00000-of-00001.parquet", "rejected/part_1-00000-of-00001.parquet", "stats.json"]
     assert rows["kept/part_1-00000-of-00001.parquet"] == [] and len(rows["kept/part-00000-of-00001.parquet"]) == 10
     assert stats["kept"] == 10 and stats["rejected"] == {"bad_url": 1, "too_small": 2}
+
+
+def test_table_sinks_naming_survives_a_retried_stats_step(tmp_path):
+    """The stats step names the table sinks' files (WriteStageOutputs(table_sinks=True)); a runner
+    that re-runs a lost task (Dask, after a worker is lost) runs it again over files named already:
+    that is no failure, as it is none for Beam's own sinks' finalize (files already renamed are
+    skipped), and every row is still there once."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.stageio import _write_tallied_stats
+
+    sink = tmp_path / "links" / "part"
+    sink.parent.mkdir()
+    schema = pa.schema([("id", pa.string())])
+    written = []
+    for i in range(3):
+        tmp = sink.parent / f".part-{i}.parquet"
+        pq.write_table(pa.table({"id": [f"r{i}"]}, schema=schema), tmp)
+        written.append((str(sink), str(tmp)))
+    args = dict(totals={}, names=[], out_dir=str(tmp_path), stage="t", extra={}, written=written, sinks={str(sink): schema})
+    _write_tallied_stats(None, **args)
+    _write_tallied_stats(None, **args)  # the retried task
+    assert sorted(os.listdir(sink.parent)) == [f"part-0000{k}-of-00003.parquet" for k in range(3)]
+    assert sorted(r[0] for r in duckdb.sql(f"SELECT id FROM read_parquet('{sink.parent}/*.parquet')").fetchall()) == ["r0", "r1", "r2"]
