@@ -714,32 +714,76 @@ EDGE_TABLE_ROWS = 1 << 14  # verified pairs a step holds before they leave as a 
 
 
 class _EdgeTables(beam.DoFn):
-    """Check rows -> the verified ones' (image_a, image_b) as pyarrow tables of up to
-    EDGE_TABLE_ROWS rows (a table when the bundle ends): what the groups step collects is a few
-    tables, not a tuple a pair."""
+    """Check rows -> the verified ones' (image_a, image_b) written as Arrow IPC record batches of up
+    to EDGE_TABLE_ROWS rows into one file per bundle under `edge_dir`; yields each file's path when
+    the bundle ends. What crosses the runner is paths: the pairs as tables in a ToList (and the
+    CombineGlobally's default, a side input the in-process runner keeps to the pipeline's end) were
+    held three times over, ~8 MB each at 212,551 pairs (issue 34)."""
+
+    def __init__(self, edge_dir: str):
+        self.edge_dir = edge_dir.rstrip("/")
 
     def start_bundle(self):
         self.a, self.b = [], []
+        self.out = None  # (file, writer, path) once a pair is verified
 
     def process(self, row):
         if row["copy"]:
             self.a.append(row["image_a"])
             self.b.append(row["image_b"])
             if len(self.a) >= EDGE_TABLE_ROWS:
-                yield self._table()
+                self._write()
 
-    def _table(self):
+    def _write(self):
+        import uuid
+
         import pyarrow as pa
+        from apache_beam.io.filesystems import FileSystems
 
-        t = pa.table({"image_a": pa.array(self.a, pa.string()), "image_b": pa.array(self.b, pa.string())})
+        if self.out is None:
+            path = f"{self.edge_dir}/{uuid.uuid4().hex}.arrow"
+            fh = FileSystems.create(path)
+            self.out = (fh, pa.ipc.new_file(fh, EDGE_SCHEMA), path)
+        self.out[1].write_batch(pa.record_batch([pa.array(self.a, pa.string()), pa.array(self.b, pa.string())], schema=EDGE_SCHEMA))
         self.a, self.b = [], []
-        return t
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
 
         if self.a:
-            yield GlobalWindows.windowed_value(self._table())
+            self._write()
+        if self.out is not None:
+            fh, writer, path = self.out
+            writer.close()
+            fh.close()
+            self.out = None
+            yield GlobalWindows.windowed_value(path)
+
+
+def _edge_schema():
+    import pyarrow as pa
+
+    return pa.schema([("image_a", pa.string()), ("image_b", pa.string())])
+
+
+EDGE_SCHEMA = _edge_schema()
+
+
+def read_edge_tables(paths: Iterable[str]) -> list:
+    """The verified pairs' tables that `_EdgeTables` wrote (one table a file), in path order."""
+    import pyarrow as pa
+    from apache_beam.io.filesystems import FileSystems
+
+    tables = []
+    for path in sorted(paths):
+        with FileSystems.open(path) as fh:
+            tables.append(pa.ipc.open_file(fh).read_all())
+    return tables
+
+
+def _groups_of_files(paths: list, info_tables: list) -> list:
+    """group_members of the verified pairs in `paths` (`_EdgeTables`' files)."""
+    return group_members(read_edge_tables(paths), info_tables)
 
 
 def _info_table(rows: list):
@@ -1143,10 +1187,11 @@ class FindCopies(beam.PTransform):
             listed | "Blocks" >> beam.FlatMap(_blocks, feature_dir) | "SpreadBlocks" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
         )
-        # the groups from tables of the verified pairs and of the members' keep signals (a list
-        # of tuples and a dict of every member held ~100 MB at 77,327 images: issue 34)
-        edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables())
-        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(group_members, beam.pvalue.AsList(info))
+        # the groups from tables of the verified pairs (written to files under `feature_dir`; their
+        # paths cross the runner) and of the members' keep signals (a list of tuples and a dict of
+        # every member held ~100 MB at 77,327 images: issue 34)
+        edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables(feature_dir.rstrip("/") + "/_edges"))
+        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(_groups_of_files, beam.pvalue.AsList(info))
         return {"copy_of": copy_of, "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
 
 

@@ -22,7 +22,7 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.memory import release_free_memory, system_arrow_pool
+from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
@@ -403,7 +403,9 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
 
     buckets = bucket_count(parquet_rows(occurrence_files))  # a few thousand links a bucket
 
-    with stage_pipeline(beam_args) as p:
+    # no_side_input_cache: in process, each step's side inputs (copy_of, the flags...) are dropped
+    # when its bundle ends instead of kept by the runner's worker to the end (core/memory.py)
+    with no_side_input_cache(), stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
         # the kept links, read twice: light (image id, page) for the counts, whole for the join (so
         # each read has one consumer and nothing is held between stages but packed bytes)
