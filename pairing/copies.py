@@ -781,9 +781,51 @@ def read_edge_tables(paths: Iterable[str]) -> list:
     return tables
 
 
-def _groups_of_files(paths: list, info_tables: list) -> list:
-    """group_members of the verified pairs in `paths` (`_EdgeTables`' files)."""
-    return group_members(read_edge_tables(paths), info_tables)
+COPY_OF_FILE = "copy_of_file"  # FindCopies' output: the path of the file holding copy_of (`read_copy_of`)
+
+
+class _Groups(beam.DoFn):
+    """The paths of `_EdgeTables`' files -> group_members of their verified pairs: each (member,
+    kept member), and, tagged COPY_OF_FILE, the path of one Arrow file under `copy_of_dir` holding
+    them all (none when there are none). The steps that key records by the kept member read that
+    file (`read_copy_of`), one dict a bundle, dropped when the bundle ends: as a side input the map
+    stayed held by each reading step's cached invoker (and the runner's state cache) to the end of
+    the pipeline (~20 MB a reader at 65,363 entries; issue 34)."""
+
+    def __init__(self, copy_of_dir: str):
+        self.copy_of_dir = copy_of_dir.rstrip("/")
+
+    def process(self, paths, info_tables):
+        import uuid
+
+        import pyarrow as pa
+        from apache_beam.io.filesystems import FileSystems
+
+        from core.memory import release_free_memory
+
+        release_free_memory()  # what verification left freed, before the groups add theirs
+        pairs = group_members(read_edge_tables(paths), info_tables)
+        if pairs:
+            path = f"{self.copy_of_dir}/{uuid.uuid4().hex}.arrow"
+            table = pa.table({"member": pa.array([m for m, _ in pairs], pa.string()), "kept": pa.array([k for _, k in pairs], pa.string())})
+            with FileSystems.create(path) as fh, pa.ipc.new_file(fh, table.schema) as writer:
+                writer.write_table(table)
+            del table
+            yield beam.pvalue.TaggedOutput(COPY_OF_FILE, path)
+        yield from pairs
+
+
+def read_copy_of(paths) -> dict:
+    """{member: kept member} from the files `_Groups` wrote (FindCopies' COPY_OF_FILE output)."""
+    import pyarrow as pa
+    from apache_beam.io.filesystems import FileSystems
+
+    out: dict = {}
+    for path in sorted(paths):
+        with FileSystems.open(path) as fh:
+            table = pa.ipc.open_file(fh).read_all()
+        out.update(zip(table.column("member").to_pylist(), table.column("kept").to_pylist()))
+    return out
 
 
 def _info_table(rows: list):
@@ -1155,7 +1197,8 @@ class _VerifyBlock(beam.DoFn):
 class FindCopies(beam.PTransform):
     """{"light": the paths of filter's images files (pairing/pipeline.py copy_inputs), of which the
     candidate search reads each image's (image_id, embedding or None, pHash, (file, row group) where
-    its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept, "checks": one
+    its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept,
+    COPY_OF_FILE: the path of a file holding them (`read_copy_of`; none when there are none), "checks": one
     COPY_CHECK_SCHEMA row per verified candidate pair, "candidates": the candidate pairs,
     "images_read": the ids whose bytes were read}.
 
@@ -1191,8 +1234,8 @@ class FindCopies(beam.PTransform):
         # paths cross the runner) and of the members' keep signals (a list of tuples and a dict of
         # every member held ~100 MB at 77,327 images: issue 34)
         edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables(feature_dir.rstrip("/") + "/_edges"))
-        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(_groups_of_files, beam.pvalue.AsList(info))
-        return {"copy_of": copy_of, "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
+        groups = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.ParDo(_Groups(feature_dir.rstrip("/") + "/_copy_of"), beam.pvalue.AsList(info)).with_outputs(COPY_OF_FILE, main="copy_of")
+        return {"copy_of": groups.copy_of, COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
 
 
 def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):

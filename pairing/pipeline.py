@@ -27,7 +27,7 @@ from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMA
 from core.sites import site_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
-from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies, records_on_several_pages
+from pairing.copies import COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
 from pairing.spill import SpillByKey, bucket_count, in_order, read_groups
 
@@ -241,11 +241,13 @@ class PairImages(beam.PTransform):
         #    (each record keyed and packed in its spill's step: `keyed`)
         if copies:
             found = {"light": pcolls["copy_light"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
-            side = (beam.pvalue.AsDict(found["copy_of"]),)
+            # the keyed steps read copy_of from its file (once a bundle; pairing/copies.py
+            # read_copy_of), not as a dict side input that the runner keeps held after each step
+            side, load = (beam.pvalue.AsList(found[COPY_OF_FILE]),), read_copy_of
             key_image = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS))  # noqa: E731
             key_link = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS))  # noqa: E731
         else:
-            side = ()
+            side, load = (), None
             key_image = lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS))  # noqa: E731
             key_link = lambda r: (r["image_id"], pack(r, LINK_FIELDS))  # noqa: E731
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
@@ -254,8 +256,8 @@ class PairImages(beam.PTransform):
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
-            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image), *side),
-            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link), *side),
+            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image, load), *side),
+            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link, load), *side),
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
