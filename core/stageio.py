@@ -269,6 +269,24 @@ def _reason_counts(table) -> dict:
     return {vc["values"]: vc["counts"] for vc in table.column("reason").value_counts().to_pylist()}
 
 
+class WriteRowsToParquet(beam.io.WriteToParquet):
+    """Beam's WriteToParquet (row dicts -> parquet), with the pyarrow tables between its two steps
+    (one per row group: `record_batch_size` rows at least, 1,000 by default, ~110 MB of filter's
+    photos) typed as tables: Beam then measures them with ArrowTableCoder (their `nbytes`) instead
+    of pickling every sampled one whole to estimate its size (an output's first ten always: 0.38
+    CPU s of benchmarks/filter.py's 2,400-photo run in cProfile, issue 34). The same steps and
+    files otherwise (tests/test_filter_fast_paths.py)."""
+
+    def expand(self, pcoll):
+        if not pcoll.is_bounded or self._schema is None:  # Beam's own paths (streaming, Beam schemas)
+            return super().expand(pcoll)
+        from apache_beam.io.iobase import Write
+        from apache_beam.io.parquetio import _RowDictionariesToArrowTable
+
+        convert = _RowDictionariesToArrowTable(self._schema, self._row_group_buffer_size, self._record_batch_size)
+        return pcoll | beam.ParDo(convert).with_output_types(pa.Table) | Write(self._sink)
+
+
 class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
@@ -289,11 +307,16 @@ class WriteStageOutputs(beam.PTransform):
     pyarrow tables, counted by their rows. `reason_stats` ({name: reason}) puts the number of
     rejected rows of a reason in stats.json under a name of its own too (extract's failed_files...),
     without a step of its own.
+
+    `table_sinks=True` writes the tables with `_WriteTables` (one step a sink: a parquet file a
+    bundle, named when the stats are written) instead of Beam's parquet sink (nine steps, a shuffle
+    and three side inputs each, ~0.08 CPU s of Beam's fixed cost a sink; extract has five: issue 34).
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
-                 table_counts: tuple = (), reason_stats: Optional[dict] = None):
+                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False):
         super().__init__()
+        self.table_sinks = table_sinks
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
         self.kept_tables = kept_tables
@@ -313,18 +336,23 @@ class WriteStageOutputs(beam.PTransform):
             raise ValueError("several kept or rejected PCollections need kept_tables / rejected_tables")
         kept_path = os.path.join(self.out_dir, self.name, "part")
         rejected_path = os.path.join(self.out_dir, "rejected", "part")
+        self._sinks: dict = {}  # table_sinks: sink path -> schema
+        self._written: list = []  # table_sinks: each sink's (sink path, temporary file) PCollection
         for pcs, path, label, schema, tables in ((kept_all, kept_path, "WriteKept", self.schema, self.kept_tables), (rejected_all, rejected_path, "WriteRejected", REJECTED_SCHEMA, self.rejected_tables)):
             for i, pc in enumerate(pcs):  # part-*, then part_1-*, part_2-*...
                 # not part-1: each sink's finalize deletes what matches its own `part-*-of-N` first,
                 # and that matched a second sink's finished part-1-00000-of-00001 (rows lost when
                 # the second sink finished first: 1 run in 3 in process, found in review)
                 sink_path, sink_label = (path, label) if i == 0 else (f"{path}_{i}", f"{label}{i}")
-                if tables:  # each table is written as it comes
+                if tables and self.table_sinks:
+                    self._sinks[sink_path] = schema
+                    self._written.append(pc | sink_label >> beam.ParDo(_WriteTables(sink_path, schema)))
+                elif tables:  # each table is written as it comes
                     _ = pc | sink_label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
                 else:
-                    _ = pc | sink_label >> beam.io.WriteToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+                    _ = pc | sink_label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         for other, schema in self.more.items():
-            _ = pcolls[other] | f"Write_{other}" >> beam.io.WriteToParquet(
+            _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
             )
         return self._stats(pcolls, kept_all, rejected_all)
@@ -355,11 +383,14 @@ class WriteStageOutputs(beam.PTransform):
         for name in names:
             tally(pcolls[name], (_COUNT, name), f"Tally_{name}", rows=name in self.table_counts)
         totals = tallies | "AllTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(_SumCounts())
+        written = {}
+        if self._written:  # the files of every table sink, named by the step that writes the stats
+            written = {"written": beam.pvalue.AsList(self._written | "AllWritten" >> beam.Flatten()), "sinks": self._sinks}
         return (
             kept_all[0].pipeline
             | "StatsSeed" >> beam.Create([None])
             | "WriteStats"
-            >> beam.Map(_write_tallied_stats, totals=beam.pvalue.AsSingleton(totals), names=names, out_dir=self.out_dir, stage=self.stage, extra=self.extra, reason_stats=self.reason_stats)
+            >> beam.Map(_write_tallied_stats, totals=beam.pvalue.AsSingleton(totals), names=names, out_dir=self.out_dir, stage=self.stage, extra=self.extra, reason_stats=self.reason_stats, **written)
         )
 
 
@@ -389,7 +420,64 @@ class _Tally(beam.DoFn):
         self.counts = {}
 
 
-def _write_tallied_stats(_, totals: dict, names: list, out_dir: str, stage: str, extra: dict, reason_stats: Optional[dict] = None):
+class _WriteTables(beam.DoFn):
+    """A sink of pyarrow tables (`WriteStageOutputs(table_sinks=True)`): each bundle's tables, as
+    they come, into one parquet file (Beam's parquet sink's writer settings) under a hidden name
+    beside the sink's files; emits (sink path, that file) when the bundle ends. Only the files of
+    bundles that succeeded reach `_name_table_files`, which gives them their names (Beam's
+    `part-00000-of-00002.parquet`); a failed or retried bundle's file stays hidden and
+    `finish_stage` removes it."""
+
+    def __init__(self, sink_path: str, schema: pa.Schema):
+        self.sink_path, self.schema = sink_path, schema
+
+    def start_bundle(self):
+        self.writer = self.fh = self.tmp = None
+
+    def process(self, table):
+        if self.writer is None:
+            import uuid
+
+            from apache_beam.io.filesystem import CompressionTypes
+
+            folder, prefix = os.path.split(self.sink_path)
+            self.tmp = os.path.join(folder, f".{prefix}-{uuid.uuid4().hex}.parquet")
+            if "://" in self.tmp:
+                self.fh = FileSystems.create(self.tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+            else:  # a local file: Arrow writes it itself, not through a Python file object
+                os.makedirs(folder, exist_ok=True)
+                self.fh = pa.OSFile(self.tmp, "wb")
+            self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
+        self.writer.write_table(table)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        if self.writer is not None:
+            self.writer.close()
+            self.fh.close()
+            yield GlobalWindows.windowed_value((self.sink_path, self.tmp))
+        self.writer = self.fh = self.tmp = None
+
+
+def _name_table_files(written: list, sinks: dict) -> None:
+    """The files `_WriteTables` wrote, renamed as Beam's file sinks name theirs (`PATH-00000-of-00002.parquet`,
+    in the order of their temporary names); a sink that got no table gets one empty file, as Beam's do."""
+    by_sink: dict = {}
+    for sink_path, tmp in written:
+        by_sink.setdefault(sink_path, []).append(tmp)
+    for sink_path, schema in sinks.items():
+        files = sorted(by_sink.get(sink_path, []))
+        if not files:
+            with FileSystems.create(f"{sink_path}-00000-of-00001.parquet") as fh:
+                pq.ParquetWriter(fh, schema, compression="none", use_compliant_nested_type=False).close()
+            continue
+        FileSystems.rename(files, [f"{sink_path}-{k:05d}-of-{len(files):05d}.parquet" for k in range(len(files))])
+
+
+def _write_tallied_stats(_, totals: dict, names: list, out_dir: str, stage: str, extra: dict, reason_stats: Optional[dict] = None, written: Optional[list] = None, sinks: Optional[dict] = None):
+    if sinks:
+        _name_table_files(written or [], sinks)
     reasons = {key[1]: n for key, n in totals.items() if isinstance(key, tuple) and key[0] == _REASON}
     counts = {name: totals.get((_COUNT, name), 0) for name in names}
     counts.update({name: reasons.get(reason, 0) for name, reason in (reason_stats or {}).items()})

@@ -206,6 +206,9 @@ class SitePolicy:
         return float(delay or 0.0)
 
 
+_ROWS_LOCK = threading.Lock()  # a worker's threads read hosts.parquet once (`SiteRules.rows`)
+
+
 class SiteRules:
     """Every origin's answers for one download: asked once (`ask`), kept in `folder/hosts.parquet`,
     read back on a rerun. Pickled into img2dataset's workers (once per shard) without its rows when
@@ -220,15 +223,19 @@ class SiteRules:
     @property
     def rows(self) -> dict[str, dict]:
         if self._rows is None:
-            # filled before it is published: a worker's other threads saw the empty dict while the
-            # file was read, took a planned site for a new one and asked its robots.txt a second time
-            rows: dict[str, dict] = {}
-            path = os.path.join(self.folder, HOSTS_FILE)
-            if os.path.exists(path):
-                for row in pq.read_table(path).to_pylist():
-                    rows[row["origin"]] = row
-                self._saved = True
-            self._rows = rows
+            with _ROWS_LOCK:  # one thread reads the file; the others wait for its dict
+                if self._rows is None:
+                    # filled before it is published: a worker's other threads saw the empty dict while
+                    # the file was read, took a planned site for a new one and asked its robots.txt a
+                    # second time. Read once: two threads that each read it and published their own
+                    # dict lost the answer one had put in the first, and asked that site again.
+                    rows: dict[str, dict] = {}
+                    path = os.path.join(self.folder, HOSTS_FILE)
+                    if os.path.exists(path):
+                        for row in pq.read_table(path).to_pylist():
+                            rows[row["origin"]] = row
+                        self._saved = True
+                    self._rows = rows
         return self._rows
 
     def __getstate__(self):
@@ -303,12 +310,13 @@ class SiteRules:
         finally:
             fh.close()
 
-    def read_hop(self, origin: str) -> None:
+    def read_hop(self, origin: str) -> Optional[dict]:
+        """The answer another worker got from `origin` (`keep_hop`), or None."""
         try:
             with open(self._hop_file(origin)) as fh:
-                self.rows[origin] = json.load(fh)
+                return json.load(fh)
         except (OSError, ValueError):
-            pass
+            return None
 
     def absorb_hops(self) -> int:
         """Fold the workers' answers (`keep_hop`) into hosts.parquet; returns how many."""
@@ -341,14 +349,18 @@ class SiteRules:
         """{host name: seconds} for the hosts whose robots.txt asks for a Crawl-delay (the largest of its origins)."""
         delays: dict[str, float] = {}
         for origin, row in self.rows.items():
-            if "crawl-delay" not in (row["robots_txt"] or "").lower():
-                continue  # parse only the robots.txt files that ask for one
-            policy = self.policy(origin)
-            delay = policy.crawl_delay() if policy else 0.0
+            delay = crawl_delay_of(row)
             if delay > 0:
                 host = urlsplit(origin).hostname or ""
                 delays[host] = max(delays.get(host, 0.0), delay)
         return delays
+
+
+def crawl_delay_of(row: dict) -> float:
+    """The Crawl-delay (seconds, 0: none) that one HOSTS_SCHEMA row's robots.txt asks of us."""
+    if "crawl-delay" not in (row["robots_txt"] or "").lower():
+        return 0.0  # parse only the robots.txt files that ask for one
+    return SitePolicy(row).crawl_delay()
 
 
 # ---- rules of crawl/judge.py ----------------------------------------------------------------------
@@ -360,13 +372,19 @@ _ASK_LOCK = threading.Lock()  # one worker thread asks a site the plan did not; 
 class SiteConsent:
     """`before_request`: a redirect hop to another origin than the planned one is judged on that
     origin's robots.txt and TDMRep, asked on first need (once per machine: `SiteRules.asking`) when the plan did
-    not ask it. The planned origin itself was judged by the plan."""
+    not ask it. The planned origin itself was judged by the plan.
 
-    def __init__(self, rules: SiteRules):
-        self.rules = rules
+    `gate` (crawl/polite.py's HostGate, built with the planned sites' Crawl-delays) is told the
+    Crawl-delay of each site asked here, before any request to it is let through."""
+
+    def __init__(self, rules: SiteRules, gate=None):
+        self.rules, self.gate = rules, gate
 
     def __getstate__(self):
-        return {"rules": self.rules}
+        return {"rules": self.rules, "gate": self.gate}
+
+    def __setstate__(self, state):
+        self.rules, self.gate = state["rules"], state.get("gate")
 
     def before_request(self, url: str, planned_origin: Optional[str] = None) -> None:
         from crawl.fetch import FetchError
@@ -377,12 +395,15 @@ class SiteConsent:
         if origin not in self.rules.rows:
             with _ASK_LOCK, self.rules.asking(origin):
                 if origin not in self.rules.rows:
-                    self.rules.read_hop(origin)  # another worker may have asked it already
-                if origin not in self.rules.rows:
-                    from crawl.urls import AllowList
+                    row = self.rules.read_hop(origin)  # another worker may have asked it already
+                    if row is None:
+                        from crawl.urls import AllowList
 
-                    self.rules.rows[origin] = ask_origin(origin, AllowList(self.rules.allow_hosts), self.rules.pins, self.rules.agent, self.rules.timeout)
-                    self.rules.keep_hop(self.rules.rows[origin])
+                        row = ask_origin(origin, AllowList(self.rules.allow_hosts), self.rules.pins, self.rules.agent, self.rules.timeout)
+                        self.rules.keep_hop(row)
+                    if self.gate is not None:  # before the answer is seen: no thread gets past the gate without its delay
+                        self.gate.learn_delay(urlsplit(origin).hostname or "", crawl_delay_of(row))
+                    self.rules.rows[origin] = row
         refusal = self.rules.refusal(url)
         if refusal is not None:
             raise FetchError(refusal[0], f"redirect to {url[:200]}: {refusal[1]}")

@@ -103,8 +103,8 @@ class PolicyDownloader(Downloader):
         super().__init__(*args, **kwargs)
         self.allow_hosts, self.deadline, self.max_image_bytes, self.pins = tuple(allow_hosts), deadline, max_image_bytes, dict(pins or {})
         self.agent = agent
-        self.sites = consent.SiteConsent(sites) if sites is not None else None  # None: --consent off
-        self.gate, self.max_retry_after = gate, max_retry_after  # crawl/polite.py
+        self.sites = consent.SiteConsent(sites, gate) if sites is not None else None  # None: --consent off
+        self.gate, self.max_retry_after = gate, max_retry_after  # crawl/polite.py (the same object: one pickle)
         self.body_rules = tuple(body_rules)  # judge rules on the bytes (the blocklist, crawl/blocklist.py)
 
     def __call__(self, row):

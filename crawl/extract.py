@@ -27,7 +27,7 @@ from core.records import LINK_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table, 
 from core.stageio import WriteStageOutputs, frozen_gc, of_tables
 from crawl.consent import PAGE_OPT_OUT, page_opt_out
 from crawl.html import RawLink, decode_html, extract_page
-from crawl.urls import AllowList, normalize_link_columns, normalize_url
+from crawl.urls import AllowList, normal_url, normalize_link_columns, normalize_url
 
 STAGE = "extract"
 REJECTED = "rejected"
@@ -53,11 +53,12 @@ def page_links(page_url: str, raw_links: Iterable[RawLink], base_href, cfg: Craw
     return _accept(page_url, raw_links, *_resolve(page_url, raw_links, base_href, allow), cfg.max_links_per_page)
 
 
-def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList) -> tuple[list, Optional[list]]:
+def _resolve(page_url: str, raw_links: list, base_href, allow: AllowList, stripped: bool = False) -> tuple[list, Optional[list]]:
     """([url or None], [reason or None] or None when all are accepted) of a page's links:
-    resolution against its base, normalisation, URL policy (the page's plain references together)."""
-    base, _ = normalize_url(base_href, page_url) if base_href else (None, None)
-    return normalize_link_columns([r.url for r in raw_links], base or page_url, allow)
+    resolution against its base, normalisation, URL policy (the page's plain references together).
+    `stripped`: the links' URLs have no surrounding whitespace (extract_page strips them)."""
+    base = normal_url(base_href, page_url) if base_href else None
+    return normalize_link_columns([r.url for r in raw_links], base or page_url, allow, stripped)
 
 
 def _accept(page_url: str, raw_links: list, urls: list, reasons: Optional[list], limit: int) -> tuple[list[tuple], list[dict]]:
@@ -106,6 +107,36 @@ def page_hash(page_url: str) -> int:
     return int.from_bytes(hashlib.blake2b(page_url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+_KIND_ORDER = pa.array(sorted(KIND_RANK, key=KIND_RANK.get), pa.string())  # KIND_RANK's ranks are its indices
+
+
+def one_capture(page_of_row: np.ndarray, image_url: pa.Array, alt: pa.Array, kind: pa.Array, position: pa.Array) -> tuple[np.ndarray, list]:
+    """collapse_page's rule on pages with one capture, for a batch of whole pages at once (issue
+    34: a Python sort a repeated URL of a page cost ~0.3 CPU s a Common Crawl file): the rows of
+    one image URL on one page are ordered by KIND_RANK (9 for another kind), then position; the
+    first is kept, the others are not; when the kept one has no alt it takes the first non-empty
+    alt in that order. Returns (kept: a bool a row, [(kept row, row whose alt it takes), ...])."""
+    import pyarrow.compute as pc
+
+    n = len(image_url)
+    key = (page_of_row.astype(np.int64) << 32) | pc.dictionary_encode(image_url).indices.to_numpy().astype(np.int64)
+    rank = pc.fill_null(pc.index_in(kind, value_set=_KIND_ORDER), 9).to_numpy()
+    order = np.lexsort((position.to_numpy(zero_copy_only=False), rank, key))
+    ordered = key[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    kept = np.empty(n, dtype=bool)
+    kept[order] = first
+    if first.all():
+        return kept, []
+    starts = np.flatnonzero(first)
+    size = np.diff(np.append(starts, n))
+    has_alt = (pc.binary_length(alt).to_numpy(zero_copy_only=False) > 0)[order]
+    first_alt = np.minimum.reduceat(np.where(has_alt, np.arange(n), n), starts)  # in each group, in order
+    borrow = (size > 1) & ~has_alt[starts] & (first_alt < n)
+    return kept, list(zip(order[starts[borrow]].tolist(), order[first_alt[borrow]].tolist()))
+
+
 def link_ids(digests: list) -> pa.Array:
     """stable_id(page_url, image_url) of each link from its SHA-1 digest (`_Spill._add`): the first 8
     bytes in hex, written for the whole batch at once rather than a hexdigest and a slice a link."""
@@ -118,9 +149,10 @@ class _Spill:
     """The accepted links of one input file, in SPILL_SCHEMA columns, written as Arrow IPC record
     batches of about SPILL_ROWS links (whole pages) to `path` (IPC, not parquet: written and read
     back as it is in memory, no encoding; the spill lives only until the stage ends). Each page is
-    collapsed as if it had one capture (`kept`, `kept_alt`); the pages that turn out to have more
-    are collapsed again. A batch is held as Python lists a link (what the page gave) and a page
-    (URL, offset, hash, how many links: spread over the page's links by NumPy when written)."""
+    collapsed as if it had one capture (`kept`, `kept_alt`: `one_capture`, a batch at a time when
+    it is written); the pages that turn out to have more are collapsed again. A batch is held as
+    Python lists a link (what the page gave) and a page (URL, offset, hash, how many links: spread
+    over the page's links by NumPy when written)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -136,19 +168,18 @@ class _Spill:
         self.kinds: list[str] = []
         self.widths: list = []
         self.heights: list = []
-        self.dropped: list[int] = []  # rows of the batch not kept (a page's duplicate image URLs)
-        self.borrowed: dict[int, str] = {}  # row -> the alt a kept link takes from a duplicate
         self.page_urls: list[str] = []
         self.page_offsets: list[int] = []
         self.page_hashes: list[int] = []
         self.page_sizes: list[int] = []
         self.rows = 0
 
-    def add_page(self, page_url: str, offset: int, raw: list, base_href, cfg: CrawlConfig, allow: AllowList) -> list[dict]:
+    def add_page(self, page_url: str, offset: int, raw: list, base_href, cfg: CrawlConfig, allow: AllowList, stripped: bool = False) -> list[dict]:
         """page_links + add for one page's extracted links; returns the Rejected rows of the refused
         ones. The common page (every link accepted, none over the cap) goes into the columns
-        straight from its RawLinks, without a tuple per link made and taken apart again."""
-        urls, reasons = _resolve(page_url, raw, base_href, allow)
+        straight from its RawLinks, without a tuple per link made and taken apart again.
+        `stripped`: as for _resolve."""
+        urls, reasons = _resolve(page_url, raw, base_href, allow, stripped)
         if len(raw) > cfg.max_links_per_page or reasons is not None:
             links, refused = _accept(page_url, raw, urls, reasons, cfg.max_links_per_page)
             if links:
@@ -168,7 +199,6 @@ class _Spill:
         h = page_hash(page_url)
         self.hashes.append(h)
         n = len(urls)
-        start = self.rows
         # stable_id(page_url, url) a link: SHA-1 of the page URL and the separator once, copied
         # and finished with each URL (UTF-8 encodes piece by piece: the same digest); hex at flush
         copy = hashlib.sha1((page_url + "\x1f").encode("utf-8", "surrogatepass")).copy
@@ -187,21 +217,6 @@ class _Spill:
         self.page_offsets.append(offset)
         self.page_hashes.append(h)
         self.page_sizes.append(n)
-        if len(set(urls)) != n:  # collapse_page's rule for one capture, on the URLs that repeat
-            first: dict[str, int] = {}
-            groups: dict[str, list] = {}
-            for i, url in enumerate(urls):
-                j = first.setdefault(url, i)
-                if j != i:
-                    groups.setdefault(url, [j]).append(i)
-            for found in groups.values():
-                found.sort(key=lambda i: (KIND_RANK.get(kinds[i], 9), positions[i]))
-                self.dropped += [start + i for i in found[1:]]
-                best = found[0]
-                if not alts[best]:
-                    borrowed = next((alts[i] for i in found if alts[i]), "")
-                    if borrowed:
-                        self.borrowed[start + best] = borrowed
         self.rows += n
         if self.rows >= SPILL_ROWS:
             self.flush()
@@ -210,20 +225,20 @@ class _Spill:
         if not self.rows:
             return
         n, sizes = self.rows, self.page_sizes
-        kept = np.ones(n, dtype=bool)
-        kept[self.dropped] = False
+        page_of_row = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        image_url, alt, kind, position = pa.array(self.urls, pa.string()), pa.array(self.alts, pa.string()), pa.array(self.kinds, pa.string()), pa.array(self.positions, pa.int32())
+        kept, borrowed = one_capture(page_of_row, image_url, alt, kind, position)
         kept_alt = [None] * n
-        for row, alt in self.borrowed.items():
-            kept_alt[row] = alt
-        page = pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)), pa.array(self.page_urls, pa.string()))
+        for row, source in borrowed:
+            kept_alt[row] = self.alts[source]
         columns = {
             "link_id": link_ids(self.digests),
-            "page_url": page,
-            "image_url": pa.array(self.urls, pa.string()),
-            "alt": pa.array(self.alts, pa.string()),
+            "page_url": pa.DictionaryArray.from_arrays(pa.array(page_of_row), pa.array(self.page_urls, pa.string())),
+            "image_url": image_url,
+            "alt": alt,
             "kept_alt": pa.array(kept_alt, pa.string()),
-            "position": pa.array(self.positions, pa.int32()),
-            "kind": pa.array(self.kinds, pa.string()),
+            "position": position,
+            "kind": kind,
             "width": pa.array(self.widths, pa.int32()),
             "height": pa.array(self.heights, pa.int32()),
             "source_offset": pa.array(np.repeat(np.array(self.page_offsets, dtype=np.int64), sizes)),
@@ -233,7 +248,7 @@ class _Spill:
         batch = pa.RecordBatch.from_arrays([columns[f.name] for f in SPILL_SCHEMA], schema=SPILL_SCHEMA)
         if self.writer is None:  # written under a name of its own, renamed when whole: a retried file never mixes two attempts
             self.tmp = f"{self.path}.{os.getpid()}-{id(self):x}.tmp"
-            self.fh = FileSystems.create(self.tmp)
+            self.fh = _create(self.tmp)
             self.writer = pa.ipc.new_stream(self.fh, SPILL_SCHEMA)  # a stream: each batch has its own page dictionary
         self.writer.write_batch(batch)  # one record batch per flush: whole pages
         self._new_batch()
@@ -247,6 +262,21 @@ class _Spill:
         self.fh.close()
         FileSystems.rename([self.tmp], [self.path])
         return True
+
+
+def _create(path: str):
+    """A file to write: Arrow's own for a local path (its writes stay in C; through a Python file
+    object each buffer of a batch was a Python call), else Beam's filesystem's."""
+    if "://" in path:
+        return FileSystems.create(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return pa.OSFile(path, "wb")
+
+
+def _open(path: str):
+    """A file to read: memory-mapped when local (record batches read without a copy), else Beam's
+    filesystem's."""
+    return FileSystems.open(path) if "://" in path else pa.memory_map(path)
 
 
 def _startup_heap_frozen():
@@ -293,12 +323,14 @@ class ExtractFileLinks(beam.DoFn):
         spill = _Spill(os.path.join(self.spill_dir, f"{stable_id(path, length=32)}.arrow"))
         rejected: list[dict] = []
         pending: list = []
-        for doc in iter_file(path, counters, self.cfg.retries):
+        cfg = self.cfg
+        max_depth, max_elements, include_srcset, include_og_image, consent = cfg.max_page_depth, cfg.max_page_elements, cfg.include_srcset, cfg.include_og_image, cfg.consent == "on"
+        for doc in iter_file(path, counters, cfg.retries):
             if len(rejected) >= 10_000:
                 yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
                 rejected = []
             if isinstance(doc, Page):
-                too_complex = page_complexity(doc.body, self.cfg.max_page_depth, self.cfg.max_page_elements)
+                too_complex = page_complexity(doc.body, max_depth, max_elements)
                 if too_complex:
                     doc = Problem(REASON_COMPLEX, path, doc.offset, too_complex, doc.url)
             if isinstance(doc, Problem):  # one record in, one rejected row out: the counts still reconcile
@@ -306,16 +338,17 @@ class ExtractFileLinks(beam.DoFn):
                 detail = f"{doc.file} @ {doc.offset}: {doc.detail}"
                 rejected.append(Rejected(stable_id(doc.file, str(doc.offset), doc.reason), STAGE, doc.reason, detail[:1000], doc.url or doc.file).to_row())
                 continue
-            page_url, _ = normalize_url(doc.url, doc.url)
+            page_url = normal_url(doc.url, doc.url)
             if page_url is None:
                 continue
-            if isinstance(doc, Page):
-                raw, base, metas = extract_page(decode_html(doc.body, doc.charset), self.cfg.include_srcset, self.cfg.include_og_image)
+            is_page = isinstance(doc, Page)
+            if is_page:  # (extract_page strips the links' URLs)
+                raw, base, metas = extract_page(decode_html(doc.body, doc.charset), include_srcset, include_og_image)
             else:  # WAT: the crawler already parsed the HTML
                 raw = [RawLink(link["url"], " ".join(link["alt"].split()), "wat", i, None, None) for i, link in enumerate(doc.links) if link["url"].strip()]
                 base, metas = doc.base, doc.metas
             candidates += len(raw)
-            opted_out = page_opt_out(doc.headers, metas) if self.cfg.consent == "on" and raw else None
+            opted_out = page_opt_out(doc.headers, metas) if consent and raw else None
             if opted_out:  # the page gives no image to fetch: each of its links is rejected, with why
                 page_base = (normalize_url(base, page_url)[0] if base else None) or page_url
                 for link in raw:
@@ -323,7 +356,7 @@ class ExtractFileLinks(beam.DoFn):
                     rejected.append(Rejected(stable_id(page_url, link.url), STAGE, PAGE_OPT_OUT, f"{page_url[:300]}: {opted_out}", url[:2048]).to_row())
                 continue
             if raw:
-                pending.append((page_url, doc.offset, raw, base))
+                pending.append((page_url, doc.offset, raw, base, is_page))
                 if len(pending) >= PAGES_AT_ONCE:
                     rejected += self._resolve_pages(pending, spill)
                     pending = []
@@ -342,8 +375,8 @@ class ExtractFileLinks(beam.DoFn):
         """Resolve and spill the links of a few pages parsed one after the other; the Rejected rows
         of the refused ones."""
         rejected: list[dict] = []
-        for page_url, offset, raw, base in pending:
-            rejected += spill.add_page(page_url, offset, raw, base, self.cfg, self.allow)
+        for page_url, offset, raw, base, stripped in pending:
+            rejected += spill.add_page(page_url, offset, raw, base, self.cfg, self.allow, stripped)
         return rejected
 
 
@@ -382,7 +415,7 @@ class SplitSpill(beam.DoFn):
 
         source_file, spill_path = item
         repeated = pa.array(sorted(repeated), pa.uint64()) if repeated else None
-        with FileSystems.open(spill_path) as fh:
+        with _open(spill_path) as fh:
             for batch in pa.ipc.open_stream(fh):
                 table = pa.Table.from_batches([batch])
                 many = pc.is_in(table["page_hash"], value_set=repeated) if repeated is not None else None
@@ -394,7 +427,7 @@ class SplitSpill(beam.DoFn):
                     n = kept.num_rows
                     yield pa.Table.from_arrays(
                         [kept["link_id"], kept["page_url"].cast(pa.string()), kept["image_url"], pc.coalesce(kept["kept_alt"], kept["alt"]), kept["position"], kept["kind"], kept["width"], kept["height"],
-                         pa.array([source_file] * n, pa.string()), kept["source_offset"]],
+                         pa.repeat(pa.scalar(source_file, pa.string()), n), kept["source_offset"]],
                         schema=LINK_SCHEMA,
                     )
                 dropped = table.filter(pc.invert(table["kept"]))
@@ -526,7 +559,7 @@ def run_extract(input_pattern: str, out_dir: str, cfg: CrawlConfig, beam_args=No
             # every count is tallied where its elements are made and summed by one combine; the file
             # and record problems are counted apart in stats.json too, from the rejected rows' reasons
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "links", LINK_SCHEMA, extra={"files": len(files)}, kept_tables=True, rejected_tables=True,
-                                                       reason_stats={key: reason for reason, key in FILE_STATS.items()})
+                                                       reason_stats={key: reason for reason, key in FILE_STATS.items()}, table_sinks=True)
         spill_dir = os.path.join(out.path, SPILL)
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])

@@ -70,6 +70,13 @@ class HostGate:
     def __getstate__(self):
         return {**self.__dict__, "_ready": False}  # a worker on another machine makes the folder itself
 
+    def learn_delay(self, host: str, seconds: float) -> None:
+        """A Crawl-delay learnt after the gate was built (a site reached only by a redirect, asked
+        by a worker: crawl/consent.SiteConsent); each process learns it from the same answer."""
+        if seconds > 0:
+            host = host.lower()
+            self.delays[host] = max(self.delays.get(host, 0.0), seconds)
+
     def _base(self, host: str) -> str:
         return os.path.join(self.folder, hashlib.sha1(host.lower().encode()).hexdigest()[:20])
 

@@ -81,6 +81,16 @@ def normalize_url(raw: str, base: str, allow: Optional[AllowList] = None) -> tup
     return _normalize_general(raw, base, allow)
 
 
+def normal_url(raw: str, base: str) -> Optional[str]:
+    """normalize_url(raw, base)[0] (no fetch policy): a URL that is normal already (lower-case
+    http(s), a lower-case plain host, no port, a path and query of URL-safe characters: what
+    normalize_url makes of it is itself, as `_normalize_one` uses for links) is taken as it is,
+    without resolving and splitting it (extract: each page's URL and <base href>, issue 34)."""
+    if _NORMAL_ABSOLUTE.match(raw) is not None:
+        return raw
+    return normalize_url(raw, base)[0]
+
+
 # An absolute http(s) URL with a plain host and port and no tab or newline (urlsplit deletes those).
 # (Character classes are spelled out: with re.I, [a-z] would also match the Kelvin sign.)
 _PLAIN_ABSOLUTE = re.compile(
@@ -160,6 +170,17 @@ def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tupl
     """(directory prefix, origin prefix) of a base URL for the references _PLAIN_RELATIVE matches.
     None when the base is not plain (normalize_url's fast path would not take it) or its host is
     refused: those links go through normalize_url."""
+    m = _NORMAL_ABSOLUTE.match(base)
+    if m is not None:  # normal already (most bases: the page's URL): its origin and directory as they are
+        host = m.group(1)
+        if allow is not None and _host_reason(host) is not None and not allow.allows(host):
+            return None
+        origin = base.index("/", base.index("//") + 2)
+        end = base.find("?", origin)
+        path = base[origin:] if end < 0 else base[origin:end]
+        if "//" in path or _DOT_SEGMENT.search(path):  # (a normal path holds no ";")
+            return None
+        return base[: origin + path.rfind("/") + 1], base[:origin]
     m = _PLAIN_ABSOLUTE.match(base)  # what _split_base checks, without its cache (a base a page)
     if m is None:
         return None
@@ -183,18 +204,31 @@ def base_prefixes(base: str, allow: Optional[AllowList] = None) -> Optional[tupl
 # empty unless the line is one of those. sre jumps from "\n" to "\n" and each line is matched
 # once, in C, with no match object made for it.
 _PAGE_LINES = re.compile(rf"\n(?:(/(?:{_REL_PATH})?{_PLAIN_QUERY})|(?:\./)*+({_REL_PATH}{_PLAIN_QUERY})|((?:https?:)?{_AUTHORITY_PATH}))(?=\n|\Z)|\n([^\n]*+)")
+# The same without the "./" prefixes, for a page where no reference starts with one (most): sre
+# tries the empty repeat at every line otherwise (~20 % of the findall, issue 34).
+_PAGE_LINES_NO_DOT = re.compile(rf"\n(?:(/(?:{_REL_PATH})?{_PLAIN_QUERY})|({_REL_PATH}{_PLAIN_QUERY})|((?:https?:)?{_AUTHORITY_PATH}))(?=\n|\Z)|\n([^\n]*+)")
 
 
-def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = None) -> tuple[list, Optional[list]]:
+def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = None, stripped: bool = False) -> tuple[list, Optional[list]]:
     """normalize_links as two columns: ([url or None], [reason or None], or None when every link is
     accepted). The page's plain references and normal absolute URLs are recognised together
     (`_PAGE_LINES`, one findall over the joined references: issue 34); the others go one by one,
-    as in normalize_links (tests/test_crawl_extract.py compares them with normalize_url)."""
+    as in normalize_links (tests/test_crawl_extract.py compares them with normalize_url).
+    `stripped`: the references have no leading or trailing whitespace (extract_page's)."""
     n = len(raws)
-    refs = [r.strip() for r in raws]
+    refs = raws if stripped else [r.strip() for r in raws]
     prefixes = base_prefixes(base, allow) if n else None
     joined = "\n" + "\n".join(refs)
-    found = _PAGE_LINES.findall(joined) if prefixes is not None and joined.count("\n") == n else None
+    if prefixes is None or joined.count("\n") != n:
+        found = None
+    else:
+        # Spaces become %20 before the match, in the whole page at once: a plain reference
+        # matches the same way with either (both are in its characters), and its URL is the
+        # prefix (which has none) + the reference, as quote_unsafe writes it; an absolute URL
+        # that matches only with %20 is what normalize_url makes of it (its space-only path or
+        # query quoted the same way: tests/test_crawl_extract.py compares them).
+        lines = _PAGE_LINES if "\n./" in joined else _PAGE_LINES_NO_DOT
+        found = lines.findall(joined.replace(" ", "%20") if " " in joined else joined)
     if found is None or len(found) != n:
         pairs = _normalize_each(raws, refs, base, prefixes, allow)
         urls, reasons = [u for u, _ in pairs], [r for _, r in pairs]
@@ -207,8 +241,6 @@ def normalize_link_columns(raws: list, base: str, allow: Optional[AllowList] = N
         origin + root if root else directory + rel if rel else (absolute if absolute[1] != "/" else relative_scheme + absolute) if absolute and refused(host) is None else None
         for root, rel, absolute, host, _ in found
     ]
-    if " " in joined:  # plain references write spaces as %20 (absolute ones here have none)
-        urls = [u.replace(" ", "%20") if u is not None and " " in u else u for u in urls]
     reasons = None
     if None in urls:
         for i, url in enumerate(urls):

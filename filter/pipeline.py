@@ -43,7 +43,7 @@ from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
 from filter.embed import EncoderModelHandler, Safety
 from filter.hashing import phash_hex, sha256_hex
-from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, FLAT_THUMB, URL_WORD, declared_too_small, top_colour_share, url_words
+from filter.signals import DECLARED_TOO_SMALL, FLAT_IMAGE, FLAT_THUMB, URL_WORD, declared_too_small, flat_share, url_words
 from filter.validate import Invalid, check_shape, configure_pillow, decode, decode_side
 
 STAGE = "filter"
@@ -134,8 +134,8 @@ class ValidateAndHash(beam.DoFn):
     def _flat(self, decoded) -> Optional[Invalid]:
         cfg = self.cfg
         if cfg.flat_colours:
-            share = top_colour_share(decoded.image, cfg.flat_colours)
-            if share >= cfg.flat_share:
+            share = flat_share(decoded.image, cfg.flat_colours, cfg.flat_share)
+            if share is not None:
                 return Invalid(FLAT_IMAGE, f"{cfg.flat_colours} colours cover {share:.0%} of the pixels (>= {cfg.flat_share:.0%})")
         return None
 

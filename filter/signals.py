@@ -53,13 +53,15 @@ def thumb_size(width: int, height: int, side: int = FLAT_THUMB) -> Optional[tupl
     return x, y
 
 
-def top_colour_share(image: Image.Image, colours: int) -> float:
-    """Share of pixels covered by the `colours` most frequent exact RGB colours, on the image's
-    nearest-neighbour thumbnail (`thumbnail((FLAT_THUMB, FLAT_THUMB), NEAREST)`'s pixels, resized
-    straight from the image: no full-size copy first)."""
+def _flat_thumb(image: Image.Image) -> Image.Image:
+    """The image's nearest-neighbour thumbnail (`thumbnail((FLAT_THUMB, FLAT_THUMB), NEAREST)`'s
+    pixels, resized straight from the image: no full-size copy first), in RGB."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     size = thumb_size(*rgb.size)
-    thumb = rgb if size is None else rgb.resize(size, Image.NEAREST)  # nearest: no blended edge colours
+    return rgb if size is None else rgb.resize(size, Image.NEAREST)  # nearest: no blended edge colours
+
+
+def _share(thumb: Image.Image, colours: int) -> float:
     a = np.asarray(thumb)
     codes = np.sort(((a[..., 0].astype(np.int32) << 16) | (a[..., 1].astype(np.int32) << 8) | a[..., 2]), axis=None)
     ends = np.flatnonzero(codes[1:] != codes[:-1])
@@ -67,6 +69,31 @@ def top_colour_share(image: Image.Image, colours: int) -> float:
     if counts.size > colours:
         counts = np.partition(counts, counts.size - colours)[-colours:]
     return float(counts.sum() / codes.size)
+
+
+def top_colour_share(image: Image.Image, colours: int) -> float:
+    """Share of pixels covered by the `colours` most frequent exact RGB colours, on the image's
+    nearest-neighbour thumbnail (`thumbnail((FLAT_THUMB, FLAT_THUMB), NEAREST)`'s pixels, resized
+    straight from the image: no full-size copy first)."""
+    return _share(_flat_thumb(image), colours)
+
+
+def flat_share(image: Image.Image, colours: int, share: float) -> Optional[float]:
+    """`top_colour_share(image, colours)` when it is >= `share` (a flat image), else None.
+
+    A bound first, from the thumbnail's three channel histograms (Pillow's, in C): the pixels of
+    the `colours` most frequent colours have at most `colours` values in each channel, so they are
+    no more than that channel's `colours` most frequent values cover. When the smallest of the
+    three bounds is under `share`, so is the exact share, and the sort of every pixel's colour is
+    skipped (on the 300 shared photos the bound decides 299; 0.05 ms against 0.16, issue 34)."""
+    thumb = _flat_thumb(image)
+    if colours < 256:
+        hist = np.array(thumb.histogram(), dtype=np.int64).reshape(3, 256)
+        bound = int(np.partition(hist, 256 - colours, axis=1)[:, 256 - colours:].sum(axis=1).min())
+        if float(bound / (thumb.width * thumb.height)) < share:
+            return None
+    found = _share(thumb, colours)
+    return found if found >= share else None
 
 
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")

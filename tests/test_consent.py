@@ -75,9 +75,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in headers:
             self.send_header(k, v)
+        if not body:
+            self._closing()
         self.end_headers()
         self.wfile.flush()
         for i in range(0, len(body), 65536):
+            if i + 65536 >= len(body):
+                self._closing()
             try:
                 self.wfile.write(body[i : i + 65536])
                 self.wfile.flush()
@@ -89,17 +93,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 time.sleep(0.002)
 
     def do_GET(self):  # noqa: N802
-        # a request is open from its arrival until its answer is written: the client cannot have
-        # read the answer, released its slot and opened the next connection before that. (Counting
-        # until the handler thread's finish() saw 5 open at load 13: the client's next connection
-        # arrived before the server thread of its last one had run.)
+        # a request is open from its arrival until the last bytes of its answer start to go out:
+        # the client cannot have read the answer, released its slot and opened the next connection
+        # before that. (Counting until the handler thread's finish() saw 5 open at load 13, and
+        # counting until the last write had returned saw 5 at load 4: the client's next connection
+        # arrived before the server thread of its last one ran again.)
         host = (self.headers.get("Host") or "").split(":")[0].lower()
         with self.server.lock:
             self.server.open[host] += 1
             self.server.max_open[host] = max(self.server.max_open[host], self.server.open[host])
+        self._open_host = host
         try:
             self._get(host)
         finally:
+            self._closing()
+
+    def _closing(self):
+        """The answer's last bytes go out next: this request no longer counts as open (once)."""
+        host, self._open_host = getattr(self, "_open_host", None), None
+        if host is not None:
             with self.server.lock:
                 self.server.open[host] -= 1
 
@@ -133,6 +145,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", f"http://cdn.test:{self.server.server_address[1]}/{host}{path}")
             self.send_header("Content-Length", "0")
+            self._closing()
             self.end_headers()
             return
         if host == "ratelimit.test" and n == 1:
@@ -145,6 +158,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", f"http://{target}:{self.server.server_address[1]}/private/x.jpg")
             self.send_header("Content-Length", "0")
+            self._closing()
             self.end_headers()
             return
         if host == "flaky.test" and path == "/x.jpg" and n == 1:
@@ -265,7 +279,9 @@ def test_refused_urls_are_never_requested_and_site_files_come_first(downloaded):
     # a redirect's target is judged before it is asked: another planned site's robots.txt, or the
     # robots.txt of a site the plan never saw, asked by the worker first
     assert asked[("star.test", "/private/x.jpg")] == asked[("hop.test", "/private/x.jpg")] == 0
-    assert asked[("hop.test", "/robots.txt")] == asked[("cdn.test", "/robots.txt")] == 1  # once, by whichever worker got there first
+    t0 = min(t for _, _, t, _ in requests)
+    timeline = [(h, p, round(t - t0, 3)) for h, p, t, _ in requests if h in ("hop.test", "cdn.test")][:40]
+    assert asked[("hop.test", "/robots.txt")] == asked[("cdn.test", "/robots.txt")] == 1, timeline  # once, by whichever worker got there first
     for host in HOSTS:  # robots.txt and tdmrep.json once per host, before any image of it
         mine = [(p, t) for h, p, t, _ in requests if h == host]
         assert [p for p, _ in mine].count("/robots.txt") == 1, host
@@ -559,3 +575,40 @@ def test_two_worker_processes_ask_a_redirect_targets_site_once(tmp_path):
     assert asked.count("/robots.txt") == 1 and asked.count("/.well-known/tdmrep.json") == 1, asked
     assert rules.absorb_hops() == 1 and rules.rows[url.rsplit("/", 1)[0]]["robots_status"] == "ok"
     assert os.listdir(tmp_path / "consent") == ["hosts.parquet"]  # no hop file and no lock left
+
+
+def test_a_workers_threads_build_the_sites_answers_once(tmp_path, monkeypatch):
+    """A worker's SiteRules reads hosts.parquet on first use. Two threads that both found it unread
+    each read it and published their own dict: the later one replaced the dict the earlier one had
+    already put a redirect target's answer into, so the worker asked that site's robots.txt again
+    (cdn.test's robots.txt twice, and a fifth connection to it, 1 run in 14 at load 6)."""
+    import pickle
+
+    from crawl import consent
+
+    rules = consent.SiteRules(str(tmp_path / "consent"), allow_hosts=("127.0.0.1",))
+    rules.rows["http://planned.test"] = {"origin": "http://planned.test", "robots_status": "missing", "robots_http": 404, "robots_txt": "", "tdmrep_status": "missing", "tdmrep_http": 404, "tdmrep_json": "", "error": None, "fetched": "2026-12-05T00:00:00Z"}
+    rules.save()
+    worker = pickle.loads(pickle.dumps(rules))  # as img2dataset's workers get it: rows to be read back
+    assert worker._rows is None
+    read = consent.pq.read_table
+
+    def slow_read(*args, **kwargs):  # a loaded machine: the file takes a while to come back
+        time.sleep(0.2)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(consent.pq, "read_table", slow_read)
+    seen = []
+
+    def use():
+        rows = worker.rows
+        rows.setdefault(f"http://{threading.get_ident()}.test", {})  # an answer a thread put in
+        seen.append(rows)
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(r) for r in seen}) == 1 and worker.rows is seen[0]  # one dict for every thread
+    assert len(worker.rows) == 1 + 8  # the planned site's answer and every thread's

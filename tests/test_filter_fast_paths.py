@@ -101,3 +101,122 @@ def test_filter_tunes_the_allocators_once():
     assert memory.tune_allocators() is True  # glibc: mallopt answered 1 for both thresholds
     assert pa.default_memory_pool().backend_name == "system"
     assert memory.tune_allocators() is True and pa.default_memory_pool().backend_name == "system"
+
+
+def test_flat_share_is_the_exact_share_at_or_over_the_threshold(photos_dir):
+    """filter/signals.flat_share (the stage's flat-image check: a bound from the three channel
+    histograms first, the exact share only when the bound does not decide) answers what
+    top_colour_share compared with the threshold answers, share included, on every photo, drawn
+    logos, noise, and images made so that the bound passes where the exact share does not (two
+    values per channel: each channel's top value covers half the pixels, the top colour an eighth)."""
+    from filter.signals import flat_share
+
+    images = []
+    for name in sorted(os.listdir(photos_dir)):
+        with Image.open(os.path.join(photos_dir, name)) as img:
+            images.append(img.convert("RGB"))
+    assert len(images) == 300
+    rng = np.random.default_rng(5)
+    for w, h in ((1, 1), (128, 128), (300, 60), (64, 640)):
+        logo = Image.new("RGB", (w, h), (250, 250, 250))
+        ImageDraw.Draw(logo).ellipse((0, 0, w // 2, h // 2), fill=(200, 20, 20))
+        corners = Image.fromarray((rng.integers(0, 2, (h, w, 3)) * 255).astype(np.uint8))  # 8 colours, 2 values a channel
+        images += [logo, logo.convert("L"), corners, Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))]
+    bound_passed_exact_not = 0
+    for img in images:
+        for colours in (1, 2, 8, 64, 255, 256):
+            exact = top_colour_share(img, colours)
+            for share in (0.0, 0.3, 0.5, 0.8, 1.0):
+                assert flat_share(img, colours, share) == (exact if exact >= share else None), (img.size, img.mode, colours, share)
+                bound_passed_exact_not += colours == 1 and share == 0.3 and exact < 0.3 and img.width * img.height > 1000 and len(img.getcolors(16) or ()) == 8
+    assert bound_passed_exact_not >= 2  # the corners images: the exact step decided them
+
+
+def test_fit_is_a_copy_thumbnailed():
+    """core/perceptual.fit (PDQ's fit to 512 px, without a full-size copy first) gives the pixels
+    and size of `img.copy(); img.thumbnail((512, 512))` in every mode and shape, a loaded JPEG too."""
+    import io
+
+    from core.perceptual import MAX_SIDE, fit
+
+    rng = np.random.default_rng(7)
+    shapes = ((513, 100), (100, 513), (1000, 1000), (512, 512), (512, 513), (4001, 3), (3, 4001), (1600, 1200), (1023, 767), (700, 20))
+    for w, h in shapes:
+        rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=90)
+        jpeg = Image.open(io.BytesIO(buf.getvalue()))
+        jpeg.load()
+        for img in (rgb, rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P"), jpeg):
+            expected = img.copy()
+            expected.thumbnail((MAX_SIDE, MAX_SIDE))
+            got = fit(img)
+            assert got.size == expected.size and got.mode == expected.mode, (w, h, img.mode)
+            assert np.array_equal(np.asarray(got), np.asarray(expected)), (w, h, img.mode)
+            assert got is not img
+
+
+def test_pdq_luma_view_is_the_pixels():
+    """core/perceptual._pixels (a view of an "F" image's memory through Pillow's Arrow export) is
+    np.asarray's copy, also for an image Pillow keeps in several blocks (over 16 MB: copied)."""
+    from core.perceptual import _pixels
+
+    rng = np.random.default_rng(11)
+    for w, h in ((5, 5), (500, 375), (375, 500), (511, 509), (2100, 2100)):
+        f = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert("F")
+        view = _pixels(f)
+        assert view.shape == (h, w) and view.dtype == np.float32
+        assert np.array_equal(view, np.asarray(f))
+
+
+def test_write_rows_to_parquet_types_its_tables_and_writes_what_beams_writer_writes(tmp_path):
+    """core/stageio.WriteRowsToParquet (every stage's row writer): the tables between its two steps
+    are typed, so Beam sizes them with ArrowTableCoder instead of pickling each whole (issue 34: ~110
+    MB a table of filter's images/), and the files hold what Beam's own WriteToParquet writes, row
+    for row and row group for row group (read back with pyarrow)."""
+    import apache_beam as beam
+
+    from core.stageio import ArrowTableCoder, WriteRowsToParquet
+
+    schema = pa.schema([("image_id", pa.string()), ("image_bytes", pa.binary()), ("position", pa.int32())])
+    rows = [{"image_id": f"i{i}", "image_bytes": bytes([i % 256]) * (i * 37 % 5000), "position": i} for i in range(2500)]
+    with beam.Pipeline() as p:
+        made = p | beam.Create(rows)
+        _ = made | "Ours" >> WriteRowsToParquet(str(tmp_path / "ours" / "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=1 << 20)
+        _ = made | "Beams" >> beam.io.WriteToParquet(str(tmp_path / "beams" / "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=1 << 20)
+    ours, beams = pq.read_table(str(tmp_path / "ours")), pq.read_table(str(tmp_path / "beams"))
+    assert ours.num_rows == 2500 and sorted(ours.to_pylist(), key=lambda r: r["position"]) == sorted(beams.to_pylist(), key=lambda r: r["position"]) == rows
+    groups = lambda d: sorted(pq.ParquetFile(str(f)).metadata.num_row_groups for f in (tmp_path / d).iterdir())  # noqa: E731
+    assert groups("ours") == groups("beams")
+    # the typed step: its output PCollection holds pa.Table, whose coder is ArrowTableCoder
+    p = beam.Pipeline()
+    out = p | beam.Create(rows[:3]) | "Ours" >> WriteRowsToParquet(str(tmp_path / "x" / "part"), schema)
+    typed = [pc for pc in _outputs(p.transforms_stack[0]) if pc.element_type is pa.Table]
+    assert typed and all(isinstance(beam.coders.registry.get_coder(pc.element_type), ArrowTableCoder) for pc in typed)
+    assert out is not None
+
+
+def _outputs(transform):
+    found = list(transform.outputs.values())
+    for part in transform.parts:
+        found += _outputs(part)
+    return found
+
+
+def test_pdq_luma_view_with_padded_rows():
+    """PILLOW_ALIGNMENT (Pillow's documented setting) pads each line of an image; Pillow's Arrow
+    export still hands the memory over as w x h contiguous floats, so the view read padding bytes as
+    pixels and PDQ gave a wrong hash with full confidence. Run in a child: the alignment is per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from PIL import Image; from core.perceptual import _pixels, _pdq_numpy, pdqhash_of_image\n"
+        "rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (377, 501, 3), dtype=np.uint8))\n"
+        "for w, h in ((5, 5), (7, 3), (501, 377)):\n"
+        "    f = rgb.resize((w, h)).convert('F'); assert np.array_equal(_pixels(f), np.asarray(f)), (w, h)\n"
+        "assert _pdq_numpy(rgb) in (None, pdqhash_of_image(rgb))\n"
+    )
+    env = {**os.environ, "PILLOW_ALIGNMENT": "64"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -341,7 +341,8 @@ def test_stage_output_commit_swaps_whole_folders(tmp_path):
     assert stage_files(str(out), "links", expected="extract") == [str(out / "links" / "part-2.parquet")]
 
 
-def test_no_sink_of_a_stage_deletes_another_sinks_files(tmp_path):
+@pytest.mark.parametrize("table_sinks", [False, True])
+def test_no_sink_of_a_stage_deletes_another_sinks_files(tmp_path, table_sinks):
     """WriteStageOutputs writes each of several kept or rejected PCollections by a sink of its own
     into one folder. Beam's sink deletes whatever matches its own `<prefix>-*-of-<N>.parquet` before
     it renames its files into place, and the second sink's prefix was `part-1`: the first sink's
@@ -379,7 +380,7 @@ def test_no_sink_of_a_stage_deletes_another_sinks_files(tmp_path):
             kept = tuple(source(p, f"K{i}", [table(f"k{i}-", 3 + i)], i == late) for i in range(3))
             rej = tuple(source(p, f"R{i}", [rejected(f"r{i}-", 2 + i)], i != late) for i in range(3))
             _ = {"input": p | "In" >> beam.Create(range(3 + 4 + 5 + 2 + 3 + 4)), "kept": kept, "rejected": rej} | WriteStageOutputs(
-                str(out), "t", "kept", schema, kept_tables=True, rejected_tables=True)
+                str(out), "t", "kept", schema, kept_tables=True, rejected_tables=True, table_sinks=table_sinks)
         for folder, column, want in (("kept", "id", {f"k{i}-{j}" for i in range(3) for j in range(3 + i)}), ("rejected", "record_id", {f"r{i}-{j}" for i in range(3) for j in range(2 + i)})):
             names = sorted(os.listdir(out / folder))
             for name in names:  # <prefix>-SSSSS-of-NNNNN.parquet: Beam's finalize glob of that sink
@@ -388,3 +389,38 @@ def test_no_sink_of_a_stage_deletes_another_sinks_files(tmp_path):
                 assert all(n.rsplit("-", 3)[0] == prefix for n in mine), (name, mine)
             got = duckdb.sql(f"SELECT {column} FROM read_parquet('{out / folder}/*.parquet')").fetchall()
             assert sorted(r[0] for r in got) == sorted(want), (trial, folder)
+
+
+def test_table_sinks_write_the_files_beams_sinks_write(tmp_path):
+    """WriteStageOutputs(table_sinks=True) (a step a sink, files named when the stats are written:
+    extract, issue 34) gives what Beam's parquet sinks give: the same file names (an empty sink one
+    empty file with the schema), the same rows in each, the same stats.json; no hidden or
+    temporary file is left once the stage is finished."""
+    import apache_beam as beam
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.records import REJECTED_SCHEMA
+    from core.stageio import WriteStageOutputs, finish_stage, pipeline_options
+
+    schema = pa.schema([("id", pa.string()), ("n", pa.int32())])
+    kept_tables = [pa.table({"id": [f"k{i}-{j}" for j in range(i + 1)], "n": list(range(i + 1))}, schema=schema) for i in range(4)]
+    rejected_tables = [pa.Table.from_pylist([{"record_id": f"r{i}", "stage": "t", "reason": ("too_small", "bad_url")[i % 2], "detail": "", "url": ""}], schema=REJECTED_SCHEMA) for i in range(3)]
+    outputs = {}
+    for light in (False, True):
+        out = tmp_path / f"light{light}"
+        with beam.Pipeline(options=pipeline_options([])) as p:
+            kept = (p | "K0" >> beam.Create(kept_tables), p | "K1" >> beam.Create([]).with_output_types(pa.Table))  # the second sink gets nothing
+            rej = (p | "R0" >> beam.Create(rejected_tables[:2]), p | "R1" >> beam.Create(rejected_tables[2:]))
+            _ = {"input": p | "In" >> beam.Create(range(10 + 3)), "kept": kept, "rejected": rej} | WriteStageOutputs(
+                str(out), "t", "kept", schema, kept_tables=True, rejected_tables=True, table_sinks=light)
+        stats = finish_stage(str(out))
+        files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+        rows = {f: sorted(pq.read_table(out / f).to_pylist(), key=str) for f in files if f.endswith(".parquet")}
+        schemas = {f: pq.read_schema(out / f).remove_metadata() for f in files if f.endswith(".parquet")}
+        outputs[light] = (stats, [f for f in files if f != "_SUCCESS"], rows, schemas)
+    assert outputs[True] == outputs[False]
+    stats, files, rows, _ = outputs[True]
+    assert files == ["kept/part-00000-of-00001.parquet", "kept/part_1-00000-of-00001.parquet", "rejected/part-00000-of-00001.parquet", "rejected/part_1-00000-of-00001.parquet", "stats.json"]
+    assert rows["kept/part_1-00000-of-00001.parquet"] == [] and len(rows["kept/part-00000-of-00001.parquet"]) == 10
+    assert stats["kept"] == 10 and stats["rejected"] == {"bad_url": 1, "too_small": 2}

@@ -224,3 +224,113 @@ def test_retry_after_holds_before_another_request_takes_the_slot(tmp_path, monke
     gaps = [b - a for a, b in zip(seen, seen[1:])]
     assert gaps[0] >= 0.95, gaps  # the request after the 429 waited for its Retry-After
     assert min(gaps[1:]) >= 0.19, gaps  # and the Crawl-delay between every other two
+
+
+class _Front(http.server.BaseHTTPRequestHandler):
+    """Every image redirects to the CDN, a site the plan never asked (it has no robots.txt)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        if self.path.startswith("/img/"):
+            self.send_response(302)
+            self.send_header("Location", f"http://cdn.test:{self.server.cdn_port}{self.path}")
+        else:
+            self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _Cdn(http.server.BaseHTTPRequestHandler):
+    """A CDN whose robots.txt asks for a Crawl-delay; images are recorded as Site records them."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        arrival = time.time()
+        if self.path == "/robots.txt":
+            body = b"User-agent: *\nCrawl-delay: 0.5\n"
+        elif self.path.startswith("/img/"):
+            time.sleep(0.2)
+            body = b"x" * 64
+            with self.server.lock:
+                self.server.seen.append((self.path, arrival, time.time()))
+        else:
+            body = b""
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_redirect_targets_crawl_delay_holds_too(tmp_path):
+    """A site reached only by redirects (a CDN) is asked for its robots.txt by the worker that gets
+    there first; its Crawl-delay holds from then on. The gate knew only the planned sites' delays,
+    so the CDN got up to 4 requests at once however long a delay it asked for."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crawl import consent
+    from crawl.download import _download_image
+    from crawl.urls import AllowList
+
+    cdn = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Cdn)
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Front)
+    cdn.daemon_threads = front.daemon_threads = True
+    cdn.lock, cdn.seen, front.cdn_port = threading.Lock(), [], cdn.server_address[1]
+    for server in (cdn, front):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pins = {"front.test": "127.0.0.1", "cdn.test": "127.0.0.1"}
+        rules = consent.SiteRules(str(tmp_path / "consent"), allow_hosts=("127.0.0.1",), pins=pins, timeout=5)
+        rules.save()  # the plan asked front.test only: the driver's gate has no delay at all
+        gate = HostGate(str(tmp_path / "hosts"), per_host=4, delays=rules.crawl_delays())
+        # as PolicyDownloader pickles them into an img2dataset worker: one object, one gate
+        worker = pickle.loads(pickle.dumps(consent.SiteConsent(rules, gate)))
+        assert worker.gate.delays == {}
+        rows = [(i, f"http://front.test:{front.server_address[1]}/img/{i}.jpg") for i in range(5)]
+        fetch_one = lambda row: _download_image(row, 5, "webpairs", [], AllowList(["127.0.0.1"]), 30.0, 1 << 20, pins, sites=worker, gate=worker.gate)  # noqa: E731
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(fetch_one, rows))
+    finally:
+        for server in (cdn, front):
+            server.shutdown()
+            server.server_close()
+    assert [(k, err) for k, _, err in got] == [(i, None) for i in range(5)] and all(data.getvalue() == b"x" * 64 for _, data, _ in got)
+    seen = sorted(cdn.seen, key=lambda r: r[1])
+    assert sorted(p for p, _, _ in seen) == [f"/img/{i}.jpg" for i in range(5)]
+    gaps = [b[1] - a[2] for a, b in zip(seen, seen[1:])]  # old gate: all 5 at once, gaps < 0
+    assert min(gaps) >= 0.5 - 0.01, [round(g, 3) for g in gaps]
+
+
+# ---- a redirect target's Crawl-delay in the downloader's gate (reviewer) -----------------------------
+
+_CDN_ROW = {"origin": "http://cdn.test", "robots_status": "ok", "robots_http": 200, "robots_txt": "User-agent: *\nCrawl-delay: 0.5\n",
+            "tdmrep_status": "missing", "tdmrep_http": 404, "tdmrep_json": "", "error": None, "fetched": "2026-12-05T00:00:00Z"}
+
+
+def test_a_hop_answer_read_from_another_worker_tells_the_downloaders_gate(tmp_path):
+    """PolicyDownloader, pickled as img2dataset's spawned pool gets it once per shard, holds one gate
+    for its fetches and its SiteConsent; a redirect target's answer that another worker process
+    asked (its hop file) gives this worker's gate the delay too. Fails if PolicyDownloader drops the
+    gate from its SiteConsent, or if only the worker that asked learns the delay."""
+    import pickle
+
+    from crawl import consent
+    from crawl.download import PolicyDownloader
+
+    rules = consent.SiteRules(str(tmp_path / "consent"), allow_hosts=("127.0.0.1",))
+    rules.save()  # the plan asked no site with a Crawl-delay
+    gate = HostGate(str(tmp_path / "hosts"), 4, rules.crawl_delays())
+    d = PolicyDownloader(None, None, 4, False, False, str(tmp_path), [], 5, 8, 5, "sha256", None, "jpg", 0, "webpairs", None, allow_hosts=("127.0.0.1",), sites=rules, gate=gate)
+    rules.keep_hop(dict(_CDN_ROW))  # another worker process asked cdn.test first
+    worker = pickle.loads(pickle.dumps(d))
+    assert worker.sites.gate is worker.gate and worker.gate.delays == {}
+    worker.sites.before_request("http://cdn.test/img/1.jpg", planned_origin="http://front.test")
+    assert worker.gate.delays == {"cdn.test": 0.5}  # the gate __call__ hands to every fetch
