@@ -12,6 +12,7 @@ which is not trimmed after each free) keeps those pages mapped and reused.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 
@@ -92,3 +93,29 @@ def release_free_memory() -> bool:
         return False
     _LIBC(0)
     return True
+
+
+@contextlib.contextmanager
+def no_side_input_cache():
+    """The in-process runner (Beam's FnApiRunner, its embedded worker) without its worker's state
+    cache while the block runs (Beam's `worker_handlers.STATE_CACHE_SIZE_MB`, 100 MB, set to 0 and
+    restored after; a worker made in the block keeps it). That cache keeps every side input a step
+    reads, decoded, under the bundle's own cache token: no later bundle asks for it again, yet it
+    stays until 100 MB of them are held. Pair's side inputs (the copy step's (member, kept member)
+    map, read by two steps, its keep signals, the boilerplate flags) stayed resident to the end of
+    the stage that way (issue 34: ~40 MB of pair's peak at the 16x scale input). Without the cache
+    each step decodes its side input once a bundle (Beam's side input map keeps the view for the
+    bundle) and drops it when the bundle ends; outputs do not change. Nothing in the project uses
+    Beam's user state, which the cache also serves. Other runners (Dask) ignore it."""
+    try:
+        from apache_beam.runners.portability.fn_api_runner import worker_handlers
+    except ImportError:  # a Beam without it: nothing to change
+        yield
+        return
+    before = getattr(worker_handlers, "STATE_CACHE_SIZE_MB", None)
+    worker_handlers.STATE_CACHE_SIZE_MB = 0
+    try:
+        yield
+    finally:
+        if before is not None:
+            worker_handlers.STATE_CACHE_SIZE_MB = before

@@ -714,32 +714,118 @@ EDGE_TABLE_ROWS = 1 << 14  # verified pairs a step holds before they leave as a 
 
 
 class _EdgeTables(beam.DoFn):
-    """Check rows -> the verified ones' (image_a, image_b) as pyarrow tables of up to
-    EDGE_TABLE_ROWS rows (a table when the bundle ends): what the groups step collects is a few
-    tables, not a tuple a pair."""
+    """Check rows -> the verified ones' (image_a, image_b) written as Arrow IPC record batches of up
+    to EDGE_TABLE_ROWS rows into one file per bundle under `edge_dir`; yields each file's path when
+    the bundle ends. What crosses the runner is paths: the pairs as tables in a ToList (and the
+    CombineGlobally's default, a side input the in-process runner keeps to the pipeline's end) were
+    held three times over, ~8 MB each at 212,551 pairs (issue 34)."""
+
+    def __init__(self, edge_dir: str):
+        self.edge_dir = edge_dir.rstrip("/")
 
     def start_bundle(self):
         self.a, self.b = [], []
+        self.out = None  # (file, writer, path) once a pair is verified
 
     def process(self, row):
         if row["copy"]:
             self.a.append(row["image_a"])
             self.b.append(row["image_b"])
             if len(self.a) >= EDGE_TABLE_ROWS:
-                yield self._table()
+                self._write()
 
-    def _table(self):
+    def _write(self):
+        import uuid
+
         import pyarrow as pa
+        from apache_beam.io.filesystems import FileSystems
 
-        t = pa.table({"image_a": pa.array(self.a, pa.string()), "image_b": pa.array(self.b, pa.string())})
+        if self.out is None:
+            path = f"{self.edge_dir}/{uuid.uuid4().hex}.arrow"
+            fh = FileSystems.create(path)
+            self.out = (fh, pa.ipc.new_file(fh, EDGE_SCHEMA), path)
+        self.out[1].write_batch(pa.record_batch([pa.array(self.a, pa.string()), pa.array(self.b, pa.string())], schema=EDGE_SCHEMA))
         self.a, self.b = [], []
-        return t
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
 
         if self.a:
-            yield GlobalWindows.windowed_value(self._table())
+            self._write()
+        if self.out is not None:
+            fh, writer, path = self.out
+            writer.close()
+            fh.close()
+            self.out = None
+            yield GlobalWindows.windowed_value(path)
+
+
+def _edge_schema():
+    import pyarrow as pa
+
+    return pa.schema([("image_a", pa.string()), ("image_b", pa.string())])
+
+
+EDGE_SCHEMA = _edge_schema()
+
+
+def read_edge_tables(paths: Iterable[str]) -> list:
+    """The verified pairs' tables that `_EdgeTables` wrote (one table a file), in path order."""
+    import pyarrow as pa
+    from apache_beam.io.filesystems import FileSystems
+
+    tables = []
+    for path in sorted(paths):
+        with FileSystems.open(path) as fh:
+            tables.append(pa.ipc.open_file(fh).read_all())
+    return tables
+
+
+COPY_OF_FILE = "copy_of_file"  # FindCopies' output: the path of the file holding copy_of (`read_copy_of`)
+
+
+class _Groups(beam.DoFn):
+    """The paths of `_EdgeTables`' files -> group_members of their verified pairs: each (member,
+    kept member), and, tagged COPY_OF_FILE, the path of one Arrow file under `copy_of_dir` holding
+    them all (none when there are none). The steps that key records by the kept member read that
+    file (`read_copy_of`), one dict a bundle, dropped when the bundle ends: as a side input the map
+    stayed held by each reading step's cached invoker (and the runner's state cache) to the end of
+    the pipeline (~20 MB a reader at 65,363 entries; issue 34)."""
+
+    def __init__(self, copy_of_dir: str):
+        self.copy_of_dir = copy_of_dir.rstrip("/")
+
+    def process(self, paths, info_tables):
+        import uuid
+
+        import pyarrow as pa
+        from apache_beam.io.filesystems import FileSystems
+
+        from core.memory import release_free_memory
+
+        release_free_memory()  # what verification left freed, before the groups add theirs
+        pairs = group_members(read_edge_tables(paths), info_tables)
+        if pairs:
+            path = f"{self.copy_of_dir}/{uuid.uuid4().hex}.arrow"
+            table = pa.table({"member": pa.array([m for m, _ in pairs], pa.string()), "kept": pa.array([k for _, k in pairs], pa.string())})
+            with FileSystems.create(path) as fh, pa.ipc.new_file(fh, table.schema) as writer:
+                writer.write_table(table)
+            del table
+            yield beam.pvalue.TaggedOutput(COPY_OF_FILE, path)
+        yield from pairs
+
+
+def read_copy_of(paths) -> dict:
+    """{member: kept member} from the files `_Groups` wrote (FindCopies' COPY_OF_FILE output)."""
+    import pyarrow as pa
+    from apache_beam.io.filesystems import FileSystems
+
+    out: dict = {}
+    for path in sorted(paths):
+        with FileSystems.open(path) as fh:
+            table = pa.ipc.open_file(fh).read_all()
+        out.update(zip(table.column("member").to_pylist(), table.column("kept").to_pylist()))
+    return out
 
 
 def _info_table(rows: list):
@@ -1111,7 +1197,8 @@ class _VerifyBlock(beam.DoFn):
 class FindCopies(beam.PTransform):
     """{"light": the paths of filter's images files (pairing/pipeline.py copy_inputs), of which the
     candidate search reads each image's (image_id, embedding or None, pHash, (file, row group) where
-    its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept, "checks": one
+    its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept,
+    COPY_OF_FILE: the path of a file holding them (`read_copy_of`; none when there are none), "checks": one
     COPY_CHECK_SCHEMA row per verified candidate pair, "candidates": the candidate pairs,
     "images_read": the ids whose bytes were read}.
 
@@ -1143,11 +1230,12 @@ class FindCopies(beam.PTransform):
             listed | "Blocks" >> beam.FlatMap(_blocks, feature_dir) | "SpreadBlocks" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
         )
-        # the groups from tables of the verified pairs and of the members' keep signals (a list
-        # of tuples and a dict of every member held ~100 MB at 77,327 images: issue 34)
-        edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables())
-        copy_of = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.FlatMap(group_members, beam.pvalue.AsList(info))
-        return {"copy_of": copy_of, "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
+        # the groups from tables of the verified pairs (written to files under `feature_dir`; their
+        # paths cross the runner) and of the members' keep signals (a list of tuples and a dict of
+        # every member held ~100 MB at 77,327 images: issue 34)
+        edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables(feature_dir.rstrip("/") + "/_edges"))
+        groups = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.ParDo(_Groups(feature_dir.rstrip("/") + "/_copy_of"), beam.pvalue.AsList(info)).with_outputs(COPY_OF_FILE, main="copy_of")
+        return {"copy_of": groups.copy_of, COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
 
 
 def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):

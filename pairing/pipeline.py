@@ -22,12 +22,12 @@ import pickle
 import apache_beam as beam
 
 from core.config import PairConfig, to_dict
-from core.memory import release_free_memory, system_arrow_pool
+from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
-from pairing.copies import STAND_INS, COPIES, FindCopies, on_pages_with_copies, records_on_several_pages
+from pairing.copies import COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
 from pairing.spill import SpillByKey, bucket_count, in_order, read_groups
 
@@ -241,11 +241,13 @@ class PairImages(beam.PTransform):
         #    (each record keyed and packed in its spill's step: `keyed`)
         if copies:
             found = {"light": pcolls["copy_light"]} | "FindCopies" >> FindCopies(cfg, self.feature_dir)
-            side = (beam.pvalue.AsDict(found["copy_of"]),)
+            # the keyed steps read copy_of from its file (once a bundle; pairing/copies.py
+            # read_copy_of), not as a dict side input that the runner keeps held after each step
+            side, load = (beam.pvalue.AsList(found[COPY_OF_FILE]),), read_copy_of
             key_image = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, COPY_JOIN_FIELDS))  # noqa: E731
             key_link = lambda r, c: (c.get(r["image_id"], r["image_id"]), pack(r, LINK_FIELDS))  # noqa: E731
         else:
-            side = ()
+            side, load = (), None
             key_image = lambda r: (r["image_id"], pack(r, IMAGE_JOIN_FIELDS))  # noqa: E731
             key_link = lambda r: (r["image_id"], pack(r, LINK_FIELDS))  # noqa: E731
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
@@ -254,8 +256,8 @@ class PairImages(beam.PTransform):
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
-            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image), *side),
-            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link), *side),
+            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image, load), *side),
+            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link, load), *side),
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
@@ -403,7 +405,9 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
 
     buckets = bucket_count(parquet_rows(occurrence_files))  # a few thousand links a bucket
 
-    with stage_pipeline(beam_args) as p:
+    # no_side_input_cache: in process, each step's side inputs (copy_of, the flags...) are dropped
+    # when its bundle ends instead of kept by the runner's worker to the end (core/memory.py)
+    with no_side_input_cache(), stage_pipeline(beam_args) as p:
         occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
         # the kept links, read twice: light (image id, page) for the counts, whole for the join (so
         # each read has one consumer and nothing is held between stages but packed bytes)

@@ -21,6 +21,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from core.memory import release_free_memory
 from core.records import bucket_of
 
 SCHEMA = pa.schema([("key", pa.string()), ("value", pa.binary())])
@@ -48,18 +49,29 @@ class SpillByKey(beam.DoFn):
     record batch per bucket), whatever the input's size. With `keyed`, each element is first made
     into its (key, value) by `keyed(element, *side inputs)` (None: not spilled): the Map before the
     spill in the same step, without a Beam step of its own (its per-element cost and its share of
-    the pipeline's fixed cost; issue 34)."""
+    the pipeline's fixed cost; issue 34). With `load`, `keyed` gets `load(*side inputs)` instead of
+    the side inputs, made once a bundle and dropped when it ends."""
 
-    def __init__(self, spill_dir: str, name: str, buckets: int, keyed=None):
+    def __init__(self, spill_dir: str, name: str, buckets: int, keyed=None, load=None):
         self.spill_dir, self.name, self.buckets = spill_dir.rstrip("/"), name, buckets
         self.keyed = keyed
+        self.load = load  # side inputs -> what `keyed` gets instead of them, made once a bundle (see below)
 
     def start_bundle(self):
         self.buffers: dict = {}  # bucket -> [keys, values, bytes]
         self.held = 0
         self.writers: dict = {}  # bucket -> (file, writer, path)
+        self.loaded = None  # (side inputs, load(side inputs)) of this bundle
 
     def process(self, kv, *side):
+        if self.load is not None:
+            # `load` turns small side inputs (e.g. the paths of a file) into what `keyed` uses (the
+            # map in that file), once a bundle, dropped when the bundle ends: a large side input
+            # itself stays held by the runner's invoker after its step (issue 34)
+            if self.loaded is None or self.loaded[0] != side:
+                release_free_memory()  # what the step before left freed (the copy groups'), once a bundle
+                self.loaded = (side, self.load(*side))
+            side = (self.loaded[1],)
         if self.keyed is not None:
             kv = self.keyed(kv, *side)
             if kv is None:
@@ -98,6 +110,7 @@ class SpillByKey(beam.DoFn):
             fh.close()
             yield GlobalWindows.windowed_value((b, (self.name, path)))
         self.writers = {}
+        self.loaded = None
 
 
 def read_groups(paths) -> dict:
