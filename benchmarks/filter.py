@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 
 import numpy as np
 
@@ -103,6 +104,11 @@ def step_ms(blobs: list[bytes], cfg) -> dict:
         "stage: PDQ (core/perceptual, NumPy)": each(lambda d: pdq_hex(d.image), decoded),
         "PDQ by pdqhash (the reference, not run by the stage)": each(lambda d: pdq_reference(d.image), decoded),
     }
+    return _best_ms(steps, len(blobs))
+
+
+def _best_ms(steps: dict, n: int) -> dict:
+    """{name: CPU ms an item, the best of two calls} of each `steps[name]()` over `n` items."""
     out = {}
     for name, call in steps.items():
         best = float("inf")
@@ -110,7 +116,7 @@ def step_ms(blobs: list[bytes], cfg) -> dict:
             start = time.process_time()
             call()
             best = min(best, time.process_time() - start)
-        out[name] = 1000 * best / len(blobs)
+        out[name] = 1000 * best / n
     return out
 
 
@@ -167,15 +173,7 @@ def luma_candidate(blobs: list[bytes], cfg) -> dict:
         "luma: pHash": lambda: [phash_hex(im, cfg.phash_size) for im in lumas if im is not None],
         "luma: PDQ": lambda: [luma_pdq(im) for im in lumas if im is not None],
     }
-    ms = {}
-    for name, call in steps.items():
-        best = float("inf")
-        for _ in range(2):
-            start = time.process_time()
-            call()
-            best = min(best, time.process_time() - start)
-        ms[name] = 1000 * best / len(blobs)
-    return {"ms": ms, "pdq": pdq_d, "phash": ph_d, "not_luma": sum(x is None for x in lumas), "flat_grey": flat_grey}
+    return {"ms": _best_ms(steps, len(blobs)), "pdq": pdq_d, "phash": ph_d, "not_luma": sum(x is None for x in lumas), "flat_grey": flat_grey}
 
 
 def luma_stage(tmp: str, out: str, cfg, beam_args) -> tuple[dict, float]:
