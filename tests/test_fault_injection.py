@@ -1,4 +1,4 @@
-"""Fault injection (issue 15): each of download, filter, pair, shards and train is killed (SIGKILL to
+"""Fault injection (issue 15): each of extract, download, filter, pair, shards and train is killed (SIGKILL to
 its whole process group) at a random point, run again, and compared with the uninterrupted run of
 the session (tests/conftest.py `pipeline_dirs`): same stats, same record/pair/sample ids, no
 duplicate sample, nothing left over.
@@ -27,6 +27,7 @@ RNG = random.Random(SEED)
 # stage -> (command line after `webpairs`, upstream key in pipeline_dirs, the in-process rerun);
 # flags and configs are the ones conftest's uninterrupted run used
 STAGES = {
+    "extract": (["crawl", "extract", "{up}", "--allow-hosts", "127.0.0.1"], "warc"),
     "download": (["crawl", "download", "{up}", "--allow-hosts", "127.0.0.1", "--timeout", "2.5", "--processes", "1"], "links"),
     "filter": (["filter", "{up}", "--encoder", "efficientnet-lite0"], "download"),
     "pair": (["pair", "{up}"], "filter"),
@@ -35,8 +36,12 @@ STAGES = {
 
 
 def _rerun(stage: str, up: str, out: str) -> dict:
-    from core.config import DownloadConfig, FilterConfig, PairConfig, ShardConfig
+    from core.config import CrawlConfig, DownloadConfig, FilterConfig, PairConfig, ShardConfig
 
+    if stage == "extract":
+        from crawl.extract import run_extract
+
+        return run_extract(up, out, CrawlConfig(allow_hosts=("127.0.0.1",)))
     if stage == "download":
         from crawl.download import run_download
 
@@ -57,6 +62,9 @@ def _rerun(stage: str, up: str, out: str) -> dict:
 def _ids(stage: str, folder: str) -> dict:
     """The record ids a stage output holds, per part, sorted (with repeats, so duplicates show)."""
     rejected = sorted(read_table(folder, "rejected", ["record_id"]).column(0).to_pylist())
+    if stage == "extract":  # every link row whole, once (a rerun that wrote a part twice shows here)
+        kept = sorted(tuple(sorted(r.items(), key=lambda kv: kv[0])) for r in read_table(folder, "links").to_pylist())
+        return {"kept": kept, "rejected": rejected}
     if stage == "download":  # links (with the image each resolved to) and the images, once each
         t = read_table(folder, "occurrences", ["link_id", "image_id"])
         kept = sorted(zip(t.column(0).to_pylist(), t.column(1).to_pylist())) + sorted(read_table(folder, "downloads", ["image_id"]).column(0).to_pylist())
@@ -106,10 +114,11 @@ def _kill_at_random_point(cmd: list[str], started, max_delay: float) -> tuple[fl
 
 
 # max delay after the stage starts writing: about its run time on this 2-core machine
-@pytest.mark.parametrize("stage,max_delay", [("download", 6.0), ("filter", 6.0), ("pair", 5.0), ("shards", 3.0)])
-def test_killed_stage_reruns_to_the_same_output(stage, max_delay, pipeline_dirs, tmp_path):
+@pytest.mark.parametrize("stage,max_delay", [("extract", 3.0), ("download", 6.0), ("filter", 6.0), ("pair", 5.0), ("shards", 3.0)])
+def test_killed_stage_reruns_to_the_same_output(stage, max_delay, pipeline_dirs, test_web, tmp_path):
     args, up_key = STAGES[stage]
-    up, ref = pipeline_dirs[up_key], pipeline_dirs[stage]
+    up = test_web.warc_path if up_key == "warc" else pipeline_dirs[up_key]
+    ref = pipeline_dirs["links" if stage == "extract" else stage]
     out = str(tmp_path / stage)
     cmd = [a.replace("{up}", up) for a in args] + ["--out", out]
     kills = []
