@@ -24,6 +24,23 @@ def _share_as_before(image: Image.Image, colours: int) -> float:
     return float(counts[::-1][:colours].sum() / codes.size)
 
 
+def _photos(photos_dir) -> list:
+    """The 300 shared photos, in RGB."""
+    images = []
+    for name in sorted(os.listdir(photos_dir)):
+        with Image.open(os.path.join(photos_dir, name)) as img:
+            images.append(img.convert("RGB"))
+    assert len(images) == 300
+    return images
+
+
+def _logo(w: int, h: int) -> Image.Image:
+    """A drawn logo: a red ellipse on near-white (two flat colours)."""
+    logo = Image.new("RGB", (w, h), (250, 250, 250))
+    ImageDraw.Draw(logo).ellipse((0, 0, w // 2, h // 2), fill=(200, 20, 20))
+    return logo
+
+
 def test_thumb_size_is_pillows_thumbnail():
     for w in (1, 2, 3, 50, 127, 128, 129, 255, 256, 333, 500, 640, 1000, 4001):
         for h in (1, 2, 7, 100, 128, 129, 375, 499, 1000, 3001):
@@ -33,15 +50,10 @@ def test_thumb_size_is_pillows_thumbnail():
 
 
 def test_flat_share_as_before_on_every_photo_and_drawn_logos(photos_dir):
-    images = []
-    for name in sorted(os.listdir(photos_dir)):
-        with Image.open(os.path.join(photos_dir, name)) as img:
-            images.append(img.convert("RGB"))
-    assert len(images) == 300
+    images = _photos(photos_dir)
     rng = np.random.default_rng(3)
     for w, h in ((1, 1), (128, 128), (129, 128), (1000, 3), (3, 1000), (300, 60), (64, 640)):
-        logo = Image.new("RGB", (w, h), (250, 250, 250))
-        ImageDraw.Draw(logo).ellipse((0, 0, w // 2, h // 2), fill=(200, 20, 20))
+        logo = _logo(w, h)
         images += [logo, logo.convert("P"), logo.convert("L"), Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))]
     for img in images:
         for colours in (1, 8, 64):
@@ -111,15 +123,10 @@ def test_flat_share_is_the_exact_share_at_or_over_the_threshold(photos_dir):
     values per channel: each channel's top value covers half the pixels, the top colour an eighth)."""
     from filter.signals import flat_share
 
-    images = []
-    for name in sorted(os.listdir(photos_dir)):
-        with Image.open(os.path.join(photos_dir, name)) as img:
-            images.append(img.convert("RGB"))
-    assert len(images) == 300
+    images = _photos(photos_dir)
     rng = np.random.default_rng(5)
     for w, h in ((1, 1), (128, 128), (300, 60), (64, 640)):
-        logo = Image.new("RGB", (w, h), (250, 250, 250))
-        ImageDraw.Draw(logo).ellipse((0, 0, w // 2, h // 2), fill=(200, 20, 20))
+        logo = _logo(w, h)
         corners = Image.fromarray((rng.integers(0, 2, (h, w, 3)) * 255).astype(np.uint8))  # 8 colours, 2 values a channel
         images += [logo, logo.convert("L"), corners, Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))]
     bound_passed_exact_not = 0
