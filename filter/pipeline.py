@@ -72,8 +72,10 @@ log = logging.getLogger(__name__)
 
 class ValidateAndHash(beam.DoFn):
     """One distinct image: decode once (a JPEG at the smallest DCT scale that pHash, the flat-image
-    thumbnail, the encoder and PDQ need; sizes from the header), hash, check size, aspect and the
-    flat-image signal, and preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
+    thumbnail, the encoder and PDQ need; sizes from the header; a YCbCr or greyscale JPEG as its
+    luma plane, which pHash and PDQ hash and the flat check screens, decoded again in RGB only when
+    the screen cannot clear it, for face detection and for the encoder), hash, check size, aspect
+    and the flat-image signal, and preprocess for the encoder. Every image leaves its verdict (tagged `verdicts`: image_id ->
     pHash, size, reason); images that pass and that a kept link points to go on to the encoder."""
 
     def __init__(self, cfg: FilterConfig, image_size: int = 0, mean=(0.5,) * 3, std=(0.5,) * 3, second: tuple = ()):
@@ -94,11 +96,12 @@ class ValidateAndHash(beam.DoFn):
         data = row.get("image_bytes")
         digest = sha256_hex(data) if data is not None else None
         verdict = {"sha256": digest, "phash": None, "width": None, "height": None, "reason": None, "detail": None}
-        decoded = decode(data, self.cfg, self.side)
+        decoded = decode(data, self.cfg, self.side, luma=True)  # a YCbCr JPEG: its luma plane
         problem = decoded if isinstance(decoded, Invalid) else None
         if problem is None:
+            rgb = _RGB(data, self.cfg, self.side, decoded.image)
             verdict.update(phash=phash_hex(decoded.image, self.cfg.phash_size), width=decoded.width, height=decoded.height)
-            problem = check_shape(decoded, self.cfg) or self._flat(decoded)
+            problem = check_shape(decoded, self.cfg) or self._flat(decoded, rgb)
         if problem is not None:
             verdict.update(reason=problem.reason, detail=problem.detail)
         yield beam.pvalue.TaggedOutput(VERDICTS, (row["image_id"], tuple(verdict[f] for f in VERDICT_FIELDS)))
@@ -122,22 +125,45 @@ class ValidateAndHash(beam.DoFn):
             "pdq": pdq_hex(decoded.image),  # what `webpairs scrub --blocklist` matches later
             "faces": None, "face_boxes": None,
         }
-        image = faces.apply(record, decoded.image, self.cfg.faces, (decoded.width, decoded.height), lambda side: decode(data, self.cfg, side).image) or decoded.image  # blurred with --faces blur
+        blurred = None
+        if self.cfg.faces != "off":  # the cascade sees the RGB decode's grey levels, as ever
+            blurred = faces.apply(record, rgb(), self.cfg.faces, (decoded.width, decoded.height), lambda side: decode(data, self.cfg, side).image)  # with --faces blur
         self.kept.inc()
-        if self.image_size and self.second:
-            yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"], preprocess(image, *self.second))
-        elif self.image_size:
-            yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"])
+        if self.image_size:
+            image = blurred or rgb()
+            if self.second:
+                yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"], preprocess(image, *self.second))
+            else:
+                yield record, (preprocess(image, self.image_size, self.mean, self.std), record["alt"])
         else:  # no encoder: the record is kept as it is (no score to threshold)
             yield record
 
-    def _flat(self, decoded) -> Optional[Invalid]:
+    def _flat(self, decoded, rgb) -> Optional[Invalid]:
         cfg = self.cfg
         if cfg.flat_colours:
-            share = flat_share(decoded.image, cfg.flat_colours, cfg.flat_share)
+            share = flat_share(decoded.image, cfg.flat_colours, cfg.flat_share, rgb)
             if share is not None:
                 return Invalid(FLAT_IMAGE, f"{cfg.flat_colours} colours cover {share:.0%} of the pixels (>= {cfg.flat_share:.0%})")
         return None
+
+
+class _RGB:
+    """The RGB decode of an image that `decode(..., luma=True)` gave as a luma plane: decoded at the
+    same DCT scale on first call (the flat check of a plane it cannot clear, face detection, the
+    encoder's input), then kept; an RGB image as it is."""
+
+    def __init__(self, data: bytes, cfg: FilterConfig, side: int, image):
+        self.data, self.cfg, self.side, self.plane = data, cfg, side, image
+        self.image = image if image.mode == "RGB" else None
+
+    def __call__(self):
+        if self.image is None:
+            again = decode(self.data, self.cfg, self.side)
+            if isinstance(again, Invalid):  # decoded as a plane already, so not expected: its grey levels
+                log.warning("filter: an image decoded as its luma plane failed in RGB (%s %s): its grey levels stand in", again.reason, again.detail)
+                again = None
+            self.image = again.image if again is not None else self.plane.convert("RGB")
+        return self.image
 
 
 def join_buckets(links: int) -> int:

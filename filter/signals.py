@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -78,14 +78,34 @@ def top_colour_share(image: Image.Image, colours: int) -> float:
     return _share(_flat_thumb(image), colours)
 
 
-def flat_share(image: Image.Image, colours: int, share: float) -> Optional[float]:
+FLAT_SCREEN_MARGIN = 0.1  # a luma plane whose top levels cover >= share - this is checked in RGB
+
+
+def flat_share(image: Image.Image, colours: int, share: float, rgb: Optional[Callable[[], Image.Image]] = None) -> Optional[float]:
     """`top_colour_share(image, colours)` when it is >= `share` (a flat image), else None.
 
     A bound first, from the thumbnail's three channel histograms (Pillow's, in C): the pixels of
     the `colours` most frequent colours have at most `colours` values in each channel, so they are
     no more than that channel's `colours` most frequent values cover. When the smallest of the
     three bounds is under `share`, so is the exact share, and the sort of every pixel's colour is
-    skipped (on the 300 shared photos the bound decides 299; 0.05 ms against 0.16, issue 34)."""
+    skipped (on the 300 shared photos the bound decides 299; 0.05 ms against 0.16, issue 34).
+
+    An "L" image with `rgb` is a JPEG's luma plane (filter/validate.decode with `luma`) and `rgb()`
+    decodes the same pixels in RGB: the share is measured on RGB colours as ever, and the plane
+    only screens. libjpeg's RGB is Y plus a chroma term per channel, so pixels of one RGB colour
+    that no channel clips at 0 or 255 share one Y level (tests/test_filter_luma.py checks this on
+    every pixel of the shared photos); the `colours` most frequent levels then bound the share as
+    the channel histograms do. Clipped colours (saturated, pure white or black) may spread over a
+    few levels, so the plane is checked in RGB whenever its bound reaches share - FLAT_SCREEN_MARGIN
+    (2 of the 300 photos)."""
+    if image.mode == "L" and rgb is not None:
+        size = thumb_size(*image.size)
+        thumb = image if size is None else image.resize(size, Image.NEAREST)  # the RGB thumbnail's pixels
+        if colours < 256:
+            bound = int(np.sort(np.array(thumb.histogram(), dtype=np.int64))[256 - colours:].sum())
+            if bound / (thumb.width * thumb.height) < share - FLAT_SCREEN_MARGIN:
+                return None
+        image = rgb()
     thumb = _flat_thumb(image)
     if colours < 256:
         hist = np.array(thumb.histogram(), dtype=np.int64).reshape(3, 256)

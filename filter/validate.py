@@ -19,6 +19,7 @@ from typing import Optional, Union
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.config import FilterConfig
+from core.perceptual import is_luma_jpeg
 from core.sample_layout import to_rgb
 
 # Closed set of reasons of the validation step.
@@ -44,8 +45,8 @@ class Invalid:
 
 @dataclasses.dataclass
 class ValidImage:
-    """A decoded 8-bit RGB image and what we learned about the original. `image` may be a JPEG
-    decoded at a DCT scale (each side at least the `side` asked of `decode`, or the full image);
+    """A decoded 8-bit RGB image (or, decoded with `luma`, a JPEG's "L" luma plane) and what we
+    learned about the original. `image` may be a JPEG decoded at a DCT scale (each side at least the `side` asked of `decode`, or the full image);
     `width` and `height` are always the original's (after EXIF orientation)."""
 
     image: Image.Image
@@ -98,11 +99,15 @@ def validate(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[V
     return check_shape(result, cfg) or result
 
 
-def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[ValidImage, Invalid]:
+def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0, luma: bool = False) -> Union[ValidImage, Invalid]:
     """Decode `data` safely into 8-bit RGB (no size threshold applied yet: the image is hashed
     whatever its size, as boilerplate evidence). With `side` > 0 a JPEG is decoded at the smallest
     DCT scale whose sides stay >= `side` (every scanline is still decoded, so truncation and
-    corruption are found as before); 0 decodes every pixel."""
+    corruption are found as before); 0 decodes every pixel.
+
+    With `luma` a YCbCr or greyscale JPEG is decoded as its luma (Y) plane alone, an "L" image
+    (`is_luma_jpeg`): what filter hashes (pHash, PDQ) and screens for flatness; anything else is
+    decoded into RGB as without it."""
     if not data:
         return Invalid(EMPTY, "0 bytes")
     if _looks_like_svg(data):
@@ -124,8 +129,9 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[Val
         return Invalid(ANIMATED, f"{img.n_frames} frames")
     try:
         img.seek(0)
-        if side and fmt == "JPEG" and min(w, h) >= 2 * side:  # 1/2 scale or smaller fits
-            img.draft(img.mode, (side, side))
+        plane = luma and is_luma_jpeg(img)
+        if plane or (side and fmt == "JPEG" and min(w, h) >= 2 * side):  # 1/2 scale or smaller fits
+            img.draft("L" if plane else img.mode, (side, side) if side and min(w, h) >= 2 * side else None)
         img.load()
     except Image.DecompressionBombError as err:
         return Invalid(BOMB, _detail(err))
@@ -137,7 +143,7 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0) -> Union[Val
     try:
         width, height = _true_size(img, (w, h)) if img.size != (w, h) else (None, None)
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that needs no turn
-        rgb = to_rgb(img)
+        rgb = img if plane else to_rgb(img)
     except (OSError, ValueError) as err:
         return Invalid(DECODE_ERROR, _detail(err))
     if width is None:  # decoded in full: the pixels are the true size
