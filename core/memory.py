@@ -52,6 +52,19 @@ def tune_allocators() -> bool:
 
 
 
+def one_blas_thread():
+    """NumPy's and SciPy's OpenBLAS on one thread in this process, until the returned limiter's
+    `restore_original_limits()` (threadpoolctl). Filter's per-image hashes make small matrix
+    products (pHash's Lanczos resize, PDQ's DCT): OpenBLAS splits them over every core and its
+    threads then spin waiting for the next one, CPU time charged to the process (the stage's CPU an
+    image doubled, 4.8 -> 9.6 ms, with the resize's 187 x 250 x 32 product; issue 34). Values do not
+    change: the products are exact or computed alike on one thread. Torch's own threads are not
+    OpenBLAS's and stay as they are."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+
 def system_arrow_pool() -> None:
     """Arrow's buffers from its system pool (glibc malloc) instead of mimalloc, glibc's own
     thresholds left as they are (pair and shards, issue 34): mimalloc kept ~40-50 MB more resident

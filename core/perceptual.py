@@ -124,7 +124,9 @@ def _taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _downsampled(rgb) -> tuple[np.ndarray, np.ndarray]:
     """PDQ's 64 x 64 image (float64) of an RGB image and its 256 DCT coefficients (Meta's 16 x 16,
     row-major)."""
-    luma = _pixels(rgb.convert("F"))  # (299 R + 587 G + 114 B) / 1000, float32
+    # (299 R + 587 G + 114 B) / 1000 in float32; an L image's own bytes (a luma plane: the same
+    # values, as the products below are float32 either way, without the ~0.1 ms "F" conversion)
+    luma = _pixels(rgb) if rgb.mode == "L" else _pixels(rgb.convert("F"))
     rows, wr, _ = _taps(rgb.height)
     cols, _, wc = _taps(rgb.width)
     part = luma[rows[0]] * wr[0][:, None]  # 64 x width: the filter along the columns, at PDQ's rows
@@ -138,18 +140,21 @@ def _downsampled(rgb) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pixels(img) -> np.ndarray:
-    """The pixels of an "F" Pillow image as a read-only float32 NumPy view, without the copy that
-    `np.asarray` makes (`tobytes`, ~0.07 ms of a 500-px "F" image, issue 34): Pillow's Arrow export
-    hands its own memory over. An image Pillow keeps in several blocks (over 16 MB) is copied."""
-    if (4 * img.width) % Image.core.get_alignment():  # rows padded (PILLOW_ALIGNMENT): Pillow's
+    """The pixels of an "F" (float32) or "L" (uint8) Pillow image as a read-only NumPy view, without
+    the copy that `np.asarray` makes (`tobytes`, ~0.07 ms of a 500-px "F" image, issue 34):
+    Pillow's Arrow export hands its own memory over. An image Pillow keeps in several blocks (over
+    16 MB) is copied."""
+    dtype = np.float32 if img.mode == "F" else np.uint8
+    size = np.dtype(dtype).itemsize
+    if (size * img.width) % Image.core.get_alignment():  # rows padded (PILLOW_ALIGNMENT): Pillow's
         return np.asarray(img)  # Arrow export hands the padded lines over as if contiguous
     try:
         data = pa.array(img).buffers()[1]
     except ValueError:  # several blocks: no zero-copy export
         return np.asarray(img)
-    if data.size < 4 * img.width * img.height:
+    if data.size < size * img.width * img.height:
         return np.asarray(img)
-    return np.frombuffer(data, dtype=np.float32, count=img.width * img.height).reshape(img.height, img.width)
+    return np.frombuffer(data, dtype=dtype, count=img.width * img.height).reshape(img.height, img.width)
 
 
 def _pdq_numpy(rgb) -> Optional[tuple[bytes, int]]:

@@ -309,14 +309,18 @@ class WriteStageOutputs(beam.PTransform):
     rejected rows of a reason in stats.json under a name of its own too (extract's failed_files...),
     without a step of its own.
 
+    `kept_batch_rows` is how many kept rows Beam's parquet writer converts to Arrow at a time (its
+    default 1,000); a row group holds at least one such batch (filter's images: 250, see there).
+
     `table_sinks=True` writes the tables with `_WriteTables` (one step a sink: a parquet file a
     bundle, named when the stats are written) instead of Beam's parquet sink (nine steps, a shuffle
     and three side inputs each, ~0.08 CPU s of Beam's fixed cost a sink; extract has five: issue 34).
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
-                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False):
+                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False, kept_batch_rows: int = 1000):
         super().__init__()
+        self.kept_batch_rows = kept_batch_rows
         self.table_sinks = table_sinks
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
         self.extra = extra or {}
@@ -351,7 +355,8 @@ class WriteStageOutputs(beam.PTransform):
                 elif tables:  # each table is written as it comes
                     _ = pc | sink_label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
                 else:
-                    _ = pc | sink_label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+                    rows = self.kept_batch_rows if path == kept_path else 1000
+                    _ = pc | sink_label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=rows)
         for other, schema in self.more.items():
             _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(
                 os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES

@@ -309,3 +309,37 @@ def test_faces_and_the_encoder_get_rgb(faces):
     assert record["faces"] == len(boxes) >= 1
     if faces == "blur":
         assert Image.open(io.BytesIO(record["image_bytes"])).mode == "RGB"
+
+
+def test_lanczos_resize_is_pillows_on_every_pixel(photos_dir):
+    """filter/hashing.lanczos_resize (Pillow's Lanczos as two matrix products, pHash's 32 x 32
+    input) gives Pillow's `resize(LANCZOS)` pixel for pixel: every photo's plane as pHash reduces
+    it and whole, and noise of odd sizes (narrower than 32, one pixel, one side already 32,
+    enlarged)."""
+    from filter.hashing import PHASH_REDUCE_FACTOR, lanczos_resize
+
+    rng = np.random.default_rng(8)
+    images = []
+    for data in _photo_bytes(photos_dir):
+        plane = _plane(data)
+        factor = min(plane.size) // (PHASH_REDUCE_FACTOR * 8)
+        images += [plane.reduce(factor) if factor > 1 else plane]
+    images += [_plane(data) for data in _photo_bytes(photos_dir, 10)]
+    for w, h in ((1, 1), (1, 40), (7, 9), (31, 17), (32, 32), (32, 300), (300, 32), (33, 500), (1000, 3), (64, 64), (250, 187), (4000, 129)):
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
+    for img in images:
+        for size in ((32, 32), (16, 16), (48, 20)):
+            ours = lanczos_resize(np.asarray(img), *size)
+            assert np.array_equal(ours, np.asarray(img.resize(size, Image.LANCZOS))), (img.size, size)
+    assert len(images) == 300 + 10 + 12
+
+
+def test_phash_hex_is_imagehash_of_the_reduced_plane(photos_dir):
+    """The stored pHash is imagehash's own pHash of the box-reduced image (Pillow's resize inside
+    imagehash), on every photo's plane and RGB decode."""
+    from filter.hashing import PHASH_REDUCE_FACTOR, phash_hex
+
+    for data in _photo_bytes(photos_dir):
+        for img in (_plane(data), _rgb(data)):
+            factor = min(img.size) // (PHASH_REDUCE_FACTOR * 8)
+            assert phash_hex(img) == str(imagehash.phash(img.reduce(factor) if factor > 1 else img)), img.size
