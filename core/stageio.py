@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import types
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
@@ -119,6 +120,60 @@ def beam_flag_names() -> set[str]:
     return {s for action in parser._actions for s in action.option_strings} | set(WEBPAIRS_BEAM_FLAGS)  # noqa: SLF001
 
 
+_DOFN_SPECS: dict = {}
+
+
+def _specs_key(dofn) -> Optional[tuple]:
+    """What Beam's `get_dofn_specs(dofn)` depends on, or None where that is not just the class: the
+    class's methods' default arguments (state and timer parameters), and for beam.Map/FlatMap's
+    CallableWrapperDoFn the wrapped function (its `_inspect_process` reads it). Beam reads only the
+    DoFn's bound methods (a plain function in the instance dict, as CallableWrapperDoFn's
+    `process`, it skips); a DoFn with bound methods of its own in its instance dict, or another
+    `_inspect_` hook, is not memoised."""
+    from apache_beam.transforms.core import CallableWrapperDoFn
+
+    cls = type(dofn)
+    own = dict(getattr(dofn, "__dict__", {}))
+    fn = own.pop("_fn", None) if isinstance(dofn, CallableWrapperDoFn) else None
+    if any(name.startswith("_inspect_") for name in dir(cls)) and fn is None:
+        return None
+    if any(isinstance(v, types.MethodType) for v in own.values()):
+        return None
+    try:
+        hash(fn)
+    except TypeError:
+        return None
+    return cls, fn
+
+
+def memo_dofn_specs() -> None:
+    """Beam's `userstate.get_dofn_specs` (a DoFn's state and timer specs) answered once per DoFn
+    class in this process. Beam asks it 2-3 times of every DoFn instance it builds (pipeline
+    construction, each bundle processor's operations), and each answer runs `inspect.signature`
+    on every method of the DoFn: ~450 asks, ~0.4 CPU s of each stage run's ~1 s fixed cost
+    (filter, issue 34). The answer depends only on the class's methods (`_specs_key`); what it
+    returns is a fresh copy of the sets each time. Idempotent; Beam's own function stays the one
+    asked for anything `_specs_key` does not recognise."""
+    from apache_beam.transforms import userstate
+
+    if getattr(userstate.get_dofn_specs, "_webpairs_memo", False):
+        return
+    original = userstate.get_dofn_specs
+
+    def get_dofn_specs(dofn):
+        key = _specs_key(dofn)
+        if key is None:
+            return original(dofn)
+        found = _DOFN_SPECS.get(key)
+        if found is None:
+            found = _DOFN_SPECS[key] = original(dofn)
+        return set(found[0]), set(found[1])
+
+    get_dofn_specs._webpairs_memo = True
+    get_dofn_specs.__wrapped__ = original
+    userstate.get_dofn_specs = get_dofn_specs
+
+
 @contextlib.contextmanager
 def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipeline]:
     """A Beam pipeline for a stage. `--runner dask` runs it on dask.distributed (core/dask_runner.py):
@@ -126,6 +181,7 @@ def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipel
     processes (default: the cores) started here and closed after; each input file is one partition
     unless --dask_npartitions/--dask_partition_size say otherwise."""
     args, runner, address, workers = check_runner_flags(beam_args)
+    memo_dofn_specs()  # Beam's per-DoFn introspection once per class (a Dask worker keeps Beam's own)
     if (runner or "").lower() != "dask":
         with beam.Pipeline(options=pipeline_options(args + ([f"--runner={runner}"] if runner else []))) as p:
             yield p
