@@ -7,9 +7,7 @@ Each test compares with a decode this module makes itself with Pillow (RGB, or P
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 
 import imagehash
@@ -207,11 +205,8 @@ def test_stored_hashes_are_the_planes_on_every_row(tmp_path, photos_dir):
     download's blocklist check computes from the bytes (pdq_of_bytes); the stored pHash is
     imagehash's of the plane's (or image's) box-reduced copy."""
     import duckdb
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from downloads import write_download
 
-    from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA
-    from core.stageio import finish_stage
     from filter.hashing import PHASH_REDUCE_FACTOR
     from filter.pipeline import run_filter
 
@@ -223,17 +218,8 @@ def test_stored_hashes_are_the_planes_on_every_row(tmp_path, photos_dir):
     photo.convert("CMYK").save(cmyk, "JPEG")
     photo.save(png, "PNG")
     blobs = photos + [_jpeg(photo, progressive=True), _jpeg(photo.convert("L")), _jpeg(photo, exif=exif.tobytes()), _jpeg(photo.resize((1500, 1100))), cmyk.getvalue(), png.getvalue()]
-    rows, links = [], []
-    for i, b in enumerate(blobs):
-        iid = hashlib.sha256(b).hexdigest()[:16]
-        rows.append({"image_id": iid, "image_url": f"http://a.example/{i}.jpg", "page_url": "http://a.example/p", "alt": "", "position": i, "image_bytes": b, "sha256": hashlib.sha256(b).hexdigest(), "links": 1})
-        links.append({"link_id": f"l{i}", "page_url": "http://a.example/p", "site": "a.example", "image_url": f"http://a.example/{i}.jpg", "alt": "", "position": i, "declared_width": None, "declared_height": None, "image_id": iid, "reason": None})
     d = tmp_path / "download"
-    for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, DOWNLOAD_OCCURRENCE_SCHEMA)):
-        os.makedirs(d / name)
-        pq.write_table(pa.Table.from_pylist(data, schema=schema), str(d / name / "part-0.parquet"))
-    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": len(rows), "kept": len(rows), "rejected": {}}))
-    finish_stage(str(d), "download")
+    rows = write_download(d, blobs)
     run_filter(str(d), str(tmp_path / "filter"), FilterConfig(encoder="none", faces="off"))
     glob = str(tmp_path / "filter" / "images" / "*.parquet")
     stored = {r[0]: (r[1], r[2]) for r in duckdb.sql(f"SELECT image_id, pdq, phash FROM read_parquet('{glob}')").fetchall()}

@@ -161,32 +161,18 @@ def test_stored_pdq_is_the_blocklist_pdq_of_the_bytes(tmp_path, photos_dir):
     blocklist check computes from the bytes (pdq_of_bytes), for a photo and for one over 4096 px
     that both decode at a DCT scale, and for a photo whose EXIF says to turn it (filter hashes it
     upright; the blocklist hashed the stored orientation, 90 degrees off)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from downloads import write_download
 
     from core.perceptual import pdq_of_bytes
-    from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA
-    from core.stageio import finish_stage, read_table
+    from core.stageio import read_table
     from filter.pipeline import run_filter
-
-    import hashlib
-    import json
 
     img = Image.open(os.path.join(photos_dir, sorted(os.listdir(photos_dir))[2])).convert("RGB")
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     blobs = [_photos(photos_dir, 1)[0], _jpeg(img.resize((4400, 4200))), _jpeg(img, exif=exif.tobytes())]
-    rows, links = [], []
-    for i, b in enumerate(blobs):
-        iid = hashlib.sha256(b).hexdigest()[:16]
-        rows.append({"image_id": iid, "image_url": f"http://a.example/{i}.jpg", "page_url": "http://a.example/p", "alt": "", "position": i, "image_bytes": b, "sha256": hashlib.sha256(b).hexdigest(), "links": 1})
-        links.append({"link_id": f"l{i}", "page_url": "http://a.example/p", "site": "a.example", "image_url": f"http://a.example/{i}.jpg", "alt": "", "position": i, "declared_width": None, "declared_height": None, "image_id": iid, "reason": None})
     d = tmp_path / "download"
-    for name, data, schema in (("downloads", rows, DOWNLOAD_SCHEMA), ("occurrences", links, DOWNLOAD_OCCURRENCE_SCHEMA)):
-        os.makedirs(d / name)
-        pq.write_table(pa.Table.from_pylist(data, schema=schema), str(d / name / "part-0.parquet"))
-    (d / "stats.json").write_text(json.dumps({"stage": "download", "input": 3, "kept": 3, "rejected": {}}))
-    finish_stage(str(d), "download")
+    rows = write_download(d, blobs)
     run_filter(str(d), str(tmp_path / "filter"), FilterConfig(encoder="none", max_pixels=50_000_000))
     stored = {r["image_id"]: r["pdq"] for r in read_table(str(tmp_path / "filter"), "images", ["image_id", "pdq"]).to_pylist()}
     assert len(stored) == 3
