@@ -105,13 +105,13 @@ def step_ms(blobs: list[bytes], cfg) -> dict:
         "stage: PDQ (core/perceptual, NumPy)": each(lambda d: pdq_hex(d.image), decoded),
         "PDQ by pdqhash (the reference, not run by the stage)": each(lambda img: pdq_reference(img), list(rgbs.values())),
     }
-    from core.memory import one_blas_thread
+    from core.memory import one_blas_thread, release_blas_thread
 
-    blas = one_blas_thread()  # as the stage's hashing runs (filter/pipeline.ValidateAndHash.setup)
+    one_blas_thread()  # as the stage's hashing runs (filter/pipeline.ValidateAndHash.setup)
     try:
         return _best_ms(steps, len(blobs))
     finally:
-        blas.restore_original_limits()
+        release_blas_thread()
 
 
 def _best_ms(steps: dict, n: int) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc malloc.h
@@ -52,17 +53,39 @@ def tune_allocators() -> bool:
 
 
 
-def one_blas_thread():
-    """NumPy's and SciPy's OpenBLAS on one thread in this process, until the returned limiter's
-    `restore_original_limits()` (threadpoolctl). Filter's per-image hashes make small matrix
-    products (pHash's Lanczos resize, PDQ's DCT): OpenBLAS splits them over every core and its
-    threads then spin waiting for the next one, CPU time charged to the process (the stage's CPU an
-    image doubled, 4.8 -> 9.6 ms, with the resize's 187 x 250 x 32 product; issue 34). Values do not
-    change: the products are exact or computed alike on one thread. Torch's own threads are not
-    OpenBLAS's and stay as they are."""
-    from threadpoolctl import ThreadpoolController
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT = None  # threadpoolctl's limiter while any user holds one BLAS thread
 
-    return ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+def one_blas_thread() -> None:
+    """NumPy's and SciPy's OpenBLAS on one thread in this process until every caller has called
+    `release_blas_thread` (a count: the first call limits, the last release restores what was
+    set before; threadpoolctl). Filter's per-image hashes make small matrix products (pHash's
+    Lanczos resize, PDQ's DCT): OpenBLAS splits them over every core and its threads then spin
+    waiting for the next one, CPU time charged to the process (the stage's CPU an image doubled,
+    4.8 -> 9.6 ms, with the resize's 187 x 250 x 32 product; issue 34). Values do not change: the
+    products are exact or computed alike on one thread. Torch's own threads are not OpenBLAS's and
+    stay as they are."""
+    global _BLAS_USERS, _BLAS_LIMIT
+    with _BLAS_LOCK:
+        _BLAS_USERS += 1
+        if _BLAS_USERS == 1:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_LIMIT = ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+
+def release_blas_thread() -> None:
+    """One caller of `one_blas_thread` is done; the last one restores OpenBLAS's threads."""
+    global _BLAS_USERS, _BLAS_LIMIT
+    with _BLAS_LOCK:
+        if _BLAS_USERS == 0:
+            return
+        _BLAS_USERS -= 1
+        if _BLAS_USERS == 0 and _BLAS_LIMIT is not None:
+            _BLAS_LIMIT.restore_original_limits()
+            _BLAS_LIMIT = None
 
 
 def system_arrow_pool() -> None:

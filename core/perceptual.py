@@ -143,11 +143,12 @@ def _pixels(img) -> np.ndarray:
     """The pixels of an "F" (float32) or "L" (uint8) Pillow image as a read-only NumPy view, without
     the copy that `np.asarray` makes (`tobytes`, ~0.07 ms of a 500-px "F" image, issue 34):
     Pillow's Arrow export hands its own memory over. An image Pillow keeps in several blocks (over
-    16 MB) is copied."""
+    16 MB) is copied, and so is one under a PILLOW_ALIGNMENT or whose memory Pillow only maps
+    (its Arrow export of those is not the pixels, or not safe)."""
     dtype = np.float32 if img.mode == "F" else np.uint8
     size = np.dtype(dtype).itemsize
-    if (size * img.width) % Image.core.get_alignment():  # rows padded (PILLOW_ALIGNMENT): Pillow's
-        return np.asarray(img)  # Arrow export hands the padded lines over as if contiguous
+    if Image.core.get_alignment() != 1 or img.readonly:  # PILLOW_ALIGNMENT set (lines Pillow may pad or
+        return np.asarray(img)  # place apart), or memory Pillow maps from elsewhere (Image.fromarray)
     try:
         data = pa.array(img).buffers()[1]
     except ValueError:  # several blocks: no zero-copy export
@@ -195,7 +196,9 @@ def luma_image(img) -> bool:
     """Set an opened (not yet loaded) JPEG in YCbCr or greyscale to decode as its luma (Y) plane
     alone, at the DCT scale that PDQ's MAX_SIDE fit allows; True when it will. What filter decodes
     for its hashes (filter/validate.decode with `luma`), so that download's blocklist check, filter's
-    stored PDQ and `webpairs scrub` hash the same pixels. PDQ of the plane against Meta's reference
+    stored PDQ and `webpairs scrub` hash the same pixels (when filter decodes at MAX_SIDE, its
+    default: with an encoder input over 512 px or `scaled_decode` off, a JPEG whose short side is
+    between 1,024 px and twice that side is decoded at another scale there, ~2 bits apart, as before). PDQ of the plane against Meta's reference
     on the RGB decode: 0.2-0.5 bits of 256 on average (benchmarks/filter.py prints it each run;
     Meta's reference implementations agree within ~11, a match is <= 31)."""
     if not is_luma_jpeg(img):

@@ -125,25 +125,22 @@ _DOFN_SPECS: dict = {}
 
 def _specs_key(dofn) -> Optional[tuple]:
     """What Beam's `get_dofn_specs(dofn)` depends on, or None where that is not just the class: the
-    class's methods' default arguments (state and timer parameters), and for beam.Map/FlatMap's
-    CallableWrapperDoFn the wrapped function (its `_inspect_process` reads it). Beam reads only the
-    DoFn's bound methods (a plain function in the instance dict, as CallableWrapperDoFn's
-    `process`, it skips); a DoFn with bound methods of its own in its instance dict, or another
-    `_inspect_` hook, is not memoised."""
+    class's methods' default arguments (state and timer parameters). Beam reads only the DoFn's
+    bound methods, so beam.Map/FlatMap's CallableWrapperDoFn, whose `process` is the wrapped plain
+    function in its instance dict, answers as its class does (the key holds no function: Beam
+    unpickles those afresh for every bundle processor). A DoFn with bound methods of its own in its
+    instance dict (a Map of a bound method included), or another `_inspect_` hook, is left to Beam."""
     from apache_beam.transforms.core import CallableWrapperDoFn
 
     cls = type(dofn)
-    own = dict(getattr(dofn, "__dict__", {}))
-    fn = own.pop("_fn", None) if isinstance(dofn, CallableWrapperDoFn) else None
-    if any(name.startswith("_inspect_") for name in dir(cls)) and fn is None:
+    own = getattr(dofn, "__dict__", {})
+    if any(isinstance(v, types.MethodType) for v in own.values()):  # bound methods of its own: Beam's own answer
         return None
-    if any(isinstance(v, types.MethodType) for v in own.values()):
+    if isinstance(dofn, CallableWrapperDoFn):  # `process` is the wrapped function in its dict: not a bound
+        return (cls,) if "process" in own else None  # method, so Beam skips it (and its `_inspect_process`)
+    if any(name.startswith("_inspect_") for name in dir(cls)):  # other hooks (type-check wrappers): Beam's own
         return None
-    try:
-        hash(fn)
-    except TypeError:
-        return None
-    return cls, fn
+    return (cls,)
 
 
 def memo_dofn_specs() -> None:

@@ -39,8 +39,11 @@ def phash_hex(image: Image.Image, hash_size: int = 8) -> str:
     if factor > 1:
         image = image.reduce(factor)
     side = 4 * hash_size  # imagehash's highfreq_factor 4
-    grey = pixel_view(image) if image.mode == "L" else np.asarray(image.convert("L"))
-    small = Image.fromarray(lanczos_resize(grey, side, side))
+    if max(image.size) > LANCZOS_MAX_SIDE:  # a dense coefficient matrix of that side would be large: Pillow's own
+        small = image.convert("L").resize((side, side), Image.Resampling.LANCZOS)
+    else:
+        grey = pixel_view(image) if image.mode == "L" else np.asarray(image.convert("L"))
+        small = Image.fromarray(lanczos_resize(grey, side, side))
     bits = imagehash.phash(small, hash_size=hash_size).hash.ravel()  # its resize of a side x side image: a copy
     if bits.size % 8:  # imagehash's own hex (a Python loop over the bits) for odd sizes
         return str(imagehash.ImageHash(bits.reshape(hash_size, hash_size)))
@@ -48,6 +51,7 @@ def phash_hex(image: Image.Image, hash_size: int = 8) -> str:
 
 
 _PRECISION_BITS = 22  # Pillow's 8-bit resampling: fixed-point coefficients of 32 - 8 - 2 bits
+LANCZOS_MAX_SIDE = 2048  # larger (a non-JPEG, or a thin strip pHash does not reduce): Pillow's resize
 
 
 def _lanczos(x: float) -> float:
@@ -94,12 +98,17 @@ def lanczos_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     (`pixels`, height x width uint8), pixel for pixel: its horizontal pass, then its vertical one,
     each an integer sum of pixels times fixed-point coefficients plus a half, shifted by 22 bits
     and clipped to 0-255. The sums are exact in float64 (< 2^36), so BLAS computes them exactly in
-    any order. A side already of its size is not resampled, as in Pillow
+    any order. A side already of its size is not resampled, and an image over 100 times as tall as
+    wide is resampled vertically first, as in Pillow
     (tests/test_filter_luma.py checks every pixel against Pillow on the photos and on noise)."""
-    out = pixels
     half, one = float(1 << (_PRECISION_BITS - 1)), float(1 << _PRECISION_BITS)
-    if out.shape[1] != width:
-        out = np.clip(np.floor((out.astype(np.float64) @ _lanczos_matrix(out.shape[1], width).T + half) / one), 0, 255)
-    if out.shape[0] != height:
-        out = np.clip(np.floor((_lanczos_matrix(out.shape[0], height) @ out.astype(np.float64) + half) / one), 0, 255)
+
+    def across(a):
+        return a if a.shape[1] == width else np.clip(np.floor((a.astype(np.float64) @ _lanczos_matrix(a.shape[1], width).T + half) / one), 0, 255)
+
+    def down(a):
+        return a if a.shape[0] == height else np.clip(np.floor((_lanczos_matrix(a.shape[0], height) @ a.astype(np.float64) + half) / one), 0, 255)
+
+    tall = pixels.shape[0] > pixels.shape[1] * 100 and height < pixels.shape[0]  # Pillow's Image.resize: the vertical pass first
+    out = across(down(pixels)) if tall else down(across(pixels))
     return np.ascontiguousarray(out, dtype=np.uint8)

@@ -38,7 +38,7 @@ from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
 from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, parquet_rows, stage_pipeline, stage_files
-from core.memory import one_blas_thread, tune_allocators
+from core.memory import one_blas_thread, release_blas_thread, tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
 from filter.embed import EncoderModelHandler, Safety
@@ -95,13 +95,13 @@ class ValidateAndHash(beam.DoFn):
     def setup(self):
         configure_pillow(self.cfg)
         tune_allocators()  # a Dask worker's too: Arrow's system pool, glibc's thresholds (core/memory.py)
-        self._blas = one_blas_thread()  # the hashes' small matrix products on this thread (core/memory.py)
+        one_blas_thread()  # the hashes' small matrix products on one thread (core/memory.py)
+        self._blas = True
 
     def teardown(self):
-        blas = getattr(self, "_blas", None)
-        if blas is not None:
-            blas.restore_original_limits()
-            self._blas = None
+        if getattr(self, "_blas", False):
+            release_blas_thread()
+            self._blas = False
 
     def process(self, row: dict):
         data = row.get("image_bytes")

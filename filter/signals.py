@@ -95,9 +95,13 @@ def flat_share(image: Image.Image, colours: int, share: float, rgb: Optional[Cal
     only screens. libjpeg's RGB is Y plus a chroma term per channel, so pixels of one RGB colour
     that no channel clips at 0 or 255 share one Y level (tests/test_filter_luma.py checks this on
     every pixel of the shared photos); the `colours` most frequent levels then bound the share as
-    the channel histograms do. Clipped colours (saturated, pure white or black) may spread over a
-    few levels, so the plane is checked in RGB whenever its bound reaches share - FLAT_SCREEN_MARGIN
-    (2 of the 300 photos)."""
+    the channel histograms do. That is a bound for unclipped colours only: a colour that a channel
+    clips (saturated, pure white or black) can come from several Y levels, so the plane is checked
+    in RGB whenever its bound reaches share - FLAT_SCREEN_MARGIN (2 of the 300 photos). For clipped
+    colours the margin is a heuristic, not a bound: a JPEG can be made to decode one clipped colour
+    (#ff7800) from 23 Y levels, and a flat area of it is then missed (kept, not rejected as flat).
+    On the shared photos and on drawn logos (saturated primaries included) the answers are the RGB
+    check's (tests/test_filter_luma.py)."""
     if image.mode == "L" and rgb is not None:
         size = thumb_size(*image.size)
         thumb = image if size is None else image.resize(size, Image.NEAREST)  # the RGB thumbnail's pixels

@@ -169,11 +169,15 @@ def test_pdq_luma_view_is_the_pixels():
     from core.perceptual import _pixels
 
     rng = np.random.default_rng(11)
-    for w, h in ((5, 5), (500, 375), (375, 500), (511, 509), (2100, 2100)):
-        f = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert("F")
-        view = _pixels(f)
-        assert view.shape == (h, w) and view.dtype == np.float32
-        assert np.array_equal(view, np.asarray(f))
+    for w, h in ((5, 5), (64, 64), (500, 375), (375, 500), (511, 509), (2100, 2100), (5000, 4000)):
+        rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for mode, dtype in (("F", np.float32), ("L", np.uint8)):
+            f = rgb.convert(mode)
+            view = _pixels(f)
+            assert view.shape == (h, w) and view.dtype == dtype
+            assert np.array_equal(view, np.asarray(f)), (w, h, mode)
+    mapped = Image.fromarray(rng.integers(0, 256, (100, 100), dtype=np.uint8))  # Pillow maps NumPy's memory
+    assert mapped.readonly and np.array_equal(_pixels(mapped), np.asarray(mapped))  # (its export crashed)
 
 
 def test_write_rows_to_parquet_types_its_tables_and_writes_what_beams_writer_writes(tmp_path):
@@ -220,8 +224,9 @@ def test_pdq_luma_view_with_padded_rows():
     code = (
         "import numpy as np; from PIL import Image; from core.perceptual import _pixels, _pdq_numpy, pdqhash_of_image\n"
         "rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (377, 501, 3), dtype=np.uint8))\n"
-        "for w, h in ((5, 5), (7, 3), (501, 377)):\n"
-        "    f = rgb.resize((w, h)).convert('F'); assert np.array_equal(_pixels(f), np.asarray(f)), (w, h)\n"
+        "for w, h in ((5, 5), (7, 3), (501, 377), (64, 64), (128, 160), (512, 384)):\n"
+        "    for mode in ('F', 'L'):\n"
+        "        f = rgb.resize((w, h)).convert(mode); assert np.array_equal(_pixels(f), np.asarray(f)), (w, h, mode)\n"
         "assert _pdq_numpy(rgb) in (None, pdqhash_of_image(rgb))\n"
     )
     env = {**os.environ, "PILLOW_ALIGNMENT": "64"}

@@ -288,7 +288,10 @@ def test_faces_and_the_encoder_get_rgb(faces):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "preprocess", spy)
         fn.setup()
-        out = [o for o in fn.process({"image_id": "a", "page_url": "p", "image_url": "u", "image_bytes": data, "links": 1}) if isinstance(o, tuple) and isinstance(o[0], dict)]
+        try:
+            out = [o for o in fn.process({"image_id": "a", "page_url": "p", "image_url": "u", "image_bytes": data, "links": 1}) if isinstance(o, tuple) and isinstance(o[0], dict)]
+        finally:
+            fn.teardown()
     assert len(out) == 1 and seen == ["RGB"]
     record = out[0][0]
     boxes = detect_faces(decode(data, CFG, MAX_SIDE).image)
@@ -311,13 +314,14 @@ def test_lanczos_resize_is_pillows_on_every_pixel(photos_dir):
         factor = min(plane.size) // (PHASH_REDUCE_FACTOR * 8)
         images += [plane.reduce(factor) if factor > 1 else plane]
     images += [_plane(data) for data in _photo_bytes(photos_dir, 10)]
-    for w, h in ((1, 1), (1, 40), (7, 9), (31, 17), (32, 32), (32, 300), (300, 32), (33, 500), (1000, 3), (64, 64), (250, 187), (4000, 129)):
+    for w, h in ((1, 1), (1, 40), (7, 9), (31, 17), (32, 32), (32, 300), (300, 32), (33, 500), (1000, 3), (64, 64), (250, 187), (4000, 129),
+                 (3, 1500), (2, 2000), (40, 5000), (1500, 3)):  # over 100 times as tall as wide: Pillow resamples down first
         images.append(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)))
     for img in images:
         for size in ((32, 32), (16, 16), (48, 20)):
             ours = lanczos_resize(np.asarray(img), *size)
             assert np.array_equal(ours, np.asarray(img.resize(size, Image.LANCZOS))), (img.size, size)
-    assert len(images) == 300 + 10 + 12
+    assert len(images) == 300 + 10 + 16
 
 
 def test_phash_hex_is_imagehash_of_the_reduced_plane(photos_dir):
@@ -325,7 +329,30 @@ def test_phash_hex_is_imagehash_of_the_reduced_plane(photos_dir):
     imagehash), on every photo's plane and RGB decode."""
     from filter.hashing import PHASH_REDUCE_FACTOR, phash_hex
 
-    for data in _photo_bytes(photos_dir):
-        for img in (_plane(data), _rgb(data)):
-            factor = min(img.size) // (PHASH_REDUCE_FACTOR * 8)
-            assert phash_hex(img) == str(imagehash.phash(img.reduce(factor) if factor > 1 else img)), img.size
+    rng = np.random.default_rng(12)
+    strips = [Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)) for w, h in ((40, 5000), (2, 20000), (20000, 3), (3000, 2500))]
+    for img in [im for data in _photo_bytes(photos_dir) for im in (_plane(data), _rgb(data))] + strips:
+        factor = min(img.size) // (PHASH_REDUCE_FACTOR * 8)
+        assert phash_hex(img) == str(imagehash.phash(img.reduce(factor) if factor > 1 else img)), img.size
+
+
+def test_blas_threads_are_limited_while_any_hasher_runs_and_restored_after():
+    """core/memory.one_blas_thread counts its users: OpenBLAS is on one thread from the first
+    ValidateAndHash set up to the last torn down, in any order, and as it was after."""
+    from threadpoolctl import threadpool_info
+
+    from filter.pipeline import ValidateAndHash
+
+    def threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas")
+
+    before = threads()
+    a, b = ValidateAndHash(CFG), ValidateAndHash(CFG)
+    a.setup()
+    b.setup()
+    assert set(threads()) == {1}
+    a.teardown()  # b still hashes
+    assert set(threads()) == {1}
+    b.teardown()
+    b.teardown()  # a second teardown changes nothing
+    assert threads() == before
