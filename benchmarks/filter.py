@@ -76,7 +76,7 @@ def step_ms(blobs: list[bytes], cfg) -> dict:
     blobs = list(dict.fromkeys(blobs))  # each photo once
     side = decode_side(cfg, 0, FLAT_THUMB, MAX_SIDE) if cfg.scaled_decode else 0
     decoded = [decode(b, cfg, side, luma=True) for b in blobs]  # a YCbCr JPEG's luma plane, as the stage
-    rgbs = {i: decode(b, cfg, side).image for i, b in enumerate(blobs)}
+    rgbs = [decode(b, cfg, side).image for b in blobs]
     full = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
 
     def pdq_reference(img):  # what core/perceptual did before issue 34: fit to 512 px, then pdqhash
@@ -103,7 +103,7 @@ def step_ms(blobs: list[bytes], cfg) -> dict:
         "stage: pHash (box-reduced copy)": each(lambda d: phash_hex(d.image, cfg.phash_size), decoded),
         "stage: size, aspect and flat-image checks (+ RGB decodes the screen asks)": each(lambda i: check_shape(decoded[i], cfg) or flat_share(decoded[i].image, cfg.flat_colours, cfg.flat_share, lambda: decode(blobs[i], cfg, side).image), range(len(blobs))),
         "stage: PDQ (core/perceptual, NumPy)": each(lambda d: pdq_hex(d.image), decoded),
-        "PDQ by pdqhash (the reference, not run by the stage)": each(lambda img: pdq_reference(img), list(rgbs.values())),
+        "PDQ by pdqhash (the reference, not run by the stage)": each(pdq_reference, rgbs),
     }
     from core.memory import one_blas_thread, release_blas_thread
 
@@ -144,13 +144,14 @@ def plane_drift(blobs: list[bytes], cfg) -> dict:
     side = decode_side(cfg, 0, FLAT_THUMB, MAX_SIDE)
     pdq_bits, phash_bits, rgb_decodes, planes = [], [], 0, 0
     for b in dict.fromkeys(blobs):
-        ref = Image.open(io.BytesIO(b)).convert("RGB")
+        full = Image.open(io.BytesIO(b)).convert("RGB")
+        ref = full.copy()
         ref.thumbnail((MAX_SIDE, MAX_SIDE))
         bits, _ = pdqhash.compute(np.asarray(ref))
         pdq_bits.append(distance(pdq_of_bytes(b)[0], np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()))
         plane = decode(b, cfg, side, luma=True).image
         planes += plane.mode == "L"
-        phash_bits.append(imagehash.hex_to_hash(phash_hex(plane, cfg.phash_size)) - imagehash.phash(Image.open(io.BytesIO(b)).convert("RGB")))
+        phash_bits.append(imagehash.hex_to_hash(phash_hex(plane, cfg.phash_size)) - imagehash.phash(full))
         calls = []
         flat_share(plane, cfg.flat_colours, cfg.flat_share, lambda: calls.append(1) or decode(b, cfg, side).image)
         rgb_decodes += bool(calls)

@@ -126,7 +126,7 @@ def _downsampled(rgb) -> tuple[np.ndarray, np.ndarray]:
     row-major)."""
     # (299 R + 587 G + 114 B) / 1000 in float32; an L image's own bytes (a luma plane: the same
     # values, as the products below are float32 either way, without the ~0.1 ms "F" conversion)
-    luma = _pixels(rgb) if rgb.mode == "L" else _pixels(rgb.convert("F"))
+    luma = pixel_view(rgb) if rgb.mode == "L" else pixel_view(rgb.convert("F"))
     rows, wr, _ = _taps(rgb.height)
     cols, _, wc = _taps(rgb.width)
     part = luma[rows[0]] * wr[0][:, None]  # 64 x width: the filter along the columns, at PDQ's rows
@@ -139,7 +139,7 @@ def _downsampled(rgb) -> tuple[np.ndarray, np.ndarray]:
     return small, (_DCT @ small @ _DCT.T).ravel()  # (1..16) x (1..16) of the 64 x 64 DCT
 
 
-def _pixels(img) -> np.ndarray:
+def pixel_view(img) -> np.ndarray:
     """The pixels of an "F" (float32) or "L" (uint8) Pillow image as a read-only NumPy view, without
     the copy that `np.asarray` makes (`tobytes`, ~0.07 ms of a 500-px "F" image, issue 34):
     Pillow's Arrow export hands its own memory over. An image Pillow keeps in several blocks (over
@@ -192,9 +192,10 @@ def is_luma_jpeg(img) -> bool:
     return img.format == "JPEG" and img.mode in ("RGB", "L") and len(img.tile) == 1
 
 
-def luma_image(img) -> bool:
+def luma_image(img, side: int = MAX_SIDE) -> bool:
     """Set an opened (not yet loaded) JPEG in YCbCr or greyscale to decode as its luma (Y) plane
-    alone, at the DCT scale that PDQ's MAX_SIDE fit allows; True when it will. What filter decodes
+    alone, at the smallest DCT scale whose sides stay >= `side` (PDQ's MAX_SIDE fit by default; 0:
+    every pixel); True when it will. What filter decodes
     for its hashes (filter/validate.decode with `luma`), so that download's blocklist check, filter's
     stored PDQ and `webpairs scrub` hash the same pixels (when filter decodes at MAX_SIDE, its
     default: with an encoder input over 512 px or `scaled_decode` off, a JPEG whose short side is
@@ -203,7 +204,7 @@ def luma_image(img) -> bool:
     Meta's reference implementations agree within ~11, a match is <= 31)."""
     if not is_luma_jpeg(img):
         return False
-    img.draft("L", (MAX_SIDE, MAX_SIDE) if min(img.size) >= 2 * MAX_SIDE else None)
+    img.draft("L", (side, side) if side and min(img.size) >= 2 * side else None)
     return True
 
 

@@ -10,7 +10,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from core.perceptual import _pixels as pixel_view  # an L image's bytes without a copy
+from core.perceptual import pixel_view  # an L image's bytes without a copy
 from core.records import phash_distance  # noqa: F401 - re-exported: the pHash contract lives in core
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Union
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.config import FilterConfig
-from core.perceptual import is_luma_jpeg
+from core.perceptual import luma_image
 from core.sample_layout import to_rgb
 
 # Closed set of reasons of the validation step.
@@ -106,7 +106,7 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0, luma: bool =
     corruption are found as before); 0 decodes every pixel.
 
     With `luma` a YCbCr or greyscale JPEG is decoded as its luma (Y) plane alone, an "L" image
-    (`is_luma_jpeg`): what filter hashes (pHash, PDQ) and screens for flatness; anything else is
+    (`core/perceptual.luma_image`): what filter hashes (pHash, PDQ) and screens for flatness; anything else is
     decoded into RGB as without it."""
     if not data:
         return Invalid(EMPTY, "0 bytes")
@@ -129,9 +129,9 @@ def decode(data: Optional[bytes], cfg: FilterConfig, side: int = 0, luma: bool =
         return Invalid(ANIMATED, f"{img.n_frames} frames")
     try:
         img.seek(0)
-        plane = luma and is_luma_jpeg(img)
-        if plane or (side and fmt == "JPEG" and min(w, h) >= 2 * side):  # 1/2 scale or smaller fits
-            img.draft("L" if plane else img.mode, (side, side) if side and min(w, h) >= 2 * side else None)
+        plane = luma and luma_image(img, side)  # a YCbCr or greyscale JPEG: its Y plane, at the scale below
+        if not plane and side and fmt == "JPEG" and min(w, h) >= 2 * side:  # 1/2 scale or smaller fits
+            img.draft(img.mode, (side, side))
         img.load()
     except Image.DecompressionBombError as err:
         return Invalid(BOMB, _detail(err))

@@ -163,21 +163,21 @@ def test_fit_is_a_copy_thumbnailed():
             assert got is not img
 
 
-def test_pdq_luma_view_is_the_pixels():
-    """core/perceptual._pixels (a view of an "F" image's memory through Pillow's Arrow export) is
+def test_pdq_luma_view_is_thepixel_view():
+    """core/perceptual.pixel_view (a view of an "F" image's memory through Pillow's Arrow export) is
     np.asarray's copy, also for an image Pillow keeps in several blocks (over 16 MB: copied)."""
-    from core.perceptual import _pixels
+    from core.perceptual import pixel_view
 
     rng = np.random.default_rng(11)
     for w, h in ((5, 5), (64, 64), (500, 375), (375, 500), (511, 509), (2100, 2100), (5000, 4000)):
         rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         for mode, dtype in (("F", np.float32), ("L", np.uint8)):
             f = rgb.convert(mode)
-            view = _pixels(f)
+            view = pixel_view(f)
             assert view.shape == (h, w) and view.dtype == dtype
             assert np.array_equal(view, np.asarray(f)), (w, h, mode)
     mapped = Image.fromarray(rng.integers(0, 256, (100, 100), dtype=np.uint8))  # Pillow maps NumPy's memory
-    assert mapped.readonly and np.array_equal(_pixels(mapped), np.asarray(mapped))  # (its export crashed)
+    assert mapped.readonly and np.array_equal(pixel_view(mapped), np.asarray(mapped))  # (its export crashed)
 
 
 def test_write_rows_to_parquet_types_its_tables_and_writes_what_beams_writer_writes(tmp_path):
@@ -222,11 +222,11 @@ def test_pdq_luma_view_with_padded_rows():
     import sys
 
     code = (
-        "import numpy as np; from PIL import Image; from core.perceptual import _pixels, _pdq_numpy, pdqhash_of_image\n"
+        "import numpy as np; from PIL import Image; from core.perceptual import pixel_view, _pdq_numpy, pdqhash_of_image\n"
         "rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (377, 501, 3), dtype=np.uint8))\n"
         "for w, h in ((5, 5), (7, 3), (501, 377), (64, 64), (128, 160), (512, 384)):\n"
         "    for mode in ('F', 'L'):\n"
-        "        f = rgb.resize((w, h)).convert(mode); assert np.array_equal(_pixels(f), np.asarray(f)), (w, h, mode)\n"
+        "        f = rgb.resize((w, h)).convert(mode); assert np.array_equal(pixel_view(f), np.asarray(f)), (w, h, mode)\n"
         "assert _pdq_numpy(rgb) in (None, pdqhash_of_image(rgb))\n"
     )
     env = {**os.environ, "PILLOW_ALIGNMENT": "64"}
