@@ -39,6 +39,7 @@ from _common import ROOT, SMOKE_HELP, mark_complete, need_shared, report
 STAGES = ("extract", "plan", "filter", "pair", "shards")
 LINKS_PER_PAGE = 23  # Common Crawl: ~800,000 image links on ~35,000 pages of one file
 FULL_PAGES, FULL_IMAGES = 35_000, 100_000  # at the largest size
+FILTER_ENCODER, FILTER_FACES = "tiny-clip", "detect"  # filter's settings (--filter-encoder, --faces)
 PORT = 8000  # the image URLs name 127.0.0.1:8000; nothing is served (download is not run)
 
 
@@ -248,7 +249,8 @@ def child(work: str, stage: str, size: int, runner: str) -> dict:
         elif stage == "filter":
             from filter.pipeline import run_filter
 
-            n = run_filter(src, out, FilterConfig(encoder="tiny-clip"), beam_args)["input"]
+            encoder, faces = os.environ.get("WEBPAIRS_SCALE_FILTER", f"{FILTER_ENCODER},{FILTER_FACES}").split(",")  # --filter-encoder, --faces
+            n = run_filter(src, out, FilterConfig(encoder=encoder, faces=faces), beam_args)["input"]
         elif stage == "pair":
             from pairing.pipeline import run_pair
 
@@ -361,6 +363,8 @@ def main() -> list[dict]:
     ap.add_argument("--keep", action="store_true", help="keep each size's stage outputs in --work (a later run with --stages pair shards reads them)")
     ap.add_argument("--inputs-from", choices=["inprocess", "dask"], help="read each stage's input from this runner's outputs in --work (kept with --keep): e.g. pair and shards on Dask from the in-process filter output, which is the same")
     ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py): on the generated crawl's photo crops most images are copy candidates, and the local runner holds the step's two joins of SIFT features in memory (8.6 GB at 1x on 2026-12-05)")
+    ap.add_argument("--filter-encoder", default=FILTER_ENCODER, help=f"filter's --encoder (default {FILTER_ENCODER}: small, offline; 'none' times the decode and hashes alone, and pair then has no embeddings to pick pairs by)")
+    ap.add_argument("--faces", default=FILTER_FACES, choices=["detect", "blur", "off"], help=f"filter's --faces (default {FILTER_FACES}, the product's default: ~70-120 CPU ms an image, most of filter's time)")
     ap.add_argument("--plot-only", help="a --json file of an earlier run: print its table and draw its figures")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
@@ -390,6 +394,7 @@ def main() -> list[dict]:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=ROOT)
+        env["WEBPAIRS_SCALE_FILTER"] = os.environ["WEBPAIRS_SCALE_FILTER"] = f"{args.filter_encoder},{args.faces}"
         if args.no_copies:
             env["WEBPAIRS_SCALE_COPIES"] = os.environ["WEBPAIRS_SCALE_COPIES"] = "0"
         if args.inputs_from:
