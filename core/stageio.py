@@ -368,6 +368,8 @@ class WriteStageOutputs(beam.PTransform):
     `table_sinks=True` writes the tables with `_WriteTables` (one step a sink: a parquet file a
     bundle, named when the stats are written) instead of Beam's parquet sink (nine steps, a shuffle
     and three side inputs each, ~0.08 CPU s of Beam's fixed cost a sink; extract has five: issue 34).
+    Rows (kept, rejected and the `more` entries) are made into tables first by `_RowsToTables`
+    (`kept_batch_rows` a batch, row groups as Beam's sink makes them); filter writes so.
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
@@ -402,7 +404,10 @@ class WriteStageOutputs(beam.PTransform):
                 # and that matched a second sink's finished part-1-00000-of-00001 (rows lost when
                 # the second sink finished first: 1 run in 3 in process, found in review)
                 sink_path, sink_label = (path, label) if i == 0 else (f"{path}_{i}", f"{label}{i}")
-                if tables and self.table_sinks:
+                if self.table_sinks:
+                    if not tables:  # rows: made into tables in the step that makes them
+                        rows = self.kept_batch_rows if path == kept_path else 1000
+                        pc = pc | f"{sink_label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES))
                     self._sinks[sink_path] = schema
                     self._written.append(pc | sink_label >> beam.ParDo(_WriteTables(sink_path, schema)))
                 elif tables:  # each table is written as it comes
@@ -411,9 +416,12 @@ class WriteStageOutputs(beam.PTransform):
                     rows = self.kept_batch_rows if path == kept_path else 1000
                     _ = pc | sink_label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=rows)
         for other, schema in self.more.items():
-            _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(
-                os.path.join(self.out_dir, other, "part"), schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES
-            )
+            sink_path = os.path.join(self.out_dir, other, "part")
+            if self.table_sinks:
+                self._sinks[sink_path] = schema
+                self._written.append(pcolls[other] | f"Write_{other}Tables" >> beam.ParDo(_RowsToTables(schema, 1000, ROW_GROUP_BYTES)) | f"Write_{other}" >> beam.ParDo(_WriteTables(sink_path, schema)))
+            else:
+                _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         return self._stats(pcolls, kept_all, rejected_all)
 
     def _stats(self, pcolls: dict, kept_all: list, rejected_all: list):
@@ -479,6 +487,57 @@ class _Tally(beam.DoFn):
         self.counts = {}
 
 
+class _RowsToTables(beam.DoFn):
+    """Row dicts -> pyarrow tables of `schema` (`WriteStageOutputs(table_sinks=True)` with rows),
+    as Beam's parquet sink makes them (`_RowDictionariesToArrowTable`): `batch_rows` rows a record
+    batch, a table (one row group) once the batches hold `group_bytes`, the rest when the bundle
+    ends; a nullable field a row lacks is null, a required one it lacks is a KeyError. Beam's looks
+    every field up in the schema for every row (~0.05 CPU ms a filter image, issue 34); here a
+    column is one list comprehension a batch."""
+
+    def __init__(self, schema: pa.Schema, batch_rows: int, group_bytes: int):
+        self.schema, self.batch_rows, self.group_bytes = schema, batch_rows, group_bytes
+
+    def start_bundle(self):
+        self.rows: list = []
+        self.batches: list = []
+        self.size = 0
+
+    def process(self, row):
+        self.rows.append(row)
+        if len(self.rows) >= self.batch_rows:
+            self._batch()
+            if self.size >= self.group_bytes:
+                yield self._table()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        if self.rows:
+            self._batch()
+        if self.batches:
+            yield GlobalWindows.windowed_value(self._table())
+
+    def _batch(self) -> None:
+        rows, self.rows = self.rows, []
+        columns = [pa.array([r.get(f.name) for r in rows] if f.nullable else [r[f.name] for r in rows], type=f.type) for f in self.schema]
+        batch = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+        self.batches.append(batch)
+        self.size += batch.nbytes
+
+    def _table(self) -> pa.Table:
+        table = pa.Table.from_batches(self.batches, schema=self.schema)
+        self.batches, self.size = [], 0
+        return table
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth a parquet dictionary: all but binary ones (image bytes, embeddings), whose
+    values are all distinct; pyarrow would hash each until the dictionary page overflows, ~0.04 CPU
+    ms a filter image (issue 34)."""
+    return [f.name for f in schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
+
+
 class _WriteTables(beam.DoFn):
     """A sink of pyarrow tables (`WriteStageOutputs(table_sinks=True)`): each bundle's tables, as
     they come, into one parquet file (Beam's parquet sink's writer settings) under a hidden name
@@ -506,7 +565,7 @@ class _WriteTables(beam.DoFn):
             else:  # a local file: Arrow writes it itself, not through a Python file object
                 os.makedirs(folder, exist_ok=True)
                 self.fh = pa.OSFile(self.tmp, "wb")
-            self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
+            self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_dictionary=_dictionary_columns(self.schema), use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
         self.writer.write_table(table)
 
     def finish_bundle(self):

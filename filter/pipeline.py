@@ -589,7 +589,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
             if site_files:  # pages per site in the crawl, passed on to pair
                 outputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
                 more["sites"] = SITE_SCHEMA
-            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS)
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS, table_sinks=True)
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])
         return out.commit()
