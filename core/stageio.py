@@ -407,7 +407,7 @@ class WriteStageOutputs(beam.PTransform):
                 if self.table_sinks:
                     if not tables:  # rows: made into tables in the step that makes them
                         rows = self.kept_batch_rows if path == kept_path else 1000
-                        pc = pc | f"{sink_label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES))
+                        pc = pc | f"{sink_label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES)).with_output_types(pa.Table)
                     self._sinks[sink_path] = schema
                     self._written.append(pc | sink_label >> beam.ParDo(_WriteTables(sink_path, schema)))
                 elif tables:  # each table is written as it comes
@@ -419,7 +419,7 @@ class WriteStageOutputs(beam.PTransform):
             sink_path = os.path.join(self.out_dir, other, "part")
             if self.table_sinks:
                 self._sinks[sink_path] = schema
-                self._written.append(pcolls[other] | f"Write_{other}Tables" >> beam.ParDo(_RowsToTables(schema, 1000, ROW_GROUP_BYTES)) | f"Write_{other}" >> beam.ParDo(_WriteTables(sink_path, schema)))
+                self._written.append(pcolls[other] | f"Write_{other}Tables" >> beam.ParDo(_RowsToTables(schema, 1000, ROW_GROUP_BYTES)).with_output_types(pa.Table) | f"Write_{other}" >> beam.ParDo(_WriteTables(sink_path, schema)))
             else:
                 _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
         return self._stats(pcolls, kept_all, rejected_all)
