@@ -15,6 +15,7 @@ counts reconcile, so the previous output stays readable until then and two outpu
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -532,10 +533,20 @@ class _RowsToTables(beam.DoFn):
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns worth a parquet dictionary: all but binary ones (image bytes, embeddings), whose
-    values are all distinct; pyarrow would hash each until the dictionary page overflows, ~0.04 CPU
-    ms a filter image (issue 34)."""
-    return [f.name for f in schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
+    """The parquet columns (leaf paths, as pyarrow's `use_dictionary` takes them: a list column's
+    values are `name.list.item`) that get a dictionary, as in Beam's sink: all but those of binary
+    fields (image bytes), whose values are all distinct: pyarrow would hash each until the
+    dictionary page overflows (~0.04 CPU ms a filter image, issue 34)."""
+    return list(_leaf_dictionary_columns(schema))
+
+
+@functools.lru_cache(maxsize=64)
+def _leaf_dictionary_columns(schema: pa.Schema) -> tuple[str, ...]:
+    buf = pa.BufferOutputStream()  # the leaf paths as the writer names them: an empty file's
+    pq.ParquetWriter(buf, schema, use_compliant_nested_type=False).close()
+    parquet = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
+    binary = {f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    return tuple(path for path in (parquet.column(i).path for i in range(len(parquet))) if path.split(".")[0] not in binary)
 
 
 class _WriteTables(beam.DoFn):

@@ -261,7 +261,8 @@ def test_stored_hashes_are_the_planes_on_every_row(tmp_path, photos_dir, monkeyp
     blobs = photos + [_jpeg(photo, progressive=True), _jpeg(photo.convert("L")), _jpeg(photo, exif=exif.tobytes()), _jpeg(photo.resize((1500, 1100))), cmyk.getvalue(), png.getvalue()]
     d = tmp_path / "download"
     rows = write_download(d, blobs)
-    run_filter(str(d), str(tmp_path / "filter"), FilterConfig(encoder="none", faces="off"))
+    monkeypatch.chdir(tmp_path)
+    run_filter("download", "filter", FilterConfig(encoder="none", faces="off"))  # paths relative to where it runs
     glob = str(tmp_path / "filter" / "images" / "*.parquet")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

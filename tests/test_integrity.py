@@ -452,21 +452,24 @@ def test_table_sinks_naming_survives_a_retried_stats_step(tmp_path):
     assert sorted(r[0] for r in duckdb.sql(f"SELECT id FROM read_parquet('{sink.parent}/*.parquet')").fetchall()) == ["r0", "r1", "r2"]
 
 
-def test_table_sinks_of_rows_write_what_beams_row_sinks_write(tmp_path):
+def test_table_sinks_of_rows_write_what_beams_row_sinks_write(tmp_path, monkeypatch):
     """Rows (kept, rejected and a `more` entry) through WriteStageOutputs(table_sinks=True): made
     into tables by `_RowsToTables`, then written a step a sink (filter, issue 34). The same file
     names, every row back with its values (nulls where a nullable field was left out), the same row
-    groups, the same stats.json as Beam's parquet sinks; binary columns get no dictionary."""
+    groups (several a file: the group size is made small), the same stats.json as Beam's parquet sinks;
+    the same columns have a dictionary, all but the binary one (a list column's too)."""
     import apache_beam as beam
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from core.records import REJECTED_SCHEMA
+    from core import stageio
     from core.stageio import WriteStageOutputs, finish_stage, pipeline_options
 
-    schema = pa.schema([pa.field("id", pa.string(), nullable=False), ("n", pa.int32()), ("blob", pa.binary())])
+    monkeypatch.setattr(stageio, "ROW_GROUP_BYTES", 300)  # a row group ends mid-bundle, for both sinks
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False), ("n", pa.int32()), ("blob", pa.binary()), ("vec", pa.list_(pa.float32()))])
     extra = pa.schema([("page", pa.string()), ("k", pa.int64())])
-    kept = [{"id": f"k{i}", "n": i, "blob": os.urandom(20 + i)} if i % 3 else {"id": f"k{i}", "blob": None} for i in range(23)]
+    kept = [{"id": f"k{i}", "n": i, "blob": os.urandom(20 + i), "vec": [float(i % 4)] * 3} if i % 3 else {"id": f"k{i}", "blob": None, "vec": None} for i in range(23)]
     rejected = [{"record_id": f"r{i}", "stage": "t", "reason": ("too_small", "bad_url")[i % 2], "detail": "", "url": ""} for i in range(5)]
     more = [{"page": f"p{i}", "k": i} for i in range(7)]
     outputs = {}
@@ -480,12 +483,15 @@ def test_table_sinks_of_rows_write_what_beams_row_sinks_write(tmp_path):
         rows = {f: sorted(pq.read_table(out / f).to_pylist(), key=str) for f in files}
         meta = {f: pq.ParquetFile(out / f).metadata for f in files}
         groups = {f: [meta[f].row_group(g).num_rows for g in range(meta[f].num_row_groups)] for f in files}
-        outputs[light] = (stats, files, rows, groups, {f: pq.read_schema(out / f).remove_metadata() for f in files})
+        dictionaries = {f: {meta[f].row_group(0).column(c).path_in_schema: meta[f].row_group(0).column(c).has_dictionary_page for c in range(meta[f].num_columns)} for f in files if meta[f].num_row_groups}
+        outputs[light] = (stats, files, rows, groups, {f: pq.read_schema(out / f).remove_metadata() for f in files}, dictionaries)
+    kept_dictionaries = outputs[False][5]["kept/part-00000-of-00001.parquet"]
+    assert kept_dictionaries == {"id": True, "n": True, "blob": True, "vec.list.item": True}  # Beam's sink: every column
+    outputs[False][5]["kept/part-00000-of-00001.parquet"]["blob"] = False  # ours: the binary one not
     assert outputs[True] == outputs[False]
-    stats, files, rows, groups, _ = outputs[True]
+    stats, files, rows, groups, _, _ = outputs[True]
+    assert len(groups["kept/part-00000-of-00001.parquet"]) > 2 and sum(groups["kept/part-00000-of-00001.parquet"]) == 23
     assert files == ["kept/part-00000-of-00001.parquet", "pages/part-00000-of-00001.parquet", "rejected/part-00000-of-00001.parquet"]
-    assert rows["kept/part-00000-of-00001.parquet"] == sorted([{"id": r["id"], "n": r.get("n"), "blob": r["blob"]} for r in kept], key=str)
+    assert rows["kept/part-00000-of-00001.parquet"] == sorted([{"id": r["id"], "n": r.get("n"), "blob": r["blob"], "vec": r["vec"]} for r in kept], key=str)
     assert rows["pages/part-00000-of-00001.parquet"] == sorted(more, key=str) and len(rows["rejected/part-00000-of-00001.parquet"]) == 5
     assert stats["input"] == 28 and stats["kept"] == 23 and stats["rejected"] == {"bad_url": 2, "too_small": 3} and stats["pages"] == 7
-    blob = pq.ParquetFile(tmp_path / "lightTrue" / "kept" / "part-00000-of-00001.parquet").metadata.row_group(0).column(2)
-    assert blob.path_in_schema == "blob" and not blob.has_dictionary_page
