@@ -405,25 +405,22 @@ class WriteStageOutputs(beam.PTransform):
                 # and that matched a second sink's finished part-1-00000-of-00001 (rows lost when
                 # the second sink finished first: 1 run in 3 in process, found in review)
                 sink_path, sink_label = (path, label) if i == 0 else (f"{path}_{i}", f"{label}{i}")
-                if self.table_sinks:
-                    if not tables:  # rows: made into tables in the step that makes them
-                        rows = self.kept_batch_rows if path == kept_path else 1000
-                        pc = pc | f"{sink_label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES)).with_output_types(pa.Table)
-                    self._sinks[sink_path] = schema
-                    self._written.append(pc | sink_label >> beam.ParDo(_WriteTables(sink_path, schema)))
-                elif tables:  # each table is written as it comes
-                    _ = pc | sink_label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
-                else:
-                    rows = self.kept_batch_rows if path == kept_path else 1000
-                    _ = pc | sink_label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=rows)
+                self._sink(pc, sink_label, sink_path, schema, tables, self.kept_batch_rows if path == kept_path else 1000)
         for other, schema in self.more.items():
-            sink_path = os.path.join(self.out_dir, other, "part")
-            if self.table_sinks:
-                self._sinks[sink_path] = schema
-                self._written.append(pcolls[other] | f"Write_{other}Tables" >> beam.ParDo(_RowsToTables(schema, 1000, ROW_GROUP_BYTES)).with_output_types(pa.Table) | f"Write_{other}" >> beam.ParDo(_WriteTables(sink_path, schema)))
-            else:
-                _ = pcolls[other] | f"Write_{other}" >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES)
+            self._sink(pcolls[other], f"Write_{other}", os.path.join(self.out_dir, other, "part"), schema, False, 1000)
         return self._stats(pcolls, kept_all, rejected_all)
+
+    def _sink(self, pc, label: str, sink_path: str, schema: pa.Schema, tables: bool, rows: int) -> None:
+        """Write `pc` (pyarrow tables, or row dicts made into tables `rows` at a time) to `sink_path`."""
+        if self.table_sinks:
+            if not tables:  # rows: made into tables in the step that makes them
+                pc = pc | f"{label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES)).with_output_types(pa.Table)
+            self._sinks[sink_path] = schema
+            self._written.append(pc | label >> beam.ParDo(_WriteTables(sink_path, schema)))
+        elif tables:  # each table is written as it comes
+            _ = pc | label >> beam.io.WriteToParquetBatched(sink_path, schema, file_name_suffix=".parquet")
+        else:
+            _ = pc | label >> WriteRowsToParquet(sink_path, schema, file_name_suffix=".parquet", row_group_buffer_size=ROW_GROUP_BYTES, record_batch_size=rows)
 
     def _stats(self, pcolls: dict, kept_all: list, rejected_all: list):
         """stats.json from one global combine of every count (see the class)."""
@@ -532,16 +529,12 @@ class _RowsToTables(beam.DoFn):
         return table
 
 
-def _dictionary_columns(schema: pa.Schema) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _dictionary_columns(schema: pa.Schema) -> tuple[str, ...]:
     """The parquet columns (leaf paths, as pyarrow's `use_dictionary` takes them: a list column's
     values are `name.list.item`) that get a dictionary, as in Beam's sink: all but those of binary
     fields (image bytes), whose values are all distinct: pyarrow would hash each until the
     dictionary page overflows (~0.04 CPU ms a filter image, issue 34)."""
-    return list(_leaf_dictionary_columns(schema))
-
-
-@functools.lru_cache(maxsize=64)
-def _leaf_dictionary_columns(schema: pa.Schema) -> tuple[str, ...]:
     buf = pa.BufferOutputStream()  # the leaf paths as the writer names them: an empty file's
     pq.ParquetWriter(buf, schema, use_compliant_nested_type=False).close()
     parquet = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
@@ -576,7 +569,7 @@ class _WriteTables(beam.DoFn):
             else:  # a local file: Arrow writes it itself, not through a Python file object
                 os.makedirs(folder, exist_ok=True)
                 self.fh = pa.OSFile(self.tmp, "wb")
-            self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_dictionary=_dictionary_columns(self.schema), use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
+            self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_dictionary=list(_dictionary_columns(self.schema)), use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
         self.writer.write_table(table)
 
     def finish_bundle(self):
