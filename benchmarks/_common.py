@@ -38,24 +38,26 @@ def timed_cpu(fn, *args, **kwargs):
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
-def paired_median(label: str, ratios: list[float]) -> float:
-    """The median of per-round ratios, each from a baseline and a stage timed back to back, printed
-    with every round's. On a shared machine the speed drifts by 10-20 % within minutes: the best of
-    each, taken minutes apart, can pair a fast baseline with a slow stage, while a baseline and a
-    stage timed back to back drift together (seen on this project's 2-core machine: bare loop 239-284
-    images/s over six rounds, each round's ratio 0.88-1.17)."""
+def paired_median(ratios: list[float]) -> tuple[float, str]:
+    """(the median, a line listing every round's) of per-round ratios, each from a baseline and a
+    stage timed back to back. On a shared machine the speed drifts by 10-20 % within minutes: the
+    fastest of each, taken minutes apart, can pair a fast baseline with a slow stage, while a
+    baseline and a stage timed back to back drift together (seen on this project's 2-core machine:
+    bare loop 239-284 images/s over six rounds, each round's ratio 0.88-1.17)."""
     import statistics
 
     med = statistics.median(ratios)
-    print(f"  {label}: {', '.join(f'{r:.2f}' for r in ratios)} (median {med:.2f})")
-    return med
+    return med, f"each round: {', '.join(f'{r:.2f}' for r in ratios)} (median {med:.2f})"
 
 
-def report(name: str, rows: list[tuple[str, float, str]], ratio: float, goal: float) -> dict:
-    """Print a small table and the ratio against its goal; returns a dict for run_all."""
+def report(name: str, rows: list[tuple[str, float, str]], ratio: float, goal: float, notes: tuple = ()) -> dict:
+    """Print a small table (and `notes`, lines of text) and the ratio against its goal; returns a
+    dict for run_all."""
     print(f"\n== {name} ==")
     for label, value, unit in rows:
         print(f"  {label:45s} {value:10.1f} {unit}")
+    for line in notes:
+        print(f"  {line}")
     verdict = "meets" if ratio >= goal else "BELOW"
     print(f"  {'ratio':45s} {ratio:10.2f}   (goal >= {goal}: {verdict})")
     return {"benchmark": name, "ratio": ratio, "goal": goal, "rows": rows}
