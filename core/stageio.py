@@ -951,3 +951,67 @@ def fetch_rows(pointers: Iterable[tuple[str, int]], key: str, columns: list[str]
                 for row in t.to_pylist():
                     out[row[key]] = row
     return out
+
+
+# Readers of parquet files by row group (filter's downloads and occurrences, pair's occurrences).
+READ_BATCH = 64  # rows converted to dicts at a time
+READ_BUFFER = 1 << 20  # column chunks are read in pieces of this size, not whole
+
+
+def _row_groups(path: str) -> list[tuple[str, int]]:
+    with FileSystems.open(path) as fh:
+        return [(path, i) for i in range(pq.ParquetFile(fh).num_row_groups)]
+
+
+def row_groups(paths: list[str]) -> list[tuple[str, int]]:
+    """(file, row group) of every row group of parquet files, from their footers (in the driver):
+    a stage's units of work (filter's downloads and occurrences, pair's occurrences). On Dask each
+    is one partition (`--dask_partition_size=1`), and a partition's outputs are held until it ends,
+    so the work a worker holds at once is one row group's, whatever the size of the files (issue
+    34: with one partition per file a worker's peak grew with the file; pair's occurrences read
+    with ReadAllFromParquet were one partition of every row at 16x, 2.5 GB a worker)."""
+    return [group for path in paths for group in _row_groups(path)]
+
+
+def _parquet_batches(item: tuple[str, int], columns: Optional[list], batch_size: int):
+    """The record batches of one row group of a parquet file, read on the calling thread."""
+    path, group = item
+    with FileSystems.open(path) as fh:
+        yield from pq.ParquetFile(fh, buffer_size=READ_BUFFER).iter_batches(batch_size=batch_size, row_groups=[group], columns=columns, use_threads=False)
+
+
+class _ReadRowGroup(beam.DoFn):
+    def __init__(self, columns: Optional[list] = None):
+        self.columns = columns
+
+    def process(self, item: tuple[str, int]):
+        for batch in _parquet_batches(item, self.columns, READ_BATCH):
+            yield from batch.to_pylist()
+
+
+class ReadRowGroups(beam.PTransform):
+    """(file, row group) items (`row_groups`) -> the rows of each as dicts, READ_BATCH rows at a
+    time on the calling thread."""
+
+    def __init__(self, columns: Optional[list] = None):
+        super().__init__()
+        self.columns = columns
+
+    def expand(self, groups):
+        return groups | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))
+
+
+class ReadRows(beam.PTransform):
+    """Parquet files -> their rows as dicts, each row group its own element after a reshuffle (as
+    ReadAllFromParquet splits them), read READ_BATCH rows at a time on the calling thread.
+    ReadAllFromParquet passed each row group on as one pyarrow table (decoded whole, then every row
+    at once as Python objects, and pickled once more by Beam to estimate its size) with pyarrow's
+    thread pool, which cost more CPU than it saved: 0.38 vs 0.15 CPU-s for 2,400 photos' bytes
+    (issue 34; the image bytes dominate a downloads file)."""
+
+    def __init__(self, columns: Optional[list] = None):
+        super().__init__()
+        self.columns = columns
+
+    def expand(self, files):
+        return files | "RowGroups" >> beam.FlatMap(_row_groups) | "Spread" >> beam.Reshuffle() | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))

@@ -25,7 +25,7 @@ from core.config import PairConfig, to_dict
 from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, stage_pipeline, stage_files
+from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
@@ -334,23 +334,24 @@ def embedding_arrays(column) -> list:
 
 
 class ReadImages(beam.DoFn):
-    """Filter's images files -> one record per row (META_COLUMNS, no bytes) with its pointer
-    (`bytes_file`, `bytes_row_group`) and its embedding as a float16 array: core.stageio
-    ReadParquetWithPointers then `_compact` as one step, the embeddings taken from the column (a
-    Python list of floats per row cost ~25 us, and a Beam step per record)."""
+    """(file, row group) of filter's images files (`core.stageio.row_groups`) -> one record per row
+    (META_COLUMNS, no bytes) with its pointer (`bytes_file`, `bytes_row_group`) and its embedding as
+    a float16 array: core.stageio ReadParquetWithPointers then `_compact` as one step, the
+    embeddings taken from the column (a Python list of floats per row cost ~25 us, and a Beam step
+    per record). A row group an element: on Dask one partition each, so a worker holds one row
+    group's records, not a file's (issue 34)."""
 
-    def process(self, path: str):
+    def process(self, item: tuple[str, int]):
         import pyarrow.parquet as pq
         from apache_beam.io.filesystems import FileSystems
 
+        path, rg = item
         with FileSystems.open(path) as fh:
-            pf = pq.ParquetFile(fh)
-            for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg, columns=META_COLUMNS)
-                embeddings = embedding_arrays(table.column("embedding"))
-                for row, embedding in zip(table.drop_columns(["embedding"]).to_pylist(), embeddings):
-                    row["embedding"], row["bytes_file"], row["bytes_row_group"] = embedding, path, rg
-                    yield row
+            table = pq.ParquetFile(fh).read_row_group(rg, columns=META_COLUMNS)
+        embeddings = embedding_arrays(table.column("embedding"))
+        for row, embedding in zip(table.drop_columns(["embedding"]).to_pylist(), embeddings):
+            row["embedding"], row["bytes_file"], row["bytes_row_group"] = embedding, path, rg
+            yield row
 
 
 def _for_parquet(row: dict) -> dict:
@@ -408,20 +409,24 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
     # no_side_input_cache: in process, each step's side inputs (copy_of, the flags...) are dropped
     # when its bundle ends instead of kept by the runner's worker to the end (core/memory.py)
     with no_side_input_cache(), stage_pipeline(beam_args) as p:
-        occurrences = p | "OccurrenceFiles" >> beam.Create(occurrence_files) | "ReadOccurrences" >> beam.io.ReadAllFromParquet(columns=OCCURRENCE_COLUMNS)
+        # filter's occurrences, one element per row group, each read READ_BATCH rows at a time: on
+        # Dask a row group is a partition (ReadAllFromParquet made every row of the input one
+        # partition there, held as dicts: 2.5 GB a worker at one Common Crawl file, issue 34)
+        groups = row_groups(occurrence_files)
+        occurrences = p | "OccurrenceGroups" >> beam.Create(groups) | "ReadOccurrences" >> ReadRowGroups(OCCURRENCE_COLUMNS)
         # the kept links, read twice: light (image id, page) for the counts, whole for the join (so
         # each read has one consumer and nothing is held between stages but packed bytes)
         keys = (
-            p | "KeyFiles" >> beam.Create(occurrence_files) | "ReadKeys" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS + ["filter_reason"])
+            p | "KeyGroups" >> beam.Create(groups) | "ReadKeys" >> ReadRowGroups(KEY_COLUMNS + ["filter_reason"])
             | "KeptKeys" >> beam.Filter(lambda r: r["filter_reason"] is None)
         )
         links = (
-            p | "LinkFiles" >> beam.Create(occurrence_files) | "ReadLinks" >> beam.io.ReadAllFromParquet(columns=LINK_COLUMNS + ["filter_reason"])
+            p | "LinkGroups" >> beam.Create(groups) | "ReadLinks" >> ReadRowGroups(LINK_COLUMNS + ["filter_reason"])
             | "KeptLinks" >> beam.Filter(lambda r: r["filter_reason"] is None)
         )
         # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
         # the records stream into the page shuffle instead of being held for that stage
-        images = p | "Files" >> beam.Create(files) | "Read" >> beam.ParDo(ReadImages())
+        images = p | "ImageGroups" >> beam.Create(row_groups(files)) | "Read" >> beam.ParDo(ReadImages())
         inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
         if cfg.copies:  # the copy step reads the embeddings, pHashes and pointers; later only the candidates' bytes
             inputs["copy_light"] = copy_inputs(p, files)
