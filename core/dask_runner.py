@@ -20,7 +20,8 @@ docs/cluster.md):
    of its inputs' partitions: a task shuffle costs about n^2 tasks for n partitions (4,800 of
    filter's 6,300 tasks on 8 input files), and every key was hashed with dask's `tokenize`. Here a
    GroupByKey first merges its input to the pipeline's parallelism (the most partitions a source
-   has: one per input file) and hashes keys with crc32 (`_key_hash`).
+   has: one per input row group, `core.stageio.row_groups`, or per input file) and hashes keys
+   with crc32 (`_key_hash`).
 7. Beam's runners lift combiners (combine within each bundle before the shuffle); this one did
    not: each CombineGlobally (every count a stage writes to stats.json: 7 of extract's 10
    GroupByKeys) shuffled its input over n x n tasks to a single key. Here a global combine is a

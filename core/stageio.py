@@ -176,8 +176,9 @@ def memo_dofn_specs() -> None:
 def stage_pipeline(beam_args: Optional[list[str]] = None) -> Iterator[beam.Pipeline]:
     """A Beam pipeline for a stage. `--runner dask` runs it on dask.distributed (core/dask_runner.py):
     on the cluster at `--dask-address tcp://HOST:PORT`, or on a LocalCluster of `--dask-workers N`
-    processes (default: the cores) started here and closed after; each input file is one partition
-    unless --dask_npartitions/--dask_partition_size say otherwise."""
+    processes (default: the cores) started here and closed after; each element of a Create (an
+    input file, or a row group: `row_groups`) is one partition unless --dask_npartitions or
+    --dask_partition_size say otherwise."""
     args, runner, address, workers = check_runner_flags(beam_args)
     memo_dofn_specs()  # Beam's per-DoFn introspection once per class (a Dask worker keeps Beam's own)
     if (runner or "").lower() != "dask":
@@ -965,7 +966,7 @@ def _row_groups(path: str) -> list[tuple[str, int]]:
 
 def row_groups(paths: list[str]) -> list[tuple[str, int]]:
     """(file, row group) of every row group of parquet files, from their footers (in the driver):
-    a stage's units of work (filter's downloads and occurrences, pair's occurrences). On Dask each
+    a stage's units of work (filter's downloads and occurrences, pair's images and occurrences). On Dask each
     is one partition (`--dask_partition_size=1`), and a partition's outputs are held until it ends,
     so the work a worker holds at once is one row group's, whatever the size of the files (issue
     34: with one partition per file a worker's peak grew with the file; pair's occurrences read

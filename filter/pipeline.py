@@ -36,7 +36,7 @@ from core.config import FilterConfig
 from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
-from core.stageio import READ_BATCH, ReadRowGroups, ReadRows, StageError, StageOutput, WriteStageOutputs, _parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files  # noqa: F401 - the readers' home is core
+from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, _parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
 from core.memory import one_blas_thread, release_blas_thread, tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces

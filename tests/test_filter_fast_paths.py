@@ -61,12 +61,12 @@ def test_flat_share_as_before_on_every_photo_and_drawn_logos(photos_dir):
 
 
 def test_read_rows_gives_every_row_of_every_row_group(tmp_path):
-    """ReadRows (filter's reader of downloads/ and occurrences/) against pyarrow's own reader: every
+    """ReadRows (core/stageio: the row-group reader filter and pair use) against pyarrow's own reader: every
     row of two files of several row groups each (and a file with none), in full and by columns."""
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from filter.pipeline import READ_BATCH, ReadRows
+    from core.stageio import READ_BATCH, ReadRows
 
     files, expected = [], []
     for f, n in enumerate((3 * READ_BATCH + 5, 17, 0)):

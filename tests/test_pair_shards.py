@@ -525,3 +525,23 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
     assert graphs["Read"].npartitions == groups["images"]
     for read in ("ReadOccurrences", "ReadKeys", "ReadLinks"):
         assert graphs[f"{read}/ReadRowGroup"].npartitions == groups["occurrences"], read
+
+    # and each partition holds exactly its row group's rows (computed here, without a cluster)
+    import dask
+
+    def partitions(label: str) -> list:
+        return [list(part) for part in dask.compute(*graphs[label].to_delayed(), scheduler="sync")]
+
+    def row_group_rows(name: str, columns: list) -> list:
+        return [pq.ParquetFile(f).read_row_group(g, columns=columns).to_pylist() for f in stage_files(filtered, name, expected="filter") for g in range(pq.ParquetFile(f).num_row_groups)]
+
+    def same(got: list, expected: list) -> None:  # the same row groups, in any order of partitions
+        key = lambda rows: json.dumps(rows, sort_keys=True, default=str)  # noqa: E731
+        assert sorted(map(key, got)) == sorted(map(key, expected))
+
+    same(partitions("ReadOccurrences/ReadRowGroup"), row_group_rows("occurrences", pp.OCCURRENCE_COLUMNS))
+    same(partitions("ReadLinks/ReadRowGroup"), row_group_rows("occurrences", pp.LINK_COLUMNS + ["filter_reason"]))
+    files = stage_files(filtered, "images", expected="filter")
+    read = sorted(((r["bytes_file"], r["bytes_row_group"], r["image_id"]) for part in partitions("Read") for r in part))
+    assert read == sorted((f, g, i) for f in files for g in range(pq.ParquetFile(f).num_row_groups) for i in pq.ParquetFile(f).read_row_group(g, columns=["image_id"]).column(0).to_pylist())
+    assert all(len({r["bytes_row_group"] for r in part}) == 1 for part in partitions("Read"))  # one row group a partition
