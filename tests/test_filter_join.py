@@ -285,37 +285,16 @@ def test_each_dask_partition_is_one_row_group(tmp_path, photos_dir, monkeypatch,
     one partition per join bucket and occurrences row group. (Before, a partition was a whole
     downloads file and a whole bucket: on benchmarks/scale.py's 8 files a worker's peak grew
     740 -> 1,476 MB from 1x to 16x.)"""
-    import contextlib
-
-    import apache_beam as beam
     import pyarrow.parquet as pq
-    from apache_beam.runners.dask.overrides import dask_overrides
+    from daskgraph import dask_bags
 
     import filter.pipeline as fp
-    from core.dask_runner import DaskRunner
     from core.stageio import stage_files
 
     download = str(tmp_path / "download")
     _download(download, photos_dir)
     monkeypatch.setattr(fp, "JOIN_LINKS", join_links)
-    graphs: dict = {}
-
-    class Built(Exception):
-        pass
-
-    @contextlib.contextmanager
-    def built_only(beam_args=None):  # the pipeline run_filter builds, translated as the Dask runner does
-        p = beam.Pipeline()
-        yield p
-        p.replace_all(dask_overrides())
-        visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 1})  # core/stageio's default on Dask
-        p.visit(visitor)
-        graphs.update({node.full_label: bag for node, bag in visitor.bags.items() if bag is not None})
-        raise Built
-
-    monkeypatch.setattr(fp, "stage_pipeline", built_only)
-    with pytest.raises(Built):
-        fp.run_filter(download, str(tmp_path / "filter"), FilterConfig(encoder="none", faces="off"))
+    graphs = dask_bags(monkeypatch, fp, lambda: fp.run_filter(download, str(tmp_path / "filter"), FilterConfig(encoder="none", faces="off")))
     groups = {name: sum(pq.ParquetFile(f).num_row_groups for f in stage_files(download, name, expected="download")) for name in ("downloads", "occurrences")}
     links = sum(pq.ParquetFile(f).metadata.num_rows for f in stage_files(download, "occurrences", expected="download"))
     buckets = fp.join_buckets(links)

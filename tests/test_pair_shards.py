@@ -483,15 +483,12 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
     one row group to a partition. (Before, they were a file each, and ReadAllFromParquet made every
     occurrence row one partition: at one Common Crawl file each worker peaked at 2.5 GB, 6.3x its
     1x peak, where the in-process runner holds 454 MB; issue 34.)"""
-    import contextlib
     import shutil
 
-    import apache_beam as beam
     import pyarrow.parquet as pq
-    from apache_beam.runners.dask.overrides import dask_overrides
+    from daskgraph import dask_bags
 
     import pairing.pipeline as pp
-    from core.dask_runner import DaskRunner
     from core.stageio import stage_files
 
     filtered = str(tmp_path / "filter")
@@ -504,24 +501,7 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
             pq.write_table(table, f, row_group_size=7)
         groups[name] = sum(pq.ParquetFile(f).num_row_groups for f in files)
     assert groups["images"] > 2 and groups["occurrences"] > 2, groups
-    graphs: dict = {}
-
-    class Built(Exception):
-        pass
-
-    @contextlib.contextmanager
-    def built_only(beam_args=None):  # the pipeline run_pair builds, translated as the Dask runner does
-        p = beam.Pipeline()
-        yield p
-        p.replace_all(dask_overrides())
-        visitor = DaskRunner.to_dask_bag_visitor({"partition_size": 1})  # core/stageio's default on Dask
-        p.visit(visitor)
-        graphs.update({node.full_label: bag for node, bag in visitor.bags.items() if bag is not None})
-        raise Built
-
-    monkeypatch.setattr(pp, "stage_pipeline", built_only)
-    with pytest.raises(Built):
-        pp.run_pair(filtered, str(tmp_path / "pair"), PairConfig())
+    graphs = dask_bags(monkeypatch, pp, lambda: pp.run_pair(filtered, str(tmp_path / "pair"), PairConfig()))
     assert graphs["Read"].npartitions == groups["images"]
     for read in ("ReadOccurrences", "ReadKeys", "ReadLinks"):
         assert graphs[f"{read}/ReadRowGroup"].npartitions == groups["occurrences"], read
