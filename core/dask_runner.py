@@ -37,6 +37,12 @@ docs/cluster.md):
    `initialize_write`, which its bundles wait for, was queued behind every source partition):
    outputs piled up with the input. Here each task's priority is its depth, and a side input
    computed from a few tasks comes first (`_priorities`).
+10. A GroupByKey had as many partitions as its input: one partition grouped in place stayed one.
+   The copy step (pairing/copies.py) finds its candidates in one element and spreads the row
+   groups to featurize and the blocks to verify with a GroupByKey: every row group and block ran
+   in one task on one worker, and every check row of the stage (~500,000 at one Common Crawl
+   file) was one partition held as dicts (issue 34). Here the groups are split into
+   `parallelism` partitions when the input has fewer (each key's values stay in one partition).
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -247,7 +253,8 @@ def _group_partition(items) -> list:
 
 @dataclasses.dataclass
 class _GroupByKey(te.DaskBagOp):
-    """Beam's GroupByKeyOnly as a dask task shuffle over at most `parallelism` partitions (fix 6)."""
+    """Beam's GroupByKeyOnly as a dask task shuffle over at most `parallelism` partitions (fix 6),
+    whose output has `parallelism` partitions however few its input has (fix 10)."""
 
     parallelism: int = 0  # the most partitions of any source of the pipeline (0: the input's; 1: gather)
 
@@ -258,8 +265,12 @@ class _GroupByKey(te.DaskBagOp):
         if self.parallelism and bag.npartitions > self.parallelism:
             bag = bag.repartition(npartitions=self.parallelism)
         if bag.npartitions == 1:  # nothing to shuffle
-            return bag.map_partitions(_group_partition)
-        return groupby_tasks(bag, _group_key, hash=_key_hash).map(_grouped)
+            grouped = bag.map_partitions(_group_partition)
+        else:
+            grouped = groupby_tasks(bag, _group_key, hash=_key_hash).map(_grouped)
+        if self.parallelism > grouped.npartitions:  # fix 10: spread the groups (each key stays whole)
+            grouped = grouped.repartition(npartitions=self.parallelism)
+        return grouped
 
 
 class _ParDo(te.DaskBagOp):
@@ -291,7 +302,7 @@ def _select(bag, producer, pcoll):
 
 
 class DaskRunner(BeamDaskRunner):
-    """Beam's DaskRunner with the fixes of this module's docstring (1-9)."""
+    """Beam's DaskRunner with the fixes of this module's docstring (1-10)."""
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist

@@ -359,8 +359,9 @@ class WriteStageOutputs(beam.PTransform):
     elements (`_Tally`: one {count: n} a bundle) and summed by one global combine, read by the
     stats step as one side input (a Count.Globally per entry was 8 transforms each; 15 of them were
     ~0.8 CPU s of Beam's fixed cost in pair, issue 34). `input` and the other entries may also be
-    tuples of PCollections (counted together), and the entries named in `table_counts` hold
-    pyarrow tables, counted by their rows. `reason_stats` ({name: reason}) puts the number of
+    tuples of PCollections (counted together), the entries named in `table_counts` hold
+    pyarrow tables, counted by their rows, and those named in `given_counts` hold ints, counts
+    made where the elements are (summed). `reason_stats` ({name: reason}) puts the number of
     rejected rows of a reason in stats.json under a name of its own too (extract's failed_files...),
     without a step of its own.
 
@@ -375,7 +376,7 @@ class WriteStageOutputs(beam.PTransform):
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
-                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False, kept_batch_rows: int = 1000):
+                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False, kept_batch_rows: int = 1000, given_counts: tuple = ()):
         super().__init__()
         self.kept_batch_rows = kept_batch_rows
         self.table_sinks = table_sinks
@@ -385,6 +386,7 @@ class WriteStageOutputs(beam.PTransform):
         self.rejected_tables = rejected_tables
         self.more = more or {}
         self.table_counts = tuple(table_counts)
+        self.given_counts = tuple(given_counts)
         self.reason_stats = dict(reason_stats or {})
 
     def expand(self, pcolls):
@@ -447,7 +449,10 @@ class WriteStageOutputs(beam.PTransform):
                 tallies.append(pc | label >> beam.ParDo(_Tally(_REASON)))
         names = [name for name in pcolls if name not in ("input", "input_count", "kept", "kept_count", "rejected")]
         for name in names:
-            tally(pcolls[name], (_COUNT, name), f"Tally_{name}", rows=name in self.table_counts)
+            if name in self.given_counts:
+                tallies.append(pcolls[name] | f"Tally_{name}" >> beam.Map(lambda n, key=(_COUNT, name): {key: n}))
+            else:
+                tally(pcolls[name], (_COUNT, name), f"Tally_{name}", rows=name in self.table_counts)
         totals = tallies | "AllTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(_SumCounts())
         written = {}
         if self._written:  # the files of every table sink, named by the step that writes the stats
@@ -974,7 +979,7 @@ def row_groups(paths: list[str]) -> list[tuple[str, int]]:
     return [group for path in paths for group in _row_groups(path)]
 
 
-def _parquet_batches(item: tuple[str, int], columns: Optional[list], batch_size: int):
+def parquet_batches(item: tuple[str, int], columns: Optional[list], batch_size: int):
     """The record batches of one row group of a parquet file, read on the calling thread."""
     path, group = item
     with FileSystems.open(path) as fh:
@@ -986,7 +991,7 @@ class _ReadRowGroup(beam.DoFn):
         self.columns = columns
 
     def process(self, item: tuple[str, int]):
-        for batch in _parquet_batches(item, self.columns, READ_BATCH):
+        for batch in parquet_batches(item, self.columns, READ_BATCH):
             yield from batch.to_pylist()
 
 

@@ -36,7 +36,7 @@ from core.config import FilterConfig
 from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
-from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, _parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
+from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
 from core.memory import one_blas_thread, release_blas_thread, tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
@@ -276,7 +276,7 @@ class SpillLinks(beam.DoFn):
         import numpy as np
 
         files = _SpillFiles(self.spill_dir, "links", pa.schema([DOWNLOAD_OCCURRENCE_SCHEMA.field(f) for f in LINK_FIELDS]))
-        for batch in _parquet_batches(item, list(LINK_FIELDS), JOIN_BATCH):
+        for batch in parquet_batches(item, list(LINK_FIELDS), JOIN_BATCH):
             ids = batch.column(LINK_FIELDS.index("image_id")).to_pylist()
             buckets = np.fromiter((bucket_of(i, self.buckets) for i in ids), dtype=np.int64, count=len(ids))
             for b in np.unique(buckets).tolist():
@@ -334,7 +334,7 @@ class JoinLinks(beam.DoFn):
         bucket, item = element
         verdicts, image_rejects = self._bucket(bucket, verdict_spills, reject_spills)
         if not self.spilled:  # one bucket: the occurrences row group, read in place
-            sources = [_parquet_batches(item, list(LINK_FIELDS), JOIN_BATCH)]
+            sources = [parquet_batches(item, list(LINK_FIELDS), JOIN_BATCH)]
         else:
             item = tuple(item)
             sources = [_read_spill(path) for b, source, path in link_spills if b == bucket and tuple(source) == item]

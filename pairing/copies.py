@@ -1199,8 +1199,9 @@ class FindCopies(beam.PTransform):
     candidate search reads each image's (image_id, embedding or None, pHash, (file, row group) where
     its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept,
     COPY_OF_FILE: the path of a file holding them (`read_copy_of`; none when there are none), "checks": one
-    COPY_CHECK_SCHEMA row per verified candidate pair, "candidates": the candidate pairs,
-    "images_read": the ids whose bytes were read}.
+    COPY_CHECK_SCHEMA row per verified candidate pair, "candidate_count": how many candidate pairs
+    (one int), "images_read": the ids whose bytes were read; with `candidates=True` also
+    "candidates": the candidate pairs, one element each}.
 
     Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in the
     images; the embeddings one float16 matrix), which also lists the row groups that hold candidates. Only those row groups are read,
@@ -1211,16 +1212,20 @@ class FindCopies(beam.PTransform):
     read the block's pairs and features back: a worker holds one row group or one
     block, so memory does not grow with the images, and what crosses the shuffles is ids."""
 
-    def __init__(self, cfg, feature_dir: str):
+    def __init__(self, cfg, feature_dir: str, candidates: bool = False):
         super().__init__()
         if not feature_dir:
             raise ValueError("FindCopies needs a folder for the features (feature_dir)")
-        self.cfg, self.feature_dir = cfg, feature_dir
+        self.cfg, self.feature_dir, self.candidates = cfg, feature_dir, candidates
 
     def expand(self, pcolls):
         cfg, feature_dir = self.cfg, self.feature_dir
         listed = pcolls["light"] | "CopyFiles" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates_and_reads, cfg)
-        candidates = listed | "EachCandidate" >> beam.FlatMap(lambda c: c[0])
+        # the stage counts the candidates; as elements they were one Dask partition of ~500,000
+        # tuples at one Common Crawl file (the search's one element, flattened; issue 34)
+        found = {"candidate_count": listed | "CountCandidates" >> beam.Map(lambda c: len(c[0]))}
+        if self.candidates:
+            found["candidates"] = listed | "EachCandidate" >> beam.FlatMap(lambda c: c[0])
         # the row groups that hold candidates, spread over the workers by a GroupByKey
         by_group = listed | "RowGroups" >> beam.FlatMap(lambda c: c[1]) | "SpreadRowGroups" >> beam.GroupByKey()
         featurized = by_group | "Featurize" >> beam.ParDo(_Featurize(cfg, feature_dir)).with_outputs(IMAGES_READ, main="info")
@@ -1235,7 +1240,7 @@ class FindCopies(beam.PTransform):
         # every member held ~100 MB at 77,327 images: issue 34)
         edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables(feature_dir.rstrip("/") + "/_edges"))
         groups = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.ParDo(_Groups(feature_dir.rstrip("/") + "/_copy_of"), beam.pvalue.AsList(info)).with_outputs(COPY_OF_FILE, main="copy_of")
-        return {"copy_of": groups.copy_of, COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "candidates": candidates, "images_read": featurized[IMAGES_READ]}
+        return {**found, "copy_of": groups.copy_of, COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "images_read": featurized[IMAGES_READ]}
 
 
 def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):

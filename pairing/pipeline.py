@@ -211,8 +211,10 @@ def _first_page_wins(item):
 
 
 class PairImages(beam.PTransform):
-    """{"images": ImageRecords (one per distinct image), "links": filter's kept occurrences
-    (link_id, image_id, page_url, image_url, alt, position), "keys": the same links' (image_id,
+    """{"images": (file, row group) items of filter's images files (`read_images`: one record per
+    distinct image), "links": the same of filter's occurrences files (`read_kept_links`: the kept
+    links' link_id, image_id, page_url, image_url, alt, position), each read in the step that
+    spills it, "keys": the kept links' (image_id,
     page_url), a light second read for the counts, "occurrences": (page_url, site,
     image_url, phash) of every downloaded link} -> {"input" links, "kept" image-on-page records,
     "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
@@ -256,15 +258,15 @@ class PairImages(beam.PTransform):
         flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
-            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image, load), *side),
-            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link, load), *side),
+            images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image, load, read=read_images), *side),
+            links | "SpillLinks" >> beam.ParDo(SpillByKey(spill_dir, "links", buckets, key_link, load, read=read_kept_links), *side),
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
             | "JoinPages" >> beam.ParDo(JoinBucket(cfg, copies), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, COPIES, STAND_INS, main="on_pages")
         )
         if copies:
-            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidates"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
+            out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidate_count"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
                        copy_images_removed=found["copy_of"], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
         # 3. per page, one page bucket at a time: near-duplicates, cap, in-band pairs
         per_page = (
@@ -333,25 +335,34 @@ def embedding_arrays(column) -> list:
     return [values[offsets[i] : offsets[i + 1]].copy() if valid[i] else None for i in range(len(column))]
 
 
-class ReadImages(beam.DoFn):
+def read_images(item: tuple[str, int]):
     """(file, row group) of filter's images files (`core.stageio.row_groups`) -> one record per row
     (META_COLUMNS, no bytes) with its pointer (`bytes_file`, `bytes_row_group`) and its embedding as
-    a float16 array: core.stageio ReadParquetWithPointers then `_compact` as one step, the
-    embeddings taken from the column (a Python list of floats per row cost ~25 us, and a Beam step
-    per record). A row group an element: on Dask one partition each, so a worker holds one row
-    group's records, not a file's (issue 34)."""
+    a float16 array, the embeddings taken from the column (a Python list of floats per row cost
+    ~25 us). PairImages reads a row group in the step that spills its records (pairing/spill.py
+    SpillByKey `read`): on Dask one partition each, so a worker holds one row group's records, not
+    a file's, and only once the step's side inputs are ready (issue 34)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
 
-    def process(self, item: tuple[str, int]):
-        import pyarrow.parquet as pq
-        from apache_beam.io.filesystems import FileSystems
+    path, rg = item
+    with FileSystems.open(path) as fh:
+        table = pq.ParquetFile(fh).read_row_group(rg, columns=META_COLUMNS)
+    embeddings = embedding_arrays(table.column("embedding"))
+    for row, embedding in zip(table.drop_columns(["embedding"]).to_pylist(), embeddings):
+        row["embedding"], row["bytes_file"], row["bytes_row_group"] = embedding, path, rg
+        yield row
 
-        path, rg = item
-        with FileSystems.open(path) as fh:
-            table = pq.ParquetFile(fh).read_row_group(rg, columns=META_COLUMNS)
-        embeddings = embedding_arrays(table.column("embedding"))
-        for row, embedding in zip(table.drop_columns(["embedding"]).to_pylist(), embeddings):
-            row["embedding"], row["bytes_file"], row["bytes_row_group"] = embedding, path, rg
-            yield row
+
+def read_kept_links(item: tuple[str, int]):
+    """(file, row group) of filter's occurrences -> its kept links (LINK_COLUMNS; filter_reason
+    null), READ_BATCH rows at a time (read where they are spilled, as `read_images`)."""
+    import pyarrow.compute as pc
+
+    from core.stageio import READ_BATCH, parquet_batches
+
+    for batch in parquet_batches(item, LINK_COLUMNS + ["filter_reason"], READ_BATCH):
+        yield from batch.filter(pc.is_null(batch.column("filter_reason"))).select(LINK_COLUMNS).to_pylist()
 
 
 def _for_parquet(row: dict) -> dict:
@@ -420,13 +431,12 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
             p | "KeyGroups" >> beam.Create(groups) | "ReadKeys" >> ReadRowGroups(KEY_COLUMNS + ["filter_reason"])
             | "KeptKeys" >> beam.Filter(lambda r: r["filter_reason"] is None)
         )
-        links = (
-            p | "LinkGroups" >> beam.Create(groups) | "ReadLinks" >> ReadRowGroups(LINK_COLUMNS + ["filter_reason"])
-            | "KeptLinks" >> beam.Filter(lambda r: r["filter_reason"] is None)
-        )
-        # a second Create keeps the full read in the stage that waits for the boilerplate flags, so
-        # the records stream into the page shuffle instead of being held for that stage
-        images = p | "ImageGroups" >> beam.Create(row_groups(files)) | "Read" >> beam.ParDo(ReadImages())
+        # the kept links and the images: (file, row group) items, each read in the step that spills
+        # it (PairImages), which with the copy step waits for the copy map; a second Create keeps
+        # the full read in the stage that waits for the boilerplate flags, so the records stream
+        # into the page shuffle instead of being held for that stage
+        links = p | "LinkGroups" >> beam.Create(groups)
+        images = p | "ImageGroups" >> beam.Create(row_groups(files))
         inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
         if cfg.copies:  # the copy step reads the embeddings, pHashes and pointers; later only the candidates' bytes
             inputs["copy_light"] = copy_inputs(p, files)
@@ -443,4 +453,4 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True,
-                                                 table_counts=("pairs",))
+                                                 table_counts=("pairs",), given_counts=("copy_candidates",))

@@ -50,12 +50,19 @@ class SpillByKey(beam.DoFn):
     into its (key, value) by `keyed(element, *side inputs)` (None: not spilled): the Map before the
     spill in the same step, without a Beam step of its own (its per-element cost and its share of
     the pipeline's fixed cost; issue 34). With `load`, `keyed` gets `load(*side inputs)` instead of
-    the side inputs, made once a bundle and dropped when it ends."""
+    the side inputs, made once a bundle and dropped when it ends.
 
-    def __init__(self, spill_dir: str, name: str, buckets: int, keyed=None, load=None):
+    With `read`, each element is a unit of input (a (file, row group)) and `read(element)` yields
+    its records: the read happens in this step, once its side inputs are ready. (On Dask a step
+    waits for its side inputs, but a read of its own runs at once, and its rows waited as Python
+    objects in the workers: pair's reads of filter's images and links, for the copy step's map,
+    held every link at one Common Crawl file; issue 34.)"""
+
+    def __init__(self, spill_dir: str, name: str, buckets: int, keyed=None, load=None, read=None):
         self.spill_dir, self.name, self.buckets = spill_dir.rstrip("/"), name, buckets
         self.keyed = keyed
         self.load = load  # side inputs -> what `keyed` gets instead of them, made once a bundle (see below)
+        self.read = read  # an element -> its records (see above)
 
     def start_bundle(self):
         self.buffers: dict = {}  # bucket -> [keys, values, bytes]
@@ -63,7 +70,7 @@ class SpillByKey(beam.DoFn):
         self.writers: dict = {}  # bucket -> (file, writer, path)
         self.loaded = None  # (side inputs, load(side inputs)) of this bundle
 
-    def process(self, kv, *side):
+    def process(self, element, *side):
         if self.load is not None:
             # `load` turns small side inputs (e.g. the paths of a file) into what `keyed` uses (the
             # map in that file), once a bundle, dropped when the bundle ends: a large side input
@@ -72,6 +79,13 @@ class SpillByKey(beam.DoFn):
                 release_free_memory()  # what the step before left freed (the copy groups'), once a bundle
                 self.loaded = (side, self.load(*side))
             side = (self.loaded[1],)
+        if self.read is None:
+            self._add(element, side)
+        else:
+            for record in self.read(element):
+                self._add(record, side)
+
+    def _add(self, kv, side: tuple) -> None:
         if self.keyed is not None:
             kv = self.keyed(kv, *side)
             if kv is None:

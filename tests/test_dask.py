@@ -248,6 +248,40 @@ def test_group_by_key_shuffles_at_the_pipelines_parallelism(tmp_path, dask_args)
     assert runs == {str([_key_hash(k) for k in keys]) + "\n"}
 
 
+def test_a_group_by_key_of_few_partitions_spreads_over_the_pipelines_parallelism(tmp_path, dask_args):
+    """A GroupByKey whose input is one partition (a FlatMap of one element: the copy step's blocks
+    and row groups, spread from its one candidate search) or two kept that many: every group ran in
+    one task, and the stage's check rows were one partition (issue 34, fix 10). Here the groups are
+    split over the pipeline's parallelism; each key's values stay whole, in one partition."""
+    import dask
+
+    def build(p):
+        _ = p | "Wide" >> beam.Create(range(8))  # the pipeline's parallelism: 8 partitions
+        one = p | "One" >> beam.Create([None]) | "Fan" >> beam.FlatMap(lambda _: [(k % 20, k) for k in range(200)])
+        two = p | "Two" >> beam.Create([0, 1]) | "Fan2" >> beam.FlatMap(lambda i: [(f"k{k % 12}", i * 1000 + k) for k in range(60)])
+        return {"one": one | "GroupOne" >> beam.GroupByKey() | "SortOne" >> beam.MapTuple(lambda k, vs: (k, sorted(vs))),
+                "two": two | "GroupTwo" >> beam.GroupByKey() | "SortTwo" >> beam.MapTuple(lambda k, vs: (k, sorted(vs)))}
+
+    visitor = _visited(build, 1)
+    assert visitor.parallelism == 8
+    bags = {node.full_label: bag for node, bag in visitor.bags.items() if bag is not None}
+    want = {"one": {k: list(range(k, 200, 20)) for k in range(20)},
+            "two": {f"k{j}": sorted(i * 1000 + k for i in (0, 1) for k in range(60) if k % 12 == j) for j in range(12)}}
+    for name, label in (("one", "SortOne"), ("two", "SortTwo")):
+        assert bags[label].npartitions == 8, name
+        parts = [list(part) for part in dask.compute(*bags[label].to_delayed(), scheduler="sync")]
+        assert sum(1 for part in parts if part) >= 4, (name, [len(part) for part in parts])  # spread, not one partition
+        got = [kv for part in parts for kv in part]
+        assert len(got) == len(want[name]) and dict(got) == want[name]  # each key once, with all its values
+
+    with stage_pipeline(dask_args) as p:
+        for name, pc in build(p).items():
+            _ = pc | f"Json{name}" >> beam.Map(json.dumps) | f"Write{name}" >> beam.io.WriteToText(str(tmp_path / name))
+    for name in ("one", "two"):
+        rows = [json.loads(line) for f in os.listdir(tmp_path) if f.startswith(name + "-") for line in open(tmp_path / f)]
+        assert len(rows) == len(want[name]) and {(int(k) if name == "one" else k): v for k, v in rows} == want[name]
+
+
 def test_global_combines_and_file_names_are_gathered_without_a_shuffle(tmp_path, dask_args):
     """Every count of stats.json is a CombineGlobally, and a file sink gathers its written files'
     names under one key: Beam's translation shuffled each over n x n tasks (extract: 7 of its 10

@@ -479,13 +479,21 @@ def test_stubs_are_build_stub_of_each_pair_row(pipeline_dirs):
 def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_path, monkeypatch):
     """On Dask a partition's outputs are held until it ends (core/dask_runner), so pair's reads of
     filter's output must be bounded units: in the graph the Dask runner makes of run_pair's
-    pipeline, the images and the three reads of the occurrences (flags, kept keys, kept links) are
-    one row group to a partition. (Before, they were a file each, and ReadAllFromParquet made every
-    occurrence row one partition: at one Common Crawl file each worker peaked at 2.5 GB, 6.3x its
-    1x peak, where the in-process runner holds 454 MB; issue 34.)"""
+    pipeline, the images, the kept links and the two other reads of the occurrences (flags, kept
+    keys) are one row group to a partition. (Before, they were a file each, and ReadAllFromParquet
+    made every occurrence row one partition: at one Common Crawl file each worker peaked at 2.5 GB,
+    6.3x its 1x peak, where the in-process runner holds 454 MB; issue 34.)
+
+    The images and the kept links are read in the steps that spill them, which wait for the copy
+    step's map (a side input): read in steps of their own, every row group's records were read at
+    once and waited in the workers, as dicts, for the whole copy step (570 MB a worker at 16x,
+    1.56x its 1x peak). Each spill partition is checked against its row group, row by row."""
     import shutil
 
+    import dask
+    import pyarrow as pa
     import pyarrow.parquet as pq
+    from dask.core import get_dependencies
     from daskgraph import dask_bags
 
     import pairing.pipeline as pp
@@ -501,14 +509,29 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
             pq.write_table(table, f, row_group_size=7)
         groups[name] = sum(pq.ParquetFile(f).num_row_groups for f in files)
     assert groups["images"] > 2 and groups["occurrences"] > 2, groups
-    graphs = dask_bags(monkeypatch, pp, lambda: pp.run_pair(filtered, str(tmp_path / "pair"), PairConfig()))
-    assert graphs["Read"].npartitions == groups["images"]
-    for read in ("ReadOccurrences", "ReadKeys", "ReadLinks"):
+    cfg = PairConfig()
+    assert cfg.copies  # the default: the spills of images and links wait for the copy map
+    graphs = dask_bags(monkeypatch, pp, lambda: pp.run_pair(filtered, str(tmp_path / "pair"), cfg))
+    assert "Read" not in graphs and "ReadLinks/ReadRowGroup" not in graphs  # no read step of their own
+    assert graphs["Pair/SpillImages"].npartitions == groups["images"]
+    assert graphs["Pair/SpillLinks"].npartitions == groups["occurrences"]
+    for read in ("ReadOccurrences", "ReadKeys"):
         assert graphs[f"{read}/ReadRowGroup"].npartitions == groups["occurrences"], read
 
-    # and each partition holds exactly its row group's rows (computed here, without a cluster)
-    import dask
+    # each spill task waits for the copy map: the copy groups' step is among its ancestors
+    copy_map = graphs["Pair/FindCopies/Groups/ParDo(_Groups)"].name
+    for label in ("Pair/SpillImages", "Pair/SpillLinks"):
+        graph = dict(graphs[label].__dask_graph__())
+        for key in graphs[label].__dask_keys__():
+            seen, todo = set(), [key]
+            while todo:
+                for dep in get_dependencies(graph, todo.pop()):
+                    if dep not in seen:
+                        seen.add(dep)
+                        todo.append(dep)
+            assert any(copy_map in str(dep) for dep in seen), (label, key)
 
+    # and each partition holds exactly its row group's rows (computed here, without a cluster)
     def partitions(label: str) -> list:
         return [list(part) for part in dask.compute(*graphs[label].to_delayed(), scheduler="sync")]
 
@@ -516,12 +539,19 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
         return [pq.ParquetFile(f).read_row_group(g, columns=columns).to_pylist() for f in stage_files(filtered, name, expected="filter") for g in range(pq.ParquetFile(f).num_row_groups)]
 
     def same(got: list, expected: list) -> None:  # the same row groups, in any order of partitions
-        key = lambda rows: json.dumps(rows, sort_keys=True, default=str)  # noqa: E731
+        key = lambda rows: json.dumps(sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str)), sort_keys=True, default=str)  # noqa: E731
         assert sorted(map(key, got)) == sorted(map(key, expected))
 
+    def spilled(part: list, fields: tuple) -> list:  # the records a spill partition wrote, unpacked
+        rows = []
+        for _, (_, path) in part:
+            table = pa.ipc.open_file(path).read_all()
+            rows += [pp.unpack(value, fields) for value in table.column(1).to_pylist()]
+        return rows
+
     same(partitions("ReadOccurrences/ReadRowGroup"), row_group_rows("occurrences", pp.OCCURRENCE_COLUMNS))
-    same(partitions("ReadLinks/ReadRowGroup"), row_group_rows("occurrences", pp.LINK_COLUMNS + ["filter_reason"]))
-    files = stage_files(filtered, "images", expected="filter")
-    read = sorted(((r["bytes_file"], r["bytes_row_group"], r["image_id"]) for part in partitions("Read") for r in part))
-    assert read == sorted((f, g, i) for f in files for g in range(pq.ParquetFile(f).num_row_groups) for i in pq.ParquetFile(f).read_row_group(g, columns=["image_id"]).column(0).to_pylist())
-    assert all(len({r["bytes_row_group"] for r in part}) == 1 for part in partitions("Read"))  # one row group a partition
+    kept_links = [[{k: r[k] for k in pp.LINK_FIELDS} for r in rows if r["filter_reason"] is None] for rows in row_group_rows("occurrences", pp.LINK_COLUMNS + ["filter_reason"])]
+    same([spilled(part, pp.LINK_FIELDS) for part in partitions("Pair/SpillLinks")], kept_links)
+    images = [[r["image_id"] for r in rows] for rows in row_group_rows("images", ["image_id"])]
+    got = [[r["image_id"] for r in spilled(part, pp.COPY_JOIN_FIELDS)] for part in partitions("Pair/SpillImages")]
+    assert sorted(map(sorted, got)) == sorted(map(sorted, images))  # each partition one row group's images
