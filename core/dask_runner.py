@@ -71,7 +71,12 @@ RUNNER_PATH = "core.dask_runner.DaskRunner"
 # 128 KiB (a decoded image, a parquet page) is a fresh mmap and its pages fault in again: filter's
 # bundles ran 1.5x slower than in-process. Unset, glibc behaves as in any process. The LocalCluster
 # here uses this; deploy/dask sets it on a cluster's workers (DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON).
-WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+# And Arrow's buffers come from its system pool (glibc malloc), as every stage sets in process
+# (core/memory.py system_arrow_pool, which on Dask sets the driver's pool only): with mimalloc, pair's
+# copy-step candidate search on its worker peaked 35 MB higher at one Common Crawl file (386 vs 351
+# MB; reading the images' ids, embeddings and pHashes kept 82 MB resident against 47; issue 34).
+WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": None, "ARROW_DEFAULT_MEMORY_POOL": "system"}
+WORKER_CONFIG = {f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in WORKER_ENVIRON.items()}
 
 # The scheduler hands a worker of one thread a second ready source bundle while it runs the first
 # (worker-saturation 1.1 rounds up to 2 slots), and a worker busy with the small tasks after a bundle
@@ -498,7 +503,7 @@ def dask_cluster(address: Optional[str], workers: int) -> Iterator[str]:
 
     # silence_logs: the cluster's own shutdown chatter (heartbeats to a closed scheduler) stays quiet;
     # no statistical profiler in the workers (a stack sample every 10 ms slowed filter's Python work);
-    # WORKER_CONFIG: glibc's own malloc thresholds in the workers; SCHEDULER_CONFIG: one source bundle
+    # WORKER_CONFIG: glibc's own malloc thresholds and Arrow's system pool in the workers; SCHEDULER_CONFIG: one source bundle
     # per worker at a time
     with dask.config.set({"distributed.worker.profile.enabled": False, **WORKER_CONFIG, **SCHEDULER_CONFIG}), _driver_environment_kept():
         with LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL) as cluster:

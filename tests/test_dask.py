@@ -356,12 +356,15 @@ def test_a_local_cluster_leaves_the_drivers_thread_settings_as_they_were(monkeyp
 def test_workers_keep_glibcs_malloc_thresholds(dask_args):
     """A Dask nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     dynamic mmap threshold (filter's bundles ran 1.5x slower than in-process). The LocalCluster of
-    `dask_cluster` leaves it unset, and so does the setting deploy/dask gives a cluster's workers."""
+    `dask_cluster` leaves it unset, and so does the setting deploy/dask gives a cluster's workers;
+    both give the workers Arrow's system pool, as every stage sets in process (issue 34)."""
     from distributed import Client
 
     with Client(dask_args[-1]) as client:
         env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        pools = client.run(lambda: __import__("pyarrow").default_memory_pool().backend_name)
     assert len(env) == 2 and set(env.values()) == {None}
+    assert set(pools.values()) == {"system"}  # Arrow's system pool, as every stage sets in process
 
     setting = {e["name"]: e["value"] for e in _manifest_container("worker")["env"]}["DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"]
     slurm = open(os.path.join(DEPLOY_DASK, "slurm.py")).read()
@@ -370,6 +373,7 @@ def test_workers_keep_glibcs_malloc_thresholds(dask_args):
     for value, unset in ((setting, True), (None, False)):
         out = _fresh_python(code, {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": value} if value else {})
         assert ("MALLOC_TRIM_THRESHOLD_" not in out) is unset and "OMP_NUM_THREADS" in out
+        assert ("ARROW_DEFAULT_MEMORY_POOL" in out) is unset
 
 
 def test_a_stages_options_make_each_view_once():
