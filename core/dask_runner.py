@@ -42,7 +42,8 @@ docs/cluster.md):
    groups to featurize and the blocks to verify with a GroupByKey: every row group and block ran
    in one task on one worker, and every check row of the stage (~500,000 at one Common Crawl
    file) was one partition held as dicts (issue 34). Here the groups are split into
-   `parallelism` partitions when the input has fewer (each key's values stay in one partition).
+   `parallelism` partitions when the input has fewer (each key's values stay in one partition),
+   each slice a task of its own that is not fused into its reader (`_spread`).
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -274,8 +275,36 @@ class _GroupByKey(te.DaskBagOp):
         else:
             grouped = groupby_tasks(bag, _group_key, hash=_key_hash).map(_grouped)
         if self.parallelism > grouped.npartitions:  # fix 10: spread the groups (each key stays whole)
-            grouped = grouped.repartition(npartitions=self.parallelism)
+            grouped = _spread(grouped, self.parallelism)
         return grouped
+
+
+SPREAD = "spread-"  # the name of `_spread`'s slices: never fused into the task that reads them (`_fused`)
+
+
+def _spread(bag, n: int):
+    """`bag`'s partitions split into `n` (fix 10), each partition's list cut into consecutive
+    slices (dask.bag's `split`): a task per partition makes the slices and a task per slice hands one
+    on. A slice task is not fused into its reader, so a reader that the scheduler runs on another
+    worker fetches its slice, not the whole partition (dask.bag's `repartition` makes the same
+    tasks, and fusion then made every reader depend on the whole partition)."""
+    import operator
+
+    from dask.bag.core import Bag, split
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    token = tokenize(bag, n)
+    name, cut = f"{SPREAD}{token}", f"{SPREAD}split-{token}"
+    div, mod = divmod(n, bag.npartitions)
+    graph, j = {}, 0
+    for i in range(bag.npartitions):
+        k = div + (1 if i < mod else 0)
+        graph[(cut, i)] = (split, (bag.name, i), k)
+        for part in range(k):
+            graph[(name, j)] = (operator.getitem, (cut, i), part)
+            j += 1
+    return Bag(HighLevelGraph.from_collections(name, graph, dependencies=[bag]), name, n)
 
 
 class _ParDo(te.DaskBagOp):
@@ -393,6 +422,10 @@ class DaskRunner(BeamDaskRunner):
         return Visitor()
 
 
+def _is_spread(key) -> bool:
+    return isinstance(key, tuple) and isinstance(key[0], str) and key[0].startswith(SPREAD)
+
+
 def _fused(bags: list, sides: Iterable = ()) -> list:
     """The bags' graph culled and with every maximal linear chain fused into one task (fix 8):
     a chain is tasks where each is the only dependency of the next and the next its only
@@ -416,7 +449,7 @@ def _fused(bags: list, sides: Iterable = ()) -> list:
 
     def next_in_chain(a):
         """a's only dependent if a is that task's only dependency (and both may fuse), else None."""
-        if len(dependents[a]) != 1 or a in wanted or culled[a].block_fusion:
+        if len(dependents[a]) != 1 or a in wanted or culled[a].block_fusion or _is_spread(a):
             return None
         (b,) = dependents[a]
         return b if len(dependencies[b]) == 1 and not culled[b].block_fusion else None

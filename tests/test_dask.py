@@ -262,9 +262,27 @@ def test_a_group_by_key_of_few_partitions_spreads_over_the_pipelines_parallelism
         return {"one": one | "GroupOne" >> beam.GroupByKey() | "SortOne" >> beam.MapTuple(lambda k, vs: (k, sorted(vs))),
                 "two": two | "GroupTwo" >> beam.GroupByKey() | "SortTwo" >> beam.MapTuple(lambda k, vs: (k, sorted(vs)))}
 
+    from dask.core import get_dependencies
+
+    from core.dask_runner import _fused
+
     visitor = _visited(build, 1)
     assert visitor.parallelism == 8
     bags = {node.full_label: bag for node, bag in visitor.bags.items() if bag is not None}
+    # each reader of a spread partition depends on its own slice, not on the whole grouped partition
+    # (so a reader the scheduler runs on another worker fetches its slice only)
+    (fused,) = _fused([bags["SortOne"]])
+    graph = dict(fused.__dask_graph__())
+
+    def inputs(key):  # the task's own inputs, through the alias that names a fused chain
+        deps = get_dependencies(graph, key)
+        while len(deps) == 1 and not next(iter(deps))[0].startswith("spread-"):
+            deps = get_dependencies(graph, next(iter(deps)))
+        return deps
+
+    slices = [inputs(key) for key in fused.__dask_keys__()]
+    assert all(len(deps) == 1 and next(iter(deps))[0].startswith("spread-") and "split" not in next(iter(deps))[0] for deps in slices), slices
+    assert len({next(iter(deps)) for deps in slices}) == 8
     want = {"one": {k: list(range(k, 200, 20)) for k in range(20)},
             "two": {f"k{j}": sorted(i * 1000 + k for i in (0, 1) for k in range(60) if k % 12 == j) for j in range(12)}}
     for name, label in (("one", "SortOne"), ("two", "SortTwo")):
@@ -345,12 +363,17 @@ def test_a_local_cluster_leaves_the_drivers_thread_settings_as_they_were(monkeyp
     from core.dask_runner import dask_cluster
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "7")
     with dask_cluster(None, 1) as address:
         with Client(address) as client:
             (workers,) = client.run(lambda: (os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS"))).values()
+            # a fresh worker, before any stage's setup set a pool: Arrow's system pool from its start
+            (pool,) = client.run(lambda: (os.environ.get("ARROW_DEFAULT_MEMORY_POOL"), __import__("pyarrow").default_memory_pool().backend_name)).values()
     assert workers == ("1", "7")  # the nanny's default, and the user's own setting where there is one
+    assert pool == ("system", "system")
     assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "7"
+    assert "ARROW_DEFAULT_MEMORY_POOL" not in os.environ  # the driver's own environment back
 
 
 def test_workers_keep_glibcs_malloc_thresholds(dask_args):
@@ -362,7 +385,7 @@ def test_workers_keep_glibcs_malloc_thresholds(dask_args):
 
     with Client(dask_args[-1]) as client:
         env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-        pools = client.run(lambda: __import__("pyarrow").default_memory_pool().backend_name)
+        pools = client.run(lambda: os.environ.get("ARROW_DEFAULT_MEMORY_POOL"))
     assert len(env) == 2 and set(env.values()) == {None}
     assert set(pools.values()) == {"system"}  # Arrow's system pool, as every stage sets in process
 

@@ -552,6 +552,7 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
     same(partitions("ReadOccurrences/ReadRowGroup"), row_group_rows("occurrences", pp.OCCURRENCE_COLUMNS))
     kept_links = [[{k: r[k] for k in pp.LINK_FIELDS} for r in rows if r["filter_reason"] is None] for rows in row_group_rows("occurrences", pp.LINK_COLUMNS + ["filter_reason"])]
     same([spilled(part, pp.LINK_FIELDS) for part in partitions("Pair/SpillLinks")], kept_links)
-    images = [[r["image_id"] for r in rows] for rows in row_group_rows("images", ["image_id"])]
-    got = [[r["image_id"] for r in spilled(part, pp.COPY_JOIN_FIELDS)] for part in partitions("Pair/SpillImages")]
-    assert sorted(map(sorted, got)) == sorted(map(sorted, images))  # each partition one row group's images
+    files = stage_files(filtered, "images", expected="filter")
+    images = [[(r["image_id"], f, g) for r in pq.ParquetFile(f).read_row_group(g, columns=["image_id"]).to_pylist()] for f in files for g in range(pq.ParquetFile(f).num_row_groups)]
+    got = [[(r["image_id"], r["bytes_file"], r["bytes_row_group"]) for r in spilled(part, pp.COPY_JOIN_FIELDS)] for part in partitions("Pair/SpillImages")]
+    assert sorted(map(sorted, got)) == sorted(map(sorted, images))  # each partition one row group's images, with their pointers
