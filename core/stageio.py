@@ -353,7 +353,8 @@ class WriteStageOutputs(beam.PTransform):
     follow REJECTED_SCHEMA (or, with `rejected_tables=True`, are pyarrow tables with that schema,
     written as they come). With tables, `kept` and `rejected` may be tuples of PCollections, each
     written by its own sink. Any other entry is counted too and lands in stats.json under its name
-    (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/`.
+    (e.g. "pairs"); the entries named in `more` ({name: schema}) are also written to `name/` (as
+    tables when named in `table_counts` too).
 
     Every count (input, kept, reasons, the other entries) is tallied in the step that makes its
     elements (`_Tally`: one {count: n} a bundle) and summed by one global combine, read by the
@@ -409,8 +410,8 @@ class WriteStageOutputs(beam.PTransform):
                 # the second sink finished first: 1 run in 3 in process, found in review)
                 sink_path, sink_label = (path, label) if i == 0 else (f"{path}_{i}", f"{label}{i}")
                 self._sink(pc, sink_label, sink_path, schema, tables, self.kept_batch_rows if path == kept_path else 1000)
-        for other, schema in self.more.items():
-            self._sink(pcolls[other], f"Write_{other}", os.path.join(self.out_dir, other, "part"), schema, False, 1000)
+        for other, schema in self.more.items():  # tables when counted as tables (`table_counts`), else rows
+            self._sink(pcolls[other], f"Write_{other}", os.path.join(self.out_dir, other, "part"), schema, other in self.table_counts, 1000)
         return self._stats(pcolls, kept_all, rejected_all)
 
     def _sink(self, pc, label: str, sink_path: str, schema: pa.Schema, tables: bool, rows: int) -> None:

@@ -127,10 +127,11 @@ def ann_neighbours(emb: np.ndarray, top_k: int, min_cosine: float, exact_below: 
         sims, idx = index.search(x, k)
     finally:
         faiss.omp_set_num_threads(threads)
-    rows = np.repeat(np.arange(n), k)
+    del index  # its vectors and graph (~30 MB at 77,327 images), before the results are sorted out
+    rows = np.repeat(np.arange(n, dtype=np.int32), k)
     sims, idx = sims.reshape(-1), idx.reshape(-1)
     keep = (idx >= 0) & (idx != rows) & (sims >= min_cosine)
-    return rows[keep], idx[keep], sims[keep]
+    return rows[keep], idx[keep].astype(np.int32), sims[keep]
 
 
 PHASH_BATCH_HITS = 1 << 18  # raw pHash-index hits held at once (~100 bytes each at the peak of a batch: ~26 MB)
@@ -270,30 +271,58 @@ def candidate_list(ids: list[str], embeddings: Optional[np.ndarray], phashes: li
     `copy_max_candidates` (by cosine, then by pHash distance), and takes part in at most twice that
     many pairs (a hub keeps its closest). Linear in the images: each query returns a bounded list;
     the merging is numpy over those lists. Sorted by (id_a, id_b)."""
-    n = len(ids)
-    none = CandidateList(list(ids), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64), np.zeros(0, np.int16))
-    if n < 2:
-        return none
-    parts = []  # (i, j, cosine, distance)
-    if embeddings is not None and len(embeddings):
-        i, j, sims = ann_neighbours(embeddings, cfg.copy_top_k, cfg.copy_min_cosine)
-        parts.append((i, j, sims.astype(np.float64), np.full(len(i), -1, np.int64)))
+    if len(ids) < 2:
+        return _no_candidates(ids)
+    parts = [embedding_pairs(embeddings, cfg)] if embeddings is not None and len(embeddings) else []
+    parts += phash_pairs(phashes, cfg)
+    return choose_candidates(ids, parts, cfg)
+
+
+def _no_candidates(ids) -> CandidateList:
+    return CandidateList(list(ids), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float64), np.zeros(0, np.int16))
+
+
+def _raw_part(i: np.ndarray, j: np.ndarray, n: int, cos: np.ndarray, dist: np.ndarray) -> tuple:
+    """Raw neighbour pairs of rows i, j of n as (pair key min * n + max, cosine as float32 or nan,
+    pHash distance as int16 or -1): 14 bytes a pair, where the rows, a float64 and an int64 held 32
+    (faiss's cosines are float32: the same values; issue 34)."""
+    key = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+    return key, cos.astype(np.float32), dist.astype(np.int16)
+
+
+def embedding_pairs(embeddings: np.ndarray, cfg) -> tuple:
+    """The raw pairs (`_raw_part`) of each image and its faiss neighbours, of the rows of
+    `embeddings` (one image a row)."""
+    i, j, sims = ann_neighbours(embeddings, cfg.copy_top_k, cfg.copy_min_cosine)
+    return _raw_part(i, j, len(embeddings), sims, np.full(len(i), -1, np.int16))
+
+
+def phash_pairs(phashes: list[Optional[str]], cfg) -> list[tuple]:
+    """[the raw pairs (`_raw_part`) of images within `copy_phash_distance` bits], [] when no image
+    has a pHash or the distance is 0."""
     valid = np.array([bool(h) and len(h) == 16 for h in phashes])
-    if valid.any() and cfg.copy_phash_distance > 0:
-        rows = np.flatnonzero(valid)
-        hashes = np.array([int(phashes[r], 16) for r in rows], dtype=np.uint64)
-        i, j, dist = phash_neighbours(hashes, cfg.copy_phash_distance)
-        parts.append((rows[i], rows[j], np.full(len(i), np.nan), dist.astype(np.int64)))
-    if not parts:
+    if not valid.any() or cfg.copy_phash_distance <= 0:
+        return []
+    rows = np.flatnonzero(valid)
+    hashes = np.array([int(phashes[r], 16) for r in rows], dtype=np.uint64)
+    i, j, dist = phash_neighbours(hashes, cfg.copy_phash_distance)
+    return [_raw_part(rows[i], rows[j], len(phashes), np.full(len(i), np.nan, np.float32), dist)]
+
+
+def choose_candidates(ids: list[str], parts: list[tuple], cfg) -> CandidateList:
+    """`candidate_list` of the raw pairs `parts` (`embedding_pairs`, `phash_pairs`) of `ids`."""
+    n = len(ids)
+    none = _no_candidates(ids)
+    if n < 2 or not parts:
         return none
     # what follows holds a few arrays of the raw pairs at a time (each dropped when used: at 77,327
     # images, 1.2 x 10^6 raw pairs, all of them alive together and the Python ints of the degree
-    # loop were a 280 MB peak, issue 34), indices as int32 and distances as int16 (the same values,
-    # so the same sorts)
-    cos = np.concatenate([p[2] for p in parts])
-    dist = np.concatenate([p[3] for p in parts]).astype(np.int16)
-    key = np.concatenate([np.minimum(p[0], p[1]).astype(np.int64) * n + np.maximum(p[0], p[1]) for p in parts])
-    del parts
+    # loop were a 280 MB peak, issue 34), indices as int32, distances as int16 and cosines as
+    # float32 (the same values, so the same sorts)
+    key = np.concatenate([p[0] for p in parts])
+    cos = np.concatenate([p[1] for p in parts])
+    dist = np.concatenate([p[2] for p in parts])
+    parts.clear()  # the caller's list: its arrays go now
     if not len(key):  # neighbour searches that found nothing (no two images close enough)
         return none
     # one row per pair: its cosine (if any) and its smallest pHash distance (if any)
@@ -305,7 +334,7 @@ def candidate_list(ids: list[str], embeddings: Optional[np.ndarray], phashes: li
     first = np.concatenate([[True], key[1:] != key[:-1]])
     group = np.cumsum(first, dtype=np.int32) - 1
     n_pairs = int(group[-1]) + 1
-    pair_cos = np.full(n_pairs, np.nan)
+    pair_cos = np.full(n_pairs, np.nan, np.float32)
     has_cos = ~np.isnan(cos)
     pair_cos[group[has_cos]] = cos[has_cos]
     del cos, has_cos
@@ -318,7 +347,7 @@ def candidate_list(ids: list[str], embeddings: Optional[np.ndarray], phashes: li
     plo, phi = (key // n).astype(np.int32), (key % n).astype(np.int32)
     del key
     # cap partners per image: rank each image's pairs by cosine (pHash-only ones after, closest first)
-    rank_cos = np.where(np.isnan(pair_cos), -2.0, pair_cos)
+    rank_cos = np.where(np.isnan(pair_cos), np.float32(-2.0), pair_cos)
     ends = np.concatenate([plo, phi])
     order = np.lexsort((np.concatenate([pair_dist, pair_dist]), -np.concatenate([rank_cos, rank_cos]), ends))
     ends = ends[order]
@@ -349,7 +378,7 @@ def candidate_list(ids: list[str], embeddings: Optional[np.ndarray], phashes: li
     chosen = chosen[take]
     del take
     a, b = plo[chosen], phi[chosen]
-    cos, dist = pair_cos[chosen], pair_dist[chosen].astype(np.int16)
+    cos, dist = pair_cos[chosen].astype(np.float64), pair_dist[chosen].astype(np.int16)
     dist[dist == 99] = -1
     # each pair as (smaller id, larger id), in the order of (id_a, id_b): the ids' ranks as strings
     # (equal ids, equal ranks); the ids of the pipeline come sorted, so their ranks are their rows
@@ -918,7 +947,18 @@ def _candidates(light: LightRows, cfg) -> CandidateList:
         return np.stack([np.asarray(light.embedding(order[k]), dtype=np.float32) for k in rows])
 
     if with_emb and len(with_emb) == len(ids):
-        return candidate_list(ids, matrix(with_emb), phashes, cfg)
+        # candidate_list in its steps, so that the embeddings are not held longer than needed: the
+        # float16 matrix goes once the float32 one is made (the caller needs only ids and pointers
+        # from here on), and that one once faiss is done with it (before, both were held through
+        # the pHash search and the merge: 30 MB at 77,327 64-d embeddings, ~6 KB an image at 512-d)
+        if len(ids) < 2:
+            return _no_candidates(ids)
+        x = matrix(with_emb)
+        light.emb = None
+        parts = [embedding_pairs(x, cfg)]
+        del x
+        parts += phash_pairs(phashes, cfg)
+        return choose_candidates(ids, parts, cfg)
     if with_emb:  # a mixed input (some images not embedded): search the embedded ones
         sub = find_candidates([ids[k] for k in with_emb], matrix(with_emb), [None] * len(with_emb), cfg)
         return CandidateList.of(_merge(sub, find_candidates(ids, None, phashes, cfg)))

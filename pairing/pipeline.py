@@ -66,7 +66,9 @@ class JoinBucket(beam.DoFn):
     pairing/copies.py `on_pages_with_copies` makes the records (tagged outputs `rejected`,
     `copies`, `stand_ins`). The rejected rows leave as pyarrow tables of up to
     REJECTED_TABLE_ROWS rows (each producer of rejected rows has its own sink: the local runner
-    holds a Flatten of outputs of different stages whole)."""
+    holds a Flatten of outputs of different stages whole), and so do the `copies` rows (on Dask a
+    bundle's outputs are one list until all its consumers ran: a bucket with a photo copied on
+    ~20,000 pages held ~20,000 copies rows as dicts; issue 34)."""
 
     def __init__(self, cfg: PairConfig, copies: bool):
         self.cfg, self.copies = cfg, copies
@@ -82,6 +84,7 @@ class JoinBucket(beam.DoFn):
         images, links = read_groups(paths["image"]), read_groups(paths["links"])
         cfg = self.cfg
         rejected: list = []
+        copy_rows: list = []  # COPY_SCHEMA rows, leaving as tables like the rejected ones
         for key in in_order(images.keys() | links.keys()):
             packed, group_links = images.pop(key, []), links.pop(key, [])
             if not self.copies and not packed:
@@ -106,14 +109,21 @@ class JoinBucket(beam.DoFn):
                         rejected.append(row)
                 elif out.tag == REJECTED:
                     rejected.append(out.value)
+                elif out.tag == COPIES:
+                    copy_rows.append(out.value)
                 else:
                     yield out
                 if len(rejected) >= REJECTED_TABLE_ROWS:
                     yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
                     rejected = []
+                if len(copy_rows) >= REJECTED_TABLE_ROWS:
+                    yield beam.pvalue.TaggedOutput(COPIES, rows_to_table(copy_rows, COPY_SCHEMA))
+                    copy_rows = []
             del grouped, packed, group_links
         if rejected:
             yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
+        if copy_rows:
+            yield beam.pvalue.TaggedOutput(COPIES, rows_to_table(copy_rows, COPY_SCHEMA))
 
 
 REJECTED_TABLE_ROWS = 4096  # rejected rows a join bucket holds before they leave as a table (a bucket has ~4,096 links)
@@ -453,4 +463,4 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True,
-                                                 table_counts=("pairs",), given_counts=("copy_candidates",))
+                                                 table_counts=("pairs", "copies"), given_counts=("copy_candidates",))

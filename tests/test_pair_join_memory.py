@@ -18,9 +18,10 @@ import pytest
 from apache_beam.pvalue import TaggedOutput
 
 from core.config import PairConfig
-from core.records import stable_id
+from core.records import COPY_SCHEMA, stable_id
+from core.sites import site_of
 from pairing.copies import COPIES, COPY_DUPLICATE, NEAR_DUPLICATE, STAND_INS
-from pairing.pipeline import COPY_JOIN_FIELDS, IMAGE_JOIN_FIELDS, LINK_FIELDS, PAGE_SPILL_FIELDS, REJECTED, JoinBucket, pack
+from pairing.pipeline import COPY_JOIN_FIELDS, IMAGE_JOIN_FIELDS, LINK_FIELDS, PAGE_SPILL_FIELDS, REJECTED, REJECTED_TABLE_ROWS, JoinBucket, pack
 from pairing.spill import SCHEMA
 
 DRESSES = 20  # the group's dresses: d00 (kept) and 19 copies of it
@@ -70,7 +71,7 @@ def _run(item, copies: bool = True, keep: bool = True):
             if keep:
                 out.setdefault(tag, []).append(value)
             else:
-                out[tag] = out.get(tag, 0) + (value.num_rows if tag == REJECTED else 1)
+                out[tag] = out.get(tag, 0) + (value.num_rows if tag in (REJECTED, COPIES) else 1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -78,10 +79,10 @@ def _run(item, copies: bool = True, keep: bool = True):
 
 
 def test_a_copy_group_gives_each_link_its_outcome(tmp_path):
-    """Every link of a 3,000-link group, row by row: the kept dress's links on their pages, every
+    """Every link of a 9,000-link group, row by row: the kept dress's links on their pages, every
     other link rejected (near-duplicate on a page of the kept dress, else a copy that the kept
     dress stands in for, once per page, with that link's alt and position) and a copies row."""
-    links = _links(3000)
+    links = _links(9000)
     out, _ = _run(_bucket(tmp_path, links))
     kept_pages = {x["page_url"] for x in links if x["image_id"] == "d00"}
     kept_url = min(x["image_url"] for x in links if x["image_id"] == "d00")
@@ -105,7 +106,19 @@ def test_a_copy_group_gives_each_link_its_outcome(tmp_path):
     assert on_page == expected_on_page
     rejected = [row for table in out[REJECTED] for row in table.to_pylist()]
     assert len(rejected) == len(expected_rejected) and {r["record_id"]: r["reason"] for r in rejected} == expected_rejected
-    assert {r["link_id"]: (r["page_url"], r["image_id"], r["kept_image_id"], r["kept_image_url"], r["stand_in"]) for r in out[COPIES]} == expected_copies
+    # the copies rows leave as tables of at most REJECTED_TABLE_ROWS rows, like the rejected ones (on
+    # Dask a bucket's outputs are one list until every consumer ran: ~20,000 dicts for a photo
+    # copied on ~20,000 pages at one Common Crawl file; issue 34)
+    assert all(isinstance(t, pa.Table) and t.schema.equals(COPY_SCHEMA) and 0 < t.num_rows <= REJECTED_TABLE_ROWS for t in out[COPIES])
+    copies = [row for table in out[COPIES] for row in table.to_pylist()]
+    assert len(copies) == len(expected_copies) and len(out[COPIES]) == -(-len(copies) // REJECTED_TABLE_ROWS)
+    assert {r["link_id"]: (r["page_url"], r["image_id"], r["kept_image_id"], r["kept_image_url"], r["stand_in"]) for r in copies} == expected_copies
+    kept, url_of = _image("d00", 0), {x["link_id"]: x["image_url"] for x in links}
+    for r in copies:  # each copy's own size and pointer, and the kept dress's
+        own = _image(r["image_id"], int(r["image_id"][1:]))
+        assert (r["site"], r["image_url"]) == (site_of(r["page_url"]), url_of[r["link_id"]])
+        assert (r["width"], r["height"], r["bytes_file"], r["bytes_row_group"]) == (own["width"], own["height"], own["bytes_file"], own["bytes_row_group"])
+        assert (r["kept_width"], r["kept_height"], r["kept_bytes_file"], r["kept_bytes_row_group"]) == (kept["width"], kept["height"], kept["bytes_file"], kept["bytes_row_group"])
     assert sorted(out[STAND_INS]) == sorted(stable_id(p, kept_url) for p in stood_in)
     assert len(stood_in) > 1000 and 0 < sum(v == NEAR_DUPLICATE for v in expected_rejected.values()) < 1000
 
