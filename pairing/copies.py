@@ -1149,20 +1149,19 @@ class _Featurize(beam.DoFn):
             yield _info_table(info)
 
 
-def _blocks(listed, feature_dir: str, size: int = VERIFY_BLOCK):
+def _blocks(candidates, where: dict, feature_dir: str, size: int = VERIFY_BLOCK) -> list:
     """The sorted candidate list in blocks of `size` pairs (pairs of one image stay together), each
     pair with the (file, row group) of its two images (where their features are), or None. The
-    blocks are written one after another into one file under `feature_dir`; what is yielded is
-    (block number, (that file, offset, length)): the GroupByKey that spreads the blocks over the
+    blocks are written one after another into one file under `feature_dir`; what is returned is
+    [(block number, (that file, offset, length))]: the GroupByKey that spreads the blocks over the
     workers carries references, not pairs (the in-process runner holds a GroupByKey's values
     decoded, ~250 bytes a candidate pair: ~130 MB for the 5 x 10^5 pairs of 10^5 images)."""
     import pickle
 
     from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
-    candidates, _, where = listed
     if not candidates:
-        return
+        return []
     path = "/".join((feature_dir.rstrip("/"), "_blocks", "candidates.blocks"))
     refs, at = [], 0
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
@@ -1171,7 +1170,18 @@ def _blocks(listed, feature_dir: str, size: int = VERIFY_BLOCK):
             fh.write(data)
             refs.append((k // size, (path, at, len(data))))
             at += len(data)
-    yield from refs
+    return refs
+
+
+def _search(files: list, cfg, feature_dir: str, keep: bool = False) -> tuple:
+    """The copy step's one search element: (how many candidate pairs, the row groups to read with
+    their candidate ids (`_candidates_and_reads`), the references of the blocks to verify
+    (`_blocks`, written here), the CandidateList when `keep` else None). The pairs and where each
+    image is go to the blocks file here: as the step's output they waited in the worker until every
+    reader of it had run (at 77,327 images ~25 MB beside the featurising that follows; issue 34)."""
+    candidates, reads, where = _candidates_and_reads(files, cfg)
+    refs = _blocks(candidates, where, feature_dir)
+    return len(candidates), reads, refs, candidates if keep else None
 
 
 def read_block(ref) -> list:
@@ -1260,19 +1270,19 @@ class FindCopies(beam.PTransform):
 
     def expand(self, pcolls):
         cfg, feature_dir = self.cfg, self.feature_dir
-        listed = pcolls["light"] | "CopyFiles" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_candidates_and_reads, cfg)
+        listed = pcolls["light"] | "CopyFiles" >> beam.combiners.ToList() | "Candidates" >> beam.Map(_search, cfg, feature_dir, self.candidates)
         # the stage counts the candidates; as elements they were one Dask partition of ~500,000
         # tuples at one Common Crawl file (the search's one element, flattened; issue 34)
-        found = {"candidate_count": listed | "CountCandidates" >> beam.Map(lambda c: len(c[0]))}
+        found = {"candidate_count": listed | "CountCandidates" >> beam.Map(lambda c: c[0])}
         if self.candidates:
-            found["candidates"] = listed | "EachCandidate" >> beam.FlatMap(lambda c: c[0])
+            found["candidates"] = listed | "EachCandidate" >> beam.FlatMap(lambda c: c[3])
         # the row groups that hold candidates, spread over the workers by a GroupByKey
         by_group = listed | "RowGroups" >> beam.FlatMap(lambda c: c[1]) | "SpreadRowGroups" >> beam.GroupByKey()
         featurized = by_group | "Featurize" >> beam.ParDo(_Featurize(cfg, feature_dir)).with_outputs(IMAGES_READ, main="info")
         info = featurized.info
         written = info | "CountWritten" >> beam.combiners.Count.Globally()
         checks = (
-            listed | "Blocks" >> beam.FlatMap(_blocks, feature_dir) | "SpreadBlocks" >> beam.GroupByKey()
+            listed | "Blocks" >> beam.FlatMap(lambda c: c[2]) | "SpreadBlocks" >> beam.GroupByKey()
             | "Verify" >> beam.ParDo(_VerifyBlock(cfg, feature_dir), beam.pvalue.AsSingleton(written))
         )
         # the groups from tables of the verified pairs (written to files under `feature_dir`; their

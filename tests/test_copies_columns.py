@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from core.config import PairConfig
-from pairing.copies import _candidates_and_reads, find_candidates, image_features, one_opencv_thread
+from pairing.copies import VERIFY_BLOCK, _candidates_and_reads, _search, find_candidates, image_features, one_opencv_thread, read_block
 
 
 def _write_images(tmp_path, rows: list[dict], embedding_type) -> list[str]:
@@ -90,6 +90,29 @@ def test_column_reads_find_the_same_candidates_and_pointers(tmp_path):
             named = {x for a, b, _, _ in want for x in (a, b)}
             assert where == {x: where_want[x] for x in named}
             assert [(p, sorted(ids)) for p, ids in reads] == sorted({p: sorted(x for x in named if where_want[x] == p) for p in {where_want[x] for x in named}}.items())
+
+
+def test_the_search_step_writes_every_pair_to_its_blocks_and_keeps_none(tmp_path):
+    """The copy step's search element (`_search`) holds the count, the row groups to read and the
+    blocks' references, not the pairs (they waited in the worker as its output, ~25 MB at 77,327
+    images; issue 34): the blocks read back (`read_block`), in order, are every candidate pair of
+    `_candidates_and_reads` with both images' pointers, in blocks of VERIFY_BLOCK."""
+    cfg = PairConfig(copy_min_cosine=0.3)
+    files = _write_images(tmp_path, _rows(400, 7, True), pa.list_(pa.float16()))
+    cands, reads, where = _candidates_and_reads(files, cfg)
+    assert len(cands) > VERIFY_BLOCK  # several blocks
+    for keep in (False, True):
+        feature_dir = tmp_path / f"features-{keep}"
+        count, step_reads, refs, kept = _search(files, cfg, str(feature_dir), keep)
+        assert count == len(cands) and step_reads == reads
+        assert (kept is None) if not keep else (kept == cands)  # (CandidateList: nan cosines equal)
+        assert [k for k, _ in refs] == list(range(len(refs))) and len(refs) == -(-len(cands) // VERIFY_BLOCK)
+        back = [row for _, ref in refs for row in read_block(ref)]
+        assert len(back) == len(cands)
+        for (a, b, cos, dist, wa, wb), want in zip(back, cands):
+            assert (a, b, dist) == (want[0], want[1], want[3]) and (cos == want[2] or (np.isnan(cos) and np.isnan(want[2])))
+            assert (wa, wb) == (where[a], where[b])
+    assert _search([], cfg, str(tmp_path / "none")) == (0, [], [], None)
 
 
 def test_column_reads_of_no_images_and_of_one(tmp_path):
