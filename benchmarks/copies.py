@@ -269,7 +269,7 @@ def child_verify(n: int, runner: str, data_dir: str, trace: str = "", keep_candi
         start, cpu = time.perf_counter(), _cpu_seconds()
         with sampler, stage_pipeline(beam_args) as p:
             light = copy_inputs(p, files)
-            found = {"light": light} | FindCopies(cfg, feature_dir, candidates=keep_candidates)
+            found = {"light": light} | FindCopies(cfg, feature_dir, candidates=keep_candidates, copy_of=True)
             _ = found["copy_of"] | "AllCopies" >> beam.combiners.ToList() | "CopyJson" >> beam.Map(json.dumps) | "WriteCopies" >> beam.io.WriteToText(out + ".copy_of", shard_name_template="")
             _ = (found["checks"] | "Verdict" >> beam.Map(lambda r: int(r["copy"])) | "AllChecks" >> beam.combiners.ToList()
                  | "CheckJson" >> beam.Map(lambda v: json.dumps([sum(v), len(v)])) | "WriteChecks" >> beam.io.WriteToText(out + ".checks", shard_name_template=""))

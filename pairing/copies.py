@@ -811,18 +811,21 @@ def read_edge_tables(paths: Iterable[str]) -> list:
 
 
 COPY_OF_FILE = "copy_of_file"  # FindCopies' output: the path of the file holding copy_of (`read_copy_of`)
+COPY_OF_COUNT = "copy_of_count"  # FindCopies' output: how many members are not kept (one int)
 
 
 class _Groups(beam.DoFn):
-    """The paths of `_EdgeTables`' files -> group_members of their verified pairs: each (member,
-    kept member), and, tagged COPY_OF_FILE, the path of one Arrow file under `copy_of_dir` holding
-    them all (none when there are none). The steps that key records by the kept member read that
+    """The paths of `_EdgeTables`' files -> tagged COPY_OF_COUNT, how many members group_members
+    of their verified pairs gives, tagged COPY_OF_FILE, the path of one Arrow file under
+    `copy_of_dir` holding each (member, kept member) (none when there are none), and with `pairs`
+    each of them as an element too (as elements they waited in the worker until counted: 65,363
+    tuples at one Common Crawl file; issue 34). The steps that key records by the kept member read that
     file (`read_copy_of`), one dict a bundle, dropped when the bundle ends: as a side input the map
     stayed held by each reading step's cached invoker (and the runner's state cache) to the end of
     the pipeline (~20 MB a reader at 65,363 entries; issue 34)."""
 
-    def __init__(self, copy_of_dir: str):
-        self.copy_of_dir = copy_of_dir.rstrip("/")
+    def __init__(self, copy_of_dir: str, pairs: bool = False):
+        self.copy_of_dir, self.pairs = copy_of_dir.rstrip("/"), pairs
 
     def process(self, paths, info_tables):
         import uuid
@@ -841,7 +844,9 @@ class _Groups(beam.DoFn):
                 writer.write_table(table)
             del table
             yield beam.pvalue.TaggedOutput(COPY_OF_FILE, path)
-        yield from pairs
+        yield beam.pvalue.TaggedOutput(COPY_OF_COUNT, len(pairs))
+        if self.pairs:
+            yield from pairs
 
 
 def read_copy_of(paths) -> dict:
@@ -1247,11 +1252,12 @@ class _VerifyBlock(beam.DoFn):
 class FindCopies(beam.PTransform):
     """{"light": the paths of filter's images files (pairing/pipeline.py copy_inputs), of which the
     candidate search reads each image's (image_id, embedding or None, pHash, (file, row group) where
-    its bytes are) column by column (`LightRows`)} -> {"copy_of": (member, kept member) for each member that is not kept,
-    COPY_OF_FILE: the path of a file holding them (`read_copy_of`; none when there are none), "checks": one
+    its bytes are) column by column (`LightRows`)} -> {COPY_OF_COUNT: how many members are not kept (one int),
+    COPY_OF_FILE: the path of a file holding each (member, kept member) (`read_copy_of`; none when there are none), "checks": one
     COPY_CHECK_SCHEMA row per verified candidate pair, "candidate_count": how many candidate pairs
     (one int), "images_read": the ids whose bytes were read; with `candidates=True` also
-    "candidates": the candidate pairs, one element each}.
+    "candidates": the candidate pairs, one element each; with `copy_of=True` also "copy_of": each
+    (member, kept member), one element each}.
 
     Candidates are found on one worker (the index holds every embedding: faiss HNSW, linear in the
     images; the embeddings one float16 matrix), which also lists the row groups that hold candidates. Only those row groups are read,
@@ -1262,11 +1268,11 @@ class FindCopies(beam.PTransform):
     read the block's pairs and features back: a worker holds one row group or one
     block, so memory does not grow with the images, and what crosses the shuffles is ids."""
 
-    def __init__(self, cfg, feature_dir: str, candidates: bool = False):
+    def __init__(self, cfg, feature_dir: str, candidates: bool = False, copy_of: bool = False):
         super().__init__()
         if not feature_dir:
             raise ValueError("FindCopies needs a folder for the features (feature_dir)")
-        self.cfg, self.feature_dir, self.candidates = cfg, feature_dir, candidates
+        self.cfg, self.feature_dir, self.candidates, self.copy_of = cfg, feature_dir, candidates, copy_of
 
     def expand(self, pcolls):
         cfg, feature_dir = self.cfg, self.feature_dir
@@ -1289,8 +1295,10 @@ class FindCopies(beam.PTransform):
         # paths cross the runner) and of the members' keep signals (a list of tuples and a dict of
         # every member held ~100 MB at 77,327 images: issue 34)
         edges = checks | "EdgeTables" >> beam.ParDo(_EdgeTables(feature_dir.rstrip("/") + "/_edges"))
-        groups = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.ParDo(_Groups(feature_dir.rstrip("/") + "/_copy_of"), beam.pvalue.AsList(info)).with_outputs(COPY_OF_FILE, main="copy_of")
-        return {**found, "copy_of": groups.copy_of, COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "images_read": featurized[IMAGES_READ]}
+        groups = edges | "Edges" >> beam.combiners.ToList() | "Groups" >> beam.ParDo(_Groups(feature_dir.rstrip("/") + "/_copy_of", self.copy_of), beam.pvalue.AsList(info)).with_outputs(COPY_OF_FILE, COPY_OF_COUNT, main="copy_of")
+        if self.copy_of:
+            found["copy_of"] = groups.copy_of
+        return {**found, COPY_OF_COUNT: groups[COPY_OF_COUNT], COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "images_read": featurized[IMAGES_READ]}
 
 
 def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):

@@ -27,7 +27,7 @@ from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMA
 from core.sites import site_of
 from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
-from pairing.copies import COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
+from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
 from pairing.spill import SpillByKey, bucket_count, in_order, read_groups
 
@@ -277,7 +277,7 @@ class PairImages(beam.PTransform):
         )
         if copies:
             out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidate_count"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
-                       copy_images_removed=found["copy_of"], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
+                       copy_images_removed=found[COPY_OF_COUNT], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
         # 3. per page, one page bucket at a time: near-duplicates, cap, in-band pairs
         per_page = (
             joined.on_pages | "SpillPages" >> beam.ParDo(SpillByKey(spill_dir, "pages", buckets)) | "GroupPageBuckets" >> beam.GroupByKey()
@@ -463,4 +463,4 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True,
-                                                 table_counts=("pairs", "copies"), given_counts=("copy_candidates",))
+                                                 table_counts=("pairs", "copies"), given_counts=("copy_candidates", "copy_images_removed"))

@@ -322,7 +322,7 @@ def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pairing.copies import FindCopies, group_feature_path, load_group_features, read_group_index
+    from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, FindCopies, group_feature_path, load_group_features, read_copy_of, read_group_index
     from pairing.pipeline import copy_inputs
 
     rng = random.Random(3)
@@ -346,9 +346,17 @@ def test_copy_step_reads_only_the_candidates_bytes(photos_dir, tmp_path):
     feature_dir = str(tmp_path / "features")
     with TestPipeline() as p:
         light = copy_inputs(p, files)
-        found = {"light": light} | FindCopies(PairConfig(), feature_dir)
+        found = {"light": light} | "Find" >> FindCopies(PairConfig(), feature_dir, copy_of=True)
         assert_that(found["images_read"], equal_to(candidates), label="ReadOnlyCandidates")
         assert_that(found["copy_of"] | beam.Map(lambda kv: (min(kv), max(kv))), equal_to(sorted((d, p) for d, p in family.items())), label="CopiesFound")
+        assert_that(found[COPY_OF_COUNT], equal_to([len(family)]), label="CopiesCounted")
+        # as pair runs it: the members not kept are counted, not elements (65,363 tuples held
+        # until counted at one Common Crawl file; issue 34), and the map is in its file
+        plain = {"light": light} | "FindPlain" >> FindCopies(PairConfig(), str(tmp_path / "features2"))
+        assert "copy_of" not in plain and "candidates" not in plain
+        assert_that(plain[COPY_OF_COUNT], equal_to([len(family)]), label="PlainCounted")
+        assert_that(plain[COPY_OF_FILE] | beam.Map(lambda path: sorted((min(kv), max(kv)) for kv in read_copy_of([path]).items())),
+                    equal_to([sorted((d, p) for d, p in family.items())]), label="PlainFile")
         assert_that(found["checks"] | beam.Map(lambda r: (r["image_a"], r["image_b"], r["copy"])), equal_to([(d, p, True) for d, p in sorted(family.items())]), label="Checks")
     # one features file per row group holding candidates, with exactly the candidates in it (each
     # once, readable), none for the others
