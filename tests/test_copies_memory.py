@@ -6,6 +6,7 @@ to 16x). The answers stay the same: the same pHash pairs whatever the batches, t
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from core.config import PairConfig
 from pairing.copies import find_candidates, mirror_phash, phash_neighbours
@@ -191,3 +192,44 @@ def test_the_candidate_search_lets_the_embeddings_go_before_the_phash_search_and
     extra_float32 = (512 - 64) * 4 * n
     assert peaks[512] - peaks[64] < 0.25 * extra_float32, (peaks, extra_float32)
     assert all(light.emb is None for light in lights)  # the LightRows' matrices were let go too
+
+
+def test_verification_keeps_each_features_index_as_arrays(tmp_path):
+    """The indexes `_VerifyBlock` keeps for its next blocks (one per features file, i.e. per row
+    group of filter's images: all of them at one Common Crawl file) are `GroupIndex` arrays, ~32
+    bytes an image, not dicts of strings and tuples (~200: ~17 MB held by each worker to the end
+    of the pipeline at 77,327 candidates; issue 34). Every id reads back its own features through
+    the kept index, and an id not in the file is a KeyError."""
+    from pairing.copies import GroupIndex, load_group_features, read_group_index, write_group_features
+
+    rng = np.random.default_rng(1)
+    ids = [f"{int(x):016x}" for x in rng.integers(0, 2**63, 3000)]
+
+    def feats(k: int):
+        if k % 9 == 4:
+            return None  # did not decode: length 0
+        n = 1 + k % 17
+        return {"pts": np.full((n, 2), k, np.float32), "desc": np.full((n, 128), k % 251, np.uint8), "w": 64, "h": 48, "content": k, "quality": 90, "bytes_per_pixel": 0.5}
+
+    path = str(tmp_path / "group.feats")
+    write_group_features(path, ((x, feats(k)) for k, x in enumerate(ids)))
+    cache: dict = {}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        got = load_group_features(path, ids[:10], cache)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert isinstance(cache[path], GroupIndex) and len(cache[path]) == len(ids)
+    assert held < 64 * len(ids) + 200_000, held  # the index kept, and the 10 images' features read
+    with open(path, "rb") as fh:
+        as_dict = read_group_index(fh)
+    assert all(cache[path][x] == as_dict[x] for x in ids)  # every id: its offset and length
+    got.update(load_group_features(path, ids, cache))  # every id, through the kept index
+    for k, x in enumerate(ids):
+        want = feats(k)
+        assert (got[x] is None) if want is None else (got[x]["content"] == k and got[x]["pts"].shape == want["pts"].shape and int(got[x]["desc"][0, 0]) == k % 251)
+    for missing in ("0" * 16, ids[0] + "x", ids[0][:-1], ""):
+        with pytest.raises(KeyError):
+            cache[path][missing]
