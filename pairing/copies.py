@@ -271,6 +271,8 @@ def candidate_list(ids: list[str], embeddings: Optional[np.ndarray], phashes: li
     `copy_max_candidates` (by cosine, then by pHash distance), and takes part in at most twice that
     many pairs (a hub keeps its closest). Linear in the images: each query returns a bounded list;
     the merging is numpy over those lists. Sorted by (id_a, id_b)."""
+    if (embeddings is not None and len(embeddings) and len(embeddings) != len(ids)) or len(phashes) != len(ids):
+        raise ValueError(f"candidate_list: {len(ids)} ids, {len(embeddings) if embeddings is not None else 0} embeddings and {len(phashes)} pHashes (one each an image)")
     if len(ids) < 2:
         return _no_candidates(ids)
     parts = [embedding_pairs(embeddings, cfg)] if embeddings is not None and len(embeddings) else []
@@ -965,7 +967,10 @@ def _candidates(light: LightRows, cfg) -> CandidateList:
         parts += phash_pairs(phashes, cfg)
         return choose_candidates(ids, parts, cfg)
     if with_emb:  # a mixed input (some images not embedded): search the embedded ones
-        sub = find_candidates([ids[k] for k in with_emb], matrix(with_emb), [None] * len(with_emb), cfg)
+        x = matrix(with_emb)
+        light.emb = None  # (as above)
+        sub = find_candidates([ids[k] for k in with_emb], x, [None] * len(with_emb), cfg)
+        del x
         return CandidateList.of(_merge(sub, find_candidates(ids, None, phashes, cfg)))
     return candidate_list(ids, None, phashes, cfg)
 
@@ -1081,7 +1086,10 @@ class GroupIndex:
 
     def __init__(self, index: dict):
         ids = sorted(index)
-        self.ids = np.array([x.encode("utf-8") for x in ids], dtype=bytes) if ids else np.zeros(0, "S1")
+        keys = [x.encode("utf-8") for x in ids]  # (UnicodeEncodeError for a lone surrogate: see `load_group_features`)
+        if any(b"\0" in k for k in keys):  # numpy's bytes drop trailing NULs
+            raise ValueError("an id with a NUL character")
+        self.ids = np.array(keys, dtype=bytes) if keys else np.zeros(0, "S1")
         self.at = np.array([index[x][0] for x in ids], np.int64)
         self.size = np.array([index[x][1] for x in ids], np.int64)
 
@@ -1108,7 +1116,11 @@ def load_group_features(path: str, ids: Iterable[str], index_cache: Optional[dic
         if index is None:
             index = read_group_index(fh)
             if index_cache is not None:
-                index = index_cache[path] = GroupIndex(index)
+                try:
+                    index = GroupIndex(index)
+                except (ValueError, UnicodeEncodeError):  # ids that bytes cannot hold as they are: the dict
+                    pass
+                index_cache[path] = index
         for image_id in sorted(ids, key=lambda x: index[x][0]):
             at, size = index[image_id]
             fh.seek(at)

@@ -203,7 +203,7 @@ def test_verification_keeps_each_features_index_as_arrays(tmp_path):
     from pairing.copies import GroupIndex, load_group_features, read_group_index, write_group_features
 
     rng = np.random.default_rng(1)
-    ids = [f"{int(x):016x}" for x in rng.integers(0, 2**63, 3000)]
+    ids = [f"{int(x):016x}" for x in rng.integers(0, 2**63, 2997)] + ["é-日本", "\x7f", "z" * 40]  # (and ids not hex, of other lengths)
 
     def feats(k: int):
         if k % 9 == 4:
@@ -230,6 +230,11 @@ def test_verification_keeps_each_features_index_as_arrays(tmp_path):
     for k, x in enumerate(ids):
         want = feats(k)
         assert (got[x] is None) if want is None else (got[x]["content"] == k and got[x]["pts"].shape == want["pts"].shape and int(got[x]["desc"][0, 0]) == k % 251)
-    for missing in ("0" * 16, ids[0] + "x", ids[0][:-1], ""):
+    for missing in ("0" * 16, ids[0] + "x", ids[0][:-1], "", "é", ids[0] + "\0"):
         with pytest.raises(KeyError):
             cache[path][missing]
+    # ids that numpy's bytes cannot hold as they are (a NUL inside): the index stays a dict, found
+    odd = [f"a\0{k}" for k in range(5)] + ["b\0"]
+    path2 = str(tmp_path / "odd.feats")
+    write_group_features(path2, ((x, feats(k)) for k, x in enumerate(odd)))
+    assert set(load_group_features(path2, odd, cache)) == set(odd) and isinstance(cache[path2], dict)
