@@ -1099,7 +1099,7 @@ class GroupIndex:
     def __getitem__(self, image_id: str) -> tuple[int, int]:
         key = image_id.encode("utf-8")
         k = int(np.searchsorted(self.ids, key))
-        if k == len(self.ids) or self.ids[k] != key or b"\0" in key:  # (numpy's bytes drop trailing NULs)
+        if k == len(self.ids) or self.ids[k] != key:  # (a stored id compares as the bytes it holds: a query with NULs is not found)
             raise KeyError(image_id)
         return int(self.at[k]), int(self.size[k])
 
