@@ -20,6 +20,7 @@ from __future__ import annotations
 import pickle
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from core.config import PairConfig, to_dict
 from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
@@ -29,7 +30,7 @@ from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutpu
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
 from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
-from pairing.spill import SpillByKey, bucket_count, in_order, read_groups
+from pairing.spill import BucketWriter, SpillByKey, bucket_count, in_order, read_groups
 
 STAGE = "pair"
 REJECTED = "rejected"
@@ -61,8 +62,12 @@ class JoinBucket(beam.DoFn):
     the page buckets. Each record carries whether its image is `shared`: seen on several pages
     (its kept links name more than one page) or a kept dress of the copy step (a dress that stands
     in for others); only pairs of two shared images can recur on another page. One bucket's images
-    and links are in memory at a time, packed; each record leaves as it is made (a key's records
-    are never held together: a photo copied on 19,306 pages was one key at 16x). With `copies`,
+    and links are in memory at a time, packed; each record is spilled by its page as it is made
+    (pairing/spill.py BucketWriter under `spill_dir`/pages/), and the main output is only the
+    (bucket, ("pages", path)) of each file, when the bundle ends: a key's records are never held
+    together (a photo copied on 19,306 pages was one key at 16x), and on Dask, where a step's
+    outputs are one list in its worker until every consumer ran, the records no longer waited
+    there for a spill step of their own (the hub's bucket: ~20,000 records; issue 34). With `copies`,
     pairing/copies.py `on_pages_with_copies` makes the records (tagged outputs `rejected`,
     `copies`, `stand_ins`). The rejected rows leave as pyarrow tables of up to
     REJECTED_TABLE_ROWS rows (each producer of rejected rows has its own sink: the local runner
@@ -70,11 +75,17 @@ class JoinBucket(beam.DoFn):
     bundle's outputs are one list until all its consumers ran: a bucket with a photo copied on
     ~20,000 pages held ~20,000 copies rows as dicts; issue 34)."""
 
-    def __init__(self, cfg: PairConfig, copies: bool):
+    def __init__(self, cfg: PairConfig, copies: bool, spill_dir: str, buckets: int):
         self.cfg, self.copies = cfg, copies
+        self.spill_dir, self.buckets = spill_dir, buckets
 
     def start_bundle(self):
         release_free_memory()  # what the steps before left freed (the copy step's), once a bundle
+        self.pages = BucketWriter(self.spill_dir, "pages", self.buckets)
+
+    def finish_bundle(self):
+        for ref in self.pages.close():
+            yield GlobalWindows.windowed_value(ref)
 
     def process(self, item, flags):
         _, listed = item
@@ -104,7 +115,7 @@ class JoinBucket(beam.DoFn):
                 if not isinstance(out, beam.pvalue.TaggedOutput):
                     on_page, row = _mark(out, shared, flags, cfg)
                     if on_page is not None:
-                        yield on_page
+                        self.pages.add(*on_page)
                     else:
                         rejected.append(row)
                 elif out.tag == REJECTED:
@@ -273,14 +284,14 @@ class PairImages(beam.PTransform):
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
-            | "JoinPages" >> beam.ParDo(JoinBucket(cfg, copies), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, COPIES, STAND_INS, main="on_pages")
+            | "JoinPages" >> beam.ParDo(JoinBucket(cfg, copies, spill_dir, buckets), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, COPIES, STAND_INS, main="page_files")
         )
         if copies:
             out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidate_count"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
                        copy_images_removed=found[COPY_OF_COUNT], copy_pairs_verified=found["checks"] | "Verified" >> beam.Filter(lambda r: r["copy"]))
-        # 3. per page, one page bucket at a time: near-duplicates, cap, in-band pairs
+        # 3. per page, one page bucket at a time (the join spilled them): near-duplicates, cap, in-band pairs
         per_page = (
-            joined.on_pages | "SpillPages" >> beam.ParDo(SpillByKey(spill_dir, "pages", buckets)) | "GroupPageBuckets" >> beam.GroupByKey()
+            joined.page_files | "GroupPageBuckets" >> beam.GroupByKey()
             | "PerPage" >> beam.FlatMap(_pages_of_bucket, cfg).with_outputs(REJECTED, "pairs", SHARED_PAIRS, PAGES, main="kept")
         )
         # 4. the same (condition, target) contents from several pages: keep one

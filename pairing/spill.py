@@ -65,9 +65,7 @@ class SpillByKey(beam.DoFn):
         self.read = read  # an element -> its records (see above)
 
     def start_bundle(self):
-        self.buffers: dict = {}  # bucket -> [keys, values, bytes]
-        self.held = 0
-        self.writers: dict = {}  # bucket -> (file, writer, path)
+        self.writer = BucketWriter(self.spill_dir, self.name, self.buckets)
         self.loaded = None  # (side inputs, load(side inputs)) of this bundle
 
     def process(self, element, *side):
@@ -90,7 +88,30 @@ class SpillByKey(beam.DoFn):
             kv = self.keyed(kv, *side)
             if kv is None:
                 return
-        key, value = kv
+        self.writer.add(*kv)
+
+    def finish_bundle(self):
+        for ref in self.writer.close():
+            yield GlobalWindows.windowed_value(ref)
+        self.loaded = None
+
+
+class BucketWriter:
+    """(key str, value bytes) rows appended to the Arrow IPC file of their bucket under
+    `spill_dir`/`name`/ (one file per bucket and writer, a record batch at a time): what
+    `SpillByKey` does with its elements, for a step that spills what it makes itself (pair's join
+    spills its records by page: on Dask a step's outputs are one list in its worker until every
+    consumer ran, and a photo copied on ~20,000 pages made ~20,000 records in one bucket's step;
+    issue 34). Holds at most BUFFER_BYTES of rows (plus one record batch per bucket); `close`
+    closes the files and returns (bucket, (name, path)) for each, in bucket order."""
+
+    def __init__(self, spill_dir: str, name: str, buckets: int):
+        self.spill_dir, self.name, self.buckets = spill_dir.rstrip("/"), name, buckets
+        self.buffers: dict = {}  # bucket -> [keys, values, bytes]
+        self.held = 0
+        self.writers: dict = {}  # bucket -> (file, writer, path)
+
+    def add(self, key, value: bytes) -> None:
         b = bucket_of(key, self.buckets)
         buf = self.buffers.get(b)
         if buf is None:
@@ -116,15 +137,16 @@ class SpillByKey(beam.DoFn):
             found = self.writers[b] = (fh, pa.ipc.new_file(fh, SCHEMA), path)
         found[1].write_batch(pa.record_batch([pa.array(keys, pa.string()), pa.array(values, pa.binary())], schema=SCHEMA))
 
-    def finish_bundle(self):
+    def close(self) -> list:
         for b in list(self.buffers):
             self._flush(b)
+        refs = []
         for b, (fh, writer, path) in sorted(self.writers.items()):
             writer.close()
             fh.close()
-            yield GlobalWindows.windowed_value((b, (self.name, path)))
+            refs.append((b, (self.name, path)))
         self.writers = {}
-        self.loaded = None
+        return refs
 
 
 def read_groups(paths) -> dict:

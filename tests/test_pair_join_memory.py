@@ -9,6 +9,8 @@ The outputs are checked row by row against what the group must give."""
 
 from __future__ import annotations
 
+import os
+import pathlib
 import pickle
 import tracemalloc
 
@@ -16,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.windowed_value import WindowedValue
 
 from core.config import PairConfig
-from core.records import COPY_SCHEMA, stable_id
+from core.records import COPY_SCHEMA, bucket_of, stable_id
 from core.sites import site_of
 from pairing.copies import COPIES, COPY_DUPLICATE, NEAR_DUPLICATE, STAND_INS
 from pairing.pipeline import COPY_JOIN_FIELDS, IMAGE_JOIN_FIELDS, LINK_FIELDS, PAGE_SPILL_FIELDS, REJECTED, REJECTED_TABLE_ROWS, JoinBucket, pack
@@ -60,21 +63,41 @@ def _bucket(folder, links: list[dict]):
     return 0, listed
 
 
-def _run(item, copies: bool = True, keep: bool = True):
-    """JoinBucket's outputs ({tag: [values]}) when `keep`, else only counted; and the peak of
-    memory traced while it ran (its input's files are read inside)."""
+def _run(item, copies: bool = True, keep: bool = True, buckets: int = 4):
+    """JoinBucket's outputs, one bundle of `item`: {tag: [values]} when `keep`, else only counted,
+    with "on_pages" the (page, packed record) rows of the page files it wrote (read with pyarrow,
+    every file it named and only those); and the peak of memory traced while it ran (its input's
+    files are read inside)."""
+    folder = os.path.dirname(item[1][0][1])
+    spill = os.path.join(folder, "spill")
+    join = JoinBucket(PairConfig(copies=copies), copies, spill, buckets)
     out: dict = {}
+    refs = []
     tracemalloc.start()
     try:
-        for x in JoinBucket(PairConfig(copies=copies), copies).process(item, {}):
-            tag, value = (x.tag, x.value) if isinstance(x, TaggedOutput) else ("on_pages", x)
+        join.start_bundle()
+        for x in list(join.process(item, {})) + list(join.finish_bundle()):
+            if isinstance(x, WindowedValue):  # the main output: a page file, when the bundle ends
+                refs.append(x.value)
+                continue
+            assert isinstance(x, TaggedOutput), f"a record left the join: {x!r:.80}"
             if keep:
-                out.setdefault(tag, []).append(value)
+                out.setdefault(x.tag, []).append(x.value)
             else:
-                out[tag] = out.get(tag, 0) + (value.num_rows if tag in (REJECTED, COPIES) else 1)
+                out[x.tag] = out.get(x.tag, 0) + (x.value.num_rows if x.tag in (REJECTED, COPIES) else 1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    # each file once, under pages/, named by its bucket; no file left unnamed
+    assert sorted(path for _, (_, path) in refs) == sorted(str(p) for p in pathlib.Path(spill, "pages").iterdir())
+    assert all(name == "pages" and os.path.basename(path).startswith(f"{b:05d}-") for b, (name, path) in refs)
+    rows = []
+    for b, (_, path) in refs:
+        table = pa.ipc.open_file(path).read_all()
+        for page, packed in zip(table.column("key").to_pylist(), table.column("value").to_pylist()):
+            assert bucket_of(page, buckets) == b
+            rows.append((page, packed))
+    out["on_pages"] = rows if keep else len(rows)
     return out, peak
 
 
