@@ -690,7 +690,15 @@ def best_member(members: list[str], info: dict[str, dict], tolerance: float = 0.
 
 
 def group_members(edge_tables: Iterable, info_tables: Iterable, tolerance: float = 0.95) -> list[tuple[str, str]]:
-    """`copy_groups` on columns: (member, kept member) for every member that is not kept, sorted,
+    """`group_member_table`'s rows as (member, kept member) tuples, sorted."""
+    table = group_member_table(edge_tables, info_tables, tolerance)
+    return list(zip(table.column("member").to_pylist(), table.column("kept").to_pylist()))
+
+
+def group_member_table(edge_tables: Iterable, info_tables: Iterable, tolerance: float = 0.95):
+    """`copy_groups` on columns: a pyarrow table (member, kept) of every member that is not kept
+    and its kept member, sorted by member (no Python object a member: as tuples of str, the
+    65,363 answers at one Common Crawl file took ~19 MB in the worker that made them; issue 34),
     from pyarrow tables of verified pairs (image_a, image_b) and of the members' keep signals
     (image_id, content, quality, bytes_per_pixel). The groups are the connected components of the
     pairs (scipy's, over the ids' positions among the sorted distinct ids: `copy_groups`' union-find
@@ -705,7 +713,7 @@ def group_members(edge_tables: Iterable, info_tables: Iterable, tolerance: float
 
     edge_tables = [t for t in edge_tables if t.num_rows]
     if not edge_tables:
-        return []
+        return pa.table({"member": pa.array([], pa.string()), "kept": pa.array([], pa.string())})
     edges = pa.concat_tables(edge_tables)
     a, b = edges.column("image_a").combine_chunks(), edges.column("image_b").combine_chunks()
     del edges
@@ -738,7 +746,7 @@ def group_members(edge_tables: Iterable, info_tables: Iterable, tolerance: float
     kept_of[label[near[first]]] = near[first]
     kept = kept_of[label]
     members = np.flatnonzero(kept != np.arange(n))
-    return list(zip(ids.take(pa.array(members)).to_pylist(), ids.take(pa.array(kept[members])).to_pylist()))
+    return pa.table({"member": ids.take(pa.array(members)), "kept": ids.take(pa.array(kept[members]))})
 
 
 EDGE_TABLE_ROWS = 1 << 14  # verified pairs a step holds before they leave as a table
@@ -838,17 +846,15 @@ class _Groups(beam.DoFn):
         from core.memory import release_free_memory
 
         release_free_memory()  # what verification left freed, before the groups add theirs
-        pairs = group_members(read_edge_tables(paths), info_tables)
-        if pairs:
+        table = group_member_table(read_edge_tables(paths), info_tables)
+        if table.num_rows:
             path = f"{self.copy_of_dir}/{uuid.uuid4().hex}.arrow"
-            table = pa.table({"member": pa.array([m for m, _ in pairs], pa.string()), "kept": pa.array([k for _, k in pairs], pa.string())})
             with FileSystems.create(path) as fh, pa.ipc.new_file(fh, table.schema) as writer:
                 writer.write_table(table)
-            del table
             yield beam.pvalue.TaggedOutput(COPY_OF_FILE, path)
-        yield beam.pvalue.TaggedOutput(COPY_OF_COUNT, len(pairs))
+        yield beam.pvalue.TaggedOutput(COPY_OF_COUNT, table.num_rows)
         if self.pairs:
-            yield from pairs
+            yield from zip(table.column("member").to_pylist(), table.column("kept").to_pylist())
 
 
 def read_copy_of(paths) -> dict:
