@@ -347,7 +347,8 @@ class WriteStageOutputs(beam.PTransform):
     """Write kept rows, rejected rows and stats.json for one stage.
 
     Input: a dict of PCollections `{"input": ..., "kept": ..., "rejected": ...}`; `input` is only
-    counted (or give `input_count`, a PCollection of numbers that are summed), `kept` rows follow
+    counted (or give `input_count`, a PCollection, or a tuple of them, of numbers that are summed;
+    with both, the input is their sum), `kept` rows follow
     `schema` (or, with `kept_tables=True`, are pyarrow tables with that schema; give `kept_count`,
     numbers that are summed, when the kept rows are not the records counted), `rejected` rows
     follow REJECTED_SCHEMA (or, with `rejected_tables=True`, are pyarrow tables with that schema,
@@ -435,8 +436,10 @@ class WriteStageOutputs(beam.PTransform):
                 tallies.append(pc | (f"{label}{i}" if i else label) >> beam.ParDo(_Tally(key, rows)))
 
         if "input_count" in pcolls:
-            tallies.append(pcolls["input_count"] | "TallyInputCount" >> beam.Map(lambda n: {_INPUT: n}))
-        else:
+            counts = pcolls["input_count"]
+            for i, pc in enumerate(counts if isinstance(counts, (tuple, list)) else [counts]):
+                tallies.append(pc | (f"TallyInputCount{i}" if i else "TallyInputCount") >> beam.Map(lambda n: {_INPUT: n}))
+        if "input" in pcolls or "input_count" not in pcolls:
             tally(pcolls["input"], _INPUT, "TallyInput")
         if "kept_count" in pcolls:
             tallies.append(pcolls["kept_count"] | "TallyKeptCount" >> beam.Map(lambda n: {_KEPT: n}))

@@ -35,7 +35,7 @@ from pairing.spill import BucketWriter, SpillByKey, bucket_count, in_order, read
 STAGE = "pair"
 REJECTED = "rejected"
 SHARED_PAIRS = "shared_pairs"
-PAGES = "pages"  # one element per page with a record (counted in stats.json)
+PAGES = "pages"  # the pages with a record, one count a page bucket (summed into stats.json)
 SPILL = ".spill"  # the joins' spill files, in the stage's temporary output; removed when the pipeline ends
 
 
@@ -69,7 +69,8 @@ class JoinBucket(beam.DoFn):
     outputs are one list in its worker until every consumer ran, the records no longer waited
     there for a spill step of their own (the hub's bucket: ~20,000 records; issue 34). With `copies`,
     pairing/copies.py `on_pages_with_copies` makes the records (tagged outputs `rejected`,
-    `copies`, `stand_ins`). The rejected rows leave as pyarrow tables of up to
+    `copies`, and `stand_ins`: one count a bucket of the pages a kept dress stands in on, not an
+    element a page). The rejected rows leave as pyarrow tables of up to
     REJECTED_TABLE_ROWS rows (each producer of rejected rows has its own sink: the local runner
     holds a Flatten of outputs of different stages whole), and so do the `copies` rows (on Dask a
     bundle's outputs are one list until all its consumers ran: a bucket with a photo copied on
@@ -96,6 +97,7 @@ class JoinBucket(beam.DoFn):
         cfg = self.cfg
         rejected: list = []
         copy_rows: list = []  # COPY_SCHEMA rows, leaving as tables like the rejected ones
+        stand_ins = 0  # the pages a kept dress stands in on, leaving as one count a bucket
         for key in in_order(images.keys() | links.keys()):
             packed, group_links = images.pop(key, []), links.pop(key, [])
             if not self.copies and not packed:
@@ -122,8 +124,10 @@ class JoinBucket(beam.DoFn):
                     rejected.append(out.value)
                 elif out.tag == COPIES:
                     copy_rows.append(out.value)
+                elif out.tag == STAND_INS:
+                    stand_ins += 1
                 else:
-                    yield out
+                    raise ValueError(f"pair: unexpected output {out.tag!r} of the copy join")
                 if len(rejected) >= REJECTED_TABLE_ROWS:
                     yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
                     rejected = []
@@ -135,6 +139,8 @@ class JoinBucket(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
         if copy_rows:
             yield beam.pvalue.TaggedOutput(COPIES, rows_to_table(copy_rows, COPY_SCHEMA))
+        if stand_ins:
+            yield beam.pvalue.TaggedOutput(STAND_INS, stand_ins)
 
 
 REJECTED_TABLE_ROWS = 4096  # rejected rows a join bucket holds before they leave as a table (a bucket has ~4,096 links)
@@ -162,18 +168,19 @@ def unpack(data: bytes, names: tuple) -> dict:
     return dict(zip(names, pickle.loads(data)))
 
 
-def _page(page_url: str, records: list, cfg: PairConfig, shared: set, out: dict):
+def _page(page_url: str, records: list, cfg: PairConfig, shared: set, out: dict, contents: BucketWriter) -> None:
     """One page's outcome. A pair can recur on another page only when both its images are `shared`
-    (seen on several pages): those go to the cross-page dedup, keyed by contents (yielded); the
-    rest are final here (out["pairs"]), so the dedup carries only the few pairs that may be
-    duplicates. Kept images go to out["kept"] (as written), rejected rows to out["rejected"]."""
+    (seen on several pages): those go to the cross-page dedup, spilled by their contents to
+    `contents`; the rest are final here (out["pairs"]), so the dedup carries only the few pairs
+    that may be duplicates. Kept images go to out["kept"] (as written), rejected rows to
+    out["rejected"]."""
     pairs, kept, dropped = page_outcome(page_url, records, cfg)
     by_id = {r["image_id"]: r for r in kept}
     for p in pairs:
         # the row carries both images' info for `shards`
         row = p.to_row(by_id[p.cond_image_id], by_id[p.target_image_id])
         if p.cond_image_id in shared and p.target_image_id in shared:
-            yield beam.pvalue.TaggedOutput(SHARED_PAIRS, (f"{p.cond_image_id}\x1f{p.target_image_id}", pack(row, PAIR_FIELDS)))
+            contents.add(f"{p.cond_image_id}\x1f{p.target_image_id}", pack(row, PAIR_FIELDS))
         else:
             out["pairs"].append(row)
     out["kept"] += (_for_parquet(r) for r in kept)
@@ -196,20 +203,39 @@ def _tables(out: dict, at_least: int):
             yield table if tag == "kept" else beam.pvalue.TaggedOutput(tag, table)
 
 
-def _pages_of_bucket(item, cfg: PairConfig):
+class PagesOfBucket(beam.DoFn):
     """(bucket, [(name, spill file)]) of the records spilled by page -> each page's outcome
-    (`_page`), pages in URL order, and one PAGES element per page; kept images, final pairs and
-    rejected rows as tables of up to TABLE_ROWS rows. One bucket in memory at a time."""
-    _, listed = item
-    groups = read_groups(path for _, path in listed)
-    out: dict = {"kept": [], "pairs": [], REJECTED: []}
-    for page_url in in_order(groups):
-        records = sorted((unpack(b, PAGE_SPILL_FIELDS) for b in groups.pop(page_url)), key=lambda r: r["link_id"])
-        shared = {r["image_id"] for r in records if r.pop("_shared")}
-        yield beam.pvalue.TaggedOutput(PAGES, 1)
-        yield from _page(page_url, records, cfg, shared, out)
-        yield from _tables(out, TABLE_ROWS)
-    yield from _tables(out, 1)
+    (`_page`), pages in URL order; kept images, final pairs and rejected rows as tables of up to
+    TABLE_ROWS rows, and the bucket's count of pages (tag PAGES). One bucket in memory at a time.
+    The pairs of two shared images are spilled by their contents under `spill_dir`/contents/ as
+    they are made, and the files leave (tag SHARED_PAIRS: (bucket, ("contents", path))) when the
+    bundle ends: on Dask a step's outputs are one list in its worker until every consumer ran,
+    and a bundle's ~6,000 pairs and a count element per page waited there (issue 34)."""
+
+    def __init__(self, cfg: PairConfig, spill_dir: str, buckets: int):
+        self.cfg, self.spill_dir, self.buckets = cfg, spill_dir, buckets
+
+    def start_bundle(self):
+        self.contents = BucketWriter(self.spill_dir, "contents", self.buckets)
+
+    def process(self, item):
+        _, listed = item
+        groups = read_groups(path for _, path in listed)
+        out: dict = {"kept": [], "pairs": [], REJECTED: []}
+        pages = 0
+        for page_url in in_order(groups):
+            records = sorted((unpack(b, PAGE_SPILL_FIELDS) for b in groups.pop(page_url)), key=lambda r: r["link_id"])
+            shared = {r["image_id"] for r in records if r.pop("_shared")}
+            pages += 1
+            _page(page_url, records, self.cfg, shared, out, self.contents)
+            yield from _tables(out, TABLE_ROWS)
+        yield from _tables(out, 1)
+        if pages:
+            yield beam.pvalue.TaggedOutput(PAGES, pages)
+
+    def finish_bundle(self):
+        for ref in self.contents.close():
+            yield beam.pvalue.TaggedOutput(SHARED_PAIRS, GlobalWindows.windowed_value(ref))
 
 
 def _first_page_wins(item):
@@ -292,16 +318,16 @@ class PairImages(beam.PTransform):
         # 3. per page, one page bucket at a time (the join spilled them): near-duplicates, cap, in-band pairs
         per_page = (
             joined.page_files | "GroupPageBuckets" >> beam.GroupByKey()
-            | "PerPage" >> beam.FlatMap(_pages_of_bucket, cfg).with_outputs(REJECTED, "pairs", SHARED_PAIRS, PAGES, main="kept")
+            | "PerPage" >> beam.ParDo(PagesOfBucket(cfg, spill_dir, buckets)).with_outputs(REJECTED, "pairs", SHARED_PAIRS, PAGES, main="kept")
         )
         # 4. the same (condition, target) contents from several pages: keep one
         deduped = (
-            per_page[SHARED_PAIRS] | "SpillContents" >> beam.ParDo(SpillByKey(spill_dir, "contents", buckets)) | "GroupContentBuckets" >> beam.GroupByKey()
+            per_page[SHARED_PAIRS] | "GroupContentBuckets" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
         rejected = (joined[REJECTED], per_page[REJECTED])  # tables, each producer's written by its own sink
-        if copies:  # the input: every kept link, and every page a kept dress stands in on (counted together)
-            out.update(input=(keys, out["copy_stand_ins"]), links=keys)
+        if copies:  # the input: every kept link, and every page a kept dress stands in on (counted per bucket)
+            out.update(input=keys, input_count=out["copy_stand_ins"], links=keys)
         else:
             out["input"] = keys
         return {
@@ -474,4 +500,4 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         if cfg.copies:
             more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True,
-                                                 table_counts=("pairs", "copies"), given_counts=("copy_candidates", "copy_images_removed"))
+                                                 table_counts=("pairs", "copies"), given_counts=("copy_candidates", "copy_images_removed", "copy_stand_ins", "pages"))
