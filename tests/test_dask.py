@@ -376,6 +376,43 @@ def test_a_local_cluster_leaves_the_drivers_thread_settings_as_they_were(monkeyp
     assert "ARROW_DEFAULT_MEMORY_POOL" not in os.environ  # the driver's own environment back
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Fragments(beam.DoFn):
+    """Makes ~150 MB of 2.5 KB objects, keeps every 40th (held by the worker's cached DoFn, the
+    last one made among them, so the heap's top stays in use) and frees the rest: freed pages
+    in the middle of the heap, which glibc keeps resident until a trim."""
+
+    def process(self, n):
+        self.kept = []
+        junk = []
+        for i in range(60_000):
+            (self.kept if i % 40 == 39 else junk).append(b"x" * (2500 + i % 8))  # not one folded constant
+        peak = _resident_bytes()
+        del junk
+        yield os.getpid(), peak
+
+
+def test_a_worker_gives_freed_memory_back_after_a_bundle(tmp_path, dask_args):
+    """Fix 11: once a bundle has freed what it made, its worker's resident memory falls back before
+    the next step runs (a trim when it grew by TRIM_GROWTH or more); before, the freed pages
+    stayed resident, and over thousands of bundles a worker's memory rose step by step (pair with
+    the copy step at one Common Crawl file: 340 -> 430 MB; issue 34). Each row: the worker, its
+    resident bytes at the first step's peak and at the start of the next step."""
+    with stage_pipeline(dask_args) as p:
+        _ = (
+            p | "Two" >> beam.Create([0, 1]) | "Fragment" >> beam.ParDo(_Fragments())
+            | "After" >> beam.Map(lambda t, rss=_resident_bytes: f"{t[0]} {t[1]} {rss()}") | beam.io.WriteToText(str(tmp_path / "rss"))
+        )
+    rows = [line.split() for name in os.listdir(tmp_path) if name.startswith("rss") for line in open(tmp_path / name)]
+    assert len(rows) == 2
+    for pid, peak, after in rows:
+        assert int(after) < int(peak) - 80_000_000, f"worker {pid}: {int(peak) >> 20} MB at the peak, {int(after) >> 20} MB after"
+
+
 def test_workers_keep_glibcs_malloc_thresholds(dask_args):
     """A Dask nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     dynamic mmap threshold (filter's bundles ran 1.5x slower than in-process). The LocalCluster of
