@@ -159,8 +159,11 @@ def _give_back_freed_memory() -> None:
         _RSS_AFTER_TRIM[0] = min(last, rss)
         return
     if release_free_memory():
-        with open("/proc/self/statm", "rb") as fh:
-            rss = int(fh.read().split()[1]) * _PAGE_BYTES
+        try:
+            with open("/proc/self/statm", "rb") as fh:
+                rss = int(fh.read().split()[1]) * _PAGE_BYTES
+        except (OSError, ValueError, IndexError):
+            pass
     _RSS_AFTER_TRIM[0] = rss
 
 
@@ -377,7 +380,7 @@ def _select(bag, producer, pcoll):
 
 
 class DaskRunner(BeamDaskRunner):
-    """Beam's DaskRunner with the fixes of this module's docstring (1-10)."""
+    """Beam's DaskRunner with the fixes of this module's docstring (1-11)."""
 
     def run_pipeline(self, pipeline, options):
         import dask.distributed as ddist

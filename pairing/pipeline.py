@@ -58,8 +58,8 @@ def _mark(r: dict, shared: bool, flags: dict, cfg: PairConfig):
 class JoinBucket(beam.DoFn):
     """(bucket, [(name, spill file)]) of the images and kept links spilled by image id (or, with
     the copy step, by the kept dress's id) -> each image on each of its pages (its page, URL, alt
-    and position are the link's), boilerplate rejected, the rest as (page_url, packed record) for
-    the page buckets. Each record carries whether its image is `shared`: seen on several pages
+    and position are the link's), boilerplate rejected, the rest spilled by page for the page
+    buckets (the main output: the files). Each record carries whether its image is `shared`: seen on several pages
     (its kept links name more than one page) or a kept dress of the copy step (a dress that stands
     in for others); only pairs of two shared images can recur on another page. One bucket's images
     and links are in memory at a time, packed; each record is spilled by its page as it is made
@@ -263,7 +263,8 @@ class PairImages(beam.PTransform):
     links' link_id, image_id, page_url, image_url, alt, position), each read in the step that
     spills it, "keys": the kept links' (image_id,
     page_url), a light second read for the counts, "occurrences": (page_url, site,
-    image_url, phash) of every downloaded link} -> {"input" links, "kept" image-on-page records,
+    image_url, phash) of every downloaded link} -> {"input" links (and with the copy step
+    "input_count": the pages a kept dress stands in on, one count a bucket), "kept" image-on-page records,
     "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
 
     The records meet their keys' other records in spill files under `spill_dir` (pairing/spill.py:

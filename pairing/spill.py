@@ -3,7 +3,7 @@ image with its links, a page with its images) holds one bucket at a time, not a 
 
 The in-process runner (FnApiRunner) holds the whole input of a GroupByKey or CoGroupByKey in
 memory, as Python objects; pair's joins grew its peak memory with the input (issue 34). Here a
-writer (`SpillByKey`) appends each (key, bytes) row to the Arrow IPC file of its bucket
+writer (`SpillByKey`, or `BucketWriter` inside a step that spills what it makes) appends each (key, bytes) row to the Arrow IPC file of its bucket
 (crc32(key) mod `buckets`; one file per bucket and bundle, written a record batch at a time), and
 emits only (bucket, (name, path)) for each file it closed. A GroupByKey of those few paths then
 gives each bucket's files to one reader (`read_groups`), which has every row of each of its keys:
