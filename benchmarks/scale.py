@@ -264,12 +264,14 @@ def child(work: str, stage: str, size: int, runner: str) -> dict:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
         peak = _peak_mb()
+        processes = {"driver_mb": peak}  # which process the peak was (on Dask the driver runs the LocalCluster's scheduler)
         if client is not None:
             after = client.run(_worker_usage)
             cpu += sum(after[w][0] - before[w][0] for w in after if w in before)
-            peak = max([peak] + [after[w][1] for w in after])
+            processes["workers_mb"] = sorted((after[w][1] for w in after), reverse=True)
+            peak = max([peak] + processes["workers_mb"])
             client.close()
-    return {"stage": stage, "size": size, "runner": runner, "records": n, "wall": wall, "cpu": cpu, "peak_mb": peak}
+    return {"stage": stage, "size": size, "runner": runner, "records": n, "wall": wall, "cpu": cpu, "peak_mb": peak, **processes}
 
 
 # ---------------------------------------------------------------- the table and the figures
@@ -424,7 +426,7 @@ def main() -> list[dict]:
                             raise SystemExit(f"scale: {stage} at {size}x on {runner} failed:\n{proc.stderr[-3000:]}")
                         row = json.loads(proc.stdout.strip().splitlines()[-1])
                     results = [r for r in results if (r["stage"], r["size"], r["runner"]) != (stage, size, runner)] + [row]
-                    print(f"{stage:8s} {runner:10s} {size:>3d}x {row['records']:>9,d} records  wall {row['wall']:7.1f} s  cpu {row['cpu']:7.1f} s  peak {row['peak_mb']:6.0f} MB", flush=True)
+                    print(f"{stage:8s} {runner:10s} {size:>3d}x {row['records']:>9,d} records  wall {row['wall']:7.1f} s  cpu {row['cpu']:7.1f} s  peak {row['peak_mb']:6.0f} MB (driver {row.get('driver_mb', 0):.0f}{''.join(f', worker {w:.0f}' for w in row.get('workers_mb', []))})", flush=True)
                     if args.json:
                         with open(args.json, "w") as fh:
                             json.dump(results, fh, indent=1)
