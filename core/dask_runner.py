@@ -134,6 +134,16 @@ def _cached_fn(fn_bytes: bytes, label: str, combine: bool = False):
 
 TRIM_GROWTH = 8 << 20  # resident bytes a worker may gain over its level after the last trim before it trims again
 _RSS_AFTER_TRIM = [None]  # per worker process: resident bytes after its last trim (or the least seen since)
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _resident_bytes():
+    """This process's resident memory in bytes, or None where /proc is not there (not Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _give_back_freed_memory() -> None:
@@ -149,25 +159,16 @@ def _give_back_freed_memory() -> None:
     that size). Outputs do not change."""
     from core.memory import release_free_memory
 
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            rss = int(fh.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):  # not Linux: nothing to measure, nothing done
+    rss = _resident_bytes()
+    if rss is None:  # nothing to measure, nothing done
         return
     last = _RSS_AFTER_TRIM[0]
     if last is not None and rss < last + TRIM_GROWTH:
         _RSS_AFTER_TRIM[0] = min(last, rss)
         return
     if release_free_memory():
-        try:
-            with open("/proc/self/statm", "rb") as fh:
-                rss = int(fh.read().split()[1]) * _PAGE_BYTES
-        except (OSError, ValueError, IndexError):
-            pass
+        rss = _resident_bytes() or rss
     _RSS_AFTER_TRIM[0] = rss
-
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _run_bundle(items, fn_bytes, label, args, kwargs, window_fn, side_specs, *side_values):

@@ -376,11 +376,6 @@ def test_a_local_cluster_leaves_the_drivers_thread_settings_as_they_were(monkeyp
     assert "ARROW_DEFAULT_MEMORY_POOL" not in os.environ  # the driver's own environment back
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class _Fragments(beam.DoFn):
     """Makes ~150 MB of 2.5 KB objects, keeps every 40th (held by the worker's cached DoFn, the
     last one made among them, so the heap's top stays in use) and frees the rest: freed pages
@@ -391,9 +386,18 @@ class _Fragments(beam.DoFn):
         junk = []
         for i in range(60_000):
             (self.kept if i % 40 == 39 else junk).append(b"x" * (2500 + i % 8))  # not one folded constant
+        from core.dask_runner import _resident_bytes
+
         peak = _resident_bytes()
         del junk
         yield os.getpid(), peak
+
+
+def _with_resident_bytes_now(found: tuple) -> str:
+    """(worker pid, resident bytes at the first step's peak) -> the row with the bytes now."""
+    from core.dask_runner import _resident_bytes
+
+    return f"{found[0]} {found[1]} {_resident_bytes()}"
 
 
 def test_a_worker_gives_freed_memory_back_after_a_bundle(tmp_path, dask_args):
@@ -405,7 +409,7 @@ def test_a_worker_gives_freed_memory_back_after_a_bundle(tmp_path, dask_args):
     with stage_pipeline(dask_args) as p:
         _ = (
             p | "Two" >> beam.Create([0, 1]) | "Fragment" >> beam.ParDo(_Fragments())
-            | "After" >> beam.Map(lambda t, rss=_resident_bytes: f"{t[0]} {t[1]} {rss()}") | beam.io.WriteToText(str(tmp_path / "rss"))
+            | "After" >> beam.Map(_with_resident_bytes_now) | beam.io.WriteToText(str(tmp_path / "rss"))
         )
     rows = [line.split() for name in os.listdir(tmp_path) if name.startswith("rss") for line in open(tmp_path / name)]
     assert len(rows) == 2
