@@ -27,7 +27,7 @@ from core.memory import no_side_input_cache, release_free_memory, system_arrow_p
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
 from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
-from pairing.boilerplate import FlagBoilerplate, boilerplate_reason
+from pairing.boilerplate import FlagBoilerplate, boilerplate_reason, flag_entry
 from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
 from pairing.spill import BucketWriter, SpillByKey, bucket_count, in_order, read_groups
@@ -303,7 +303,7 @@ class PairImages(beam.PTransform):
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
         flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir=spill_dir, buckets=buckets)
-        flag_dict = flags | "FlagKeys" >> beam.Map(lambda r: ((r["scope"], r["kind"], r["key"]), r["pages"]))
+        flag_dict = flags | "FlagKeys" >> beam.Map(flag_entry)  # (16-byte digest, pages): half the memory of the (scope, kind, key) tuples
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
             images | "SpillImages" >> beam.ParDo(SpillByKey(spill_dir, "image", buckets, key_image, load, read=read_images), *side),
