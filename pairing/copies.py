@@ -1354,6 +1354,9 @@ class FindCopies(beam.PTransform):
         return {**found, COPY_OF_COUNT: groups[COPY_OF_COUNT], COPY_OF_FILE: groups[COPY_OF_FILE], "checks": checks, "images_read": featurized[IMAGES_READ]}
 
 
+_OWN_FIELDS = ("image_id", "width", "height", "bytes_file", "bytes_row_group")  # what a copies row names of its own dress
+
+
 def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: str):
     """(kept image id, {"image": [packed records of the group's dresses], "links": [packed links of
     any of them]}) -> the kept dress on each of its pages and on each page of its copies.
@@ -1367,7 +1370,8 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
     `stand_ins` (the stand-ins' ids, counted as inputs).
 
     Everything is yielded as it is made, and the links stay packed: what is held for a group is
-    its packed links, one small sort key each (page, position, link id) and the dresses' records,
+    its packed links, one small sort key each (page, position, link id), the kept dress's record
+    and five fields of each other dress (`_OWN_FIELDS`: a group has up to thousands of dresses),
     not a dict per link and per record made. A photo copied on many pages makes a group whose
     links grow with the crawl (19,306 links of one kept dress in scale.py's 16x crawl, 714 at 1x):
     a dict per link and every record held until the group's end made the join the stage's peak
@@ -1378,10 +1382,18 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
     from core.sites import site_of
 
     kept_id, grouped = item
-    records = {}
+    # of each dress, what its copies rows name (image_id, width, height, bytes_file,
+    # bytes_row_group), not its whole record: a photo's group has up to thousands of dresses;
+    # the kept dress's whole record is made once (`kept`)
+    i_id = image_fields.index("image_id")
+    at_own = [image_fields.index(name) if name in image_fields else None for name in _OWN_FIELDS]
+    records: dict = {}
+    kept = None
     for b in grouped["image"]:
-        r = dict(zip(image_fields, pickle.loads(b)))
-        records[r["image_id"]] = r
+        values = pickle.loads(b)
+        if values[i_id] == kept_id:
+            kept = dict(zip(image_fields, values))
+        records[values[i_id]] = tuple(values[k] if k is not None else None for k in at_own)
     packed_links = grouped["links"]
     if not records:
         if packed_links:
@@ -1389,9 +1401,9 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
 
             raise StageError(f"pair: image {kept_id} of the filter occurrences is missing from its images/")
         return
-    kept = records.get(kept_id)
-    if kept is None:  # cannot happen (the group's key is one of its records); keep each as it is
-        kept = next(iter(records.values()))
+    if kept is None:  # cannot happen (the group's key is one of its records); keep the first as it is
+        first = next(iter(records))
+        kept = next(dict(zip(image_fields, v)) for v in map(pickle.loads, grouped["image"]) if v[i_id] == first)
     at = {name: k for k, name in enumerate(link_fields)}
     i_image, i_page, i_url, i_pos, i_link = at["image_id"], at["page_url"], at["image_url"], at["position"], at["link_id"]
     on_page: set = set()
@@ -1413,7 +1425,8 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
         own = records.get(link["image_id"])
         if own is None:
             continue
-        if own["image_id"] == kept["image_id"]:
+        own_id, own_width, own_height, own_file, own_group = own
+        if own_id == kept["image_id"]:
             r = dict(kept)
             r.update(link_id=link["link_id"], page_url=link["page_url"], image_url=link["image_url"], alt=link["alt"] or "", position=link["position"] or 0)
             yield r
@@ -1427,8 +1440,8 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
             reason, detail = COPY_DUPLICATE, f"copy of {kept['image_id']} ({kept_url}), the kept dress; it stands in on this page"
         yield beam.pvalue.TaggedOutput("rejected", Rejected(link["link_id"], stage, reason, detail, link["image_url"]).to_row())
         yield beam.pvalue.TaggedOutput(COPIES, {
-            "link_id": link["link_id"], "page_url": page, "site": site_of(page), "image_id": own["image_id"], "image_url": link["image_url"],
-            "width": own.get("width"), "height": own.get("height"), "bytes_file": own.get("bytes_file"), "bytes_row_group": own.get("bytes_row_group"),
+            "link_id": link["link_id"], "page_url": page, "site": site_of(page), "image_id": own_id, "image_url": link["image_url"],
+            "width": own_width, "height": own_height, "bytes_file": own_file, "bytes_row_group": own_group,
             "kept_image_id": kept["image_id"], "kept_image_url": kept_url, "kept_width": kept.get("width"), "kept_height": kept.get("height"),
             "kept_bytes_file": kept.get("bytes_file"), "kept_bytes_row_group": kept.get("bytes_row_group"), "stand_in": stand_in,
         })

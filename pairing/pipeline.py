@@ -143,7 +143,8 @@ class JoinBucket(beam.DoFn):
             yield beam.pvalue.TaggedOutput(STAND_INS, stand_ins)
 
 
-REJECTED_TABLE_ROWS = 4096  # rejected rows a join bucket holds before they leave as a table (a bucket has ~4,096 links)
+REJECTED_TABLE_ROWS = 1024  # rejected (and copies) rows a join bucket holds before they leave as a table: at 4,096 the
+# bucket of a photo copied on ~20,000 pages held ~3 MB more at its peak (tests/test_pair_join_memory.py; issue 34)
 
 
 def _on_pages(packed_image: bytes, group_links: list):
