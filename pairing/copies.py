@@ -689,6 +689,32 @@ def best_member(members: list[str], info: dict[str, dict], tolerance: float = 0.
     return min(near, key=lambda r: keep_order({**r, "content": 0}))["image_id"]
 
 
+def connected_components(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """The connected components of the undirected graph on nodes 0..n-1 with edges (a[i], b[i]):
+    each node's label, the smallest node of its component. Hook and shortcut on arrays: each
+    round hooks every edge's larger root under its smaller one, then jumps pointers until every
+    node points at a root; it stops when every edge's two ends share a root (a few rounds).
+    scipy's `connected_components` gives the same components, but importing scipy.sparse and its
+    graph module cost the worker that runs the copy groups ~17 MB, at the highest point of pair
+    on Dask at one Common Crawl file (issue 34)."""
+    kind = np.int32 if n < 2**31 else np.int64  # (the positions come as int32)
+    label = np.arange(n, dtype=kind)
+    a, b = np.asarray(a, kind), np.asarray(b, kind)
+    while True:
+        la, lb = label[a], label[b]
+        differ = la != lb
+        if not differ.any():
+            return label
+        la, lb = la[differ], lb[differ]
+        low, high = np.minimum(la, lb), np.maximum(la, lb)
+        np.minimum.at(label, high, low)  # a root under the smallest root it meets (roots only: labels are roots here)
+        while True:  # every node to its root
+            up = label[label]
+            if np.array_equal(up, label):
+                break
+            label = up
+
+
 def group_members(edge_tables: Iterable, info_tables: Iterable, tolerance: float = 0.95) -> list[tuple[str, str]]:
     """`group_member_table`'s rows as (member, kept member) tuples, sorted."""
     table = group_member_table(edge_tables, info_tables, tolerance)
@@ -701,15 +727,13 @@ def group_member_table(edge_tables: Iterable, info_tables: Iterable, tolerance: 
     65,363 answers at one Common Crawl file took ~19 MB in the worker that made them; issue 34),
     from pyarrow tables of verified pairs (image_a, image_b) and of the members' keep signals
     (image_id, content, quality, bytes_per_pixel). The groups are the connected components of the
-    pairs (scipy's, over the ids' positions among the sorted distinct ids: `copy_groups`' union-find
-    gives the same groups), each keeping `best_member`'s choice: among the members whose content
+    pairs (`connected_components`, over the ids' positions among the sorted distinct ids:
+    `copy_groups`' union-find gives the same groups), each keeping `best_member`'s choice: among the members whose content
     is within `tolerance` of the largest, the highest quality, then the most bytes per pixel, then
     the smallest id. What is held is a few numbers a pair and an id, not a Python tuple a pair and a
     dict a member (~0.2 KB a pair and ~0.4 KB a member: ~100 MB at the 16x scale input, issue 34)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
 
     # The pairs' ids, every table's image_a then image_b as one column of chunks (nothing copied),
     # dictionary-encoded in one pass: one hash table, an int32 position a pair end. Concatenating
@@ -732,7 +756,7 @@ def group_member_table(edge_tables: Iterable, info_tables: Iterable, tolerance: 
     at = rank[np.concatenate([c.indices.to_numpy() for c in encoded.chunks])]
     del encoded, order, rank
     pairs = len(at) // 2
-    _, label = connected_components(coo_matrix((np.ones(pairs, np.int8), (at[:pairs], at[pairs:])), shape=(n, n)), directed=False)
+    label = connected_components(at[:pairs], at[pairs:], n)
     del at
     content, quality, bpp = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float64)  # keep_order's defaults: no info
     info_tables = [t for t in info_tables if t.num_rows]

@@ -288,7 +288,8 @@ def test_the_groups_find_the_ids_of_the_pairs_in_one_pass():
     tables' id columns in one pass (one hash table, an int32 a pair end). Before, it concatenated
     the two columns into a third, took their unique ids, then looked each column up again: ~3.5x
     the columns (at one Common Crawl file's 212,551 pairs, +50 MB in its worker, the highest point
-    of pair on Dask; issue 34). Measured in a fresh interpreter: the peak of Arrow's system pool
+    of pair on Dask; issue 34), and without importing scipy (its connected components cost that
+    worker ~17 MB of imports: `connected_components` on arrays). Measured in a fresh interpreter: the peak of Arrow's system pool
     (what a Dask worker uses) less what was allocated before the call; numpy's by tracemalloc."""
     import json
     import subprocess
@@ -311,10 +312,41 @@ table = group_member_table(edge_tables, info_tables)
 traced = tracemalloc.get_traced_memory()[1]
 tracemalloc.stop()
 right = list(zip(table.column("member").to_pylist(), table.column("kept").to_pylist())) == sorted(copy_groups(pairs, info).items())
-print(json.dumps(dict(right=right, before=before, arrow=pool.max_memory() - held, traced=traced, columns=sum(t.nbytes for t in edge_tables))))
+print(json.dumps(dict(right=right, scipy=any(m.split(".")[0] == "scipy" for m in sys.modules), before=before, arrow=pool.max_memory() - held, traced=traced, columns=sum(t.nbytes for t in edge_tables))))
 """
     got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     assert got["right"], got
+    assert not got["scipy"], "the groups imported scipy (~17 MB in the worker that runs them)"
     assert got["arrow"] > got["before"] - got["columns"]  # the call's peak is the pool's highest (what came before was lower)
     assert got["arrow"] < 2.0 * got["columns"], got
     assert got["arrow"] + got["traced"] < 3.0 * got["columns"], got
+
+
+def test_connected_components_on_arrays_are_union_find_components():
+    """pairing/copies.py `connected_components` labels each node with the smallest node of its
+    component, as a union-find over the same edges gives them: random graphs from sparse to dense,
+    a long path whose nodes are shuffled (many hooks in a chain), isolated nodes, no edges."""
+    from pairing.copies import connected_components
+
+    def union_find(a, b, n):
+        parent = list(range(n))
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = find(x), find(y)
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
+        return np.array([find(x) for x in range(n)])
+
+    rng = np.random.default_rng(3)
+    cases = [(rng.integers(0, n, e), rng.integers(0, n, e), n) for n, e in ((1, 0), (10, 4), (2000, 500), (2000, 1900), (2000, 8000), (30000, 60000))]
+    order = rng.permutation(20000)
+    cases.append((order[:-1], order[1:], 20000))  # a path through every node in a random order
+    for a, b, n in cases:
+        got = connected_components(a, b, n)
+        assert np.array_equal(got, union_find(a, b, n)), n
