@@ -25,6 +25,7 @@ crawl (issue 34).
 from __future__ import annotations
 
 import pickle
+from typing import Optional
 
 import apache_beam as beam
 
@@ -218,7 +219,7 @@ class FlagBoilerplate(beam.PTransform):
         return (g_content, g_url, site_flags) | "AllFlags" >> beam.Flatten()
 
 
-def flag_key(scope: str, kind: str, key: str) -> bytes:
+def flag_key(scope: Optional[str], kind: str, key: Optional[str]) -> bytes:
     """A flag's (scope, kind, key) as the 16-byte digest (blake2b-128 of the three, each
     length-prefixed) that the join's flags are keyed by. At one Common Crawl file the join's side
     input holds 39,475 flags in each worker: as ((site, kind, URL or pHash), pages) tuples ~8.5 MB,
@@ -228,6 +229,9 @@ def flag_key(scope: str, kind: str, key: str) -> bytes:
 
     h = hashlib.blake2b(digest_size=16)
     for part in (scope, kind, key):
+        if part is None:  # its own length, which no string has
+            h.update(b"\xff\xff\xff\xff")
+            continue
         data = part.encode("utf-8", "surrogatepass")
         h.update(len(data).to_bytes(4, "little"))
         h.update(data)
@@ -244,8 +248,6 @@ def boilerplate_reason(site: str, phash: str, image_url: str, flags: dict, cfg: 
     pages (`flag_entry` of each flag)."""
     for scope, reason in ((site, BOILERPLATE_SITE), (GLOBAL, BOILERPLATE_GLOBAL)):
         for kind, key in ((CONTENT, phash), (URL, image_url)):
-            if key is None or scope is None:  # (no flag has none: an occurrence without a pHash is not counted)
-                continue
             pages = flags.get(flag_key(scope, kind, key))
             if pages is not None:
                 where = f"of the pages of {site}" if scope != GLOBAL else f"pages (more than {cfg.boilerplate_pages})"

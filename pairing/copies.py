@@ -743,6 +743,8 @@ def group_member_table(edge_tables: Iterable, info_tables: Iterable, tolerance: 
     if not edge_tables:
         return pa.table({"member": pa.array([], pa.string()), "kept": pa.array([], pa.string())})
     ends = pa.chunked_array([c for name in ("image_a", "image_b") for t in edge_tables for c in t.column(name).cast(pa.string()).chunks], pa.string())
+    if ends.null_count:  # (`_EdgeTables` writes none)
+        raise ValueError("copy groups: a verified pair without an image id")
     encoded = pc.dictionary_encode(ends)
     del ends
     ids = encoded.chunk(encoded.num_chunks - 1).dictionary  # every chunk's: the ids in order of first sight
@@ -1425,9 +1427,11 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
 
             raise StageError(f"pair: image {kept_id} of the filter occurrences is missing from its images/")
         return
-    if kept is None:  # cannot happen (the group's key is one of its records); keep the first as it is
+    if kept is None:  # cannot happen (the group's key is one of its records); keep the first id's record (its last copy, as records holds)
         first = next(iter(records))
-        kept = next(dict(zip(image_fields, v)) for v in map(pickle.loads, grouped["image"]) if v[i_id] == first)
+        for values in map(pickle.loads, grouped["image"]):
+            if values[i_id] == first:
+                kept = dict(zip(image_fields, values))
     at = {name: k for k, name in enumerate(link_fields)}
     i_image, i_page, i_url, i_pos, i_link = at["image_id"], at["page_url"], at["image_url"], at["position"], at["link_id"]
     on_page: set = set()

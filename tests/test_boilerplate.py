@@ -290,3 +290,15 @@ def test_the_join_finds_every_flag_by_its_digest_in_half_the_memory():
             tracemalloc.stop()
         del held
     assert sizes["digests"] < 0.6 * sizes["tuples"], sizes
+
+
+def test_a_flag_with_no_key_is_found_as_before():
+    """A flag whose key or scope is None (an image URL the schema allows to be null) is looked up
+    as the tuple-keyed dict found it, and is not another flag's: None has its own encoding in
+    flag_key (found in review: it raised AttributeError)."""
+    cfg = PairConfig()
+    flags = dict(flag_entry(r) for r in ({"scope": "a.com", "kind": "url", "key": None, "pages": 4}, {"scope": "*", "kind": "url", "key": "", "pages": 12}))
+    assert boilerplate_reason("a.com", "00", None, flags, cfg)[0] == BOILERPLATE_SITE
+    assert boilerplate_reason("b.com", "00", None, flags, cfg) is None
+    assert boilerplate_reason("b.com", "00", "", flags, cfg)[0] == BOILERPLATE_GLOBAL
+    assert len({flag_key(None, "url", "x"), flag_key("", "url", "x"), flag_key("a.com", "url", None), flag_key("a.com", "url", "")}) == 4
