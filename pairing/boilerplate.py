@@ -24,6 +24,7 @@ crawl (issue 34).
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from typing import Optional
 
@@ -225,8 +226,6 @@ def flag_key(scope: Optional[str], kind: str, key: Optional[str]) -> bytes:
     input holds 39,475 flags in each worker: as ((site, kind, URL or pHash), pages) tuples ~8.5 MB,
     as (digest, pages) ~4.3 MB (issue 34). Two different flags share a digest with odds of about
     n^2 / 2^129 (~10^-30 at 10^5 flags)."""
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     for part in (scope, kind, key):
         if part is None:  # its own length, which no string has
