@@ -370,6 +370,12 @@ class WriteStageOutputs(beam.PTransform):
     `kept_batch_rows` is how many kept rows Beam's parquet writer converts to Arrow at a time (its
     default 1,000); a row group holds at least one such batch (filter's images: 250, see there).
 
+    Steps that write their own tables as they make them (`TableFile`; pair's join) hand on the
+    files: `written` ({sink path: schema}) names those sinks, and the entry "written" holds the
+    (sink path, file) of each file (a PCollection or a tuple of them), named with the stage's
+    other table files by the stats step; their rejected rows are counted by the entry
+    "rejected_counts" ({reason: rows} dicts, summed), their other rows by `given_counts`.
+
     `table_sinks=True` writes the tables with `_WriteTables` (one step a sink: a parquet file a
     bundle, named when the stats are written) instead of Beam's parquet sink (nine steps, a shuffle
     and three side inputs each, ~0.08 CPU s of Beam's fixed cost a sink; extract has five: issue 34).
@@ -378,8 +384,10 @@ class WriteStageOutputs(beam.PTransform):
     """
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
-                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False, kept_batch_rows: int = 1000, given_counts: tuple = ()):
+                 table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False, kept_batch_rows: int = 1000, given_counts: tuple = (),
+                 written: Optional[dict] = None):
         super().__init__()
+        self.written = dict(written or {})  # sinks whose files the pipeline's own steps wrote (see above)
         self.kept_batch_rows = kept_batch_rows
         self.table_sinks = table_sinks
         self.out_dir, self.stage, self.name, self.schema = out_dir, stage, name, schema
@@ -402,8 +410,11 @@ class WriteStageOutputs(beam.PTransform):
             raise ValueError("several kept or rejected PCollections need kept_tables / rejected_tables")
         kept_path = os.path.join(self.out_dir, self.name, "part")
         rejected_path = os.path.join(self.out_dir, "rejected", "part")
-        self._sinks: dict = {}  # table_sinks: sink path -> schema
-        self._written: list = []  # table_sinks: each sink's (sink path, temporary file) PCollection
+        self._sinks: dict = dict(self.written)  # table sinks (and `written`'s): sink path -> schema
+        self._written: list = []  # their (sink path, temporary file) PCollections
+        if self.written:
+            given = pcolls.get("written", ())
+            self._written += list(given) if isinstance(given, (tuple, list)) else [given]
         for pcs, path, label, schema, tables in ((kept_all, kept_path, "WriteKept", self.schema, self.kept_tables), (rejected_all, rejected_path, "WriteRejected", REJECTED_SCHEMA, self.rejected_tables)):
             for i, pc in enumerate(pcs):  # part-*, then part_1-*, part_2-*...
                 # not part-1: each sink's finalize deletes what matches its own `part-*-of-N` first,
@@ -451,7 +462,11 @@ class WriteStageOutputs(beam.PTransform):
                 tallies.append(pc | label >> beam.Map(lambda t: {(_REASON, k): v for k, v in _reason_counts(t).items()}))
             else:
                 tallies.append(pc | label >> beam.ParDo(_Tally(_REASON)))
-        names = [name for name in pcolls if name not in ("input", "input_count", "kept", "kept_count", "rejected")]
+        if "rejected_counts" in pcolls:  # {reason: rows} of rejected rows written by the steps that made them
+            counts = pcolls["rejected_counts"]
+            for i, pc in enumerate(counts if isinstance(counts, (tuple, list)) else [counts]):
+                tallies.append(pc | (f"TallyRejectedCounts{i}" if i else "TallyRejectedCounts") >> beam.Map(lambda d: {(_REASON, k): v for k, v in d.items()}))
+        names = [name for name in pcolls if name not in ("input", "input_count", "kept", "kept_count", "rejected", "rejected_counts", "written")]
         for name in names:
             if name in self.given_counts:
                 tallies.append(pcolls[name] | f"Tally_{name}" >> beam.Map(lambda n, key=(_COUNT, name): {key: n}))
@@ -552,21 +567,21 @@ def _dictionary_columns(schema: pa.Schema) -> tuple[str, ...]:
     return tuple(path for path in (parquet.column(i).path for i in range(len(parquet))) if path.split(".")[0] not in binary)
 
 
-class _WriteTables(beam.DoFn):
-    """A sink of pyarrow tables (`WriteStageOutputs(table_sinks=True)`): each bundle's tables, as
-    they come, into one parquet file (Beam's parquet sink's writer settings) under a hidden name
-    beside the sink's files; emits (sink path, that file) when the bundle ends. Only the files of
-    bundles that succeeded reach `_name_table_files`, which gives them their names (Beam's
-    `part-00000-of-00002.parquet`); a failed or retried bundle's file stays hidden and
-    `finish_stage` removes it."""
+class TableFile:
+    """Pyarrow tables written, as they come, into one parquet file (Beam's parquet sink's writer
+    settings) under a hidden name beside a sink's files (`sink_path`: FOLDER/PREFIX); `close`
+    returns (sink_path, that file), or None when no table came. The stats step of
+    `WriteStageOutputs` names the files it is handed (`_name_table_files`: Beam's
+    `PREFIX-00000-of-00002.parquet`); a file of a failed or retried bundle, never handed on, stays
+    hidden and `finish_stage` removes it. Used by `_WriteTables`, and by a step that writes its
+    own rows as it makes them instead of emitting them (pair's join: on Dask a bundle's outputs
+    wait in its worker until the bundle ends; issue 34)."""
 
     def __init__(self, sink_path: str, schema: pa.Schema):
         self.sink_path, self.schema = sink_path, schema
-
-    def start_bundle(self):
         self.writer = self.fh = self.tmp = None
 
-    def process(self, table):
+    def write(self, table: pa.Table) -> None:
         if self.writer is None:
             import uuid
 
@@ -582,14 +597,36 @@ class _WriteTables(beam.DoFn):
             self.writer = pq.ParquetWriter(self.fh, self.schema, compression="none", use_dictionary=list(_dictionary_columns(self.schema)), use_deprecated_int96_timestamps=False, use_compliant_nested_type=False)
         self.writer.write_table(table)
 
+    def close(self) -> Optional[tuple]:
+        if self.writer is None:
+            return None
+        self.writer.close()
+        self.fh.close()
+        written = (self.sink_path, self.tmp)
+        self.writer = self.fh = self.tmp = None
+        return written
+
+
+class _WriteTables(beam.DoFn):
+    """A sink of pyarrow tables (`WriteStageOutputs(table_sinks=True)`): each bundle's tables, as
+    they come, into one `TableFile`; emits (sink path, that file) when the bundle ends. Only the
+    files of bundles that succeeded reach `_name_table_files`, which gives them their names."""
+
+    def __init__(self, sink_path: str, schema: pa.Schema):
+        self.sink_path, self.schema = sink_path, schema
+
+    def start_bundle(self):
+        self.file = TableFile(self.sink_path, self.schema)
+
+    def process(self, table):
+        self.file.write(table)
+
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
 
-        if self.writer is not None:
-            self.writer.close()
-            self.fh.close()
-            yield GlobalWindows.windowed_value((self.sink_path, self.tmp))
-        self.writer = self.fh = self.tmp = None
+        written = self.file.close()
+        if written is not None:
+            yield GlobalWindows.windowed_value(written)
 
 
 def _name_table_files(written: list, sinks: dict) -> None:

@@ -17,6 +17,8 @@ memory does not grow with its input (issue 34).
 
 from __future__ import annotations
 
+import collections
+import os
 import pickle
 
 import apache_beam as beam
@@ -59,34 +61,52 @@ class JoinBucket(beam.DoFn):
     """(bucket, [(name, spill file)]) of the images and kept links spilled by image id (or, with
     the copy step, by the kept dress's id) -> each image on each of its pages (its page, URL, alt
     and position are the link's), boilerplate rejected, the rest spilled by page for the page
-    buckets (the main output: the files). Each record carries whether its image is `shared`: seen on several pages
-    (its kept links name more than one page) or a kept dress of the copy step (a dress that stands
-    in for others); only pairs of two shared images can recur on another page. One bucket's images
-    and links are in memory at a time, packed; each record is spilled by its page as it is made
-    (pairing/spill.py BucketWriter under `spill_dir`/pages/), and the main output is only the
-    (bucket, ("pages", path)) of each file, when the bundle ends: a key's records are never held
-    together (a photo copied on 19,306 pages was one key at 16x), and on Dask, where a step's
-    outputs are one list in its worker until every consumer ran, the records no longer waited
-    there for a spill step of their own (the hub's bucket: ~20,000 records; issue 34). With `copies`,
-    pairing/copies.py `on_pages_with_copies` makes the records (tagged outputs `rejected`,
-    `copies`, and `stand_ins`: one count a bucket of the pages a kept dress stands in on, not an
-    element a page). The rejected rows leave as pyarrow tables of up to
-    REJECTED_TABLE_ROWS rows (each producer of rejected rows has its own sink: the local runner
-    holds a Flatten of outputs of different stages whole), and so do the `copies` rows (on Dask a
-    bundle's outputs are one list until all its consumers ran: a bucket with a photo copied on
-    ~20,000 pages held ~20,000 copies rows as dicts; issue 34)."""
+    buckets (the main output: the files). Each record carries whether its image is `shared`: seen
+    on several pages (its kept links name more than one page) or a kept dress of the copy step (a
+    dress that stands in for others); only pairs of two shared images can recur on another page.
+    With `copies`, pairing/copies.py `on_pages_with_copies` makes the records (and the rejected
+    links of the other dresses, their `copies` rows, and the pages a kept dress stands in on).
 
-    def __init__(self, cfg: PairConfig, copies: bool, spill_dir: str, buckets: int):
+    Nothing a bucket makes is held or emitted row by row. One bucket's images and links are in
+    memory at a time, packed, and each thing made is written as it is made:
+    * each record, spilled by its page (pairing/spill.py BucketWriter under `spill_dir`/pages/);
+      the main output is only the (bucket, ("pages", path)) of each file, when the bundle ends;
+    * the rejected rows and the copies rows, into the stage's own output files (core/stageio.py
+      `TableFile`: `out_dir`/rejected/join-*, `out_dir`/copies/part-*), REJECTED_TABLE_ROWS rows a
+      row group; tag WRITTEN hands on each (sink path, file) when the bundle ends, and the stage's
+      stats step names them. They are counted here: tag REJECTED_COUNTS ({reason: rows}) and
+      COPIES (rows), one element a bundle; STAND_INS, one count a bucket.
+    A key's records are never held together (a photo copied on 19,306 pages was one key at 16x).
+    On Dask a step's outputs are one list in its worker until the bundle ends and every consumer
+    ran: the records (~20,000 for the hub's bucket), then its rejected and copies rows as tables
+    (11.6 MB for the hub's bucket at 16x, 17.8 MB with the second bucket of its bundle) waited there,
+    on top of the bucket being joined (issue 34)."""
+
+    def __init__(self, cfg: PairConfig, copies: bool, spill_dir: str, buckets: int, out_dir: str):
         self.cfg, self.copies = cfg, copies
         self.spill_dir, self.buckets = spill_dir, buckets
+        self.out_dir = out_dir
 
     def start_bundle(self):
+        from core.stageio import TableFile
+
         release_free_memory()  # what the steps before left freed (the copy step's), once a bundle
         self.pages = BucketWriter(self.spill_dir, "pages", self.buckets)
+        self.rejected = _RowFile(TableFile(join_rejected_sink(self.out_dir), REJECTED_SCHEMA))
+        self.copy_rows = _RowFile(TableFile(copies_sink(self.out_dir), COPY_SCHEMA))
 
     def finish_bundle(self):
         for ref in self.pages.close():
             yield GlobalWindows.windowed_value(ref)
+        for file in (self.rejected, self.copy_rows):
+            written = file.close()  # the rows it still held written first, then counted
+            if written is not None:
+                yield beam.pvalue.TaggedOutput(WRITTEN, GlobalWindows.windowed_value(written))
+        reasons, copy_rows = self.rejected.reasons, self.copy_rows.rows
+        if reasons:
+            yield beam.pvalue.TaggedOutput(REJECTED_COUNTS, GlobalWindows.windowed_value(dict(reasons)))
+        if copy_rows:
+            yield beam.pvalue.TaggedOutput(COPIES, GlobalWindows.windowed_value(copy_rows))
 
     def process(self, item, flags):
         _, listed = item
@@ -95,8 +115,6 @@ class JoinBucket(beam.DoFn):
             paths[name].append(path)
         images, links = read_groups(paths["image"]), read_groups(paths["links"])
         cfg = self.cfg
-        rejected: list = []
-        copy_rows: list = []  # COPY_SCHEMA rows, leaving as tables like the rejected ones
         stand_ins = 0  # the pages a kept dress stands in on, leaving as one count a bucket
         for key in in_order(images.keys() | links.keys()):
             packed, group_links = images.pop(key, []), links.pop(key, [])
@@ -119,32 +137,59 @@ class JoinBucket(beam.DoFn):
                     if on_page is not None:
                         self.pages.add(*on_page)
                     else:
-                        rejected.append(row)
+                        self.rejected.add(row)
                 elif out.tag == REJECTED:
-                    rejected.append(out.value)
+                    self.rejected.add(out.value)
                 elif out.tag == COPIES:
-                    copy_rows.append(out.value)
+                    self.copy_rows.add(out.value)
                 elif out.tag == STAND_INS:
                     stand_ins += 1
                 else:
                     raise ValueError(f"pair: unexpected output {out.tag!r} of the copy join")
-                if len(rejected) >= REJECTED_TABLE_ROWS:
-                    yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
-                    rejected = []
-                if len(copy_rows) >= REJECTED_TABLE_ROWS:
-                    yield beam.pvalue.TaggedOutput(COPIES, rows_to_table(copy_rows, COPY_SCHEMA))
-                    copy_rows = []
             del grouped, packed, group_links
-        if rejected:
-            yield beam.pvalue.TaggedOutput(REJECTED, rows_to_table(rejected, REJECTED_SCHEMA))
-        if copy_rows:
-            yield beam.pvalue.TaggedOutput(COPIES, rows_to_table(copy_rows, COPY_SCHEMA))
         if stand_ins:
             yield beam.pvalue.TaggedOutput(STAND_INS, stand_ins)
 
 
-REJECTED_TABLE_ROWS = 1024  # rejected (and copies) rows a join bucket holds before they leave as a table: at 4,096 the
-# bucket of a photo copied on ~20,000 pages held ~3 MB more at its peak (tests/test_pair_join_memory.py; issue 34)
+REJECTED_TABLE_ROWS = 1024  # rejected (and copies) rows the join holds before it writes them as a row group
+WRITTEN = "written"  # the join's tag of the (sink path, file) of each file it wrote (core/stageio.py TableFile)
+REJECTED_COUNTS = "rejected_counts"  # ... and of its rejected rows' {reason: rows}, one a bundle
+
+
+def join_rejected_sink(out_dir: str) -> str:
+    """Where the join writes its rejected rows: rejected/join-*.parquet beside the page step's
+    rejected/part-*.parquet (each sink names its own files)."""
+    return os.path.join(out_dir, REJECTED, "join")
+
+
+def copies_sink(out_dir: str) -> str:
+    return os.path.join(out_dir, COPIES, "part")
+
+
+class _RowFile:
+    """Rows (dicts of its file's schema) written to a `TableFile` REJECTED_TABLE_ROWS at a time;
+    counts them (`rows`) and, for rejected rows, their reasons (`reasons`)."""
+
+    def __init__(self, file):
+        self.file, self.pending = file, []
+        self.rows, self.reasons = 0, collections.Counter()
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= REJECTED_TABLE_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            if "reason" in self.file.schema.names:
+                self.reasons.update(row["reason"] for row in self.pending)
+            self.rows += len(self.pending)
+            self.file.write(rows_to_table(self.pending, self.file.schema))
+            self.pending = []
+
+    def close(self):
+        self._flush()
+        return self.file.close()
 
 
 def _on_pages(packed_image: bytes, group_links: list):
@@ -266,17 +311,21 @@ class PairImages(beam.PTransform):
     page_url), a light second read for the counts, "occurrences": (page_url, site,
     image_url, phash) of every downloaded link} -> {"input" links (and with the copy step
     "input_count": the pages a kept dress stands in on, one count a bucket), "kept" image-on-page records,
-    "rejected", "pairs", "deduped_pairs", "duplicate_pairs", "pages", "boilerplate" flags}.
+    "rejected" (the page step's tables), "pairs", "deduped_pairs", "duplicate_pairs", "pages",
+    "boilerplate" flags, and the join's "written" files (its rejected rows, and with the copy step
+    its copies rows, written under `out_dir` as it makes them: `JoinBucket`) with their counts,
+    "rejected_counts" and "copies"}.
 
     The records meet their keys' other records in spill files under `spill_dir` (pairing/spill.py:
     `buckets` hash buckets, one bucket in memory at a time) instead of in the runner's shuffles:
     images with their links by image id, then image-on-page records by page, then the pairs of
     two shared images by their contents."""
 
-    def __init__(self, cfg: PairConfig, feature_dir: str = "", spill_dir: str = "", buckets: int = 1):  # feature_dir: needed with cfg.copies
+    def __init__(self, cfg: PairConfig, feature_dir: str = "", spill_dir: str = "", buckets: int = 1, out_dir: str = ""):  # feature_dir: needed with cfg.copies
         super().__init__()
-        if not spill_dir:
-            raise ValueError("PairImages needs a folder for its spill files (spill_dir)")
+        if not spill_dir or not out_dir:
+            raise ValueError("PairImages needs a folder for its spill files (spill_dir) and the stage's output folder (out_dir)")
+        self.out_dir = out_dir
         self.cfg = cfg
         self.feature_dir = feature_dir  # the copy step's features (pairing/copies.py FindCopies)
         self.spill_dir, self.buckets = spill_dir, buckets
@@ -312,7 +361,7 @@ class PairImages(beam.PTransform):
         )
         joined = (
             spilled | "ImageBuckets" >> beam.Flatten() | "GroupImageBuckets" >> beam.GroupByKey()
-            | "JoinPages" >> beam.ParDo(JoinBucket(cfg, copies, spill_dir, buckets), beam.pvalue.AsDict(flag_dict)).with_outputs(REJECTED, COPIES, STAND_INS, main="page_files")
+            | "JoinPages" >> beam.ParDo(JoinBucket(cfg, copies, spill_dir, buckets, self.out_dir), beam.pvalue.AsDict(flag_dict)).with_outputs(WRITTEN, REJECTED_COUNTS, COPIES, STAND_INS, main="page_files")
         )
         if copies:
             out.update(copies=joined[COPIES], copy_checks=found["checks"], copy_candidates=found["candidate_count"], copy_stand_ins=joined[STAND_INS], copy_images_read=found["images_read"],
@@ -327,7 +376,10 @@ class PairImages(beam.PTransform):
             per_page[SHARED_PAIRS] | "GroupContentBuckets" >> beam.GroupByKey()
             | "FirstPage" >> beam.FlatMap(_first_page_wins).with_outputs("duplicate_pairs", main="unique")
         )
-        rejected = (joined[REJECTED], per_page[REJECTED])  # tables, each producer's written by its own sink
+        # the page step's rejected rows leave as tables for the stage's sink; the join writes its own
+        # (with its copies rows), and hands on the files and their counts
+        rejected = (per_page[REJECTED],)
+        out.update(written=joined[WRITTEN], rejected_counts=joined[REJECTED_COUNTS])
         if copies:  # the input: every kept link, and every page a kept dress stands in on (counted per bucket)
             out.update(input=keys, input_count=out["copy_stand_ins"], links=keys)
         else:
@@ -491,7 +543,7 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
             inputs["copy_light"] = copy_inputs(p, files)
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
             inputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
-        out = inputs | "Pair" >> PairImages(cfg, feature_dir, spill_dir, buckets)
+        out = inputs | "Pair" >> PairImages(cfg, feature_dir, spill_dir, buckets, out_dir)
         tables = []
         for name, prefix in (("pairs", "part"), ("deduped_pairs", "deduped")):  # both into pairs/, tables as they come
             pairs = out.pop(name)
@@ -499,7 +551,9 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
             tables.append(pairs)
         out["pairs"] = tuple(tables)  # counted once, by their rows
         more = {"boilerplate": BOILERPLATE_SCHEMA}
+        written = {join_rejected_sink(out_dir): REJECTED_SCHEMA}  # the files the join writes itself (JoinBucket)
         if cfg.copies:
-            more.update(copies=COPY_SCHEMA, copy_checks=COPY_CHECK_SCHEMA)
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True,
-                                                 table_counts=("pairs", "copies"), given_counts=("copy_candidates", "copy_images_removed", "copy_stand_ins", "pages"))
+            more.update(copy_checks=COPY_CHECK_SCHEMA)
+            written[copies_sink(out_dir)] = COPY_SCHEMA
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True, written=written,
+                                                 table_counts=("pairs",), given_counts=("copies", "copy_candidates", "copy_images_removed", "copy_stand_ins", "pages"))
