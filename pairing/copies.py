@@ -1447,8 +1447,10 @@ def on_pages_with_copies(item, image_fields: tuple, link_fields: tuple, stage: s
     order.sort()
     if kept_url is None:
         kept_url = kept.get("image_url")
+    sequence = [o[3] for o in order]
+    del order  # its sort keys (a tuple and the strings of three fields a link) are not held while the records are made
     stood_in: set[str] = set()
-    for k in [o[3] for o in order]:
+    for k in sequence:
         link = dict(zip(link_fields, pickle.loads(packed_links[k])))
         own = records.get(link["image_id"])
         if own is None:

@@ -102,11 +102,12 @@ class BucketWriter:
     `SpillByKey` does with its elements, for a step that spills what it makes itself (pair's join
     spills its records by page: on Dask a step's outputs are one list in its worker until every
     consumer ran, and a photo copied on ~20,000 pages made ~20,000 records in one bucket's step;
-    issue 34). Holds at most BUFFER_BYTES of rows (plus one record batch per bucket); `close`
-    closes the files and returns (bucket, (name, path)) for each, in bucket order."""
+    issue 34). Holds at most `buffer_bytes` (BUFFER_BYTES) of rows (plus one record batch per
+    bucket); `close` closes the files and returns (bucket, (name, path)) for each, in bucket order."""
 
-    def __init__(self, spill_dir: str, name: str, buckets: int):
+    def __init__(self, spill_dir: str, name: str, buckets: int, buffer_bytes: int = 0):
         self.spill_dir, self.name, self.buckets = spill_dir.rstrip("/"), name, buckets
+        self.buffer_bytes = buffer_bytes or BUFFER_BYTES
         self.buffers: dict = {}  # bucket -> [keys, values, bytes]
         self.held = 0
         self.writers: dict = {}  # bucket -> (file, writer, path)
@@ -123,7 +124,7 @@ class BucketWriter:
         self.held += size
         if len(buf[0]) >= BATCH_ROWS:
             self._flush(b)
-        elif self.held >= BUFFER_BYTES:
+        elif self.held >= self.buffer_bytes:
             for b in list(self.buffers):
                 self._flush(b)
 
