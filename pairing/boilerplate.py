@@ -162,6 +162,11 @@ def _dumps(value) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _occurrence(r: dict) -> tuple:
+    """An occurrence row -> (site, image URL, pHash, page key): what the flags' spills key and keep."""
+    return r["site"], r["image_url"], r["phash"], page_key(r["page_url"])
+
+
 class FlagBoilerplate(beam.PTransform):
     """Occurrences {page_url, site, image_url, phash} -> BOILERPLATE_SCHEMA rows (site and global).
 
@@ -172,31 +177,43 @@ class FlagBoilerplate(beam.PTransform):
     (pairing/spill.py, `buckets` buckets; a temporary folder if none is given), one bucket in memory
     at a time: a site's occurrences (its URL and content rules, its page count), an image URL's
     pages, a pHash's pages, then an LSH band's pHashes (their close neighbours), then a pHash's
-    own and neighbours' pages (the crawl-wide content rule)."""
+    own and neighbours' pages (the crawl-wide content rule).
 
-    def __init__(self, cfg: PairConfig, sites=None, *, spill_dir: str, buckets: int = 1):
+    With `read`, the input's elements are units of input (a (file, row group) of filter's
+    occurrences) and `read(unit)` yields their occurrences: each spill reads them itself, so no
+    step's output holds a unit's occurrences (on Dask a step's outputs are one list in its worker
+    until every consumer ran: a row group of 34,000 occurrences as dicts, then as tuples for the
+    three spills, ~30 MB at one Common Crawl file, where 1x's row groups hold 3,400; issue 34)."""
+
+    def __init__(self, cfg: PairConfig, sites=None, *, spill_dir: str, buckets: int = 1, read=None):
         super().__init__()
         self.cfg = cfg
         self.sites = sites
         self.spill_dir, self.buckets = spill_dir, buckets
+        self.read = read
 
     def expand(self, occ):
         cfg, k, d = self.cfg, self.cfg.boilerplate_pages, self.cfg.boilerplate_phash_distance
         spill_dir, buckets = self.spill_dir, self.buckets  # the caller's folder: it removes it
 
-        def spill(pcoll, label: str, name: str, keyed=None):  # keyed: the (key, value) of an element, in the spill's step
-            return pcoll | f"Spill{label}" >> beam.ParDo(SpillByKey(f"{spill_dir}/boilerplate", name, buckets, keyed))
+        def spill(pcoll, label: str, name: str, keyed=None, read=None):  # keyed: the (key, value) of an element, in the spill's step
+            return pcoll | f"Spill{label}" >> beam.ParDo(SpillByKey(f"{spill_dir}/boilerplate", name, buckets, keyed, read=read))
 
-        occ = occ | "Pages" >> beam.Map(lambda r: (r["site"], r["image_url"], r["phash"], page_key(r["page_url"])))
+        read_occ = None
+        if self.read is None:
+            occ = occ | "Pages" >> beam.Map(_occurrence)
+        else:  # each of the three spills of the occurrences reads its units itself
+            read = self.read
+            read_occ = lambda unit: map(_occurrence, read(unit))  # noqa: E731
         # crawl-wide URLs: pages capped at K+1 (enough to say "more than K")
         g_url = (
-            spill(occ, "Urls", "url", lambda o: (o[1], _dumps(o[3])))
+            spill(occ, "Urls", "url", lambda o: (o[1], _dumps(o[3])), read_occ)
             | "GroupUrlBuckets" >> beam.GroupByKey() | "GlobalUrlRows" >> beam.FlatMap(_global_url_rows, k)
         )
         # crawl-wide contents: each pHash's pages (an occurrence without one is not spilled), then
         # its close neighbours' (through LSH bands)
         own = (
-            spill(occ, "Hashes", "hash", lambda o: (o[2], _dumps(o[3])) if o[2] is not None else None)
+            spill(occ, "Hashes", "hash", lambda o: (o[2], _dumps(o[3])) if o[2] is not None else None, read_occ)
             | "GroupHashBuckets" >> beam.GroupByKey() | "OwnPages" >> beam.FlatMap(_own_pages, k + 1)
         )
         bands = own | "Bands" >> beam.FlatMap(lambda kv: [(b, _dumps(kv)) for b in band_keys(kv[0], d)])
@@ -210,7 +227,7 @@ class FlagBoilerplate(beam.PTransform):
         )
         g_content = own_near | "NearFiles" >> beam.Flatten() | "GroupNearBuckets" >> beam.GroupByKey() | "GlobalContentRows" >> beam.FlatMap(_global_content_rows, k)
         # per site: counted against the site's page count
-        site_files = [spill(occ, "Sites", "site_occ", lambda o: (o[0], _dumps((o[1], o[2], o[3]))))]
+        site_files = [spill(occ, "Sites", "site_occ", lambda o: (o[0], _dumps((o[1], o[2], o[3]))), read_occ)]
         if self.sites is not None:
             site_files.append(spill(self.sites, "SitePages", "site_pages", lambda r: (r["site"], _dumps(r["pages"]))))
         site_flags = (

@@ -28,7 +28,7 @@ from core.config import PairConfig, to_dict
 from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason, flag_entry
 from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
@@ -310,10 +310,11 @@ class PairImages(beam.PTransform):
     """{"images": (file, row group) items of filter's images files (`read_images`: one record per
     distinct image), "links": the same of filter's occurrences files (`read_kept_links`: the kept
     links' link_id, image_id, page_url, image_url, alt, position), each read in the step that
-    spills it, "keys": the kept links' (image_id,
-    page_url), a light second read for the counts, "occurrences": (page_url, site,
-    image_url, phash) of every downloaded link} -> {"input" links (and with the copy step
-    "input_count": the pages a kept dress stands in on, one count a bucket), "kept" image-on-page records,
+    spills it, "kept_counts": how many links filter kept, one count a row group of its occurrences
+    (`kept_link_count`), "occurrences": the (file, row group) items of filter's occurrences again,
+    each read by the boilerplate flags' spills (`read_occurrences`: page_url, site, image_url,
+    phash of every downloaded link)} -> {"input_count": the kept links (and with the copy step the
+    pages a kept dress stands in on, one count a bucket), "kept" image-on-page records,
     "rejected" (the page step's tables), "pairs", "deduped_pairs", "duplicate_pairs", "pages",
     "boilerplate" flags, and the join's "written" files (its rejected rows, and with the copy step
     its copies rows, written under `out_dir` as it makes them: `JoinBucket`) with their counts,
@@ -334,7 +335,7 @@ class PairImages(beam.PTransform):
         self.spill_dir, self.buckets = spill_dir, buckets
 
     def expand(self, pcolls):
-        images, occurrences, links, keys = pcolls["images"], pcolls["occurrences"], pcolls["links"], pcolls["keys"]
+        images, occurrences, links, kept_counts = pcolls["images"], pcolls["occurrences"], pcolls["links"], pcolls["kept_counts"]
         cfg, spill_dir, buckets = self.cfg, self.spill_dir, self.buckets
         out: dict = {}
         copies = "copy_light" in pcolls
@@ -355,7 +356,7 @@ class PairImages(beam.PTransform):
             key_link = lambda r: (r["image_id"], pack(r, LINK_FIELDS))  # noqa: E731
         # 1. boilerplate of a site or of the crawl, by content (pHash neighbourhood) and by URL,
         #    counted on every fetched link (filter's occurrences), before any threshold dropped a copy
-        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir=spill_dir, buckets=buckets)
+        flags = occurrences | "FlagBoilerplate" >> FlagBoilerplate(cfg, pcolls.get("sites"), spill_dir=spill_dir, buckets=buckets, read=read_occurrences)
         flag_dict = flags | "FlagKeys" >> beam.Map(flag_entry)  # (16-byte digest, pages): half the memory of the (scope, kind, key) tuples
         # 2. the join, one image bucket at a time; the flagged records are rejected there
         spilled = (
@@ -384,9 +385,9 @@ class PairImages(beam.PTransform):
         rejected = (per_page[REJECTED],)
         out.update(written=joined[WRITTEN], rejected_counts=joined[REJECTED_COUNTS])
         if copies:  # the input: every kept link, and every page a kept dress stands in on (counted per bucket)
-            out.update(input=keys, input_count=out["copy_stand_ins"], links=keys)
+            out.update(input_count=(kept_counts, out["copy_stand_ins"]), links=kept_counts)
         else:
-            out["input"] = keys
+            out["input_count"] = kept_counts
         return {
             **out,
             "kept": per_page.kept,
@@ -402,7 +403,6 @@ class PairImages(beam.PTransform):
 # Pairing never needs the image bytes: records travel without them (a pointer stays), and the
 # embedding travels as a compact float16 array instead of a Python list.
 META_COLUMNS = [f.name for f in IMAGE_SCHEMA if f.name not in ("image_bytes", "bytes_file", "bytes_row_group")]
-KEY_COLUMNS = ["image_id", "page_url"]  # what the sharing count reads of a kept link
 LINK_COLUMNS = ["link_id", "image_id", "page_url", "image_url", "alt", "position"]  # a kept link
 LINK_FIELDS = ("link_id", "image_id", "page_url", "image_url", "alt", "position")  # ... as it crosses the join
 OCCURRENCE_COLUMNS = ["page_url", "site", "image_url", "phash"]  # what the boilerplate flags read
@@ -456,6 +456,23 @@ def read_images(item: tuple[str, int]):
     for row, embedding in zip(table.drop_columns(["embedding"]).to_pylist(), embeddings):
         row["embedding"], row["bytes_file"], row["bytes_row_group"] = embedding, path, rg
         yield row
+
+
+def read_occurrences(item: tuple[str, int]):
+    """(file, row group) of filter's occurrences -> OCCURRENCE_COLUMNS of each row (every
+    downloaded link), READ_BATCH rows at a time: what the boilerplate flags count."""
+    from core.stageio import READ_BATCH, parquet_batches
+
+    for batch in parquet_batches(item, OCCURRENCE_COLUMNS, READ_BATCH):
+        yield from batch.to_pylist()
+
+
+def kept_link_count(item: tuple[str, int]) -> int:
+    """(file, row group) of filter's occurrences -> how many of its links filter kept (filter_reason
+    null), from that column alone."""
+    from core.stageio import READ_BATCH, parquet_batches
+
+    return sum(batch.column(0).null_count for batch in parquet_batches(item, ["filter_reason"], READ_BATCH))
 
 
 def read_kept_links(item: tuple[str, int]):
@@ -527,21 +544,19 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         # filter's occurrences, one element per row group, each read READ_BATCH rows at a time: on
         # Dask a row group is a partition (ReadAllFromParquet made every row of the input one
         # partition there, held as dicts: 2.5 GB a worker at one Common Crawl file, issue 34)
+        # (the boilerplate flags' spills read them: no step's output holds a row group's rows)
         groups = row_groups(occurrence_files)
-        occurrences = p | "OccurrenceGroups" >> beam.Create(groups) | "ReadOccurrences" >> ReadRowGroups(OCCURRENCE_COLUMNS)
-        # the kept links, read twice: light (image id, page) for the counts, whole for the join (so
-        # each read has one consumer and nothing is held between stages but packed bytes)
-        keys = (
-            p | "KeyGroups" >> beam.Create(groups) | "ReadKeys" >> ReadRowGroups(KEY_COLUMNS + ["filter_reason"])
-            | "KeptKeys" >> beam.Filter(lambda r: r["filter_reason"] is None)
-        )
+        occurrences = p | "OccurrenceGroups" >> beam.Create(groups)
+        # the kept links, counted (one count a row group, from its filter_reason column) and read
+        # whole for the join (a row group's 34,000 links as dicts were the counts' input: issue 34)
+        kept_counts = p | "KeyGroups" >> beam.Create(groups) | "CountKept" >> beam.Map(kept_link_count)
         # the kept links and the images: (file, row group) items, each read in the step that spills
         # it (PairImages), which with the copy step waits for the copy map; a second Create keeps
         # the full read in the stage that waits for the boilerplate flags, so the records stream
         # into the page shuffle instead of being held for that stage
         links = p | "LinkGroups" >> beam.Create(groups)
         images = p | "ImageGroups" >> beam.Create(row_groups(files))
-        inputs = {"images": images, "occurrences": occurrences, "links": links, "keys": keys}
+        inputs = {"images": images, "occurrences": occurrences, "links": links, "kept_counts": kept_counts}
         if cfg.copies:  # the copy step reads the embeddings, pHashes and pointers; later only the candidates' bytes
             inputs["copy_light"] = copy_inputs(p, files)
         if site_files:  # each site's pages in the crawl (download's, passed on by filter)
@@ -559,4 +574,4 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
             more.update(copy_checks=COPY_CHECK_SCHEMA)
             written[copies_sink(out_dir)] = COPY_SCHEMA
         _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True, written=written,
-                                                 table_counts=("pairs",), given_counts=("copies", "copy_candidates", "copy_images_removed", "copy_stand_ins", "pages"))
+                                                 table_counts=("pairs",), given_counts=("copies", "links", "copy_candidates", "copy_images_removed", "copy_stand_ins", "pages"))

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -515,8 +516,11 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
     assert "Read" not in graphs and "ReadLinks/ReadRowGroup" not in graphs  # no read step of their own
     assert graphs["Pair/SpillImages"].npartitions == groups["images"]
     assert graphs["Pair/SpillLinks"].npartitions == groups["occurrences"]
-    for read in ("ReadOccurrences", "ReadKeys"):
-        assert graphs[f"{read}/ReadRowGroup"].npartitions == groups["occurrences"], read
+    # the occurrences are read by the boilerplate flags' three spills, each row group in its own
+    # partition, and counted where they are read: no step holds a row group's rows as its output
+    assert not any(label.startswith(("ReadOccurrences", "ReadKeys")) or label.endswith("FlagBoilerplate/Pages") for label in graphs), sorted(graphs)
+    for label in ("Pair/FlagBoilerplate/SpillUrls", "Pair/FlagBoilerplate/SpillHashes", "Pair/FlagBoilerplate/SpillSites", "CountKept"):
+        assert graphs[label].npartitions == groups["occurrences"], label
 
     # each spill task waits for the copy map: the copy groups' step is among its ancestors
     copy_map = graphs["Pair/FindCopies/Groups/ParDo(_Groups)"].name
@@ -549,7 +553,20 @@ def test_each_dask_partition_of_pairs_reads_is_one_row_group(pipeline_dirs, tmp_
             rows += [pp.unpack(value, fields) for value in table.column(1).to_pylist()]
         return rows
 
-    same(partitions("ReadOccurrences/ReadRowGroup"), row_group_rows("occurrences", pp.OCCURRENCE_COLUMNS))
+    # the boilerplate flags' spill of each site's occurrences: every occurrence of its row group
+    from pairing.boilerplate import page_key
+
+    def site_rows(part: list) -> list:
+        rows = []
+        for _, (_, path) in part:
+            table = pa.ipc.open_file(path).read_all()
+            rows += [[key, *pickle.loads(value)] for key, value in zip(table.column(0).to_pylist(), table.column(1).to_pylist())]
+        return rows
+
+    occurrences = row_group_rows("occurrences", pp.OCCURRENCE_COLUMNS)
+    same([site_rows(part) for part in partitions("Pair/FlagBoilerplate/SpillSites")], [[[r["site"], r["image_url"], r["phash"], page_key(r["page_url"])] for r in rows] for rows in occurrences])
+    kept_per_group = [sum(r["filter_reason"] is None for r in rows) for rows in row_group_rows("occurrences", ["filter_reason"])]
+    assert sorted(n for part in partitions("CountKept") for n in part) == sorted(kept_per_group) and sum(kept_per_group) > 0
     kept_links = [[{k: r[k] for k in pp.LINK_FIELDS} for r in rows if r["filter_reason"] is None] for rows in row_group_rows("occurrences", pp.LINK_COLUMNS + ["filter_reason"])]
     same([spilled(part, pp.LINK_FIELDS) for part in partitions("Pair/SpillLinks")], kept_links)
     files = stage_files(filtered, "images", expected="filter")
