@@ -192,3 +192,58 @@ def test_frozen_gc_nests_and_leaves_someone_elses_freeze_frozen():
             pass
         assert gc.get_freeze_count() > 0  # the inner block left the outer one's freeze
     assert gc.get_freeze_count() == 0
+
+
+class _WritesItsOwn(beam.DoFn):
+    """Writes each element's rejected rows into a file of its own (core/stageio.py TableFile), as
+    pair's join does, and emits only the file and the rows' {reason: count}."""
+
+    def __init__(self, sink: str):
+        self.sink = sink
+
+    def process(self, rows):
+        import collections
+
+        from core.stageio import TableFile
+
+        file = TableFile(self.sink, REJECTED_SCHEMA)
+        file.write(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA))
+        yield beam.pvalue.TaggedOutput("written", file.close())
+        yield beam.pvalue.TaggedOutput("counts", dict(collections.Counter(r["reason"] for r in rows)))
+
+
+def test_files_a_step_wrote_itself_are_named_and_counted_and_a_lost_bundles_file_removed(tmp_path):
+    """Rejected rows a step wrote itself (pair's join, issue 34) are named beside the stage's sink's
+    (`rejected/join-0000k-of-0000N`), counted by reason with the others, and a file never handed on
+    (a bundle a runner lost and ran again) is removed by finish_stage: every row read back once,
+    with pyarrow.dataset over the folder and from another working directory."""
+    import os
+    import subprocess
+    import sys
+
+    from core.stageio import TableFile, finish_stage, stage_files
+
+    out = str(tmp_path / "stage")
+    sink = os.path.join(out, "rejected", "join")
+    rows = [{"record_id": f"j{i}", "stage": "t", "reason": "near_duplicate" if i % 3 else "copy_duplicate", "detail": f"d{i}", "url": f"http://x.example/{i}"} for i in range(10)]
+    lost = TableFile(sink, REJECTED_SCHEMA)  # a retried bundle's first try: its file is never handed on
+    lost.write(pa.Table.from_pylist(rows[:2], schema=REJECTED_SCHEMA))
+    lost_path = lost.close()[1]
+    others = [{"record_id": "p0", "stage": "t", "reason": "too_small", "detail": "", "url": ""}]
+    with beam.Pipeline(options=pipeline_options([])) as p:
+        made = p | "Chunks" >> beam.Create([rows[:4], rows[4:]]) | "Writes" >> beam.ParDo(_WritesItsOwn(sink)).with_outputs("written", "counts")
+        pcolls = {
+            "input": p | "In" >> beam.Create(range(13)), "kept": p | "Kept" >> beam.Create([pa.table({"id": ["k0", "k1"]}, schema=SCHEMA)]),
+            "rejected": (p | "Rej" >> beam.Create([pa.Table.from_pylist(others, schema=REJECTED_SCHEMA)]),),
+            "written": made.written, "rejected_counts": made.counts,
+        }
+        _ = pcolls | "Write" >> WriteStageOutputs(out, "t", "kept", SCHEMA, kept_tables=True, rejected_tables=True, written={sink: REJECTED_SCHEMA})
+    stats = finish_stage(out)
+    assert stats["rejected"] == {"copy_duplicate": 4, "near_duplicate": 6, "too_small": 1} and stats["input"] == 13 and stats["kept"] == 2
+    assert not os.path.exists(lost_path)
+    files = sorted(os.path.relpath(f, out) for f in stage_files(out, "rejected"))
+    assert files == ["rejected/join-00000-of-00002.parquet", "rejected/join-00001-of-00002.parquet", "rejected/part-00000-of-00001.parquet"]
+    code = "import pyarrow.dataset as ds, json, sys; print(json.dumps(ds.dataset(sys.argv[1], format='parquet').to_table().to_pylist()))"
+    read = subprocess.run([sys.executable, "-c", code, os.path.join(out, "rejected")], cwd=str(tmp_path.parent), capture_output=True, text=True, timeout=120, check=True)
+    got = sorted(json.loads(read.stdout), key=lambda r: r["record_id"])
+    assert got == sorted(rows + others, key=lambda r: r["record_id"])
