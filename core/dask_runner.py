@@ -49,13 +49,13 @@ docs/cluster.md):
    the copy step at one Common Crawl file rose 340 -> 430 MB a worker over the steps after its
    copy groups; issue 34). Here a worker gives freed pages back after a bundle whenever its
    resident memory grew by TRIM_GROWTH since its last trim (`_give_back_freed_memory`).
-12. A worker sends a task's result (a list) to another through distributed's `serialize`, which
-   serializes a list element by element, each with a header and frames of its own, when its
-   first element's first element is of a type dask serializes itself (`bytes`): pair's side input
-   of boilerplate flags, 39,475 (16-byte digest, pages) tuples at one Common Crawl file, became
-   78,952 frames, 1.5 s and +78 MB on the sending worker (the stage's peak there) and +41 MB on
-   the receiving one (issue 34). Here a bundle's outputs, a selected output and a side input
-   are `_Elements`, a list that distributed pickles whole.
+12. A worker sends a task's result to another (`get_data`) through distributed's `serialize`,
+   which takes a plain list (tuple, set, dict) element by element, each with a header and frames of
+   its own: pair's side input of boilerplate flags, 39,475 (16-byte digest, pages) tuples at one
+   Common Crawl file, became 78,952 frames, 1.5 s and +78 MB on the sending worker (the stage's
+   peak there) and +41 MB on the receiving one (issue 34). Here a bundle's outputs, a selected
+   output, a side input, a GroupByKey's groups and `_spread`'s slices are `_Elements`, a list
+   that distributed pickles whole.
 
 Select it with `--runner dask` (core/stageio.py): with `--dask-address tcp://HOST:PORT` it submits
 to that cluster, otherwise a LocalCluster of `--dask-workers` processes is started and closed.
@@ -207,9 +207,9 @@ def _run_bundle(items, fn_bytes, label, args, kwargs, window_fn, side_specs, *si
 
 class _Elements(list):
     """A partition's (or a side input's) elements: a list that distributed pickles as one object
-    when a worker sends it to another (fix 12). Its `serialize` takes only a plain list, tuple, set
-    or dict element by element (`type(x) in (list, ...)`, not isinstance), and does so when the
-    first element leads to bytes: (16-byte digest, pages) tuples went out as two frames each."""
+    when a worker sends it to another (fix 12). Its `serialize` takes a plain list, tuple, set or
+    dict element by element when a worker hands it on (`type(x) in (list, ...)`, not isinstance):
+    (16-byte digest, pages) tuples went out as two frames each, (str, str, str) tuples as one."""
 
     __slots__ = ()
 
@@ -319,11 +319,21 @@ def _grouped(kv):
     return key, [te.defenestrate(item[1]) for item in items]
 
 
+def _grouped_partition(part) -> list:
+    """A shuffled partition's (key, [(key, value)...]) groups as (key, [values]) (fix 12: `_Elements`)."""
+    return _Elements(_grouped(kv) for kv in part)
+
+
 def _group_partition(items) -> list:
     """A GroupByKey of one partition, in place."""
     from toolz import groupby
 
-    return [_grouped(kv) for kv in groupby(_group_key, items).items()]
+    return _Elements(_grouped(kv) for kv in groupby(_group_key, items).items())
+
+
+def _slice(parts, k: int) -> list:
+    """Slice `k` of a partition cut by `_spread` (fix 12: `_Elements`)."""
+    return _Elements(parts[k])
 
 
 @dataclasses.dataclass
@@ -342,7 +352,7 @@ class _GroupByKey(te.DaskBagOp):
         if bag.npartitions == 1:  # nothing to shuffle
             grouped = bag.map_partitions(_group_partition)
         else:
-            grouped = groupby_tasks(bag, _group_key, hash=_key_hash).map(_grouped)
+            grouped = groupby_tasks(bag, _group_key, hash=_key_hash).map_partitions(_grouped_partition)
         if self.parallelism > grouped.npartitions:  # fix 10: spread the groups (each key stays whole)
             grouped = _spread(grouped, self.parallelism)
         return grouped
@@ -357,8 +367,6 @@ def _spread(bag, n: int):
     on. A slice task is not fused into its reader, so a reader that the scheduler runs on another
     worker fetches its slice, not the whole partition (dask.bag's `repartition` makes the same
     tasks, and fusion then made every reader depend on the whole partition)."""
-    import operator
-
     from dask.bag.core import Bag, split
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
@@ -371,7 +379,7 @@ def _spread(bag, n: int):
         k = div + (1 if i < mod else 0)
         graph[(cut, i)] = (split, (bag.name, i), k)
         for part in range(k):
-            graph[(name, j)] = (operator.getitem, (cut, i), part)
+            graph[(name, j)] = (_slice, (cut, i), part)
             j += 1
     return Bag(HighLevelGraph.from_collections(name, graph, dependencies=[bag]), name, n)
 

@@ -412,8 +412,10 @@ class WriteStageOutputs(beam.PTransform):
         rejected_path = os.path.join(self.out_dir, "rejected", "part")
         self._sinks: dict = dict(self.written)  # table sinks (and `written`'s): sink path -> schema
         self._written: list = []  # their (sink path, temporary file) PCollections
+        if bool(self.written) != ("written" in pcolls):  # files nobody would name (removed unnamed, their rows counted)
+            raise ValueError("WriteStageOutputs: give both the `written` sinks and the \"written\" files, or neither")
         if self.written:
-            given = pcolls.get("written", ())
+            given = pcolls["written"]
             self._written += list(given) if isinstance(given, (tuple, list)) else [given]
         for pcs, path, label, schema, tables in ((kept_all, kept_path, "WriteKept", self.schema, self.kept_tables), (rejected_all, rejected_path, "WriteRejected", REJECTED_SCHEMA, self.rejected_tables)):
             for i, pc in enumerate(pcs):  # part-*, then part_1-*, part_2-*...
@@ -474,7 +476,7 @@ class WriteStageOutputs(beam.PTransform):
                 tally(pcolls[name], (_COUNT, name), f"Tally_{name}", rows=name in self.table_counts)
         totals = tallies | "AllTallies" >> beam.Flatten() | "SumTallies" >> beam.CombineGlobally(_SumCounts())
         written = {}
-        if self._written:  # the files of every table sink, named by the step that writes the stats
+        if self._sinks:  # the files of every table sink, named by the step that writes the stats
             written = {"written": beam.pvalue.AsList(self._written | "AllWritten" >> beam.Flatten()), "sinks": self._sinks}
         return (
             kept_all[0].pipeline
@@ -635,6 +637,9 @@ def _name_table_files(written: list, sinks: dict) -> None:
     by_sink: dict = {}
     for sink_path, tmp in written:
         by_sink.setdefault(sink_path, []).append(tmp)
+    unknown = sorted(set(by_sink) - set(sinks))
+    if unknown:  # a file of a sink nobody declared would stay hidden and be removed, its rows counted
+        raise StageError(f"files written for sinks that were not declared: {', '.join(unknown)}")
     for sink_path, schema in sinks.items():
         files = sorted(by_sink.get(sink_path, []))
         if not files:

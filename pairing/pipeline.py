@@ -78,9 +78,10 @@ class JoinBucket(beam.DoFn):
       COPIES (rows), one element a bundle; STAND_INS, one count a bucket.
     A key's records are never held together (a photo copied on 19,306 pages was one key at 16x).
     On Dask a step's outputs are one list in its worker until the bundle ends and every consumer
-    ran: the records (~20,000 for the hub's bucket), then its rejected and copies rows as tables
-    (11.6 MB for the hub's bucket at 16x, 17.8 MB with the second bucket of its bundle) waited there,
-    on top of the bucket being joined (issue 34)."""
+    ran: before the join spilled its records and wrote its rows itself, the records (~20,000 for
+    the hub's bucket), then its rejected and copies rows as tables (11.6 MB for the hub's bucket at
+    16x, 17.8 MB with the second bucket of its bundle) waited there, on top of the bucket being
+    joined (issue 34)."""
 
     def __init__(self, cfg: PairConfig, copies: bool, spill_dir: str, buckets: int, out_dir: str):
         self.cfg, self.copies = cfg, copies

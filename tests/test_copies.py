@@ -180,7 +180,7 @@ def test_copy_rows_reconcile_and_name_the_kept_dress(copy_run):
     occ = [r for r in _read(dirs["filter"], "occurrences") if r["filter_reason"] is None]
     by_id = {r["record_id"]: r for r in rejected}
     assert stats["copy_stand_ins"] == sum(r["stand_in"] for r in copies) > 0
-    assert stats["copies"] == len(copies) == len({r["link_id"] for r in copies})  # counted as tables: their rows, each link once
+    assert stats["copies"] == len(copies) == len({r["link_id"] for r in copies})  # counted by the join where it wrote them: its rows, each link once
     assert stats["copy_images_removed"] >= len({r["image_id"] for r in copies}) > 0  # (counted, not elements: a member may have no kept link)
     assert stats["input"] == stats["links"] + stats["copy_stand_ins"] == len(kept) + len(rejected)
     assert stats["links"] == len(occ)

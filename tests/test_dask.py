@@ -605,14 +605,16 @@ def test_elements_that_lead_to_bytes_cross_workers_as_one_pickle(tmp_path, dask_
 
     from distributed.protocol import dumps, loads, to_serialize
 
-    from core.dask_runner import _concat, _main_output, _tagged_output
+    from core.dask_runner import _concat, _group_partition, _grouped_partition, _main_output, _slice, _tagged_output
 
     flags = [(hashlib.blake2b(str(i).encode(), digest_size=16).digest(), i % 7) for i in range(5000)]
     outputs = flags[:2500] + [beam.pvalue.TaggedOutput("more", f) for f in flags[2500:]]
-    for made in (_concat([flags[:2500], flags[2500:]]), _main_output(outputs), _tagged_output(outputs, "more")):
+    keyed = [(f"k{i % 900}", f) for i, f in enumerate(flags)]
+    shuffled = [(key, [kv for kv in keyed if kv[0] == key]) for key in sorted({k for k, _ in keyed})]
+    for made in (_concat([flags[:2500], flags[2500:]]), _main_output(outputs), _tagged_output(outputs, "more"), _group_partition(keyed), _grouped_partition(shuffled), _slice([flags[:10], flags[10:]], 1)):
         frames = dumps({"op": "get_data", "data": {"k": to_serialize(made)}})
         assert len(frames) <= 4, len(frames)  # a plain list: two frames an element
-        assert list(loads(frames)["data"]["k"]) == list(made)
+        assert list(loads(frames)["data"]["k"]) == list(made) and len(made) >= 900
     assert len(dumps({"op": "get_data", "data": {"k": to_serialize(list(flags))}})) > 5000  # what it was without fix 12
 
     with stage_pipeline(dask_args) as p:

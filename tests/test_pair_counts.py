@@ -247,3 +247,25 @@ def test_files_a_step_wrote_itself_are_named_and_counted_and_a_lost_bundles_file
     read = subprocess.run([sys.executable, "-c", code, os.path.join(out, "rejected")], cwd=str(tmp_path.parent), capture_output=True, text=True, timeout=120, check=True)
     got = sorted(json.loads(read.stdout), key=lambda r: r["record_id"])
     assert got == sorted(rows + others, key=lambda r: r["record_id"])
+
+
+def test_files_written_for_a_sink_nobody_declared_are_an_error_not_lost(tmp_path):
+    """A step's own files are named only for the sinks given to WriteStageOutputs: a file of any
+    other sink would stay hidden and be removed while its rows were counted (found in review), so
+    it is an error, and so are files given without sinks (or sinks without files)."""
+    import os
+
+    import pytest
+
+    from core.stageio import StageError, TableFile, _name_table_files
+
+    sink = os.path.join(str(tmp_path), "rejected", "join")
+    file = TableFile(sink, REJECTED_SCHEMA)
+    file.write(pa.Table.from_pylist([{"record_id": "r", "stage": "t", "reason": "x", "detail": "", "url": ""}], schema=REJECTED_SCHEMA))
+    written = file.close()
+    with pytest.raises(StageError, match="not declared"):
+        _name_table_files([written], {os.path.join(str(tmp_path), "copies", "part"): REJECTED_SCHEMA})
+    with pytest.raises(ValueError, match="written"):
+        with beam.Pipeline(options=pipeline_options([])) as p:
+            pcolls = {"input": p | "In" >> beam.Create([1]), "kept": p | "Kept" >> beam.Create([{"id": "a"}]), "rejected": p | "Rej" >> beam.Create([]), "written": p | "W" >> beam.Create([written])}
+            _ = pcolls | "Write" >> WriteStageOutputs(str(tmp_path / "out"), "t", "kept", SCHEMA)
