@@ -28,7 +28,7 @@ from core.config import PairConfig, to_dict
 from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import StageError, StageOutput, WriteStageOutputs, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, _reason_counts, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason, flag_entry
 from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
@@ -185,10 +185,11 @@ class _RowFile:
 
     def _flush(self) -> None:
         if self.pending:
-            if "reason" in self.file.schema.names:
-                self.reasons.update(row["reason"] for row in self.pending)
-            self.rows += len(self.pending)
-            self.file.write(rows_to_table(self.pending, self.file.schema))
+            table = rows_to_table(self.pending, self.file.schema)
+            if "reason" in table.schema.names:  # counted as the stage's sinks count rejected tables
+                self.reasons.update(_reason_counts(table))
+            self.rows += table.num_rows
+            self.file.write(table)
             self.pending = []
 
     def close(self):
