@@ -1,16 +1,21 @@
 """`shards`: PairRecords -> webdataset pair shards, a parquet index, manifest.json.
 
-No shuffle and no join: each pair row already carries what its sample needs of both images (URLs,
-alt texts, pointers to the image bytes; see PAIR_SCHEMA). One writer per pair parquet file:
-first it reads the file's pointer columns and fetches every image the file needs, each filter row
-group read once (only the image id, bytes and embedding columns, only the wanted rows kept), into a
-local spill file (`_ImageStore`: each image once, already as JPEG, with its .npy embedding); then
-it streams the pair rows in record batches, builds the samples (layout in core/sample_layout.py)
-and writes them into a tar under a temporary name, renamed into place when the shard is full
-(count or bytes) -> index/ parquet with byte offsets, manifest.json and stats. Memory holds one
-row group and one shard's index rows, whatever the input size; the filter output is read once per
-pair file, not once per shard (the bytes read grew with shards x row groups: time ~ size^1.24).
-The pair count comes from the parquet footers, so the counts reconcile against the input.
+No join on the pairs: each pair row already carries what its sample needs of both images (URLs,
+alt texts, pointers to the image bytes; see PAIR_SCHEMA). The image bytes are fetched first: each
+pair file writes which image ids it needs of each filter row group (`WriteWants`); each of those
+row groups is then read once, however many pair files point into it (only the image id, bytes and
+embedding columns, only the wanted rows kept), its wanted images converted to JPEG with their .npy
+embedding once, and each pair file gets a file of the images it needs from it (`FetchRowGroup`;
+both under `_fetched/`, removed when the stage ends). Then one writer per pair file copies its
+fetched images into a local spill (`_ImageStore`), streams the pair rows in record batches, builds
+the samples (layout in core/sample_layout.py) and writes them into a tar under a temporary name,
+renamed into place when the shard is full (count or bytes) -> index/ parquet with byte offsets,
+manifest.json and stats. Memory holds one row group (fetching) or one record batch and one shard's
+index rows (writing), whatever the input size. The bytes read grew with shards x row groups while
+they were read for each shard (time ~ size^1.24), and with pair files x row groups while they were
+read for each pair file (on Dask, where pair writes a file per bucket: ~ size^1.56; issue 34); now
+they grow with the row groups alone. The pair count comes from the parquet footers, so the counts
+reconcile against the input.
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ PAIR_COLUMNS = [
 
 def build_stub(pair: dict) -> dict:
     """A sample without its image bytes: metadata and where each image lives (file, row group,
-    image id). The writer fetches the bytes (and the condition embedding) of every stub of a pair
-    file at once (`_ImageStore`), one row group at a time."""
+    image id). The writer finds the bytes (and the condition embedding) of every stub of its pair
+    file in what `FetchRowGroup` fetched for it (`_ImageStore`)."""
     meta = {k: pair[k] for k in layout.META_FIELDS}
     sources = {side: (pair[f"{side}_bytes_file"], pair[f"{side}_bytes_row_group"], pair[f"{side}_image_id"]) for side in ("cond", "target")}
     return {"key": pair["pair_id"], "meta": meta, "sources": sources}
@@ -159,47 +164,140 @@ def plain_rgb_jpeg(data: bytes) -> bool:
 _JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True) without a new encoder per call
 
 
-class _ImageStore:
-    """The images of one pair file's samples, fetched from filter's output once each: every wanted
-    (file, row group) is read once (columns image_id, image_bytes and embedding), the wanted rows'
-    bytes are converted to JPEG (`layout.as_jpeg`) and their embedding to .npy once, and both are
-    appended to an anonymous temporary file; `get` reads an image back with one `pread`. The spill
-    is the page cache's, not the process's memory, and vanishes with the process."""
+FETCHED = "_fetched"  # what the writers need of filter's row groups (WANTS, IMAGES); removed when the stage ends
+WANTS, IMAGES = "wants", "images"
+WANT_SCHEMA = pa.schema([("image_id", pa.string())])
+FETCH_SCHEMA = pa.schema([("image_id", pa.string()), ("jpg", pa.binary()), ("npy", pa.binary()), ("error", pa.string())])
 
-    def __init__(self, wanted: dict, store_embedding: bool):
+
+def _row_group_name(f: str, rg: int) -> str:
+    """A file-name-safe name of filter file `f`'s row group `rg`."""
+    return f"{hashlib.sha1(f.encode()).hexdigest()[:16]}-{rg:06d}"
+
+
+def _wanted(path: str) -> dict:
+    """{(filter file, row group): {image ids}} that a pair file's pairs point to (its pointer columns only)."""
+    wanted: dict = {}
+    with FileSystems.open(path) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=POINTER_COLUMNS):
+            cols = {name: batch.column(name).to_pylist() for name in POINTER_COLUMNS}
+            for side in ("cond", "target"):
+                for f, rg, image_id in zip(cols[f"{side}_bytes_file"], cols[f"{side}_bytes_row_group"], cols[f"{side}_image_id"]):
+                    if f is not None:
+                        wanted.setdefault((f, rg), set()).add(image_id)
+    return wanted
+
+
+def _write_table(path: str, table: pa.Table) -> None:
+    """One parquet file at `path`, local or on any filesystem Beam knows (a retried bundle overwrites it)."""
+    if "://" in path:
+        with FileSystems.create(path) as fh:
+            pq.write_table(table, fh, compression="none")
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(table, path, compression="none")
+
+
+class WriteWants(beam.DoFn):
+    """(pair file number, pair file) -> the (filter file, row group) its pairs point into, after
+    writing the image ids it needs of each into `fetch_dir`/wants/ROW GROUP/NUMBER.parquet (where
+    `FetchRowGroup` finds who needs what of a row group: no shuffle of ids)."""
+
+    def __init__(self, fetch_dir: str):
+        self.fetch_dir = fetch_dir.rstrip("/")
+
+    def process(self, item):
+        number, path = item
+        for (f, rg), ids in sorted(_wanted(path).items()):
+            _write_table(f"{self.fetch_dir}/{WANTS}/{_row_group_name(f, rg)}/{number:06d}.parquet", pa.table({"image_id": sorted(ids)}, schema=WANT_SCHEMA))
+            yield f, rg
+
+
+class FetchRowGroup(beam.DoFn):
+    """((filter file, row group), _) -> how many pair files got images of it, after writing, for
+    each pair file that wants images of it (WriteWants), the FETCH_SCHEMA file
+    `fetch_dir`/images/NUMBER/ROW GROUP.parquet of those images.
+
+    The row group is read once, however many pair files point into it (only the image id, bytes
+    and embedding columns, only the wanted rows kept); each wanted image's bytes are converted to
+    JPEG (`layout.as_jpeg`; the error text when they are not an image) and its embedding to .npy
+    once. Reading each row group once per pair file instead made the cost grow as pair files x row
+    groups, both proportional to the input: on Dask, where pair writes a file per bucket, shards
+    took 3.9 -> 98 CPU s from 1x to 16x, time ~ size^1.56 (issue 34). Memory: one row group and its
+    wanted images."""
+
+    def __init__(self, fetch_dir: str, store_embedding: bool):
+        self.fetch_dir, self.store_embedding = fetch_dir.rstrip("/"), store_embedding
+
+    def process(self, item):
+        import pyarrow.compute as pc
+
+        (f, rg), _ = item
+        name = _row_group_name(f, rg)
+        wants = {}  # pair file number -> the image ids it needs of this row group
+        for m in FileSystems.match([f"{self.fetch_dir}/{WANTS}/{name}/*.parquet"])[0].metadata_list:
+            with FileSystems.open(m.path) as fh:
+                wants[int(os.path.basename(m.path).split(".")[0])] = pq.read_table(fh).column("image_id").to_pylist()
+        union = sorted(set().union(*wants.values()))
+        with FileSystems.open(f) as fh:
+            pf = pq.ParquetFile(fh)
+            if not 0 <= rg < pf.num_row_groups:
+                return  # a pointer past the file: its images are missing
+            columns = ["image_id", "image_bytes"] + (["embedding"] if self.store_embedding else [])
+            t = pf.read_row_group(rg, columns=columns)
+        t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(union, type=t.schema.field("image_id").type)))
+        embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
+        converted: dict = {}  # image id -> (JPEG, .npy) or the error converting its bytes
+        for image_id, data, npy in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist(), embeddings):
+            if data is None or image_id in converted:
+                continue
+            try:
+                converted[image_id] = (data if plain_rgb_jpeg(data) else layout.as_jpeg(data), npy)
+            except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
+                converted[image_id] = str(err)
+        del t
+        served = 0  # pair files
+        for number, ids in sorted(wants.items()):
+            rows = [(i, converted[i]) for i in ids if i in converted]
+            if not rows:
+                continue  # none of its images is here: missing
+            ok = [not isinstance(v, str) for _, v in rows]
+            table = pa.table({"image_id": [i for i, _ in rows], "jpg": [v[0] if good else None for (_, v), good in zip(rows, ok)],
+                              "npy": [v[1] if good else None for (_, v), good in zip(rows, ok)], "error": [None if good else v for (_, v), good in zip(rows, ok)]}, schema=FETCH_SCHEMA)
+            _write_table(f"{self.fetch_dir}/{IMAGES}/{number:06d}/{name}.parquet", table)
+            served += 1
+        yield served
+
+
+class _ImageStore:
+    """The images of one pair file's samples, from the files `FetchRowGroup` wrote for it (one a
+    filter row group, taken in (file, row group) order): each image appended once to an anonymous
+    temporary file, already as JPEG with its .npy embedding; `get` reads an image back with one
+    `pread`. The spill is the page cache's, not the process's memory, and vanishes with the
+    process; a fetched file is read a record batch at a time."""
+
+    def __init__(self, fetched: list):
         import tempfile
 
-        self.store_embedding = store_embedding
         self.where: dict = {}  # image id -> (offset, JPEG length, .npy length) or the error converting its bytes
         self.fh = tempfile.TemporaryFile()
         self.recent: dict = {}  # the last images read back (at most _RECENT)
-        self._fill(wanted)
+        self._fill(fetched)
 
-    def _fill(self, wanted: dict) -> None:
-        """`wanted`: {(file, row group): {image ids}}."""
-        import pyarrow.compute as pc
-
-        columns = ["image_id", "image_bytes"] + (["embedding"] if self.store_embedding else [])
+    def _fill(self, fetched: list) -> None:
+        """`fetched`: the fetched files, in (filter file, row group) order; one that does not exist
+        (no wanted image was in its row group, or the row group is past its file) is skipped."""
         offset = 0
-        by_file: dict = {}
-        for (f, rg), ids in wanted.items():
-            by_file.setdefault(f, {}).setdefault(rg, set()).update(ids)
-        for f, groups in sorted(by_file.items()):
-            with FileSystems.open(f) as fh:
-                pf = pq.ParquetFile(fh)
-                for rg, ids in sorted(groups.items()):
-                    if not 0 <= rg < pf.num_row_groups:
-                        continue  # a pointer past the file: its images are missing
-                    t = pf.read_row_group(rg, columns=columns)
-                    t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(ids), type=t.schema.field("image_id").type)))
-                    embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
-                    for image_id, data, npy in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist(), embeddings):
-                        if data is None or image_id in self.where:
+        for path in fetched:
+            if not FileSystems.exists(path):
+                continue
+            with FileSystems.open(path) as src:
+                for batch in pq.ParquetFile(src).iter_batches(batch_size=256):
+                    for image_id, jpg, npy, error in zip(*(batch.column(c).to_pylist() for c in FETCH_SCHEMA.names)):
+                        if image_id in self.where:
                             continue
-                        try:
-                            jpg = data if plain_rgb_jpeg(data) else layout.as_jpeg(data)
-                        except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
-                            self.where[image_id] = str(err)
+                        if error is not None:
+                            self.where[image_id] = error
                             continue
                         self.fh.write(jpg + npy)
                         self.where[image_id] = (offset, len(jpg), len(npy))
@@ -381,15 +479,16 @@ class _ShardFile:
 
 
 class WriteShards(beam.DoFn):
-    """(file number, pair parquet file) -> tar shards, streaming: the file's images are fetched once
-    (`_ImageStore`), then pair rows are read in record batches and written sample by sample, and a
-    shard closes at `samples_per_shard` samples or `max_shard_bytes`, whichever comes first. No
-    shuffle: memory holds a row group, a batch of stubs and the store's offsets, whatever the input
-    size. Shards are named by file number and sequence (`layout.SHARD_PATTERN`), so a rerun on the
-    same pair files writes the same shards."""
+    """(file number, {"pairs": [pair parquet file], "fetched": [(filter file, row group, fetched
+    file)]}) -> tar shards, streaming: the file's images come from what `FetchRowGroup` fetched for
+    it (`_ImageStore`), then pair rows are read in record batches and written sample by sample, and a
+    shard closes at `samples_per_shard` samples or `max_shard_bytes`, whichever comes first. Memory
+    holds a record batch of stubs, one shard's index rows and the store's offsets, whatever the
+    input size. Shards are named by file number and sequence (`layout.SHARD_PATTERN`), so a rerun on
+    the same pair files writes the same shards."""
 
-    def __init__(self, out_dir: str, cfg: ShardConfig):
-        self.out_dir, self.cfg = out_dir, cfg
+    def __init__(self, out_dir: str, cfg: ShardConfig, fetch_dir: str = ""):
+        self.out_dir, self.cfg, self.fetch_dir = out_dir, cfg, fetch_dir.rstrip("/")
 
     def _stubs(self, path: str):
         with FileSystems.open(path) as fh:
@@ -401,22 +500,10 @@ class WriteShards(beam.DoFn):
                 for key, values, cond, target in zip(cols["pair_id"], zip(*(cols[k] for k in layout.META_FIELDS)), *sources):
                     yield {"key": key, "meta": dict(zip(layout.META_FIELDS, values)), "sources": {"cond": cond, "target": target}}
 
-    def _store(self, path: str) -> _ImageStore:
-        """Every image the pair file's samples need, fetched once (the pointer columns only)."""
-        wanted: dict = {}
-        with FileSystems.open(path) as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=POINTER_COLUMNS):
-                cols = {name: batch.column(name).to_pylist() for name in POINTER_COLUMNS}
-                for side in ("cond", "target"):
-                    for f, rg, image_id in zip(cols[f"{side}_bytes_file"], cols[f"{side}_bytes_row_group"], cols[f"{side}_image_id"]):
-                        if f is not None:
-                            wanted.setdefault((f, rg), set()).add(image_id)
-        return _ImageStore(wanted, self.cfg.store_embedding)
-
-    def process(self, item):
+    def process(self, item, fetched_row_groups=None):  # the side input: fetching is done
         number, path = item
         shard, seq, index = None, 0, []
-        store = self._store(path)
+        store = _ImageStore([f"{self.fetch_dir}/{IMAGES}/{number:06d}/{_row_group_name(f, rg)}.parquet" for f, rg in sorted(_wanted(path))])
         try:
             for batch in _batches(self._stubs(path), self.cfg.samples_per_shard):
                 for tag, value in materialise(batch, store, self.cfg.store_embedding):
@@ -518,20 +605,43 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
     n_pairs, encoder = _pair_files_info(pair_files)  # footers only, no data pass
     system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
     with frozen_gc(), StageOutput(out_dir, STAGE) as out:
-        with stage_pipeline(beam_args) as p:
-            written = (
-                p
-                | "PairFiles" >> beam.Create(list(enumerate(pair_files)))
-                | "Spread" >> beam.Reshuffle()  # one writer per pair file, on any worker
-                | "WriteShards" >> beam.ParDo(WriteShards(out.path, cfg)).with_outputs("summary", REJECTED, main="index")
-            )
-            counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
-            # index rows leave each writer as one table per shard (Beam's cost is per element)
-            _ = counts | "Write" >> WriteStageOutputs(out.path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
-            _ = (
-                p
-                | "ManifestSeed" >> beam.Create([None])
-                | "Manifest"
-                >> beam.Map(_write_manifest, out_dir=out.path, summaries=beam.pvalue.AsList(written.summary), cfg=to_dict(cfg), n_pairs=n_pairs, encoder=encoder, version=code_version())
-            )
+        fetch_dir = out.path.rstrip("/") + "/" + FETCHED
+        try:
+            _shard_pipeline(pair_files, out.path, fetch_dir, cfg, n_pairs, encoder, beam_args)
+        finally:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(fetch_dir)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
         return out.commit()
+
+
+def _shard_pipeline(pair_files: list[str], out_path: str, fetch_dir: str, cfg: ShardConfig, n_pairs: int, encoder, beam_args) -> None:
+    """The stage's Beam pipeline: pair files -> the images each needs, each filter row group read
+    once -> shards, the index, the manifest and the counts, written under `out_path`."""
+    with stage_pipeline(beam_args) as p:
+        numbered = p | "PairFiles" >> beam.Create(list(enumerate(pair_files))) | "Spread" >> beam.Reshuffle()  # on any worker
+        # each filter row group the pairs point into is read once, by one worker, for every pair
+        # file that needs its images (FetchRowGroup). Who needs what goes through files, not a
+        # shuffle: on Dask, two shuffles of the pair files' partitions made the graph 6.6x larger
+        # (10,533 tasks at one Common Crawl file) and the driver +120 MB building it (issue 34)
+        fetched = (
+            numbered
+            | "Wants" >> beam.ParDo(WriteWants(fetch_dir))
+            | "RowGroups" >> beam.combiners.ToSet()  # one reduction: the distinct row groups
+            | "EachRowGroup" >> beam.FlatMap(lambda keys: [(k, None) for k in sorted(keys)])
+            | "SpreadRowGroups" >> beam.GroupByKey()  # one partition in, spread over the workers
+            | "Fetch" >> beam.ParDo(FetchRowGroup(fetch_dir, cfg.store_embedding))
+            | "Fetched" >> beam.combiners.Count.Globally()
+        )
+        written = numbered | "WriteShards" >> beam.ParDo(WriteShards(out_path, cfg, fetch_dir), beam.pvalue.AsSingleton(fetched)).with_outputs("summary", REJECTED, main="index")
+        counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
+        # index rows leave each writer as one table per shard (Beam's cost is per element)
+        _ = counts | "Write" >> WriteStageOutputs(out_path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
+        _ = (
+            p
+            | "ManifestSeed" >> beam.Create([None])
+            | "Manifest"
+            >> beam.Map(_write_manifest, out_dir=out_path, summaries=beam.pvalue.AsList(written.summary), cfg=to_dict(cfg), n_pairs=n_pairs, encoder=encoder, version=code_version())
+        )

@@ -269,17 +269,35 @@ def test_shard_file_writes_the_bytes_tarfile_writes(tmp_path):
             assert read == data and row["offset"] <= offset < row["offset"] + row["size"]
 
 
-def test_shards_read_each_filter_row_group_once_per_pair_file(pipeline_dirs, tmp_path, monkeypatch):
-    """The bytes of a pair file's samples are fetched once: each filter row group its pairs point
-    into is read once, however many shards the file makes (it was read again for every shard's
-    batch: time grew as size^1.24), and the output is the same as with one big shard."""
+def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shards(pipeline_dirs, tmp_path, monkeypatch):
+    """The image bytes are fetched once: each filter row group the pairs point into is read once,
+    however many shards (it was read again for every shard's batch: time grew as size^1.24) and
+    however many pair files point into it (it was read again for every pair file: on Dask, where
+    pair writes a file per bucket, shards' time grew as size^1.56; issue 34). The pairs split into
+    five files, round robin so that every file needs every row group, give the same samples, byte
+    for byte, as the session's pair files in shards of 100,000, read back with tarfile; no fetched
+    file is left in the output."""
     import hashlib
+    import shutil
+    import tarfile
 
     import pyarrow.parquet as pq
 
     from core.config import ShardConfig
     from core.stageio import stage_files
     from shards.writer import run_shards
+
+    split = tmp_path / "pair"
+    shutil.copytree(pipeline_dirs["pair"], split)
+    table = read_table(pipeline_dirs["pair"], "pairs")
+    for f in glob.glob(str(split / "pairs" / "*.parquet")):
+        os.remove(f)
+    for i in range(5):
+        pq.write_table(table.take(list(range(i, table.num_rows, 5))), split / "pairs" / f"part-{i}.parquet")
+    finish_stage(str(split))
+    pair_files = stage_files(str(split), "pairs", expected="pair")
+    pointed = [{(r[f"{s}_bytes_file"], r[f"{s}_bytes_row_group"]) for r in pq.read_table(f).to_pylist() for s in ("cond", "target")} for f in pair_files]
+    assert len(pair_files) == 5 and all(p == pointed[0] for p in pointed)  # every file needs every row group
 
     reads = []
     original = pq.ParquetFile.read_row_group
@@ -290,26 +308,22 @@ def test_shards_read_each_filter_row_group_once_per_pair_file(pipeline_dirs, tmp
         return original(self, i, columns=columns, **kw)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
-    expected = 0
-    for f in stage_files(pipeline_dirs["pair"], "pairs", expected="pair"):
-        t = pq.read_table(f, columns=["cond_bytes_file", "cond_bytes_row_group", "target_bytes_file", "target_bytes_row_group"]).to_pylist()
-        expected += len({(r[f"{s}_bytes_file"], r[f"{s}_bytes_row_group"]) for r in t for s in ("cond", "target")})
-    stats = run_shards(pipeline_dirs["pair"], str(tmp_path / "small"), ShardConfig(samples_per_shard=3))
-    assert stats["kept"] > 3 * 4 and len(reads) == expected
+    stats = run_shards(str(split), str(tmp_path / "small"), ShardConfig(samples_per_shard=3))
+    assert stats["kept"] > 3 * 4 and len(reads) == len(pointed[0])  # five pair files: once each, not five times
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", original)
-    run_shards(pipeline_dirs["pair"], str(tmp_path / "big"), ShardConfig(samples_per_shard=100_000))
+    big = run_shards(pipeline_dirs["pair"], str(tmp_path / "big"), ShardConfig(samples_per_shard=100_000))
+    assert big["kept"] == stats["kept"] and big["rejected"] == stats["rejected"]
 
     def members(folder):
-        import tarfile
-
         out = {}
         for t in sorted(glob.glob(os.path.join(folder, "*.tar"))):
             with tarfile.open(t) as tar:
                 out.update({m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()})
         return out
 
-    small, big = members(tmp_path / "small"), members(tmp_path / "big")
-    assert small == big and len(small) >= 3 * stats["kept"]
+    small = members(tmp_path / "small")
+    assert small == members(tmp_path / "big") and len(small) >= 3 * stats["kept"]
+    assert not [n for n in os.listdir(tmp_path / "small") if "fetched" in n]
 
 
 def _jpeg_variants():
