@@ -1,21 +1,25 @@
 """`shards`: PairRecords -> webdataset pair shards, a parquet index, manifest.json.
 
 No join on the pairs: each pair row already carries what its sample needs of both images (URLs,
-alt texts, pointers to the image bytes; see PAIR_SCHEMA). The image bytes are fetched first: each
-pair file writes which image ids it needs of each filter row group (`WriteWants`); each of those
-row groups is then read once, however many pair files point into it (only the image id, bytes and
-embedding columns, only the wanted rows kept), its wanted images converted to JPEG with their .npy
-embedding once, and each pair file gets a file of the images it needs from it (`FetchRowGroup`;
-both under `_fetched/`, removed when the stage ends). Then one writer per pair file copies its
-fetched images into a local spill (`_ImageStore`), streams the pair rows in record batches, builds
-the samples (layout in core/sample_layout.py) and writes them into a tar under a temporary name,
-renamed into place when the shard is full (count or bytes) -> index/ parquet with byte offsets,
-manifest.json and stats. Memory holds one row group (fetching) or one record batch and one shard's
-index rows (writing), whatever the input size. The bytes read grew with shards x row groups while
-they were read for each shard (time ~ size^1.24), and with pair files x row groups while they were
-read for each pair file (on Dask, where pair writes a file per bucket: ~ size^1.56; issue 34); now
-they grow with the row groups alone. The pair count comes from the parquet footers, so the counts
-reconcile against the input.
+alt texts, pointers to the image bytes; see PAIR_SCHEMA). The pair files are dealt to writers,
+whole and in order, at least PAIRS_PER_WRITER pairs each (`writer_groups`). The image bytes are
+fetched first: each writer writes which image ids its pair files need of each filter row group
+(`WriteWants`); each of those row groups is then read once, however many writers point into it
+(only the image id, bytes and embedding columns, only the wanted rows kept), its wanted images
+converted to JPEG with their .npy embedding once, and each writer gets a file of the images it
+needs from it (`FetchRowGroup`; both under `_fetched/`, removed when the stage ends). Then each
+writer copies its fetched images into a local spill (`_ImageStore`), streams its pair files' rows
+in record batches, builds the samples (layout in core/sample_layout.py) and writes them into a tar
+under a temporary name, renamed into place when the shard is full (count or bytes) -> index/
+parquet with byte offsets, manifest.json and stats. Memory holds one row group (fetching) or one
+record batch and one shard's index rows (writing), whatever the input size.
+
+The bytes read grew with shards x row groups while they were read for each shard (time ~
+size^1.24), and with pair files x row groups while they were read for each pair file (on Dask,
+where pair writes a file per bucket: ~ size^1.56; issue 34); now they grow with the row groups
+alone. What still grows as writers x row groups is a small file of wanted ids and one of fetched
+images for each such pair that has any (~1 ms each). The pair count comes from the parquet
+footers, so the counts reconcile against the input.
 """
 
 from __future__ import annotations
@@ -188,6 +192,15 @@ def _wanted(path: str) -> dict:
     return wanted
 
 
+def _wanted_by(files: list) -> dict:
+    """`_wanted` of a writer's pair files ([(pair file number, pair file)]), merged."""
+    wanted: dict = {}
+    for _, path in files:
+        for key, ids in _wanted(path).items():
+            wanted.setdefault(key, set()).update(ids)
+    return wanted
+
+
 def _write_table(path: str, table: pa.Table) -> None:
     """One parquet file at `path`, local or on any filesystem Beam knows (a retried bundle overwrites it)."""
     if "://" in path:
@@ -199,24 +212,24 @@ def _write_table(path: str, table: pa.Table) -> None:
 
 
 class WriteWants(beam.DoFn):
-    """(pair file number, pair file) -> the (filter file, row group) its pairs point into, after
-    writing the image ids it needs of each into `fetch_dir`/wants/ROW GROUP/NUMBER.parquet (where
+    """(writer number, its pair files) -> the (filter file, row group) their pairs point into, after
+    writing the image ids they need of each into `fetch_dir`/wants/ROW GROUP/WRITER.parquet (where
     `FetchRowGroup` finds who needs what of a row group: no shuffle of ids)."""
 
     def __init__(self, fetch_dir: str):
         self.fetch_dir = fetch_dir.rstrip("/")
 
     def process(self, item):
-        number, path = item
-        for (f, rg), ids in sorted(_wanted(path).items()):
+        number, files = item
+        for (f, rg), ids in sorted(_wanted_by(files).items()):
             _write_table(f"{self.fetch_dir}/{WANTS}/{_row_group_name(f, rg)}/{number:06d}.parquet", pa.table({"image_id": sorted(ids)}, schema=WANT_SCHEMA))
             yield f, rg
 
 
 class FetchRowGroup(beam.DoFn):
-    """((filter file, row group), _) -> how many pair files got images of it, after writing, for
-    each pair file that wants images of it (WriteWants), the FETCH_SCHEMA file
-    `fetch_dir`/images/NUMBER/ROW GROUP.parquet of those images.
+    """((filter file, row group), _) -> how many writers got images of it, after writing, for each
+    writer that wants images of it (WriteWants), the FETCH_SCHEMA file
+    `fetch_dir`/images/WRITER/ROW GROUP.parquet of those images.
 
     The row group is read once, however many pair files point into it (only the image id, bytes
     and embedding columns, only the wanted rows kept); each wanted image's bytes are converted to
@@ -234,7 +247,7 @@ class FetchRowGroup(beam.DoFn):
 
         (f, rg), _ = item
         name = _row_group_name(f, rg)
-        wants = {}  # pair file number -> the image ids it needs of this row group
+        wants = {}  # writer number -> the image ids it needs of this row group
         for m in FileSystems.match([f"{self.fetch_dir}/{WANTS}/{name}/*.parquet"])[0].metadata_list:
             with FileSystems.open(m.path) as fh:
                 wants[int(os.path.basename(m.path).split(".")[0])] = pq.read_table(fh).column("image_id").to_pylist()
@@ -256,7 +269,7 @@ class FetchRowGroup(beam.DoFn):
             except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
                 converted[image_id] = str(err)
         del t
-        served = 0  # pair files
+        served = 0  # writers
         for number, ids in sorted(wants.items()):
             rows = [(i, converted[i]) for i in ids if i in converted]
             if not rows:
@@ -479,13 +492,14 @@ class _ShardFile:
 
 
 class WriteShards(beam.DoFn):
-    """(file number, {"pairs": [pair parquet file], "fetched": [(filter file, row group, fetched
-    file)]}) -> tar shards, streaming: the file's images come from what `FetchRowGroup` fetched for
-    it (`_ImageStore`), then pair rows are read in record batches and written sample by sample, and a
-    shard closes at `samples_per_shard` samples or `max_shard_bytes`, whichever comes first. Memory
-    holds a record batch of stubs, one shard's index rows and the store's offsets, whatever the
-    input size. Shards are named by file number and sequence (`layout.SHARD_PATTERN`), so a rerun on
-    the same pair files writes the same shards."""
+    """(writer number, [(pair file number, pair file)...]) -> tar shards, streaming, once fetching
+    is done (the side input): the writer's images come from what `FetchRowGroup` fetched for it
+    (`_ImageStore`), then each pair file's rows are read in record batches and written sample by
+    sample, and a shard closes at `samples_per_shard` samples or `max_shard_bytes`, whichever comes
+    first. Memory holds a record batch of stubs, one shard's index rows and the store's offsets
+    (~`PAIRS_PER_WRITER` pairs' images), whatever the input size. Shards are named by pair file
+    number and sequence (`layout.SHARD_PATTERN`), so a rerun on the same pair files writes the same
+    shards."""
 
     def __init__(self, out_dir: str, cfg: ShardConfig, fetch_dir: str = ""):
         self.out_dir, self.cfg, self.fetch_dir = out_dir, cfg, fetch_dir.rstrip("/")
@@ -501,32 +515,37 @@ class WriteShards(beam.DoFn):
                     yield {"key": key, "meta": dict(zip(layout.META_FIELDS, values)), "sources": {"cond": cond, "target": target}}
 
     def process(self, item, fetched_row_groups=None):  # the side input: fetching is done
-        number, path = item
-        shard, seq, index = None, 0, []
-        store = _ImageStore([f"{self.fetch_dir}/{IMAGES}/{number:06d}/{_row_group_name(f, rg)}.parquet" for f, rg in sorted(_wanted(path))])
+        number, files = item
+        store = _ImageStore([f"{self.fetch_dir}/{IMAGES}/{number:06d}/{_row_group_name(f, rg)}.parquet" for f, rg in sorted(_wanted_by(files))])
         try:
-            for batch in _batches(self._stubs(path), self.cfg.samples_per_shard):
-                for tag, value in materialise(batch, store, self.cfg.store_embedding):
-                    if tag == REJECTED:
-                        yield beam.pvalue.TaggedOutput(REJECTED, value)
-                        continue
-                    members = _members(value)
-                    alone = tar_file_size(sum(_member_bytes(m) for m in members))
-                    if alone > self.cfg.max_shard_bytes:  # no shard could hold it within the limit
-                        yield beam.pvalue.TaggedOutput(REJECTED, Rejected(value["key"], STAGE, TOO_LARGE, f"sample of {alone} bytes as a tar > max_shard_bytes {self.cfg.max_shard_bytes}", value["meta"]["page_url"]).to_row())
-                        continue
-                    if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.size_with(members) > self.cfg.max_shard_bytes):
-                        yield beam.pvalue.TaggedOutput("summary", shard.close())
-                        yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
-                        shard, index = None, []
-                    if shard is None:
-                        shard, seq, index = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1, []
-                    index.append(shard.add(value, members))
-            if shard is not None:
-                yield beam.pvalue.TaggedOutput("summary", shard.close())
-                yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+            for file_number, path in files:
+                yield from self._write(file_number, path, store)
         finally:
             store.close()
+
+    def _write(self, number: int, path: str, store: _ImageStore):
+        """The shards of pair file `number`, its images from `store`."""
+        shard, seq, index = None, 0, []
+        for batch in _batches(self._stubs(path), self.cfg.samples_per_shard):
+            for tag, value in materialise(batch, store, self.cfg.store_embedding):
+                if tag == REJECTED:
+                    yield beam.pvalue.TaggedOutput(REJECTED, value)
+                    continue
+                members = _members(value)
+                alone = tar_file_size(sum(_member_bytes(m) for m in members))
+                if alone > self.cfg.max_shard_bytes:  # no shard could hold it within the limit
+                    yield beam.pvalue.TaggedOutput(REJECTED, Rejected(value["key"], STAGE, TOO_LARGE, f"sample of {alone} bytes as a tar > max_shard_bytes {self.cfg.max_shard_bytes}", value["meta"]["page_url"]).to_row())
+                    continue
+                if shard is not None and (shard.samples >= self.cfg.samples_per_shard or shard.size_with(members) > self.cfg.max_shard_bytes):
+                    yield beam.pvalue.TaggedOutput("summary", shard.close())
+                    yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+                    shard, index = None, []
+                if shard is None:
+                    shard, seq, index = _ShardFile(self.out_dir, layout.SHARD_PATTERN.format(file=number, seq=seq)), seq + 1, []
+                index.append(shard.add(value, members))
+        if shard is not None:
+            yield beam.pvalue.TaggedOutput("summary", shard.close())
+            yield pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
 
 
 def _batches(items, size: int):
@@ -583,31 +602,51 @@ def code_version() -> str:
     return f"{v}+g{sha}" if sha else v
 
 
-def _pair_files_info(pair_files: list[str]) -> tuple[int, object]:
-    """(pair count from the parquet footers, encoder name of the first pair); a clear error for pair
-    files from before the pair rows carried their images' info."""
-    n_pairs, encoder = 0, None
+def _pair_files_info(pair_files: list[str]) -> tuple[list[int], object]:
+    """(each file's pair count from the parquet footers, encoder name of the first pair); a clear
+    error for pair files from before the pair rows carried their images' info."""
+    rows, encoder = [], None
     for f in pair_files:
         with FileSystems.open(f) as fh:
             pf = pq.ParquetFile(fh)
             missing = [c for c in PAIR_COLUMNS if c not in pf.schema_arrow.names]
             if missing:
                 raise StageError(f"shards: {f} lacks pair columns {missing}; rerun `webpairs pair` with this version")
-            n_pairs += pf.metadata.num_rows
+            rows.append(pf.metadata.num_rows)
             if encoder is None and pf.metadata.num_rows:
                 encoder = next(pf.iter_batches(batch_size=1, columns=["encoder"])).column(0)[0].as_py()
-    return n_pairs, encoder
+    return rows, encoder
+
+
+PAIRS_PER_WRITER = 8192  # a writer takes whole pair files until it has at least this many pairs
+
+
+def writer_groups(pair_files: list[str], rows: list[int], per_writer: int = PAIRS_PER_WRITER) -> list[tuple[int, list]]:
+    """[(writer number, [(pair file number, pair file)...])]: consecutive pair files, at least
+    `per_writer` pairs a writer (the last one may have fewer). What is fetched goes per (writer,
+    filter row group), so fewer, larger writers make fewer of those (on Dask pair writes a file per
+    bucket, ~1,000 pairs each at one Common Crawl file); shards stay named by pair file."""
+    groups, current, n = [], [], 0
+    for number, (path, count) in enumerate(zip(pair_files, rows)):
+        current.append((number, path))
+        n += count
+        if n >= per_writer:
+            groups.append(current)
+            current, n = [], 0
+    if current:
+        groups.append(current)
+    return list(enumerate(groups))
 
 
 def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) -> dict:
     """Write pair shards from a pair stage directory; returns reconciled stats."""
     pair_files = stage_files(input_path, "pairs", expected="pair")
-    n_pairs, encoder = _pair_files_info(pair_files)  # footers only, no data pass
+    rows, encoder = _pair_files_info(pair_files)  # footers only, no data pass
     system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
     with frozen_gc(), StageOutput(out_dir, STAGE) as out:
         fetch_dir = out.path.rstrip("/") + "/" + FETCHED
         try:
-            _shard_pipeline(pair_files, out.path, fetch_dir, cfg, n_pairs, encoder, beam_args)
+            _shard_pipeline(writer_groups(pair_files, rows, PAIRS_PER_WRITER), out.path, fetch_dir, cfg, sum(rows), encoder, beam_args)
         finally:
             import fsspec
 
@@ -617,13 +656,14 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
         return out.commit()
 
 
-def _shard_pipeline(pair_files: list[str], out_path: str, fetch_dir: str, cfg: ShardConfig, n_pairs: int, encoder, beam_args) -> None:
-    """The stage's Beam pipeline: pair files -> the images each needs, each filter row group read
-    once -> shards, the index, the manifest and the counts, written under `out_path`."""
+def _shard_pipeline(groups: list, out_path: str, fetch_dir: str, cfg: ShardConfig, n_pairs: int, encoder, beam_args) -> None:
+    """The stage's Beam pipeline: each writer's pair files (`writer_groups`) -> the images they
+    need, each filter row group read once -> shards, the index, the manifest and the counts, written
+    under `out_path`."""
     with stage_pipeline(beam_args) as p:
-        numbered = p | "PairFiles" >> beam.Create(list(enumerate(pair_files))) | "Spread" >> beam.Reshuffle()  # on any worker
-        # each filter row group the pairs point into is read once, by one worker, for every pair
-        # file that needs its images (FetchRowGroup). Who needs what goes through files, not a
+        numbered = p | "PairFiles" >> beam.Create(groups) | "Spread" >> beam.Reshuffle()  # on any worker
+        # each filter row group the pairs point into is read once, by one worker, for every writer
+        # that needs its images (FetchRowGroup). Who needs what goes through files, not a
         # shuffle: on Dask, two shuffles of the pair files' partitions made the graph 6.6x larger
         # (10,533 tasks at one Common Crawl file) and the driver +120 MB building it (issue 34)
         fetched = (

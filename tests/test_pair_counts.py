@@ -112,7 +112,7 @@ def test_pair_and_shards_take_arrows_system_pool(monkeypatch):
         monkeypatch.setattr(module, "system_arrow_pool", recorder)
         monkeypatch.setattr(module, "stage_files", lambda *a, **k: ["part-0.parquet"])  # the input checks pass
     monkeypatch.setattr(pairing.pipeline, "check_columns", lambda *a, **k: None)
-    monkeypatch.setattr(shards.writer, "_pair_files_info", lambda files: (1, "tiny-clip"))
+    monkeypatch.setattr(shards.writer, "_pair_files_info", lambda files: ([1], "tiny-clip"))
     with pytest.raises(Stop):
         pairing.pipeline.run_pair("/nonexistent/filter", "/nonexistent/pair", PairConfig())
     with pytest.raises(Stop):

@@ -272,11 +272,11 @@ def test_shard_file_writes_the_bytes_tarfile_writes(tmp_path):
 def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shards(pipeline_dirs, tmp_path, monkeypatch):
     """The image bytes are fetched once: each filter row group the pairs point into is read once,
     however many shards (it was read again for every shard's batch: time grew as size^1.24) and
-    however many pair files point into it (it was read again for every pair file: on Dask, where
-    pair writes a file per bucket, shards' time grew as size^1.56; issue 34). The pairs split into
-    five files, round robin so that every file needs every row group, give the same samples, byte
-    for byte, as the session's pair files in shards of 100,000, read back with tarfile; no fetched
-    file is left in the output."""
+    however many pair files and writers point into it (it was read again for every pair file: on
+    Dask, where pair writes a file per bucket, shards' time grew as size^1.56; issue 34). The pairs
+    split into five files, round robin so that every file needs every row group, each file its own
+    writer, give the same samples, byte for byte, as the session's pair files in shards of 100,000,
+    read back with tarfile; no fetched file is left in the output."""
     import hashlib
     import shutil
     import tarfile
@@ -285,6 +285,7 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
 
     from core.config import ShardConfig
     from core.stageio import stage_files
+    from shards import writer
     from shards.writer import run_shards
 
     split = tmp_path / "pair"
@@ -308,9 +309,14 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
         return original(self, i, columns=columns, **kw)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    monkeypatch.setattr(writer, "PAIRS_PER_WRITER", 1)  # a writer for each pair file
     stats = run_shards(str(split), str(tmp_path / "small"), ShardConfig(samples_per_shard=3))
-    assert stats["kept"] > 3 * 4 and len(reads) == len(pointed[0])  # five pair files: once each, not five times
+    assert stats["kept"] > 3 * 4 and len(reads) == len(pointed[0])  # five pair files and writers: once each, not five times
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", original)
+    monkeypatch.setattr(writer, "PAIRS_PER_WRITER", 100_000)  # one writer for all five
+    one = run_shards(str(split), str(tmp_path / "one_writer"), ShardConfig(samples_per_shard=3))
+    assert one == stats
+    assert sorted(os.listdir(tmp_path / "one_writer")) == sorted(os.listdir(tmp_path / "small"))  # the same shards, named by pair file
     big = run_shards(pipeline_dirs["pair"], str(tmp_path / "big"), ShardConfig(samples_per_shard=100_000))
     assert big["kept"] == stats["kept"] and big["rejected"] == stats["rejected"]
 
@@ -322,8 +328,24 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
         return out
 
     small = members(tmp_path / "small")
-    assert small == members(tmp_path / "big") and len(small) >= 3 * stats["kept"]
+    assert small == members(tmp_path / "big") == members(tmp_path / "one_writer") and len(small) >= 3 * stats["kept"]
     assert not [n for n in os.listdir(tmp_path / "small") if "fetched" in n]
+
+
+def test_writer_groups_deal_whole_pair_files_in_order():
+    """Each pair file is in exactly one writer, in order; a writer closes once it has at least
+    `per_writer` pairs, so only the last may have fewer; empty files go along with their
+    neighbours."""
+    from shards.writer import writer_groups
+
+    files = [f"p{i}" for i in range(7)]
+    rows = [5, 0, 3, 10, 1, 1, 0]
+    groups = writer_groups(files, rows, 6)
+    assert [n for n, _ in groups] == list(range(len(groups)))
+    assert [[f for _, f in g] for _, g in groups] == [["p0", "p1", "p2"], ["p3"], ["p4", "p5", "p6"]]
+    assert [i for _, g in groups for i, _ in g] == list(range(7))
+    assert [[f for _, f in g] for _, g in writer_groups(files, rows, 1)] == [["p0"], ["p1", "p2"], ["p3"], ["p4"], ["p5"], ["p6"]]
+    assert writer_groups([], [], 6) == []
 
 
 def _jpeg_variants():
