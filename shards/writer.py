@@ -202,19 +202,25 @@ def _wanted_by(files: list) -> dict:
 
 
 def _write_table(path: str, table: pa.Table) -> None:
-    """One parquet file at `path`, local or on any filesystem Beam knows (a retried bundle overwrites it)."""
+    """One parquet file at `path`, local or on any filesystem Beam knows: written under a temporary
+    name and renamed into place, so a task run again (a lost Dask worker's) never leaves a reader
+    a half-written file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     if "://" in path:
-        with FileSystems.create(path) as fh:
+        with FileSystems.create(tmp) as fh:
             pq.write_table(table, fh, compression="none")
+        FileSystems.rename([tmp], [path])
     else:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(table, path, compression="none")
+        pq.write_table(table, tmp, compression="none")
+        os.replace(tmp, path)
 
 
 class WriteWants(beam.DoFn):
-    """(writer number, its pair files) -> the (filter file, row group) their pairs point into, after
-    writing the image ids they need of each into `fetch_dir`/wants/ROW GROUP/WRITER.parquet (where
-    `FetchRowGroup` finds who needs what of a row group: no shuffle of ids)."""
+    """(writer number, its pair files) -> ((filter file, row group), writer number) for each row
+    group their pairs point into, after writing the image ids they need of it into
+    `fetch_dir`/wants/ROW GROUP/WRITER.parquet (which `FetchRowGroup` reads: the ids cross no
+    shuffle)."""
 
     def __init__(self, fetch_dir: str):
         self.fetch_dir = fetch_dir.rstrip("/")
@@ -223,13 +229,14 @@ class WriteWants(beam.DoFn):
         number, files = item
         for (f, rg), ids in sorted(_wanted_by(files).items()):
             _write_table(f"{self.fetch_dir}/{WANTS}/{_row_group_name(f, rg)}/{number:06d}.parquet", pa.table({"image_id": sorted(ids)}, schema=WANT_SCHEMA))
-            yield f, rg
+            yield (f, rg), number
 
 
 class FetchRowGroup(beam.DoFn):
-    """((filter file, row group), _) -> how many writers got images of it, after writing, for each
-    writer that wants images of it (WriteWants), the FETCH_SCHEMA file
-    `fetch_dir`/images/WRITER/ROW GROUP.parquet of those images.
+    """((filter file, row group), [writer numbers]) -> how many writers got images of it, after
+    writing, for each of those writers, the FETCH_SCHEMA file `fetch_dir`/images/WRITER/ROW
+    GROUP.parquet of the images it wants of the row group (the ids `WriteWants` wrote; exact paths,
+    no listing or glob: an output folder named with `[` or `*` is a path like any other).
 
     The row group is read once, however many pair files point into it (only the image id, bytes
     and embedding columns, only the wanted rows kept); each wanted image's bytes are converted to
@@ -245,19 +252,18 @@ class FetchRowGroup(beam.DoFn):
     def process(self, item):
         import pyarrow.compute as pc
 
-        (f, rg), _ = item
+        (f, rg), numbers = item
         name = _row_group_name(f, rg)
         wants = {}  # writer number -> the image ids it needs of this row group
-        for m in FileSystems.match([f"{self.fetch_dir}/{WANTS}/{name}/*.parquet"])[0].metadata_list:
-            with FileSystems.open(m.path) as fh:
-                wants[int(os.path.basename(m.path).split(".")[0])] = pq.read_table(fh).column("image_id").to_pylist()
+        for number in sorted(numbers):
+            with FileSystems.open(f"{self.fetch_dir}/{WANTS}/{name}/{number:06d}.parquet") as fh:
+                wants[number] = pq.read_table(fh).column("image_id").to_pylist()
         union = sorted(set().union(*wants.values()))
+        columns = ["image_id", "image_bytes"] + (["embedding"] if self.store_embedding else [])
         with FileSystems.open(f) as fh:
             pf = pq.ParquetFile(fh)
-            if not 0 <= rg < pf.num_row_groups:
-                return  # a pointer past the file: its images are missing
-            columns = ["image_id", "image_bytes"] + (["embedding"] if self.store_embedding else [])
-            t = pf.read_row_group(rg, columns=columns)
+            # a pointer past the file: its images are missing (no row, so no fetched file)
+            t = pf.read_row_group(rg, columns=columns) if 0 <= rg < pf.num_row_groups else pf.schema_arrow.empty_table().select(columns)
         t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(union, type=t.schema.field("image_id").type)))
         embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
         converted: dict = {}  # image id -> (JPEG, .npy) or the error converting its bytes
@@ -618,14 +624,18 @@ def _pair_files_info(pair_files: list[str]) -> tuple[list[int], object]:
     return rows, encoder
 
 
-PAIRS_PER_WRITER = 8192  # a writer takes whole pair files until it has at least this many pairs
+PAIRS_PER_WRITER = 8192  # a writer takes whole pair files until it has at least this many pairs ...
+MIN_WRITERS = 16  # ... or fewer, so that a small input still has this many writers (pair files allowing)
 
 
-def writer_groups(pair_files: list[str], rows: list[int], per_writer: int = PAIRS_PER_WRITER) -> list[tuple[int, list]]:
+def writer_groups(pair_files: list[str], rows: list[int], per_writer: int = PAIRS_PER_WRITER, min_writers: int = MIN_WRITERS) -> list[tuple[int, list]]:
     """[(writer number, [(pair file number, pair file)...])]: consecutive pair files, at least
-    `per_writer` pairs a writer (the last one may have fewer). What is fetched goes per (writer,
-    filter row group), so fewer, larger writers make fewer of those (on Dask pair writes a file per
-    bucket, ~1,000 pairs each at one Common Crawl file); shards stay named by pair file."""
+    min(`per_writer`, all pairs / `min_writers`) pairs a writer (the last one may have fewer). What
+    is fetched goes per (writer, filter row group), so fewer, larger writers make fewer of those (on
+    Dask pair writes a file per bucket, ~1,000 pairs each at one Common Crawl file); `min_writers`
+    keeps a small input's work spread (on Dask the fetch is spread over as many partitions as
+    there are writers). Shards stay named by pair file."""
+    per_writer = max(1, min(per_writer, -(-sum(rows) // max(1, min_writers))))
     groups, current, n = [], [], 0
     for number, (path, count) in enumerate(zip(pair_files, rows)):
         current.append((number, path))
@@ -646,7 +656,7 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
     with frozen_gc(), StageOutput(out_dir, STAGE) as out:
         fetch_dir = out.path.rstrip("/") + "/" + FETCHED
         try:
-            _shard_pipeline(writer_groups(pair_files, rows, PAIRS_PER_WRITER), out.path, fetch_dir, cfg, sum(rows), encoder, beam_args)
+            _shard_pipeline(writer_groups(pair_files, rows, PAIRS_PER_WRITER, MIN_WRITERS), out.path, fetch_dir, cfg, sum(rows), encoder, beam_args)
         finally:
             import fsspec
 
@@ -669,8 +679,8 @@ def _shard_pipeline(groups: list, out_path: str, fetch_dir: str, cfg: ShardConfi
         fetched = (
             numbered
             | "Wants" >> beam.ParDo(WriteWants(fetch_dir))
-            | "RowGroups" >> beam.combiners.ToSet()  # one reduction: the distinct row groups
-            | "EachRowGroup" >> beam.FlatMap(lambda keys: [(k, None) for k in sorted(keys)])
+            | "RowGroups" >> beam.combiners.ToSet()  # one reduction: (row group, writer), ~writers x row groups
+            | "EachRowGroup" >> beam.FlatMap(sorted)
             | "SpreadRowGroups" >> beam.GroupByKey()  # one partition in, spread over the workers
             | "Fetch" >> beam.ParDo(FetchRowGroup(fetch_dir, cfg.store_embedding))
             | "Fetched" >> beam.combiners.Count.Globally()

@@ -209,6 +209,25 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     assert stats["rejected"] == {"missing_image": 1, "unreadable_image": 4}
     manifest = json.load(open(tmp_path / "shards" / "manifest.json"))
     assert manifest["samples"] == 1 and manifest["encoder"] == "test" and manifest["pairs_in"] == 6
+    rejected = lambda d: sorted(zip(*(read_table(str(d), "rejected", ["record_id", "reason"]).column(c).to_pylist() for c in ("record_id", "reason"))))  # noqa: E731
+    reasons = rejected(tmp_path / "shards")
+    assert len(reasons) == 5 and {k for k, _ in reasons} | {pq.read_table(tmp_path / "shards" / "index").column("key")[0].as_py()} == set(table.column("pair_id").to_pylist())
+    # the same pairs in three files, each its own writer, all sharing the one filter row group:
+    # the same pair is kept and the same pairs are rejected for the same reasons
+    from shards import writer
+
+    edited = pq.read_table(files[0])
+    os.remove(files[0])
+    for i in range(3):
+        pq.write_table(edited.take(list(range(i, edited.num_rows, 3))), tmp_path / "pair" / "pairs" / f"part-{i}.parquet")
+    finish_stage(str(tmp_path / "pair"))
+    writer.PAIRS_PER_WRITER, before = 1, writer.PAIRS_PER_WRITER
+    try:
+        three = run_shards(str(tmp_path / "pair"), str(tmp_path / "shards3"), ShardConfig(samples_per_shard=2))
+    finally:
+        writer.PAIRS_PER_WRITER = before
+    assert three == stats and rejected(tmp_path / "shards3") == reasons
+    assert pq.read_table(tmp_path / "shards3" / "index").column("key").to_pylist() == pq.read_table(tmp_path / "shards" / "index").column("key").to_pylist()
 
 
 def test_the_download_plan_changes_what_is_fetched_not_the_pairs(tmp_path, pipeline_dirs):
@@ -284,7 +303,7 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
     import pyarrow.parquet as pq
 
     from core.config import ShardConfig
-    from core.stageio import stage_files
+    from core.stageio import StageError, stage_files
     from shards import writer
     from shards.writer import run_shards
 
@@ -310,13 +329,19 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
     monkeypatch.setattr(writer, "PAIRS_PER_WRITER", 1)  # a writer for each pair file
-    stats = run_shards(str(split), str(tmp_path / "small"), ShardConfig(samples_per_shard=3))
+    with pytest.raises(StageError, match=r"cannot be written by Beam's file sinks"):  # one clear line, not Beam's rename error
+        run_shards(str(split), str(tmp_path / "small[1]"), ShardConfig(samples_per_shard=3))
+    small_dir = tmp_path / "small"
+    stats = run_shards(str(split), str(small_dir), ShardConfig(samples_per_shard=3))
     assert stats["kept"] > 3 * 4 and len(reads) == len(pointed[0])  # five pair files and writers: once each, not five times
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", original)
     monkeypatch.setattr(writer, "PAIRS_PER_WRITER", 100_000)  # one writer for all five
+    monkeypatch.setattr(writer, "MIN_WRITERS", 1)
     one = run_shards(str(split), str(tmp_path / "one_writer"), ShardConfig(samples_per_shard=3))
     assert one == stats
-    assert sorted(os.listdir(tmp_path / "one_writer")) == sorted(os.listdir(tmp_path / "small"))  # the same shards, named by pair file
+    assert sorted(os.listdir(tmp_path / "one_writer")) == sorted(os.listdir(small_dir))  # the same shards, named by pair file
+    shas = lambda d: [(s["shard"], s["samples"], s["sha256"]) for s in json.load(open(d / "manifest.json"))["shards"]]  # noqa: E731
+    assert shas(small_dir) == shas(tmp_path / "one_writer")
     big = run_shards(pipeline_dirs["pair"], str(tmp_path / "big"), ShardConfig(samples_per_shard=100_000))
     assert big["kept"] == stats["kept"] and big["rejected"] == stats["rejected"]
 
@@ -327,9 +352,9 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
                 out.update({m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()})
         return out
 
-    small = members(tmp_path / "small")
+    small = members(small_dir)
     assert small == members(tmp_path / "big") == members(tmp_path / "one_writer") and len(small) >= 3 * stats["kept"]
-    assert not [n for n in os.listdir(tmp_path / "small") if "fetched" in n]
+    assert not [n for n in os.listdir(small_dir) if "fetched" in n]
 
 
 def test_writer_groups_deal_whole_pair_files_in_order():
@@ -340,12 +365,14 @@ def test_writer_groups_deal_whole_pair_files_in_order():
 
     files = [f"p{i}" for i in range(7)]
     rows = [5, 0, 3, 10, 1, 1, 0]
-    groups = writer_groups(files, rows, 6)
+    groups = writer_groups(files, rows, 6, min_writers=1)
     assert [n for n, _ in groups] == list(range(len(groups)))
     assert [[f for _, f in g] for _, g in groups] == [["p0", "p1", "p2"], ["p3"], ["p4", "p5", "p6"]]
     assert [i for _, g in groups for i, _ in g] == list(range(7))
-    assert [[f for _, f in g] for _, g in writer_groups(files, rows, 1)] == [["p0"], ["p1", "p2"], ["p3"], ["p4"], ["p5"], ["p6"]]
-    assert writer_groups([], [], 6) == []
+    assert [[f for _, f in g] for _, g in writer_groups(files, rows, 1, min_writers=1)] == [["p0"], ["p1", "p2"], ["p3"], ["p4"], ["p5"], ["p6"]]
+    # a small input keeps min_writers writers where its files allow: 20 pairs / 4 -> 5 a writer
+    assert [[f for _, f in g] for _, g in writer_groups(files, rows, 6, min_writers=4)] == [["p0"], ["p1", "p2", "p3"], ["p4", "p5", "p6"]]
+    assert writer_groups([], [], 6) == [] and writer_groups(["p"], [0], 6) == [(0, [(0, "p")])]
 
 
 def _jpeg_variants():
