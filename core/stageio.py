@@ -913,7 +913,7 @@ class StageOutput:
         parent, name = os.path.dirname(self.out_dir), os.path.basename(self.out_dir)
         if not name:
             raise StageError(f"--out {out_dir!r} names no folder")
-        if any(c in self.out_dir for c in "*?[]"):  # Beam's file sinks match their temporary files by pattern
+        if any(c in self.out_dir for c in "*?[]"):  # one rule for every stage: Beam's file sinks match their temporary files by pattern
             raise StageError(f"--out {out_dir!r}: a path with * ? [ or ] cannot be written by Beam's file sinks (they read it as a pattern); choose another name")
         self.path = os.path.join(parent, f".{name}.partial")
         self._old = os.path.join(parent, f".{name}.old")

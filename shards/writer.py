@@ -202,16 +202,15 @@ def _wanted_by(files: list) -> dict:
 
 
 def _write_table(path: str, table: pa.Table) -> None:
-    """One parquet file at `path`, local or on any filesystem Beam knows: written under a temporary
-    name and renamed into place, so a task run again (a lost Dask worker's) never leaves a reader
-    a half-written file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    """One parquet file at `path`, local or on any filesystem Beam knows, never seen half-written
+    by a reader when a task runs again (a lost Dask worker's): a local file is written under a
+    temporary name and renamed into place; an object store's upload appears whole when it closes."""
     if "://" in path:
-        with FileSystems.create(tmp) as fh:
+        with FileSystems.create(path) as fh:
             pq.write_table(table, fh, compression="none")
-        FileSystems.rename([tmp], [path])
     else:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         pq.write_table(table, tmp, compression="none")
         os.replace(tmp, path)
 
@@ -236,7 +235,7 @@ class FetchRowGroup(beam.DoFn):
     """((filter file, row group), [writer numbers]) -> how many writers got images of it, after
     writing, for each of those writers, the FETCH_SCHEMA file `fetch_dir`/images/WRITER/ROW
     GROUP.parquet of the images it wants of the row group (the ids `WriteWants` wrote; exact paths,
-    no listing or glob: an output folder named with `[` or `*` is a path like any other).
+    no listing or glob).
 
     The row group is read once, however many pair files point into it (only the image id, bytes
     and embedding columns, only the wanted rows kept); each wanted image's bytes are converted to
@@ -633,8 +632,9 @@ def writer_groups(pair_files: list[str], rows: list[int], per_writer: int = PAIR
     min(`per_writer`, all pairs / `min_writers`) pairs a writer (the last one may have fewer). What
     is fetched goes per (writer, filter row group), so fewer, larger writers make fewer of those (on
     Dask pair writes a file per bucket, ~1,000 pairs each at one Common Crawl file); `min_writers`
-    keeps a small input's work spread (on Dask the fetch is spread over as many partitions as
-    there are writers). Shards stay named by pair file."""
+    keeps a small input's work spread over up to that many writers, as its files' sizes allow (on
+    Dask the fetch is spread over as many partitions as there are writers). Shards stay named by
+    pair file."""
     per_writer = max(1, min(per_writer, -(-sum(rows) // max(1, min_writers))))
     groups, current, n = [], [], 0
     for number, (path, count) in enumerate(zip(pair_files, rows)):
@@ -679,7 +679,9 @@ def _shard_pipeline(groups: list, out_path: str, fetch_dir: str, cfg: ShardConfi
         fetched = (
             numbered
             | "Wants" >> beam.ParDo(WriteWants(fetch_dir))
-            | "RowGroups" >> beam.combiners.ToSet()  # one reduction: (row group, writer), ~writers x row groups
+            # one reduction to one element of (row group, writer) keys, ~writers x row groups: 832
+            # at most at one Common Crawl file; a snapshot in one run would need a real shuffle here
+            | "RowGroups" >> beam.combiners.ToSet()
             | "EachRowGroup" >> beam.FlatMap(sorted)
             | "SpreadRowGroups" >> beam.GroupByKey()  # one partition in, spread over the workers
             | "Fetch" >> beam.ParDo(FetchRowGroup(fetch_dir, cfg.store_embedding))

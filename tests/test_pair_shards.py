@@ -214,6 +214,7 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
     assert len(reasons) == 5 and {k for k, _ in reasons} | {pq.read_table(tmp_path / "shards" / "index").column("key")[0].as_py()} == set(table.column("pair_id").to_pylist())
     # the same pairs in three files, each its own writer, all sharing the one filter row group:
     # the same pair is kept and the same pairs are rejected for the same reasons
+    from core.stageio import stage_files
     from shards import writer
 
     edited = pq.read_table(files[0])
@@ -222,6 +223,8 @@ def test_shared_pairs_dedup_and_shard_rejections(tmp_path):
         pq.write_table(edited.take(list(range(i, edited.num_rows, 3))), tmp_path / "pair" / "pairs" / f"part-{i}.parquet")
     finish_stage(str(tmp_path / "pair"))
     writer.PAIRS_PER_WRITER, before = 1, writer.PAIRS_PER_WRITER
+    rows = [pq.read_metadata(f).num_rows for f in stage_files(str(tmp_path / "pair"), "pairs", expected="pair")]
+    assert len(writer.writer_groups(rows=rows, pair_files=[""] * 3, per_writer=1)) == 3  # three writers
     try:
         three = run_shards(str(tmp_path / "pair"), str(tmp_path / "shards3"), ShardConfig(samples_per_shard=2))
     finally:
@@ -357,6 +360,32 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
     assert not [n for n in os.listdir(small_dir) if "fetched" in n]
 
 
+def test_a_row_group_past_its_file_fetches_nothing_so_its_images_are_missing(tmp_path):
+    """FetchRowGroup on a row group number the filter file does not have writes no images file for
+    its writers, so their pairs' images are not found (`missing_image`), as before; row group 0 of
+    the same file gives each writer exactly the ids it wanted, bytes equal to the file's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards.writer import FETCH_SCHEMA, IMAGES, WANT_SCHEMA, WANTS, FetchRowGroup, _ImageStore, _row_group_name, _write_table
+
+    f = str(tmp_path / "images.parquet")
+    ids = [f"{i:016x}" for i in range(4)]
+    pq.write_table(pa.table({"image_id": ids, "image_bytes": [_jpeg(i) for i in range(4)]}), f)
+    fetch = str(tmp_path / "fetched")
+    for rg in (0, 99):
+        for writer, wanted in ((0, ids[:2]), (1, ids[1:])):
+            _write_table(f"{fetch}/{WANTS}/{_row_group_name(f, rg)}/{writer:06d}.parquet", pa.table({"image_id": wanted}, schema=WANT_SCHEMA))
+    assert list(FetchRowGroup(fetch, False).process(((f, 99), [0, 1]))) == [0]
+    assert not os.path.exists(f"{fetch}/{IMAGES}")
+    assert _ImageStore([f"{fetch}/{IMAGES}/000000/{_row_group_name(f, 99)}.parquet"]).get(ids[0]) is None
+    assert list(FetchRowGroup(fetch, False).process(((f, 0), [0, 1]))) == [2]
+    for writer, wanted in ((0, ids[:2]), (1, ids[1:])):
+        got = pq.read_table(f"{fetch}/{IMAGES}/{writer:06d}/{_row_group_name(f, 0)}.parquet")
+        assert got.schema == FETCH_SCHEMA and got.column("image_id").to_pylist() == wanted
+        assert got.column("jpg").to_pylist() == [_jpeg(int(i, 16)) for i in wanted]
+
+
 def test_writer_groups_deal_whole_pair_files_in_order():
     """Each pair file is in exactly one writer, in order; a writer closes once it has at least
     `per_writer` pairs, so only the last may have fewer; empty files go along with their
@@ -370,7 +399,7 @@ def test_writer_groups_deal_whole_pair_files_in_order():
     assert [[f for _, f in g] for _, g in groups] == [["p0", "p1", "p2"], ["p3"], ["p4", "p5", "p6"]]
     assert [i for _, g in groups for i, _ in g] == list(range(7))
     assert [[f for _, f in g] for _, g in writer_groups(files, rows, 1, min_writers=1)] == [["p0"], ["p1", "p2"], ["p3"], ["p4"], ["p5"], ["p6"]]
-    # a small input keeps min_writers writers where its files allow: 20 pairs / 4 -> 5 a writer
+    # a small input gets up to min_writers writers, as its files allow: 20 pairs / 4 -> 5 a writer
     assert [[f for _, f in g] for _, g in writer_groups(files, rows, 6, min_writers=4)] == [["p0"], ["p1", "p2", "p3"], ["p4", "p5", "p6"]]
     assert writer_groups([], [], 6) == [] and writer_groups(["p"], [0], 6) == [(0, [(0, "p")])]
 
