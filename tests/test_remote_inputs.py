@@ -286,3 +286,40 @@ def test_a_swap_killed_mid_way_on_s3_is_put_right_by_the_next_run(s3_out, killed
         fs.invalidate_cache()
         assert {k[len(out) + 1 :]: fs.cat(k) for k in fs.find(out, withdirs=False)} == want, killed
         assert not fs.exists(old) and so.path == f"s3://{partial}"
+
+
+def test_shards_written_to_s3_read_back_as_the_local_run(s3_out, pipeline_dirs, tmp_path):
+    """Shards to an object store: its fetch files (`_fetched/`, written with Beam's S3 filesystem)
+    and its tars go to the bucket; read back through s3fs with tarfile, every member of every
+    shard and the manifest's checksums are the local run's, and nothing but what `_SUCCESS` lists
+    is left in the bucket (no `_fetched/`, no partial folder)."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    from core.config import ShardConfig
+    from shards.writer import run_shards
+
+    fs, bucket = s3_out
+    local = run_shards(pipeline_dirs["pair"], str(tmp_path / "shards"), ShardConfig(samples_per_shard=25))
+    remote = run_shards(pipeline_dirs["pair"], f"s3://{bucket}/run/shards", ShardConfig(samples_per_shard=25))
+    assert remote == local and local["kept"] > 25
+    fs.invalidate_cache()
+    keys = sorted(fs.find(bucket, withdirs=False))
+    listed = json.loads(fs.cat(f"{bucket}/run/shards/_SUCCESS"))["files"]
+    assert sorted([f"{bucket}/run/shards/{f}" for f in listed] + [f"{bucket}/run/shards/_SUCCESS"]) == keys
+    assert not [k for k in keys if "_fetched" in k or ".partial" in k]
+
+    def members(read, names):
+        out = {}
+        for name in names:
+            with tarfile.open(fileobj=io.BytesIO(read(name))) as tar:
+                out.update({(name, m.name, m.offset): hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()})
+        return out
+
+    tars = sorted(f for f in listed if f.endswith(".tar"))
+    assert tars == sorted(f for f in os.listdir(tmp_path / "shards") if f.endswith(".tar")) and len(tars) > 1
+    assert members(lambda n: fs.cat(f"{bucket}/run/shards/{n}"), tars) == members(lambda n: (tmp_path / "shards" / n).read_bytes(), tars)
+    shas = lambda m: [(s["shard"], s["samples"], s["sha256"]) for s in m["shards"]]  # noqa: E731
+    assert shas(json.loads(fs.cat(f"{bucket}/run/shards/manifest.json"))) == shas(json.load(open(tmp_path / "shards" / "manifest.json")))
