@@ -860,6 +860,12 @@ def _remove_tree(fs, path: str) -> None:
     fs.invalidate_cache(path)
 
 
+def remove_folder(url: str) -> None:
+    """Remove the folder at a local path or URL (core.remote's filesystem options), if it exists:
+    a stage's temporary folders (pair's spill, shards' fetched images) before its commit."""
+    _remove_tree(*_fs(url))
+
+
 def _move_tree(fs, src: str, dst: str) -> None:
     """Move the folder `src` to `dst`: one atomic rename on a local filesystem; on an object store
     (s3fs, gcsfs: `fs.mv(src, dst, recursive=True)` copies the prefix's own pseudo-folder key there

@@ -28,7 +28,7 @@ from core.config import PairConfig, to_dict
 from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import StageError, StageOutput, WriteStageOutputs, _reason_counts, check_columns, frozen_gc, parquet_rows, row_groups, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, _reason_counts, check_columns, frozen_gc, parquet_rows, remove_folder, row_groups, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason, flag_entry
 from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
@@ -522,17 +522,13 @@ def copy_inputs(p, files: list[str], prefix: str = "Copy"):
 
 
 def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
-    import fsspec
-
     feature_dir = out_dir.rstrip("/") + "/_copy_features"  # the copy step's features, removed when the pipeline is done
     spill_dir = out_dir.rstrip("/") + "/" + SPILL  # the joins' buckets, likewise
     try:
         _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir)
     finally:
         for folder in (feature_dir, spill_dir):
-            fs, path = fsspec.core.url_to_fs(folder)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            remove_folder(folder)
 
 
 def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir) -> None:

@@ -42,7 +42,7 @@ from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
 from core.memory import system_arrow_pool
 from core.records import Rejected
-from core.stageio import StageError, StageOutput, WriteStageOutputs, frozen_gc, stage_pipeline, stage_files
+from core.stageio import StageError, StageOutput, WriteStageOutputs, frozen_gc, remove_folder, stage_pipeline, stage_files
 
 STAGE = "shards"
 REJECTED = "rejected"
@@ -232,10 +232,11 @@ class WriteWants(beam.DoFn):
 
 
 class FetchRowGroup(beam.DoFn):
-    """((filter file, row group), [writer numbers]) -> how many writers got images of it, after
-    writing, for each of those writers, the FETCH_SCHEMA file `fetch_dir`/images/WRITER/ROW
-    GROUP.parquet of the images it wants of the row group (the ids `WriteWants` wrote; exact paths,
-    no listing or glob).
+    """((filter file, row group), [writer numbers]) -> (writer number, (filter file, row group,
+    fetched file)) for each of those writers that wants an image the row group has, after writing
+    that FETCH_SCHEMA file `fetch_dir`/images/WRITER/ROW GROUP.parquet of its images (the ids
+    `WriteWants` wrote; exact paths, no listing or glob). A writer gets no file of a row group that
+    has none of its images (or is past its file): those images are missing.
 
     The row group is read once, however many pair files point into it (only the image id, bytes
     and embedding columns, only the wanted rows kept); each wanted image's bytes are converted to
@@ -274,7 +275,6 @@ class FetchRowGroup(beam.DoFn):
             except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
                 converted[image_id] = str(err)
         del t
-        served = 0  # writers
         for number, ids in sorted(wants.items()):
             rows = [(i, converted[i]) for i in ids if i in converted]
             if not rows:
@@ -282,9 +282,9 @@ class FetchRowGroup(beam.DoFn):
             ok = [not isinstance(v, str) for _, v in rows]
             table = pa.table({"image_id": [i for i, _ in rows], "jpg": [v[0] if good else None for (_, v), good in zip(rows, ok)],
                               "npy": [v[1] if good else None for (_, v), good in zip(rows, ok)], "error": [None if good else v for (_, v), good in zip(rows, ok)]}, schema=FETCH_SCHEMA)
-            _write_table(f"{self.fetch_dir}/{IMAGES}/{number:06d}/{name}.parquet", table)
-            served += 1
-        yield served
+            path = f"{self.fetch_dir}/{IMAGES}/{number:06d}/{name}.parquet"
+            _write_table(path, table)
+            yield number, (f, rg, path)
 
 
 class _ImageStore:
@@ -303,12 +303,9 @@ class _ImageStore:
         self._fill(fetched)
 
     def _fill(self, fetched: list) -> None:
-        """`fetched`: the fetched files, in (filter file, row group) order; one that does not exist
-        (no wanted image was in its row group, or the row group is past its file) is skipped."""
+        """`fetched`: the fetched files, in (filter file, row group) order."""
         offset = 0
         for path in fetched:
-            if not FileSystems.exists(path):
-                continue
             with FileSystems.open(path) as src:
                 for batch in pq.ParquetFile(src).iter_batches(batch_size=256):
                     for image_id, jpg, npy, error in zip(*(batch.column(c).to_pylist() for c in FETCH_SCHEMA.names)):
@@ -498,16 +495,16 @@ class _ShardFile:
 
 class WriteShards(beam.DoFn):
     """(writer number, [(pair file number, pair file)...]) -> tar shards, streaming, once fetching
-    is done (the side input): the writer's images come from what `FetchRowGroup` fetched for it
-    (`_ImageStore`), then each pair file's rows are read in record batches and written sample by
+    is done (the side input: each writer's fetched files, `FetchRowGroup`'s outputs): the writer's
+    images come from its fetched files, in (filter file, row group) order (`_ImageStore`), then each pair file's rows are read in record batches and written sample by
     sample, and a shard closes at `samples_per_shard` samples or `max_shard_bytes`, whichever comes
     first. Memory holds a record batch of stubs, one shard's index rows and the store's offsets
     (~`PAIRS_PER_WRITER` pairs' images), whatever the input size. Shards are named by pair file
     number and sequence (`layout.SHARD_PATTERN`), so a rerun on the same pair files writes the same
     shards."""
 
-    def __init__(self, out_dir: str, cfg: ShardConfig, fetch_dir: str = ""):
-        self.out_dir, self.cfg, self.fetch_dir = out_dir, cfg, fetch_dir.rstrip("/")
+    def __init__(self, out_dir: str, cfg: ShardConfig):
+        self.out_dir, self.cfg = out_dir, cfg
 
     def _stubs(self, path: str):
         with FileSystems.open(path) as fh:
@@ -519,9 +516,9 @@ class WriteShards(beam.DoFn):
                 for key, values, cond, target in zip(cols["pair_id"], zip(*(cols[k] for k in layout.META_FIELDS)), *sources):
                     yield {"key": key, "meta": dict(zip(layout.META_FIELDS, values)), "sources": {"cond": cond, "target": target}}
 
-    def process(self, item, fetched_row_groups=None):  # the side input: fetching is done
+    def process(self, item, fetched: dict):
         number, files = item
-        store = _ImageStore([f"{self.fetch_dir}/{IMAGES}/{number:06d}/{_row_group_name(f, rg)}.parquet" for f, rg in sorted(_wanted_by(files))])
+        store = _ImageStore([path for _, _, path in sorted(fetched[number])])  # [] for a writer with no files
         try:
             for file_number, path in files:
                 yield from self._write(file_number, path, store)
@@ -658,11 +655,7 @@ def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) 
         try:
             _shard_pipeline(writer_groups(pair_files, rows, PAIRS_PER_WRITER, MIN_WRITERS), out.path, fetch_dir, cfg, sum(rows), encoder, beam_args)
         finally:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(fetch_dir)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            remove_folder(fetch_dir)
         return out.commit()
 
 
@@ -685,9 +678,8 @@ def _shard_pipeline(groups: list, out_path: str, fetch_dir: str, cfg: ShardConfi
             | "EachRowGroup" >> beam.FlatMap(sorted)
             | "SpreadRowGroups" >> beam.GroupByKey()  # one partition in, spread over the workers
             | "Fetch" >> beam.ParDo(FetchRowGroup(fetch_dir, cfg.store_embedding))
-            | "Fetched" >> beam.combiners.Count.Globally()
         )
-        written = numbered | "WriteShards" >> beam.ParDo(WriteShards(out_path, cfg, fetch_dir), beam.pvalue.AsSingleton(fetched)).with_outputs("summary", REJECTED, main="index")
+        written = numbered | "WriteShards" >> beam.ParDo(WriteShards(out_path, cfg), beam.pvalue.AsMultiMap(fetched)).with_outputs("summary", REJECTED, main="index")
         counts = {"input_count": p | "PairCount" >> beam.Create([n_pairs]), "kept": written.index, "rejected": written[REJECTED]}
         # index rows leave each writer as one table per shard (Beam's cost is per element)
         _ = counts | "Write" >> WriteStageOutputs(out_path, STAGE, "index", INDEX_SCHEMA, kept_tables=True)
