@@ -88,7 +88,12 @@ RUNNER_PATH = "core.dask_runner.DaskRunner"
 # (core/memory.py system_arrow_pool, which on Dask sets the driver's pool only): with mimalloc, pair's
 # copy-step candidate search on its worker peaked 35 MB higher at one Common Crawl file (386 vs 351
 # MB; reading the images' ids, embeddings and pHashes kept 82 MB resident against 47; issue 34).
-WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": None, "ARROW_DEFAULT_MEMORY_POOL": "system"}
+# And glibc's malloc keeps at most two arenas: by default each thread that allocates (the worker's
+# task thread, its event loop, Arrow's and OpenMP's pools) gets an arena of its own, up to 8 a core,
+# and what each keeps after a bundle (partly used pages, which a trim cannot give back) adds up:
+# pair at one Common Crawl file rose to 398-400 MB a worker, 369 MB with two arenas (1x: 309-320
+# and 312 MB; the same CPU time; issue 34).
+WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": None, "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
 WORKER_CONFIG = {f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in WORKER_ENVIRON.items()}
 
 # The scheduler hands a worker of one thread a second ready source bundle while it runs the first

@@ -40,8 +40,8 @@ def make_cluster(cores: int, memory: str, partition: str, account: str, walltime
             job_script_prologue=[
                 f"source {os.path.join(venv, 'bin', 'activate')}",
                 "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}",
-                # glibc's malloc thresholds in the workers, not the nanny's, and Arrow's system pool (core/dask_runner.WORKER_CONFIG)
-                "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None, 'ARROW_DEFAULT_MEMORY_POOL': 'system'}\"",
+                # glibc's malloc thresholds in the workers, not the nanny's, Arrow's system pool and two malloc arenas (core/dask_runner.WORKER_CONFIG)
+                "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=\"{'MALLOC_TRIM_THRESHOLD_': None, 'ARROW_DEFAULT_MEMORY_POOL': 'system', 'MALLOC_ARENA_MAX': '2'}\"",
             ],
             local_directory="$TMPDIR",
         )
