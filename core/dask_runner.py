@@ -91,8 +91,8 @@ RUNNER_PATH = "core.dask_runner.DaskRunner"
 # And glibc's malloc keeps at most two arenas: by default each thread that allocates (the worker's
 # task thread, its event loop, Arrow's and OpenMP's pools) gets an arena of its own, up to 8 a core,
 # and what each keeps after a bundle (partly used pages, which a trim cannot give back) adds up:
-# pair at one Common Crawl file rose to 398-400 MB a worker, 369 MB with two arenas (1x: 309-320
-# and 312 MB; the same CPU time; issue 34).
+# at one Common Crawl file pair's workers peaked at 363-400 MB (over three sittings), and at 329-340
+# MB with two arenas (1x: 300-303 MB), in the same CPU time (issue 34).
 WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": None, "ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
 WORKER_CONFIG = {f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in WORKER_ENVIRON.items()}
 
@@ -628,7 +628,8 @@ def dask_cluster(address: Optional[str], workers: int) -> Iterator[str]:
 @contextlib.contextmanager
 def _driver_environment_kept() -> Iterator[None]:
     """A LocalCluster's nannies run in this process and write their workers' pre-spawn environment
-    (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1) into its `os.environ` for good:
+    (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1, and WORKER_ENVIRON's
+    ARROW_DEFAULT_MEMORY_POOL and MALLOC_ARENA_MAX) into its `os.environ` for good:
     after a stage on Dask, torch in the driver (sampling, eval) and every process it starts (Ray's
     training workers, img2dataset) would run on one thread. Those variables get their old values back
     when the cluster closes; the workers keep the nanny's."""
