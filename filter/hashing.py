@@ -34,20 +34,40 @@ def phash_hex(image: Image.Image, hash_size: int = 8) -> str:
     reduction (`Image.reduce`, an integer factor) to a short side of at least 16 x hash_size first
     halves the time on 500-px photos and moves the hash by 0.41 bits on average (max 4) on the 300
     shared photos (benchmarks/filter.py). The Lanczos resize itself is Pillow's, computed as two
-    matrix products (`lanczos_resize`: the same pixels, ~0.3 -> ~0.05 ms), and imagehash hashes it."""
+    matrix products (`lanczos_resize`: the same pixels, ~0.3 -> ~0.05 ms). The hash of those
+    pixels is imagehash's `phash`, step for step (`_phash_bits`), without its conversions of an
+    image it would resize to the size it has (issue 34: ~0.1 of filter's ~4 ms an image)."""
     factor = min(image.size) // (PHASH_REDUCE_FACTOR * hash_size)
     if factor > 1:
         image = image.reduce(factor)
     side = 4 * hash_size  # imagehash's highfreq_factor 4
     if max(image.size) > LANCZOS_MAX_SIDE:  # a dense coefficient matrix of that side would be large: Pillow's own
-        small = image.convert("L").resize((side, side), Image.Resampling.LANCZOS)
+        small = np.asarray(image.convert("L").resize((side, side), Image.Resampling.LANCZOS))
     else:
         grey = pixel_view(image) if image.mode == "L" else np.asarray(image.convert("L"))
-        small = Image.fromarray(lanczos_resize(grey, side, side))
-    bits = imagehash.phash(small, hash_size=hash_size).hash.ravel()  # its resize of a side x side image: a copy
+        small = lanczos_resize(grey, side, side)
+    bits = _phash_bits(small, hash_size)
     if bits.size % 8:  # imagehash's own hex (a Python loop over the bits) for odd sizes
         return str(imagehash.ImageHash(bits.reshape(hash_size, hash_size)))
     return np.packbits(bits).tobytes().hex()  # what str(ImageHash) prints, without its per-bit loop
+
+
+def _phash_bits(pixels: np.ndarray, hash_size: int) -> np.ndarray:
+    """imagehash.phash's bits (row-major) of a (4 hash_size)-square uint8 greyscale image: the same
+    scipy.fftpack DCTs, of the first hash_size rows only along the second axis (each row's
+    transform is its own, so the low-frequency block is the same numbers), and the same median
+    (NumPy's: the mean of the two middle values of the block, or the middle one), compared with >.
+    tests/test_filter_fast_paths.py checks it against imagehash on every shared photo."""
+    import scipy.fftpack
+
+    low = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0)[:hash_size], axis=1)[:, :hash_size].ravel()
+    n = low.size
+    if n % 2:
+        median = np.partition(low, n // 2)[n // 2]
+    else:
+        part = np.partition(low, (n // 2 - 1, n // 2))
+        median = (part[n // 2 - 1] + part[n // 2]) / 2
+    return low > median
 
 
 _PRECISION_BITS = 22  # Pillow's 8-bit resampling: fixed-point coefficients of 32 - 8 - 2 bits

@@ -100,6 +100,14 @@ def test_phash_hex_is_imagehash_str(photos_dir):
             factor = min(rgb.size) // (PHASH_REDUCE_FACTOR * size)
             expected = str(imagehash.phash(rgb.reduce(factor) if factor > 1 else rgb, hash_size=size))
             assert phash_hex(rgb, size) == expected, (name, size)
+    # ties at the median: flat, striped and stepped images (imagehash's median and > decide them)
+    ramp = np.tile(np.arange(0, 256, 16, dtype=np.uint8).repeat(20), (120, 1))
+    edge = {"flat": Image.new("RGB", (300, 200), (120, 77, 31)), "black": Image.new("L", (64, 64)),
+            "ramp": Image.fromarray(ramp), "stripes": Image.fromarray((np.indices((200, 300))[0] // 10 % 2 * 255).astype(np.uint8)),
+            "tiny": Image.new("RGB", (7, 5), (9, 9, 9))}
+    for name, img in edge.items():
+        for size in (8, 16, 3):
+            assert phash_hex(img, size) == str(imagehash.phash(img, hash_size=size)), (name, size)
 
 
 def test_filter_tunes_the_allocators_once():
