@@ -53,13 +53,14 @@ def test_pdq_is_pdqhash_on_every_shared_photo(photos_dir):
         if mine is not None:  # computed by NumPy (not handed to pdqhash): the same bits
             fast += 1
             assert mine == ref
-    assert fast >= 285, fast  # pdqhash is asked for the few at the margin only (8 of 300 measured)
+    assert fast >= 290, fast  # pdqhash is asked for the few at the margin only (5 of 300 measured)
 
 
 def test_numpy_pdq_without_the_margin_is_pdqhash_on_every_shared_photo(photos_dir, monkeypatch):
     """The NumPy path alone (no hand-over to pdqhash at the margin): distance 0 and the same quality
-    on all 300 photos, and its 16 x 16 coefficients within 0.005 of pdqhash's (compute_float), a
-    quarter of PDQ_MARGIN: the margin is what keeps an unseen image exact, not what makes these so."""
+    on all 300 photos, and its 16 x 16 coefficients within a third of PDQ_MARGIN of pdqhash's
+    (compute_float; 0.0029 measured): the margin is what keeps an unseen image exact, not what makes
+    these so."""
     margin = perceptual.PDQ_MARGIN
     monkeypatch.setattr(perceptual, "PDQ_MARGIN", -1.0)
     monkeypatch.setattr(perceptual, "QUALITY_MARGIN", 0.0)
@@ -72,7 +73,7 @@ def test_numpy_pdq_without_the_margin_is_pdqhash_on_every_shared_photo(photos_di
         # the coefficients themselves: pdqhash's float vector is Meta's 16 x 16, last first
         ref_coef = pdqhash.compute_float(np.asarray(rgb))[0][::-1].reshape(16, 16)
         worst = max(worst, float(np.abs(perceptual._downsampled(rgb)[1].reshape(16, 16) - ref_coef).max()))
-    assert worst < margin / 4, worst
+    assert worst < margin / 3, worst
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
