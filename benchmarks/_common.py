@@ -84,7 +84,7 @@ def photo_downloads(out_dir: str, repeat: int, files: int = 1, side: int = 0, ph
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA
+    from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, write_downloads
 
     folder = need_shared("photos-imagenet-sample")
     blobs = [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))[: photos or None]]
@@ -100,7 +100,7 @@ def photo_downloads(out_dir: str, repeat: int, files: int = 1, side: int = 0, ph
     os.makedirs(os.path.join(out_dir, "occurrences"))
     per_file = -(-len(rows) // files)
     for f in range(files):
-        pq.write_table(pa.Table.from_pylist(rows[f * per_file : (f + 1) * per_file], schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{f}.parquet"))
+        write_downloads(pa.Table.from_pylist(rows[f * per_file : (f + 1) * per_file], schema=DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"part-{f}.parquet"))  # as download writes them
         pq.write_table(pa.Table.from_pylist(links[f * per_file : (f + 1) * per_file], schema=DOWNLOAD_OCCURRENCE_SCHEMA), os.path.join(out_dir, "occurrences", f"part-{f}.parquet"))
     mark_complete(out_dir, "download", len(rows))
     return [r["image_bytes"] for r in rows]

@@ -64,6 +64,23 @@ DOWNLOAD_SCHEMA = pa.schema(
     ]
 )
 
+# How downloads/ files are written (issue 34, eighteenth sitting): the image bytes (all but a few
+# kilobytes of a file) neither compressed (JPEG, PNG and WebP bytes do not shrink: snappy cost CPU in
+# download and again in filter) nor dictionary-encoded (every value is distinct), in data pages of
+# DOWNLOAD_PAGE_VALUES images (Arrow cuts a page only between batches of 1,024 values: a page of
+# ~75 MB of photos, which filter's reader then held, and mapped and zeroed afresh, whole).
+DOWNLOAD_PAGE_VALUES = 16
+
+
+def write_downloads(table: pa.Table, path: str) -> None:
+    """A downloads/ parquet file of `table` (DOWNLOAD_SCHEMA's columns), as `crawl download` writes it."""
+    import pyarrow.parquet as pq
+
+    table = table.cast(DOWNLOAD_SCHEMA)
+    pq.write_table(table, path, compression={n: ("none" if n == "image_bytes" else "snappy") for n in table.column_names},
+                   use_dictionary=[n for n in table.column_names if n != "image_bytes"], write_batch_size=DOWNLOAD_PAGE_VALUES)
+
+
 # One row per link whose image was downloaded: which image (image_id) the link resolved to. Links
 # rejected as URL boilerplate are here too, with their reason, when their URL was fetched once as
 # evidence for pair's content rule (the same logo at another URL, in another size).

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.config import DownloadConfig
-from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, REJECTED_SCHEMA, SITE_SCHEMA
+from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, REJECTED_SCHEMA, SITE_SCHEMA, write_downloads
 from core.sites import site_of
 from crawl.urls import AllowList, policy_reason
 
@@ -355,7 +355,7 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str) -> 
         table = pa.table({**{n: light.column(n) for n in ("image_id", "image_url", "page_url", "alt", "position")}, "image_bytes": data.column(image_col).take(rows), "sha256": light.column("sha256"), "links": light.column("links")})
         fetch_round = os.path.basename(os.path.dirname(shard_file))  # img2dataset, or a --retry-failed round's folder
         name = f"part-{shard}" if fetch_round == "img2dataset" else f"part-{fetch_round}-{shard}"
-        pq.write_table(table.cast(DOWNLOAD_SCHEMA), os.path.join(out_dir, "downloads", f"{name}.parquet"))
+        write_downloads(table, os.path.join(out_dir, "downloads", f"{name}.parquet"))
         images += table.num_rows
     if not shards:
         pq.write_table(DOWNLOAD_SCHEMA.empty_table(), os.path.join(out_dir, "downloads", "part-empty.parquet"))

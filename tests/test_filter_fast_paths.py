@@ -240,3 +240,39 @@ def test_pdq_luma_view_with_padded_rows():
     env = {**os.environ, "PILLOW_ALIGNMENT": "64"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_binary_columns_are_joined_into_the_array_pyarrow_makes():
+    """core/stageio._array (filter's images/ batches): a binary column of bytes made from one join
+    is the array pa.array makes, nulls, empty values and a batch of photo-sized values included;
+    anything else (a bytearray, a str) is left to pa.array."""
+    from core.stageio import _array
+
+    rng = np.random.default_rng(3)
+    cases = [[rng.bytes(int(n)) for n in rng.integers(0, 120_000, 250)], [b"a", None, b"", b"xyz", None], [None, None], [b""], [], [b"a", bytearray(b"b")], ["s", b"x"]]
+    for values in cases:
+        made = _array(values, pa.binary())
+        made.validate(full=True)
+        assert made.equals(pa.array(values, type=pa.binary())) and made.null_count == sum(v is None for v in values)
+    assert _array([1, None], pa.int64()).equals(pa.array([1, None], pa.int64()))
+
+
+def test_downloads_files_keep_image_bytes_plain(tmp_path):
+    """core/records.write_downloads (crawl download's downloads/): the image bytes neither compressed
+    nor dictionary-encoded, the other columns as before (snappy, dictionary), and every row reads
+    back, by pyarrow and by DuckDB, as written."""
+    import duckdb
+
+    from core.records import DOWNLOAD_SCHEMA, write_downloads
+
+    rng = np.random.default_rng(5)
+    rows = [{"image_id": f"{i:016x}", "image_url": f"http://a.example/{i}.jpg", "page_url": "http://a.example/", "alt": "a", "position": i, "image_bytes": rng.bytes(int(rng.integers(1, 90_000))), "sha256": None, "links": 1} for i in range(100)]
+    path = str(tmp_path / "part-0.parquet")
+    write_downloads(pa.Table.from_pylist(rows, schema=DOWNLOAD_SCHEMA), path)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert chunks["image_bytes"].compression == "UNCOMPRESSED" and not any("DICT" in e for e in chunks["image_bytes"].encodings)
+    assert chunks["image_url"].compression == "SNAPPY" and any("DICT" in e for e in chunks["image_url"].encodings)
+    assert pq.read_table(path).to_pylist() == rows
+    got = duckdb.sql(f"SELECT image_id, image_bytes FROM read_parquet('{path}') ORDER BY image_id").fetchall()
+    assert [(r["image_id"], r["image_bytes"]) for r in rows] == [(i, bytes(b)) for i, b in got]
