@@ -64,12 +64,18 @@ DOWNLOAD_SCHEMA = pa.schema(
     ]
 )
 
-# How downloads/ files are written (issue 34, eighteenth sitting): the image bytes (all but a few
-# kilobytes of a file) neither compressed (JPEG, PNG and WebP bytes do not shrink: snappy cost CPU in
-# download and again in filter) nor dictionary-encoded (every value is distinct), in data pages of
-# DOWNLOAD_PAGE_VALUES images (Arrow cuts a page only between batches of 1,024 values: a page of
-# ~75 MB of photos, which filter's reader then held, and mapped and zeroed afresh, whole).
+# How downloads/ files are written (issue 34, eighteenth sitting):
+# - the image bytes (all but a few kilobytes of a file) neither compressed (JPEG, PNG and WebP
+#   bytes do not shrink: snappy cost CPU in download and again in filter) nor dictionary-encoded
+#   (every value is distinct);
+# - data pages of DOWNLOAD_PAGE_VALUES images: Arrow cuts a page only between batches of 1,024
+#   values, so a page held ~75 MB of photos;
+# - row groups of about DOWNLOAD_ROW_GROUP_BYTES: one row group was a whole img2dataset shard, and
+#   Arrow's reader reserved a buffer for a row group's bytes at once (247 MB for 2,400 photos),
+#   mapped and faulted in afresh for every row group filter read (26 page faults an image, ~0.1 of
+#   filter's ~3.5 CPU ms). A row group is also filter's unit of work (core/stageio.row_groups).
 DOWNLOAD_PAGE_VALUES = 16
+DOWNLOAD_ROW_GROUP_BYTES = 16 << 20
 
 
 def write_downloads(table: pa.Table, path: str) -> None:
@@ -77,7 +83,9 @@ def write_downloads(table: pa.Table, path: str) -> None:
     import pyarrow.parquet as pq
 
     table = table.cast(DOWNLOAD_SCHEMA)
-    pq.write_table(table, path, compression={n: ("none" if n == "image_bytes" else "snappy") for n in table.column_names},
+    per_row = table.nbytes / max(table.num_rows, 1)
+    rows = int(min(max(DOWNLOAD_ROW_GROUP_BYTES // max(per_row, 1), DOWNLOAD_PAGE_VALUES), 1 << 20))
+    pq.write_table(table, path, row_group_size=rows, compression={n: ("none" if n == "image_bytes" else "snappy") for n in table.column_names},
                    use_dictionary=[n for n in table.column_names if n != "image_bytes"], write_batch_size=DOWNLOAD_PAGE_VALUES)
 
 

@@ -266,13 +266,17 @@ def test_downloads_files_keep_image_bytes_plain(tmp_path):
     from core.records import DOWNLOAD_SCHEMA, write_downloads
 
     rng = np.random.default_rng(5)
-    rows = [{"image_id": f"{i:016x}", "image_url": f"http://a.example/{i}.jpg", "page_url": "http://a.example/", "alt": "a", "position": i, "image_bytes": rng.bytes(int(rng.integers(1, 90_000))), "sha256": None, "links": 1} for i in range(100)]
+    rows = [{"image_id": f"{i:016x}", "image_url": f"http://a.example/{i}.jpg", "page_url": "http://a.example/", "alt": "a", "position": i, "image_bytes": rng.bytes(int(rng.integers(1, 180_000))), "sha256": None, "links": 1} for i in range(400)]
     path = str(tmp_path / "part-0.parquet")
     write_downloads(pa.Table.from_pylist(rows, schema=DOWNLOAD_SCHEMA), path)
-    meta = pq.ParquetFile(path).metadata.row_group(0)
-    chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
-    assert chunks["image_bytes"].compression == "UNCOMPRESSED" and not any("DICT" in e for e in chunks["image_bytes"].encodings)
-    assert chunks["image_url"].compression == "SNAPPY" and any("DICT" in e for e in chunks["image_url"].encodings)
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups >= 2  # ~36 MB of bytes: row groups of ~16 MB, not one
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+        assert chunks["image_bytes"].compression == "UNCOMPRESSED" and not any("DICT" in e for e in chunks["image_bytes"].encodings)
+        assert chunks["image_bytes"].total_uncompressed_size < 20 << 20
+        assert chunks["image_url"].compression == "SNAPPY" and any("DICT" in e for e in chunks["image_url"].encodings)
     assert pq.read_table(path).to_pylist() == rows
     got = duckdb.sql(f"SELECT image_id, image_bytes FROM read_parquet('{path}') ORDER BY image_id").fetchall()
     assert [(r["image_id"], r["image_bytes"]) for r in rows] == [(i, bytes(b)) for i, b in got]
