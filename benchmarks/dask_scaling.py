@@ -1,7 +1,8 @@
 """`crawl extract` and `filter` (no encoder) on Dask with 1 and 2 worker processes, and in-process.
 
 Extract reads the shared real pages copied into `--files` WARC files; filter reads the 300 shared
-photos `--repeat` times in `--files` download files (each input file is one Dask partition). Each
+photos `--repeat` times in `--files` download files (each row group is one Dask partition: a WARC
+file is one; a download file of ~16 MB row groups, `core/records.write_downloads`, several). Each
 Dask run submits to a LocalCluster started before the timer (its start-up is printed apart; the
 1- and 2-worker clusters are both up, the idle one costs a heartbeat); the three configurations take
 turns `--runs` times and each keeps its best time (the first run on a fresh cluster pays the
@@ -29,7 +30,7 @@ def main() -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=240, help="copies of the shared real pages (56 pages each) for extract")
     ap.add_argument("--repeat", type=int, default=12, help="copies of the 300 shared photos for filter")
-    ap.add_argument("--files", type=int, default=8, help="input files (= Dask partitions) per stage")
+    ap.add_argument("--files", type=int, default=8, help="input files per stage (a WARC file is one Dask partition, a download file one per ~16 MB row group)")
     ap.add_argument("--runs", type=int, default=3, help="runs of each configuration (the best counts)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()

@@ -83,12 +83,15 @@ def pdqhash_of_image(rgb) -> tuple[bytes, int]:
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes(), int(quality)
 
 
-# coefficients at the median closer than this: pdqhash decides (see above). The NumPy coefficients
-# differ from pdqhash's by at most 0.0029 on the 300 shared photos in RGB and 0.0013 on their luma
-# planes (filter's path): 0.01 is 3.4x and 7.7x that. 0.02 until issue 34's eighteenth sitting,
-# which sent 9 of the 300 planes to pdqhash (~6.7 ms each with the plane's RGB conversion, 0.2 ms
-# an image on average) against 3 now
-PDQ_MARGIN = 0.01
+# Coefficients at the median closer than this: pdqhash decides (see above). The two middle ones may
+# each be off, so the NumPy bits are pdqhash's while the gap exceeds twice the largest difference:
+# at most 0.0029 on the 300 shared photos in RGB (0.02 is 3.4x the 0.0058 needed) and 0.0013 on
+# their luma planes, or any "L" image, whose pixels are PDQ's luma as they are (PLANE_MARGIN 0.01
+# is 3.8x the 0.0026 needed). Planes had 0.02 until issue 34's eighteenth sitting, which sent 9 of
+# the 300 to pdqhash (~6.7 ms each with the plane's RGB conversion, ~0.2 ms an image on average);
+# at 0.01, 3.
+PDQ_MARGIN = 0.02
+PLANE_MARGIN = 0.01
 QUALITY_MARGIN = 0.005  # a gradient step of the quality metric this close to an integer: it may round either way
 _MIN_HASHABLE = 5  # Meta's MIN_HASHABLE_DIM: smaller images hash to zeros (pdqhash answers)
 _DCT = np.sqrt(2.0 / 64) * np.cos((np.pi / 2 / 64) * np.outer(np.arange(1, 17), 2 * np.arange(64) + 1))  # PDQ's dct_matrix_64
@@ -165,12 +168,13 @@ def pixel_view(img) -> np.ndarray:
 
 def _pdq_numpy(rgb) -> Optional[tuple[bytes, int]]:
     """pdqhash's (hash, quality) of an RGB image, or None where it would take pdqhash itself to
-    tell (a coefficient or the quality metric within PDQ_MARGIN of flipping, a tiny image)."""
+    tell (a coefficient or the quality metric within PDQ_MARGIN, or PLANE_MARGIN for an "L" image, of
+    flipping; a tiny image)."""
     if rgb.width < _MIN_HASHABLE or rgb.height < _MIN_HASHABLE:
         return None
     small, coef = _downsampled(rgb)
     low, high = np.partition(coef, (127, 128))[127:129]  # torben's median is the 128th smallest
-    if high - low < PDQ_MARGIN:
+    if high - low < (PLANE_MARGIN if rgb.mode == "L" else PDQ_MARGIN):
         return None
     grad = np.concatenate([(small[:-1] - small[1:]).ravel(), (small[:, :-1] - small[:, 1:]).ravel()]) * (100 / 255)
     steps = np.abs(np.trunc(grad))  # (int) of ((u - v) * 100) / 255

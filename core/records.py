@@ -68,8 +68,9 @@ DOWNLOAD_SCHEMA = pa.schema(
 # - the image bytes (all but a few kilobytes of a file) neither compressed (JPEG, PNG and WebP
 #   bytes do not shrink: snappy cost CPU in download and again in filter) nor dictionary-encoded
 #   (every value is distinct);
-# - data pages of DOWNLOAD_PAGE_VALUES images: Arrow cuts a page only between batches of 1,024
-#   values, so a page held ~75 MB of photos;
+# - Arrow checks its 1 MiB page size only between batches of values (1,024 by default), so a page
+#   held ~75 MB of photos; in batches of DOWNLOAD_PAGE_VALUES a page holds at most 16 photos past
+#   1 MiB (16 of 64 KiB or more; more of smaller ones);
 # - row groups of about DOWNLOAD_ROW_GROUP_BYTES: one row group was a whole img2dataset shard, and
 #   Arrow's reader reserved a buffer for a row group's bytes at once (247 MB for 2,400 photos),
 #   mapped and faulted in afresh for every row group filter read (26 page faults an image, ~0.1 of
@@ -84,7 +85,7 @@ def write_downloads(table: pa.Table, path: str) -> None:
 
     table = table.cast(DOWNLOAD_SCHEMA)
     per_row = table.nbytes / max(table.num_rows, 1)
-    rows = int(min(max(DOWNLOAD_ROW_GROUP_BYTES // max(per_row, 1), DOWNLOAD_PAGE_VALUES), 1 << 20))
+    rows = int(min(max(DOWNLOAD_ROW_GROUP_BYTES // max(per_row, 1), 1), 1 << 20))  # large images: a row group of one
     pq.write_table(table, path, row_group_size=rows, compression={n: ("none" if n == "image_bytes" else "snappy") for n in table.column_names},
                    use_dictionary=[n for n in table.column_names if n != "image_bytes"], write_batch_size=DOWNLOAD_PAGE_VALUES)
 

@@ -568,7 +568,7 @@ def _array(values: list, type_: pa.DataType) -> pa.Array:
     lengths = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
     offsets = np.zeros(len(values) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] > np.iinfo(np.int32).max:  # over binary's 32-bit offsets: pa.array says so
+    if offsets[-1] > np.iinfo(np.int32).max:  # over binary's 32-bit offsets: pa.array's answer, as before
         return pa.array(values, type=type_)
     nulls = sum(v is None for v in values)
     validity = pa.array([v is not None for v in values], type=pa.bool_()).buffers()[1] if nulls else None

@@ -107,7 +107,17 @@ def test_phash_hex_is_imagehash_str(photos_dir):
             "tiny": Image.new("RGB", (7, 5), (9, 9, 9))}
     for name, img in edge.items():
         for size in (8, 16, 3):
-            assert phash_hex(img, size) == str(imagehash.phash(img, hash_size=size)), (name, size)
+            factor = min(img.size) // (PHASH_REDUCE_FACTOR * size)
+            assert phash_hex(img, size) == str(imagehash.phash(img.reduce(factor) if factor > 1 else img, hash_size=size)), (name, size)
+    # the bits of the 4n x 4n pixels themselves against imagehash's: random, two-level (ties at
+    # the median) and constant arrays
+    from filter.hashing import _phash_bits
+
+    rng = np.random.default_rng(11)
+    for n in (3, 4, 5, 8, 16):
+        for k in range(40):
+            px = (rng.integers(0, 256, (4 * n, 4 * n)) if k % 3 == 0 else rng.integers(0, 2, (4 * n, 4 * n)) * 255 if k % 3 == 1 else np.full((4 * n, 4 * n), k)).astype(np.uint8)
+            assert np.array_equal(_phash_bits(px, n), imagehash.phash(Image.fromarray(px), hash_size=n).hash.ravel()), (n, k)
 
 
 def test_filter_tunes_the_allocators_once():
@@ -254,6 +264,8 @@ def test_binary_columns_are_joined_into_the_array_pyarrow_makes():
         made = _array(values, pa.binary())
         made.validate(full=True)
         assert made.equals(pa.array(values, type=pa.binary())) and made.null_count == sum(v is None for v in values)
+        if values and all(type(v) is bytes for v in values):  # the join, not pa.array's builder: one buffer of the exact size
+            assert made.buffers()[2].size == sum(len(v) for v in values)
     assert _array([1, None], pa.int64()).equals(pa.array([1, None], pa.int64()))
 
 
