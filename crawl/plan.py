@@ -358,7 +358,7 @@ def resolve(con, plan_dir: str, shards: list[tuple[str, str]], out_dir: str) -> 
         write_downloads(table, os.path.join(out_dir, "downloads", f"{name}.parquet"))
         images += table.num_rows
     if not shards:
-        pq.write_table(DOWNLOAD_SCHEMA.empty_table(), os.path.join(out_dir, "downloads", "part-empty.parquet"))
+        write_downloads(DOWNLOAD_SCHEMA.empty_table(), os.path.join(out_dir, "downloads", "part-empty.parquet"))
     occurrences = write_query(
         con,
         """SELECT s.link_id, s.page_url, s.site, s.image_url, s.alt, s.position, s.declared_width, s.declared_height, r.image_id, s.reason
