@@ -71,25 +71,29 @@ def fit_size(width: int, height: int, side: int = MAX_SIDE) -> tuple[int, int]:
     return x, y
 
 
-REDUCING_GAP = 2.0  # as Pillow's thumbnail: a box reduction by int(scale / 2) first, then the cubic
+REDUCING_GAP = 2.0  # as Pillow's thumbnail: a box reduction by int(scale / 2) first, then the bicubic
 
 
 def fit(img, side: int = MAX_SIDE):
     """A new image of the size and pixels PDQ is computed from: an "L" image stays "L" (a JPEG's
-    luma plane), any other mode becomes RGB; one over `side` px is scaled down to the size
-    `thumbnail((side, side))` gives, as Meta's reference implementations fit an image to 512 px
-    before PDQ (the Python one by Pillow's thumbnail, the C++ one by CImg).
+    luma plane), any other mode becomes RGB; one over `side` px is scaled down as
+    `thumbnail((side, side))` scales it (Meta's Python reference fits an image to 512 px so before
+    PDQ; its C++ one with CImg): to `fit_size`'s size, by Pillow's own box `reduce` by int(scale /
+    REDUCING_GAP) per axis first, as thumbnail does, then the antialiased bicubic (Keys, a = -0.5,
+    the kernel stretched by the scale).
 
-    The resize is Pillow's own box `reduce` by int(scale / REDUCING_GAP) per axis (what thumbnail
-    does first), then OpenCV's bicubic (`cv2.resize`, INTER_CUBIC, SIMD) to the exact size. Until
-    issue 34's nineteenth sitting it was Pillow's bicubic, whose scalar loops took ~2.4 of a 600 x
-    800 photo's ~8 CPU ms (0.25 ms an image on average over the 300 shared photos, 7 % of filter);
-    OpenCV's takes ~0.3 ms (on one thread: filter's ValidateAndHash.setup sets it). The hash of
-    OpenCV's fit is pdqhash's of the fitted pixels, and 0.3-0.4 bits (max 4) from Meta's Python
-    reference on the same image (the shared photos, as they are and enlarged to 1,600 and 3,000
-    px; tests/test_pdq.py), where Meta's reference implementations agree within ~11 bits and a
-    match is <= 31."""
-    import cv2
+    The bicubic is torch's (`interpolate(mode="bicubic", antialias=True)` on uint8, made to match
+    Pillow's): within 2 grey levels of Pillow's pixels (0.008 on average), ~1.3 ms of a 600 x 800 plane where Pillow's
+    scalar loops took 2.4 (issue 34, nineteenth sitting: 0.25 ms an image over the 300 shared
+    photos, 7 % of filter). The hash is Meta's Python reference's (Pillow's fit, then pdqhash) on
+    every case tests/test_pdq.py tries: the 29 shared photos over 512 px, 200 enlarged to 1,600
+    and 3,000 px, mosaics of photos at 1,000-3,000 px (0 bits apart). OpenCV's bicubic (no
+    antialiasing) was 2x faster again but 2-3 bits off on the mosaics, 6 at most: too far for the
+    blocklist's sake. Where a side is not a multiple of the reduction, the resize maps the part of
+    the reduced image that the original covers, as Pillow does (resizing the whole reduced image
+    instead shifted edges by up to 1/3 px, 45 grey levels on a sharp one)."""
+    import torch
+    import torch.nn.functional as F
 
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
@@ -97,9 +101,24 @@ def fit(img, side: int = MAX_SIDE):
     if size == img.size:
         return img.copy()
     factor = (int(img.width / size[0] / REDUCING_GAP) or 1, int(img.height / size[1] / REDUCING_GAP) or 1)
+    # the part of the reduced image the original covers (Pillow's `box`): its last row or column
+    # averages a partial block when a side is not a multiple of the factor
+    box = (img.width / factor[0], img.height / factor[1])
     if factor != (1, 1):
         img = img.reduce(factor)
-    return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_CUBIC))
+    pixels = torch.from_numpy(np.array(img))  # (h, w) or (h, w, 3) uint8
+    planes = pixels[None, None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)[None]
+    if box == img.size:
+        out = F.interpolate(planes, size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)[0]
+    else:  # torch maps output pixel o to (o + 0.5) / scale - 0.5 of its input, as Pillow's box does
+        # nudged up by 1e-9 so that floor(side x scale) is never one short of the size (a side that
+        # is a multiple: side x size / side in floats), and below the size + 1/2 (size x factor / side
+        # <= 1/2 is over it), so the size exactly
+        scale = (size[1] / box[1] * (1 + 1e-9), size[0] / box[0] * (1 + 1e-9))
+        out = F.interpolate(planes, scale_factor=scale, mode="bicubic", antialias=True, align_corners=False, recompute_scale_factor=False)[0]
+        if out.shape[1:] != (size[1], size[0]):  # not seen; the size then, as the whole reduced image
+            out = F.interpolate(planes, size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)[0]
+    return Image.fromarray(out[0].numpy() if img.mode == "L" else out.permute(1, 2, 0).contiguous().numpy())  # uint8: L or RGB
 
 
 def pdqhash_of_image(rgb) -> tuple[bytes, int]:

@@ -96,19 +96,11 @@ class ValidateAndHash(beam.DoFn):
         tune_allocators()  # a Dask worker's too: Arrow's system pool, glibc's thresholds (core/memory.py)
         one_blas_thread()  # the hashes' small matrix products on one thread (core/memory.py)
         self._blas = True
-        import cv2  # PDQ's fit of an image over 512 px (core/perceptual.fit) and the face cascade on one
-        self._cv2_threads = cv2.getNumThreads()  # thread too: OpenCV splits a 512-px resize over every core
-        cv2.setNumThreads(1)  # and its idle threads cost ~30 % more CPU than one (a worker runs per core)
 
     def teardown(self):
         if getattr(self, "_blas", False):
             release_blas_thread()
             self._blas = False
-        if getattr(self, "_cv2_threads", None) is not None:
-            import cv2
-
-            cv2.setNumThreads(self._cv2_threads)
-            self._cv2_threads = None
 
     def process(self, row: dict):
         data = row.get("image_bytes")
