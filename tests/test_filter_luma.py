@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from core.config import FilterConfig
 from core.perceptual import MAX_SIDE, distance, pdq_of_bytes
+from core.sample_layout import to_rgb
 from filter.signals import FLAT_SCREEN_MARGIN, flat_share, top_colour_share
 from filter.validate import Invalid, ValidImage, decode
 
@@ -256,10 +257,20 @@ def test_stored_hashes_are_the_planes_on_every_row(tmp_path, photos_dir, monkeyp
     photo = _rgb(photos[5])
     exif = Image.Exif()
     exif[0x0112] = 8
-    cmyk, png = io.BytesIO(), io.BytesIO()
+    cmyk, png, rgba, rgba_big, grey16 = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
     photo.convert("CMYK").save(cmyk, "JPEG")
     photo.save(png, "PNG")
-    blobs = photos + [_jpeg(photo, progressive=True), _jpeg(photo.convert("L")), _jpeg(photo, exif=exif.tobytes()), _jpeg(photo.resize((1500, 1100))), cmyk.getvalue(), png.getvalue()]
+    # transparency (a hidden colour under alpha 0) and 16-bit grey: filter composites on white and
+    # keeps the top 8 bits, as pdq_of_bytes must (it dropped alpha and clipped: 46-128 bits apart)
+    alpha = np.full((photo.height, photo.width), 255, np.uint8)
+    alpha[:, : photo.width // 2] = 0
+    rgba_img = photo.convert("RGBA")
+    rgba_img.putalpha(Image.fromarray(alpha))
+    rgba_img.save(rgba, "PNG")
+    rgba_img.resize((900, round(900 * photo.height / photo.width))).save(rgba_big, "PNG")
+    Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257).astype(np.uint16)).save(grey16, "PNG")
+    extra = [cmyk.getvalue(), png.getvalue(), rgba.getvalue(), rgba_big.getvalue(), grey16.getvalue()]
+    blobs = photos + [_jpeg(photo, progressive=True), _jpeg(photo.convert("L")), _jpeg(photo, exif=exif.tobytes()), _jpeg(photo.resize((1500, 1100)))] + extra
     d = tmp_path / "download"
     rows = write_download(d, blobs)
     monkeypatch.chdir(tmp_path)
@@ -282,13 +293,13 @@ def test_stored_hashes_are_the_planes_on_every_row(tmp_path, photos_dir, monkeyp
                 img = ImageOps.exif_transpose(opened)
             planes += 1
         else:
-            img = _rgb(data)
+            img = to_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))  # as filter decodes it
         pdq, phash = stored[r["image_id"]]
         assert pdq == pdq_of_bytes(data)[0].hex(), r["image_url"]
         assert pdq == _pdqhash_of_plane(img), r["image_url"]  # a plane, or the RGB image (CMYK, PNG)
         factor = min(img.size) // (PHASH_REDUCE_FACTOR * 8)
         assert phash == str(imagehash.phash(img.reduce(factor) if factor > 1 else img)), r["image_url"]
-    assert planes == len(blobs) - 2
+    assert planes == len(blobs) - len(extra)
 
 
 def test_plane_hashes_stay_near_the_rgb_ones(photos_dir):
