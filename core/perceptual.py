@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from core.sample_layout import to_rgb
+
 PDQ_BYTES = 32
 PDQ_MATCH_DISTANCE = 31  # Meta's confident-match threshold
 # larger images are scaled down to fit MAX_SIDE first (JPEG: by DCT draft, then `fit`),
@@ -49,19 +51,12 @@ def pdq_of_image(img) -> tuple[bytes, int]:
         img = fit(img)  # "L" or "RGB"
     if img.mode == "L":  # _pdq_numpy's "F" of an L image is its plane
         return _pdq_numpy(img) or pdqhash_of_image(img.convert("RGB"))
-    rgb = img if img.mode == "RGB" else _to_rgb(img)
+    # RGB as filter decodes it (to_rgb: alpha on white, 16-bit scaled down), so that `pdq_of_bytes`
+    # (download's blocklist check, scrub) hashes the pixels filter hashes and stores; until issue
+    # 34's nineteenth sitting Pillow's convert("RGB") (alpha dropped, 16-bit clipped): 46-128 bits
+    # from the stored hash of a PNG with transparency or a 16-bit PNG
+    rgb = to_rgb(img)
     return _pdq_numpy(rgb) or pdqhash_of_image(rgb)
-
-
-def _to_rgb(img):
-    """8-bit RGB as filter decodes it (core/sample_layout.to_rgb: alpha on white, 16-bit scaled
-    down), so that `pdq_of_bytes` (download's blocklist check, scrub) hashes the pixels filter
-    hashes and stores. Until issue 34's nineteenth sitting this was Pillow's convert("RGB"), which
-    drops alpha and clips 16-bit values: 46-128 bits from the stored hash of a PNG with
-    transparency or a 16-bit PNG."""
-    from core.sample_layout import to_rgb
-
-    return to_rgb(img)
 
 
 def fit_size(width: int, height: int, side: int = MAX_SIDE) -> tuple[int, int]:
@@ -87,7 +82,7 @@ REDUCING_GAP = 2.0  # as Pillow's thumbnail: a box reduction by int(scale / 2) f
 
 def fit(img, side: int = MAX_SIDE):
     """A new image of the size and pixels PDQ is computed from: an "L" image stays "L" (a JPEG's
-    luma plane), any other mode becomes RGB as filter makes it (`_to_rgb`); one over `side` px is scaled down as
+    luma plane), any other mode becomes RGB as filter makes it (`to_rgb`); one over `side` px is scaled down as
     `thumbnail((side, side))` scales it (Meta's Python reference fits an image to 512 px so before
     PDQ; its C++ one with CImg): to `fit_size`'s size, by Pillow's own box `reduce` by int(scale /
     REDUCING_GAP) per axis first, as thumbnail does, then the antialiased bicubic (Keys, a = -0.5,
@@ -106,8 +101,8 @@ def fit(img, side: int = MAX_SIDE):
     import torch
     import torch.nn.functional as F
 
-    if img.mode not in ("L", "RGB"):
-        img = _to_rgb(img)
+    if img.mode != "L":
+        img = to_rgb(img)
     size = fit_size(img.width, img.height, side)
     if size == img.size:
         return img.copy()

@@ -13,13 +13,14 @@ repetition across pages can (pure functions, no Beam).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
+
+from core.perceptual import fit_size
 
 DECLARED_TOO_SMALL = "declared_too_small"
 FLAT_IMAGE = "flat_image"
@@ -37,20 +38,8 @@ def declared_too_small(width: Optional[int], height: Optional[int], min_side: in
 
 def thumb_size(width: int, height: int, side: int = FLAT_THUMB) -> Optional[tuple[int, int]]:
     """The size `Image.thumbnail((side, side))` gives a width x height image (Pillow's rounding of
-    the aspect ratio), or None when it fits already."""
-    x = y = side
-    if x >= width and y >= height:
-        return None
-    aspect = width / height
-
-    def round_aspect(number: float, key) -> int:
-        return max(min(math.floor(number), math.ceil(number), key=key), 1)
-
-    if x / y >= aspect:
-        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
-    else:
-        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
-    return x, y
+    the aspect ratio, core/perceptual.fit_size), or None when it fits already."""
+    return None if side >= width and side >= height else fit_size(width, height, side)
 
 
 def _flat_thumb(image: Image.Image) -> Image.Image:
