@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from core.sites import site_of
-from core.stageio import read_success, read_table, stage_files
+from core.stageio import POINTER, fill_bytes, read_success, read_table, stage_files
 
 FILTER_REASONS = ("flat_image", "declared_too_small", "too_small", "bad_aspect", "url_word")
 PAIR_REASONS = ("boilerplate_site", "boilerplate_global")
@@ -102,10 +102,13 @@ def _bytes_by_link(links_dir: str, images_dir: str, part: str, wanted: set) -> d
         image_of.update(zip(t.column("link_id").to_pylist(), t.column("image_id").to_pylist()))
     if not image_of:
         return {}
-    data = {}
+    rows = {}
     for path in stage_files(images_dir, part):
-        t = pq.read_table(path, columns=["image_id", "image_bytes"], filters=pc.field("image_id").isin(among(set(image_of.values()))))
-        data.update(zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist()))
+        names = pq.ParquetFile(path).schema_arrow.names
+        t = pq.read_table(path, columns=["image_id", "image_bytes"] + [c for c in POINTER if c in names], filters=pc.field("image_id").isin(among(set(image_of.values()))))
+        rows.update((r["image_id"], r) for r in t.to_pylist())
+    fill_bytes(rows.values())  # filter's images/ point to their bytes in download's downloads/
+    data = {image: r["image_bytes"] for image, r in rows.items()}
     return {link: data[image] for link, image in image_of.items() if image in data}
 
 

@@ -149,9 +149,9 @@ IMAGE_SCHEMA = pa.schema(
         ("embedding", EMBEDDING_TYPE),  # L2-normalised encoder embedding
         ("encoder", pa.string()),
         ("clip_score", pa.float32()),  # image-alt cosine when the encoder has a text tower
-        ("image_bytes", pa.binary()),  # the original bytes as downloaded (null when only pointed to)
-        ("bytes_file", pa.string()),  # pointer to the bytes: a parquet file of a filter output ...
-        ("bytes_row_group", pa.int32()),  # ... and the row group in it that holds this image
+        ("image_bytes", pa.binary()),  # the bytes, when not pointed to (filter: only --faces blur's blurred JPEG)
+        ("bytes_file", pa.string()),  # pointer to the bytes: a parquet file (filter: download's downloads/; pair: filter's images/) ...
+        ("bytes_row_group", pa.int32()),  # ... and the row group in it that holds this image (core/stageio.fetch_rows follows it)
         ("pdq", pa.string()),  # PDQ perceptual hash (core/perceptual.py) as 64 hex: `webpairs scrub --blocklist` matches it
         ("faces", pa.int32()),  # faces found (filter/faces.py; null with --faces off)
         ("face_boxes", pa.list_(pa.int32())),  # their boxes, flat: x, y, w, h per face, in the image's pixels

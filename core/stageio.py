@@ -370,6 +370,8 @@ class WriteStageOutputs(beam.PTransform):
 
     `kept_batch_rows` is how many kept rows Beam's parquet writer converts to Arrow at a time (its
     default 1,000); a row group holds at least one such batch (filter's images: 250, see there).
+    With `kept_group_key` (fields of the kept rows; `table_sinks` only), a row group also ends where
+    those fields' values change (`_RowsToTables`).
 
     Steps that write their own tables as they make them (`TableFile`; pair's join) hand on the
     files: `written` ({sink path: schema}) names those sinks, and the entry "written" holds the
@@ -386,8 +388,9 @@ class WriteStageOutputs(beam.PTransform):
 
     def __init__(self, out_dir: str, stage: str, name: str, schema: pa.Schema, extra: Optional[dict] = None, kept_tables: bool = False, more: Optional[dict] = None, rejected_tables: bool = False,
                  table_counts: tuple = (), reason_stats: Optional[dict] = None, table_sinks: bool = False, kept_batch_rows: int = 1000, given_counts: tuple = (),
-                 written: Optional[dict] = None):
+                 written: Optional[dict] = None, kept_group_key: tuple = ()):
         super().__init__()
+        self.kept_group_key = tuple(kept_group_key)
         self.written = dict(written or {})  # sinks whose files the pipeline's own steps wrote (see above)
         self.kept_batch_rows = kept_batch_rows
         self.table_sinks = table_sinks
@@ -424,16 +427,16 @@ class WriteStageOutputs(beam.PTransform):
                 # and that matched a second sink's finished part-1-00000-of-00001 (rows lost when
                 # the second sink finished first: 1 run in 3 in process, found in review)
                 sink_path, sink_label = (path, label) if i == 0 else (f"{path}_{i}", f"{label}{i}")
-                self._sink(pc, sink_label, sink_path, schema, tables, self.kept_batch_rows if path == kept_path else 1000)
+                self._sink(pc, sink_label, sink_path, schema, tables, self.kept_batch_rows if path == kept_path else 1000, self.kept_group_key if path == kept_path else ())
         for other, schema in self.more.items():  # tables when counted as tables (`table_counts`), else rows
             self._sink(pcolls[other], f"Write_{other}", os.path.join(self.out_dir, other, "part"), schema, other in self.table_counts, 1000)
         return self._stats(pcolls, kept_all, rejected_all)
 
-    def _sink(self, pc, label: str, sink_path: str, schema: pa.Schema, tables: bool, rows: int) -> None:
+    def _sink(self, pc, label: str, sink_path: str, schema: pa.Schema, tables: bool, rows: int, group_key: tuple = ()) -> None:
         """Write `pc` (pyarrow tables, or row dicts made into tables `rows` at a time) to `sink_path`."""
         if self.table_sinks:
             if not tables:  # rows: made into tables in the step that makes them
-                pc = pc | f"{label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES)).with_output_types(pa.Table)
+                pc = pc | f"{label}Tables" >> beam.ParDo(_RowsToTables(schema, rows, ROW_GROUP_BYTES, group_key)).with_output_types(pa.Table)
             self._sinks[sink_path] = schema
             self._written.append(pc | label >> beam.ParDo(_WriteTables(sink_path, schema)))
         elif tables:  # each table is written as it comes
@@ -519,17 +522,27 @@ class _RowsToTables(beam.DoFn):
     batch, a table (one row group) once the batches hold `group_bytes`, the rest when the bundle
     ends; a nullable field a row lacks is null, a required one it lacks is a KeyError. Beam's looks
     every field up in the schema for every row (~0.05 CPU ms a filter image, issue 34); here a
-    column is one list comprehension a batch."""
+    column is one list comprehension a batch. With `group_key` (field names), a row whose values of
+    them differ from the row before it starts a new table (filter: the download row group its
+    bytes are in, so that a filter row group points into one download row group)."""
 
-    def __init__(self, schema: pa.Schema, batch_rows: int, group_bytes: int):
-        self.schema, self.batch_rows, self.group_bytes = schema, batch_rows, group_bytes
+    def __init__(self, schema: pa.Schema, batch_rows: int, group_bytes: int, group_key: tuple = ()):
+        self.schema, self.batch_rows, self.group_bytes, self.group_key = schema, batch_rows, group_bytes, tuple(group_key)
 
     def start_bundle(self):
         self.rows: list = []
         self.batches: list = []
         self.size = 0
+        self.key = None
 
     def process(self, row):
+        if self.group_key:
+            key = tuple(row.get(k) for k in self.group_key)
+            if key != self.key and (self.rows or self.batches):
+                if self.rows:
+                    self._batch()
+                yield self._table()
+            self.key = key
         self.rows.append(row)
         if len(self.rows) >= self.batch_rows:
             self._batch()
@@ -1011,26 +1024,53 @@ class ReadParquetWithPointers(beam.DoFn):
                     yield row
 
 
-def fetch_rows(pointers: Iterable[tuple[str, int]], key: str, columns: list[str], wanted: Optional[set] = None) -> dict:
+BYTES, POINTER = "image_bytes", ("bytes_file", "bytes_row_group")
+
+
+def fetch_rows(pointers: Iterable[tuple[str, int]], key: str, columns: list[str], wanted: Optional[set] = None, hops: int = 2) -> dict:
     """{key value: {column: value}} for the rows in the given (file, row group) pointers, reading one
     row group at a time; with `wanted`, only those keys are kept (memory: one row group plus the
-    rows asked for)."""
+    rows asked for). Asked for `image_bytes`, a row that holds a pointer instead (filter's images/
+    into download's downloads/) gets the bytes it points to (`fill_bytes`), through at most `hops`
+    pointers (pair's images/ -> filter's -> download's is two)."""
     import pyarrow.compute as pc
 
     out: dict = {}
     by_file: dict[str, set] = {}
     for f, rg in pointers:
         by_file.setdefault(f, set()).add(rg)
+    follow = BYTES in columns and key == "image_id" and hops > 0
     for f, groups in sorted(by_file.items()):
         with FileSystems.open(f) as fh:
             pf = pq.ParquetFile(fh)
+            extra = [c for c in POINTER if follow and c in pf.schema_arrow.names and c not in columns]
             for rg in sorted(groups):
-                t = pf.read_row_group(rg, columns=[key, *columns])
+                t = pf.read_row_group(rg, columns=[key, *columns, *extra])
                 if wanted is not None:
                     t = t.filter(pc.is_in(t.column(key), value_set=pa.array(sorted(wanted), type=t.schema.field(key).type)))
                 for row in t.to_pylist():
                     out[row[key]] = row
+    if follow:
+        fill_bytes(out.values(), hops - 1)
+        for row in out.values():
+            for c in POINTER:
+                if c not in columns:
+                    row.pop(c, None)
     return out
+
+
+def fill_bytes(rows: Iterable[dict], hops: int = 1) -> None:
+    """Give each row (a dict with `image_id` and `image_bytes`) whose bytes are null but which
+    points to them (`bytes_file`, `bytes_row_group`: filter's images/ rows point into download's
+    downloads/ rather than hold a second copy, issue 34) the bytes of the row it points to, reading
+    each row group pointed to once; a row already holding bytes, or pointing nowhere, stays as it is
+    (null: the image is missing). `hops`: pointers the bytes may be behind past the first."""
+    pointed = [r for r in rows if r.get(BYTES) is None and r.get(POINTER[0]) is not None]
+    if not pointed:
+        return
+    found = fetch_rows({(r[POINTER[0]], r[POINTER[1]]) for r in pointed}, "image_id", [BYTES], wanted={r["image_id"] for r in pointed}, hops=hops)
+    for r in pointed:
+        r[BYTES] = found.get(r["image_id"], {}).get(BYTES)
 
 
 # Readers of parquet files by row group (filter's downloads and occurrences, pair's occurrences).
@@ -1061,24 +1101,30 @@ def parquet_batches(item: tuple[str, int], columns: Optional[list], batch_size: 
 
 
 class _ReadRowGroup(beam.DoFn):
-    def __init__(self, columns: Optional[list] = None):
-        self.columns = columns
+    def __init__(self, columns: Optional[list] = None, pointers: bool = False):
+        self.columns, self.pointers = columns, pointers
 
     def process(self, item: tuple[str, int]):
+        path, group = item
         for batch in parquet_batches(item, self.columns, READ_BATCH):
-            yield from batch.to_pylist()
+            rows = batch.to_pylist()
+            if self.pointers:
+                for row in rows:
+                    row["bytes_file"], row["bytes_row_group"] = path, group
+            yield from rows
 
 
 class ReadRowGroups(beam.PTransform):
     """(file, row group) items (`row_groups`) -> the rows of each as dicts, READ_BATCH rows at a
-    time on the calling thread."""
+    time on the calling thread; with `pointers`, each row also names where it lives (`bytes_file`,
+    `bytes_row_group`), so that what is written from it can point to its bytes (`fill_bytes`)."""
 
-    def __init__(self, columns: Optional[list] = None):
+    def __init__(self, columns: Optional[list] = None, pointers: bool = False):
         super().__init__()
-        self.columns = columns
+        self.columns, self.pointers = columns, pointers
 
     def expand(self, groups):
-        return groups | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns))
+        return groups | "ReadRowGroup" >> beam.ParDo(_ReadRowGroup(self.columns, self.pointers))
 
 
 class ReadRows(beam.PTransform):

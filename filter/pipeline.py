@@ -15,7 +15,10 @@ download keeps each distinct image once (downloads/) and says which image every 
    rejects are spilled as they come, into one Arrow IPC file per join bucket (a hash of the image
    id) under the output's `.spill/`, the links too when there are several buckets, and each
    bucket is joined on its own, holding only that bucket's verdicts (JOIN_LINKS links a bucket);
-3. write images/ (one row per kept image), occurrences/, rejected/, stats.json.
+3. write images/ (one row per kept image: its hashes, checks, scores and a pointer to its bytes in
+   download's downloads/, not a copy of them; a row group per download row group it points into;
+   `core/stageio.fetch_rows` and `fill_bytes` follow the pointer), occurrences/, rejected/,
+   stats.json.
 """
 
 from __future__ import annotations
@@ -65,9 +68,10 @@ URL_WORD_MATCHES = "url_word_matches"
 LOW_CLIP_SCORE = "low_clip_score"
 NSFW = "nsfw"
 NO_ENCODER = "none"
-# images/ rows converted to Arrow at a time, so one row group (~110 KB a web photo: ~28 MB) stays
-# under glibc's 32 MB mmap ceiling: Beam's 1,000 (~110 MB) were mapped afresh and faulted in for
-# every row group (~120 page faults an image, ~0.35 CPU ms of filter's ~4; issue 34)
+# images/ rows converted to Arrow at a time. When the rows held the bytes (before the pointers;
+# still with --faces blur, which stores the blurred JPEG), a row group (~110 KB a web photo: ~28 MB)
+# so stayed under glibc's 32 MB mmap ceiling: Beam's 1,000 (~110 MB) were mapped afresh and faulted
+# in for every row group (~120 page faults an image, ~0.35 CPU ms of filter's ~4; issue 34)
 IMAGE_BATCH_ROWS = 250
 
 log = logging.getLogger(__name__)
@@ -131,13 +135,18 @@ class ValidateAndHash(beam.DoFn):
             "embedding": None,
             "encoder": None,
             "clip_score": None,
-            "image_bytes": data,
+            # a pointer to the bytes in download's row (a second copy cost ~0.3-1 CPU ms an image of
+            # page-cache writes, a third of filter's time, and the disk twice; issue 34)
+            "image_bytes": None if row.get("bytes_file") is not None else data,
+            "bytes_file": row.get("bytes_file"), "bytes_row_group": row.get("bytes_row_group"),
             "pdq": pdq_hex(decoded.image),  # what `webpairs scrub --blocklist` matches later
             "faces": None, "face_boxes": None,
         }
         blurred = None
         if self.cfg.faces != "off":  # the cascade sees the RGB decode's grey levels, as ever
             blurred = faces.apply(record, rgb(), self.cfg.faces, (decoded.width, decoded.height), lambda side: decode(data, self.cfg, side).image)  # with --faces blur
+            if blurred is not None:  # the blurred JPEG is stored, not pointed to
+                record["bytes_file"] = record["bytes_row_group"] = None
         self.kept.inc()
         if self.image_size:
             image = blurred or rgb()
@@ -519,14 +528,15 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
         tune_allocators()  # in process the pipeline runs here (core/memory.py)
         with stage_pipeline(beam_args) as p:
             # one element per row group (spread by Create's reshuffle; one Dask partition each)
-            images = p | "RowGroups" >> beam.Create(row_groups(files)) | "Read" >> ReadRowGroups()
+            images = p | "RowGroups" >> beam.Create(row_groups(files)) | "Read" >> ReadRowGroups(pointers=True)
             outputs = {"images": images} | "Filter" >> FilterImages(cfg, spill_dir, row_groups(link_files), buckets, info, safety)
             more = {OCCURRENCES: OCCURRENCE_SCHEMA}
             site_files = stage_files(input_path, "sites", expected="download")
             if site_files:  # pages per site in the crawl, passed on to pair
                 outputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
                 more["sites"] = SITE_SCHEMA
-            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS, table_sinks=True)
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS, table_sinks=True,
+                                                 kept_group_key=("bytes_file", "bytes_row_group"))
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])
         return out.commit()

@@ -42,7 +42,7 @@ from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
 from core.memory import system_arrow_pool
 from core.records import Rejected
-from core.stageio import StageError, StageOutput, WriteStageOutputs, frozen_gc, remove_folder, stage_pipeline, stage_files
+from core.stageio import POINTER, StageError, StageOutput, WriteStageOutputs, fill_bytes, frozen_gc, remove_folder, stage_pipeline, stage_files
 
 STAGE = "shards"
 REJECTED = "rejected"
@@ -259,22 +259,26 @@ class FetchRowGroup(beam.DoFn):
             with FileSystems.open(f"{self.fetch_dir}/{WANTS}/{name}/{number:06d}.parquet") as fh:
                 wants[number] = pq.read_table(fh).column("image_id").to_pylist()
         union = sorted(set().union(*wants.values()))
-        columns = ["image_id", "image_bytes"] + (["embedding"] if self.store_embedding else [])
         with FileSystems.open(f) as fh:
             pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            columns = ["image_id", "image_bytes"] + [c for c in POINTER if c in names] + (["embedding"] if self.store_embedding else [])
             # a pointer past the file: its images are missing (no row, so no fetched file)
             t = pf.read_row_group(rg, columns=columns) if 0 <= rg < pf.num_row_groups else pf.schema_arrow.empty_table().select(columns)
         t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(union, type=t.schema.field("image_id").type)))
         embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
+        rows = t.select([c for c in columns if c != "embedding"]).to_pylist()
+        del t
+        fill_bytes(rows)  # filter's rows point to their bytes in download's row group (one, as filter writes them)
         converted: dict = {}  # image id -> (JPEG, .npy) or the error converting its bytes
-        for image_id, data, npy in zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist(), embeddings):
+        for image_id, data, npy in zip([r["image_id"] for r in rows], [r["image_bytes"] for r in rows], embeddings):
             if data is None or image_id in converted:
                 continue
             try:
                 converted[image_id] = (data if plain_rgb_jpeg(data) else layout.as_jpeg(data), npy)
             except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
                 converted[image_id] = str(err)
-        del t
+        del rows
         for number, ids in sorted(wants.items()):
             rows = [(i, converted[i]) for i in ids if i in converted]
             if not rows:

@@ -29,3 +29,24 @@ def write_download(folder, blobs: list[bytes]) -> list[dict]:
         json.dump({"stage": "download", "input": len(rows), "kept": len(rows), "rejected": {}}, fh)
     finish_stage(str(folder), "download")
     return rows
+
+
+def pointed_bytes(rows: list[dict], downloads_dir=None) -> list:
+    """The bytes each filter images/ row stands for, read with pyarrow alone (not the project's
+    `fetch_rows`): the row's own bytes when it holds them (a blurred JPEG), else the row its pointer
+    (`bytes_file`, `bytes_row_group`) names, which must be in download's `downloads_dir/downloads/`
+    when given and hold the same image id (None where it does not)."""
+    out, groups = [], {}
+    for r in rows:
+        if r.get("image_bytes") is not None:
+            assert r.get("bytes_file") is None, "a row holds bytes and a pointer"
+            out.append(r["image_bytes"])
+            continue
+        f, g = r["bytes_file"], r["bytes_row_group"]
+        if downloads_dir is not None:
+            assert os.path.dirname(f) == os.path.join(os.path.abspath(str(downloads_dir)), "downloads"), f
+        if (f, g) not in groups:
+            t = pq.ParquetFile(f).read_row_group(g, columns=["image_id", "image_bytes"])
+            groups[f, g] = dict(zip(t.column("image_id").to_pylist(), t.column("image_bytes").to_pylist()))
+        out.append(groups[f, g].get(r["image_id"]))
+    return out

@@ -101,6 +101,12 @@ def test_filter_stores_faces_and_blurs_the_stored_image(tmp_path, photos_dir, mo
     run_filter(str(download), str(tmp_path / "filter"), FilterConfig(encoder="none", faces=mode))
     images = {r["image_id"]: r for r in read_table(str(tmp_path / "filter"), "images").to_pylist()}
     assert len(images) == len(blobs)
+    # only a blurred image's bytes are stored; the others point to download's row (issue 34)
+    assert {i for i, r in images.items() if r["image_bytes"] is not None} == ({r["image_id"] for r, name in zip(rows, blobs) if name.startswith("astronaut")} if mode == "blur" else set())
+    from downloads import pointed_bytes
+
+    for r, b in zip(images.values(), pointed_bytes(list(images.values()), download)):
+        r["image_bytes"] = b
     for row, (name, data) in zip(rows, blobs.items()):
         got = images[row["image_id"]]
         if mode == "off":

@@ -321,6 +321,9 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
     pair_files = stage_files(str(split), "pairs", expected="pair")
     pointed = [{(r[f"{s}_bytes_file"], r[f"{s}_bytes_row_group"]) for r in pq.read_table(f).to_pylist() for s in ("cond", "target")} for f in pair_files]
     assert len(pair_files) == 5 and all(p == pointed[0] for p in pointed)  # every file needs every row group
+    # ... and each of those filter row groups points to its images' bytes in download's row groups
+    behind = {(r["bytes_file"], r["bytes_row_group"]) for f, _ in pointed[0] for r in pq.read_table(f, columns=["bytes_file", "bytes_row_group"]).to_pylist()}
+    assert behind and all("/download/downloads/" in f for f, _ in behind)
 
     reads = []
     original = pq.ParquetFile.read_row_group
@@ -336,7 +339,7 @@ def test_shards_read_each_filter_row_group_once_however_many_pair_files_and_shar
         run_shards(str(split), str(tmp_path / "small[1]"), ShardConfig(samples_per_shard=3))
     small_dir = tmp_path / "small"
     stats = run_shards(str(split), str(small_dir), ShardConfig(samples_per_shard=3))
-    assert stats["kept"] > 3 * 4 and len(reads) == len(pointed[0])  # five pair files and writers: once each, not five times
+    assert stats["kept"] > 3 * 4 and len(reads) == len(pointed[0]) + len(behind)  # five pair files and writers: once each, not five times
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", original)
     monkeypatch.setattr(writer, "PAIRS_PER_WRITER", 100_000)  # one writer for all five
     monkeypatch.setattr(writer, "MIN_WRITERS", 1)

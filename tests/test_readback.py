@@ -287,6 +287,12 @@ def test_every_sample_equals_the_stages_it_came_from(run, web):
     pairs = {p["pair_id"]: p for p in read_table(os.path.join(run, "pair"), "pairs").to_pylist()}
     index = {r["key"]: r for r in read_table(os.path.join(run, "shards"), "index").to_pylist()}
     images = {r["image_id"]: r for r in read_table(os.path.join(run, "filter"), "images").to_pylist()}
+    # filter's rows point to their bytes in download's row (issue 34): follow each pointer
+    from downloads import pointed_bytes
+
+    assert all(r["image_bytes"] is None for r in images.values())
+    for r, data in zip(images.values(), pointed_bytes(list(images.values()), os.path.join(run, "download"))):
+        r["image_bytes"] = data
     occurrences = read_table(os.path.join(run, "filter"), "occurrences").to_pylist()
     assert sorted(truth) == sorted(pairs) == sorted(index)
     formats = collections.Counter()

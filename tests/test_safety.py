@@ -225,7 +225,13 @@ def online(tmp_path_factory, download_dir, hub):
 
 
 def _images(filter_dir: str) -> dict:
-    return {r["image_id"]: r for r in pq.read_table(os.path.join(filter_dir, "images")).to_pylist()}
+    """filter's images/ rows by image id, each with the bytes its pointer names (read with pyarrow)."""
+    from downloads import pointed_bytes
+
+    rows = pq.read_table(os.path.join(filter_dir, "images")).to_pylist()
+    for r, data in zip(rows, pointed_bytes(rows)):
+        r["image_bytes"] = data
+    return {r["image_id"]: r for r in rows}
 
 
 def test_head_downloads_on_first_use_and_offline_reads_only_the_cache(online, hub, download_dir, tmp_path):
