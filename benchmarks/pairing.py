@@ -56,15 +56,23 @@ def synthetic_images(n_pages: int, per_page: int, seed: int = 0) -> list[dict]:
 
 
 def generate(tmp: str, n_pages: int, per_page: int) -> None:
-    """Write the synthetic filter output (its own process: its memory is not the pipeline's)."""
+    """Write the synthetic filter output (its own process: its memory is not the pipeline's), laid
+    out as filter writes it: the bytes in a download-like downloads/ file, each filter row pointing
+    to its row group there (a filter row group per download row group)."""
     import pyarrow.parquet as pq
 
-    from core.records import IMAGE_SCHEMA, OCCURRENCE_SCHEMA, occurrence_of, rows_to_table
+    from core.records import DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, occurrence_of, rows_to_table
 
     os.makedirs(os.path.join(tmp, "filter", "images"))
+    os.makedirs(os.path.join(tmp, "download", "downloads"))
     rows = synthetic_images(n_pages, per_page)
     for i in range(0, len(rows), 5000):  # several input files, as a real filter output has
-        pq.write_table(rows_to_table(rows[i : i + 5000], IMAGE_SCHEMA), os.path.join(tmp, "filter", "images", f"part-{i:08d}.parquet"), row_group_size=1000)
+        chunk = rows[i : i + 5000]
+        bytes_file = os.path.abspath(os.path.join(tmp, "download", "downloads", f"part-{i:08d}.parquet"))
+        pq.write_table(rows_to_table([{**r, "sha256": None, "links": 1} for r in chunk], DOWNLOAD_SCHEMA), bytes_file, row_group_size=1000, compression="none")
+        for j, r in enumerate(chunk):
+            r.update(image_bytes=None, bytes_file=bytes_file, bytes_row_group=j // 1000)
+        pq.write_table(rows_to_table(chunk, IMAGE_SCHEMA), os.path.join(tmp, "filter", "images", f"part-{i:08d}.parquet"), row_group_size=1000)
     os.makedirs(os.path.join(tmp, "filter", "occurrences"))
     pq.write_table(rows_to_table([occurrence_of(r) for r in rows], OCCURRENCE_SCHEMA), os.path.join(tmp, "filter", "occurrences", "part-0.parquet"))
     mark_complete(os.path.join(tmp, "filter"), "filter", len(rows))

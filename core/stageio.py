@@ -1045,6 +1045,8 @@ def fetch_rows(pointers: Iterable[tuple[str, int]], key: str, columns: list[str]
             pf = pq.ParquetFile(fh)
             extra = [c for c in POINTER if follow and c in pf.schema_arrow.names and c not in columns]
             for rg in sorted(groups):
+                if not 0 <= rg < pf.num_row_groups:  # a pointer past the file (stale): its rows are missing
+                    continue
                 t = pf.read_row_group(rg, columns=[key, *columns, *extra])
                 if wanted is not None:
                     t = t.filter(pc.is_in(t.column(key), value_set=pa.array(sorted(wanted), type=t.schema.field(key).type)))
