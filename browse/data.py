@@ -25,7 +25,8 @@ PAGE_SIZE = 24
 HOST_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)"
 ORDERS = {"random": "rpos", "similarity": "similarity, key", "-similarity": "similarity DESC, key", "page": "page_url, key", "-nsfw": "nsfw DESC NULLS LAST, key"}  # random: a fixed shuffle of the run
 BOILERPLATE = ("boilerplate_url_site", "boilerplate_url_global", "boilerplate_site", "boilerplate_global")
-# where the image of a rejected link is: (stage whose occurrences map link -> image, stage and part holding the bytes)
+# where the image of a rejected link is: (stage whose occurrences map link -> image, stage and part holding the
+# bytes or, filter's images, the pointers to them in download's downloads/: `quality._bytes_by_link` follows them)
 REJECT_IMAGES = {"download": ("download", "download", "downloads"), "filter": ("download", "download", "downloads"), "pair": ("filter", "filter", "images")}
 
 
@@ -159,8 +160,9 @@ class RunData:
         return {"total": total, "offset": params["off"], "groups": groups, "per_site": per_site}
 
     def copy_image(self, image_id: str) -> Optional[bytes]:
-        """The bytes of a dress of a copy group (kept or removed), from filter's images by the
-        pointer pair recorded; None for an id that is not in a copy group."""
+        """The bytes of a dress of a copy group (kept or removed), through the pointer pair recorded
+        into filter's images and filter's into download's downloads/; None for an id that is not in
+        a copy group."""
         from core.stageio import fetch_rows
 
         found = self._rows("SELECT bytes_file AS f, bytes_row_group AS g FROM copies WHERE image_id = $id UNION ALL SELECT kept_bytes_file, kept_bytes_row_group FROM copies WHERE kept_image_id = $id LIMIT 1", {"id": image_id})

@@ -4,7 +4,7 @@
 Measured on filter (benchmarks/filter.py, 2,400 photos, `perf record` of the stage run): pyarrow's
 default pool, mimalloc, reserves a 1 GiB arena advised MADV_HUGEPAGE and purges freed 4 MiB
 spans with MADV_DONTNEED, so every image's bytes that Arrow holds (the downloads read, the images/
-write: ~75 KB an image, built by appends that grow) fault in freshly zeroed huge pages again:
+write as it was then: ~75 KB an image, built by appends that grow) fault in freshly zeroed huge pages again:
 the kernel's page clearing was 15 % of the stage's CPU and its system time 1.3-1.7 ms an image.
 Arrow's system pool (glibc malloc) with glibc's thresholds fixed (large buffers stay in the heap,
 which is not trimmed after each free) keeps those pages mapped and reused.

@@ -86,8 +86,14 @@ def write_downloads(table: pa.Table, path: str) -> None:
     table = table.cast(DOWNLOAD_SCHEMA)
     per_row = table.nbytes / max(table.num_rows, 1)
     rows = int(min(max(DOWNLOAD_ROW_GROUP_BYTES // max(per_row, 1), 1), 1 << 20))  # large images: a row group of one
-    pq.write_table(table, path, row_group_size=rows, compression={n: ("none" if n == "image_bytes" else "snappy") for n in table.column_names},
-                   use_dictionary=[n for n in table.column_names if n != "image_bytes"], write_batch_size=DOWNLOAD_PAGE_VALUES)
+    pq.write_table(table, path, row_group_size=rows, **download_parquet_options(table.column_names))
+
+
+def download_parquet_options(columns) -> dict:
+    """The writer's settings of a downloads/ file (above): bytes plain in small pages, the rest
+    snappy with dictionaries (`webpairs scrub` rewrites the files with them too)."""
+    return {"compression": {n: ("none" if n == "image_bytes" else "snappy") for n in columns},
+            "use_dictionary": [n for n in columns if n != "image_bytes"], "write_batch_size": DOWNLOAD_PAGE_VALUES}
 
 
 # One row per link whose image was downloaded: which image (image_id) the link resolved to. Links

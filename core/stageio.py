@@ -370,7 +370,7 @@ class WriteStageOutputs(beam.PTransform):
 
     `kept_batch_rows` is how many kept rows Beam's parquet writer converts to Arrow at a time (its
     default 1,000); a row group holds at least one such batch (filter's images: 250, see there).
-    With `kept_group_key` (fields of the kept rows; `table_sinks` only), a row group also ends where
+    With `kept_group_key` (fields of the kept rows; `table_sinks` only), a row group ends only where
     those fields' values change (`_RowsToTables`).
 
     Steps that write their own tables as they make them (`TableFile`; pair's join) hand on the
@@ -522,9 +522,9 @@ class _RowsToTables(beam.DoFn):
     batch, a table (one row group) once the batches hold `group_bytes`, the rest when the bundle
     ends; a nullable field a row lacks is null, a required one it lacks is a KeyError. Beam's looks
     every field up in the schema for every row (~0.05 CPU ms a filter image, issue 34); here a
-    column is one list comprehension a batch. With `group_key` (field names), a row whose values of
-    them differ from the row before it starts a new table (filter: the download row group its
-    bytes are in, so that a filter row group points into one download row group)."""
+    column is one list comprehension a batch. With `group_key` (field names), tables end only where
+    those fields' values change (`_keyed`; filter: the download row group a row's bytes are in, so
+    that each download row group is pointed to from one filter row group and read once by shards)."""
 
     def __init__(self, schema: pa.Schema, batch_rows: int, group_bytes: int, group_key: tuple = ()):
         self.schema, self.batch_rows, self.group_bytes, self.group_key = schema, batch_rows, group_bytes, tuple(group_key)
@@ -533,21 +533,35 @@ class _RowsToTables(beam.DoFn):
         self.rows: list = []
         self.batches: list = []
         self.size = 0
+        self.count = 0  # rows in the table being made
         self.key = None
 
     def process(self, row):
         if self.group_key:
-            key = tuple(row.get(k) for k in self.group_key)
-            if key != self.key and (self.rows or self.batches):
-                if self.rows:
-                    self._batch()
-                yield self._table()
-            self.key = key
+            yield from self._keyed(row)
+            return
         self.rows.append(row)
         if len(self.rows) >= self.batch_rows:
             self._batch()
             if self.size >= self.group_bytes:
                 yield self._table()
+
+    def _keyed(self, row):
+        """With `group_key`: a table ends only where the key changes, once it holds `batch_rows`
+        rows or `group_bytes`, so rows of one key (filter: one download row group) share a row
+        group, and a small key's rows join the next ones'. A row whose key is all null (filter: a
+        blurred image, stored rather than pointed to) joins the current table."""
+        key = tuple(row.get(k) for k in self.group_key)
+        if any(v is not None for v in key):
+            if key != self.key and self.key is not None and (self.count >= self.batch_rows or self.size >= self.group_bytes):
+                if self.rows:
+                    self._batch()
+                yield self._table()
+            self.key = key
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.batch_rows:
+            self._batch()
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
@@ -566,12 +580,13 @@ class _RowsToTables(beam.DoFn):
 
     def _table(self) -> pa.Table:
         table = pa.Table.from_batches(self.batches, schema=self.schema)
-        self.batches, self.size = [], 0
+        self.batches, self.size, self.count = [], 0, 0
         return table
 
 
 def _array(values: list, type_: pa.DataType) -> pa.Array:
-    """`pa.array(values, type_)`; a binary column of bytes objects (filter's image bytes) is made from
+    """`pa.array(values, type_)`; a binary column of bytes objects (filter's image bytes, before they
+    became pointers; now only --faces blur's JPEGs) is made from
     one exact-size join of the values instead: pa.array appends them to a buffer that grows by
     doubling, and the last growth of a 250-photo batch (~19 MB) asked for 35-53 MB, past glibc's 32
     MB mmap ceiling, so every batch's bytes went into pages mapped, zeroed and unmapped afresh
@@ -720,7 +735,9 @@ def finish_stage(out_dir: str, stage: Optional[str] = None) -> dict:
             fs.rm(path)  # a temporary file of a retried or killed writer: never part of the output
         elif rel != SUCCESS_FILE:
             files.append(rel)
-    marker = {"stage": stage or stats["stage"], "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # `id`: this output's own, new each time it is made, so that a stage pointing into it can tell
+    # that it was made again since (`check_made_from`)
+    marker = {"stage": stage or stats["stage"], "files": files, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "id": os.urandom(8).hex()}
     with FileSystems.create(os.path.join(out_dir, SUCCESS_FILE)) as fh:
         fh.write(json.dumps(marker, indent=1).encode())
     return stats
@@ -755,6 +772,38 @@ def read_success(stage_dir: str, expected: Optional[str] = None) -> dict:
     if expected and marker["stage"] != expected:
         raise StageError(f"{stage_dir} is a `{COMMANDS.get(marker['stage'], marker['stage'])}` output, but this command reads a `{want}` output")
     return marker
+
+
+MADE_FROM = "made_from"  # stats.json key of a stage whose rows point into its input (filter, pair)
+
+
+def made_from(stage_dir: str) -> dict:
+    """What a stage whose rows point into the complete output `stage_dir` records of it in its
+    stats.json (under MADE_FROM): the folder, absolute as its pointers are, and its `_SUCCESS` id."""
+    path = stage_dir.rstrip("/")
+    path = path if "://" in path else os.path.abspath(path)
+    return {"path": path, "id": read_success(path).get("id")}
+
+
+def stale_input(stage_dir: str) -> Optional[str]:
+    """The input folder that the complete stage `stage_dir` points into when that folder has been
+    made again or removed since the stage ran (its pointers may then name rows that are not there);
+    None when it is the same, or nothing is recorded (an output from before the ids)."""
+    stamp = (read_stats(stage_dir) or {}).get(MADE_FROM)
+    if not isinstance(stamp, dict) or not stamp.get("id"):
+        return None
+    try:
+        now = read_success(stamp["path"]).get("id")
+    except StageError:
+        now = None
+    return None if now == stamp["id"] else stamp["path"]
+
+
+def check_made_from(stage_dir: str, command: str) -> None:
+    """A StageError, one sentence, when `stale_input(stage_dir)`; `command` makes `stage_dir` again."""
+    stale = stale_input(stage_dir)
+    if stale:
+        raise StageError(f"{stage_dir} points to image bytes in {stale}, which was made again or removed after it: run `{command}` into it again")
 
 
 def stage_files(path: str, name: str, expected: Optional[str] = None) -> list[str]:

@@ -39,7 +39,7 @@ from core.config import FilterConfig
 from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
-from core.stageio import ReadRowGroups, StageError, StageOutput, WriteStageOutputs, parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
+from core.stageio import MADE_FROM, ReadRowGroups, StageError, made_from, StageOutput, WriteStageOutputs, parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
 from core.memory import one_blas_thread, release_blas_thread, tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
@@ -535,7 +535,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
             if site_files:  # pages per site in the crawl, passed on to pair
                 outputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
                 more["sites"] = SITE_SCHEMA
-            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS, table_sinks=True,
+            _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder, MADE_FROM: made_from(input_path)}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS, table_sinks=True,
                                                  kept_group_key=("bytes_file", "bytes_row_group"))
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])

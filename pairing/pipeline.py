@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -28,7 +29,7 @@ from core.config import PairConfig, to_dict
 from core.memory import no_side_input_cache, release_free_memory, system_arrow_pool
 from core.records import BOILERPLATE_SCHEMA, COPY_CHECK_SCHEMA, COPY_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, PAIR_SCHEMA, REJECTED_SCHEMA, Rejected, rows_to_table
 from core.sites import site_of
-from core.stageio import StageError, StageOutput, WriteStageOutputs, _reason_counts, check_columns, frozen_gc, parquet_rows, remove_folder, row_groups, stage_pipeline, stage_files
+from core.stageio import MADE_FROM, StageError, StageOutput, WriteStageOutputs, _reason_counts, check_columns, check_made_from, frozen_gc, made_from, parquet_rows, remove_folder, row_groups, stage_pipeline, stage_files
 from pairing.boilerplate import FlagBoilerplate, boilerplate_reason, flag_entry
 from pairing.copies import COPY_OF_COUNT, COPY_OF_FILE, STAND_INS, COPIES, FindCopies, on_pages_with_copies, read_copy_of, records_on_several_pages
 from pairing.select import page_outcome
@@ -505,9 +506,10 @@ def run_pair(input_path: str, out_dir: str, cfg: PairConfig, beam_args=None) -> 
     if not occurrence_files:
         raise StageError(f"{input_path} has no occurrences/ (written by an older `webpairs filter`): run `webpairs filter` into it again")
     check_columns(occurrence_files, OCCURRENCE_SCHEMA, input_path, "filter")
+    check_made_from(input_path, "webpairs filter")  # filter's pointers into download still hold
     system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
     with frozen_gc(), StageOutput(out_dir, STAGE) as stage_out:
-        _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args, stage_files(input_path, "sites", expected="filter"))
+        _pair_pipeline(files, occurrence_files, stage_out.path, cfg, beam_args, stage_files(input_path, "sites", expected="filter"), made_from(input_path))
         return stage_out.commit()
 
 
@@ -521,17 +523,17 @@ def copy_inputs(p, files: list[str], prefix: str = "Copy"):
     return p | f"{prefix}Files" >> beam.Create(sorted(files))
 
 
-def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = ()) -> None:
+def _pair_pipeline(files: list[str], occurrence_files: list[str], out_dir: str, cfg: PairConfig, beam_args, site_files: tuple = (), made: Optional[dict] = None) -> None:
     feature_dir = out_dir.rstrip("/") + "/_copy_features"  # the copy step's features, removed when the pipeline is done
     spill_dir = out_dir.rstrip("/") + "/" + SPILL  # the joins' buckets, likewise
     try:
-        _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir)
+        _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir, made)
     finally:
         for folder in (feature_dir, spill_dir):
             remove_folder(folder)
 
 
-def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir) -> None:
+def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, feature_dir, spill_dir, made: Optional[dict] = None) -> None:
     import os
 
     buckets = bucket_count(parquet_rows(occurrence_files))  # a few thousand links a bucket
@@ -571,5 +573,5 @@ def _pair_steps(files, occurrence_files, out_dir, cfg, beam_args, site_files, fe
         if cfg.copies:
             more.update(copy_checks=COPY_CHECK_SCHEMA)
             written[copies_sink(out_dir)] = COPY_SCHEMA
-        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg)}, more=more, kept_tables=True, rejected_tables=True, written=written,
+        _ = out | "Write" >> WriteStageOutputs(out_dir, STAGE, "images", IMAGE_SCHEMA, extra={"config": to_dict(cfg), **({MADE_FROM: made} if made else {})}, more=more, kept_tables=True, rejected_tables=True, written=written,
                                                  table_counts=("pairs",), given_counts=("copies", "links", "copy_candidates", "copy_images_removed", "copy_stand_ins", "pages"))

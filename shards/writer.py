@@ -5,14 +5,17 @@ alt texts, pointers to the image bytes; see PAIR_SCHEMA). The pair files are dea
 whole and in order, at least PAIRS_PER_WRITER pairs each (`writer_groups`). The image bytes are
 fetched first: each writer writes which image ids its pair files need of each filter row group
 (`WriteWants`); each of those row groups is then read once, however many writers point into it
-(only the image id, bytes and embedding columns, only the wanted rows kept), its wanted images
+(only the image id, bytes, pointer and embedding columns, only the wanted rows kept), with the
+download row groups its rows point to for their bytes (filter stores pointers, not bytes; each
+download row group is pointed to from one filter row group, so it too is read once), its wanted images
 converted to JPEG with their .npy embedding once, and each writer gets a file of the images it
 needs from it (`FetchRowGroup`; both under `_fetched/`, removed when the stage ends). Then each
 writer copies its fetched images into a local spill (`_ImageStore`), streams its pair files' rows
 in record batches, builds the samples (layout in core/sample_layout.py) and writes them into a tar
 under a temporary name, renamed into place when the shard is full (count or bytes) -> index/
-parquet with byte offsets, manifest.json and stats. Memory holds one row group (fetching) or one
-record batch and one shard's index rows (writing), whatever the input size.
+parquet with byte offsets, manifest.json and stats. Memory holds one filter row group and the
+wanted images of its download row groups (fetching) or one record batch and one shard's index rows
+(writing), whatever the input size.
 
 The bytes read grew with shards x row groups while they were read for each shard (time ~
 size^1.24), and with pair files x row groups while they were read for each pair file (on Dask,
@@ -42,7 +45,7 @@ from core import sample_layout as layout
 from core.config import ShardConfig, to_dict
 from core.memory import system_arrow_pool
 from core.records import Rejected
-from core.stageio import POINTER, StageError, StageOutput, WriteStageOutputs, fill_bytes, frozen_gc, remove_folder, stage_pipeline, stage_files
+from core.stageio import MADE_FROM, POINTER, StageError, check_made_from, read_stats, StageOutput, WriteStageOutputs, fill_bytes, frozen_gc, remove_folder, stage_pipeline, stage_files
 
 STAGE = "shards"
 REJECTED = "rejected"
@@ -238,8 +241,10 @@ class FetchRowGroup(beam.DoFn):
     `WriteWants` wrote; exact paths, no listing or glob). A writer gets no file of a row group that
     has none of its images (or is past its file): those images are missing.
 
-    The row group is read once, however many pair files point into it (only the image id, bytes
-    and embedding columns, only the wanted rows kept); each wanted image's bytes are converted to
+    The row group is read once, however many pair files point into it (only the image id, bytes,
+    pointer and embedding columns, only the wanted rows kept), and the download row groups its
+    wanted rows point to for their bytes (`fill_bytes`; a download row group is pointed to from one
+    filter row group, so each is read once too); each wanted image's bytes are converted to
     JPEG (`layout.as_jpeg`; the error text when they are not an image) and its embedding to .npy
     once. Reading each row group once per pair file instead made the cost grow as pair files x row
     groups, both proportional to the input: on Dask, where pair writes a file per bucket, shards
@@ -269,7 +274,7 @@ class FetchRowGroup(beam.DoFn):
         embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
         rows = t.select([c for c in columns if c != "embedding"]).to_pylist()
         del t
-        fill_bytes(rows)  # filter's rows point to their bytes in download's row group (one, as filter writes them)
+        fill_bytes(rows)  # filter's rows point to their bytes in download's row groups (whole ones, as filter writes them)
         converted: dict = {}  # image id -> (JPEG, .npy) or the error converting its bytes
         for image_id, data, npy in zip([r["image_id"] for r in rows], [r["image_bytes"] for r in rows], embeddings):
             if data is None or image_id in converted:
@@ -652,6 +657,10 @@ def writer_groups(pair_files: list[str], rows: list[int], per_writer: int = PAIR
 def run_shards(input_path: str, out_dir: str, cfg: ShardConfig, beam_args=None) -> dict:
     """Write pair shards from a pair stage directory; returns reconciled stats."""
     pair_files = stage_files(input_path, "pairs", expected="pair")
+    check_made_from(input_path, "webpairs pair")  # pair's pointers into filter, and filter's into download, still hold
+    upstream = (read_stats(input_path) or {}).get(MADE_FROM) or {}
+    if upstream.get("path"):
+        check_made_from(upstream["path"], "webpairs filter")
     rows, encoder = _pair_files_info(pair_files)  # footers only, no data pass
     system_arrow_pool()  # core/memory.py: less memory held at the peak than mimalloc
     with frozen_gc(), StageOutput(out_dir, STAGE) as out:

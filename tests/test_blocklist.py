@@ -328,6 +328,13 @@ def test_scrub_removes_listed_images_from_every_stage_and_the_run_reads_back(pla
     samples = list(wds.WebDataset(tars, shardshuffle=False))
     assert sorted(s["__key__"] for s in samples) == sorted(index.key)
     assert len(stage_files(os.path.join(run, "filter"), "images", expected="filter")) >= 1
+    # filter and pair record the rewritten outputs they point into, not the ones scrub replaced ...
+    from core.stageio import stale_input
+
+    assert stale_input(os.path.join(run, "filter")) is None and stale_input(os.path.join(run, "pair")) is None
+    for f in stage_files(os.path.join(run, "download"), "downloads", expected="download"):  # ... and downloads/ keeps download's settings
+        col = {c.path_in_schema: c for c in (pq.ParquetFile(f).metadata.row_group(0).column(i) for i in range(pq.ParquetFile(f).metadata.num_columns))}
+        assert col["image_bytes"].compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in col["image_bytes"].encodings
     # pair's pointers into filter's rewritten images still hold: the shards build again from pair
     rebuilt = _cli("shards", os.path.join(run, "pair"), "--out", str(tmp_path / "shards-again"))
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]

@@ -57,3 +57,58 @@ def test_fill_bytes_leaves_stored_bytes_and_gives_stale_pointers_nothing(tmp_pat
              {"image_id": "idX", "image_bytes": None, "bytes_file": None, "bytes_row_group": None}]  # points nowhere
     fill_bytes(stale)
     assert [r["image_bytes"] for r in stale] == [None, None, None]
+
+
+def test_filter_row_groups_hold_whole_download_row_groups_blurred_rows_or_not():
+    """`_RowsToTables` with filter's group key: every row is written once, each download row group's
+    rows are in one table (so shards reads it once), tables end only between download row groups and
+    hold >= 250 rows but the last, and a blurred row (bytes, no pointer) never splits a table."""
+    import random
+
+    from core.stageio import _RowsToTables
+
+    rng = random.Random(0)
+    rows = []
+    for g in range(12):
+        for i in range(rng.choice([3, 150, 400])):
+            blurred = rng.random() < 0.2
+            rows.append({"image_id": f"{g}-{i}", "image_bytes": b"jpeg" if blurred else None, "bytes_file": None if blurred else "downloads/part-0.parquet", "bytes_row_group": None if blurred else g})
+    step = _RowsToTables(IMAGE_SCHEMA, 250, 8 << 20, ("bytes_file", "bytes_row_group"))
+    step.start_bundle()
+    tables = [t for r in rows for t in step.process(r)] + [w.value for w in step.finish_bundle()]
+    assert [r for t in tables for r in t.select(["image_id", "image_bytes", "bytes_file", "bytes_row_group"]).to_pylist()] == rows
+    groups = [set(t.column("bytes_row_group").to_pylist()) - {None} for t in tables]
+    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])  # no download row group in two tables
+    assert len(tables) > 2 and all(t.num_rows >= 250 for t in tables[:-1])
+
+
+def test_a_filter_made_from_an_earlier_download_is_refused_and_rerun(tmp_path):
+    """Filter records the download output it points into (its `_SUCCESS` id); once download is made
+    again, pair refuses the filter output in one sentence and `webpairs run` counts it stale."""
+    import io
+
+    import pytest
+    from PIL import Image
+
+    from downloads import write_download
+
+    from core.config import FilterConfig, PairConfig
+    from core.stageio import StageError, finish_stage, stale_input
+    from filter.pipeline import run_filter
+    from pairing.pipeline import run_pair
+
+    blobs = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (300, 200), (40 * i, 90, 200 - 50 * i)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    download, filt = tmp_path / "download", tmp_path / "filter"
+    write_download(download, blobs)
+    run_filter(str(download), str(filt), FilterConfig(encoder="none", faces="off", flat_colours=0))
+    assert stale_input(str(filt)) is None
+    finish_stage(str(download), "download")  # download made again (a rerun, a resume)
+    assert stale_input(str(filt)) == str(download)
+    with pytest.raises(StageError, match=r"points to image bytes in .*download, which was made again or removed after it: run `webpairs filter`"):
+        run_pair(str(filt), str(tmp_path / "pair"), PairConfig())
+    run_filter(str(download), str(filt), FilterConfig(encoder="none", faces="off", flat_colours=0))
+    assert stale_input(str(filt)) is None

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from core import config
 from core.console import LOG_FILE, console, quiet
-from core.stageio import StageError, StageLock, is_complete, read_stats
+from core.stageio import StageError, StageLock, is_complete, read_stats, stale_input
 
 if TYPE_CHECKING:
     from generate.images import SampleConfig
@@ -141,7 +141,9 @@ def _run_stages(warcs: str, out: str, cfg: RunConfig, beam_args, html: bool, mod
     for stage in bar:
         stage_dir = os.path.join(out, DIRS[stage])
         bar.set_postfix_str(stage)
-        if is_complete(stage_dir) and not upstream_ran:
+        # complete, and not made from an input made again since (filter's pointers into download,
+        # pair's into filter: a run killed after download was remade but before filter was)
+        if is_complete(stage_dir) and not upstream_ran and not stale_input(stage_dir):
             done[stage] = read_stats(stage_dir)
             tqdm.write(f"{stage:9s} already complete, skipped ({done[stage]['kept']} kept)", file=console())
             continue

@@ -9,7 +9,8 @@ image and computed from the bytes for the others; or by an image URL), and every
   `scrubbed` (the detail names the list entry or URL): that is the one place they are counted;
 * every later stage forgets them, as if extract had rejected them: their rows leave the kept
   tables (download's `downloads/` with the bytes, `occurrences/`, its `_plan/` tables and
-  img2dataset's shards; filter's `images/` with the bytes, `occurrences/`; pair's `images/` and
+  img2dataset's shards; filter's `images/` (pointers to download's bytes; a blurred image's
+  own bytes), `occurrences/`; pair's `images/` and
   every pair with one of them; the shard tars, the index and the manifest) and their rejected
   rows, and each `stats.json` is recounted (input, kept, rejected by reason, extra counts);
 * an image left without a pair on its page because its partners were scrubbed leaves pair's kept
@@ -19,7 +20,9 @@ image and computed from the bytes for the others; or by an image URL), and every
 * the HTML report is written again.
 
 Parquet files are rewritten row group by row group (an emptied row group stays, empty), so the
-(file, row group) pointers that pair rows and pair images hold into filter's `images/` stay valid.
+(file, row group) pointers that filter's images hold into download's `downloads/` (rewritten with
+download's own parquet settings) and that pair rows and pair images hold into filter's `images/`
+stay valid; filter and pair then record the rewritten outputs they point into (`made_from`).
 Each stage is rewritten in a sibling folder (hard links for untouched files), marked complete
 (`_SUCCESS` after the counts reconcile) and swapped in; a rerun finds nothing more to remove.
 A model trained on the run has seen the images: scrub says so and leaves `train/` alone.
@@ -39,8 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.records import REJECTED_SCHEMA, stable_id
-from core.stageio import STATS_FILE, StageError, finish_stage, is_complete
+from core.records import REJECTED_SCHEMA, download_parquet_options, stable_id
+from core.stageio import MADE_FROM, STATS_FILE, StageError, finish_stage, is_complete, read_success
 
 REASON = "scrubbed"
 DIRS = {"extract": "links", "download": "download", "filter": "filter", "pair": "pair", "shards": "shards"}
@@ -148,7 +151,9 @@ class StageRewrite:
             if not any(pc.any(m).as_py() for m in masks if len(m)):
                 continue
             tmp = f + ".scrub-tmp"
-            with pq.ParquetWriter(tmp, pf.schema_arrow) as writer:
+            # download's downloads/ as download writes them (every image's bytes are read from there)
+            options = download_parquet_options(pf.schema_arrow.names) if part == "downloads" and self.stage == "download" else {}
+            with pq.ParquetWriter(tmp, pf.schema_arrow, **options) as writer:
                 for t, m in zip(groups, masks):
                     if t.num_rows:
                         gone = t.filter(m)
@@ -202,6 +207,15 @@ def _either(*masks) -> Callable[[pa.Table], pa.Array]:
 
 
 # ---------------------------------------------------------------- the stages
+
+
+def _restamp(rewrite: "StageRewrite", upstream: str) -> None:
+    """The stage being rewritten points into `upstream` (filter into download, pair into filter),
+    which scrub has just rewritten in place, row groups kept: its record of that input (MADE_FROM)
+    takes the new output's id, so that it is not taken for one made from an older input."""
+    stamp = rewrite.stats.get(MADE_FROM)
+    if isinstance(stamp, dict) and stamp.get("id") and os.path.isdir(upstream):
+        stamp["id"] = read_success(upstream).get("id")
 
 
 def scrub_run(run: str, images: dict, urls: dict, report: bool = True) -> dict:
@@ -266,6 +280,7 @@ def scrub_run(run: str, images: dict, urls: dict, report: bool = True) -> dict:
             fi.stats["images"] -= removed.get("download", {}).get("images", 0)
         removed["filter"] = {"links": filter_input_removed - rejected_removed, "images": gone_images.num_rows}
         pair_input_removed = filter_input_removed - rejected_removed
+        _restamp(fi, d["download"])
         fi.commit()
     pairs_removed: set = set()
     if "pair" in present:
@@ -288,6 +303,7 @@ def scrub_run(run: str, images: dict, urls: dict, report: bool = True) -> dict:
             raise StageError(f"scrub: pair's rows of the removed links ({own} kept + {rejected_removed} rejected) do not match filter's ({pair_input_removed}); the run's stages disagree")
         pa_.rewrite("boilerplate", lambda t: pc.and_(pc.equal(t.column("kind"), "url"), _isin("key", urls)(t)))
         removed["pair"] = {"pairs": len(pairs_removed), "links": own, "partners_without_pair": len(partners)}
+        _restamp(pa_, d["filter"])
         pa_.commit()
     if "shards" in present:
         removed["shards"] = _scrub_shards(d["shards"], pairs_removed)
