@@ -117,6 +117,9 @@ def test_every_beam_stage_on_dask_matches_the_local_run(tmp_path, dask_args, pip
     _same_stats(d["filter"], pipeline_dirs["filter"])
     assert _ids(d["filter"], "images", "image_id") == _ids(pipeline_dirs["filter"], "images", "image_id")
     assert _ids(d["filter"], "occurrences", "link_id") == _ids(pipeline_dirs["filter"], "occurrences", "link_id")
+    # the pointers to the bytes that Dask's workers wrote are the in-process run's (the same download rows)
+    pointers = [{r["image_id"]: (r["image_bytes"], r["bytes_file"], r["bytes_row_group"]) for r in read_table(x, "images", columns=["image_id", "image_bytes", "bytes_file", "bytes_row_group"]).to_pylist()} for x in (d["filter"], pipeline_dirs["filter"])]
+    assert pointers[0] == pointers[1] and all(b is None and f.startswith(os.path.join(pipeline_dirs["download"], "downloads", "")) for b, f, _ in pointers[0].values())
     run_pair(pipeline_dirs["filter"], d["pair"], PairConfig(), dask_args)
     _same_stats(d["pair"], pipeline_dirs["pair"])
     assert _ids(d["pair"], "pairs", "pair_id") == _ids(pipeline_dirs["pair"], "pairs", "pair_id")

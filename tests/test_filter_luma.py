@@ -281,6 +281,13 @@ def test_stored_hashes_are_the_planes_on_every_row(tmp_path, photos_dir, monkeyp
     monkeypatch.chdir(elsewhere)  # read back from another working directory
     stored = {r[0]: (r[1], r[2]) for r in duckdb.sql(f"SELECT image_id, pdq, phash FROM read_parquet('{glob}')").fetchall()}
     assert len(stored) == len(blobs)
+    # the pointers to the bytes, written from relative paths, are absolute and name each row's bytes (pyarrow, from here)
+    from downloads import pointed_bytes
+
+    pointing = duckdb.sql(f"SELECT image_id, image_bytes, bytes_file, bytes_row_group FROM read_parquet('{glob}')").df().to_dict("records")
+    pointing = [{k: (None if v != v else v) for k, v in r.items()} for r in pointing]  # pandas' NaN for null
+    assert all(os.path.isabs(r["bytes_file"]) for r in pointing)
+    assert dict(zip((r["image_id"] for r in pointing), pointed_bytes(pointing, d))) == {r["image_id"]: r["image_bytes"] for r in rows}
     planes = 0
     for r in rows:
         data = r["image_bytes"]
