@@ -250,6 +250,7 @@ def test_report_and_browser_show_copy_groups(copy_run, tmp_path):
         def __init__(self):
             super().__init__()
             self.groups, self.rows, self.cell, self.in_sites = [], [], None, False
+            self.thumbs = 0  # member images shown (each read through filter's pointer to download's bytes)
 
         def handle_starttag(self, tag, attrs):
             a = dict(attrs)
@@ -257,6 +258,8 @@ def test_report_and_browser_show_copy_groups(copy_run, tmp_path):
                 self.groups.append([])
             elif tag == "div" and self.groups and a.get("class") in ("pair kept", "pair copy"):
                 self.groups[-1].append(a["class"].split()[1])
+            elif tag == "img" and self.groups and a.get("alt") in ("kept", "copy") and (a.get("src") or "").startswith("data:image/jpeg;base64,"):
+                self.thumbs += 1
             elif tag == "table" and a.get("id") == "copy-sites":
                 self.in_sites = True
             elif tag == "tr" and self.in_sites:
@@ -278,6 +281,7 @@ def test_report_and_browser_show_copy_groups(copy_run, tmp_path):
     g = Gallery()
     g.feed(open(tmp_path / "report.html").read())
     assert len(g.groups) == min(12, len(groups)) and all(m[0] == "kept" and set(m[1:]) == {"copy"} and len(m) >= 2 for m in g.groups)
+    assert g.thumbs == sum(len(m) for m in g.groups)  # every member's image, not "(no image)"
     assert {r[0]: int(r[1]) for r in g.rows if r} == {s: len(p) for s, p in want_sites.items()}
     run = RunData(root)
     try:
