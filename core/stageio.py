@@ -780,8 +780,7 @@ MADE_FROM = "made_from"  # stats.json key of a stage whose rows point into its i
 def made_from(stage_dir: str) -> dict:
     """What a stage whose rows point into the complete output `stage_dir` records of it in its
     stats.json (under MADE_FROM): the folder, absolute as its pointers are, and its `_SUCCESS` id."""
-    path = stage_dir.rstrip("/")
-    path = path if "://" in path else os.path.abspath(path)
+    path = _stage_path(stage_dir)
     return {"path": path, "id": read_success(path).get("id")}
 
 
@@ -806,12 +805,17 @@ def check_made_from(stage_dir: str, command: str) -> None:
         raise StageError(f"{stage_dir} points to image bytes in {stale}, which was made again or removed after it: run `{command}` into it again")
 
 
+def _stage_path(path: str) -> str:
+    """A stage folder as pointers name it: a local one absolute, so that pointers written from
+    it (filter's and pair's bytes_file) hold on workers and from any working directory."""
+    path = path.rstrip("/")
+    return path if "://" in path else os.path.abspath(path)
+
+
 def stage_files(path: str, name: str, expected: Optional[str] = None) -> list[str]:
     """The parquet files of part `name` (links, images, rejected, ...) of a complete stage output,
     as its `_SUCCESS` lists them. `path` is the stage directory (or its `name` sub-folder)."""
-    path = path.rstrip("/")
-    if "://" not in path:  # local: absolute, so pointers written from these paths (pair's bytes_file)
-        path = os.path.abspath(path)  # hold on workers and from any working directory
+    path = _stage_path(path)
     if os.path.basename(path) == name and not FileSystems.exists(os.path.join(path, SUCCESS_FILE)):
         path = os.path.dirname(path)
     marker = read_success(path, expected)
@@ -1161,7 +1165,7 @@ class _ReadRowGroup(beam.DoFn):
             rows = batch.to_pylist()
             if self.pointers:
                 for row in rows:
-                    row["bytes_file"], row["bytes_row_group"] = path, group
+                    row[POINTER[0]], row[POINTER[1]] = path, group
             yield from rows
 
 

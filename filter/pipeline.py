@@ -39,7 +39,7 @@ from core.config import FilterConfig
 from core.encoders import Encoder, EncoderUnavailable, load_encoder, preprocess
 from core.safety import SAFETY_ENCODER, SafetyUnavailable, head_for, head_url
 from core.records import DOWNLOAD_OCCURRENCE_SCHEMA, DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, SITE_SCHEMA, Rejected, bucket_of
-from core.stageio import MADE_FROM, ReadRowGroups, StageError, made_from, StageOutput, WriteStageOutputs, parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
+from core.stageio import MADE_FROM, POINTER, ReadRowGroups, StageError, made_from, StageOutput, WriteStageOutputs, parquet_batches, check_columns, parquet_rows, row_groups, stage_pipeline, stage_files
 from core.memory import one_blas_thread, release_blas_thread, tune_allocators
 from core.perceptual import MAX_SIDE as PDQ_SIDE, pdq_hex
 from filter import faces
@@ -137,8 +137,8 @@ class ValidateAndHash(beam.DoFn):
             "clip_score": None,
             # a pointer to the bytes in download's row (a second copy cost ~0.3-1 CPU ms an image of
             # page-cache writes, a third of filter's time, and the disk twice; issue 34)
-            "image_bytes": None if row.get("bytes_file") is not None else data,
-            "bytes_file": row.get("bytes_file"), "bytes_row_group": row.get("bytes_row_group"),
+            "image_bytes": None if row.get(POINTER[0]) is not None else data,
+            **{c: row.get(c) for c in POINTER},
             "pdq": pdq_hex(decoded.image),  # what `webpairs scrub --blocklist` matches later
             "faces": None, "face_boxes": None,
         }
@@ -146,7 +146,7 @@ class ValidateAndHash(beam.DoFn):
         if self.cfg.faces != "off":  # the cascade sees the RGB decode's grey levels, as ever
             blurred = faces.apply(record, rgb(), self.cfg.faces, (decoded.width, decoded.height), lambda side: decode(data, self.cfg, side).image)  # with --faces blur
             if blurred is not None:  # the blurred JPEG is stored, not pointed to
-                record["bytes_file"] = record["bytes_row_group"] = None
+                record.update(dict.fromkeys(POINTER))
         self.kept.inc()
         if self.image_size:
             image = blurred or rgb()
@@ -536,7 +536,7 @@ def run_filter(input_path: str, out_dir: str, cfg: FilterConfig, beam_args=None)
                 outputs["sites"] = p | "SiteFiles" >> beam.Create(site_files) | "ReadSites" >> beam.io.ReadAllFromParquet()
                 more["sites"] = SITE_SCHEMA
             _ = outputs | "Write" >> WriteStageOutputs(out.path, STAGE, "images", IMAGE_SCHEMA, extra={"encoder": cfg.encoder, MADE_FROM: made_from(input_path)}, more=more, kept_batch_rows=IMAGE_BATCH_ROWS, table_sinks=True,
-                                                 kept_group_key=("bytes_file", "bytes_row_group"))
+                                                 kept_group_key=POINTER)
         if FileSystems.exists(spill_dir):
             FileSystems.delete([spill_dir])
         return out.commit()

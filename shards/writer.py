@@ -272,18 +272,19 @@ class FetchRowGroup(beam.DoFn):
             t = pf.read_row_group(rg, columns=columns) if 0 <= rg < pf.num_row_groups else pf.schema_arrow.empty_table().select(columns)
         t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(union, type=t.schema.field("image_id").type)))
         embeddings = _npy_column(t.column("embedding")) if self.store_embedding else [b""] * t.num_rows
-        rows = t.select([c for c in columns if c != "embedding"]).to_pylist()
+        images = t.select([c for c in columns if c != "embedding"]).to_pylist()
         del t
-        fill_bytes(rows)  # filter's rows point to their bytes in download's row groups (whole ones, as filter writes them)
+        fill_bytes(images)  # filter's rows point to their bytes in download's row groups (whole ones, as filter writes them)
         converted: dict = {}  # image id -> (JPEG, .npy) or the error converting its bytes
-        for image_id, data, npy in zip([r["image_id"] for r in rows], [r["image_bytes"] for r in rows], embeddings):
+        for image, npy in zip(images, embeddings):
+            image_id, data = image["image_id"], image["image_bytes"]
             if data is None or image_id in converted:
                 continue
             try:
                 converted[image_id] = (data if plain_rgb_jpeg(data) else layout.as_jpeg(data), npy)
             except Exception as err:  # noqa: BLE001 - the pairs that need it are rejected
                 converted[image_id] = str(err)
-        del rows
+        del images
         for number, ids in sorted(wants.items()):
             rows = [(i, converted[i]) for i in ids if i in converted]
             if not rows:
