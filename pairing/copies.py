@@ -1284,10 +1284,15 @@ class _VerifyBlock(beam.DoFn):
     """(block, [reference to its candidate pairs (`read_block`)]) -> one check row per pair whose
     two images decoded. The block's
     features are read from disk once each (each features file opened once a block, its index kept
-    for the next blocks: at most `_INDEXES_KEPT`) and dropped with the block; `written` (the count
-    of featurised images) is a side input only so that this runs after every feature is written."""
+    for the next blocks) and dropped with the block; `written` (the count of featurised images) is
+    a side input only so that this runs after every feature is written.
 
-    _INDEXES_KEPT = 64
+    The indexes kept are bounded by the ids they hold (`_INDEX_IDS_KEPT`, ~32 bytes each), not by
+    files: a block of 128 pairs names up to 256 row groups, and with 64 indexes kept a worker
+    reread ~270,000 indexes (0.5 ms each) at one Common Crawl file's 185 row groups of candidates
+    but none at a quarter of it: pair's CPU time grew as size^1.12 from 4x to 16x (issue 34)."""
+
+    _INDEX_IDS_KEPT = 1 << 20  # ~32 MB of GroupIndex arrays: every index of ~13 Common Crawl files' candidates
 
     def __init__(self, cfg, feature_dir: str):
         self.cfg, self.feature_dir = cfg, feature_dir
@@ -1296,6 +1301,7 @@ class _VerifyBlock(beam.DoFn):
         from collections import OrderedDict
 
         self.indexes = OrderedDict()
+        self.ids_kept = 0  # the ids in the kept indexes
 
     def start_bundle(self):
         from core.memory import release_free_memory
@@ -1314,10 +1320,13 @@ class _VerifyBlock(beam.DoFn):
                     by_file.setdefault(group_feature_path(self.feature_dir, pointer), set()).add(image_id)
         feats: dict = {}
         for path, ids in sorted(by_file.items()):
+            known = path in self.indexes
             feats.update(load_group_features(path, ids, self.indexes))
             self.indexes.move_to_end(path)
-            while len(self.indexes) > self._INDEXES_KEPT:
-                self.indexes.popitem(last=False)
+            if not known:
+                self.ids_kept += len(self.indexes[path])
+            while self.ids_kept > self._INDEX_IDS_KEPT and len(self.indexes) > 1:
+                self.ids_kept -= len(self.indexes.popitem(last=False)[1])
         rows = []
         with one_opencv_thread():
             for a, b, cos, dist, _, _ in pairs:
