@@ -2,8 +2,9 @@
 
 Each size runs in a fresh child process so that its peak RSS (ru_maxrss) is its own. Throughput
 must not fall and peak memory must not grow more than 1.2x from 1x to 10x (issue 34). Also: records
-per CPU-second of pair + shards (per core; against `--before`, the rate main's code had on this
-input on 2026-12-05), and shards against a bare tarfile copy of the same bytes (the disk's side).
+per CPU-second of pair + shards (per core) against main's code before issue 34 (`--before-rev`,
+taken from git and run on the same input at 10x in the same run; `--before-rate` instead when the
+clone lacks it), and shards against a bare tarfile copy of the same bytes (the disk's side).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import time
 
 import numpy as np
 
-from _common import SMOKE_HELP, mark_complete, report
+from _common import ROOT, SMOKE_HELP, mark_complete, report
 
-BEFORE = 287.0  # records per CPU-second, pair + shards at 10x: main (97f4931) on this input, 2026-12-05 (README)
+BEFORE_REV = "97f4931"  # main before issue 34 (2026-12-05): its pair + shards run on the same 10x input
+BEFORE = 287.0  # records per CPU-second of that code at 10x on 2026-12-05's machine: only when git cannot give BEFORE_REV
 
 
 def synthetic_images(n_pages: int, per_page: int, seed: int = 0) -> list[dict]:
@@ -55,10 +57,12 @@ def synthetic_images(n_pages: int, per_page: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def generate(tmp: str, n_pages: int, per_page: int) -> None:
+def generate(tmp: str, n_pages: int, per_page: int, inline: bool = False) -> None:
     """Write the synthetic filter output (its own process: its memory is not the pipeline's), laid
     out as filter writes it: the bytes in a download-like downloads/ file, each filter row pointing
-    to its row group there (a filter row group per download row group)."""
+    to its row group there (a filter row group per download row group); `inline`: the bytes in the
+    filter rows themselves, as filter wrote them before its pointers (main before issue 34 reads
+    only those; today's code reads both)."""
     import pyarrow.parquet as pq
 
     from core.records import DOWNLOAD_SCHEMA, IMAGE_SCHEMA, OCCURRENCE_SCHEMA, occurrence_of, rows_to_table
@@ -71,7 +75,8 @@ def generate(tmp: str, n_pages: int, per_page: int) -> None:
         bytes_file = os.path.abspath(os.path.join(tmp, "download", "downloads", f"part-{i:08d}.parquet"))
         pq.write_table(rows_to_table([{**r, "sha256": None, "links": 1} for r in chunk], DOWNLOAD_SCHEMA), bytes_file, row_group_size=1000, compression="none")
         for j, r in enumerate(chunk):
-            r.update(image_bytes=None, bytes_file=bytes_file, bytes_row_group=j // 1000)
+            if not inline:
+                r.update(image_bytes=None, bytes_file=bytes_file, bytes_row_group=j // 1000)
         pq.write_table(rows_to_table(chunk, IMAGE_SCHEMA), os.path.join(tmp, "filter", "images", f"part-{i:08d}.parquet"), row_group_size=1000)
     os.makedirs(os.path.join(tmp, "filter", "occurrences"))
     pq.write_table(rows_to_table([occurrence_of(r) for r in rows], OCCURRENCE_SCHEMA), os.path.join(tmp, "filter", "occurrences", "part-0.parquet"))
@@ -117,6 +122,7 @@ def _peak_mb(reset: bool = False) -> float:
 
 
 def child(tmp: str) -> dict:
+    import pairing.pipeline
     from core.config import PairConfig, ShardConfig
     from pairing.pipeline import run_pair
     from shards.writer import run_shards
@@ -132,16 +138,33 @@ def child(tmp: str) -> dict:
     shards_peak = _peak_mb()  # before the baseline, which holds a shard's bytes of its own
     bare_samples, bare_bytes, bare_s, bare_cpu = bare_tar_copy(os.path.join(tmp, "shards"), os.path.join(tmp, "bare"))
     return {"images": pair_stats["input"], "pairs": pair_stats["pairs"], "samples": shard_stats["kept"], "seconds": seconds, "peak_rss_mb": max(pair_peak, shards_peak), "pair_peak_mb": pair_peak, "shards_peak_mb": shards_peak,
-            "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu}
+            "pair_cpu": pair_cpu, "shards_s": shards_s, "shards_cpu": shards_cpu, "bare_samples": bare_samples, "bare_bytes": bare_bytes, "bare_s": bare_s, "bare_cpu": bare_cpu,
+            "code": os.path.dirname(os.path.dirname(os.path.abspath(pairing.pipeline.__file__)))}  # which checkout ran
 
 
-def run_size(n_pages: int, per_page: int, smoke: bool = False) -> dict:
+def before_code(rev: str, folder: str) -> str:
+    """This repository's code at `rev`, unpacked into `folder` (git archive); "" when git or the
+    revision is not there (a shallow clone, an unpacked tarball)."""
+    import tarfile
+
+    try:
+        data = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def run_size(n_pages: int, per_page: int, smoke: bool = False, code: str = "") -> dict:
+    """One size's figures; `code`: a folder holding other code of this repository (`before_code`),
+    run on the same input instead of this checkout's."""
     with tempfile.TemporaryDirectory() as tmp:
         if smoke:  # one process: the code paths run, the figures mean nothing
             generate(tmp, n_pages, per_page)
             return child(tmp)
-        subprocess.run([sys.executable, __file__, "--generate", tmp, "--pages", str(n_pages), "--per-page", str(per_page)], check=True)
-        proc = subprocess.Popen([sys.executable, __file__, "--child", tmp], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        subprocess.run([sys.executable, __file__, "--generate", tmp, "--pages", str(n_pages), "--per-page", str(per_page), *(["--inline"] if code else [])], check=True)
+        proc = subprocess.Popen([sys.executable, __file__, "--child", tmp, *(["--code", code] if code else [])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         stdout, _ = proc.communicate()
         if proc.returncode != 0:
             raise SystemExit(f"pipeline child failed with status {proc.returncode}")
@@ -155,7 +178,10 @@ def main() -> list[dict]:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--generate", help=argparse.SUPPRESS)
     ap.add_argument("--no-copies", action="store_true", help="pair without its copy step (pairing/copies.py: one SIFT per candidate image, then a geometric check per candidate pair)")
-    ap.add_argument("--before", type=float, default=BEFORE, help="records per CPU-second of pair + shards at 10x before issue 34 (main's code, this input)")
+    ap.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--code", help=argparse.SUPPRESS)
+    ap.add_argument("--before-rev", default=BEFORE_REV, help=f"the revision whose pair + shards this run compares with at 10x, on the same input (default {BEFORE_REV}: main before issue 34); '' to skip it")
+    ap.add_argument("--before-rate", type=float, default=BEFORE, help=f"records per CPU-second to compare with when --before-rev is skipped or not in this clone (default {BEFORE:.0f}: {BEFORE_REV} on 2026-12-05's machine)")
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
     if args.smoke:
@@ -163,13 +189,25 @@ def main() -> list[dict]:
     if args.no_copies:
         os.environ["WEBPAIRS_BENCH_COPIES"] = "0"  # the children inherit it
     if args.generate:
-        generate(args.generate, args.pages, args.per_page)
+        generate(args.generate, args.pages, args.per_page, args.inline)
         return {}
     if args.child:
+        if args.code:  # another revision's pipeline (before_code): its packages before this checkout's
+            sys.path.insert(0, args.code)
         print(json.dumps(child(args.child)))
         return {}
     small = run_size(args.pages, args.per_page, args.smoke)
     big = run_size(args.pages * (2 if args.smoke else 10), args.per_page, args.smoke)
+    before, before_label = args.before_rate, f"before ({BEFORE_REV} on 2026-12-05's machine, --before-rate)"
+    if args.before_rev and not args.smoke:  # (a smoke run would time nothing)
+        with tempfile.TemporaryDirectory() as code_dir:
+            if before_code(args.before_rev, code_dir):
+                old = run_size(args.pages * 10, args.per_page, code=code_dir)
+                if os.path.realpath(old["code"]) != os.path.realpath(code_dir):
+                    raise SystemExit(f"the run of {args.before_rev} imported the code in {old['code']}")
+                before, before_label = old["images"] / (old["pair_cpu"] + old["shards_cpu"]), f"before ({args.before_rev}'s code, this run, the same input at 10x)"
+            else:
+                print(f"  {args.before_rev} is not in this clone: comparing with --before-rate {args.before_rate:.0f}")
     r1, r10 = small["images"] / small["seconds"], big["images"] / big["seconds"]
     mem = big["peak_rss_mb"] / small["peak_rss_mb"]
     res = report(
@@ -190,8 +228,8 @@ def main() -> list[dict]:
         "pair + shards per core (CPU seconds of the process)",
         [("1x pair CPU", small["pair_cpu"], "s"), ("1x shards CPU", small["shards_cpu"], "s"), ("1x pair + shards", per_core[0], "records per CPU-second"),
          ("10x pair CPU", big["pair_cpu"], "s"), ("10x shards CPU", big["shards_cpu"], "s"), ("10x pair + shards", per_core[1], "records per CPU-second"),
-         ("before (main, 2026-12-05, this input at 10x)", args.before, "records per CPU-second")],
-        per_core[1] / args.before,
+         (before_label, before, "records per CPU-second")],
+        per_core[1] / before,
         3.0,
     )
     disk = report(
