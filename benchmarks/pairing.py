@@ -152,22 +152,27 @@ def before_code(rev: str, folder: str) -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(folder, filter="data")
+        try:
+            tar.extractall(folder, filter="data")
+        except TypeError:  # Python before 3.11.4: no extraction filters (git's own archive)
+            tar.extractall(folder)
     return folder
 
 
 def run_size(n_pages: int, per_page: int, smoke: bool = False, code: str = "") -> dict:
     """One size's figures; `code`: a folder holding other code of this repository (`before_code`),
-    run on the same input instead of this checkout's."""
+    run on the same records instead of this checkout's (laid out as that code's filter wrote them:
+    the bytes inside the filter rows). A child that fails raises SystemExit with its last error lines."""
     with tempfile.TemporaryDirectory() as tmp:
         if smoke:  # one process: the code paths run, the figures mean nothing
             generate(tmp, n_pages, per_page)
             return child(tmp)
         subprocess.run([sys.executable, __file__, "--generate", tmp, "--pages", str(n_pages), "--per-page", str(per_page), *(["--inline"] if code else [])], check=True)
-        proc = subprocess.Popen([sys.executable, __file__, "--child", tmp, *(["--code", code] if code else [])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        stdout, _ = proc.communicate()
+        proc = subprocess.Popen([sys.executable, __file__, "--child", tmp, *(["--code", code] if code else [])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = proc.communicate()
         if proc.returncode != 0:
-            raise SystemExit(f"pipeline child failed with status {proc.returncode}")
+            last = " | ".join(line for line in stderr.strip().splitlines()[-3:])
+            raise SystemExit(f"pipeline child failed with status {proc.returncode}: {last}")
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -198,16 +203,21 @@ def main() -> list[dict]:
         return {}
     small = run_size(args.pages, args.per_page, args.smoke)
     big = run_size(args.pages * (2 if args.smoke else 10), args.per_page, args.smoke)
-    before, before_label = args.before_rate, f"before ({BEFORE_REV} on 2026-12-05's machine, --before-rate)"
+    before = args.before_rate
+    before_label = f"before ({BEFORE_REV} on 2026-12-05's machine)" if args.before_rate == BEFORE else "before (--before-rate)"
     if args.before_rev and not args.smoke:  # (a smoke run would time nothing)
         with tempfile.TemporaryDirectory() as code_dir:
             if before_code(args.before_rev, code_dir):
-                old = run_size(args.pages * 10, args.per_page, code=code_dir)
-                if os.path.realpath(old["code"]) != os.path.realpath(code_dir):
-                    raise SystemExit(f"the run of {args.before_rev} imported the code in {old['code']}")
-                before, before_label = old["images"] / (old["pair_cpu"] + old["shards_cpu"]), f"before ({args.before_rev}'s code, this run, the same input at 10x)"
+                try:
+                    old = run_size(args.pages * 10, args.per_page, code=code_dir)
+                except SystemExit as e:  # that code no longer runs here: say so and use the rate
+                    print(f"  {args.before_rev}'s code did not run ({e}): comparing with {before:.0f}")
+                else:
+                    if os.path.realpath(old["code"]) != os.path.realpath(code_dir):
+                        raise SystemExit(f"the run of {args.before_rev} imported the code in {old['code']}")
+                    before, before_label = old["images"] / (old["pair_cpu"] + old["shards_cpu"]), f"before ({args.before_rev}'s code, this run, the same records at 10x)"
             else:
-                print(f"  {args.before_rev} is not in this clone: comparing with --before-rate {args.before_rate:.0f}")
+                print(f"  {args.before_rev} could not be read from git: comparing with {before:.0f}")
     r1, r10 = small["images"] / small["seconds"], big["images"] / big["seconds"]
     mem = big["peak_rss_mb"] / small["peak_rss_mb"]
     res = report(

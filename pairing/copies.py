@@ -1280,6 +1280,12 @@ def read_block(ref) -> list:
         return pickle.loads(fh.read(size))
 
 
+def _index_weight(index) -> int:
+    """What a kept features index counts against `_VerifyBlock._INDEX_IDS_KEPT`: its ids, each ~32
+    bytes as a GroupIndex; an index of ids that bytes cannot hold stays a dict, ~200 bytes an id."""
+    return len(index) * (1 if isinstance(index, GroupIndex) else 6)
+
+
 class _VerifyBlock(beam.DoFn):
     """(block, [reference to its candidate pairs (`read_block`)]) -> one check row per pair whose
     two images decoded. The block's
@@ -1288,9 +1294,9 @@ class _VerifyBlock(beam.DoFn):
     a side input only so that this runs after every feature is written.
 
     The indexes kept are bounded by the ids they hold (`_INDEX_IDS_KEPT`, ~32 bytes each), not by
-    files: a block of 128 pairs names up to 256 row groups, and with 64 indexes kept a worker
-    reread ~270,000 indexes (0.5 ms each) at one Common Crawl file's 185 row groups of candidates
-    but none at a quarter of it: pair's CPU time grew as size^1.12 from 4x to 16x (issue 34)."""
+    files: a block of 128 pairs names up to 256 row groups (~77 of the 185 row groups of candidates
+    at one Common Crawl file), and with 64 indexes kept a worker reread 273,836 indexes there (0.5
+    ms each) but none at a quarter of it: pair's CPU time grew as size^1.12 from 4x to 16x (issue 34)."""
 
     _INDEX_IDS_KEPT = 1 << 20  # ~32 MB of GroupIndex arrays: every index of ~13 Common Crawl files' candidates
 
@@ -1301,7 +1307,7 @@ class _VerifyBlock(beam.DoFn):
         from collections import OrderedDict
 
         self.indexes = OrderedDict()
-        self.ids_kept = 0  # the ids in the kept indexes
+        self.ids_kept = 0  # the kept indexes' ids (`_index_weight`)
 
     def start_bundle(self):
         from core.memory import release_free_memory
@@ -1321,12 +1327,14 @@ class _VerifyBlock(beam.DoFn):
         feats: dict = {}
         for path, ids in sorted(by_file.items()):
             known = path in self.indexes
-            feats.update(load_group_features(path, ids, self.indexes))
+            try:
+                feats.update(load_group_features(path, ids, self.indexes))
+            finally:  # (an index is kept before its features are read: counted even when one fails)
+                if not known and path in self.indexes:
+                    self.ids_kept += _index_weight(self.indexes[path])
             self.indexes.move_to_end(path)
-            if not known:
-                self.ids_kept += len(self.indexes[path])
             while self.ids_kept > self._INDEX_IDS_KEPT and len(self.indexes) > 1:
-                self.ids_kept -= len(self.indexes.popitem(last=False)[1])
+                self.ids_kept -= _index_weight(self.indexes.popitem(last=False)[1])
         rows = []
         with one_opencv_thread():
             for a, b, cos, dist, _, _ in pairs:

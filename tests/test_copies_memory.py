@@ -356,11 +356,12 @@ def test_connected_components_on_arrays_are_union_find_components():
 
 def test_verification_reads_each_features_index_once_past_64_row_groups(tmp_path, monkeypatch):
     """`_VerifyBlock` keeps the features indexes it read, bounded by the ids they hold, not by 64
-    files. At one Common Crawl file a block of 128 pairs names ~140 of 185 row groups: with 64
-    indexes kept (an LRU) each block reread most of them, ~270,000 reads of 0.5 ms, none at a
-    quarter of the size, and pair's CPU time grew as size^1.12 from 4x to 16x (issue 34). Here 100
-    row groups, 4 images each, and 400 pairs in 4 blocks that each name most row groups: each
-    index is read once (the LRU of 64 read 125), and every pair is verified against its own two images."""
+    files. At one Common Crawl file a block of 128 pairs names ~77 of 185 row groups: with 64
+    indexes kept (an LRU) the blocks reread 273,836 indexes, 0.5 ms each, none at a quarter of the
+    size, and pair's CPU time grew as size^1.12 from 4x to 16x (issue 34). Here 100 row groups of 4
+    images, row group g showing picture g % 10, and 400 pairs in 4 blocks that each name most row
+    groups: each index is read once (the LRU of 64 read 144), and each pair is judged on its own
+    two images (a copy exactly when both show the same picture)."""
     import io as _io
 
     from PIL import Image
@@ -368,10 +369,12 @@ def test_verification_reads_each_features_index_once_past_64_row_groups(tmp_path
     import pairing.copies as pc
 
     rng = np.random.default_rng(5)
-    buf = _io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG")
-    feats = pc.image_features(buf.getvalue(), mirror=False)
-    assert feats is not None
+    pictures = []
+    for _ in range(10):
+        buf = _io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG")
+        pictures.append(pc.image_features(buf.getvalue(), mirror=False))
+    assert all(f is not None for f in pictures)
     feature_dir = str(tmp_path / "features")
     where = {}
     for g in range(100):
@@ -380,8 +383,14 @@ def test_verification_reads_each_features_index_once_past_64_row_groups(tmp_path
         where.update((x, pointer) for x in ids)
         path = pc.group_feature_path(feature_dir, pointer)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        pc.write_group_features(path, ((x, feats) for x in ids))
-    pairs = sorted((f"{k % 100:03d}-{k % 4}", f"{(37 * k + 1) % 100:03d}-{(k + 1) % 4}", 0.9, -1) for k in range(400))
+        pc.write_group_features(path, ((x, pictures[g % 10]) for x in ids))
+    pairs = []
+    for k in range(400):  # the first 200 pairs show one picture twice, the others two pictures
+        ga, round_ = k % 100, k // 100
+        gb = (ga + 10 * (1 + round_)) % 100 if k < 200 else (ga + 10 * round_ + 1) % 100
+        pairs.append((f"{ga:03d}-{round_}", f"{gb:03d}-{(round_ + 1) % 4}", 0.9, -1))
+    pairs.sort()
+    assert len(set(pairs)) == 400
     refs = pc._blocks(pairs, where, feature_dir)
     assert len(refs) == 4
 
@@ -393,7 +402,10 @@ def test_verification_reads_each_features_index_once_past_64_row_groups(tmp_path
     rows = [row for k, ref in refs for row in step.process((k, [ref]), 4 * 100)]
     assert len(reads) == len(set(reads)) == 100  # each index once
     assert sorted((r["image_a"], r["image_b"]) for r in rows) == [(a, b) for a, b, _, _ in pairs]
-    assert all(r["copy"] and r["inliers"] > 0 for r in rows)  # the same picture in every dress
+    for r in rows:
+        same = int(r["image_a"][:3]) % 10 == int(r["image_b"][:3]) % 10
+        assert r["copy"] == same and (r["inliers"] > 0) == same, r
+    assert sum(r["copy"] for r in rows) == 200
     assert step.ids_kept == sum(len(x) for x in step.indexes.values()) == 400
 
     # bounded: with room for 10 ids, at most two indexes of 4 ids stay (and never fewer than one)
@@ -403,3 +415,11 @@ def test_verification_reads_each_features_index_once_past_64_row_groups(tmp_path
     again = [row for k, ref in refs for row in small.process((k, [ref]), 4 * 100)]
     assert sorted(map(str, again)) == sorted(map(str, rows))
     assert 1 <= len(small.indexes) <= 2 and small.ids_kept == sum(len(x) for x in small.indexes.values()) <= 10
+
+    # a block naming an id its features file lacks fails, and the index it read stays counted
+    fresh = pc._VerifyBlock(PairConfig(), feature_dir)
+    fresh.setup()
+    bad = pc._blocks([("000-9", "010-0", 0.9, -1)], {"000-9": where["000-0"], "010-0": where["010-0"]}, str(tmp_path / "bad"))
+    with pytest.raises(KeyError):
+        list(fresh.process((bad[0][0], [bad[0][1]]), 4 * 100))
+    assert fresh.ids_kept == sum(len(x) for x in fresh.indexes.values()) > 0
